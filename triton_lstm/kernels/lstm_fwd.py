@@ -1,0 +1,164 @@
+"""Forward kernel: one fused LSTM time step, launched once per step.
+
+Per step and per tile of (batch rows × hidden units), a program computes the recurrent product
+h_{t-1}·W_hhᵀ for the four gates of its hidden units (four ``tl.dot`` accumulators), adds that step's
+precomputed input projection, applies sigmoid / tanh, updates the cell state and writes h_t, c_t and the
+gate activations the backward needs. State and arithmetic are fp32 whatever the input dtype.
+
+Buffers follow the layout of ``triton_lstm.reference``: ``h_all`` (T+1, B, K) with h0 at step 0,
+``c_all`` (T+1, B, H) fp32 with c0 at step 0, ``gates`` (T, B, 4H). Step t reads index t and writes t+1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_lstm.kernels.common import dot_precision, sigmoid, tanh
+
+
+@triton.jit(do_not_specialize=["t", "B"])
+def _lstm_step_fwd_kernel(
+    projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype
+    w_hh_ptr,  # (4H, K)
+    h_ptr,  # (T+1, B, K)
+    c_ptr,  # (T+1, B, H), fp32
+    gates_ptr,  # (T, B, 4H)
+    m_ptr,  # (B, H) scratch for o⊙tanh(c) when PROJECT, before h = m·W_hrᵀ
+    lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
+    t,
+    B,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    PROJECT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_b = offs_b < B
+    mask_h = offs_h < H
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    # int64 row offsets: T·B·4H can pass 2³¹ elements.
+    rows = offs_b.to(tl.int64)
+    step = t.to(tl.int64)
+    h_prev_ptr = h_ptr + step * B * K
+    w_cols = offs_h.to(tl.int64)[None, :] * K  # W_hh row j is gate unit j; we need its transpose
+
+    # Rows past B and columns past K are loaded as zeros, so tl.dot's 16-wide minimum pads B and K.
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        h_blk = tl.load(h_prev_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        w_ptrs = w_hh_ptr + w_cols + offs_k[:, None]
+        w_mask = mask_k[:, None] & mask_h[None, :]
+        acc_i = tl.dot(h_blk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+        acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o, input_precision=DOT_PRECISION)
+
+    gate_offs = step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
+    x_ptrs = projected_ptr + gate_offs
+    i = sigmoid(acc_i + tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32))
+    f = sigmoid(acc_f + tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32))
+    g = tanh(acc_g + tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32))
+    o = sigmoid(acc_o + tl.load(x_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32))
+
+    state_offs = rows[:, None] * H + offs_h[None, :]
+    c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0)
+    c = f * c_prev + i * g
+    m = o * tanh(c)
+    if HAS_LENGTHS:
+        # Past its end a sequence carries its state unchanged; its gates are stored as zero.
+        valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]
+        c = tl.where(valid, c, c_prev)
+        i = tl.where(valid, i, 0.0)
+        f = tl.where(valid, f, 0.0)
+        g = tl.where(valid, g, 0.0)
+        o = tl.where(valid, o, 0.0)
+        if not PROJECT:
+            m = tl.where(valid, m, tl.load(h_prev_ptr + state_offs, mask=mask_bh, other=0.0).to(tl.float32))
+
+    gates_ptrs = gates_ptr + gate_offs
+    out_dtype = gates_ptr.dtype.element_ty
+    tl.store(gates_ptrs, i.to(out_dtype), mask=mask_bh)
+    tl.store(gates_ptrs + H, f.to(out_dtype), mask=mask_bh)
+    tl.store(gates_ptrs + 2 * H, g.to(out_dtype), mask=mask_bh)
+    tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
+    tl.store(c_ptr + (step + 1) * B * H + state_offs, c, mask=mask_bh)
+    if PROJECT:
+        tl.store(m_ptr + state_offs, m.to(m_ptr.dtype.element_ty), mask=mask_bh)
+    else:
+        tl.store(h_ptr + (step + 1) * B * K + state_offs, m.to(h_ptr.dtype.element_ty), mask=mask_bh)
+
+
+def _block_sizes(B: int, H: int, K: int) -> tuple[int, int, int]:
+    # tl.dot needs every dimension >= 16 on the GPU; smaller B, H or K are masked up to 16.
+    block_b = max(16, min(64, triton.next_power_of_2(B)))
+    block_h = max(16, min(32, triton.next_power_of_2(H)))
+    block_k = max(16, min(64, triton.next_power_of_2(K)))
+    return block_b, block_h, block_k
+
+
+def lstm_fwd(
+    projected: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)``.
+
+    All tensors are contiguous and on one device; ``lengths`` is int32 on that device.
+    """
+    T, B, four_h = projected.shape
+    H = four_h // 4
+    K = w_hh.shape[1]
+    dtype = projected.dtype
+    h_all = torch.empty(T + 1, B, K, dtype=dtype, device=projected.device)
+    c_all = torch.empty(T + 1, B, H, dtype=torch.float32, device=projected.device)
+    gates = torch.empty(T, B, four_h, dtype=dtype, device=projected.device)
+    h_all[0] = h0
+    c_all[0] = c0
+    project = w_hr is not None
+    m = torch.empty(B, H, dtype=dtype, device=projected.device) if project else h_all
+    valid = None
+    if project and lengths is not None:
+        valid = (torch.arange(T, device=projected.device)[:, None] < lengths[None, :]).unsqueeze(-1)
+    block_b, block_h, block_k = _block_sizes(B, H, K)
+    grid = (triton.cdiv(B, block_b), triton.cdiv(H, block_h))
+    for t in range(T):
+        _lstm_step_fwd_kernel[grid](
+            projected,
+            w_hh,
+            h_all,
+            c_all,
+            gates,
+            m,
+            lengths if lengths is not None else h_all,
+            t,
+            B,
+            H=H,
+            K=K,
+            HAS_LENGTHS=lengths is not None,
+            PROJECT=project,
+            DOT_PRECISION=dot_precision(dtype),
+            BLOCK_B=block_b,
+            BLOCK_H=block_h,
+            BLOCK_K=block_k,
+        )
+        if project:
+            h_new = torch.matmul(m, w_hr.t())
+            if valid is not None:
+                h_new = torch.where(valid[t], h_new, h_all[t])
+            h_all[t + 1] = h_new
+    return h_all, c_all, gates

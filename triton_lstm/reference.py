@@ -1,0 +1,155 @@
+"""The plain-PyTorch LSTM recurrence: the oracle of every test and the path CPU tensors take.
+
+One layer, one direction. Every function here works on the same saved layout as the Triton kernels:
+
+- ``h_all``  (T + 1, B, P): h0 followed by h_1 … h_T, in the input dtype (P = proj_size or hidden_size);
+- ``c_all``  (T + 1, B, H): c0 followed by c_1 … c_T, in fp32 (fp64 for fp64 inputs);
+- ``gates``  (T, B, 4H): the gate activations sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), in the input dtype.
+
+``lengths`` (B,), optional, gives each sequence's length: past its end a sequence's state is carried
+unchanged and its gates are stored as zero, which is how packed sequences run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the recurrence computes in: fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
+    """x·W_ihᵀ + b_ih + b_hh for all time steps at once: (T, B, I) -> (T, B, 4H), in x's dtype."""
+    projected = torch.matmul(x, w_ih.t())
+    if b_ih is not None:
+        projected = projected + (b_ih + b_hh)
+    return projected
+
+
+def lstm_recurrence_reference(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None = None,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs the recurrence step by step; returns ``(h_all, c_all, gates)``.
+
+    Differentiable under autograd, so in float64 it is the gradient oracle of the tests.
+    """
+    dtype = x.dtype
+    acc = accumulate_dtype(dtype)
+    projected = input_projection(x, w_ih, b_ih, b_hh).to(acc)
+    w_hh = w_hh.to(acc)
+    w_hr = None if w_hr is None else w_hr.to(acc)
+    h_prev, c_prev = h0, c0.to(acc)
+    hs, cs, acts = [h0], [c_prev], []
+    for t in range(x.shape[0]):
+        pre = projected[t] + h_prev.to(acc) @ w_hh.t()
+        i, f, g, o = pre.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c_prev + i * g
+        m = o * torch.tanh(c)
+        h = (m if w_hr is None else m @ w_hr.t()).to(dtype)
+        act = torch.cat([i, f, g, o], dim=1)
+        if lengths is not None:
+            valid = (t < lengths).unsqueeze(1)
+            c = torch.where(valid, c, c_prev)
+            h = torch.where(valid, h, h_prev)
+            act = torch.where(valid, act, torch.zeros_like(act))
+        hs.append(h)
+        cs.append(c)
+        acts.append(act.to(dtype))
+        h_prev, c_prev = h, c
+    return torch.stack(hs), torch.stack(cs), torch.stack(acts)
+
+
+def lstm_recurrence_backward_reference(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    grad_c_n: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    gates: Tensor,
+    h_all: Tensor,
+    c_all: Tensor,
+    lengths: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Backpropagation through time from the saved activations.
+
+    ``grad_out`` is the gradient of ``h_all[1:]``, ``grad_h_n`` / ``grad_c_n`` those of the final states.
+    Returns the gradients of x, h0, c0, W_ih, W_hh, the bias (b_ih and b_hh get the same one) and W_hr
+    (None without a projection). Only the per-step chain is a loop; the weight and input gradients are
+    single GEMMs over all time steps.
+    """
+    dtype = x.dtype
+    acc = accumulate_dtype(dtype)
+    T, B = x.shape[0], x.shape[1]
+    H = w_hh.shape[0] // 4
+    w_hh_acc = w_hh.to(acc)
+    w_hr_acc = None if w_hr is None else w_hr.to(acc)
+    grad_pre = torch.empty(T, B, 4 * H, dtype=acc, device=x.device)
+    grad_h_steps = torch.empty(T, B, h_all.shape[2], dtype=acc, device=x.device) if w_hr is not None else None
+    dh = grad_h_n.to(acc)
+    dc = grad_c_n.to(acc)
+    for t in reversed(range(T)):
+        dh = dh + grad_out[t].to(acc)
+        i, f, g, o = gates[t].to(acc).chunk(4, dim=1)
+        c, c_prev = c_all[t + 1].to(acc), c_all[t].to(acc)
+        tanh_c = torch.tanh(c)
+        if w_hr is None:
+            dm = dh
+        else:
+            grad_h_steps[t] = dh
+            dm = dh @ w_hr_acc
+        dc_cell = dc + dm * o * (1 - tanh_c * tanh_c)
+        d_pre = torch.cat(
+            [
+                dc_cell * g * i * (1 - i),
+                dc_cell * c_prev * f * (1 - f),
+                dc_cell * i * (1 - g * g),
+                dm * tanh_c * o * (1 - o),
+            ],
+            dim=1,
+        )
+        dh_prev = d_pre @ w_hh_acc
+        dc_prev = dc_cell * f
+        if lengths is not None:
+            # Past a sequence's end its state was carried unchanged: the gradient passes straight through.
+            valid = (t < lengths).unsqueeze(1)
+            d_pre = torch.where(valid, d_pre, torch.zeros_like(d_pre))
+            dh_prev = torch.where(valid, dh_prev, dh)
+            dc_prev = torch.where(valid, dc_prev, dc)
+        grad_pre[t] = d_pre
+        dh, dc = dh_prev, dc_prev
+
+    grad_pre_2d = grad_pre.reshape(T * B, 4 * H)
+    grad_x = (grad_pre_2d @ w_ih.to(acc)).reshape(T, B, -1)
+    grad_w_ih = grad_pre_2d.t() @ x.reshape(T * B, -1).to(acc)
+    grad_w_hh = grad_pre_2d.t() @ h_all[:-1].reshape(T * B, -1).to(acc)
+    grad_bias = grad_pre_2d.sum(0)
+    grad_w_hr = None
+    if w_hr is not None:
+        # m_t = o ⊙ tanh(c_t), recomputed from the saved gates (zero past a sequence's end, as o is).
+        o_all = gates[..., 3 * H :].to(acc)
+        m_all = o_all * torch.tanh(c_all[1:].to(acc))
+        grad_w_hr = grad_h_steps.reshape(T * B, -1).t() @ m_all.reshape(T * B, H)
+        grad_w_hr = grad_w_hr.to(w_hr.dtype)
+    return (
+        grad_x.to(dtype),
+        dh.to(dtype),
+        dc.to(dtype),
+        grad_w_ih.to(w_ih.dtype),
+        grad_w_hh.to(w_hh.dtype),
+        grad_bias.to(w_ih.dtype),
+        grad_w_hr,
+    )
