@@ -1,0 +1,197 @@
+"""The LSTM recurrence of one layer and one direction as an autograd op.
+
+Road to torch.compile: the kernel launches live inside two ``torch.library.custom_op``s
+(``triton_lstm::recurrence_fwd`` / ``recurrence_bwd``), and a ``torch.autograd.Function`` ties them
+together. Dynamo traces the Function and sees each custom op as one opaque node with a fake (shape-only)
+implementation, so a whole sequence stays one node however many kernel launches it takes, and the CPU
+reference is the same op's CPU path. ``triton_op`` + ``wrap_triton`` was the other road: it lets Inductor
+look inside the kernels, but it traces the launcher, so the per-step Python loop would be unrolled into
+the graph T times.
+
+Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch reference, except under
+``TRITON_INTERPRET=1``, where they run the Triton kernels through Triton's interpreter (that is how CI tests
+the kernels). float64 always runs the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from triton_lstm.reference import (
+    accumulate_dtype,
+    input_projection,
+    lstm_recurrence_backward_reference,
+    lstm_recurrence_reference,
+)
+
+try:
+    from triton_lstm.kernels.lstm_fwd import lstm_fwd
+
+    HAS_TRITON = True
+    TRITON_IMPORT_ERROR: str | None = None
+except ImportError as error:  # triton ships for Linux only
+    HAS_TRITON = False
+    TRITON_IMPORT_ERROR = str(error)
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def uses_kernels(x: Tensor) -> bool:
+    """Whether the recurrence over ``x`` runs the Triton kernels (else the PyTorch reference)."""
+    if not HAS_TRITON or x.dtype not in KERNEL_DTYPES:
+        return False
+    return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
+
+
+@torch.library.custom_op("triton_lstm::recurrence_fwd", mutates_args=())
+def recurrence_fwd(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward of one layer and direction: returns ``(h_all, c_all, gates)`` (layout in reference.py)."""
+    if uses_kernels(x):
+        projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
+        return lstm_fwd(
+            projected,
+            h0.contiguous(),
+            c0.contiguous(),
+            w_hh.contiguous(),
+            None if w_hr is None else w_hr.contiguous(),
+            None if lengths is None else lengths.to(torch.int32),
+        )
+    return lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+
+
+@recurrence_fwd.register_fake
+def _recurrence_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+    T, B = x.shape[0], x.shape[1]
+    H = w_hh.shape[0] // 4
+    h_all = x.new_empty(T + 1, B, w_hh.shape[1])
+    c_all = x.new_empty(T + 1, B, H, dtype=accumulate_dtype(x.dtype))
+    gates = x.new_empty(T, B, 4 * H)
+    return h_all, c_all, gates
+
+
+@torch.library.custom_op("triton_lstm::recurrence_bwd", mutates_args=())
+def recurrence_bwd(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    grad_c_n: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    gates: Tensor,
+    h_all: Tensor,
+    c_all: Tensor,
+    lengths: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of one layer and direction: gradients of x, h0, c0, W_ih, W_hh, the bias and W_hr.
+
+    Without a projection the W_hr gradient is an empty tensor (custom ops cannot return None).
+    """
+    grads = lstm_recurrence_backward_reference(
+        grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths
+    )
+    grad_w_hr = grads[6] if grads[6] is not None else x.new_empty(0)
+    return (*grads[:6], grad_w_hr)
+
+
+@recurrence_bwd.register_fake
+def _recurrence_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(grad_h_n),
+        torch.empty_like(grad_c_n),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        w_ih.new_empty(w_ih.shape[0]),
+        torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0),
+    )
+
+
+class LSTMRecurrence(torch.autograd.Function):
+    """out, h_n, c_n = LSTM(x) for one layer and direction, with the input projection inside."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+        h_all, c_all, gates = torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, gates, h_all, c_all)
+        return h_all[1:], h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n, grad_c_n):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, gates, h_all, c_all = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: a second derivative will be taken, so differentiate the reference.
+            return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
+        grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = torch.ops.triton_lstm.recurrence_bwd(
+            grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths
+        )
+        has_bias = b_ih is not None
+        return (
+            grad_x,
+            grad_h0,
+            grad_c0,
+            grad_w_ih,
+            grad_w_hh,
+            grad_bias if has_bias else None,
+            grad_bias.clone() if has_bias else None,  # each bias owns its gradient tensor
+            grad_w_hr if w_hr is not None else None,
+            None,
+        )
+
+
+def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _, _, _ = ctx.saved_tensors
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    wanted = [i for i, (tensor, needed) in enumerate(zip(inputs, ctx.needs_input_grad)) if needed and tensor is not None]
+    with torch.enable_grad():
+        h_all, c_all, _ = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+        outputs = (h_all[1:], h_all[-1], c_all[-1].to(x.dtype))
+        grads = torch.autograd.grad(
+            outputs,
+            [inputs[i] for i in wanted],
+            (grad_out, grad_h_n, grad_c_n),
+            create_graph=True,
+            allow_unused=True,
+        )
+    result = [None] * 9
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
+
+
+def lstm_layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer, one direction, over time-major ``x`` (T, B, I).
+
+    Returns ``output`` (T, B, P), ``h_n`` (B, P) and ``c_n`` (B, H), P being ``w_hr``'s rows when a
+    projection is given and H otherwise. ``lengths`` (B,) on x's device runs each sequence to its own
+    length and carries its state past the end. Inputs are assumed checked (the modules check them).
+    """
+    return LSTMRecurrence.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
