@@ -1,0 +1,37 @@
+"""Shared test helpers: devices, dtypes and the error budget against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from triton_lstm.ops import interpreting
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# Where the Triton kernels run in this session: the GPU, or the CPU through Triton's interpreter.
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+assert HAS_CUDA or interpreting(), "tests on a machine without CUDA must run with TRITON_INTERPRET=1"
+
+# bf16 arithmetic and bf16 tl.dot are wrong under the interpreter: bf16 is tested on the GPU only.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return (actual.double() - reference.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_error_within_pytorch(name: str, ours: torch.Tensor, torchs: torch.Tensor, reference: torch.Tensor, factor: float = 2.0):
+    """Our error against the float64 reference is at most ``factor`` × PyTorch's own error in the same
+    dtype, plus two units of the dtype's rounding at the reference's scale (PyTorch can be exact by luck)."""
+    assert ours.shape == reference.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(reference.shape)}"
+    assert ours.dtype == torchs.dtype, f"{name}: dtype {ours.dtype} != PyTorch's {torchs.dtype}"
+    ours_err = max_error(ours, reference)
+    torch_err = max_error(torchs, reference)
+    scale = max(1.0, reference.abs().max().item() if reference.numel() else 0.0)
+    floor = 2 * torch.finfo(ours.dtype).eps * scale
+    assert ours_err == ours_err, f"{name}: NaN in our result (an element left unwritten?)"
+    assert ours_err <= factor * torch_err + floor, (
+        f"{name}: error {ours_err:.3e} vs PyTorch's {torch_err:.3e} (allowed {factor} x that + {floor:.1e})"
+    )
