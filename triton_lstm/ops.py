@@ -28,7 +28,8 @@ from triton_lstm.reference import (
 )
 
 try:
-    from triton_lstm.kernels.lstm_fwd import lstm_fwd
+    from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: F401  (the per-step fallback)
+    from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
 
     HAS_TRITON = True
     TRITON_IMPORT_ERROR: str | None = None
@@ -66,7 +67,8 @@ def recurrence_fwd(
     """Forward of one layer and direction: returns ``(h_all, c_all, gates)`` (layout in reference.py)."""
     if uses_kernels(x):
         projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
-        return lstm_fwd(
+        # Persistent kernel where its plan allows, else the per-step lstm_fwd (see lstm_fwd_persistent.py).
+        return lstm_fwd_persistent(
             projected,
             h0.contiguous(),
             c0.contiguous(),

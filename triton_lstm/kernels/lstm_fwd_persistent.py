@@ -1,0 +1,429 @@
+"""Forward kernel, persistent: one launch per layer and direction runs all T time steps.
+
+Why: the per-step kernel (``lstm_fwd.py``) pays one launch per time step, which at LSTM sizes costs
+more than the step's arithmetic. Here the grid stays resident for the whole sequence and the steps are
+separated by a grid-wide barrier instead of kernel boundaries.
+
+Work split. Program (ph, pb) owns hidden blocks ph, ph + GRID_H, … (BLOCK_H hidden units each: the
+four gate row-blocks of W_hh for those units) and batch blocks pb, pb + GRID_B, …. h_t of a batch row
+depends only on h_{t-1} of the same row, so only the GRID_H programs sharing a batch group ``pb`` need
+to wait for each other: each batch group has its own barrier counter.
+
+Two ways to hold W_hh (chosen by ``plan_persistent_fwd`` from a shared-memory budget):
+
+- *resident*: each program owns one hidden block and loads its W_hh slice (4 × K × BLOCK_H) once,
+  before the time loop; every step is then one ``tl.dot`` per gate over the whole K.
+- *streamed*: the slice is re-read every step in BLOCK_K chunks; it stays hot in L2 (the whole W_hh
+  of a layer is at most a few MiB, far below the 50 MiB L2 of an H100) and the loads overlap the dots.
+
+h_t is exchanged through global memory (``h_all``, which holds every step anyway, so no buffer is
+ever overwritten while a slow program may still read it). One barrier per step:
+
+- arrive: ``tl.debug_barrier()`` (all threads of the program have issued their h_t stores) and then
+  one atomic add with *release* semantics at GPU scope. Release is cumulative in the PTX memory model,
+  so it publishes the stores of every thread of the program ordered before it by the CTA barrier.
+- wait: spin on an atomic read with *acquire* semantics until the counter reaches
+  (t + 1) × GRID_H. The counter is monotonic (never reset inside a launch), so a fast program that
+  already arrived at step t + 1 cannot make a slow one miss step t.
+- h is then loaded with ``cache_modifier=".cg"`` (cache in L2 only): L1 is not coherent across SMs,
+  and a line of h_all cached in L1 earlier could be stale.
+
+A spin-wait needs every program of the grid to be resident at once, so the grid never exceeds the SM
+count (one program per SM always fits when the kernel compiled at all). Under ``TRITON_INTERPRET=1``
+programs run one after another, so there the grid is a single program, whose barrier passes at once:
+CI runs this very code path, barrier included.
+
+Falls back to the per-step kernel (``lstm_fwd``), never to a deadlock:
+- with a projection (proj_size > 0): h_t = m_t·W_hrᵀ is a second all-to-all dependency inside each
+  step (every program needs all of m_t), which would need a second barrier and a second weight slice
+  per program; not done here, the per-step path handles it;
+- when even streaming would leave a program too many hidden blocks per step (H beyond what
+  ``MAX_HIDDEN_BLOCKS_PER_PROGRAM`` × 64 units per SM covers);
+- when the compiler reports the kernel does not fit (``OutOfResources``): resident retries streamed,
+  streamed falls back to per-step;
+- when ``TRITON_LSTM_PERSISTENT=0`` is set (for A/B timing and debugging).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from triton_lstm.kernels.common import dot_precision, sigmoid, tanh
+from triton_lstm.kernels.lstm_fwd import lstm_fwd
+
+# Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
+# better use of the SMs (an estimate, not a measurement: no GPU was at hand when this was written).
+MAX_HIDDEN_BLOCKS_PER_PROGRAM = 4
+# Shared memory assumed under the interpreter, so that plans there are deterministic.
+INTERPRETER_SHARED_MEMORY = 96 * 1024
+# Shared memory assumed when the device does not report its opt-in limit (the sm_80+ minimum).
+DEFAULT_SHARED_MEMORY = 99 * 1024
+
+
+@triton.jit
+def _grid_barrier(counter_ptr, target):
+    # Arrive: every thread of this program has issued its stores of h_t before thread 0's release.
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    # Wait: the acquire pairs with the other programs' releases. A scalar atomic runs on one thread and
+    # its result is broadcast, so the whole program leaves the loop together.
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _cell_update(
+    acc_i,
+    acc_f,
+    acc_g,
+    acc_o,
+    projected_ptr,
+    h_ptr,
+    c_ptr,
+    gates_ptr,
+    lengths_ptr,
+    step,
+    B,
+    rows,
+    offs_b,
+    mask_b,
+    offs_h,
+    mask_h,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+):
+    """Gates, cell update and stores for one (batch block × hidden block) tile of step ``step``."""
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    gate_offs = step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
+    x_ptrs = projected_ptr + gate_offs
+    i = sigmoid(acc_i + tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32))
+    f = sigmoid(acc_f + tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32))
+    g = tanh(acc_g + tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32))
+    o = sigmoid(acc_o + tl.load(x_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32))
+
+    state_offs = rows[:, None] * H + offs_h[None, :]
+    # c_{t-1} of these units was written by this same program; ".cg" keeps the read off L1 all the same.
+    c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
+    c = f * c_prev + i * g
+    h = o * tanh(c)
+    if HAS_LENGTHS:
+        # Past its end a sequence carries its state unchanged; its gates are stored as zero.
+        valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]
+        c = tl.where(valid, c, c_prev)
+        i = tl.where(valid, i, 0.0)
+        f = tl.where(valid, f, 0.0)
+        g = tl.where(valid, g, 0.0)
+        o = tl.where(valid, o, 0.0)
+        h_prev = tl.load(h_ptr + step * B * K + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
+        h = tl.where(valid, h, h_prev.to(tl.float32))
+
+    gates_ptrs = gates_ptr + gate_offs
+    out_dtype = gates_ptr.dtype.element_ty
+    tl.store(gates_ptrs, i.to(out_dtype), mask=mask_bh)
+    tl.store(gates_ptrs + H, f.to(out_dtype), mask=mask_bh)
+    tl.store(gates_ptrs + 2 * H, g.to(out_dtype), mask=mask_bh)
+    tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
+    tl.store(c_ptr + (step + 1) * B * H + state_offs, c, mask=mask_bh)
+    tl.store(h_ptr + (step + 1) * B * K + state_offs, h.to(h_ptr.dtype.element_ty), mask=mask_bh)
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def _lstm_persistent_fwd_kernel(
+    projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype
+    w_hh_ptr,  # (4H, K), K == H (no projection on this path)
+    h_ptr,  # (T+1, B, K), h0 already at step 0
+    c_ptr,  # (T+1, B, H) fp32, c0 already at step 0
+    gates_ptr,  # (T, B, 4H)
+    lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
+    counters_ptr,  # (GRID_B,) int32 zeros: one monotonic barrier counter per batch group
+    T,
+    B,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    GRID_H: tl.constexpr,
+    GRID_B: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # the whole K padded to a power of two when RESIDENT
+):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    num_b_blocks = tl.cdiv(B, BLOCK_B)
+    counter_ptr = counters_ptr + pid_b
+
+    if RESIDENT:
+        # One hidden block per program (GRID_H == NUM_H_BLOCKS): its W_hh slice, loaded once, as the
+        # transposed (K × BLOCK_H) right operand of the four gate products.
+        res_offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        res_mask_h = res_offs_h < H
+        res_offs_k = tl.arange(0, BLOCK_K)
+        w_ptrs = w_hh_ptr + res_offs_h.to(tl.int64)[None, :] * K + res_offs_k[:, None]
+        w_mask = (res_offs_k < K)[:, None] & res_mask_h[None, :]
+        w_i = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        w_f = tl.load(w_ptrs + H * K, mask=w_mask, other=0.0)
+        w_g = tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0)
+        w_o = tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0)
+
+    for t in range(T):
+        # int64: T·B·4H can pass 2³¹ elements.
+        step = tl.full((), t, tl.int64)
+        h_prev_ptr = h_ptr + step * B * K
+        for bb in range(pid_b, num_b_blocks, GRID_B):
+            offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+            mask_b = offs_b < B
+            rows = offs_b.to(tl.int64)
+            if RESIDENT:
+                # Rows past B and columns past K load as zeros: that is how tl.dot's 16-wide minimum pads.
+                h_blk = tl.load(
+                    h_prev_ptr + rows[:, None] * K + res_offs_k[None, :],
+                    mask=mask_b[:, None] & (res_offs_k < K)[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                acc_i = tl.dot(h_blk, w_i, input_precision=DOT_PRECISION)
+                acc_f = tl.dot(h_blk, w_f, input_precision=DOT_PRECISION)
+                acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
+                acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
+                _cell_update(
+                    acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+                    step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS,
+                )
+            else:
+                for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
+                    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+                    mask_h = offs_h < H
+                    w_cols = offs_h.to(tl.int64)[None, :] * K
+                    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    for k0 in range(0, K, BLOCK_K):
+                        offs_k = k0 + tl.arange(0, BLOCK_K)
+                        mask_k = offs_k < K
+                        h_blk = tl.load(
+                            h_prev_ptr + rows[:, None] * K + offs_k[None, :],
+                            mask=mask_b[:, None] & mask_k[None, :],
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        # W_hh is read-only during the launch: its loads may use L1 freely.
+                        w_ptrs = w_hh_ptr + w_cols + offs_k[:, None]
+                        w_mask = mask_k[:, None] & mask_h[None, :]
+                        acc_i = tl.dot(h_blk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
+                        acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
+                        acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+                        acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o, input_precision=DOT_PRECISION)
+                    _cell_update(
+                        acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+                        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS,
+                    )
+        # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
+        _grid_barrier(counter_ptr, (t + 1) * GRID_H)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardPlan:
+    """How the forward of one layer and direction runs: ``persistent`` or per-step, and if persistent
+    with which blocking. ``reason`` says why, in words (shown by the benchmark and the tests)."""
+
+    persistent: bool
+    reason: str
+    resident: bool = False
+    block_b: int = 16
+    block_h: int = 16
+    block_k: int = 16
+    grid_h: int = 1
+    grid_b: int = 1
+    num_warps: int = 4
+
+    @property
+    def num_programs(self) -> int:
+        return self.grid_h * self.grid_b
+
+
+def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int:
+    """Shared memory a resident program is budgeted: its W_hh slice (4 gates × K × BLOCK_H), one h tile
+    (BLOCK_B × K) staged for the dots, and the four fp32 accumulators converted for the epilogue."""
+    k_pad = max(16, triton.next_power_of_2(K))
+    return (4 * k_pad * block_h + block_b * k_pad) * element_size + 4 * block_b * block_h * 4
+
+
+def plan_persistent_fwd(
+    T: int,
+    B: int,
+    H: int,
+    K: int,
+    element_size: int,
+    project: bool,
+    num_sms: int,
+    shared_memory: int,
+    interpret: bool = False,
+) -> ForwardPlan:
+    """Chooses persistent (resident or streamed W_hh) or per-step for one layer's forward.
+
+    A pure function of the shapes and the device limits, so the decision is testable without a GPU.
+    ``num_sms`` bounds the grid (every program must be co-resident for the spin barrier); the resident
+    budget is half of ``shared_memory`` because Triton stages dot operands through shared memory and may
+    hold a second copy while converting layouts (an estimate; a compile that does not fit is caught).
+    """
+    if project:
+        return ForwardPlan(False, "projection (proj_size > 0): per-step kernel, h = m·W_hrᵀ needs a second barrier")
+    if T == 0 or B == 0 or H == 0:
+        return ForwardPlan(False, "empty input: nothing to run")
+    if num_sms < 1:
+        return ForwardPlan(False, "no SM count for the device")
+    block_b = max(16, min(64, triton.next_power_of_2(B)))
+    num_b_blocks = triton.cdiv(B, block_b)
+    budget = shared_memory // 2
+
+    if interpret:
+        # One program (the interpreter runs programs one after another: a second would deadlock the
+        # first one's barrier). It holds the whole H when that fits the budget, else it streams.
+        block_h = max(16, triton.next_power_of_2(H))
+        for bb in (block_b, 32, 16):
+            if bb <= block_b and resident_bytes(bb, block_h, K, element_size) <= budget:
+                return ForwardPlan(True, "interpreter: one program, W_hh resident", True, bb, block_h,
+                                   max(16, triton.next_power_of_2(K)), 1, 1)
+        return ForwardPlan(True, "interpreter: one program, W_hh streamed", False, block_b, 16,
+                           max(16, min(64, triton.next_power_of_2(K))), 1, 1)
+
+    # Narrowest hidden blocks that tl.dot allows (16) spread the recurrence over the most SMs; spare
+    # SMs then split the batch (batch groups do not wait for each other).
+    block_h = 16
+    num_h_blocks = triton.cdiv(H, block_h)
+    if num_h_blocks <= num_sms:
+        grid_b = max(1, min(num_b_blocks, num_sms // num_h_blocks))
+        for bb in sorted({block_b, min(block_b, 32), 16}, reverse=True):
+            if resident_bytes(bb, block_h, K, element_size) <= budget:
+                grid_b_here = max(1, min(triton.cdiv(B, bb), num_sms // num_h_blocks))
+                return ForwardPlan(True, "persistent, W_hh resident", True, bb, block_h,
+                                   max(16, triton.next_power_of_2(K)), num_h_blocks, grid_b_here,
+                                   num_warps=8 if 4 * K * block_h * element_size > 32 * 1024 else 4)
+        return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h,
+                           max(16, min(64, triton.next_power_of_2(K))), num_h_blocks, grid_b)
+
+    # More hidden blocks than SMs: wider blocks first, then several blocks per program.
+    block_h = max(16, min(64, triton.next_power_of_2(triton.cdiv(H, num_sms))))
+    num_h_blocks = triton.cdiv(H, block_h)
+    grid_h = min(num_h_blocks, num_sms)
+    if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
+        return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program "
+                                  f"on {num_sms} SMs; per-step kernel")
+    grid_b = max(1, min(num_b_blocks, num_sms // grid_h))
+    return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h,
+                       max(16, min(64, triton.next_power_of_2(K))), grid_h, grid_b)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(device_index: int) -> tuple[int, int]:
+    """(SM count, opt-in shared memory per program in bytes) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or 0
+    if not shared:
+        # Older torch builds lack the opt-in figure; a program may not take all of the SM's shared
+        # memory (the driver reserves 1 KiB per block).
+        shared = max(0, (getattr(props, "shared_memory_per_multiprocessor", 0) or 0) - 1024) or DEFAULT_SHARED_MEMORY
+    return props.multi_processor_count, shared
+
+
+def persistent_disabled() -> bool:
+    """``TRITON_LSTM_PERSISTENT=0`` sends every forward to the per-step kernel."""
+    return os.environ.get("TRITON_LSTM_PERSISTENT", "1") == "0"
+
+
+def plan_for(projected: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | None) -> ForwardPlan:
+    """The plan for these tensors on their device (the interpreter when they are on the CPU)."""
+    if persistent_disabled():
+        return ForwardPlan(False, "TRITON_LSTM_PERSISTENT=0")
+    T, B, four_h = projected.shape
+    H, K = four_h // 4, w_hh.shape[1]
+    if projected.device.type == "cuda":
+        num_sms, shared = _device_limits(projected.device.index if projected.device.index is not None else torch.cuda.current_device())
+        interpret = False
+    else:
+        num_sms, shared, interpret = 1, INTERPRETER_SHARED_MEMORY, True
+    return plan_persistent_fwd(T, B, H, K, projected.element_size(), w_hr is not None, num_sms, shared, interpret)
+
+
+def lstm_fwd_persistent(
+    projected: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    plan: ForwardPlan | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)`` exactly as
+    ``lstm_fwd`` does. Persistent when ``plan`` (by default ``plan_for`` the tensors) says so, else, and
+    whenever the persistent kernel does not compile within the device's resources, ``lstm_fwd``.
+
+    All tensors are contiguous and on one device; ``lengths`` is int32 on that device. A ``plan`` given
+    for a GPU must keep ``num_programs`` within the SM count, and under the interpreter equal to 1.
+    """
+    if plan is None:
+        plan = plan_for(projected, w_hh, w_hr)
+    if not plan.persistent:
+        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
+    if projected.device.type != "cuda" and plan.num_programs != 1:
+        raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
+    T, B, four_h = projected.shape
+    H, K = four_h // 4, w_hh.shape[1]
+    dtype, device = projected.dtype, projected.device
+    h_all = torch.empty(T + 1, B, K, dtype=dtype, device=device)
+    c_all = torch.empty(T + 1, B, H, dtype=torch.float32, device=device)
+    gates = torch.empty(T, B, four_h, dtype=dtype, device=device)
+    h_all[0] = h0
+    c_all[0] = c0
+    try:
+        _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K)
+    except OutOfResources:
+        # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
+        if not plan.resident:
+            return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
+        streamed = dataclasses.replace(
+            plan, resident=False, block_k=max(16, min(64, triton.next_power_of_2(K))), num_warps=4,
+            reason=plan.reason + "; resident did not fit, W_hh streamed",
+        )
+        return lstm_fwd_persistent(projected, h0, c0, w_hh, w_hr, lengths, streamed)
+    return h_all, c_all, gates
+
+
+def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K):
+    # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
+    counters = torch.zeros(plan.grid_b, dtype=torch.int32, device=projected.device)
+    _lstm_persistent_fwd_kernel[(plan.grid_h, plan.grid_b)](
+        projected,
+        w_hh,
+        h_all,
+        c_all,
+        gates,
+        lengths if lengths is not None else counters,
+        counters,
+        T,
+        B,
+        H=H,
+        K=K,
+        HAS_LENGTHS=lengths is not None,
+        RESIDENT=plan.resident,
+        DOT_PRECISION=dot_precision(projected.dtype),
+        GRID_H=plan.grid_h,
+        GRID_B=plan.grid_b,
+        BLOCK_B=plan.block_b,
+        BLOCK_H=plan.block_h,
+        BLOCK_K=plan.block_k,
+        num_warps=plan.num_warps,
+    )
