@@ -1,0 +1,301 @@
+"""Fused backward: a reverse-time persistent kernel for the gate gradients, then GEMMs over all steps.
+
+Backpropagation through one layer and direction splits in two:
+
+1. The sequential chain. At step t (from T-1 down to 0) each program owns a tile of (batch rows × hidden
+   units). It forms the gradient reaching h_t from step t+1, ``dG_{t+1}·W_hh`` restricted to its units
+   (a ``tl.dot`` over all 4H gate columns), adds ``grad_out[t]``, pushes it with the dc it carries in
+   registers through the cell (gates and c from the forward's saved ``gates`` / ``c_all``) and writes its
+   part of the pre-activation gate gradients dG_t. The next step needs all of dG_t, written by every
+   program: a grid-wide barrier separates the steps. That makes one launch per layer and direction
+   (``schedule="persistent"``). When the tiles cannot all be resident at once (more tiles than SMs),
+   programs that spin on the barrier could wait for programs that never get an SM, so the same kernel
+   is launched once per step instead (``schedule="per_step"``): the launch boundary is the barrier.
+2. Everything else is parallel over time: grad_x = dG·W_ih, grad_W_ih = dGᵀ·x, grad_W_hh = dGᵀ·h_{t-1} and
+   the bias gradient (the sum of dG) are single GEMMs / a reduction over all T·B rows, as in
+   ``triton_lstm.reference.lstm_recurrence_backward_reference``.
+
+dG is stored in the input dtype (fp32 for fp32 inputs). Why not fp32 always: dG feeds two products, the
+recurrent ``dG_{t+1}·W_hh`` in the kernel and the three big GEMMs. In the input dtype both run on tensor
+cores with fp32 accumulation (an fp32 dG would need either an fp32 copy of W_hh / x / h for slow fp32
+GEMMs or a second cast pass), dG takes half the memory, and the one rounding per step is the same one
+the forward applies to h_t before its own recurrent product (and PyTorch's autograd in that dtype
+applies to dh). The state carried along the chain, dh and dc, stays fp32 in registers.
+
+Deterministic: every element of dG, dh and dc is written by exactly one program, every reduction is a
+``tl.dot`` / GEMM / ``sum`` with an order fixed by the shapes; the only atomic is the barrier counter,
+which orders steps and never touches a value.
+
+A projection (``proj_size > 0``, W_hr) is not fused: ``lstm_bwd`` hands it to the reference backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_lstm.kernels.common import dot_precision, tanh
+from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
+
+SCHEDULES = ("auto", "persistent", "per_step")
+
+
+@triton.jit
+def _grid_barrier(counter_ptr, target):
+    # All of this program's dG stores must be issued before it announces its arrival: a CTA barrier,
+    # then a gpu-scope release add. The acquire load that sees the count reach ``target`` (every program
+    # of this step arrived) makes the other programs' stores visible; the CTA barrier after it extends
+    # that to every thread of the program. The counter only grows (target = programs × steps done), so
+    # it is never reset inside the launch.
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while arrived < target:
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps"])
+def _lstm_bwd_kernel(
+    grad_out_ptr,  # (T, B, H): gradient of h_1 … h_T, input dtype
+    gates_ptr,  # (T, B, 4H): saved activations i, f, g, o
+    c_ptr,  # (T+1, B, H) fp32: c0 … c_T
+    w_hh_ptr,  # (4H, H)
+    lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
+    grad_gates_ptr,  # (T, B, 4H) out: pre-activation gate gradients dG, input dtype
+    dh_ptr,  # (B, H) fp32 in/out: gradient reaching h_{t_start} from later steps / h_{t_end} from this step
+    dc_ptr,  # (B, H) fp32 in/out: the same for c
+    counter_ptr,  # int32 barrier counter, zero at launch
+    T,
+    B,
+    t_start,  # first (latest) step this launch runs; it runs t_start, t_start-1, … for n_steps steps
+    n_steps,
+    H: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    USE_BARRIER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    num_h_tiles = tl.cdiv(H, BLOCK_H)
+    pid = tl.program_id(0)
+    offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = (pid % num_h_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_b = offs_b < B
+    mask_h = offs_h < H
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    # int64 offsets: T·B·4H can pass 2³¹ elements.
+    rows = offs_b.to(tl.int64)
+    state_offs = rows[:, None] * H + offs_h[None, :]
+    gate_row_offs = rows[:, None] * (4 * H)
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)[:, None]
+    out_dtype = grad_gates_ptr.dtype.element_ty
+
+    dh_carry = tl.load(dh_ptr + state_offs, mask=mask_bh, other=0.0)
+    dc = tl.load(dc_ptr + state_offs, mask=mask_bh, other=0.0)
+    for s in range(n_steps):
+        t = t_start - s
+        step = t.to(tl.int64)
+        later = step + 1
+
+        # Gradient reaching h_t through step t+1's gates: dG_{t+1}·W_hh on this tile's units. Rows past B,
+        # gate columns past 4H and the step past the end (t = T-1) load as zeros. dG_{t+1} was written by
+        # other programs: .cg loads skip L1, which is not coherent across SMs.
+        recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        later_ok = later < T
+        dg_columns = tl.where(later_ok, 4 * H, 0)
+        dg_ptrs = grad_gates_ptr + later * B * 4 * H + gate_row_offs
+        for k0 in range(0, 4 * H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < 4 * H
+            dg_mask = mask_b[:, None] & (offs_k < dg_columns)[None, :]
+            dg_blk = tl.load(dg_ptrs + offs_k[None, :], mask=dg_mask, other=0.0, cache_modifier=".cg")
+            w_blk = tl.load(w_hh_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+            recurrent = tl.dot(dg_blk, w_blk, recurrent, input_precision=DOT_PRECISION)
+        # Where step t+1 did not run (past a sequence's end, or t = T-1) h_t was carried into h_{t+1}
+        # unchanged: its gradient passes straight through.
+        if HAS_LENGTHS:
+            later_ran = later < lengths
+        else:
+            later_ran = later_ok
+        dh = tl.where(later_ran, recurrent, dh_carry)
+        dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
+
+        gate_ptrs = gates_ptr + step * B * 4 * H + gate_row_offs + offs_h[None, :]
+        i = tl.load(gate_ptrs, mask=mask_bh, other=0.0).to(tl.float32)
+        f = tl.load(gate_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32)
+        o = tl.load(gate_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + later * B * H + state_offs, mask=mask_bh, other=0.0)
+        c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0)
+        tanh_c = tanh(c)
+        dc_cell = dc + dh * o * (1.0 - tanh_c * tanh_c)
+        d_i = dc_cell * g * i * (1.0 - i)
+        d_f = dc_cell * c_prev * f * (1.0 - f)
+        d_g = dc_cell * i * (1.0 - g * g)
+        d_o = dh * tanh_c * o * (1.0 - o)
+        if HAS_LENGTHS:
+            ran = step < lengths
+            d_i = tl.where(ran, d_i, 0.0)
+            d_f = tl.where(ran, d_f, 0.0)
+            d_g = tl.where(ran, d_g, 0.0)
+            d_o = tl.where(ran, d_o, 0.0)
+            dc = tl.where(ran, dc_cell * f, dc)
+        else:
+            dc = dc_cell * f
+        dg_out = grad_gates_ptr + step * B * 4 * H + gate_row_offs + offs_h[None, :]
+        tl.store(dg_out, d_i.to(out_dtype), mask=mask_bh)
+        tl.store(dg_out + H, d_f.to(out_dtype), mask=mask_bh)
+        tl.store(dg_out + 2 * H, d_g.to(out_dtype), mask=mask_bh)
+        tl.store(dg_out + 3 * H, d_o.to(out_dtype), mask=mask_bh)
+        dh_carry = dh
+        if USE_BARRIER:
+            _grid_barrier(counter_ptr, (s + 1) * tl.num_programs(0))
+
+    # Per-step launches hand the chain to the next launch through these buffers; after the last step
+    # they hold the gradient at step 0 (for h still to be pushed through dG_0·W_hh by the launcher).
+    tl.store(dh_ptr + state_offs, dh_carry, mask=mask_bh)
+    tl.store(dc_ptr + state_offs, dc, mask=mask_bh)
+
+
+def _tiles(B: int, H: int, block_b: int, block_h: int) -> int:
+    return triton.cdiv(B, block_b) * triton.cdiv(H, block_h)
+
+
+def _plan(B: int, H: int, device: torch.device, schedule: str) -> tuple[str, int, int]:
+    """Returns (schedule, BLOCK_B, BLOCK_H) for the gate-gradient kernel.
+
+    tl.dot needs every dimension >= 16: smaller B and H are masked up to 16.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lstm_bwd: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if device.type != "cuda":
+        # Triton's interpreter runs programs one after another: a program spinning on the barrier would
+        # wait forever for the next one. One program owning every batch row and hidden unit never waits.
+        block_b = max(16, triton.next_power_of_2(B))
+        block_h = max(16, triton.next_power_of_2(H))
+        if schedule == "per_step":
+            return "per_step", 16, 16  # several programs per launch: exercises the tiling
+        return "persistent", block_b, block_h
+    widest_b = max(16, min(64, triton.next_power_of_2(B)))
+    if schedule != "per_step" and os.environ.get("TRITON_LSTM_PERSISTENT_BWD", "1") != "0":
+        # Every program must be resident at once or the barrier deadlocks: at most one program per SM
+        # (each fits an SM on its own, whatever its register and shared-memory use). Smaller tiles spread
+        # the recurrent product over more SMs; wider batch tiles re-read W_hh fewer times.
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        block_b = widest_b
+        while block_b >= 16:
+            for block_h in (16, 32, 64, 128, 256):
+                if block_b * block_h <= 8192 and _tiles(B, H, block_b, block_h) <= sms:
+                    return "persistent", block_b, block_h
+            block_b //= 2
+        if schedule == "persistent":
+            raise ValueError(f"lstm_bwd: B={B}, H={H} needs more tiles than the {sms} SMs can hold at once")
+    return "per_step", widest_b, 32
+
+
+def lstm_bwd_gate_grads(
+    grad_out: torch.Tensor,
+    grad_h_n: torch.Tensor,
+    grad_c_n: torch.Tensor,
+    w_hh: torch.Tensor,
+    gates: torch.Tensor,
+    c_all: torch.Tensor,
+    lengths: torch.Tensor | None,
+    schedule: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sequential part of the backward (no projection): returns ``(grad_gates, grad_h0, grad_c0)``.
+
+    ``grad_gates`` (T, B, 4H) holds the pre-activation gate gradients in the input dtype (zero past a
+    sequence's end); ``grad_h0`` / ``grad_c0`` are fp32. ``lengths`` is int32 on the device or None.
+    """
+    T, B, four_h = gates.shape
+    H = four_h // 4
+    dtype = gates.dtype
+    device = gates.device
+    grad_out = grad_out.contiguous()
+    gates = gates.contiguous()
+    c_all = c_all.contiguous()
+    w_hh = w_hh.contiguous()
+    grad_gates = torch.empty(T, B, four_h, dtype=dtype, device=device)
+    dh = grad_h_n.to(torch.float32, copy=True).contiguous()
+    dc = grad_c_n.to(torch.float32, copy=True).contiguous()
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    schedule, block_b, block_h = _plan(B, H, device, schedule)
+    grid = (_tiles(B, H, block_b, block_h),)
+    num_warps = 8 if block_b * block_h > 2048 else 4
+    launch = dict(
+        H=H,
+        HAS_LENGTHS=lengths is not None,
+        DOT_PRECISION=dot_precision(dtype),
+        BLOCK_B=block_b,
+        BLOCK_H=block_h,
+        BLOCK_K=64 if four_h >= 64 else 16,
+        num_warps=num_warps,
+    )
+    lengths_arg = lengths if lengths is not None else counter
+    args = (grad_out, gates, c_all, w_hh, lengths_arg, grad_gates, dh, dc, counter, T, B)
+    if schedule == "persistent":
+        _lstm_bwd_kernel[grid](*args, T - 1, T, USE_BARRIER=True, **launch)
+    else:
+        for t in reversed(range(T)):
+            _lstm_bwd_kernel[grid](*args, t, 1, USE_BARRIER=False, **launch)
+
+    # The gradient of h0 goes through step 0's gates where step 0 ran, straight through where it did not.
+    recurrent0 = torch.matmul(grad_gates[0], w_hh).to(torch.float32)
+    ran0 = (lengths > 0).unsqueeze(1) if lengths is not None else torch.ones((), dtype=torch.bool, device=device)
+    grad_h0 = torch.where(ran0, recurrent0, dh)
+    return grad_gates, grad_h0, dc
+
+
+def lstm_bwd(
+    grad_out: torch.Tensor,
+    grad_h_n: torch.Tensor,
+    grad_c_n: torch.Tensor,
+    x: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None,
+    gates: torch.Tensor,
+    h_all: torch.Tensor,
+    c_all: torch.Tensor,
+    lengths: torch.Tensor | None,
+    schedule: str = "auto",
+):
+    """Fused backward of one layer and direction; same arguments and outputs as
+    ``lstm_recurrence_backward_reference``: gradients of x, h0, c0, W_ih, W_hh, the bias and W_hr.
+
+    With a projection (``w_hr`` not None) it runs the reference backward: the fused kernel has no W_hr.
+    """
+    if w_hr is not None:
+        return lstm_recurrence_backward_reference(
+            grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths
+        )
+    if lengths is not None:
+        lengths = lengths.to(device=x.device, dtype=torch.int32)
+    grad_gates, grad_h0, grad_c0 = lstm_bwd_gate_grads(
+        grad_out, grad_h_n, grad_c_n, w_hh, gates, c_all, lengths, schedule
+    )
+    grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih)
+    dtype = x.dtype
+    return grad_x, grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_bias, None
+
+
+def weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: torch.Tensor, w_ih: torch.Tensor):
+    """grad_x, grad_W_ih, grad_W_hh and the bias gradient from dG (T, B, 4H), as GEMMs over all T·B rows.
+
+    ``h_prev`` (T, B, H) is h_0 … h_{T-1}. The GEMMs run in the input dtype with fp32 accumulation;
+    the bias gradient is summed in fp32.
+    """
+    T, B, four_h = grad_gates.shape
+    rows = grad_gates.reshape(T * B, four_h)
+    grad_x = torch.matmul(rows, w_ih).reshape(T, B, -1)
+    grad_w_ih = torch.matmul(rows.t(), x.reshape(T * B, -1))
+    grad_w_hh = torch.matmul(rows.t(), h_prev.reshape(T * B, -1))
+    grad_bias = rows.sum(0, dtype=accumulate_dtype(rows.dtype)).to(w_ih.dtype)
+    return grad_x, grad_w_ih, grad_w_hh, grad_bias
