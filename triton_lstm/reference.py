@@ -133,16 +133,17 @@ def lstm_recurrence_backward_reference(
         dh, dc = dh_prev, dc_prev
 
     grad_pre_2d = grad_pre.reshape(T * B, 4 * H)
-    grad_x = (grad_pre_2d @ w_ih.to(acc)).reshape(T, B, -1)
-    grad_w_ih = grad_pre_2d.t() @ x.reshape(T * B, -1).to(acc)
-    grad_w_hh = grad_pre_2d.t() @ h_all[:-1].reshape(T * B, -1).to(acc)
+    # Sizes spelled out, not -1: an empty batch must reshape too.
+    grad_x = (grad_pre_2d @ w_ih.to(acc)).reshape(T, B, x.shape[2])
+    grad_w_ih = grad_pre_2d.t() @ x.reshape(T * B, x.shape[2]).to(acc)
+    grad_w_hh = grad_pre_2d.t() @ h_all[:-1].reshape(T * B, h_all.shape[2]).to(acc)
     grad_bias = grad_pre_2d.sum(0)
     grad_w_hr = None
     if w_hr is not None:
         # m_t = o ⊙ tanh(c_t), recomputed from the saved gates (zero past a sequence's end, as o is).
         o_all = gates[..., 3 * H :].to(acc)
         m_all = o_all * torch.tanh(c_all[1:].to(acc))
-        grad_w_hr = grad_h_steps.reshape(T * B, -1).t() @ m_all.reshape(T * B, H)
+        grad_w_hr = grad_h_steps.reshape(T * B, h_all.shape[2]).t() @ m_all.reshape(T * B, H)
         grad_w_hr = grad_w_hr.to(w_hr.dtype)
     return (
         grad_x.to(dtype),

@@ -1,0 +1,338 @@
+"""triton_lstm.LSTM / LSTMCell against torch.nn: every output and every gradient.
+
+The oracle is nn.LSTM itself in float64 on the CPU. Our module runs in the tested dtype on the kernel
+device (the GPU, or the CPU through Triton's interpreter); its error against the oracle must stay within
+twice nn.LSTM's own error in that dtype on that device (helpers.assert_error_within_pytorch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+import triton_lstm
+
+
+@dataclass(frozen=True)
+class Case:
+    T: int = 5
+    B: int = 3
+    I: int = 4  # noqa: E741
+    H: int = 6
+    num_layers: int = 1
+    bidirectional: bool = False
+    batch_first: bool = False
+    bias: bool = True
+    proj_size: int = 0
+    with_state: bool = False
+    unbatched: bool = False
+    packed: bool = False
+
+    def module_kwargs(self):
+        return dict(
+            input_size=self.I,
+            hidden_size=self.H,
+            num_layers=self.num_layers,
+            bias=self.bias,
+            batch_first=self.batch_first,
+            bidirectional=self.bidirectional,
+            proj_size=self.proj_size,
+        )
+
+
+CASES = {
+    "single": Case(),
+    "layers2": Case(num_layers=2),
+    "layers3-bidir": Case(num_layers=3, bidirectional=True),
+    "bidir-state": Case(bidirectional=True, with_state=True),
+    "batch_first": Case(batch_first=True, with_state=True),
+    "no_bias": Case(bias=False, num_layers=2),
+    "proj": Case(proj_size=3, with_state=True),
+    "proj-bidir-layers2": Case(proj_size=2, bidirectional=True, num_layers=2),
+    "unbatched": Case(unbatched=True, with_state=True, num_layers=2),
+    "unbatched-batch_first": Case(unbatched=True, batch_first=True),
+    "packed": Case(packed=True, B=4, T=6),
+    "packed-bidir-state": Case(packed=True, bidirectional=True, with_state=True, B=5, T=6, num_layers=2),
+    "packed-proj-bidir": Case(packed=True, bidirectional=True, proj_size=3, B=3),
+    "B1-T1": Case(B=1, T=1),
+    "B17-H33-T7": Case(B=17, H=33, T=7, I=9),
+    "H1": Case(H=1, B=3, T=7),
+    "H17-bidir": Case(H=17, bidirectional=True, B=3, T=7),
+}
+
+SIZES = {f"B{B}-H{H}-T{T}": Case(B=B, H=H, T=T, I=5, with_state=True) for B in (1, 3, 17) for H in (1, 17, 33) for T in (1, 7)}
+
+
+def _make_inputs(case: Case, generator: torch.Generator):
+    """float64 inputs: (x or list of sequences, (h0, c0) or None, output-gradient seed)."""
+    num_directions = 2 if case.bidirectional else 1
+    out_size = case.proj_size or case.H
+    if case.packed:
+        lengths = torch.randint(1, case.T + 1, (case.B,), generator=generator)
+        lengths[0] = case.T  # the longest sequence sets T
+        x = [torch.randn(int(n), case.I, generator=generator, dtype=torch.float64) for n in lengths]
+    elif case.unbatched:
+        x = torch.randn(case.T, case.I, generator=generator, dtype=torch.float64)
+    else:
+        shape = (case.B, case.T, case.I) if case.batch_first else (case.T, case.B, case.I)
+        x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    state = None
+    if case.with_state:
+        batch = () if case.unbatched else (case.B,)
+        state = (
+            torch.randn(case.num_layers * num_directions, *batch, out_size, generator=generator, dtype=torch.float64),
+            torch.randn(case.num_layers * num_directions, *batch, case.H, generator=generator, dtype=torch.float64),
+        )
+    return x, state
+
+
+def _run(module, x, state, dtype, device, grad_seed: int):
+    """Runs ``module`` on copies of the inputs in ``dtype`` on ``device``; backprops random output
+    gradients (the same for every run: drawn from ``grad_seed`` in float64, then cast) and returns
+    {name: tensor} of outputs and gradients, in float64 on the CPU."""
+    module = module.to(device=device, dtype=dtype)
+    if isinstance(x, list):
+        leaves = [s.detach().to(device=device, dtype=dtype).requires_grad_() for s in x]
+        model_input = pack_sequence(leaves, enforce_sorted=False)
+    else:
+        leaves = [x.detach().to(device=device, dtype=dtype).requires_grad_()]
+        model_input = leaves[0]
+    state_leaves = None
+    if state is not None:
+        state_leaves = tuple(s.detach().to(device=device, dtype=dtype).requires_grad_() for s in state)
+    output, (h_n, c_n) = module(model_input, state_leaves)
+    out_tensor = output.data if isinstance(output, PackedSequence) else output
+    generator = torch.Generator().manual_seed(grad_seed)
+    outs = {"output": out_tensor, "h_n": h_n, "c_n": c_n}
+    grads = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype) for t in outs.values()]
+    torch.autograd.backward(list(outs.values()), grads)
+    result = {name: t.detach().double().cpu() for name, t in outs.items()}
+    result["grad_input"] = torch.cat([leaf.grad.double().cpu().flatten() for leaf in leaves])
+    if state_leaves is not None:
+        result["grad_h0"] = state_leaves[0].grad.double().cpu()
+        result["grad_c0"] = state_leaves[1].grad.double().cpu()
+    for name, parameter in module.named_parameters():
+        result["grad_" + name] = parameter.grad.double().cpu()
+    return result, out_tensor
+
+
+def check_against_nn(case: Case, dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    oracle = nn.LSTM(**case.module_kwargs()).double()
+    x, state = _make_inputs(case, generator)
+    expected, _ = _run(oracle, x, state, torch.float64, "cpu", grad_seed=seed + 1)
+
+    theirs_module = nn.LSTM(**case.module_kwargs())
+    theirs_module.load_state_dict(oracle.state_dict())
+    theirs, _ = _run(theirs_module, x, state, dtype, KERNEL_DEVICE, grad_seed=seed + 1)
+
+    ours_module = triton_lstm.LSTM(**case.module_kwargs())
+    ours_module.load_state_dict(oracle.state_dict())
+    ours, ours_output = _run(ours_module, x, state, dtype, KERNEL_DEVICE, grad_seed=seed + 1)
+    assert ours_output.dtype == dtype
+
+    assert set(ours) == set(expected)
+    summed = case.T * case.B
+    for name in expected:
+        terms = summed if name.startswith(("grad_weight", "grad_bias")) else 1
+        assert_error_within_pytorch(name, ours[name], theirs[name], expected[name], dtype, summed_terms=terms)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_nn_lstm(case, dtype):
+    check_against_nn(case, dtype)
+
+
+@pytest.mark.parametrize("case", SIZES.values(), ids=SIZES.keys())
+def test_matches_nn_lstm_odd_sizes(case):
+    check_against_nn(case, torch.float32)
+
+
+def test_same_initialization_as_nn_lstm():
+    kwargs = dict(input_size=7, hidden_size=5, num_layers=2, bidirectional=True, proj_size=3)
+    torch.manual_seed(123)
+    theirs = nn.LSTM(**kwargs)
+    next_draw_theirs = torch.rand(3)
+    torch.manual_seed(123)
+    ours = triton_lstm.LSTM(**kwargs)
+    next_draw_ours = torch.rand(3)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert a.shape == b.shape and torch.equal(a, b), name
+    assert torch.equal(next_draw_ours, next_draw_theirs), "the RNG must be left in the same state"
+
+
+def test_same_initialization_lstm_cell():
+    torch.manual_seed(5)
+    theirs = nn.LSTMCell(4, 6)
+    torch.manual_seed(5)
+    ours = triton_lstm.LSTMCell(4, 6)
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_state_dict_interchange_both_ways():
+    kwargs = dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, proj_size=2, bias=False)
+    theirs, ours = nn.LSTM(**kwargs), triton_lstm.LSTM(**kwargs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor)
+    fresh = nn.LSTM(**kwargs)
+    fresh.load_state_dict(ours.state_dict(), strict=True)
+    cell_theirs, cell_ours = nn.LSTMCell(3, 4), triton_lstm.LSTMCell(3, 4)
+    cell_ours.load_state_dict(cell_theirs.state_dict(), strict=True)
+    nn.LSTMCell(3, 4).load_state_dict(cell_ours.state_dict(), strict=True)
+
+
+def test_repr_and_flatten_parameters():
+    module = triton_lstm.LSTM(3, 4, num_layers=2, batch_first=True)
+    assert repr(module) == repr(nn.LSTM(3, 4, num_layers=2, batch_first=True))
+    module.flatten_parameters()  # accepted, as on nn.LSTM
+
+
+def _lstm_cell_case(dtype, batched: bool, with_state: bool, bias: bool = True):
+    generator = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    oracle = nn.LSTMCell(5, 17, bias=bias).double()
+    batch = (3,) if batched else ()
+    x = torch.randn(*batch, 5, generator=generator, dtype=torch.float64)
+    state = tuple(torch.randn(*batch, 17, generator=generator, dtype=torch.float64) for _ in range(2)) if with_state else None
+    grads = [torch.randn(*batch, 17, generator=generator, dtype=torch.float64) for _ in range(2)]
+
+    def run(module, dtype, device):
+        module = module.to(device=device, dtype=dtype)
+        leaf = x.detach().to(device=device, dtype=dtype).requires_grad_()
+        hx = None if state is None else tuple(s.detach().to(device=device, dtype=dtype).requires_grad_() for s in state)
+        h, c = module(leaf, hx)
+        torch.autograd.backward([h, c], [g.to(device=device, dtype=dtype) for g in grads])
+        result = {"h": h, "c": c, "grad_input": leaf.grad}
+        if hx is not None:
+            result.update(grad_h0=hx[0].grad, grad_c0=hx[1].grad)
+        result.update({"grad_" + n: p.grad for n, p in module.named_parameters()})
+        return {k: v.detach().double().cpu() for k, v in result.items()}, h.dtype
+
+    expected, _ = run(oracle, torch.float64, "cpu")
+    theirs_module, ours_module = nn.LSTMCell(5, 17, bias=bias), triton_lstm.LSTMCell(5, 17, bias=bias)
+    theirs_module.load_state_dict(oracle.state_dict())
+    ours_module.load_state_dict(oracle.state_dict())
+    theirs, _ = run(theirs_module, dtype, KERNEL_DEVICE)
+    ours, ours_dtype = run(ours_module, dtype, KERNEL_DEVICE)
+    assert ours_dtype == dtype
+    for name in expected:
+        terms = 3 if name.startswith(("grad_weight", "grad_bias")) else 1
+        assert_error_within_pytorch(name, ours[name], theirs[name], expected[name], dtype, summed_terms=terms)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "no_state"])
+def test_lstm_cell_matches_nn(dtype, batched, with_state):
+    _lstm_cell_case(dtype, batched, with_state)
+
+
+def test_lstm_cell_without_bias():
+    _lstm_cell_case(torch.float32, True, True, bias=False)
+
+
+def test_dropout_identity_in_eval_random_in_train():
+    torch.manual_seed(0)
+    module = triton_lstm.LSTM(4, 8, num_layers=3, dropout=0.5).to(KERNEL_DEVICE)
+    reference = nn.LSTM(4, 8, num_layers=3, dropout=0.5).to(KERNEL_DEVICE)
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(5, 3, 4, device=KERNEL_DEVICE)
+    module.eval()
+    reference.eval()
+    eval_a, _ = module(x)
+    eval_b, _ = module(x)
+    assert torch.equal(eval_a, eval_b)
+    torch.testing.assert_close(eval_a, reference(x)[0], rtol=1e-5, atol=1e-6)
+    module.train()
+    train_a, _ = module(x)
+    train_b, _ = module(x)
+    assert not torch.allclose(train_a, train_b), "dropout between layers must be random in training"
+    assert not torch.allclose(train_a, eval_a)
+    # Without dropout, training mode changes nothing.
+    plain = triton_lstm.LSTM(4, 8, num_layers=3).to(KERNEL_DEVICE).train()
+    assert torch.equal(plain(x)[0], plain(x)[0])
+
+
+def test_dropout_last_layer_untouched():
+    # Dropout applies between layers only: a single layer in training mode is deterministic.
+    with pytest.warns(UserWarning):
+        module = triton_lstm.LSTM(4, 8, num_layers=1, dropout=0.5).to(KERNEL_DEVICE).train()
+    x = torch.randn(5, 3, 4, device=KERNEL_DEVICE)
+    assert torch.equal(module(x)[0], module(x)[0])
+
+
+def test_empty_batch_like_nn_lstm():
+    module = triton_lstm.LSTM(4, 6, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)
+    x = torch.randn(5, 0, 4, device=KERNEL_DEVICE, requires_grad=True)
+    output, (h_n, c_n) = module(x)
+    theirs, (h_t, c_t) = nn.LSTM(4, 6, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)(x)
+    assert output.shape == theirs.shape and h_n.shape == h_t.shape and c_n.shape == c_t.shape
+    output.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_non_contiguous_input_and_state():
+    torch.manual_seed(0)
+    module = triton_lstm.LSTM(4, 6).to(KERNEL_DEVICE)
+    reference = nn.LSTM(4, 6).to(KERNEL_DEVICE)
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(3, 5, 8, device=KERNEL_DEVICE)[:, :, ::2].transpose(0, 1)  # (5, 3, 4), strided
+    h0 = torch.randn(3, 1, 12, device=KERNEL_DEVICE)[:, :, ::2].transpose(0, 1)
+    c0 = torch.randn(6, 3, 1, device=KERNEL_DEVICE).permute(2, 1, 0)
+    assert not x.is_contiguous() and not h0.is_contiguous() and not c0.is_contiguous()
+    ours = module(x, (h0, c0))
+    theirs = reference(x.contiguous(), (h0.contiguous(), c0.contiguous()))
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1][0], theirs[1][0], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_sequence_roundtrip_metadata():
+    module = triton_lstm.LSTM(3, 4, bidirectional=True).to(KERNEL_DEVICE)
+    sequences = [torch.randn(n, 3, device=KERNEL_DEVICE) for n in (2, 5, 3)]
+    packed = pack_sequence(sequences, enforce_sorted=False)
+    output, (h_n, _) = module(packed)
+    assert isinstance(output, PackedSequence)
+    assert torch.equal(output.batch_sizes, packed.batch_sizes)
+    assert torch.equal(output.sorted_indices, packed.sorted_indices)
+    assert torch.equal(output.unsorted_indices, packed.unsorted_indices)
+    # h_n follows the caller's batch order: sequence b alone gives the same final state.
+    for b, sequence in enumerate(sequences):
+        _, (h_alone, _) = module(sequence.unsqueeze(1))
+        torch.testing.assert_close(h_n[:, b], h_alone[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_convert_replaces_and_keeps_parameters():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.LSTM(4, 5, num_layers=2, proj_size=2)))
+            self.cell = nn.LSTMCell(2, 3)
+            self.head = nn.Linear(3, 1)
+
+    torch.manual_seed(0)
+    model = Model().double().eval()
+    lstm_params = list(model.encoder[1][0].parameters())
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    before = model.encoder(x)[0]
+    converted = triton_lstm.convert(model)
+    assert converted is model
+    assert type(model.encoder[1][0]) is triton_lstm.LSTM
+    assert type(model.cell) is triton_lstm.LSTMCell
+    # The very same Parameter objects: an optimizer built before convert() still trains the model.
+    assert all(a is b for a, b in zip(model.encoder[1][0].parameters(), lstm_params))
+    assert model.encoder[1][0].weight_ih_l0.dtype == torch.float64
+    assert not model.encoder[1][0].training
+    torch.testing.assert_close(model.encoder(x)[0], before)
+    # A bare nn.LSTM is returned converted.
+    assert type(triton_lstm.convert(nn.LSTM(2, 3))) is triton_lstm.LSTM
