@@ -121,12 +121,13 @@ def _run(module, x, state, dtype, device, grad_seed: int):
     return result, out_tensor
 
 
-def check_against_nn(case: Case, dtype: torch.dtype, seed: int = 0):
+def check_against_nn(case: Case, dtype: torch.dtype, seed: int = 0, oracle_device: str = "cpu"):
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     oracle = nn.LSTM(**case.module_kwargs()).double()
     x, state = _make_inputs(case, generator)
-    expected, _ = _run(oracle, x, state, torch.float64, "cpu", grad_seed=seed + 1)
+    expected, _ = _run(oracle, x, state, torch.float64, oracle_device, grad_seed=seed + 1)
+    oracle.cpu()
 
     theirs_module = nn.LSTM(**case.module_kwargs())
     theirs_module.load_state_dict(oracle.state_dict())
