@@ -1,0 +1,112 @@
+"""``python -m triton_lstm`` / ``triton-lstm``: check triton_lstm against nn.LSTM on this machine.
+
+``triton-lstm`` (no argument, or ``check``) runs a few shapes through both modules, compares them with
+nn.LSTM in float64 and prints a table: shape, dtype, max error of each, time of each.
+``triton-lstm bench ...`` runs the benchmark suite (see ``triton_lstm.benchmark``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch import nn
+
+import triton_lstm
+from triton_lstm import ops
+
+# (T, B, input_size, hidden_size, num_layers, bidirectional)
+GPU_SHAPES = [(512, 64, 256, 256, 1, False), (256, 16, 1024, 1024, 1, False), (128, 32, 256, 512, 2, True)]
+CPU_SHAPES = [(64, 8, 32, 64, 1, False), (32, 4, 16, 33, 2, True)]
+INTERPRETER_SHAPES = [(8, 3, 8, 17, 1, False), (6, 2, 5, 16, 2, True)]
+
+
+def _where_it_runs(device: str) -> str:
+    if device == "cuda" and ops.HAS_TRITON:
+        return f"Triton kernels on {torch.cuda.get_device_name()}"
+    if not ops.HAS_TRITON:
+        return f"the PyTorch reference on {device} (triton is not installed: {ops.TRITON_IMPORT_ERROR})"
+    if ops.interpreting():
+        return "Triton kernels through Triton's interpreter on the CPU (TRITON_INTERPRET=1: slow, for testing)"
+    return "the PyTorch reference on the CPU (no GPU; set TRITON_INTERPRET=1 to run the kernels interpreted)"
+
+
+def _time_ms(fn, device: str) -> float:
+    fn()  # warm-up (compiles the kernels on first use)
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn)
+    repeats = 3
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) * 1000 / repeats
+
+
+def check(shapes, dtypes, device: str) -> list[dict]:
+    rows = []
+    for T, B, I, H, layers, bidirectional in shapes:  # noqa: E741
+        torch.manual_seed(0)
+        theirs = nn.LSTM(I, H, num_layers=layers, bidirectional=bidirectional)
+        ours = triton_lstm.LSTM(I, H, num_layers=layers, bidirectional=bidirectional)
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(T, B, I)
+        expected = theirs.double()(x.double())[0]
+        for dtype in dtypes:
+            theirs.to(device=device, dtype=dtype)
+            ours.to(device=device, dtype=dtype)
+            x_dev = x.to(device=device, dtype=dtype)
+            with torch.no_grad():
+                out_ours, out_theirs = ours(x_dev)[0], theirs(x_dev)[0]
+                rows.append(
+                    dict(
+                        shape=f"T={T} B={B} I={I} H={H}" + (f" L={layers}" if layers > 1 else "") + (" bidir" if bidirectional else ""),
+                        dtype=str(dtype).removeprefix("torch."),
+                        err_ours=(out_ours.double().cpu() - expected).abs().max().item(),
+                        err_theirs=(out_theirs.double().cpu() - expected).abs().max().item(),
+                        ms_ours=_time_ms(lambda: ours(x_dev), device),
+                        ms_theirs=_time_ms(lambda: theirs(x_dev), device),
+                    )
+                )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'shape':<32} {'dtype':<9} {'max err ours':>12} {'max err nn':>12} {'ms ours':>10} {'ms nn':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['shape']:<32} {r['dtype']:<9} {r['err_ours']:>12.2e} {r['err_theirs']:>12.2e} "
+            f"{r['ms_ours']:>10.3f} {r['ms_theirs']:>10.3f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from triton_lstm.benchmark import main as bench_main
+
+        return bench_main(argv[1:]) or 0
+    parser = argparse.ArgumentParser(prog="triton-lstm", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="check", choices=["check", "bench"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = args.device
+    print(f"triton_lstm {triton_lstm.__version__}, torch {torch.__version__}: runs {_where_it_runs(device)}")
+    if device == "cuda":
+        shapes, dtypes = GPU_SHAPES, [torch.float32, torch.float16, torch.bfloat16]
+    elif ops.interpreting() and ops.HAS_TRITON:
+        shapes, dtypes = INTERPRETER_SHAPES, [torch.float32, torch.float16]
+    else:
+        shapes, dtypes = CPU_SHAPES, [torch.float32, torch.bfloat16]
+    print("Forward output of triton_lstm.LSTM and torch.nn.LSTM, errors against nn.LSTM in float64:\n")
+    print_table(check(shapes, dtypes, device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
