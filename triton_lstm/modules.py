@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from triton_lstm.ops import lstm_layer
+from triton_lstm.ops import check_backward_options, lstm_layer
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -79,7 +79,11 @@ def _reverse_index(lengths: Tensor, T: int) -> Tensor:
 class LSTM(nn.RNNBase):
     """Drop-in replacement for :class:`torch.nn.LSTM` whose recurrence runs fused Triton kernels.
 
-    Same arguments, parameters, ``state_dict``, inputs, outputs and errors as ``nn.LSTM``.
+    Same arguments, parameters, ``state_dict``, inputs, outputs and errors as ``nn.LSTM``. Keyword-only
+    extras: ``backward`` ("fused": the fused Triton backward where the kernels run; "reference": the
+    plain-PyTorch backward) and ``recompute_interval`` (k > 0: save (h, c) every k steps only and
+    recompute the gates in the backward; 0: save every activation). Both are plain attributes
+    (``backward_mode``, ``recompute_interval``), outside the ``state_dict``.
     """
 
     def __init__(
@@ -94,7 +98,11 @@ class LSTM(nn.RNNBase):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        backward: str = "fused",
+        recompute_interval: int = 0,
     ) -> None:
+        check_backward_options(backward, recompute_interval)
         super().__init__(
             "LSTM",
             input_size,
@@ -108,6 +116,8 @@ class LSTM(nn.RNNBase):
             device=device,
             dtype=dtype,
         )
+        self.backward_mode = backward
+        self.recompute_interval = recompute_interval
 
     def _layer_weights(self, layer: int, direction: int):
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
@@ -186,7 +196,11 @@ class LSTM(nn.RNNBase):
             for direction in range(num_directions):
                 index = layer * num_directions + direction
                 layer_x = layer_input if direction == 0 else _reverse_time(layer_input, reverse_index)
-                out, h, c = lstm_layer(layer_x, h0[index], c0[index], *weights[layer][direction], lengths_on_device)
+                out, h, c = lstm_layer(
+                    layer_x, h0[index], c0[index], *weights[layer][direction], lengths_on_device,
+                    backward=getattr(self, "backward_mode", "fused"),  # getattr: modules pickled before the option
+                    recompute_interval=getattr(self, "recompute_interval", 0),
+                )
                 outputs.append(out if direction == 0 else _reverse_time(out, reverse_index))
                 h_n.append(h)
                 c_n.append(c)
@@ -208,7 +222,15 @@ class LSTM(nn.RNNBase):
 
 
 class LSTMCell(nn.LSTMCell):
-    """Drop-in replacement for :class:`torch.nn.LSTMCell` running the fused Triton step kernel."""
+    """Drop-in replacement for :class:`torch.nn.LSTMCell` running the fused Triton step kernel.
+
+    Keyword-only extra: ``backward`` ("fused" or "reference"), as for ``LSTM``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, backward: str = "fused") -> None:
+        check_backward_options(backward, 0)
+        super().__init__(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
+        self.backward_mode = backward
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if not isinstance(input, Tensor):
@@ -237,7 +259,7 @@ class LSTMCell(nn.LSTMCell):
         if autocast_dtype is not None:
             x, h0, c0 = x.to(autocast_dtype), h0.to(autocast_dtype), c0.to(autocast_dtype)
             weights = tuple(None if w is None else w.to(autocast_dtype) for w in weights)
-        _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, *weights)
+        _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, *weights, backward=getattr(self, "backward_mode", "fused"))
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c

@@ -30,6 +30,7 @@ from triton_lstm.reference import (
 try:
     from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: F401  (the per-step fallback)
     from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
+    from triton_lstm.kernels.lstm_bwd import lstm_bwd
 
     HAS_TRITON = True
     TRITON_IMPORT_ERROR: str | None = None
@@ -102,20 +103,22 @@ def recurrence_bwd(
     h_all: Tensor,
     c_all: Tensor,
     lengths: Tensor | None,
+    use_reference: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of one layer and direction: gradients of x, h0, c0, W_ih, W_hh, the bias and W_hr.
 
     Without a projection the W_hr gradient is an empty tensor (custom ops cannot return None).
+    Where the kernels run, the fused backward (kernels/lstm_bwd.py) unless ``use_reference`` is 1
+    (``backward="reference"``).
     """
-    grads = lstm_recurrence_backward_reference(
-        grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths
-    )
+    backward = lstm_bwd if uses_kernels(x) and not use_reference else lstm_recurrence_backward_reference
+    grads = backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths)
     grad_w_hr = grads[6] if grads[6] is not None else x.new_empty(0)
     return (*grads[:6], grad_w_hr)
 
 
 @recurrence_bwd.register_fake
-def _recurrence_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths):
+def _recurrence_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, use_reference=0):
     return (
         torch.empty_like(x),
         torch.empty_like(grad_h_n),
@@ -131,9 +134,10 @@ class LSTMRecurrence(torch.autograd.Function):
     """out, h_n, c_n = LSTM(x) for one layer and direction, with the input projection inside."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, use_reference=0):
         h_all, c_all, gates = torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, gates, h_all, c_all)
+        ctx.use_reference = use_reference
         return h_all[1:], h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)
 
     @staticmethod
@@ -143,7 +147,7 @@ class LSTMRecurrence(torch.autograd.Function):
             # create_graph=True: a second derivative will be taken, so differentiate the reference.
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
         grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = torch.ops.triton_lstm.recurrence_bwd(
-            grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths
+            grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, ctx.use_reference
         )
         has_bias = b_ih is not None
         return (
@@ -156,11 +160,13 @@ class LSTMRecurrence(torch.autograd.Function):
             grad_bias.clone() if has_bias else None,  # each bias owns its gradient tensor
             grad_w_hr if w_hr is not None else None,
             None,
+            None,
         )
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _, _, _ = ctx.saved_tensors
+    # The first nine saved tensors are the inputs (triton_lstm/recompute.py's Function saves them too).
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths = ctx.saved_tensors[:9]
     inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     wanted = [i for i, (tensor, needed) in enumerate(zip(inputs, ctx.needs_input_grad)) if needed and tensor is not None]
     with torch.enable_grad():
@@ -173,7 +179,7 @@ def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
             create_graph=True,
             allow_unused=True,
         )
-    result = [None] * 9
+    result = [None] * len(ctx.needs_input_grad)
     for i, grad in zip(wanted, grads):
         result[i] = grad
     return tuple(result)
@@ -189,11 +195,37 @@ def lstm_layer(
     b_hh: Tensor | None = None,
     w_hr: Tensor | None = None,
     lengths: Tensor | None = None,
+    *,
+    backward: str = "fused",
+    recompute_interval: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, over time-major ``x`` (T, B, I).
 
     Returns ``output`` (T, B, P), ``h_n`` (B, P) and ``c_n`` (B, H), P being ``w_hr``'s rows when a
     projection is given and H otherwise. ``lengths`` (B,) on x's device runs each sequence to its own
     length and carries its state past the end. Inputs are assumed checked (the modules check them).
+
+    ``backward``: "fused" (the fused Triton backward where the kernels run) or "reference" (the
+    plain-PyTorch backward). ``recompute_interval`` k > 0 saves only (h, c) every k steps for the
+    backward, which recomputes the rest segment by segment (triton_lstm/recompute.py).
     """
-    return LSTMRecurrence.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    check_backward_options(backward, recompute_interval)
+    use_reference = int(backward == "reference")
+    if recompute_interval > 0:
+        from triton_lstm.recompute import LSTMRecurrenceRecompute  # imports this module
+
+        return LSTMRecurrenceRecompute.apply(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, recompute_interval, use_reference
+        )
+    return LSTMRecurrence.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, use_reference)
+
+
+BACKWARDS = ("fused", "reference")
+
+
+def check_backward_options(backward: str, recompute_interval: int) -> None:
+    """Validates the ``backward=`` and ``recompute_interval=`` options (ValueError naming the argument)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if isinstance(recompute_interval, bool) or not isinstance(recompute_interval, int) or recompute_interval < 0:
+        raise ValueError(f"recompute_interval must be an int >= 0 (0: off), got {recompute_interval!r}")

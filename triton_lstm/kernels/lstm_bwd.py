@@ -32,10 +32,12 @@ A projection (``proj_size > 0``, W_hr) is not fused: ``lstm_bwd`` hands it to th
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from triton_lstm.kernels.common import dot_precision, tanh
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
@@ -58,11 +60,11 @@ def _grid_barrier(counter_ptr, target):
     tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps"])
+@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "seg_start"])
 def _lstm_bwd_kernel(
     grad_out_ptr,  # (T, B, H): gradient of h_1 … h_T, input dtype
-    gates_ptr,  # (T, B, 4H): saved activations i, f, g, o
-    c_ptr,  # (T+1, B, H) fp32: c0 … c_T
+    gates_ptr,  # (L, B, 4H): activations i, f, g, o of steps seg_start … seg_start+L-1
+    c_ptr,  # (L+1, B, H) fp32: c of steps seg_start … seg_start+L
     w_hh_ptr,  # (4H, H)
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
     grad_gates_ptr,  # (T, B, 4H) out: pre-activation gate gradients dG, input dtype
@@ -73,6 +75,7 @@ def _lstm_bwd_kernel(
     B,
     t_start,  # first (latest) step this launch runs; it runs t_start, t_start-1, … for n_steps steps
     n_steps,
+    seg_start,  # first step held by gates / c (0 unless a recompute segment)
     H: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     USE_BARRIER: tl.constexpr,
@@ -126,13 +129,14 @@ def _lstm_bwd_kernel(
         dh = tl.where(later_ran, recurrent, dh_carry)
         dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
 
-        gate_ptrs = gates_ptr + step * B * 4 * H + gate_row_offs + offs_h[None, :]
+        local = step - seg_start
+        gate_ptrs = gates_ptr + local * B * 4 * H + gate_row_offs + offs_h[None, :]
         i = tl.load(gate_ptrs, mask=mask_bh, other=0.0).to(tl.float32)
         f = tl.load(gate_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32)
         g = tl.load(gate_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32)
         o = tl.load(gate_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + later * B * H + state_offs, mask=mask_bh, other=0.0)
-        c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0)
+        c = tl.load(c_ptr + (local + 1) * B * H + state_offs, mask=mask_bh, other=0.0)
+        c_prev = tl.load(c_ptr + local * B * H + state_offs, mask=mask_bh, other=0.0)
         tanh_c = tanh(c)
         dc_cell = dc + dh * o * (1.0 - tanh_c * tanh_c)
         d_i = dc_cell * g * i * (1.0 - i)
@@ -191,7 +195,7 @@ def _plan(B: int, H: int, device: torch.device, schedule: str) -> tuple[str, int
         block_b = widest_b
         while block_b >= 16:
             for block_h in (16, 32, 64, 128, 256):
-                if block_b * block_h <= 8192 and _tiles(B, H, block_b, block_h) <= sms:
+                if block_b * block_h <= 4096 and _tiles(B, H, block_b, block_h) <= sms:
                     return "persistent", block_b, block_h
             block_b //= 2
         if schedule == "persistent":
@@ -204,50 +208,60 @@ def lstm_bwd_gate_grads(
     grad_h_n: torch.Tensor,
     grad_c_n: torch.Tensor,
     w_hh: torch.Tensor,
-    gates: torch.Tensor,
-    c_all: torch.Tensor,
     lengths: torch.Tensor | None,
+    segments: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
     schedule: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sequential part of the backward (no projection): returns ``(grad_gates, grad_h0, grad_c0)``.
 
+    ``segments`` yields ``(t0, gates, c)`` from the last segment of the sequence to the first: the
+    activations of steps t0 … t0+L-1 (``gates`` (L, B, 4H), ``c`` (L+1, B, H) fp32 from step t0). The
+    whole sequence is one segment, ``[(0, gates, c_all)]``; a recompute backward yields segments it
+    recomputes one at a time. The chain crosses segment boundaries exactly as it crosses steps (dG of
+    the later segment is read from ``grad_gates``, dh and dc stay fp32), so the result does not depend
+    on the segmentation.
+
     ``grad_gates`` (T, B, 4H) holds the pre-activation gate gradients in the input dtype (zero past a
     sequence's end); ``grad_h0`` / ``grad_c0`` are fp32. ``lengths`` is int32 on the device or None.
     """
-    T, B, four_h = gates.shape
-    H = four_h // 4
-    dtype = gates.dtype
-    device = gates.device
+    T, B, H = grad_out.shape
+    dtype, device = w_hh.dtype, w_hh.device
     grad_out = grad_out.contiguous()
-    gates = gates.contiguous()
-    c_all = c_all.contiguous()
     w_hh = w_hh.contiguous()
-    grad_gates = torch.empty(T, B, four_h, dtype=dtype, device=device)
+    grad_gates = torch.empty(T, B, 4 * H, dtype=dtype, device=device)
     dh = grad_h_n.to(torch.float32, copy=True).contiguous()
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     schedule, block_b, block_h = _plan(B, H, device, schedule)
     grid = (_tiles(B, H, block_b, block_h),)
-    num_warps = 8 if block_b * block_h > 2048 else 4
     launch = dict(
         H=H,
         HAS_LENGTHS=lengths is not None,
         DOT_PRECISION=dot_precision(dtype),
         BLOCK_B=block_b,
         BLOCK_H=block_h,
-        BLOCK_K=64 if four_h >= 64 else 16,
-        num_warps=num_warps,
+        BLOCK_K=64 if 4 * H >= 64 else 16,
+        num_warps=8 if block_b * block_h > 2048 else 4,
     )
     lengths_arg = lengths if lengths is not None else counter
-    args = (grad_out, gates, c_all, w_hh, lengths_arg, grad_gates, dh, dc, counter, T, B)
-    if schedule == "persistent":
-        _lstm_bwd_kernel[grid](*args, T - 1, T, USE_BARRIER=True, **launch)
-    else:
-        for t in reversed(range(T)):
-            _lstm_bwd_kernel[grid](*args, t, 1, USE_BARRIER=False, **launch)
+    for t0, gates, c in segments:
+        L = gates.shape[0]
+        args = (grad_out, gates.contiguous(), c.contiguous(), w_hh, lengths_arg, grad_gates, dh, dc, counter, T, B)
+        if schedule == "persistent":
+            counter.zero_()  # the barrier's targets count from zero in every launch
+            try:
+                _lstm_bwd_kernel[grid](*args, t0 + L - 1, L, t0, USE_BARRIER=True, **launch)
+                continue
+            except OutOfResources:
+                # Raised while compiling, before any program ran: the buffers are untouched.
+                schedule = "per_step"
+        for t in reversed(range(t0, t0 + L)):
+            _lstm_bwd_kernel[grid](*args, t, 1, t0, USE_BARRIER=False, **launch)
 
-    # The gradient of h0 goes through step 0's gates where step 0 ran, straight through where it did not.
-    recurrent0 = torch.matmul(grad_gates[0], w_hh).to(torch.float32)
+    # The gradient of h0 goes through step 0's gates where step 0 ran, straight through where it did
+    # not. In fp32, as the kernel's own recurrent products accumulate.
+    acc = accumulate_dtype(dtype)
+    recurrent0 = torch.matmul(grad_gates[0].to(acc), w_hh.to(acc)).to(torch.float32)
     ran0 = (lengths > 0).unsqueeze(1) if lengths is not None else torch.ones((), dtype=torch.bool, device=device)
     grad_h0 = torch.where(ran0, recurrent0, dh)
     return grad_gates, grad_h0, dc
@@ -271,15 +285,18 @@ def lstm_bwd(
     ``lstm_recurrence_backward_reference``: gradients of x, h0, c0, W_ih, W_hh, the bias and W_hr.
 
     With a projection (``w_hr`` not None) it runs the reference backward: the fused kernel has no W_hr.
+    ``schedule``: "auto" (persistent where the tiles fit the SMs, else one launch per step),
+    "persistent" or "per_step" (for tests and timing).
     """
-    if w_hr is not None:
+    if w_hr is not None or gates.numel() == 0:
+        # An empty batch or hidden size leaves nothing to launch over.
         return lstm_recurrence_backward_reference(
             grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths
         )
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int32)
     grad_gates, grad_h0, grad_c0 = lstm_bwd_gate_grads(
-        grad_out, grad_h_n, grad_c_n, w_hh, gates, c_all, lengths, schedule
+        grad_out, grad_h_n, grad_c_n, w_hh, lengths, [(0, gates, c_all)], schedule
     )
     grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih)
     dtype = x.dtype
