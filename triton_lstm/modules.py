@@ -18,7 +18,8 @@ from triton_lstm.ops import check_backward_options, lstm_layer
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
+    # is_autocast_enabled raises for device types without autocast (meta: shape inference, deferred init).
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

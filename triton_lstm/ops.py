@@ -16,6 +16,7 @@ the kernels). float64 always runs the reference.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -47,10 +48,36 @@ def interpreting() -> bool:
 
 
 def uses_kernels(x: Tensor) -> bool:
-    """Whether the recurrence over ``x`` runs the Triton kernels (else the PyTorch reference)."""
-    if not HAS_TRITON or x.dtype not in KERNEL_DTYPES:
+    """Whether the recurrence over ``x`` runs the Triton kernels (else the PyTorch reference).
+
+    Without triton, where the kernels would have run, warns once that the reference runs instead.
+    """
+    if x.dtype not in KERNEL_DTYPES:
         return False
-    return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
+    wanted = x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
+    if wanted and not HAS_TRITON:
+        _warn_without_triton(x.device)
+        return False
+    return wanted
+
+
+_warned_without_triton = False
+
+
+def _warn_without_triton(device: torch.device) -> None:
+    # At the first forward that wanted the kernels, not at import: on a CPU-only machine (macOS, Windows)
+    # the reference is the CPU path with or without triton, so an import-time warning would be noise.
+    global _warned_without_triton
+    if _warned_without_triton:
+        return
+    _warned_without_triton = True
+    warnings.warn(
+        f"triton_lstm: triton could not be imported ({TRITON_IMPORT_ERROR}); the LSTM on {device} runs "
+        "the plain-PyTorch reference recurrence instead of the fused Triton kernels (same results, much "
+        "slower). Install triton (Linux only) to use the kernels.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 @torch.library.custom_op("triton_lstm::recurrence_fwd", mutates_args=())
@@ -128,6 +155,33 @@ def _recurrence_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gate
         w_ih.new_empty(w_ih.shape[0]),
         torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0),
     )
+
+
+_autocast_library = torch.library.Library("triton_lstm", "FRAGMENT")
+
+
+def run_without_autocast(op_name: str) -> None:
+    """Makes ``triton_lstm::<op_name>`` run with autocast off, as PyTorch's own RNN ops do.
+
+    The modules cast inputs and weights to the autocast dtype before the op (that is what autocast means
+    for an LSTM); inside, the recurrence must keep its fp32 state arithmetic, which autocast would
+    otherwise round to bf16/fp16 matmul by matmul on the reference path. Registered per autocast
+    dispatch key so that it also holds inside torch.compile graphs and when backward runs under autocast.
+    """
+    op = getattr(torch.ops.triton_lstm, op_name).default
+    for device_type, dispatch_key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+
+        def kernel(*args, _op=op, _device_type=device_type):
+            # Autocast off drops its dispatch key from the thread-local set: the call below goes to the
+            # op's own kernel, not back here.
+            with torch.autocast(_device_type, enabled=False):
+                return _op(*args)
+
+        _autocast_library.impl(op_name, kernel, dispatch_key)
+
+
+run_without_autocast("recurrence_fwd")
+run_without_autocast("recurrence_bwd")
 
 
 class LSTMRecurrence(torch.autograd.Function):
