@@ -1,0 +1,345 @@
+"""The fused backward (triton_lstm/kernels/lstm_bwd.py), its ``backward=`` option, activation recompute
+(triton_lstm/recompute.py) and double backward.
+
+Gradient parity runs one layer and direction at the op level: the forward kernel saves its activations,
+then the fused backward and the reference backward (``lstm_recurrence_backward_reference``) both run on
+those very activations. Every gradient (x, h0, c0, W_ih, W_hh, bias) is compared with the reference
+backward in the same dtype and with a float64 autograd oracle, where the budget is twice PyTorch's own
+error when it runs the same recurrence in that dtype (autograd through ``lstm_recurrence_reference``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triton_lstm
+from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, max_error, requires_cuda
+from triton_lstm.kernels import lstm_bwd as lstm_bwd_module
+from triton_lstm.kernels.lstm_bwd import lstm_bwd
+from triton_lstm.ops import lstm_layer
+from triton_lstm.recompute import saved_activation_bytes, saved_tensor_bytes
+from triton_lstm.reference import lstm_recurrence_backward_reference, lstm_recurrence_reference
+
+GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "bias")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """These tests run thousands of tiny CPU ops (the interpreter, the step-by-step references): on a
+    loaded machine, intra-op threads waiting for each other cost more than the ops. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# (T, B, I, H): B = 1, 3, 17; H = 1, 17, 33; T = 1, 7.
+SHAPES = [(1, 1, 3, 1), (7, 3, 5, 17), (7, 17, 4, 33), (1, 3, 2, 33)]
+
+
+def _case(T, B, I, H, dtype, device, ragged, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    inputs = dict(
+        x=rand(T, B, I),
+        h0=rand(B, H, scale=0.5),
+        c0=rand(B, H, scale=0.5),
+        w_ih=rand(4 * H, I, scale=0.4),
+        w_hh=rand(4 * H, H, scale=0.4),
+        b_ih=rand(4 * H, scale=0.2),
+        b_hh=rand(4 * H, scale=0.2),
+    )
+    lengths = None
+    if ragged:
+        lengths = torch.randint(1, T + 1, (B,), generator=generator)
+        lengths[0] = T
+        lengths = lengths.to(device)
+    grads = dict(out=rand(T, B, H), h_n=rand(B, H), c_n=rand(B, H))
+    return inputs, lengths, grads
+
+
+def _autograd_grads(inputs, lengths, grads, dtype):
+    """Gradients of x, h0, c0, W_ih, W_hh and the bias by autograd through the reference in ``dtype``."""
+    leaves = {name: value.to(dtype).detach().requires_grad_() for name, value in inputs.items()}
+    h_all, c_all, _ = lstm_recurrence_reference(*leaves.values(), None, lengths)
+    torch.autograd.backward(
+        (h_all[1:], h_all[-1], c_all[-1].to(dtype)),
+        (grads["out"].to(dtype), grads["h_n"].to(dtype), grads["c_n"].to(dtype)),
+    )
+    found = {name: leaves[name].grad for name in ("x", "h0", "c0", "w_ih", "w_hh")}
+    found["bias"] = leaves["b_ih"].grad
+    return found
+
+
+def _saved_activations(inputs, lengths):
+    """The forward kernel's (h_all, c_all, gates), through the forward op."""
+    return torch.ops.triton_lstm.recurrence_fwd(*inputs.values(), None, lengths)
+
+
+def _both_backwards(inputs, lengths, grads, schedule="auto"):
+    h_all, c_all, gates = _saved_activations(inputs, lengths)
+    args = (grads["out"], grads["h_n"], grads["c_n"], inputs["x"], inputs["w_ih"], inputs["w_hh"], None, gates, h_all, c_all, lengths)
+    fused = lstm_bwd(*args, schedule=schedule)
+    reference = lstm_recurrence_backward_reference(*args)
+    return dict(zip(GRAD_NAMES, fused[:6])), dict(zip(GRAD_NAMES, reference[:6])), fused[6]
+
+
+def _shape_id(shape):
+    return "T{}-B{}-I{}-H{}".format(*shape)
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_matches_reference_and_float64(dtype, shape, ragged):
+    T, B, I, H = shape
+    inputs, lengths, grads = _case(T, B, I, H, dtype, KERNEL_DEVICE, ragged)
+    fused, reference, grad_w_hr = _both_backwards(inputs, lengths, grads)
+    assert grad_w_hr is None
+    expected = _autograd_grads(inputs, lengths, grads, torch.float64)
+    pytorchs = _autograd_grads(inputs, lengths, grads, dtype)
+    eps = torch.finfo(dtype).eps
+    for name in GRAD_NAMES:
+        assert fused[name].dtype == reference[name].dtype == dtype, name
+        # Weight and bias gradients sum T·B terms, each carrying dG's rounding to the input dtype.
+        terms = T * B if name in ("w_ih", "w_hh", "bias") else 1
+        assert_error_within_pytorch(name, fused[name], pytorchs[name], expected[name], dtype, summed_terms=terms)
+        scale = max(1.0, reference[name].abs().max().item())
+        allowed = (1e-5 if dtype == torch.float32 else 8 * eps) * scale * terms**0.5
+        error = max_error(fused[name], reference[name])
+        assert error <= allowed, f"{name}: fused vs reference backward {error:.3e} > {allowed:.1e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_per_step_fallback_matches_persistent(dtype):
+    """The per-step schedule (several programs per launch, the launch as the barrier) and the persistent
+    one (one program under the interpreter) give the same gradients."""
+    inputs, lengths, grads = _case(5, 17, 4, 20, dtype, KERNEL_DEVICE, ragged=True, seed=1)
+    persistent, reference, _ = _both_backwards(inputs, lengths, grads, schedule="persistent")
+    per_step, _, _ = _both_backwards(inputs, lengths, grads, schedule="per_step")
+    for name in GRAD_NAMES:
+        scale = max(1.0, reference[name].abs().max().item())
+        error = max_error(per_step[name], persistent[name])
+        assert error <= 2 * torch.finfo(dtype).eps * scale * 17**0.5, f"{name}: per-step vs persistent {error:.3e}"
+
+
+def test_bad_schedule_is_rejected():
+    inputs, lengths, grads = _case(2, 1, 2, 3, torch.float32, KERNEL_DEVICE, ragged=False)
+    with pytest.raises(ValueError, match="schedule"):
+        _both_backwards(inputs, lengths, grads, schedule="sometimes")
+
+
+def _layer_grads(inputs, lengths, grads, **options):
+    """Outputs and gradients of ``lstm_layer`` (the autograd Function and the backward op)."""
+    leaves = {name: value.detach().clone().requires_grad_() for name, value in inputs.items()}
+    out, h_n, c_n = lstm_layer(*leaves.values(), None, lengths, **options)
+    torch.autograd.backward((out, h_n, c_n), (grads["out"], grads["h_n"], grads["c_n"]))
+    result = {name: leaf.grad for name, leaf in leaves.items()}
+    result["out"] = out.detach()
+    return result
+
+
+def test_deterministic_bitwise():
+    inputs, lengths, grads = _case(5, 3, 4, 17, torch.float32, KERNEL_DEVICE, ragged=True, seed=2)
+    first = _layer_grads(inputs, lengths, grads)
+    second = _layer_grads(inputs, lengths, grads)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
+
+
+class _CallCounter:
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+def test_backward_option_selects_the_backward(monkeypatch):
+    import triton_lstm.ops as ops
+
+    counter = _CallCounter(ops.lstm_bwd)
+    monkeypatch.setattr(ops, "lstm_bwd", counter)
+    inputs, lengths, grads = _case(3, 3, 4, 5, torch.float32, KERNEL_DEVICE, ragged=False, seed=3)
+    fused = _layer_grads(inputs, lengths, grads)
+    assert counter.calls == 1
+    reference = _layer_grads(inputs, lengths, grads, backward="reference")
+    assert counter.calls == 1, "backward='reference' ran the fused backward"
+    for name in inputs:
+        torch.testing.assert_close(fused[name], reference[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_module_backward_option_and_validation():
+    for module in (triton_lstm.LSTM(3, 4), triton_lstm.LSTMCell(3, 4)):
+        assert module.backward_mode == "fused"
+    lstm = triton_lstm.LSTM(3, 4, 2, backward="reference", recompute_interval=5)
+    assert (lstm.backward_mode, lstm.recompute_interval) == ("reference", 5)
+    assert list(lstm.state_dict()) == list(torch.nn.LSTM(3, 4, 2).state_dict())
+    assert triton_lstm.LSTMCell(3, 4, backward="reference").backward_mode == "reference"
+    with pytest.raises(ValueError, match="backward"):
+        triton_lstm.LSTM(3, 4, backward="cudnn")
+    with pytest.raises(ValueError, match="backward"):
+        triton_lstm.LSTMCell(3, 4, backward="fast")
+    with pytest.raises(ValueError, match="recompute_interval"):
+        triton_lstm.LSTM(3, 4, recompute_interval=-1)
+    with pytest.raises(TypeError):
+        triton_lstm.LSTM(3, 4, 1, True, False, 0.0, False, 0, None, None, "reference")  # keyword-only
+    inputs, lengths, grads = _case(2, 1, 2, 3, torch.float32, "cpu", ragged=False)
+    with pytest.raises(ValueError, match="backward"):
+        lstm_layer(*inputs.values(), backward="Fused")
+    converted = triton_lstm.convert(torch.nn.Sequential(torch.nn.LSTM(3, 4)))
+    assert isinstance(converted[0], triton_lstm.LSTM) and converted[0].backward_mode == "fused"
+
+
+def _module_grads(module, x, hx, grad_out):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out, _ = module(x, hx)
+    data = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+    data.backward(grad_out)
+    return [x.grad] + [p.grad for p in module.parameters()]
+
+
+def test_module_fused_matches_reference_packed_bidirectional():
+    """Through triton_lstm.LSTM: packed (ragged) input, two layers, both directions."""
+    torch.manual_seed(4)
+    module = triton_lstm.LSTM(4, 9, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)
+    lengths = torch.tensor([6, 5, 2])
+    padded = torch.randn(6, 3, 4, device=KERNEL_DEVICE)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(padded, lengths)
+    grad_out = torch.randn(int(lengths.sum()), 18, device=KERNEL_DEVICE)
+    grads = {}
+    for backward in ("fused", "reference"):
+        module.backward_mode = backward
+        x = packed.data.detach().clone().requires_grad_()
+        module.zero_grad(set_to_none=True)
+        out, _ = module(torch.nn.utils.rnn.PackedSequence(x, packed.batch_sizes))
+        out.data.backward(grad_out)
+        grads[backward] = [x.grad] + [p.grad for p in module.parameters()]
+    for index, (fused, reference) in enumerate(zip(grads["fused"], grads["reference"])):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5, msg=f"gradient {index}")
+
+
+def test_lstm_cell_fused_matches_reference():
+    torch.manual_seed(5)
+    cell = triton_lstm.LSTMCell(5, 17).to(KERNEL_DEVICE)
+    x = torch.randn(3, 5, device=KERNEL_DEVICE)
+    hx = (torch.randn(3, 17, device=KERNEL_DEVICE), torch.randn(3, 17, device=KERNEL_DEVICE))
+    gh, gc = torch.randn(3, 17, device=KERNEL_DEVICE), torch.randn(3, 17, device=KERNEL_DEVICE)
+    grads = {}
+    for backward in ("fused", "reference"):
+        cell.backward_mode = backward
+        cell.zero_grad(set_to_none=True)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *hx)]
+        h, c = cell(leaves[0], (leaves[1], leaves[2]))
+        torch.autograd.backward((h, c), (gh, gc))
+        grads[backward] = [t.grad for t in leaves] + [p.grad for p in cell.parameters()]
+    for index, (fused, reference) in enumerate(zip(grads["fused"], grads["reference"])):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5, msg=f"gradient {index}")
+
+
+@pytest.mark.parametrize("backward", ["fused", "reference"])
+@pytest.mark.parametrize("interval", [1, 3, 8])
+def test_recompute_matches_saving_everything(interval, backward, monkeypatch):
+    counter = _CallCounter(lstm_bwd_module.lstm_bwd_gate_grads)
+    monkeypatch.setattr(lstm_bwd_module, "lstm_bwd_gate_grads", counter)
+    inputs, lengths, grads = _case(7, 3, 4, 17, torch.float32, KERNEL_DEVICE, ragged=True, seed=6)
+    saved_all = _layer_grads(inputs, lengths, grads, backward=backward)
+    calls_before = counter.calls
+    recomputed = _layer_grads(inputs, lengths, grads, backward=backward, recompute_interval=interval)
+    assert counter.calls - calls_before == (1 if backward == "fused" else 0)
+    # Not bitwise: the recomputed input projection is a GEMM over a segment, not over the whole sequence.
+    for name in saved_all:
+        torch.testing.assert_close(recomputed[name], saved_all[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_recompute_saves_less_memory():
+    args = dict(provider="triton_lstm", T=512, B=64, input_size=256, hidden_size=256, dtype=torch.bfloat16)
+    everything = saved_activation_bytes(**args)
+    # h_all (T+1)·B·H bf16 + c_all (T+1)·B·H fp32 + gates T·B·4H bf16 (+ h0, c0).
+    T, B, H = 512, 64, 256
+    activations = (T + 1) * B * H * 2 + (T + 1) * B * H * 4 + T * B * 4 * H * 2
+    assert activations <= everything <= activations + 2 * B * H * 2
+    for interval, checkpoints in ((4, 128), (32, 16)):
+        recomputed = saved_activation_bytes(**args, recompute_interval=interval)
+        assert recomputed <= checkpoints * B * H * (2 + 4) + 2 * B * H * 2
+        assert recomputed * 8 < everything
+    # The fake (shape-only) measurement agrees with a real run, kernels included.
+    small = dict(provider="triton_lstm", T=5, B=3, input_size=5, hidden_size=7, num_layers=2, bidirectional=True)
+    for interval in (0, 3):
+        fake = saved_activation_bytes(**small, recompute_interval=interval)
+        real = saved_activation_bytes(**small, recompute_interval=interval, device=KERNEL_DEVICE, fake=False)
+        assert fake == real
+
+
+def test_saved_tensor_bytes_counts_each_storage_once():
+    x = torch.randn(10, requires_grad=True)
+    y = torch.randn(10, requires_grad=True)
+
+    def run():
+        return (x * y) * y  # saves x, y, then x·y and y again
+
+    assert saved_tensor_bytes(run, exclude=(x,)) == 2 * 10 * 4  # y once, x·y; x excluded
+
+
+@pytest.mark.parametrize("recompute_interval", [0, 2], ids=["saved", "recompute"])
+def test_gradgradcheck_float64(recompute_interval):
+    torch.manual_seed(7)
+    module = triton_lstm.LSTM(2, 3, batch_first=True, recompute_interval=recompute_interval).double()
+    names = [name for name, _ in module.named_parameters()]
+    x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+
+    def run(x, h0, c0, *params):
+        out, (h, c) = torch.func.functional_call(module, dict(zip(names, params)), (x, (h0, c0)))
+        return out, h, c
+
+    assert torch.autograd.gradcheck(run, (x, h0, c0, *params))
+    assert torch.autograd.gradgradcheck(run, (x, h0, c0, *params))
+
+
+# ---- GPU only -------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("schedule", ["auto", "per_step"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_gpu_long_sequence_matches_float64(dtype, schedule):
+    T, B, I, H = 4096, 4, 32, 64
+    inputs, lengths, grads = _case(T, B, I, H, dtype, "cuda", ragged=True, seed=8)
+    fused, reference, _ = _both_backwards(inputs, lengths, grads, schedule=schedule)
+    expected = _autograd_grads(inputs, lengths, grads, torch.float64)
+    pytorchs = _autograd_grads(inputs, lengths, grads, dtype)
+    for name in GRAD_NAMES:
+        terms = T * B if name in ("w_ih", "w_hh", "bias") else 1
+        assert_error_within_pytorch(name, fused[name], pytorchs[name], expected[name], dtype, summed_terms=terms)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4096, 8, 64, 128), (64, 256, 128, 1024), (16, 256, 64, 4096)], ids=_shape_id)
+def test_gpu_deterministic_bitwise(dtype, shape):
+    """Same inputs, same gradients, bit for bit: persistent grids, and (last shape) more tiles than SMs,
+    which takes the per-step fallback."""
+    T, B, I, H = shape
+    inputs, lengths, grads = _case(T, B, I, H, dtype, "cuda", ragged=True, seed=9)
+    first = _layer_grads(inputs, lengths, grads)
+    for _ in range(2):
+        again = _layer_grads(inputs, lengths, grads)
+        for name in first:
+            assert torch.equal(first[name], again[name]), f"{name} differs between two identical runs"
+
+
+@requires_cuda
+def test_gpu_plan_is_persistent_within_the_sms_and_falls_back_beyond():
+    device = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    schedule, block_b, block_h = lstm_bwd_module._plan(64, 512, device, "auto")
+    assert schedule == "persistent" and lstm_bwd_module._tiles(64, 512, block_b, block_h) <= sms
+    assert lstm_bwd_module._plan(256, 8192, device, "auto")[0] == "per_step"
