@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from triton_lstm.ops import _differentiable_backward, uses_kernels
+from triton_lstm.ops import _differentiable_backward, run_without_autocast, uses_kernels
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
 
 
@@ -127,6 +127,9 @@ def _recurrence_bwd_recompute_fake(
         w_ih.new_empty(w_ih.shape[0]),
         torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0),
     )
+
+
+run_without_autocast("recurrence_bwd_recompute")
 
 
 class LSTMRecurrenceRecompute(torch.autograd.Function):
