@@ -99,8 +99,9 @@ def evaluate(model: CharLM, data: Tensor, args, device: torch.device) -> float:
     inputs = data[:usable].view(-1, args.seq_len)
     targets = data[1 : usable + 1].view(-1, args.seq_len)
     total, count = 0.0, 0
-    for start in range(0, inputs.shape[0], args.batch):
-        x, y = inputs[start : start + args.batch].to(device), targets[start : start + args.batch].to(device)
+    chunk = max(args.batch, 256)  # no gradients are kept, so evaluate more windows at once than in training
+    for start in range(0, inputs.shape[0], chunk):
+        x, y = inputs[start : start + chunk].to(device), targets[start : start + chunk].to(device)
         with autocast(device, args.dtype):
             logits, _ = model(x)
         total += nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
