@@ -1,0 +1,615 @@
+"""triton_lstm inside the standard PyTorch workflows: torch.compile, autocast, CUDA graphs, DDP / FSDP,
+saving and loading, and an install without triton.
+
+On a machine without a GPU the CPU tests run the kernels through Triton's interpreter (float32) and the
+reference (float64, and whenever TRITON_INTERPRET is unset); the GPU tests skip with a reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import triton_lstm
+from helpers import HAS_CUDA, KERNEL_DEVICE, requires_cuda
+from triton_lstm.ops import uses_kernels
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# (device, dtype) of each road: the Triton kernels (GPU, or CPU through the interpreter) and the reference.
+ROADS = {
+    "kernels-float32": (KERNEL_DEVICE, torch.float32),
+    "reference-float64": ("cpu", torch.float64),
+}
+
+
+class Tagger(nn.Module):
+    """A small model around triton_lstm.LSTM: every layer and direction runs the op."""
+
+    def __init__(self, proj_size: int = 0) -> None:
+        super().__init__()
+        self.lstm = triton_lstm.LSTM(5, 6, num_layers=2, batch_first=True, bidirectional=True, proj_size=proj_size)
+        self.head = nn.Linear(2 * (proj_size or 6), 3)
+
+    def forward(self, x):
+        out, (h, c) = self.lstm(x)
+        return self.head(out), h, c
+
+
+def _model_and_input(road: str, seed: int = 0, batch: int = 3, steps: int = 4):
+    device, dtype = ROADS[road]
+    torch.manual_seed(seed)
+    model = Tagger().to(device=device, dtype=dtype)
+    x = torch.randn(batch, steps, 5, device=device, dtype=dtype, requires_grad=True)
+    return model, x
+
+
+def _outputs_and_grads(model: nn.Module, run, x: torch.Tensor, seed: int = 1):
+    """Outputs of ``run(x)`` and the gradients of x and every parameter for random output gradients."""
+    outputs = run(x)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    loss = sum((out * torch.randn(out.shape, generator=generator, device=x.device, dtype=out.dtype)).sum() for out in outputs)
+    grads = torch.autograd.grad(loss, [x, *model.parameters()])
+    return [out.detach() for out in outputs], grads
+
+
+class GraphCounter:
+    """A torch.compile backend (AOTAutograd, eager kernels) that keeps every graph it is handed."""
+
+    def __init__(self) -> None:
+        # Imported here: the distributed workers import this module and need none of the compiler.
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.dynamo_graphs, self.forward_graphs, self.backward_graphs = [], [], []
+
+        def keep(graphs):
+            def compiler(graph_module, example_inputs):
+                graphs.append(graph_module)
+                return make_boxed_func(graph_module.forward)
+
+            return compiler
+
+        self._aot = aot_autograd(fw_compiler=keep(self.forward_graphs), bw_compiler=keep(self.backward_graphs))
+
+    def __call__(self, graph_module, example_inputs):
+        self.dynamo_graphs.append(graph_module)
+        return self._aot(graph_module, example_inputs)
+
+    @staticmethod
+    def count(graphs, op) -> int:
+        return sum(node.target is op for graph in graphs for node in graph.graph.nodes)
+
+
+def _assert_all_close(name: str, actual, expected, **tolerances) -> None:
+    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        torch.testing.assert_close(a, e, msg=lambda message: f"{name}[{index}]: {message}", **tolerances)
+
+
+# --------------------------------------------------------------------------------------------- compile
+
+
+@pytest.mark.no_poison
+@pytest.mark.parametrize("road", list(ROADS))
+def test_compile_fullgraph_one_graph_same_outputs_and_gradients(road):
+    model, x = _model_and_input(road)
+    backend = GraphCounter()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+
+    compiled_outputs, compiled_grads = _outputs_and_grads(model, compiled, x)
+    eager_outputs, eager_grads = _outputs_and_grads(model, model, x)
+
+    # fullgraph=True raises on a graph break; one Dynamo graph, and the recurrence of each of the
+    # 2 layers x 2 directions is an op node of it, forward and backward, not a call outside it.
+    assert len(backend.dynamo_graphs) == 1
+    assert len(backend.forward_graphs) == 1 and len(backend.backward_graphs) == 1
+    assert GraphCounter.count(backend.forward_graphs, torch.ops.triton_lstm.recurrence_fwd.default) == 4
+    assert GraphCounter.count(backend.backward_graphs, torch.ops.triton_lstm.recurrence_bwd.default) == 4
+    _assert_all_close("outputs", compiled_outputs, eager_outputs)
+    _assert_all_close("gradients", compiled_grads, eager_grads)
+
+
+@pytest.mark.no_poison
+def test_compile_fullgraph_under_cpu_autocast(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the reference: bf16 is wrong in the interpreter
+    model, x = _model_and_input("reference-float64")
+    model, x = model.float(), x.detach().float().requires_grad_()
+    assert not uses_kernels(x)
+    backend = GraphCounter()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled_outputs, compiled_grads = _outputs_and_grads(model, compiled, x)
+        eager_outputs, eager_grads = _outputs_and_grads(model, model, x)
+    assert len(backend.dynamo_graphs) == 1
+    assert [out.dtype for out in compiled_outputs] == [torch.bfloat16] * 3
+    _assert_all_close("outputs", compiled_outputs, eager_outputs, rtol=0, atol=0)
+    _assert_all_close("gradients", compiled_grads, eager_grads)
+
+
+@requires_cuda
+@pytest.mark.no_poison
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"], ids=["default", "reduce-overhead"])
+def test_compile_inductor_cuda(mode):
+    # "reduce-overhead" replays the compiled step as a CUDA graph.
+    model, x = _model_and_input("kernels-float32")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="inductor", mode=mode, fullgraph=True)
+    for step in range(3):  # reduce-overhead records on the first calls, replays after
+        compiled_outputs, compiled_grads = _outputs_and_grads(model, compiled, x, seed=step)
+        eager_outputs, eager_grads = _outputs_and_grads(model, model, x, seed=step)
+        _assert_all_close("outputs", compiled_outputs, eager_outputs)
+        _assert_all_close("gradients", compiled_grads, eager_grads, rtol=1e-4, atol=1e-5)
+
+
+def _op_inputs(device, dtype, project: bool, with_lengths: bool):
+    T, B, I, H, P = 4, 3, 5, 6, 2
+    K = P if project else H
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype).to(device)
+
+    lengths = torch.tensor([4, 1, 3], device=device) if with_lengths else None
+    forward_args = (
+        randn(T, B, I), randn(B, K), randn(B, H), randn(4 * H, I), randn(4 * H, K), randn(4 * H), randn(4 * H),
+        randn(P, H) if project else None, lengths,
+    )
+    return forward_args, (randn(T, B, K), randn(B, K), randn(B, H))
+
+
+@pytest.mark.parametrize(
+    "road, project, with_lengths",
+    [("reference-float64", False, False), ("kernels-float32", True, True)],
+    ids=["reference-float64-plain", "kernels-float32-projection-lengths"],
+)
+def test_opcheck_custom_ops(road, project, with_lengths):
+    device, dtype = ROADS[road]
+    forward_args, (grad_out, grad_h_n, grad_c_n) = _op_inputs(device, dtype, project, with_lengths)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths = forward_args
+    torch.library.opcheck(torch.ops.triton_lstm.recurrence_fwd.default, forward_args)
+    h_all, c_all, gates = torch.ops.triton_lstm.recurrence_fwd(*forward_args)
+    backward_args = (grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths)
+    torch.library.opcheck(torch.ops.triton_lstm.recurrence_bwd.default, backward_args)
+
+
+# -------------------------------------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_cpu_runs_in_autocast_dtype(dtype, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the reference: bf16 is wrong in the interpreter
+    torch.manual_seed(0)
+    ours = triton_lstm.LSTM(5, 6, num_layers=2, bidirectional=True)
+    theirs = nn.LSTM(5, 6, num_layers=2, bidirectional=True)
+    theirs.load_state_dict(ours.state_dict())
+    # The same module cast to the autocast dtype, run without autocast: what autocast must amount to.
+    cast = triton_lstm.LSTM(5, 6, num_layers=2, bidirectional=True).to(dtype)
+    cast.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 5)
+    assert not uses_kernels(x.to(dtype))
+    grad = torch.randn(4, 3, 12)
+
+    with torch.autocast("cpu", dtype=dtype):
+        out, (h, c) = ours(x)
+        (out.float() * grad).sum().backward()  # backward inside the region too: the ops keep autocast off
+        if dtype == torch.bfloat16:  # nn.LSTM's CPU (oneDNN) path has no float16 LSTM
+            their_out, (their_h, their_c) = theirs(x)
+            assert (their_out.dtype, their_h.dtype, their_c.dtype) == (dtype,) * 3
+    cast_out, (cast_h, cast_c) = cast(x.to(dtype))
+    (cast_out.float() * grad).sum().backward()
+
+    assert (out.dtype, h.dtype, c.dtype) == (dtype,) * 3
+    for ours_tensor, cast_tensor in ((out, cast_out), (h, cast_h), (c, cast_c)):
+        assert torch.equal(ours_tensor, cast_tensor), "autocast changed the arithmetic inside the recurrence"
+    for (name, param), cast_param in zip(ours.named_parameters(), cast.parameters()):
+        assert param.dtype == torch.float32 and param.grad.dtype == torch.float32, name
+        assert torch.equal(param.grad, cast_param.grad.float()), name
+
+
+def test_autocast_cpu_lstm_cell(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    cell = triton_lstm.LSTMCell(5, 6)
+    x = torch.randn(3, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, c = cell(x)
+    # nn.LSTMCell on CPU leaves lstm_cell to autocast's op-by-op casts and returns float32 (its CUDA
+    # path returns the autocast dtype); ours runs in the autocast dtype on every device.
+    assert h.dtype == c.dtype == torch.bfloat16
+    (h.float().sum() + c.float().sum()).backward()
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in cell.parameters())
+
+
+def _nn_lstm_reference(theirs: nn.LSTM, x, lengths=None):
+    """nn.LSTM in float64 on x: the oracle for the autocast comparison."""
+    reference = nn.LSTM(theirs.input_size, theirs.hidden_size, num_layers=theirs.num_layers, proj_size=theirs.proj_size).double().to(x.device)
+    reference.load_state_dict(theirs.state_dict())
+    if lengths is not None:
+        x = nn.utils.rnn.pack_padded_sequence(x.double(), lengths, enforce_sorted=False)
+        out, (h, c) = reference(x)
+        return nn.utils.rnn.pad_packed_sequence(out)[0], h, c
+    out, (h, c) = reference(x.double())
+    return out, h, c
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("config", ["plain", "projection", "packed"])
+def test_autocast_cuda_matches_nn_lstm(dtype, config):
+    from helpers import assert_error_within_pytorch
+
+    torch.manual_seed(0)
+    proj_size = 4 if config == "projection" else 0
+    theirs = nn.LSTM(16, 32, num_layers=2, proj_size=proj_size).cuda()
+    ours = triton_lstm.LSTM(16, 32, num_layers=2, proj_size=proj_size).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(10, 8, 16, device="cuda")
+    lengths = torch.tensor([10, 3, 7, 1, 10, 5, 2, 9]) if config == "packed" else None
+
+    def run(module):
+        inp = x if lengths is None else nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        with torch.autocast("cuda", dtype=dtype):
+            out, (h, c) = module(inp)
+        if lengths is not None:
+            out = nn.utils.rnn.pad_packed_sequence(out)[0]
+        return out, h, c
+
+    ours_results, their_results = run(ours), run(theirs)
+    reference = _nn_lstm_reference(theirs, x, lengths)
+    for name, o, t, r in zip(("output", "h_n", "c_n"), ours_results, their_results, reference):
+        assert o.dtype == t.dtype, f"{name}: {o.dtype} where nn.LSTM gives {t.dtype}"
+        assert_error_within_pytorch(name, o.float(), t.float(), r, dtype, factor=3.0)
+    ours_results[0].float().sum().backward()
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in ours.parameters())
+
+    cell = triton_lstm.LSTMCell(16, 32).cuda()
+    their_cell = nn.LSTMCell(16, 32).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        assert cell(x[0])[0].dtype == their_cell(x[0])[0].dtype == dtype
+
+
+# -------------------------------------------------------------------------- host syncs and CUDA graphs
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def _host_reads_forbidden():
+    """Tensor methods that read a value back to the host raise (on a GPU each would be a sync)."""
+
+    def forbidden(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"host read of a tensor value: Tensor.{name}")
+
+        return method
+
+    with contextlib.ExitStack() as stack:
+        for name in HOST_READS:
+            stack.enter_context(mock.patch.object(torch.Tensor, name, forbidden(name)))
+        yield
+
+
+@pytest.mark.parametrize("road", list(ROADS))
+def test_no_host_reads_in_forward_and_backward(road):
+    device, dtype = ROADS[road]
+    torch.manual_seed(0)
+    model = triton_lstm.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3).to(device=device, dtype=dtype)
+    cell = triton_lstm.LSTMCell(5, 6).to(device=device, dtype=dtype)
+    x = torch.randn(4, 3, 5, device=device, dtype=dtype, requires_grad=True)
+    hx = (torch.randn(4, 3, 3, device=device, dtype=dtype), torch.randn(4, 3, 6, device=device, dtype=dtype))
+    with _host_reads_forbidden():
+        with pytest.raises(AssertionError, match="host read"):
+            x.sum().item()  # the guard is live
+        out, (h, c) = model(x, hx)
+        cell_h, cell_c = cell(x[0])
+        (out.sum() + h.sum() + c.sum() + cell_h.sum() + cell_c.sum()).backward()
+
+
+def _warm_up(run, *args):
+    """Runs ``run`` on a side stream first, as capture requires (and so that the kernels are compiled)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+@requires_cuda
+def test_forward_and_backward_do_not_sync_cuda():
+    model, x = _model_and_input("kernels-float32")
+    _outputs_and_grads(model, model, x)  # compiles the kernels, which may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _outputs_and_grads(model, model, x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+def test_cuda_graph_capture_forward():
+    torch.manual_seed(0)
+    model = triton_lstm.LSTM(16, 32, num_layers=2, bidirectional=True).cuda()
+    static_x = torch.randn(6, 4, 16, device="cuda")
+    with torch.no_grad():
+        _warm_up(model, static_x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, (static_h, static_c) = model(static_x)
+        for _ in range(3):
+            x = torch.randn_like(static_x)
+            static_x.copy_(x)
+            graph.replay()
+            out, (h, c) = model(x)
+            _assert_all_close("replay", (static_out, static_h, static_c), (out, h, c))
+
+
+@requires_cuda
+def test_cuda_graph_make_graphed_callables_forward_backward():
+    torch.manual_seed(0)
+    model = Tagger(proj_size=3).cuda()
+    eager = Tagger(proj_size=3).cuda()
+    eager.load_state_dict(model.state_dict())
+    sample = torch.randn(4, 6, 5, device="cuda", requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(model, (sample,))
+    for step in range(3):
+        x = torch.randn(4, 6, 5, device="cuda", requires_grad=True)
+        x_eager = x.detach().clone().requires_grad_()
+        graphed_outputs, graphed_grads = _outputs_and_grads(model, graphed, x, seed=step)
+        eager_outputs, eager_grads = _outputs_and_grads(eager, eager, x_eager, seed=step)
+        _assert_all_close("outputs", graphed_outputs, eager_outputs)
+        _assert_all_close("gradients", graphed_grads, eager_grads)
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+
+class Regressor(nn.Module):
+    """float64: the reference road, which is quick; what DDP and FSDP exercise is the module, not the kernels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = triton_lstm.LSTM(3, 5, num_layers=2, batch_first=True, proj_size=2, dtype=torch.float64)
+        self.head = nn.Linear(2, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def _regression_data():
+    generator = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(4, 6, 3, generator=generator, dtype=torch.float64),
+        torch.randn(4, 6, 1, generator=generator, dtype=torch.float64),
+    )
+
+
+def _sgd_step(model: nn.Module, x, y) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    F.mse_loss(model(x), y).backward()  # a mean: each rank's half-batch mean, averaged, is the full mean
+    optimizer.step()
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, result_path: str) -> None:
+    """One rank: an SGD step on its shard of the batch under DDP, then the same under FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        x, y = _regression_data()
+        shard = slice(rank * 2, rank * 2 + 2)
+        results = {}
+
+        torch.manual_seed(0)
+        model = Regressor()
+        _sgd_step(nn.parallel.DistributedDataParallel(model), x[shard], y[shard])
+        results["ddp"] = model.state_dict()
+
+        torch.manual_seed(0)
+        model = Regressor()
+        mesh = init_device_mesh("cpu", (world_size,))
+        with warnings.catch_warnings():
+            # FSDP2 notes that the LSTM's output is a view (of the time-major buffer), as nn.LSTM's is.
+            warnings.simplefilter("ignore", UserWarning)
+            fully_shard(model.lstm, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            _sgd_step(model, x[shard], y[shard])
+        results["fsdp"] = {name: value.full_tensor() for name, value in model.state_dict().items()}
+        if rank == 0:
+            torch.save(results, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    """Parameters after one SGD step of two gloo processes (CPU), each on half the batch."""
+    path = str(tmp_path_factory.mktemp("distributed") / "after_step.pt")
+    torch.multiprocessing.spawn(_distributed_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    return torch.load(path, weights_only=True)
+
+
+def _single_process_state():
+    x, y = _regression_data()
+    torch.manual_seed(0)
+    model = Regressor()
+    _sgd_step(model, x, y)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_gloo_processes_step_like_one_process(two_process_results, wrapper):
+    expected = _single_process_state()
+    got = two_process_results[wrapper]
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, msg=lambda message: f"{wrapper} {name}: {message}")
+
+
+@requires_cuda
+def test_fsdp_cuda_single_rank():
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        x, y = (t.cuda() for t in _regression_data())
+        torch.manual_seed(0)
+        plain = Regressor().cuda()
+        torch.manual_seed(0)
+        sharded = Regressor().cuda()
+        fully_shard(sharded.lstm)
+        fully_shard(sharded)
+        _sgd_step(plain, x, y)
+        _sgd_step(sharded, x, y)
+        for name, value in plain.state_dict().items():
+            torch.testing.assert_close(sharded.state_dict()[name].full_tensor(), value, msg=lambda m: f"{name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_forward_on_meta_device_gives_shapes():
+    # Deferred initialization (FSDP, shape inference) runs modules on the meta device.
+    model = triton_lstm.LSTM(5, 6, num_layers=2, bidirectional=True, device="meta")
+    out, (h, c) = model(torch.empty(4, 3, 5, device="meta"))
+    assert (out.shape, h.shape, c.shape) == ((4, 3, 12), (4, 3, 6), (4, 3, 6))
+
+
+# ---------------------------------------------------------------------------------- saving and loading
+
+
+def test_torch_save_whole_model_loads_with_weights_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(triton_lstm.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3, backward="reference"))
+    cell = triton_lstm.LSTMCell(5, 6)
+    buffer = io.BytesIO()
+    torch.save({"model": model, "cell": cell}, buffer)
+
+    buffer.seek(0)
+    with torch.serialization.safe_globals([nn.Sequential]):
+        with pytest.raises(pickle.UnpicklingError, match="triton_lstm.modules.LSTM"):
+            torch.load(buffer, weights_only=True)  # not without allowing our classes
+
+    buffer.seek(0)
+    with torch.serialization.safe_globals([*triton_lstm.SAFE_GLOBALS, nn.Sequential]):
+        loaded = torch.load(buffer, weights_only=True)
+    lstm = loaded["model"][0]
+    assert type(lstm) is triton_lstm.LSTM and type(loaded["cell"]) is triton_lstm.LSTMCell
+    assert lstm.backward_mode == "reference"
+    assert all(a is b for a, b in zip(lstm._flat_weights, lstm.parameters()))  # nn.RNNBase bookkeeping
+    x = torch.randn(4, 3, 5)
+    for name, a, b in (("LSTM", loaded["model"](x), model(x)), ("LSTMCell", loaded["cell"](x[0]), cell(x[0]))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda message: f"{name}: {message}")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(num_layers=2, bidirectional=True, proj_size=3), dict(bias=False, batch_first=True)],
+    ids=["bidirectional-projection", "no-bias"],
+)
+def test_state_dict_interchange_with_nn_lstm(config):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    theirs = nn.LSTM(5, 6, **config).double()
+    ours = triton_lstm.LSTM(5, 6, **config).double()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+    buffer = io.BytesIO()
+    torch.save(triton_lstm.LSTM(5, 6, **config).double().state_dict(), buffer)  # ours -> file -> theirs
+    buffer.seek(0)
+    theirs.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    ours_again = triton_lstm.LSTM(5, 6, **config).double()
+    ours_again.load_state_dict(theirs.state_dict(), strict=True)
+    torch.testing.assert_close(ours_again(x), theirs(x))
+
+    cell, their_cell = triton_lstm.LSTMCell(5, 6).double(), nn.LSTMCell(5, 6).double()
+    their_cell.load_state_dict(cell.state_dict(), strict=True)
+    torch.testing.assert_close(cell(x[0]), their_cell(x[0]))
+
+
+# ----------------------------------------------------------------------------------- install anywhere
+
+
+WITHOUT_TRITON = textwrap.dedent(
+    """
+    import json, os, sys, warnings
+    sys.modules["triton"] = None  # as if not installed: `import triton` raises ModuleNotFoundError
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    import triton_lstm
+    from triton_lstm import ops
+
+    result = {"has_triton": ops.HAS_TRITON, "import_error": ops.TRITON_IMPORT_ERROR}
+    torch.manual_seed(0)
+    model = triton_lstm.LSTM(3, 4, num_layers=2, bidirectional=True)
+    reference = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(5, 2, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x)  # CPU, no interpreter: the reference is the CPU path with or without triton
+        result["warnings_on_cpu"] = [str(w.message) for w in caught]
+        del caught[:]
+        os.environ["TRITON_INTERPRET"] = "1"  # now the kernels would run (as on a GPU)
+        for _ in range(3):
+            out, (h, c) = model(x)
+            out.sum().backward()
+        result["warnings_where_kernels_would_run"] = [(w.category.__name__, str(w.message)) for w in caught]
+    result["error"] = (out.double() - reference(x.double())[0]).abs().max().item()
+    result["triton_imported"] = sys.modules.get("triton") is not None
+    print(json.dumps(result))
+    """
+)
+
+
+def test_import_and_run_without_triton_warns_once():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    process = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRITON], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert process.returncode == 0, process.stderr
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    assert result["has_triton"] is False and "triton" in result["import_error"]
+    assert result["triton_imported"] is False
+    assert result["warnings_on_cpu"] == []
+    caught = result["warnings_where_kernels_would_run"]
+    assert len(caught) == 1, caught
+    category, message = caught[0]
+    assert category == "RuntimeWarning" and "triton" in message and "reference" in message
+    assert result["error"] < 1e-5
+
+
+def test_pyproject_triton_linux_only_and_nothing_compiled_at_install():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    triton_requirements = [d for d in project["project"]["dependencies"] if d.replace(" ", "").startswith("triton")]
+    assert triton_requirements and all("sys_platform=='linux'" in d.replace(" ", "").replace('"', "'") for d in triton_requirements)
+    assert project["build-system"]["build-backend"] == "setuptools.build_meta"
+    assert not (REPO_ROOT / "setup.py").exists()  # no extension modules: a pure-Python wheel
+    native_sources = [p for p in (REPO_ROOT / "triton_lstm").rglob("*") if p.suffix in {".c", ".cc", ".cpp", ".cu", ".pyx"}]
+    assert not native_sources, f"sources to compile at install time: {native_sources}"
