@@ -263,6 +263,24 @@ def test_recompute_matches_saving_everything(interval, backward, monkeypatch):
         torch.testing.assert_close(recomputed[name], saved_all[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_recompute_with_projection_matches_saving_everything():
+    """With a projection the backward is the reference one, run per recomputed segment."""
+    inputs, lengths, grads = _case(5, 2, 3, 5, torch.float32, KERNEL_DEVICE, ragged=True, seed=11)
+    w_hr = torch.randn(3, 5, device=KERNEL_DEVICE) * 0.5
+    # h is projected to P = 3 units: h0, W_hh's columns and h's gradients are 3 wide.
+    inputs["h0"] = inputs["h0"][:, :3].contiguous()
+    inputs["w_hh"] = inputs["w_hh"][:, :3].contiguous()
+    grads["out"], grads["h_n"] = grads["out"][..., :3].contiguous(), grads["h_n"][:, :3].contiguous()
+    results = []
+    for interval in (0, 2):
+        leaves = [t.detach().clone().requires_grad_() for t in (*inputs.values(), w_hr)]
+        outputs = lstm_layer(*leaves, lengths, recompute_interval=interval)
+        torch.autograd.backward(outputs, (grads["out"], grads["h_n"], grads["c_n"]))
+        results.append([leaf.grad for leaf in leaves])
+    for index, (saved_all, recomputed) in enumerate(zip(*results)):
+        torch.testing.assert_close(recomputed, saved_all, rtol=1e-5, atol=1e-5, msg=f"gradient {index}")
+
+
 def test_recompute_saves_less_memory():
     args = dict(provider="triton_lstm", T=512, B=64, input_size=256, hidden_size=256, dtype=torch.bfloat16)
     everything = saved_activation_bytes(**args)
