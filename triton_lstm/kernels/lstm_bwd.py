@@ -26,7 +26,23 @@ Deterministic: every element of dG, dh and dc is written by exactly one program,
 ``tl.dot`` / GEMM / ``sum`` with an order fixed by the shapes; the only atomic is the barrier counter,
 which orders steps and never touches a value.
 
+W_hh is streamed, not held on chip: each program re-reads its (4H × BLOCK_H) column slice every step in
+BLOCK_K chunks. Unlike the forward's slice (4 × K × BLOCK_H rows of the hidden units a program owns),
+this one spans all 4H gate rows, and its dot's other operand (a BLOCK_B × 4H row block of dG) must be
+chunked along the same 4H axis; Triton cannot slice a register-resident tensor, so residency would
+mean one dot over the whole 4H, which only fits registers for small H. The whole W_hh of a layer (at most
+32 MiB in bf16 at H = 2048) stays in the 50 MiB L2 of an H100 across steps. Whether a resident variant
+for small H pays off is a measurement still to make on a GPU.
+
+Co-residency: the persistent grid never exceeds the SM count (one program per SM always fits when the
+kernel compiled at all), under Triton's interpreter it is one program (programs run one after another
+there, so a second would deadlock the first one's barrier), and a compile that runs out of resources
+falls back to per-step launches. ``TRITON_LSTM_PERSISTENT_BWD=0`` forces per-step launches (for A/B
+timing, or under MPS with a reduced SM share, where the SM count torch reports overstates what a
+kernel can hold at once).
+
 A projection (``proj_size > 0``, W_hr) is not fused: ``lstm_bwd`` hands it to the reference backward.
+Its chain would need dm = dh·W_hr over all P columns inside each step, a second all-to-all dependency.
 """
 
 from __future__ import annotations
