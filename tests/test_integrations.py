@@ -106,9 +106,14 @@ def _assert_all_close(name: str, actual, expected, **tolerances) -> None:
 
 
 @pytest.mark.no_poison
-@pytest.mark.parametrize("road", list(ROADS))
-def test_compile_fullgraph_one_graph_same_outputs_and_gradients(road):
+@pytest.mark.parametrize(
+    "road, recompute_interval",
+    [("kernels-float32", 0), ("reference-float64", 0), ("reference-float64", 2)],
+    ids=["kernels-float32", "reference-float64", "reference-float64-recompute"],
+)
+def test_compile_fullgraph_one_graph_same_outputs_and_gradients(road, recompute_interval):
     model, x = _model_and_input(road)
+    model.lstm.recompute_interval = recompute_interval
     backend = GraphCounter()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
 
@@ -120,7 +125,8 @@ def test_compile_fullgraph_one_graph_same_outputs_and_gradients(road):
     assert len(backend.dynamo_graphs) == 1
     assert len(backend.forward_graphs) == 1 and len(backend.backward_graphs) == 1
     assert GraphCounter.count(backend.forward_graphs, torch.ops.triton_lstm.recurrence_fwd.default) == 4
-    assert GraphCounter.count(backend.backward_graphs, torch.ops.triton_lstm.recurrence_bwd.default) == 4
+    backward_op = "recurrence_bwd_recompute" if recompute_interval else "recurrence_bwd"
+    assert GraphCounter.count(backend.backward_graphs, getattr(torch.ops.triton_lstm, backward_op).default) == 4
     _assert_all_close("outputs", compiled_outputs, eager_outputs)
     _assert_all_close("gradients", compiled_grads, eager_grads)
 
@@ -476,11 +482,11 @@ def test_fsdp_cuda_single_rank():
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        x, y = (t.cuda() for t in _regression_data())
+        x, y = (t.to("cuda", torch.float32) for t in _regression_data())  # float32: the kernels
         torch.manual_seed(0)
-        plain = Regressor().cuda()
+        plain = Regressor().to("cuda", torch.float32)
         torch.manual_seed(0)
-        sharded = Regressor().cuda()
+        sharded = Regressor().to("cuda", torch.float32)
         fully_shard(sharded.lstm)
         fully_shard(sharded)
         _sgd_step(plain, x, y)
