@@ -128,6 +128,19 @@ def generate(model: CharLM, vocab: Vocabulary, prompt: str, length: int, args, d
     return prompt + vocab.decode(out)
 
 
+def versions() -> dict:
+    found = {"torch": torch.__version__, "triton_lstm": triton_lstm.__version__}
+    try:
+        import triton
+
+        found["triton"] = triton.__version__
+    except ImportError:
+        found["triton"] = None
+    if torch.cuda.is_available():
+        found["cuda"] = torch.version.cuda
+    return found
+
+
 def train_one(impl: str, args, text: str, vocab: Vocabulary, device: torch.device) -> dict:
     data = vocab.encode(text)
     split = int(len(data) * 0.9)
@@ -183,6 +196,7 @@ def train_one(impl: str, args, text: str, vocab: Vocabulary, device: torch.devic
         "lstm": f"{IMPLS[impl].__module__}.{IMPLS[impl].__name__}",
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": versions(),
         "first_loss": losses[0],
         "final_train_loss": sum(tail) / len(tail),
         "val_loss": val_loss,

@@ -215,10 +215,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="training steps per model")
     parser.add_argument("--lr", type=float, help="Adam learning rate")
     parser.add_argument("--eval-batch", type=int, default=256, help="sequences for the gradient measurement")
-    parser.add_argument("--forget-bias", type=float, default=0.0, help="added to the LSTM forget-gate bias (0: PyTorch's init)")
+    parser.add_argument(
+        "--forget-bias", type=float, default=0.0, help="added to the LSTM forget-gate bias (0: PyTorch's init)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for small sizes on a busy machine)")
-    parser.add_argument("--out", type=Path, default=Path("vanishing_gradients.png"), help="PNG to write; the JSON goes beside it")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for small sizes, busy machines)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("vanishing_gradients.png"), help="PNG to write; the JSON goes beside it"
+    )
     args = parser.parse_args(argv)
     preset = PRESETS["cuda" if args.device.startswith("cuda") else "cpu"]
     for key, value in preset.items():
@@ -260,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
                 )
         print(
             f"{kind:4s}  eval MSE {after['loss_fused']:.4f} (chance {CHANCE_MSE:.4f})  "
-            f"‖∂L/∂h_1‖/‖∂L/∂h_T‖ before {before['relative'][0]:.2e}, after {after['relative'][0]:.2e}  "
+            f"‖∂L/∂h_1‖/‖∂L/∂h_T‖ before {before['relative'][0]:.2e}, "
+            f"after {after['relative'][0]:.2e}  "
             f"[{seconds:.1f} s]",
             flush=True,
         )

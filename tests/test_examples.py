@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib", reason="the examples' dependencies: pip install -e '.[examples]'")
 pytest.importorskip("tqdm", reason="the examples' dependencies: pip install -e '.[examples]'")
@@ -105,7 +106,7 @@ def test_vanishing_gradients_tiny(example_runs):
     # The honest part first: untrained, both lose the gradient (default forget-gate bias, f ≈ 0.5 per step).
     for name, kind in (("RNN", rnn), ("LSTM", lstm)):
         first = kind["grad_before"]["relative"][0]
-        assert first < 1e-4, f"untrained {name}: ‖∂L/∂h_1‖/‖∂L/∂h_T‖ = {first:.2e}, expected it to have vanished"
+        assert first < 1e-4, f"untrained {name}: ‖∂L/∂h_1‖/‖∂L/∂h_T‖ = {first:.2e}, expected a vanished gradient"
     # Training opens the LSTM's path back to step 1, by orders of magnitude, and not the RNN's as far.
     # Seeds 0-2 gave: LSTM 4.7e-8 -> 7.0e-2, 1.4e-7 -> 5.7e-2, 2.3e-7 -> 6.5e-2; RNN after training 3.9e-6,
     # 2.0e-3, 4.4e-6. The thresholds leave room under the worst of them: the RNN's can grow in training too.
@@ -139,3 +140,26 @@ def test_char_lm_tiny(example_runs):
     gaps = [abs(a - b) for a, b in zip(summaries["triton"]["losses"], summaries["nn"]["losses"])]
     assert max(gaps) < 1e-4, f"per-step losses of triton_lstm and nn.LSTM differ by up to {max(gaps):.2e}"
     assert summaries["triton"]["val_loss"] == pytest.approx(summaries["nn"]["val_loss"], abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_examples_run_on_cuda(tmp_path):
+    """Both examples' GPU paths (Triton kernels, bf16 autocast in char_lm), tiny and only for running."""
+    vanishing_out, char_lm_out = tmp_path / "vanishing", tmp_path / "char_lm"
+    vanishing_out.mkdir()
+    char_lm_out.mkdir()
+    vanishing = ExampleRun(
+        "vanishing_gradients.py",
+        ["--device", "cuda", "--seq-len", "64", "--hidden", "32", "--batch", "16", "--steps", "20",
+         "--eval-batch", "16", "--out", str(vanishing_out / "vanishing.png")],
+        vanishing_out,
+    )
+    vanishing.result()
+    char_lm = ExampleRun("char_lm.py", ["--device", "cuda", *CHAR_LM_ARGS, "--out-dir", str(char_lm_out)], char_lm_out)
+    char_lm.result()
+    assert (vanishing_out / "vanishing.png").read_bytes()[:8] == PNG_MAGIC
+    for impl in ("triton", "nn"):
+        summary = json.loads((char_lm_out / f"summary_{impl}.json").read_text())
+        assert summary["config"]["dtype"] == "bf16" and summary["device"].startswith("cuda")
+        assert summary["final_train_loss"] < summary["first_loss"] - 0.1, f"{impl}: the loss did not go down"
