@@ -288,6 +288,19 @@ def plan_persistent_fwd(
     block_b = max(16, min(64, triton.next_power_of_2(B)))
     num_b_blocks = triton.cdiv(B, block_b)
     budget = shared_memory // 2
+    # fp32 (exact "ieee" dots) runs on the FMA units, which read both operands out of shared memory
+    # anyway, so a resident W_hh buys little there: fp32 always streams, in 32-wide K chunks. And
+    # Triton 3.9's LLVM aborts (an SLPVectorizer assertion: a process abort, no except clause catches
+    # it) compiling fp32 FMA dots whose tile gives each thread 2 accumulators when the K loop runs
+    # once (found by compiling for sm_90 without a GPU; the per-step kernel hits it too at H <= 16).
+    # Every plan below gives each thread at least 4 per gate in fp32.
+    fma_dot = element_size >= 4
+    stream_k = max(16, min(32 if fma_dot else 64, triton.next_power_of_2(K)))
+    if fma_dot:
+        budget = 0
+
+    def stream_warps(block_b: int, block_h: int) -> int:
+        return 2 if fma_dot and block_b * block_h <= 256 else 4
 
     if interpret:
         # One program (the interpreter runs programs one after another: a second would deadlock the
@@ -297,8 +310,8 @@ def plan_persistent_fwd(
             if bb <= block_b and resident_bytes(bb, block_h, K, element_size) <= budget:
                 return ForwardPlan(True, "interpreter: one program, W_hh resident", True, bb, block_h,
                                    max(16, triton.next_power_of_2(K)), 1, 1)
-        return ForwardPlan(True, "interpreter: one program, W_hh streamed", False, block_b, 16,
-                           max(16, min(64, triton.next_power_of_2(K))), 1, 1)
+        return ForwardPlan(True, "interpreter: one program, W_hh streamed", False, block_b, 16, stream_k, 1, 1,
+                           stream_warps(block_b, 16))
 
     # Narrowest hidden blocks that tl.dot allows (16) spread the recurrence over the most SMs; spare
     # SMs then split the batch (batch groups do not wait for each other).
@@ -312,8 +325,8 @@ def plan_persistent_fwd(
                 return ForwardPlan(True, "persistent, W_hh resident", True, bb, block_h,
                                    max(16, triton.next_power_of_2(K)), num_h_blocks, grid_b_here,
                                    num_warps=8 if 4 * K * block_h * element_size > 32 * 1024 else 4)
-        return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h,
-                           max(16, min(64, triton.next_power_of_2(K))), num_h_blocks, grid_b)
+        return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h, stream_k,
+                           num_h_blocks, grid_b, stream_warps(block_b, block_h))
 
     # More hidden blocks than SMs: wider blocks first, then several blocks per program.
     block_h = max(16, min(64, triton.next_power_of_2(triton.cdiv(H, num_sms))))
@@ -323,8 +336,8 @@ def plan_persistent_fwd(
         return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program "
                                   f"on {num_sms} SMs; per-step kernel")
     grid_b = max(1, min(num_b_blocks, num_sms // grid_h))
-    return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h,
-                       max(16, min(64, triton.next_power_of_2(K))), grid_h, grid_b)
+    return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h, stream_k, grid_h, grid_b,
+                       stream_warps(block_b, block_h))
 
 
 @functools.lru_cache(maxsize=None)
@@ -394,8 +407,12 @@ def lstm_fwd_persistent(
         # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
         if not plan.resident:
             return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
+        fma_dot = projected.element_size() >= 4  # the same fp32 rules as plan_persistent_fwd
         streamed = dataclasses.replace(
-            plan, resident=False, block_k=max(16, min(64, triton.next_power_of_2(K))), num_warps=4,
+            plan,
+            resident=False,
+            block_k=max(16, min(32 if fma_dot else 64, triton.next_power_of_2(K))),
+            num_warps=2 if fma_dot and plan.block_b * plan.block_h <= 256 else 4,
             reason=plan.reason + "; resident did not fit, W_hh streamed",
         )
         return lstm_fwd_persistent(projected, h0, c0, w_hh, w_hr, lengths, streamed)

@@ -1,0 +1,375 @@
+"""The persistent forward kernel against the float64 reference, its plan (the persistent / per-step
+choice), its numerics at the edges, and a CPU smoke run of the benchmark harness.
+
+Without CUDA the kernel runs through Triton's interpreter with one program (conftest.py), so the
+multi-program barrier is exercised by the GPU-only tests at the bottom.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import triton
+
+from tests.helpers import HAS_CUDA, KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, requires_cuda
+from triton_lstm.kernels import lstm_fwd_persistent as persistent
+from triton_lstm.kernels.lstm_fwd_persistent import (
+    ForwardPlan,
+    lstm_fwd_persistent,
+    plan_for,
+    plan_persistent_fwd,
+    resident_bytes,
+)
+from triton_lstm.reference import input_projection, lstm_recurrence_reference
+
+INTERPRETER_DTYPES = [torch.float32, torch.float16]
+H100 = dict(num_sms=132, shared_memory=232448)
+
+
+def _problem(T, B, I, H, dtype, with_lengths=False, seed=0, device=KERNEL_DEVICE):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device)
+
+    bound = H**-0.5
+    inputs = dict(
+        x=rand(T, B, I),
+        h0=rand(B, H, scale=0.5),
+        c0=rand(B, H, scale=0.5),
+        w_ih=rand(4 * H, I, scale=bound),
+        w_hh=rand(4 * H, H, scale=bound),
+        b_ih=rand(4 * H, scale=bound),
+        b_hh=rand(4 * H, scale=bound),
+    )
+    lengths = None
+    if with_lengths:
+        # Every length from 0 to T appears when B allows; the longest runs the whole T.
+        lengths = (torch.arange(B) * 7 % (T + 1)).to(torch.int32)
+        lengths[0] = T
+        lengths = lengths.to(device)
+    return inputs, lengths
+
+
+def _run(inputs, lengths, dtype, plan):
+    cast = {name: tensor.to(dtype) for name, tensor in inputs.items()}
+    projected = input_projection(cast["x"], cast["w_ih"], cast["b_ih"], cast["b_hh"]).contiguous()
+    return lstm_fwd_persistent(projected, cast["h0"], cast["c0"], cast["w_hh"], None, lengths, plan)
+
+
+def _reference(inputs, lengths, dtype):
+    cast = {name: tensor.to(dtype) for name, tensor in inputs.items()}
+    return lstm_recurrence_reference(
+        cast["x"], cast["h0"], cast["c0"], cast["w_ih"], cast["w_hh"], cast["b_ih"], cast["b_hh"], None, lengths
+    )
+
+
+def _assert_matches_reference(ours, inputs, lengths, dtype):
+    reference = _reference(inputs, lengths, torch.float64)
+    torchs = _reference(inputs, lengths, dtype)
+    for name, mine, theirs, exact in zip(("h_all", "c_all", "gates"), ours, torchs, reference):
+        expected_dtype = torch.float32 if name == "c_all" else dtype
+        assert mine.dtype == expected_dtype, f"{name}: dtype {mine.dtype}, expected {expected_dtype}"
+        assert_error_within_pytorch(name, mine, theirs, exact, dtype=dtype)
+
+
+def _forced(mode, B, H, K, block=16):
+    """One-program plans for the interpreter: ``resident`` holds all of H and K in one block;
+    ``streamed`` uses the narrowest blocks, so several batch, hidden and K blocks run per step."""
+    if mode == "resident":
+        return ForwardPlan(True, "test: resident", True, block, max(16, triton.next_power_of_2(H)),
+                           max(16, triton.next_power_of_2(K)), 1, 1)
+    return ForwardPlan(True, "test: streamed", False, block, 16, 16, 1, 1)
+
+
+CASES = [
+    # (T, B, I, H, lengths)
+    (1, 1, 3, 1, False),
+    (7, 3, 5, 17, True),
+    (7, 17, 4, 33, False),
+    (7, 17, 4, 33, True),
+]
+
+
+@pytest.mark.parametrize("mode", ["resident", "streamed"])
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("T,B,I,H,with_lengths", CASES, ids=lambda v: str(v))
+def test_matches_float64_reference(T, B, I, H, with_lengths, dtype, mode):
+    if not HAS_CUDA and dtype == torch.float16 and (T, B, H) == (7, 17, 33) and not with_lengths:
+        pytest.skip("covered by the same shape with lengths (keeps the interpreter run short)")
+    inputs, lengths = _problem(T, B, I, H, dtype, with_lengths)
+    plan = _forced(mode, B, H, H) if not HAS_CUDA else None
+    ours = _run(inputs, lengths, dtype, plan)
+    _assert_matches_reference(ours, inputs, lengths, dtype)
+
+
+def test_default_plan_through_the_op_runs_persistent(monkeypatch):
+    """recurrence_fwd reaches the persistent kernel (no fallback call) and matches the reference."""
+    calls = []
+    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args: calls.append(args) or pytest.fail("fell back"))
+    from triton_lstm.ops import lstm_layer
+
+    inputs, lengths = _problem(5, 3, 4, 9, torch.float32, with_lengths=True, seed=1)
+    cast = {name: tensor.float() for name, tensor in inputs.items()}
+    out, h_n, c_n = lstm_layer(cast["x"], cast["h0"], cast["c0"], cast["w_ih"], cast["w_hh"], cast["b_ih"], cast["b_hh"], lengths=lengths)
+    h_ref, c_ref, _ = _reference(inputs, lengths, torch.float64)
+    h_torch, c_torch, _ = _reference(inputs, lengths, torch.float32)
+    assert not calls
+    assert_error_within_pytorch("output", out, h_torch[1:], h_ref[1:], dtype=torch.float32)
+    assert_error_within_pytorch("c_n", c_n, c_torch[-1], c_ref[-1], dtype=torch.float32)
+
+
+def test_projection_falls_back_to_per_step(monkeypatch):
+    calls = []
+    real = persistent.lstm_fwd
+    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args: calls.append(1) or real(*args))
+    T, B, H, P = 3, 2, 8, 5
+    projected = torch.randn(T, B, 4 * H, device=KERNEL_DEVICE)
+    w_hh = torch.randn(4 * H, P, device=KERNEL_DEVICE) * 0.3
+    w_hr = torch.randn(P, H, device=KERNEL_DEVICE) * 0.3
+    h_all, c_all, gates = lstm_fwd_persistent(
+        projected, torch.zeros(B, P, device=KERNEL_DEVICE), torch.zeros(B, H, device=KERNEL_DEVICE), w_hh, w_hr, None
+    )
+    assert calls == [1]
+    assert h_all.shape == (T + 1, B, P) and c_all.shape == (T + 1, B, H) and gates.shape == (T, B, 4 * H)
+
+
+def test_resident_out_of_resources_retries_streamed(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+    real_launch = persistent._launch
+
+    def launch(plan, *args):
+        launched.append(plan.resident)
+        if plan.resident:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return real_launch(plan, *args)
+
+    monkeypatch.setattr(persistent, "_launch", launch)
+    inputs, lengths = _problem(3, 2, 3, 5, torch.float32)
+    ours = _run(inputs, lengths, torch.float32, _forced("resident", 2, 5, 5))
+    assert launched == [True, False]
+    _assert_matches_reference(ours, inputs, lengths, torch.float32)
+
+
+# --- The plan: a pure function of shapes and device limits ------------------------------------------
+
+def test_plan_projection_and_empty_inputs_go_per_step():
+    assert not plan_persistent_fwd(8, 4, 64, 32, 2, True, **H100).persistent
+    assert not plan_persistent_fwd(0, 4, 64, 64, 2, False, **H100).persistent
+    assert not plan_persistent_fwd(8, 0, 64, 64, 2, False, **H100).persistent
+
+
+@pytest.mark.parametrize("element_size", [2, 4])
+@pytest.mark.parametrize("H", [1, 17, 64, 1000, 4096])
+def test_plan_under_the_interpreter_is_one_program(H, element_size):
+    plan = plan_persistent_fwd(5, 17, H, H, element_size, False, num_sms=1, shared_memory=96 * 1024, interpret=True)
+    assert plan.persistent and plan.num_programs == 1
+    if plan.resident:
+        assert plan.block_h >= H and plan.block_k >= H
+
+
+def test_plan_anchor_shapes_on_an_h100():
+    # Small H keeps W_hh in shared memory, H = 1024 and 2048 stream it (bf16); fp32 always streams.
+    expected = {256: True, 512: True, 1024: False, 2048: False}
+    for T, B, I, H in [(512, 64, 256, 256), (256, 64, 1024, 1024), (1024, 8, 512, 512), (128, 256, 512, 512), (256, 16, 2048, 2048)]:
+        plan = plan_persistent_fwd(T, B, H, H, 2, False, **H100)
+        assert plan.persistent and plan.resident == expected[H], (H, plan)
+        assert not plan_persistent_fwd(T, B, H, H, 4, False, **H100).resident
+
+
+@pytest.mark.parametrize("num_sms,shared_memory", [(132, 232448), (114, 232448), (108, 166912), (16, 101376)])
+def test_plan_invariants(num_sms, shared_memory):
+    """Never more programs than SMs (the spin barrier would deadlock), resident only within budget,
+    tl.dot's 16-wide minimum respected, and per-step only where the hidden blocks do not fit."""
+    for H in [1, 16, 17, 33, 100, 256, 512, 1024, 2048, 4096, 8192, 65536]:
+        for B in [1, 3, 16, 17, 64, 512]:
+            for element_size in (2, 4):
+                plan = plan_persistent_fwd(64, B, H, H, element_size, False, num_sms, shared_memory)
+                if not plan.persistent:
+                    assert triton.cdiv(H, 64) > persistent.MAX_HIDDEN_BLOCKS_PER_PROGRAM * num_sms, (H, plan)
+                    continue
+                assert 1 <= plan.num_programs <= num_sms, (H, B, plan)
+                assert min(plan.block_b, plan.block_h, plan.block_k) >= 16
+                assert plan.grid_b <= triton.cdiv(B, plan.block_b)
+                assert plan.grid_h <= triton.cdiv(H, plan.block_h)
+                hidden_blocks_per_program = triton.cdiv(triton.cdiv(H, plan.block_h), plan.grid_h)
+                assert hidden_blocks_per_program <= persistent.MAX_HIDDEN_BLOCKS_PER_PROGRAM
+                if plan.resident:
+                    assert element_size == 2
+                    assert plan.grid_h == triton.cdiv(H, plan.block_h)  # one hidden block per program
+                    assert plan.block_k >= H
+                    assert resident_bytes(plan.block_b, plan.block_h, H, element_size) <= shared_memory // 2
+                if element_size == 4:
+                    assert plan.block_k <= 32  # see the fp32 note in plan_persistent_fwd
+
+
+def test_plan_disabled_by_environment(monkeypatch):
+    projected = torch.zeros(2, 1, 8)
+    w_hh = torch.zeros(8, 2)
+    assert plan_for(projected, w_hh, None).persistent or HAS_CUDA
+    monkeypatch.setenv("TRITON_LSTM_PERSISTENT", "0")
+    assert not plan_for(projected, w_hh, None).persistent
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the one-program rule is the interpreter's")
+def test_interpreter_refuses_a_multi_program_plan():
+    inputs, lengths = _problem(2, 2, 2, 17, torch.float32)
+    with pytest.raises(ValueError, match="one program"):
+        _run(inputs, lengths, torch.float32, ForwardPlan(True, "test", False, 16, 16, 16, 2, 1))
+
+
+# --- Numerics at the edges ---------------------------------------------------------------------------
+
+def _identity_projection_problem(T, B, H, dtype, projected):
+    """Inputs whose input projection is exactly ``projected`` (W_ih = I, no bias)."""
+    generator = torch.Generator().manual_seed(3)
+    w_hh = (torch.randn(4 * H, H, generator=generator) * H**-0.5).to(dtype).to(KERNEL_DEVICE)
+    h0 = torch.randn(B, H, generator=generator).to(dtype).to(KERNEL_DEVICE)
+    c0 = torch.randn(B, H, generator=generator).to(dtype).to(KERNEL_DEVICE)
+    eye = torch.eye(4 * H, dtype=dtype, device=KERNEL_DEVICE)
+    return projected.to(dtype).to(KERNEL_DEVICE).contiguous(), h0, c0, w_hh, eye
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy's exp(1e4) = inf, as meant
+@pytest.mark.parametrize("mode", ["resident", "streamed"])
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+def test_saturating_pre_activations(dtype, mode):
+    T, B, H = 4, 3, 17
+    generator = torch.Generator().manual_seed(4)
+    signs = torch.randint(0, 2, (T, B, 4 * H), generator=generator) * 2.0 - 1.0
+    magnitudes = 10.0 ** torch.randint(1, 5, (T, B, 4 * H), generator=generator)  # 10 … 1e4
+    projected, h0, c0, w_hh, eye = _identity_projection_problem(T, B, H, dtype, signs * magnitudes)
+    plan = _forced(mode, B, H, H) if not HAS_CUDA else None
+    ours = lstm_fwd_persistent(projected, h0, c0, w_hh, None, None, plan)
+    reference = lstm_recurrence_reference(projected.double(), h0.double(), c0.double(), eye.double(), w_hh.double(), None, None)
+    torchs = lstm_recurrence_reference(projected, h0, c0, eye, w_hh, None, None)
+    for name, mine, theirs, exact in zip(("h_all", "c_all", "gates"), ours, torchs, reference):
+        assert torch.isfinite(mine).all(), f"{name}: non-finite values under saturation"
+        assert_error_within_pytorch(name, mine, theirs, exact, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", ["resident", "streamed"])
+def test_nan_in_one_batch_row_stays_in_that_row(mode):
+    T, B, H, bad_row, bad_step = 5, 17, 17, 4, 1
+    dtype = torch.float32
+    generator = torch.Generator().manual_seed(5)
+    clean = torch.randn(T, B, 4 * H, generator=generator)
+    poisoned = clean.clone()
+    poisoned[bad_step, bad_row, 3] = float("nan")
+    plan = _forced(mode, B, H, H) if not HAS_CUDA else None
+    args = _identity_projection_problem(T, B, H, dtype, clean)[1:4]
+    ours_clean = lstm_fwd_persistent(clean.to(KERNEL_DEVICE).contiguous(), *args, None, None, plan)
+    ours_bad = lstm_fwd_persistent(poisoned.to(KERNEL_DEVICE).contiguous(), *args, None, None, plan)
+    others = [b for b in range(B) if b != bad_row]
+    for name, good, bad in zip(("h_all", "c_all", "gates"), ours_clean, ours_bad):
+        assert torch.equal(good[:, others], bad[:, others]), f"{name}: a NaN in row {bad_row} reached other rows"
+        assert torch.isnan(bad[-1, bad_row]).any(), f"{name}: the NaN did not propagate in its own row"
+
+
+# --- GPU only: many programs, long sequences, large tensors --------------------------------------------
+
+def _check_steps(projected, w_hh, h_all, c_all, gates, steps, rows=None):
+    """Recomputes the given steps (of the given batch rows) in float64 from the kernel's own state:
+    checks the indexing of every buffer there (an int32 offset overflow lands elsewhere) without a
+    full-length reference."""
+    rows = slice(None) if rows is None else rows
+    tol = 2e-2 if projected.dtype != torch.float32 else 1e-4
+    for t in steps:
+        pre = projected[t][rows].double() + h_all[t][rows].double() @ w_hh.double().t()
+        i, f, g, o = pre.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c_all[t][rows].double() + i * g
+        h = o * torch.tanh(c)
+        assert (c_all[t + 1][rows].double() - c).abs().max().item() < tol * max(1.0, c.abs().max().item()), f"c at step {t}"
+        assert (h_all[t + 1][rows].double() - h).abs().max().item() < tol, f"h at step {t}"
+        assert (gates[t][rows].double() - torch.cat([i, f, g, o], 1)).abs().max().item() < tol, f"gates at step {t}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("T,B,I,H", [(33, 64, 256, 256), (9, 64, 1024, 1024), (33, 8, 512, 512), (9, 256, 512, 512), (9, 16, 2048, 2048), (17, 17, 33, 33)], ids=str)
+def test_gpu_default_plans_match_reference(T, B, I, H, dtype):
+    inputs, lengths = _problem(T, B, I, H, dtype, with_lengths=True)
+    _assert_matches_reference(_run(inputs, lengths, dtype, None), inputs, lengths, dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize(
+    "plan",
+    [
+        ForwardPlan(True, "resident, 4 batch groups", True, 16, 16, 256, 16, 4),
+        ForwardPlan(True, "streamed, 3 hidden blocks per program", False, 16, 16, 64, 6, 2),
+        ForwardPlan(True, "streamed, one program", False, 64, 64, 64, 1, 1),
+    ],
+    ids=lambda plan: plan.reason,
+)
+def test_gpu_forced_plans_match_reference(plan):
+    inputs, lengths = _problem(21, 64, 64, 256 if plan.resident else 272, torch.float16, with_lengths=True)
+    _assert_matches_reference(_run(inputs, lengths, torch.float16, plan), inputs, lengths, torch.float16)
+
+
+@requires_cuda
+def test_gpu_long_sequence_large_batch():
+    T, B, H = 4096, 512, 128
+    projected = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.bfloat16)
+    w_hh = (torch.randn(4 * H, H, device="cuda") * H**-0.5).to(torch.bfloat16)
+    h0 = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
+    c0 = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
+    h_all, c_all, gates = lstm_fwd_persistent(projected, h0, c0, w_hh, None, None)
+    assert torch.isfinite(h_all).all() and torch.isfinite(c_all).all()
+    _check_steps(projected, w_hh, h_all, c_all, gates, [0, 1, T // 2, T - 1])
+
+
+@requires_cuda
+def test_gpu_tensor_over_2_31_elements():
+    T, B, H = 1040, 512, 1024  # gates: T·B·4H = 2.18e9 elements
+    assert T * B * 4 * H > 2**31
+    projected = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.bfloat16)
+    w_hh = (torch.randn(4 * H, H, device="cuda") * H**-0.5).to(torch.bfloat16)
+    h0 = torch.zeros(B, H, device="cuda", dtype=torch.bfloat16)
+    c0 = torch.zeros(B, H, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    lengths[::3] = T - 5
+    h_all, c_all, gates = lstm_fwd_persistent(projected, h0, c0, w_hh, None, lengths)
+    _check_steps(projected, w_hh, h_all, c_all, gates, [0, T - 6])
+    full = lengths == T
+    _check_steps(projected, w_hh, h_all, c_all, gates, [T - 1], rows=full)
+    # Rows past their end carried the state of step T - 5 and stored zero gates at the last step.
+    assert torch.equal(h_all[-1][~full], h_all[T - 5][~full])
+    assert (gates[-1][~full] == 0).all()
+    assert torch.isfinite(gates[-1]).all()
+
+
+# --- The benchmark harness, on the CPU ----------------------------------------------------------------
+
+EXPECTED_COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional", "ms", "peak_mb"]
+
+
+def test_benchmark_dry_run_writes_the_csv(tmp_path):
+    from triton_lstm import benchmark
+
+    assert benchmark.main(["--dry-run", "--out", str(tmp_path), "--no-plots"]) == 0
+    (csv_path,) = tmp_path.rglob("results.csv")
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == EXPECTED_COLUMNS
+    assert len(rows) > 1
+    providers = {row[3] for row in rows[1:]}
+    modes = {row[4] for row in rows[1:]}
+    assert providers == {"triton_lstm", "cudnn", "cell_loop"} and modes == {"fwd", "fwdbwd"}
+    assert all(float(row[12]) > 0 for row in rows[1:])
+    assert (csv_path.parent / "versions.txt").exists()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the refusal is for machines without CUDA")
+def test_benchmark_refuses_without_cuda(capsys):
+    from triton_lstm import benchmark
+
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--quick"])
+    assert exit_info.value.code not in (0, None)
+    assert "CUDA" in capsys.readouterr().err

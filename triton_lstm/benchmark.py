@@ -1,0 +1,382 @@
+"""Benchmark harness: triton_lstm against cuDNN (``nn.LSTM``) and an ``nn.LSTMCell`` Python loop.
+
+Run as ``python benchmarks/bench.py …`` or ``triton-lstm bench …``; ``--help`` lists the options.
+Each measurement is the median of ``triton.testing.do_bench`` after its warm-up, all providers in the
+same run and process; TF32 is off for both sides. Results go to ``<out>/<gpu-name>/``:
+
+- ``results.csv`` with the columns of ``COLUMNS`` (``ms`` per call of the whole sequence, ``peak_mb`` the
+  peak of ``torch.cuda.max_memory_allocated`` during one call, inputs and weights included);
+- ``versions.txt``: device, torch, triton, CUDA, cuDNN and driver versions and the command line;
+- ``summary.md``: µs per time step and speedup over cuDNN, per shape (the table the README shows);
+- ``<mode>_<dtype>.png``: time per step and speedup over cuDNN (needs matplotlib: the ``bench`` extra).
+
+Without CUDA it refuses, except with ``--dry-run``: a seconds-long CPU run of the harness itself on
+tiny shapes (wall-clock medians, the plain-PyTorch path) that CI uses to test the CSV; its figures say
+nothing about speed and it writes to a temporary folder unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional", "ms", "peak_mb"]
+PROVIDERS = ("triton_lstm", "cudnn", "cell_loop")
+MODES = ("fwd", "fwdbwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    T: int
+    B: int
+    I: int  # noqa: E741 (the input size, named as in the CSV)
+    H: int
+    layers: int = 1
+    bidirectional: bool = False
+
+    @property
+    def label(self) -> str:
+        extra = f" L{self.layers}{' bi' if self.bidirectional else ''}" if self.layers > 1 or self.bidirectional else ""
+        return f"T{self.T} B{self.B} I{self.I} H{self.H}{extra}"
+
+
+# The five shapes measured in issue 3 (T, B, I, H), single layer.
+ANCHOR_CASES = [Case(512, 64, 256, 256), Case(256, 64, 1024, 1024), Case(1024, 8, 512, 512), Case(128, 256, 512, 512), Case(256, 16, 2048, 2048)]
+STACKED_CASES = [Case(256, 64, 512, 512, layers=2, bidirectional=True)]
+SWEEP_CASES = (
+    [Case(T, 64, 512, 512) for T in (16, 64, 256, 1024, 4096)]
+    + [Case(256, B, 512, 512) for B in (1, 8, 32, 128, 512)]
+    + [Case(256, 64, H, H) for H in (64, 128, 256, 512, 1024, 2048, 4096)]
+)
+DRY_RUN_CASES = [Case(3, 2, 4, 8), Case(2, 3, 5, 4, layers=2, bidirectional=True)]
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="triton-lstm bench",
+        description="Time triton_lstm against cuDNN nn.LSTM and an nn.LSTMCell loop; write CSV, plots and versions.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="the five anchor shapes and one 2-layer bidirectional shape; bf16 fwd+fwdbwd, fp32 fwd "
+                             "(meant to fit a short GPU lease)")
+    parser.add_argument("--cases", choices=["anchor", "sweeps", "all"], default="all",
+                        help="anchor: the five issue shapes + 2-layer bidirectional; sweeps: T, B and H sweeps; all: both")
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=None, help="fwd (no grad) and/or fwdbwd")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
+    parser.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--out", type=Path, default=None, help=f"results root (default {DEFAULT_OUT})")
+    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    parser.add_argument("--cell-loop-max-steps", type=int, default=1024,
+                        help="skip the nn.LSTMCell loop beyond this many time steps (it is launch-bound and slow)")
+    parser.add_argument("--no-plots", action="store_true", help="write the CSV only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU smoke run of the harness on tiny shapes (no GPU needed; timings meaningless)")
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.exit(2, "triton-lstm bench: no CUDA device (torch.cuda.is_available() is False); the benchmark "
+                       "needs an NVIDIA GPU. Use --dry-run for a CPU smoke run of the harness.\n")
+    return args
+
+
+def _plan(args) -> list[tuple[str, str, Case]]:
+    """(mode, dtype, case) triples to measure, in order."""
+    if args.dry_run:
+        modes = args.mode or list(MODES)
+        dtypes = args.dtype or ["fp32"]
+        return [(m, d, c) for m in modes for d in dtypes for c in DRY_RUN_CASES]
+    if args.quick:
+        cases = ANCHOR_CASES + STACKED_CASES
+        plan = [("fwd", "bf16", c) for c in cases] + [("fwdbwd", "bf16", c) for c in cases]
+        plan += [("fwd", "fp32", c) for c in ANCHOR_CASES]
+        if args.mode or args.dtype:
+            plan = [(m, d, c) for m, d, c in plan if (not args.mode or m in args.mode) and (not args.dtype or d in args.dtype)]
+        return plan
+    cases = {"anchor": ANCHOR_CASES + STACKED_CASES, "sweeps": SWEEP_CASES, "all": ANCHOR_CASES + STACKED_CASES + SWEEP_CASES}[args.cases]
+    cases = list(dict.fromkeys(cases))
+    return [(m, d, c) for m in (args.mode or list(MODES)) for d in (args.dtype or ["bf16", "fp16", "fp32"]) for c in cases]
+
+
+# --- Providers --------------------------------------------------------------------------------------
+
+class _CellLoop(nn.Module):
+    """The same LSTM as a Python loop over ``nn.LSTMCell``: the launch-bound baseline."""
+
+    def __init__(self, lstm: nn.LSTM):
+        super().__init__()
+        self.layers, self.directions = lstm.num_layers, 2 if lstm.bidirectional else 1
+        self.cells = nn.ModuleList()
+        for layer in range(self.layers):
+            for direction in range(self.directions):
+                suffix = f"_l{layer}{'_reverse' if direction else ''}"
+                cell = nn.LSTMCell(lstm.input_size if layer == 0 else lstm.hidden_size * self.directions, lstm.hidden_size,
+                                   device=lstm.weight_ih_l0.device, dtype=lstm.weight_ih_l0.dtype)
+                with torch.no_grad():
+                    cell.weight_ih.copy_(getattr(lstm, "weight_ih" + suffix))
+                    cell.weight_hh.copy_(getattr(lstm, "weight_hh" + suffix))
+                    cell.bias_ih.copy_(getattr(lstm, "bias_ih" + suffix))
+                    cell.bias_hh.copy_(getattr(lstm, "bias_hh" + suffix))
+                self.cells.append(cell)
+
+    def forward(self, x, hx):
+        h0, c0 = hx
+        layer_input, h_n, c_n = x, [], []
+        for layer in range(self.layers):
+            outputs = []
+            for direction in range(self.directions):
+                index = layer * self.directions + direction
+                h, c = h0[index], c0[index]
+                steps = range(x.shape[0] - 1, -1, -1) if direction else range(x.shape[0])
+                out = [None] * x.shape[0]
+                for t in steps:
+                    h, c = self.cells[index](layer_input[t], (h, c))
+                    out[t] = h
+                outputs.append(torch.stack(out))
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = torch.cat(outputs, dim=2) if self.directions == 2 else outputs[0]
+        return layer_input, (torch.stack(h_n), torch.stack(c_n))
+
+
+def _model(provider: str, reference: nn.LSTM) -> nn.Module:
+    if provider == "cudnn":
+        return reference
+    if provider == "cell_loop":
+        return _CellLoop(reference)
+    from triton_lstm.modules import LSTM
+
+    model = LSTM(reference.input_size, reference.hidden_size, num_layers=reference.num_layers,
+                 bidirectional=reference.bidirectional, device=reference.weight_ih_l0.device, dtype=reference.weight_ih_l0.dtype)
+    model.load_state_dict(reference.state_dict())
+    return model
+
+
+def _workload(provider: str, mode: str, dtype: torch.dtype, case: Case, device: str):
+    """Returns (fn, tensors whose .grad do_bench resets)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    torch.manual_seed(0)
+    reference = nn.LSTM(case.I, case.H, num_layers=case.layers, bidirectional=case.bidirectional, device=device, dtype=dtype)
+    model = _model(provider, reference)
+    directions = 2 if case.bidirectional else 1
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    x = randn(case.T, case.B, case.I)
+    h0 = randn(case.layers * directions, case.B, case.H)
+    c0 = randn(case.layers * directions, case.B, case.H)
+    if mode == "fwd":
+        model.eval()
+
+        def forward():
+            with torch.no_grad():
+                model(x, (h0, c0))
+
+        return forward, None
+    model.train()  # cuDNN's RNN backward runs in training mode only (dropout is 0 here)
+    for tensor in (x, h0, c0):
+        tensor.requires_grad_(True)
+    grad_out = randn(case.T, case.B, directions * case.H)
+    grad_h = randn(case.layers * directions, case.B, case.H)
+    grad_c = randn(case.layers * directions, case.B, case.H)
+    leaves = [x, h0, c0, *model.parameters()]
+
+    def forward_backward():
+        out, (h_n, c_n) = model(x, (h0, c0))
+        torch.autograd.backward([out, h_n, c_n], [grad_out, grad_h, grad_c])
+
+    return forward_backward, leaves
+
+
+# --- Timing -----------------------------------------------------------------------------------------
+
+def _time_gpu(fn, leaves, warmup: int, rep: int) -> tuple[float, float]:
+    import triton.testing
+
+    ms = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=leaves, return_mode="median")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated() / 2**20
+
+
+def _time_cpu(fn, leaves, repeats: int = 3) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        for leaf in leaves or ():
+            leaf.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:]), float("nan")
+
+
+# --- Output -----------------------------------------------------------------------------------------
+
+def _device_folder(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", name).strip("-") or "unknown"
+
+
+def _driver_version() -> str:
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30, check=True)
+        return result.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def _write_versions(folder: Path, device: str, argv) -> None:
+    import triton
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    lines = [
+        f"device: {device}",
+        f"torch: {torch.__version__}",
+        f"triton: {triton.__version__}",
+        f"cuda: {torch.version.cuda}",
+        f"cudnn: {cudnn}",
+        f"driver: {_driver_version() if torch.cuda.is_available() else 'none'}",
+        f"python: {sys.version.split()[0]}",
+        f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"command: triton-lstm bench {' '.join(argv)}",
+        "tf32: off (torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False)",
+    ]
+    (folder / "versions.txt").write_text("\n".join(lines) + "\n")
+
+
+def _per_step_us(row) -> float:
+    return float(row["ms"]) * 1e3 / int(row["T"])
+
+
+def _summary(rows) -> str:
+    """Markdown: µs per step of each provider and speedup of triton_lstm over cuDNN, per mode, dtype, shape."""
+    by_key = {}
+    for row in rows:
+        key = (row["mode"], row["dtype"], row["T"], row["B"], row["I"], row["H"], row["layers"], row["bidirectional"])
+        by_key.setdefault(key, {})[row["provider"]] = _per_step_us(row)
+    device = rows[0]["device"] if rows else "?"
+    lines = [f"Device: {device}. µs per time step (median of do_bench); speedup = cuDNN time / triton_lstm time.", "",
+             "| mode | dtype | T | B | I | H | layers | bidir | triton_lstm | cudnn | cell_loop | speedup vs cuDNN |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, values in by_key.items():
+        cells = [f"{values[p]:.1f}" if p in values else "-" for p in PROVIDERS]
+        speedup = f"{values['cudnn'] / values['triton_lstm']:.2f}x" if "cudnn" in values and "triton_lstm" in values else "-"
+        lines.append("| " + " | ".join([*map(str, key), *cells, speedup]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows, folder: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'triton-lstm[bench]'): no plots, the CSV is written.")
+        return []
+    written = []
+    for mode, dtype in dict.fromkeys((row["mode"], row["dtype"]) for row in rows):
+        subset = [row for row in rows if row["mode"] == mode and row["dtype"] == dtype]
+        labels = list(dict.fromkeys(Case(int(r["T"]), int(r["B"]), int(r["I"]), int(r["H"]), int(r["layers"]), r["bidirectional"] == "True").label for r in subset))
+        per_provider = {p: {} for p in PROVIDERS}
+        for row in subset:
+            case = Case(int(row["T"]), int(row["B"]), int(row["I"]), int(row["H"]), int(row["layers"]), row["bidirectional"] == "True")
+            per_provider[row["provider"]][case.label] = _per_step_us(row)
+        figure, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.7 * len(labels) + 6), 5))
+        width = 0.8 / len(PROVIDERS)
+        positions = range(len(labels))
+        for index, provider in enumerate(PROVIDERS):
+            values = [per_provider[provider].get(label, float("nan")) for label in labels]
+            left.bar([p + index * width for p in positions], values, width, label=provider)
+        left.set_yscale("log")
+        left.set_ylabel("µs per time step")
+        left.set_title(f"{mode} {dtype}: time per step")
+        left.set_xticks([p + width for p in positions], labels, rotation=60, ha="right", fontsize=7)
+        left.legend()
+        for provider in ("triton_lstm", "cell_loop"):
+            speedups = [per_provider["cudnn"][label] / per_provider[provider][label]
+                        if label in per_provider["cudnn"] and label in per_provider[provider] else float("nan") for label in labels]
+            right.plot(list(positions), speedups, marker="o", label=provider)
+        right.axhline(1.0, color="gray", linewidth=0.8)
+        right.set_ylabel("speedup over cuDNN (×)")
+        right.set_title(f"{mode} {dtype}: speedup over cuDNN")
+        right.set_xticks(list(positions), labels, rotation=60, ha="right", fontsize=7)
+        right.legend()
+        figure.suptitle(rows[0]["device"])
+        figure.tight_layout()
+        path = folder / f"{mode}_{dtype}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+# --- Entry point ------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    """``triton-lstm bench``: returns 0 on success; exits with status 2 and a message without CUDA."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(argv)
+    import triton
+
+    if args.dry_run:
+        device, device_name, out_root = "cpu", "cpu-dry-run", args.out or Path(tempfile.mkdtemp(prefix="triton-lstm-bench-"))
+    else:
+        device, device_name, out_root = "cuda", torch.cuda.get_device_name(), args.out or DEFAULT_OUT
+    folder = Path(out_root) / _device_folder(device_name)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    try:
+        plan = _plan(args)
+        print(f"{len(plan)} (mode, dtype, shape) points x {len(args.provider)} providers on {device_name}; results in {folder}")
+        for mode, dtype_name, case in plan:
+            for provider in args.provider:
+                if provider == "cell_loop" and case.T > args.cell_loop_max_steps:
+                    continue
+                fn, leaves = _workload(provider, mode, DTYPES[dtype_name], case, device)
+                ms, peak_mb = _time_cpu(fn, leaves) if args.dry_run else _time_gpu(fn, leaves, args.warmup, args.rep)
+                row = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, provider=provider, mode=mode,
+                           dtype=dtype_name, T=case.T, B=case.B, I=case.I, H=case.H, layers=case.layers,
+                           bidirectional=case.bidirectional, ms=f"{ms:.6g}", peak_mb=f"{peak_mb:.1f}")
+                rows.append({key: str(value) for key, value in row.items()})
+                print(f"  {mode:6} {dtype_name} {case.label:28} {provider:11} {ms * 1e3 / case.T:9.2f} us/step  peak {peak_mb:.0f} MiB", flush=True)
+                del fn, leaves
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+
+    with open(folder / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    _write_versions(folder, device_name, argv)
+    summary = _summary(rows)
+    (folder / "summary.md").write_text(summary)
+    print(summary)
+    if not args.no_plots:
+        for path in _plot(rows, folder):
+            print(f"wrote {path}")
+    print(f"wrote {folder / 'results.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
