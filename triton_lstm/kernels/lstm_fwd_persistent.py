@@ -61,6 +61,8 @@ from triton_lstm.kernels.lstm_fwd import lstm_fwd
 # Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
 # better use of the SMs (an estimate, not a measurement: no GPU was at hand when this was written).
 MAX_HIDDEN_BLOCKS_PER_PROGRAM = 4
+# Shared memory kept free of the resident estimate (the estimate leaves out small scratch buffers).
+RESIDENT_HEADROOM = 8 * 1024
 # Shared memory assumed under the interpreter, so that plans there are deterministic.
 INTERPRETER_SHARED_MEMORY = 96 * 1024
 # Shared memory assumed when the device does not report its opt-in limit (the sm_80+ minimum).
@@ -256,7 +258,11 @@ class ForwardPlan:
 
 def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int:
     """Shared memory a resident program is budgeted: its W_hh slice (4 gates × K × BLOCK_H), one h tile
-    (BLOCK_B × K) staged for the dots, and the four fp32 accumulators converted for the epilogue."""
+    (BLOCK_B × K) staged for the dots, and the four fp32 accumulators converted for the epilogue.
+
+    Checked against what Triton 3.9 allocates compiling for sm_90 (``benchmarks/compile_check.py``):
+    an upper bound within 3-20 % (bf16, H = 1024, BLOCK_B = 32: 204,800 budgeted, 197,632 allocated;
+    H = 256, BLOCK_B = 64: 81,920 and 67,584)."""
     k_pad = max(16, triton.next_power_of_2(K))
     return (4 * k_pad * block_h + block_b * k_pad) * element_size + 4 * block_b * block_h * 4
 
@@ -275,9 +281,9 @@ def plan_persistent_fwd(
     """Chooses persistent (resident or streamed W_hh) or per-step for one layer's forward.
 
     A pure function of the shapes and the device limits, so the decision is testable without a GPU.
-    ``num_sms`` bounds the grid (every program must be co-resident for the spin barrier); the resident
-    budget is half of ``shared_memory`` because Triton stages dot operands through shared memory and may
-    hold a second copy while converting layouts (an estimate; a compile that does not fit is caught).
+    ``num_sms`` bounds the grid (every program must be co-resident for the spin barrier); a resident
+    program must fit ``shared_memory`` less ``RESIDENT_HEADROOM`` by the ``resident_bytes`` estimate (an
+    estimate: a compile that does not fit raises OutOfResources, and the launcher then streams).
     """
     if project:
         return ForwardPlan(False, "projection (proj_size > 0): per-step kernel, h = m·W_hrᵀ needs a second barrier")
@@ -287,7 +293,7 @@ def plan_persistent_fwd(
         return ForwardPlan(False, "no SM count for the device")
     block_b = max(16, min(64, triton.next_power_of_2(B)))
     num_b_blocks = triton.cdiv(B, block_b)
-    budget = shared_memory // 2
+    budget = shared_memory - RESIDENT_HEADROOM
     # fp32 (exact "ieee" dots) runs on the FMA units, which read both operands out of shared memory
     # anyway, so a resident W_hh buys little there: fp32 always streams, in 32-wide K chunks. And
     # Triton 3.9's LLVM aborts (an SLPVectorizer assertion: a process abort, no except clause catches

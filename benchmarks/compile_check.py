@@ -1,0 +1,133 @@
+"""Compiles the persistent forward kernel for a GPU architecture on a machine without a GPU.
+
+For every configuration that ``plan_persistent_fwd`` picks over a grid of shapes, dtypes and device
+presets, Triton compiles the kernel ahead of time (``triton.compile`` with a ``GPUTarget``; ptxas ships
+with triton) and this script checks what can be checked without running it:
+
+- it compiles at all (each compile runs in its own process: an LLVM assertion aborts the process);
+- the shared memory it allocates fits the device preset's opt-in limit, and against ``resident_bytes``;
+- no register spills (no ``.local`` in the PTX);
+- the grid barrier is what the design says: a release reduction on arrive, an acquire load (or atomic)
+  in the spin, and ``ld.global.cg`` loads of h.
+
+    python benchmarks/compile_check.py            # all planned configurations (minutes on 2 cores)
+    python benchmarks/compile_check.py --quick    # the five anchor shapes, H100 preset
+
+It says nothing about speed, and the GPU machine may run another Triton version than this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (name, SM count, opt-in shared memory per block in bytes)
+DEVICES = [("H100-SXM/H200", 132, 232448), ("H100-PCIe", 114, 232448), ("A100", 108, 166912)]
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ANCHORS = [(64, 256), (64, 1024), (8, 512), (256, 512), (16, 2048)]  # (B, H)
+
+
+def _compile_one(config: dict) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from triton_lstm.kernels.lstm_fwd_persistent import _lstm_persistent_fwd_kernel
+
+    dtype = config["dtype"]
+    signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
+                 "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32", "T": "i32", "B": "i32"}
+    constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]), DOT_PRECISION="ieee",
+                     GRID_H=config["grid_h"], GRID_B=config["grid_b"], BLOCK_B=config["block_b"],
+                     BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
+    signature.update({name: "constexpr" for name in constants})
+    compiled = triton.compile(ASTSource(_lstm_persistent_fwd_kernel, signature, constants),
+                              target=GPUTarget("cuda", config["arch"], 32), options={"num_warps": config["num_warps"]})
+    ptx = compiled.asm["ptx"]
+    return {
+        "shared": compiled.metadata.shared,
+        "spills": ".local" in ptx,
+        "release": bool(re.search(r"(red|atom)\.global\.gpu\.release", ptx)),
+        "acquire": bool(re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx)),
+        "ld_cg": len(re.findall(r"ld\.global\.cg", ptx)),
+    }
+
+
+def _configs(quick: bool, arch: int) -> list[dict]:
+    from triton_lstm.kernels.lstm_fwd_persistent import plan_persistent_fwd, resident_bytes
+
+    devices = DEVICES[:1] if quick else DEVICES
+    shapes = ANCHORS if quick else [(B, H) for H in (1, 16, 17, 33, 64, 100, 128, 256, 512, 768, 1024, 2048, 4096)
+                                    for B in (1, 3, 8, 16, 17, 64, 256, 512)]
+    seen = {}
+    for device, num_sms, shared in devices:
+        for dtype, size in DTYPES.items():
+            for B, H in shapes:
+                plan = plan_persistent_fwd(100, B, H, H, size, False, num_sms, shared)
+                if not plan.persistent:
+                    continue
+                key = (dtype, H, plan.resident, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, min(plan.grid_h, 16))
+                estimate = resident_bytes(plan.block_b, plan.block_h, H, size) if plan.resident else None
+                seen.setdefault(key, dict(dtype=dtype, H=H, resident=plan.resident, block_b=plan.block_b, block_h=plan.block_h,
+                                          block_k=plan.block_k, num_warps=plan.num_warps, grid_h=min(plan.grid_h, 16), grid_b=1,
+                                          arch=arch, limit=shared, device=device, estimate=estimate))
+    return list(seen.values())
+
+
+def _run(config: dict) -> tuple[dict, dict | str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], capture_output=True, text=True, env=env)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode == 0 and lines:
+        return config, json.loads(lines[-1])
+    tail = (result.stdout + result.stderr).strip().splitlines()
+    return config, (tail[-1] if tail else f"exit {result.returncode}")[:200]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="anchor shapes on the H100 preset only")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(_compile_one(json.loads(args.one))))
+        return 0
+    configs = _configs(args.quick, args.arch)
+    print(f"{len(configs)} planned configurations, compiled for sm_{args.arch}")
+    failures = 0
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for config, outcome in pool.map(_run, configs):
+            name = (f"{config['dtype']} H={config['H']} {'resident' if config['resident'] else 'streamed'} "
+                    f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")
+            if isinstance(outcome, str):
+                failures += 1
+                print(f"FAIL {name}: {outcome}")
+                continue
+            problems = []
+            if outcome["shared"] > config["limit"]:
+                problems.append(f"shared {outcome['shared']} > {config['limit']} ({config['device']})")
+            if outcome["spills"]:
+                problems.append("register spills")
+            if not (outcome["release"] and outcome["acquire"] and outcome["ld_cg"]):
+                problems.append(f"barrier PTX not as designed: {outcome}")
+            failures += bool(problems)
+            estimate = f" (estimate {config['estimate']})" if config["estimate"] else ""
+            print(f"{'FAIL' if problems else 'ok  '} {name}: shared {outcome['shared']}{estimate} {'; '.join(problems)}", flush=True)
+    print(f"{len(configs) - failures} of {len(configs)} ok")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
