@@ -51,7 +51,8 @@ def _compile_one(config: dict) -> dict:
                      BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
     signature.update({name: "constexpr" for name in constants})
     compiled = triton.compile(ASTSource(_lstm_persistent_fwd_kernel, signature, constants),
-                              target=GPUTarget("cuda", config["arch"], 32), options={"num_warps": config["num_warps"]})
+                              target=GPUTarget("cuda", config["arch"], 32),
+                              options={"num_warps": config["num_warps"], "launch_cooperative_grid": True})
     ptx = compiled.asm["ptx"]
     return {
         "shared": compiled.metadata.shared,

@@ -167,6 +167,27 @@ def test_resident_out_of_resources_retries_streamed(monkeypatch):
     _assert_matches_reference(ours, inputs, lengths, torch.float32)
 
 
+def test_refused_cooperative_launch_falls_back_to_per_step(monkeypatch):
+    def refuse(*args):
+        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+
+    calls = []
+    real = persistent.lstm_fwd
+    monkeypatch.setattr(persistent, "_launch", refuse)
+    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args: calls.append(1) or real(*args))
+    inputs, lengths = _problem(3, 2, 3, 5, torch.float32, with_lengths=True)
+    ours = _run(inputs, lengths, torch.float32, None)
+    assert calls == [1]
+    _assert_matches_reference(ours, inputs, lengths, torch.float32)
+
+    def fail(*args):
+        raise RuntimeError("some other launch error")
+
+    monkeypatch.setattr(persistent, "_launch", fail)
+    with pytest.raises(RuntimeError, match="other launch error"):
+        _run(inputs, lengths, torch.float32, None)
+
+
 # --- The plan: a pure function of shapes and device limits ------------------------------------------
 
 def test_plan_projection_and_empty_inputs_go_per_step():

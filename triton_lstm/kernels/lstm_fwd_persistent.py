@@ -13,8 +13,9 @@ Two ways to hold W_hh (chosen by ``plan_persistent_fwd`` from a shared-memory bu
 
 - *resident*: each program owns one hidden block and loads its W_hh slice (4 × K × BLOCK_H) once,
   before the time loop; every step is then one ``tl.dot`` per gate over the whole K.
-- *streamed*: the slice is re-read every step in BLOCK_K chunks; it stays hot in L2 (the whole W_hh
-  of a layer is at most a few MiB, far below the 50 MiB L2 of an H100) and the loads overlap the dots.
+- *streamed*: the slice is re-read every step in BLOCK_K chunks, which Triton's loop pipeliner may
+  overlap with the dots. It stays in L2 while W_hh fits there (H100/H200: 50 MB; bf16 W_hh is 8 MiB at
+  H = 1024, 32 MiB at H = 2048; fp32 at H = 2048, 64 MiB, streams from HBM).
 
 h_t is exchanged through global memory (``h_all``, which holds every step anyway, so no buffer is
 ever overwritten while a slow program may still read it). One barrier per step:
@@ -29,7 +30,8 @@ ever overwritten while a slow program may still read it). One barrier per step:
   and a line of h_all cached in L1 earlier could be stale.
 
 A spin-wait needs every program of the grid to be resident at once, so the grid never exceeds the SM
-count (one program per SM always fits when the kernel compiled at all). Under ``TRITON_INTERPRET=1``
+count (one program per SM always fits when the kernel compiled at all), and the kernel is launched as a
+cooperative grid, which the driver starts only when all of it can be resident. Under ``TRITON_INTERPRET=1``
 programs run one after another, so there the grid is a single program, whose barrier passes at once:
 CI runs this very code path, barrier included.
 
@@ -41,6 +43,7 @@ Falls back to the per-step kernel (``lstm_fwd``), never to a deadlock:
   ``MAX_HIDDEN_BLOCKS_PER_PROGRAM`` × 64 units per SM covers);
 - when the compiler reports the kernel does not fit (``OutOfResources``): resident retries streamed,
   streamed falls back to per-step;
+- when the driver refuses the cooperative launch (the grid cannot be co-resident);
 - when ``TRITON_LSTM_PERSISTENT=0`` is set (for A/B timing and debugging).
 """
 
@@ -65,7 +68,8 @@ MAX_HIDDEN_BLOCKS_PER_PROGRAM = 4
 RESIDENT_HEADROOM = 8 * 1024
 # Shared memory assumed under the interpreter, so that plans there are deterministic.
 INTERPRETER_SHARED_MEMORY = 96 * 1024
-# Shared memory assumed when the device does not report its opt-in limit (the sm_80+ minimum).
+# Shared memory assumed when the device does not report its opt-in limit (sm_86 and sm_89: the
+# smallest opt-in limit among Ampere and later cards).
 DEFAULT_SHARED_MEMORY = 99 * 1024
 
 
@@ -422,6 +426,11 @@ def lstm_fwd_persistent(
             reason=plan.reason + "; resident did not fit, W_hh streamed",
         )
         return lstm_fwd_persistent(projected, h0, c0, w_hh, w_hr, lengths, streamed)
+    except RuntimeError as error:
+        # "too many blocks in cooperative launch": the driver refused to start the grid; nothing ran.
+        if "cooperative" not in str(error):
+            raise
+        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
     return h_all, c_all, gates
 
 
@@ -449,4 +458,8 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K):
         BLOCK_H=plan.block_h,
         BLOCK_K=plan.block_k,
         num_warps=plan.num_warps,
+        # A cooperative launch starts only if every program can be resident at once (else the driver
+        # refuses it), so a kernel sharing the GPU on another stream cannot leave half of this grid
+        # spinning for programs that never get an SM. The interpreter ignores the option.
+        launch_cooperative_grid=True,
     )
