@@ -22,6 +22,24 @@ def tanh(x):
     return tl.where(x >= 0, magnitude, -magnitude)
 
 
+@triton.jit
+def grid_barrier(counter_ptr, target):
+    """Waits until ``target`` arrivals have been counted at ``counter_ptr``, after arriving once.
+
+    Arrive: the CTA barrier orders every thread's earlier stores before thread 0's gpu-scope release add
+    (release is cumulative in the PTX memory model, so it publishes them all). Wait: spin on an acquire
+    read, which pairs with the other programs' releases; the CTA barrier after it extends the acquire
+    to every thread of the program. The counter only grows (targets are programs × steps done), so it is
+    zeroed once per launch, never inside one. Every program must be co-resident (a cooperative launch):
+    a program spinning here waits for all the others to arrive.
+    """
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: fp32 dots are exact ("ieee") unless PyTorch allows TF32 for matmuls."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

@@ -35,11 +35,11 @@ mean one dot over the whole 4H, which only fits registers for small H. The whole
 for small H pays off is a measurement still to make on a GPU.
 
 Co-residency: the persistent grid never exceeds the SM count (one program per SM always fits when the
-kernel compiled at all), under Triton's interpreter it is one program (programs run one after another
-there, so a second would deadlock the first one's barrier), and a compile that runs out of resources
-falls back to per-step launches. ``TRITON_LSTM_PERSISTENT_BWD=0`` forces per-step launches (for A/B
-timing, or under MPS with a reduced SM share, where the SM count torch reports overstates what a
-kernel can hold at once).
+kernel compiled at all) and is launched cooperatively, so the driver refuses it rather than start part
+of it; under Triton's interpreter it is one program (programs run one after another there, so a second
+would deadlock the first one's barrier). A compile that runs out of resources or a refused cooperative
+launch falls back to per-step launches. ``TRITON_LSTM_PERSISTENT_BWD=0`` forces per-step launches (for
+A/B timing).
 
 A projection (``proj_size > 0``, W_hr) is not fused: ``lstm_bwd`` hands it to the reference backward.
 Its chain would need dm = dh·W_hr over all P columns inside each step, a second all-to-all dependency.
@@ -55,25 +55,10 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from triton_lstm.kernels.common import dot_precision, tanh
+from triton_lstm.kernels.common import dot_precision, grid_barrier, tanh
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
 
 SCHEDULES = ("auto", "persistent", "per_step")
-
-
-@triton.jit
-def _grid_barrier(counter_ptr, target):
-    # All of this program's dG stores must be issued before it announces its arrival: a CTA barrier,
-    # then a gpu-scope release add. The acquire load that sees the count reach ``target`` (every program
-    # of this step arrived) makes the other programs' stores visible; the CTA barrier after it extends
-    # that to every thread of the program. The counter only grows (target = programs × steps done), so
-    # it is never reset inside the launch.
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    while arrived < target:
-        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "seg_start"])
@@ -175,7 +160,7 @@ def _lstm_bwd_kernel(
         tl.store(dg_out + 3 * H, d_o.to(out_dtype), mask=mask_bh)
         dh_carry = dh
         if USE_BARRIER:
-            _grid_barrier(counter_ptr, (s + 1) * tl.num_programs(0))
+            grid_barrier(counter_ptr, (s + 1) * tl.num_programs(0))
 
     # Per-step launches hand the chain to the next launch through these buffers; after the last step
     # they hold the gradient at step 0 (for h still to be pushed through dG_0·W_hh by the launcher).
@@ -266,10 +251,20 @@ def lstm_bwd_gate_grads(
         if schedule == "persistent":
             counter.zero_()  # the barrier's targets count from zero in every launch
             try:
-                _lstm_bwd_kernel[grid](*args, t0 + L - 1, L, t0, USE_BARRIER=True, **launch)
+                # Cooperative: the driver starts the grid only if all of it can be resident at once, so
+                # a kernel sharing the GPU (another stream, NCCL) cannot leave programs spinning on the
+                # barrier for programs that never get an SM. The interpreter ignores the option.
+                _lstm_bwd_kernel[grid](
+                    *args, t0 + L - 1, L, t0, USE_BARRIER=True, launch_cooperative_grid=True, **launch
+                )
                 continue
             except OutOfResources:
                 # Raised while compiling, before any program ran: the buffers are untouched.
+                schedule = "per_step"
+            except RuntimeError as error:
+                # "too many blocks in cooperative launch": the driver refused the grid; nothing ran.
+                if "cooperative" not in str(error):
+                    raise
                 schedule = "per_step"
         for t in reversed(range(t0, t0 + L)):
             _lstm_bwd_kernel[grid](*args, t, 1, t0, USE_BARRIER=False, **launch)

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from triton_lstm.kernels.common import dot_precision, sigmoid, tanh
+from triton_lstm.kernels.common import dot_precision, grid_barrier, sigmoid, tanh
 from triton_lstm.kernels.lstm_fwd import lstm_fwd
 
 # Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
@@ -71,18 +71,6 @@ INTERPRETER_SHARED_MEMORY = 96 * 1024
 # Shared memory assumed when the device does not report its opt-in limit (sm_86 and sm_89: the
 # smallest opt-in limit among Ampere and later cards).
 DEFAULT_SHARED_MEMORY = 99 * 1024
-
-
-@triton.jit
-def _grid_barrier(counter_ptr, target):
-    # Arrive: every thread of this program has issued its stores of h_t before thread 0's release.
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    # Wait: the acquire pairs with the other programs' releases. A scalar atomic runs on one thread and
-    # its result is broadcast, so the whole program leaves the loop together.
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
-    tl.debug_barrier()
 
 
 @triton.jit
@@ -237,7 +225,7 @@ def _lstm_persistent_fwd_kernel(
                         step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS,
                     )
         # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
-        _grid_barrier(counter_ptr, (t + 1) * GRID_H)
+        grid_barrier(counter_ptr, (t + 1) * GRID_H)
 
 
 @dataclasses.dataclass(frozen=True)
