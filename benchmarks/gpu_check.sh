@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the GPU tests of the persistent forward, then the --quick benchmark.
+# One call on a GPU machine: the GPU tests (kernels, large shapes, integrations), then the --quick benchmark.
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/<gpu-name>/, logs beside them
 #   OUT=/some/dir bash benchmarks/gpu_check.sh   # results in $OUT/results/<gpu-name>/, logs in $OUT
@@ -30,12 +30,13 @@ print(p.name, "SMs", p.multi_processor_count, "shared optin", getattr(p, "shared
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "no usable CUDA device"; exit 2; }
 
-echo "== persistent forward: GPU tests (limit ${TEST_LIMIT:-240} s)"
-timeout "${TEST_LIMIT:-240}" python -m pytest -q -x tests/test_persistent_fwd.py --durations=10 2>&1 | tee "$LOGS/test_persistent_fwd.log"
-rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "persistent tests: exit $rc (124 = timed out: a hang?)"; status=1; }
+echo "== GPU tests (limit ${TEST_LIMIT:-270} s)"
+timeout "${TEST_LIMIT:-270}" python -m pytest -q tests/test_gpu.py tests/test_persistent_fwd.py tests/test_fused_bwd.py \
+  tests/test_modules.py tests/test_integrations.py --durations=10 2>&1 | tee "$LOGS/test_gpu.log"
+rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "GPU tests: exit $rc (124 = timed out: a hang?)"; status=1; }
 
-echo "== benchmark --quick (limit ${BENCH_LIMIT:-300} s)"
-timeout "${BENCH_LIMIT:-300}" python benchmarks/bench.py --quick --out "$RESULTS" 2>&1 | tee "$LOGS/bench_quick.log"
+echo "== benchmark --quick (limit ${BENCH_LIMIT:-240} s)"
+timeout "${BENCH_LIMIT:-240}" python benchmarks/bench.py --quick --out "$RESULTS" 2>&1 | tee "$LOGS/bench_quick.log"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "benchmark: exit $rc (124 = timed out)"; status=1; }
 
 if [ "${SUITE:-0}" = "1" ]; then
