@@ -40,6 +40,70 @@ def grid_barrier(counter_ptr, target):
     tl.debug_barrier()
 
 
+@triton.jit
+def lstm_cell_update(
+    acc_i,
+    acc_f,
+    acc_g,
+    acc_o,
+    projected_ptr,
+    h_ptr,
+    c_ptr,
+    gates_ptr,
+    lengths_ptr,
+    step,
+    B,
+    rows,
+    offs_b,
+    mask_b,
+    offs_h,
+    mask_h,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    CARRY_H: tl.constexpr,
+):
+    """Gates, cell update and their stores for one (batch block × hidden block) tile of step ``step``.
+
+    ``acc_*`` hold this tile's h_{t-1}·W_hhᵀ per gate (fp32). Stores the gate activations and c_t;
+    returns o⊙tanh(c_t) in fp32 for the caller to store (as h_t, or as m_t before a projection). Past a
+    sequence's end the state is carried: c_t = c_{t-1}, gates zero, and with CARRY_H the returned value is
+    h_{t-1} (without it the caller carries h itself, after its projection).
+    """
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    gate_offs = step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
+    x_ptrs = projected_ptr + gate_offs
+    i = sigmoid(acc_i + tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32))
+    f = sigmoid(acc_f + tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32))
+    g = tanh(acc_g + tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32))
+    o = sigmoid(acc_o + tl.load(x_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32))
+
+    state_offs = rows[:, None] * H + offs_h[None, :]
+    # c_{t-1} of these units was written by this same program; ".cg" keeps the read off L1 all the same.
+    c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
+    c = f * c_prev + i * g
+    h = o * tanh(c)
+    if HAS_LENGTHS:
+        valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]
+        c = tl.where(valid, c, c_prev)
+        i = tl.where(valid, i, 0.0)
+        f = tl.where(valid, f, 0.0)
+        g = tl.where(valid, g, 0.0)
+        o = tl.where(valid, o, 0.0)
+        if CARRY_H:
+            h_prev = tl.load(h_ptr + step * B * K + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
+            h = tl.where(valid, h, h_prev.to(tl.float32))
+
+    gates_ptrs = gates_ptr + gate_offs
+    out_dtype = gates_ptr.dtype.element_ty
+    tl.store(gates_ptrs, i.to(out_dtype), mask=mask_bh)
+    tl.store(gates_ptrs + H, f.to(out_dtype), mask=mask_bh)
+    tl.store(gates_ptrs + 2 * H, g.to(out_dtype), mask=mask_bh)
+    tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
+    tl.store(c_ptr + (step + 1) * B * H + state_offs, c, mask=mask_bh)
+    return h
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: fp32 dots are exact ("ieee") unless PyTorch allows TF32 for matmuls."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

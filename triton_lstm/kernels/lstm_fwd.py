@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_lstm.kernels.common import dot_precision, sigmoid, tanh
+from triton_lstm.kernels.common import dot_precision, lstm_cell_update
 
 
 @triton.jit(do_not_specialize=["t", "B"])
@@ -65,36 +65,13 @@ def _lstm_step_fwd_kernel(
         acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
         acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o, input_precision=DOT_PRECISION)
 
-    gate_offs = step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
-    x_ptrs = projected_ptr + gate_offs
-    i = sigmoid(acc_i + tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32))
-    f = sigmoid(acc_f + tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32))
-    g = tanh(acc_g + tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32))
-    o = sigmoid(acc_o + tl.load(x_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32))
-
+    m = lstm_cell_update(
+        acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, not PROJECT,
+    )
     state_offs = rows[:, None] * H + offs_h[None, :]
-    c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0)
-    c = f * c_prev + i * g
-    m = o * tanh(c)
-    if HAS_LENGTHS:
-        # Past its end a sequence carries its state unchanged; its gates are stored as zero.
-        valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]
-        c = tl.where(valid, c, c_prev)
-        i = tl.where(valid, i, 0.0)
-        f = tl.where(valid, f, 0.0)
-        g = tl.where(valid, g, 0.0)
-        o = tl.where(valid, o, 0.0)
-        if not PROJECT:
-            m = tl.where(valid, m, tl.load(h_prev_ptr + state_offs, mask=mask_bh, other=0.0).to(tl.float32))
-
-    gates_ptrs = gates_ptr + gate_offs
-    out_dtype = gates_ptr.dtype.element_ty
-    tl.store(gates_ptrs, i.to(out_dtype), mask=mask_bh)
-    tl.store(gates_ptrs + H, f.to(out_dtype), mask=mask_bh)
-    tl.store(gates_ptrs + 2 * H, g.to(out_dtype), mask=mask_bh)
-    tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
-    tl.store(c_ptr + (step + 1) * B * H + state_offs, c, mask=mask_bh)
     if PROJECT:
+        # m_t = o⊙tanh(c_t); the launcher projects it, h_t = m_t·W_hrᵀ, and carries h past a sequence's end.
         tl.store(m_ptr + state_offs, m.to(m_ptr.dtype.element_ty), mask=mask_bh)
     else:
         tl.store(h_ptr + (step + 1) * B * K + state_offs, m.to(h_ptr.dtype.element_ty), mask=mask_bh)

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from triton_lstm.kernels.common import dot_precision, grid_barrier, sigmoid, tanh
+from triton_lstm.kernels.common import dot_precision, grid_barrier, lstm_cell_update
 from triton_lstm.kernels.lstm_fwd import lstm_fwd
 
 # Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
@@ -71,63 +71,6 @@ INTERPRETER_SHARED_MEMORY = 96 * 1024
 # Shared memory assumed when the device does not report its opt-in limit (sm_86 and sm_89: the
 # smallest opt-in limit among Ampere and later cards).
 DEFAULT_SHARED_MEMORY = 99 * 1024
-
-
-@triton.jit
-def _cell_update(
-    acc_i,
-    acc_f,
-    acc_g,
-    acc_o,
-    projected_ptr,
-    h_ptr,
-    c_ptr,
-    gates_ptr,
-    lengths_ptr,
-    step,
-    B,
-    rows,
-    offs_b,
-    mask_b,
-    offs_h,
-    mask_h,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr,
-):
-    """Gates, cell update and stores for one (batch block × hidden block) tile of step ``step``."""
-    mask_bh = mask_b[:, None] & mask_h[None, :]
-    gate_offs = step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
-    x_ptrs = projected_ptr + gate_offs
-    i = sigmoid(acc_i + tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32))
-    f = sigmoid(acc_f + tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32))
-    g = tanh(acc_g + tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32))
-    o = sigmoid(acc_o + tl.load(x_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32))
-
-    state_offs = rows[:, None] * H + offs_h[None, :]
-    # c_{t-1} of these units was written by this same program; ".cg" keeps the read off L1 all the same.
-    c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
-    c = f * c_prev + i * g
-    h = o * tanh(c)
-    if HAS_LENGTHS:
-        # Past its end a sequence carries its state unchanged; its gates are stored as zero.
-        valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]
-        c = tl.where(valid, c, c_prev)
-        i = tl.where(valid, i, 0.0)
-        f = tl.where(valid, f, 0.0)
-        g = tl.where(valid, g, 0.0)
-        o = tl.where(valid, o, 0.0)
-        h_prev = tl.load(h_ptr + step * B * K + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
-        h = tl.where(valid, h, h_prev.to(tl.float32))
-
-    gates_ptrs = gates_ptr + gate_offs
-    out_dtype = gates_ptr.dtype.element_ty
-    tl.store(gates_ptrs, i.to(out_dtype), mask=mask_bh)
-    tl.store(gates_ptrs + H, f.to(out_dtype), mask=mask_bh)
-    tl.store(gates_ptrs + 2 * H, g.to(out_dtype), mask=mask_bh)
-    tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
-    tl.store(c_ptr + (step + 1) * B * H + state_offs, c, mask=mask_bh)
-    tl.store(h_ptr + (step + 1) * B * K + state_offs, h.to(h_ptr.dtype.element_ty), mask=mask_bh)
 
 
 @triton.jit(do_not_specialize=["T", "B"])
@@ -191,10 +134,12 @@ def _lstm_persistent_fwd_kernel(
                 acc_f = tl.dot(h_blk, w_f, input_precision=DOT_PRECISION)
                 acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
                 acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
-                _cell_update(
+                h = lstm_cell_update(
                     acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                    step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS,
+                    step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, True,
                 )
+                h_offs = (step + 1) * B * K + rows[:, None] * K + res_offs_h[None, :]
+                tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_b[:, None] & res_mask_h[None, :])
             else:
                 for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
                     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -220,10 +165,12 @@ def _lstm_persistent_fwd_kernel(
                         acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
                         acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
                         acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o, input_precision=DOT_PRECISION)
-                    _cell_update(
+                    h = lstm_cell_update(
                         acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS,
+                        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, True,
                     )
+                    h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
+                    tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_h[None, :])
         # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
         grid_barrier(counter_ptr, (t + 1) * GRID_H)
 
