@@ -144,8 +144,8 @@ def recurrence_bwd(
     return (*grads[:6], grad_w_hr)
 
 
-@recurrence_bwd.register_fake
-def _recurrence_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, use_reference=0):
+def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr):
+    """Shapes of the backward ops' outputs (this op's and the recompute one's)."""
     return (
         torch.empty_like(x),
         torch.empty_like(grad_h_n),
@@ -155,6 +155,11 @@ def _recurrence_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gate
         w_ih.new_empty(w_ih.shape[0]),
         torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0),
     )
+
+
+@recurrence_bwd.register_fake
+def _recurrence_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, use_reference=0):
+    return backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr)
 
 
 _autocast_library = torch.library.Library("triton_lstm", "FRAGMENT")
@@ -203,19 +208,23 @@ class LSTMRecurrence(torch.autograd.Function):
         grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = torch.ops.triton_lstm.recurrence_bwd(
             grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, ctx.use_reference
         )
-        has_bias = b_ih is not None
-        return (
-            grad_x,
-            grad_h0,
-            grad_c0,
-            grad_w_ih,
-            grad_w_hh,
-            grad_bias if has_bias else None,
-            grad_bias.clone() if has_bias else None,  # each bias owns its gradient tensor
-            grad_w_hr if w_hr is not None else None,
-            None,
-            None,
-        )
+        grads = (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr)
+        return (*input_gradients(grads, b_ih is not None, w_hr is not None), None, None)
+
+
+def input_gradients(grads, has_bias: bool, has_projection: bool) -> tuple:
+    """The backward ops' seven outputs as gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)."""
+    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
+    return (
+        grad_x,
+        grad_h0,
+        grad_c0,
+        grad_w_ih,
+        grad_w_hh,
+        grad_bias if has_bias else None,
+        grad_bias.clone() if has_bias else None,  # each bias owns its gradient tensor
+        grad_w_hr if has_projection else None,
+    )
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):

@@ -29,7 +29,13 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from triton_lstm.ops import _differentiable_backward, run_without_autocast, uses_kernels
+from triton_lstm.ops import (
+    _differentiable_backward,
+    backward_outputs_fake,
+    input_gradients,
+    run_without_autocast,
+    uses_kernels,
+)
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
 
 
@@ -118,15 +124,7 @@ def recurrence_bwd_recompute(
 def _recurrence_bwd_recompute_fake(
     grad_out, grad_h_n, grad_c_n, x, h_checkpoints, c_checkpoints, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, interval, use_reference
 ):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(grad_h_n),
-        torch.empty_like(grad_c_n),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
-        w_ih.new_empty(w_ih.shape[0]),
-        torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0),
-    )
+    return backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr)
 
 
 run_without_autocast("recurrence_bwd_recompute")
@@ -154,26 +152,11 @@ class LSTMRecurrenceRecompute(torch.autograd.Function):
             # create_graph=True: a second derivative will be taken, so differentiate the reference.
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h_checkpoints, c_checkpoints = ctx.saved_tensors
-        grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
-            torch.ops.triton_lstm.recurrence_bwd_recompute(
-                grad_out, grad_h_n, grad_c_n, x, h_checkpoints, c_checkpoints,
-                w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.interval, ctx.use_reference,
-            )
+        grads = torch.ops.triton_lstm.recurrence_bwd_recompute(
+            grad_out, grad_h_n, grad_c_n, x, h_checkpoints, c_checkpoints,
+            w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.interval, ctx.use_reference,
         )
-        has_bias = b_ih is not None
-        return (
-            grad_x,
-            grad_h0,
-            grad_c0,
-            grad_w_ih,
-            grad_w_hh,
-            grad_bias if has_bias else None,
-            grad_bias.clone() if has_bias else None,  # each bias owns its gradient tensor
-            grad_w_hr if w_hr is not None else None,
-            None,
-            None,
-            None,
-        )
+        return (*input_gradients(grads, b_ih is not None, w_hr is not None), None, None, None)
 
 
 def _storage_key(tensor: Tensor) -> int:

@@ -41,6 +41,51 @@ def grid_barrier(counter_ptr, target):
 
 
 @triton.jit
+def recurrent_product_streamed(
+    h_prev_ptr,
+    w_hh_ptr,
+    rows,
+    mask_b,
+    offs_h,
+    mask_h,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """h_{t-1}·W_hhᵀ for one (batch block × hidden block) tile, per gate, reading W_hh in BLOCK_K chunks.
+
+    ``h_prev_ptr`` points at h_{t-1} (B, K). Rows past B and columns past K load as zeros, so tl.dot's
+    16-wide minimum pads B and K. h_{t-1} was written by other programs: ".cg" loads skip L1, which is
+    not coherent across SMs. Returns the four fp32 accumulators (i, f, g, o).
+    """
+    w_cols = offs_h.to(tl.int64)[None, :] * K  # W_hh row j is gate unit j; the dot needs its transpose
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        h_blk = tl.load(
+            h_prev_ptr + rows[:, None] * K + offs_k[None, :],
+            mask=mask_b[:, None] & mask_k[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        # W_hh is read-only while the kernel runs: its loads may use L1.
+        w_ptrs = w_hh_ptr + w_cols + offs_k[:, None]
+        w_mask = mask_k[:, None] & mask_h[None, :]
+        acc_i = tl.dot(h_blk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+        acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o, input_precision=DOT_PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
 def lstm_cell_update(
     acc_i,
     acc_f,

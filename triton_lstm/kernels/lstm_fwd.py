@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_lstm.kernels.common import dot_precision, lstm_cell_update
+from triton_lstm.kernels.common import dot_precision, lstm_cell_update, recurrent_product_streamed
 
 
 @triton.jit(do_not_specialize=["t", "B"])
@@ -47,24 +47,10 @@ def _lstm_step_fwd_kernel(
     rows = offs_b.to(tl.int64)
     step = t.to(tl.int64)
     h_prev_ptr = h_ptr + step * B * K
-    w_cols = offs_h.to(tl.int64)[None, :] * K  # W_hh row j is gate unit j; we need its transpose
 
-    # Rows past B and columns past K are loaded as zeros, so tl.dot's 16-wide minimum pads B and K.
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        h_blk = tl.load(h_prev_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-        w_ptrs = w_hh_ptr + w_cols + offs_k[:, None]
-        w_mask = mask_k[:, None] & mask_h[None, :]
-        acc_i = tl.dot(h_blk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
-        acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
-        acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
-        acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o, input_precision=DOT_PRECISION)
-
+    acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
+        h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+    )
     m = lstm_cell_update(
         acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
         step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, not PROJECT,

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from triton_lstm.kernels.common import dot_precision, grid_barrier, lstm_cell_update
+from triton_lstm.kernels.common import dot_precision, grid_barrier, lstm_cell_update, recurrent_product_streamed
 from triton_lstm.kernels.lstm_fwd import lstm_fwd
 
 # Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
@@ -144,27 +144,9 @@ def _lstm_persistent_fwd_kernel(
                 for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
                     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
                     mask_h = offs_h < H
-                    w_cols = offs_h.to(tl.int64)[None, :] * K
-                    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    for k0 in range(0, K, BLOCK_K):
-                        offs_k = k0 + tl.arange(0, BLOCK_K)
-                        mask_k = offs_k < K
-                        h_blk = tl.load(
-                            h_prev_ptr + rows[:, None] * K + offs_k[None, :],
-                            mask=mask_b[:, None] & mask_k[None, :],
-                            other=0.0,
-                            cache_modifier=".cg",
-                        )
-                        # W_hh is read-only during the launch: its loads may use L1 freely.
-                        w_ptrs = w_hh_ptr + w_cols + offs_k[:, None]
-                        w_mask = mask_k[:, None] & mask_h[None, :]
-                        acc_i = tl.dot(h_blk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
-                        acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
-                        acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
-                        acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o, input_precision=DOT_PRECISION)
+                    acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
+                        h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+                    )
                     h = lstm_cell_update(
                         acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                         step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, True,
