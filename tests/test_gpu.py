@@ -24,15 +24,3 @@ LARGE = {
 def test_large_shapes_match_nn_lstm(case, dtype):
     check_against_nn(case, dtype, oracle_device="cuda")
 
-
-def test_tf32_follows_pytorch_flag():
-    from triton_lstm.kernels.common import dot_precision
-
-    previous = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert dot_precision(torch.float32) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert dot_precision(torch.float32) == "tf32"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous

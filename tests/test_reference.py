@@ -107,3 +107,17 @@ def test_cpu_path_runs_the_reference(monkeypatch):
         None, None, None, None,
     )
     assert calls == [1]
+
+
+def test_fp32_dots_follow_pytorch_tf32_flag():
+    from triton_lstm.kernels.common import dot_precision
+
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) == "ieee", "the flag only concerns fp32 inputs"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
