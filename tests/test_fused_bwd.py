@@ -360,11 +360,12 @@ def test_gpu_deterministic_bitwise(dtype, shape):
             assert torch.equal(first[name], again[name]), f"{name} differs between two identical runs"
 
 
-@requires_cuda
-def test_gpu_plan_is_persistent_within_the_sms_and_falls_back_beyond():
-    device = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    schedule, block_b, block_h = lstm_bwd_module._plan(64, 512, device, "auto")
+def test_plan_is_persistent_within_the_sms_and_falls_back_beyond():
+    sms = 132  # an H100 SXM / H200
+    schedule, block_b, block_h = lstm_bwd_module.plan_bwd(64, 512, sms, "auto")
     assert schedule == "persistent" and lstm_bwd_module._tiles(64, 512, block_b, block_h) <= sms
-    assert lstm_bwd_module._plan(256, 8192, device, "auto")[0] == "per_step"
+    assert lstm_bwd_module.plan_bwd(256, 8192, sms, "auto")[0] == "per_step"
+    with pytest.raises(ValueError, match="SMs"):
+        lstm_bwd_module.plan_bwd(256, 8192, sms, "persistent")
+    assert lstm_bwd_module.plan_bwd(5, 7, None, "auto")[0] == "persistent", "one program under the interpreter"
 

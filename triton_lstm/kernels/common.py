@@ -32,6 +32,11 @@ def grid_barrier(counter_ptr, target):
     to every thread of the program. The counter only grows (targets are programs × steps done), so it is
     zeroed once per launch, never inside one. Every program must be co-resident (a cooperative launch):
     a program spinning here waits for all the others to arrive.
+
+    After the barrier, plain loads of what other programs stored before it are correct by the PTX memory
+    model (release → acquire → CTA barrier), L1 or not; the kernels still read such data with ".cg"
+    (L2 only) as a second guard, except where Triton stages fp32 dot operands through cp.async, which
+    drops the cache modifier.
     """
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")

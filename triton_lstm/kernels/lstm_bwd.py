@@ -172,14 +172,15 @@ def _tiles(B: int, H: int, block_b: int, block_h: int) -> int:
     return triton.cdiv(B, block_b) * triton.cdiv(H, block_h)
 
 
-def _plan(B: int, H: int, device: torch.device, schedule: str) -> tuple[str, int, int]:
-    """Returns (schedule, BLOCK_B, BLOCK_H) for the gate-gradient kernel.
+def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str) -> tuple[str, int, int]:
+    """Returns (schedule, BLOCK_B, BLOCK_H) for the gate-gradient kernel on a GPU of ``num_sms`` SMs
+    (None: Triton's interpreter). A pure function of the shapes, so it can be checked without a GPU.
 
     tl.dot needs every dimension >= 16: smaller B and H are masked up to 16.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"lstm_bwd: schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if device.type != "cuda":
+    if num_sms is None:
         # Triton's interpreter runs programs one after another: a program spinning on the barrier would
         # wait forever for the next one. One program owning every batch row and hidden unit never waits.
         block_b = max(16, triton.next_power_of_2(B))
@@ -192,16 +193,20 @@ def _plan(B: int, H: int, device: torch.device, schedule: str) -> tuple[str, int
         # Every program must be resident at once or the barrier deadlocks: at most one program per SM
         # (each fits an SM on its own, whatever its register and shared-memory use). Smaller tiles spread
         # the recurrent product over more SMs; wider batch tiles re-read W_hh fewer times.
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
         block_b = widest_b
         while block_b >= 16:
             for block_h in (16, 32, 64, 128, 256):
-                if block_b * block_h <= 4096 and _tiles(B, H, block_b, block_h) <= sms:
+                if block_b * block_h <= 4096 and _tiles(B, H, block_b, block_h) <= num_sms:
                     return "persistent", block_b, block_h
             block_b //= 2
         if schedule == "persistent":
-            raise ValueError(f"lstm_bwd: B={B}, H={H} needs more tiles than the {sms} SMs can hold at once")
+            raise ValueError(f"lstm_bwd: B={B}, H={H} needs more tiles than the {num_sms} SMs can hold at once")
     return "per_step", widest_b, 32
+
+
+def bwd_launch_options(H: int, block_b: int, block_h: int) -> dict:
+    """BLOCK_K and num_warps of the gate-gradient kernel for a tile of BLOCK_B × BLOCK_H."""
+    return dict(BLOCK_K=64 if 4 * H >= 64 else 16, num_warps=8 if block_b * block_h > 2048 else 4)
 
 
 def lstm_bwd_gate_grads(
@@ -233,7 +238,8 @@ def lstm_bwd_gate_grads(
     dh = grad_h_n.to(torch.float32, copy=True).contiguous()
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    schedule, block_b, block_h = _plan(B, H, device, schedule)
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    schedule, block_b, block_h = plan_bwd(B, H, num_sms, schedule)
     grid = (_tiles(B, H, block_b, block_h),)
     launch = dict(
         H=H,
@@ -241,8 +247,7 @@ def lstm_bwd_gate_grads(
         DOT_PRECISION=dot_precision(dtype),
         BLOCK_B=block_b,
         BLOCK_H=block_h,
-        BLOCK_K=64 if 4 * H >= 64 else 16,
-        num_warps=8 if block_b * block_h > 2048 else 4,
+        **bwd_launch_options(H, block_b, block_h),
     )
     lengths_arg = lengths if lengths is not None else counter
     for t0, gates, c in segments:
