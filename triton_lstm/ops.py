@@ -29,7 +29,6 @@ from triton_lstm.reference import (
 )
 
 try:
-    from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: F401  (the per-step fallback)
     from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
     from triton_lstm.kernels.lstm_bwd import lstm_bwd
 

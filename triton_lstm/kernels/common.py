@@ -154,6 +154,12 @@ def lstm_cell_update(
     return h
 
 
+def refused_cooperative_launch(error: RuntimeError) -> bool:
+    """Whether a launch failed because the driver would not start a cooperative grid ("too many blocks in
+    cooperative launch": it cannot all be resident at once). Nothing ran; the caller may launch per step."""
+    return "cooperative" in str(error)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: fp32 dots are exact ("ieee") unless PyTorch allows TF32 for matmuls."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from triton_lstm.kernels.common import dot_precision, grid_barrier, tanh
+from triton_lstm.kernels.common import dot_precision, grid_barrier, refused_cooperative_launch, tanh
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
 
 SCHEDULES = ("auto", "persistent", "per_step")
@@ -267,8 +267,7 @@ def lstm_bwd_gate_grads(
                 # Raised while compiling, before any program ran: the buffers are untouched.
                 schedule = "per_step"
             except RuntimeError as error:
-                # "too many blocks in cooperative launch": the driver refused the grid; nothing ran.
-                if "cooperative" not in str(error):
+                if not refused_cooperative_launch(error):
                     raise
                 schedule = "per_step"
         for t in reversed(range(t0, t0 + L)):

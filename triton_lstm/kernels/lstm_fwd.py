@@ -71,6 +71,18 @@ def _block_sizes(B: int, H: int, K: int) -> tuple[int, int, int]:
     return block_b, block_h, block_k
 
 
+def allocate_forward_outputs(projected: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, K: int):
+    """``(h_all, c_all, gates)`` for a forward over ``projected`` (T, B, 4H), with h0 and c0 in place at
+    step 0 and everything else left for the kernel to write (layout in ``triton_lstm.reference``)."""
+    T, B, four_h = projected.shape
+    h_all = torch.empty(T + 1, B, K, dtype=projected.dtype, device=projected.device)
+    c_all = torch.empty(T + 1, B, four_h // 4, dtype=torch.float32, device=projected.device)
+    gates = torch.empty(T, B, four_h, dtype=projected.dtype, device=projected.device)
+    h_all[0] = h0
+    c_all[0] = c0
+    return h_all, c_all, gates
+
+
 def lstm_fwd(
     projected: torch.Tensor,
     h0: torch.Tensor,
@@ -87,11 +99,7 @@ def lstm_fwd(
     H = four_h // 4
     K = w_hh.shape[1]
     dtype = projected.dtype
-    h_all = torch.empty(T + 1, B, K, dtype=dtype, device=projected.device)
-    c_all = torch.empty(T + 1, B, H, dtype=torch.float32, device=projected.device)
-    gates = torch.empty(T, B, four_h, dtype=dtype, device=projected.device)
-    h_all[0] = h0
-    c_all[0] = c0
+    h_all, c_all, gates = allocate_forward_outputs(projected, h0, c0, K)
     project = w_hr is not None
     m = torch.empty(B, H, dtype=dtype, device=projected.device) if project else h_all
     valid = None

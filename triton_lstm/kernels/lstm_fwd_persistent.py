@@ -58,8 +58,14 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from triton_lstm.kernels.common import dot_precision, grid_barrier, lstm_cell_update, recurrent_product_streamed
-from triton_lstm.kernels.lstm_fwd import lstm_fwd
+from triton_lstm.kernels.common import (
+    dot_precision,
+    grid_barrier,
+    lstm_cell_update,
+    recurrent_product_streamed,
+    refused_cooperative_launch,
+)
+from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, lstm_fwd
 
 # Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
 # better use of the SMs (an estimate, not a measurement: no GPU was at hand when this was written).
@@ -322,12 +328,7 @@ def lstm_fwd_persistent(
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
     T, B, four_h = projected.shape
     H, K = four_h // 4, w_hh.shape[1]
-    dtype, device = projected.dtype, projected.device
-    h_all = torch.empty(T + 1, B, K, dtype=dtype, device=device)
-    c_all = torch.empty(T + 1, B, H, dtype=torch.float32, device=device)
-    gates = torch.empty(T, B, four_h, dtype=dtype, device=device)
-    h_all[0] = h0
-    c_all[0] = c0
+    h_all, c_all, gates = allocate_forward_outputs(projected, h0, c0, K)
     try:
         _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K)
     except OutOfResources:
@@ -344,8 +345,7 @@ def lstm_fwd_persistent(
         )
         return lstm_fwd_persistent(projected, h0, c0, w_hh, w_hr, lengths, streamed)
     except RuntimeError as error:
-        # "too many blocks in cooperative launch": the driver refused to start the grid; nothing ran.
-        if "cooperative" not in str(error):
+        if not refused_cooperative_launch(error):
             raise
         return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
     return h_all, c_all, gates
