@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the GPU tests (kernels, large shapes, integrations), then the --quick benchmark.
+# One call on a GPU machine: a smoke check of every anchor shape's plan, the --quick benchmark, a tuning
+# sweep of the anchor shapes (tune.py), then the GPU tests (kernels, large shapes, integrations).
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/<gpu-name>/, logs beside them
 #   OUT=/some/dir bash benchmarks/gpu_check.sh   # results in $OUT/results/<gpu-name>/, logs in $OUT
 #
 # Each stage has its own time limit (a grid-barrier bug shows up as a hang, not an error), so the whole
-# script ends within about 9.5 minutes and leaves its logs whatever happens. Stage limits can be changed
-# with TEST_LIMIT / BENCH_LIMIT / SUITE_LIMIT (seconds); SUITE=1 also runs the whole test suite.
+# script ends within about 8 minutes and leaves its logs whatever happens. Stage limits can be changed
+# with SMOKE_LIMIT / BENCH_LIMIT / TUNE_LIMIT / TEST_LIMIT / SUITE_LIMIT (seconds); TUNE=0 skips the
+# sweep; SUITE=1 also runs the whole test suite.
 # Copy $OUT/results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
 set -u
 cd "$(dirname "$0")/.."
@@ -17,11 +19,12 @@ else
   RESULTS="benchmarks/results"; LOGS="benchmarks/results/logs"
 fi
 mkdir -p "$RESULTS" "$LOGS"
+PY=${PYTHON:-python3}
 status=0
 
 echo "== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$LOGS/nvidia-smi.txt"
-python - <<'EOF' 2>&1 | tee "$LOGS/versions.txt"
+"$PY" - <<'EOF' 2>&1 | tee "$LOGS/versions.txt"
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
 assert torch.cuda.is_available(), "no CUDA device"
@@ -30,19 +33,34 @@ print(p.name, "SMs", p.multi_processor_count, "shared optin", getattr(p, "shared
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "no usable CUDA device"; exit 2; }
 
-echo "== GPU tests (limit ${TEST_LIMIT:-270} s)"
-timeout "${TEST_LIMIT:-270}" python -m pytest -q tests/test_gpu.py tests/test_persistent_fwd.py tests/test_fused_bwd.py \
-  tests/test_modules.py tests/test_integrations.py --durations=10 2>&1 | tee "$LOGS/test_gpu.log"
-rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "GPU tests: exit $rc (124 = timed out: a hang?)"; status=1; }
+stage() {  # stage NAME LIMIT LOG command...: a hang shows up as exit 124 and the next stage still runs
+  local name=$1 limit=$2 log=$3; shift 3
+  echo "== $name (limit $limit s)"
+  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "$name: exit $rc (124 = timed out: a hang?)"; status=1; }
+}
+export PYTHONUNBUFFERED=1
 
-echo "== benchmark --quick (limit ${BENCH_LIMIT:-240} s)"
-timeout "${BENCH_LIMIT:-240}" python benchmarks/bench.py --quick --out "$RESULTS" 2>&1 | tee "$LOGS/bench_quick.log"
-rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "benchmark: exit $rc (124 = timed out)"; status=1; }
+# Seconds: does each anchor shape's plan fit, launch and agree with cuDNN (and it warms Triton's cache).
+stage "smoke" "${SMOKE_LIMIT:-50}" smoke.log "$PY" benchmarks/gpu_smoke.py
+
+stage "benchmark --quick" "${BENCH_LIMIT:-130}" bench_quick.log "$PY" benchmarks/bench.py --quick --out "$RESULTS"
+
+if [ "${TUNE:-1}" = "1" ]; then
+  stage "tune (anchor shapes, bf16)" "${TUNE_LIMIT:-90}" tune.log \
+    "$PY" benchmarks/tune.py --anchors --max-T 128 --budget-s "${TUNE_BUDGET:-6}" --csv "$LOGS/tune.csv"
+fi
+
+# Parallel workers and a per-test limit where the plugins are installed (the GPU test host has both).
+PYTEST_EXTRA=()
+"$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n "${WORKERS:-8}")
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
+stage "GPU tests" "${TEST_LIMIT:-150}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
+  tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py --durations=10
 
 if [ "${SUITE:-0}" = "1" ]; then
-  echo "== whole test suite (limit ${SUITE_LIMIT:-400} s)"
-  timeout "${SUITE_LIMIT:-400}" python -m pytest -q tests/ 2>&1 | tee "$LOGS/test_suite.log"
-  rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "test suite: exit $rc"; status=1; }
+  stage "whole test suite" "${SUITE_LIMIT:-400}" test_suite.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/
 fi
 
 echo "== done (status $status); results under $RESULTS, logs under $LOGS"

@@ -217,6 +217,7 @@ def lstm_bwd_gate_grads(
     lengths: torch.Tensor | None,
     segments: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
     schedule: str = "auto",
+    tiling: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sequential part of the backward (no projection): returns ``(grad_gates, grad_h0, grad_c0)``.
 
@@ -229,6 +230,8 @@ def lstm_bwd_gate_grads(
 
     ``grad_gates`` (T, B, 4H) holds the pre-activation gate gradients in the input dtype (zero past a
     sequence's end); ``grad_h0`` / ``grad_c0`` are fp32. ``lengths`` is int32 on the device or None.
+    ``tiling`` = (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's tile (``benchmarks/tune.py``);
+    a persistent schedule with it must keep the tiles within the SM count.
     """
     T, B, H = grad_out.shape
     dtype, device = w_hh.dtype, w_hh.device
@@ -239,7 +242,13 @@ def lstm_bwd_gate_grads(
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
-    schedule, block_b, block_h = plan_bwd(B, H, num_sms, schedule)
+    if tiling is None:
+        schedule, block_b, block_h = plan_bwd(B, H, num_sms, schedule)
+        options = bwd_launch_options(H, block_b, block_h)
+    else:
+        block_b, block_h, block_k, num_warps = tiling
+        schedule = "per_step" if schedule == "per_step" else "persistent"
+        options = dict(BLOCK_K=block_k, num_warps=num_warps)
     grid = (_tiles(B, H, block_b, block_h),)
     launch = dict(
         H=H,
@@ -247,7 +256,7 @@ def lstm_bwd_gate_grads(
         DOT_PRECISION=dot_precision(dtype),
         BLOCK_B=block_b,
         BLOCK_H=block_h,
-        **bwd_launch_options(H, block_b, block_h),
+        **options,
     )
     lengths_arg = lengths if lengths is not None else counter
     for t0, gates, c in segments:

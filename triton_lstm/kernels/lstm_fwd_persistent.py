@@ -326,11 +326,8 @@ def lstm_fwd_persistent(
         return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
-    T, B, four_h = projected.shape
-    H, K = four_h // 4, w_hh.shape[1]
-    h_all, c_all, gates = allocate_forward_outputs(projected, h0, c0, K)
     try:
-        _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K)
+        return lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan, lengths)
     except OutOfResources:
         # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
         if not plan.resident:
@@ -339,7 +336,7 @@ def lstm_fwd_persistent(
         streamed = dataclasses.replace(
             plan,
             resident=False,
-            block_k=max(16, min(32 if fma_dot else 64, triton.next_power_of_2(K))),
+            block_k=max(16, min(32 if fma_dot else 64, triton.next_power_of_2(w_hh.shape[1]))),
             num_warps=2 if fma_dot and plan.block_b * plan.block_h <= 256 else 4,
             reason=plan.reason + "; resident did not fit, W_hh streamed",
         )
@@ -348,6 +345,16 @@ def lstm_fwd_persistent(
         if not refused_cooperative_launch(error):
             raise
         return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
+
+
+def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengths=None):
+    """Runs exactly ``plan`` (persistent, no projection), without fallbacks: raises ``OutOfResources`` when
+    it does not fit and the driver's RuntimeError when the cooperative launch is refused (before anything
+    ran, in both cases). For ``lstm_fwd_persistent`` and the tuning sweep (``benchmarks/tune.py``)."""
+    T, B, four_h = projected.shape
+    H, K = four_h // 4, w_hh.shape[1]
+    h_all, c_all, gates = allocate_forward_outputs(projected, h0, c0, K)
+    _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K)
     return h_all, c_all, gates
 
 

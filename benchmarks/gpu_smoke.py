@@ -1,0 +1,102 @@
+"""First look on a GPU, in seconds: does each anchor shape's planned kernel fit, run and agree with cuDNN?
+
+    python benchmarks/gpu_smoke.py
+
+For each anchor shape (bf16, fp32): the forward plan, whether that exact plan compiles within the device's
+resources and is accepted as a cooperative grid (no silent fallback), the recurrence's agreement with the
+per-step kernel, and triton_lstm.LSTM against cuDNN nn.LSTM on the same weights (output and, in bf16, the
+weight gradient). Then the single-step call (T = 1, B = 8, H = 512: an RL rollout) timed as wall clock
+per call against nn.LSTM, host overhead included. Also warms Triton's cache for the benchmark that follows.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import triton_lstm  # noqa: E402
+from triton_lstm.benchmark import ANCHOR_CASES  # noqa: E402
+from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
+from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours.double() - theirs.double()).norm() / theirs.double().norm().clamp_min(1e-30)).item()
+
+
+def check_plan(T, B, H, dtype):
+    projected = torch.randn(T, B, 4 * H, device="cuda", dtype=dtype)
+    w_hh = (torch.randn(4 * H, H, device="cuda") * H**-0.5).to(dtype)
+    h0, c0 = torch.randn(2, B, H, device="cuda", dtype=dtype)
+    plan = fwd.plan_for(projected, w_hh, None)
+    line = f"plan {plan.reason}: bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}"
+    if not plan.persistent:
+        return line
+    try:
+        ours = fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)[0]
+    except Exception as error:  # noqa: BLE001 (report and go on)
+        return f"{line} -> {type(error).__name__}: {str(error).splitlines()[0][:100]}"
+    steps = lstm_fwd(projected, h0, c0, w_hh, None, None)[0]
+    return f"{line} -> runs; vs per-step kernel rel err {relative_error(ours, steps):.2e}"
+
+
+def against_cudnn(case, dtype):
+    torch.manual_seed(0)
+    theirs = nn.LSTM(case.I, case.H, device="cuda", dtype=dtype)
+    ours = triton_lstm.LSTM(case.I, case.H, device="cuda", dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    T = min(case.T, 128)
+    x = torch.randn(T, case.B, case.I, device="cuda", dtype=dtype)
+    out_theirs, _ = theirs(x)
+    out_ours, _ = ours(x)
+    grad = torch.randn_like(out_ours)
+    out_theirs.backward(grad)
+    out_ours.backward(grad)
+    return (f"vs cuDNN (T={T}): out rel err {relative_error(out_ours, out_theirs):.2e}, "
+            f"dW_hh rel err {relative_error(ours.weight_hh_l0.grad, theirs.weight_hh_l0.grad):.2e}")
+
+
+def single_step(calls=300):
+    torch.manual_seed(0)
+    theirs = nn.LSTM(512, 512, device="cuda", dtype=torch.bfloat16)
+    ours = triton_lstm.LSTM(512, 512, device="cuda", dtype=torch.bfloat16)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(1, 8, 512, device="cuda", dtype=torch.bfloat16)
+    state = (torch.zeros(1, 8, 512, device="cuda", dtype=torch.bfloat16),) * 2
+    results = {}
+    for name, model in (("nn.LSTM", theirs), ("triton_lstm", ours)):
+        with torch.no_grad():
+            for _ in range(20):
+                model(x, state)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                model(x, state)
+            torch.cuda.synchronize()
+        results[name] = (time.perf_counter() - start) / calls * 1e6
+    return (f"single step T=1 B=8 H=512 bf16 no_grad: nn.LSTM {results['nn.LSTM']:.1f} us/call, "
+            f"triton_lstm {results['triton_lstm']:.1f} us/call ({results['triton_lstm'] / results['nn.LSTM']:.2f}x)")
+
+
+def main() -> int:
+    print(torch.cuda.get_device_name(), "SMs, shared opt-in:", fwd._device_limits(0), flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    for dtype in (torch.bfloat16, torch.float32):
+        for case in ANCHOR_CASES:
+            start = time.monotonic()
+            label = f"{str(dtype)[6:]:8} T{case.T} B{case.B} I{case.I} H{case.H}"
+            print(f"{label}: {check_plan(min(case.T, 64), case.B, case.H, dtype)}", flush=True)
+            if dtype == torch.bfloat16:
+                print(f"{label}: {against_cudnn(case, dtype)} ({time.monotonic() - start:.1f} s)", flush=True)
+    print(single_step(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

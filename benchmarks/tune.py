@@ -1,0 +1,205 @@
+"""Sweep the planner's choices for one shape on this GPU and print the fastest.
+
+    python benchmarks/tune.py --shape 512 64 256 256 --dtype bf16            # forward and backward
+    python benchmarks/tune.py --anchors --mode fwd --budget-s 20 --csv out.csv
+
+Forward: resident vs streamed W_hh, BLOCK_B, BLOCK_H, BLOCK_K, warps and the batch split (grid_b), each
+candidate run through ``lstm_fwd_persistent`` with an explicit ``ForwardPlan`` and checked against the
+per-step kernel's result before it is timed. Backward: the gate-gradient kernel's tile (BLOCK_B, BLOCK_H,
+BLOCK_K, warps), persistent schedule, checked against the planner's own tiling. Both sides time the
+recurrence alone (the input projection and the weight-gradient GEMMs are the same for every candidate),
+with ``triton.testing.do_bench`` medians; cuDNN's whole ``nn.LSTM`` forward is printed beside them as the
+yardstick. A candidate that does not fit (OutOfResources), is refused as a cooperative grid, or gives a
+wrong result is listed as such, never timed. ``--budget-s`` bounds the seconds spent per shape and mode
+(compiles dominate); candidates run in order of the planner's preference, so the default comes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from triton_lstm.benchmark import ANCHOR_CASES, DTYPES  # noqa: E402
+from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
+from triton_lstm.kernels.lstm_bwd import bwd_launch_options, lstm_bwd_gate_grads, plan_bwd  # noqa: E402
+from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
+
+
+def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list[fwd.ForwardPlan]:
+    default = fwd.plan_persistent_fwd(1, B, H, H, element_size, False, num_sms, fwd._device_limits(0)[1])
+    plans = [default] if default.persistent else []
+    k_pad = max(16, 1 << (H - 1).bit_length())
+    widest_b = max(16, min(64, 1 << (B - 1).bit_length()))
+    fma = element_size >= 4
+    for block_b in (16, 32, 64):
+        if block_b > widest_b:
+            continue
+        for block_h in (16, 32, 64):
+            num_h = -(-H // block_h)
+            most_b = max(1, min(-(-B // block_b), num_sms // max(1, min(num_h, num_sms))))
+            grid_bs = sorted({1, most_b})
+            if not fma and num_h <= num_sms and block_h <= 32:
+                for warps in (4, 8):
+                    for grid_b in grid_bs:
+                        plans.append(fwd.ForwardPlan(True, "resident", True, block_b, block_h, k_pad, num_h, grid_b, warps))
+            grid_h = min(num_h, num_sms)
+            most_b = max(1, min(-(-B // block_b), num_sms // grid_h))
+            for block_k in ((32, 64) if fma else (64, 128)):
+                for warps in (4, 8):
+                    plans.append(fwd.ForwardPlan(True, "streamed", False, block_b, block_h, min(block_k, k_pad), grid_h, most_b, warps))
+    shared = fwd._device_limits(0)[1]
+    plans = [p for p in plans if not p.resident or fwd.resident_bytes(p.block_b, p.block_h, H, element_size) <= shared]
+    knobs = lambda p: (p.resident, p.block_b, p.block_h, p.block_k, p.num_warps, p.grid_h, p.grid_b)  # noqa: E731
+    unique = list({knobs(p): dataclasses.replace(p, reason="default" if knobs(p) == knobs(default) else p.reason)
+                   for p in reversed(plans)}.values())[::-1]
+    if not default.persistent:
+        return unique
+    return _nearest_first(unique, default, knobs)
+
+
+def _nearest_first(candidates, default, knobs):
+    """The default, then candidates that change one knob of it, then two, …: a short budget still sees
+    the effect of every single knob."""
+    def distance(candidate):
+        return sum(a != b for a, b in zip(knobs(candidate), knobs(default)))
+
+    return sorted(candidates, key=distance)
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def tune_forward(T, B, I, H, dtype, budget_s, rows):
+    device = "cuda"
+    num_sms, shared = fwd._device_limits(0)
+    torch.manual_seed(0)
+    projected = torch.randn(T, B, 4 * H, device=device, dtype=dtype)
+    w_hh = (torch.randn(4 * H, H, device=device) * H**-0.5).to(dtype)
+    h0 = torch.randn(B, H, device=device, dtype=dtype)
+    c0 = torch.randn(B, H, device=device, dtype=dtype)
+    expected = lstm_fwd(projected, h0, c0, w_hh, None, None)[0].float()
+    tol = 3e-2 if dtype != torch.float32 else 1e-4
+
+    reference = torch.nn.LSTM(I, H, device=device, dtype=dtype)
+    x = torch.randn(T, B, I, device=device, dtype=dtype)
+    with torch.no_grad():
+        cudnn_us = _bench(lambda: reference(x)) * 1e3 / T
+    per_step_us = _bench(lambda: lstm_fwd(projected, h0, c0, w_hh, None, None)) * 1e3 / T
+    print(f"fwd T{T} B{B} I{I} H{H} {dtype}: cuDNN nn.LSTM {cudnn_us:.2f} us/step, per-step kernel {per_step_us:.2f} us/step", flush=True)
+    start = time.monotonic()
+    results = []
+    for plan in _forward_candidates(B, H, projected.element_size(), num_sms):
+        if time.monotonic() - start > budget_s:
+            print(f"  budget of {budget_s} s spent; remaining candidates skipped")
+            break
+        label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
+                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}{' (default)' if plan.reason == 'default' else ''}")
+        try:
+            h_all, c_all, gates = fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)
+            torch.cuda.synchronize()
+            error = (h_all.float() - expected).abs().max().item()
+            if not error <= tol:
+                status, us = f"WRONG (max error {error:.3g})", float("nan")
+            else:
+                us = _bench(lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)) * 1e3 / T
+                status = "ok"
+        except Exception as exc:  # noqa: BLE001 (a sweep reports every failure and goes on)
+            status, us = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}", float("nan")
+        results.append((us, label, status))
+        rows.append(dict(mode="fwd", dtype=str(dtype).removeprefix("torch."), T=T, B=B, I=I, H=H, candidate=label,
+                         status=status, us_per_step=f"{us:.4g}", cudnn_us_per_step=f"{cudnn_us:.4g}"))
+        print(f"  {label:55} {us:8.2f} us/step  {status}", flush=True)
+    timed = sorted(r for r in results if r[0] == r[0])
+    if timed:
+        print(f"  best: {timed[0][1]} {timed[0][0]:.2f} us/step = {cudnn_us / timed[0][0]:.2f}x cuDNN", flush=True)
+
+
+def tune_backward(T, B, I, H, dtype, budget_s, rows):
+    device = "cuda"
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    torch.manual_seed(0)
+    gates = torch.rand(T, B, 4 * H, device=device).to(dtype)
+    gates[:, :, 2 * H:3 * H] = gates[:, :, 2 * H:3 * H] * 2 - 1  # g in (-1, 1)
+    c_all = torch.randn(T + 1, B, H, device=device)
+    w_hh = (torch.randn(4 * H, H, device=device) * H**-0.5).to(dtype)
+    grad_out = torch.randn(T, B, H, device=device, dtype=dtype)
+    grad_h = torch.randn(B, H, device=device, dtype=dtype)
+    grad_c = torch.randn(B, H, device=device, dtype=dtype)
+
+    def run(tiling=None, schedule="auto"):
+        return lstm_bwd_gate_grads(grad_out, grad_h, grad_c, w_hh, None, [(0, gates, c_all)], schedule, tiling)
+
+    expected = run()[0].float()
+    schedule, block_b, block_h = plan_bwd(B, H, num_sms, "auto")
+    default = (block_b, block_h, *bwd_launch_options(H, block_b, block_h).values())
+    default_us = _bench(run) * 1e3 / T
+    print(f"bwd T{T} B{B} H{H} {dtype}: planner {schedule} tile {default} {default_us:.2f} us/step", flush=True)
+    candidates = [default]
+    for bb in (16, 32, 64):
+        for bh in (16, 32, 64, 128):
+            for bk in (64, 128):
+                for warps in (4, 8):
+                    if bb <= max(16, 1 << (B - 1).bit_length()) and -(-B // bb) * -(-H // bh) <= num_sms:
+                        candidates.append((bb, bh, bk, warps))
+    start = time.monotonic()
+    for tiling in _nearest_first(list(dict.fromkeys(candidates)), default, lambda tiling: tiling):
+        if time.monotonic() - start > budget_s:
+            print(f"  budget of {budget_s} s spent; remaining candidates skipped")
+            break
+        try:
+            got = run(tiling, "persistent")[0].float()
+            error = (got - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+            if not error <= (3e-2 if dtype != torch.float32 else 1e-4):
+                status, us = f"WRONG (rel error {error:.3g})", float("nan")
+            else:
+                status, us = "ok", _bench(lambda: run(tiling, "persistent")) * 1e3 / T
+        except Exception as exc:  # noqa: BLE001
+            status, us = f"{type(exc).__name__}", float("nan")
+        label = f"bb{tiling[0]} bh{tiling[1]} bk{tiling[2]} w{tiling[3]}{' (default)' if tiling == default else ''}"
+        rows.append(dict(mode="bwd", dtype=str(dtype).removeprefix("torch."), T=T, B=B, I=I, H=H, candidate=label,
+                         status=status, us_per_step=f"{us:.4g}", cudnn_us_per_step=""))
+        print(f"  {label:40} {us:8.2f} us/step  {status}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", nargs=4, type=int, metavar=("T", "B", "I", "H"), action="append", default=[])
+    parser.add_argument("--anchors", action="store_true", help="the benchmark's five anchor shapes")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--mode", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"])
+    parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
+    parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
+    parser.add_argument("--csv", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.exit(2, "tune.py needs a CUDA GPU\n")
+    shapes = [tuple(s) for s in args.shape] + ([(c.T, c.B, c.I, c.H) for c in ANCHOR_CASES] if args.anchors else [])
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    try:
+        for T, B, I, H in shapes:
+            T = min(T, args.max_T)
+            for mode in args.mode:
+                (tune_forward if mode == "fwd" else tune_backward)(T, B, I, H, DTYPES[args.dtype], args.budget_s, rows)
+    finally:
+        if args.csv and rows:
+            with open(args.csv, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
