@@ -7,7 +7,7 @@ with triton) and this script checks what can be checked without running it:
 
 - it compiles at all (each compile runs in its own process: an LLVM assertion aborts the process);
 - the shared memory it allocates fits the device preset's opt-in limit, and against ``resident_bytes``;
-- no register spills (no ``.local`` in the PTX);
+- no register spills (the cubin's stack frame, by ``cuobjdump -res-usage``: the PTX cannot show them);
 - the grid barrier is what the design says: a release reduction on arrive, an acquire load (or atomic)
   in the spin, and ``ld.global.cg`` loads of h (or of dG in the backward).
 
@@ -46,7 +46,8 @@ def _kernel_and_signature(config: dict):
 
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
                      "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32", "T": "i32", "B": "i32"}
-        constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]), DOT_PRECISION="ieee",
+        constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
+                         ONE_TILE=int(config.get("one_tile", False)), DOT_PRECISION=config.get("precision", "ieee"),
                          GRID_H=config["grid_h"], GRID_B=config["grid_b"], BLOCK_B=config["block_b"],
                          BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
     elif kind == "step":
@@ -77,16 +78,41 @@ def _compile_one(config: dict) -> dict:
     options = {"num_warps": config["num_warps"]}
     if config.get("kernel", "persistent") != "step":
         options["launch_cooperative_grid"] = True
-    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", config["arch"], 32), options=options)
+    # The JIT marks pointers to 16-byte-aligned tensors (every torch allocation) as such; without these
+    # attributes the compiler sees unaligned pointers and builds another kernel (scalar loads, other
+    # pipelining and shared memory).
+    attrs = {(index,): [["tt.divisibility", 16]] for index, kind in enumerate(signature.values()) if kind.startswith("*")}
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", config["arch"], 32),
+                              options=options)
     ptx = compiled.asm["ptx"]
+    registers, spilled = _resource_usage(compiled.asm["cubin"])
     return {
         "shared": compiled.metadata.shared,
-        "spills": ".local" in ptx,
+        "registers": registers,
+        "spills": spilled,
         "release": bool(re.search(r"(red|atom)\.global\.gpu\.release", ptx)),
         "acquire": bool(re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx)),
         "ld_cg": len(re.findall(r"ld\.global\.cg", ptx)),
         "cp_async_ca": len(re.findall(r"cp\.async\.ca", ptx)),
     }
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack frame bytes) of the compiled kernel, read by the cuobjdump that ships
+    with triton. Spills are made by ptxas, so the PTX cannot show them; they land in the stack frame
+    (the kernels use no stack otherwise)."""
+    import tempfile
+
+    import triton
+
+    cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        report = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True).stdout
+    registers = re.search(r"REG:(\d+)", report)
+    stack = re.search(r"STACK:(\d+)", report)
+    return (int(registers.group(1)) if registers else -1), (int(stack.group(1)) if stack else -1)
 
 
 def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
@@ -106,11 +132,13 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
                 plan = plan_persistent_fwd(100, B, H, H, size, False, num_sms, shared)
                 if not plan.persistent:
                     continue
-                key = (dtype, H, plan.resident, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, min(plan.grid_h, 16))
+                one_tile = plan.resident and plan.grid_b == -(-B // plan.block_b)
+                key = (dtype, H, plan.resident, one_tile, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, min(plan.grid_h, 16))
                 estimate = resident_bytes(plan.block_b, plan.block_h, H, size) if plan.resident else None
-                seen.setdefault(key, dict(dtype=dtype, H=H, resident=plan.resident, block_b=plan.block_b, block_h=plan.block_h,
-                                          block_k=plan.block_k, num_warps=plan.num_warps, grid_h=min(plan.grid_h, 16), grid_b=1,
-                                          arch=arch, limit=shared, device=device, estimate=estimate))
+                seen.setdefault(key, dict(dtype=dtype, H=H, resident=plan.resident, one_tile=one_tile, block_b=plan.block_b,
+                                          block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
+                                          grid_h=min(plan.grid_h, 16), grid_b=1, arch=arch, limit=shared, device=device,
+                                          estimate=estimate))
     return list(seen.values())
 
 
@@ -174,7 +202,7 @@ def main(argv=None) -> int:
     failures = 0
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for config, outcome in pool.map(_run, configs):
-            mode = {"persistent": "resident" if config["resident"] else "streamed",
+            mode = {"persistent": ("resident" + (" one-tile" if config.get("one_tile") else "")) if config["resident"] else "streamed",
                     "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step"}[args.kernel]
             name = (f"{config['dtype']} H={config['H']} {mode} "
                     f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")
@@ -186,7 +214,7 @@ def main(argv=None) -> int:
             if outcome["shared"] > config["limit"]:
                 problems.append(f"shared {outcome['shared']} > {config['limit']} ({config['device']})")
             if outcome["spills"]:
-                problems.append("register spills")
+                problems.append(f"stack frame {outcome['spills']} bytes (spills)")
             barrier = args.kernel == "persistent" or (args.kernel == "bwd" and config["resident"])
             # Correctness rests on the release/acquire pair (plus the CTA barriers around it): in the PTX
             # memory model the loads after an acquire observe what the other programs released, wherever
@@ -196,7 +224,8 @@ def main(argv=None) -> int:
                 problems.append(f"barrier PTX not as designed: {outcome}")
             failures += bool(problems)
             estimate = f" (estimate {config['estimate']})" if config["estimate"] else ""
-            print(f"{'FAIL' if problems else 'ok  '} {name}: shared {outcome['shared']}{estimate} {'; '.join(problems)}", flush=True)
+            print(f"{'FAIL' if problems else 'ok  '} {name}: shared {outcome['shared']}{estimate}, "
+                  f"{outcome['registers']} registers {'; '.join(problems)}", flush=True)
     print(f"{len(configs) - failures} of {len(configs)} ok")
     return 1 if failures else 0
 

@@ -8,7 +8,7 @@
 # Each stage has its own time limit (a grid-barrier bug shows up as a hang, not an error), so the whole
 # script ends within about 8 minutes and leaves its logs whatever happens. Stage limits can be changed
 # with SMOKE_LIMIT / BENCH_LIMIT / TUNE_LIMIT / TEST_LIMIT / SUITE_LIMIT (seconds); TUNE=0 skips the
-# sweep; SUITE=1 also runs the whole test suite.
+# sweep, TUNE_MODE / TUNE_DTYPES / TUNE_BUDGET choose what it sweeps; SUITE=1 also runs the whole suite.
 # Copy $OUT/results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
 set -u
 cd "$(dirname "$0")/.."
@@ -48,8 +48,9 @@ stage "smoke" "${SMOKE_LIMIT:-50}" smoke.log "$PY" benchmarks/gpu_smoke.py
 stage "benchmark --quick" "${BENCH_LIMIT:-130}" bench_quick.log "$PY" benchmarks/bench.py --quick --out "$RESULTS"
 
 if [ "${TUNE:-1}" = "1" ]; then
-  stage "tune (anchor shapes, bf16)" "${TUNE_LIMIT:-90}" tune.log \
-    "$PY" benchmarks/tune.py --anchors --max-T 128 --budget-s "${TUNE_BUDGET:-6}" --csv "$LOGS/tune.csv"
+  # shellcheck disable=SC2086 (the lists are meant to split)
+  stage "tune (anchor shapes)" "${TUNE_LIMIT:-90}" tune.log "$PY" benchmarks/tune.py --anchors --max-T 128 \
+    --mode ${TUNE_MODE:-fwd bwd} --dtype ${TUNE_DTYPES:-bf16} --budget-s "${TUNE_BUDGET:-6}" --csv "$LOGS/tune.csv"
 fi
 
 # Parallel workers and a per-test limit where the plugins are installed (the GPU test host has both).

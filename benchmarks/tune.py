@@ -34,34 +34,45 @@ from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
 
 
 def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list[fwd.ForwardPlan]:
-    default = fwd.plan_persistent_fwd(1, B, H, H, element_size, False, num_sms, fwd._device_limits(0)[1])
+    """Plans around the planner's own: resident and streamed W_hh, tile sizes, warps, the batch split;
+    in fp32 also tensor-core dots in three TF32 passes ("tf32x3", fp32-level accuracy)."""
+    shared = fwd._device_limits(0)[1]
+    default = fwd.plan_persistent_fwd(1, B, H, H, element_size, False, num_sms, shared)
     plans = [default] if default.persistent else []
     k_pad = max(16, 1 << (H - 1).bit_length())
     widest_b = max(16, min(64, 1 << (B - 1).bit_length()))
     fma = element_size >= 4
+    precisions = ("ieee", "tf32x3") if fma else ("ieee",)
     for block_b in (16, 32, 64):
         if block_b > widest_b:
             continue
         for block_h in (16, 32, 64):
             num_h = -(-H // block_h)
-            most_b = max(1, min(-(-B // block_b), num_sms // max(1, min(num_h, num_sms))))
-            grid_bs = sorted({1, most_b})
-            if not fma and num_h <= num_sms and block_h <= 32:
-                for warps in (4, 8):
-                    for grid_b in grid_bs:
-                        plans.append(fwd.ForwardPlan(True, "resident", True, block_b, block_h, k_pad, num_h, grid_b, warps))
             grid_h = min(num_h, num_sms)
             most_b = max(1, min(-(-B // block_b), num_sms // grid_h))
-            for block_k in ((32, 64) if fma else (64, 128)):
-                for warps in (4, 8):
-                    plans.append(fwd.ForwardPlan(True, "streamed", False, block_b, block_h, min(block_k, k_pad), grid_h, most_b, warps))
-    shared = fwd._device_limits(0)[1]
+            for precision in precisions:
+                # fp32 resident W_hh is left out: compiled for sm_90 it spills kilobytes (tf32x3 at H = 256).
+                if not fma and num_h <= num_sms and block_h <= 32:
+                    for warps in (4, 8):
+                        plans.append(fwd.ForwardPlan(True, "resident", True, block_b, block_h, k_pad, num_h, most_b, warps,
+                                                     exact_fp32_dot=precision))
+                for block_k in ((32, 64) if fma else (64, 128, 256)):
+                    for warps in (4, 8):
+                        plans.append(fwd.ForwardPlan(True, "streamed", False, block_b, block_h, min(block_k, k_pad), grid_h,
+                                                     most_b, warps, exact_fp32_dot=precision))
     plans = [p for p in plans if not p.resident or fwd.resident_bytes(p.block_b, p.block_h, H, element_size) <= shared]
-    knobs = lambda p: (p.resident, p.block_b, p.block_h, p.block_k, p.num_warps, p.grid_h, p.grid_b)  # noqa: E731
+    knobs = lambda p: (p.resident, p.block_b, p.block_h, p.block_k, p.num_warps, p.grid_h, p.grid_b, p.exact_fp32_dot)  # noqa: E731
     unique = list({knobs(p): dataclasses.replace(p, reason="default" if knobs(p) == knobs(default) else p.reason)
                    for p in reversed(plans)}.values())[::-1]
     if not default.persistent:
         return unique
+    if fma:
+        # The planner's fp32 plans are all "ieee": try the tensor-core variants first.
+        tensor_core = [p for p in unique if p.exact_fp32_dot != "ieee"]
+        pivot = max(tensor_core, key=lambda p: (p.resident, p.block_b == default.block_b, p.num_warps == 4), default=default)
+        first = [p for p in unique if p.reason == "default"]
+        rest = [p for p in unique if p.exact_fp32_dot == "ieee" and p.reason != "default"]
+        return first + _nearest_first(tensor_core, pivot, knobs) + _nearest_first(rest, default, knobs)
     return _nearest_first(unique, default, knobs)
 
 
@@ -104,7 +115,8 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows):
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
-                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}{' (default)' if plan.reason == 'default' else ''}")
+                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}"
+                 f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{' (default)' if plan.reason == 'default' else ''}")
         try:
             h_all, c_all, gates = fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)
             torch.cuda.synchronize()
@@ -176,7 +188,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", nargs=4, type=int, metavar=("T", "B", "I", "H"), action="append", default=[])
     parser.add_argument("--anchors", action="store_true", help="the benchmark's five anchor shapes")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"])
     parser.add_argument("--mode", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"])
     parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
@@ -188,10 +200,11 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = []
     try:
-        for T, B, I, H in shapes:
-            T = min(T, args.max_T)
-            for mode in args.mode:
-                (tune_forward if mode == "fwd" else tune_backward)(T, B, I, H, DTYPES[args.dtype], args.budget_s, rows)
+        for dtype in args.dtype:
+            for T, B, I, H in shapes:
+                T = min(T, args.max_T)
+                for mode in args.mode:
+                    (tune_forward if mode == "fwd" else tune_backward)(T, B, I, H, DTYPES[dtype], args.budget_s, rows)
     finally:
         if args.csv and rows:
             with open(args.csv, "w", newline="") as handle:

@@ -37,5 +37,16 @@ def poison_empty(request, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32_on_cuda():
+    """nn.LSTM's cuDNN path computes fp32 in TF32 by default (torch.backends.cudnn.allow_tf32), which
+    would make it a 1e-4-accurate yardstick: the tests compare against exact fp32, as the kernels compute
+    with TF32 off (matmul.allow_tf32 is already off by default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "no_poison: do not poison torch.empty with NaN in this test")

@@ -39,7 +39,7 @@ def one_cpu_thread():
 SHAPES = [(1, 1, 3, 1), (7, 3, 5, 17), (7, 17, 4, 33), (1, 3, 2, 33)]
 
 
-def _case(T, B, I, H, dtype, device, ragged, seed=0):
+def _case(T, B, I, H, dtype, device, ragged, seed=0, weight_scale=0.4):
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -49,8 +49,8 @@ def _case(T, B, I, H, dtype, device, ragged, seed=0):
         x=rand(T, B, I),
         h0=rand(B, H, scale=0.5),
         c0=rand(B, H, scale=0.5),
-        w_ih=rand(4 * H, I, scale=0.4),
-        w_hh=rand(4 * H, H, scale=0.4),
+        w_ih=rand(4 * H, I, scale=weight_scale),
+        w_hh=rand(4 * H, H, scale=weight_scale),
         b_ih=rand(4 * H, scale=0.2),
         b_hh=rand(4 * H, scale=0.2),
     )
@@ -352,8 +352,11 @@ def test_gpu_deterministic_bitwise(dtype, shape):
     """Same inputs, same gradients, bit for bit: persistent grids, and (last shape) more tiles than SMs,
     which takes the per-step fallback."""
     T, B, I, H = shape
-    inputs, lengths, grads = _case(T, B, I, H, dtype, "cuda", ragged=True, seed=9)
+    # Weights at nn.LSTM's scale (1/√H): at 0.4 the gradient of a 1024-wide fp16 layer overflows to NaN
+    # within 64 steps, and NaN never compares equal.
+    inputs, lengths, grads = _case(T, B, I, H, dtype, "cuda", ragged=True, seed=9, weight_scale=H**-0.5)
     first = _layer_grads(inputs, lengths, grads)
+    assert all(torch.isfinite(value).all() for value in first.values())
     for _ in range(2):
         again = _layer_grads(inputs, lengths, grads)
         for name in first:

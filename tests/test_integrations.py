@@ -242,15 +242,16 @@ def test_autocast_cpu_lstm_cell(monkeypatch):
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in cell.parameters())
 
 
-def _nn_lstm_reference(theirs: nn.LSTM, x, lengths=None):
-    """nn.LSTM in float64 on x: the oracle for the autocast comparison."""
-    reference = nn.LSTM(theirs.input_size, theirs.hidden_size, num_layers=theirs.num_layers, proj_size=theirs.proj_size).double().to(x.device)
+def _nn_lstm_reference(theirs: nn.LSTM, x, lengths=None, dtype=torch.float64):
+    """nn.LSTM in ``dtype`` on x: in float64 the oracle for the autocast comparison."""
+    reference = nn.LSTM(theirs.input_size, theirs.hidden_size, num_layers=theirs.num_layers, proj_size=theirs.proj_size)
+    reference = reference.to(device=x.device, dtype=dtype)
     reference.load_state_dict(theirs.state_dict())
     if lengths is not None:
-        x = nn.utils.rnn.pack_padded_sequence(x.double(), lengths, enforce_sorted=False)
+        x = nn.utils.rnn.pack_padded_sequence(x.to(dtype), lengths, enforce_sorted=False)
         out, (h, c) = reference(x)
         return nn.utils.rnn.pad_packed_sequence(out)[0], h, c
-    out, (h, c) = reference(x.double())
+    out, (h, c) = reference(x.to(dtype))
     return out, h, c
 
 
@@ -279,7 +280,13 @@ def test_autocast_cuda_matches_nn_lstm(dtype, config):
     ours_results, their_results = run(ours), run(theirs)
     reference = _nn_lstm_reference(theirs, x, lengths)
     for name, o, t, r in zip(("output", "h_n", "c_n"), ours_results, their_results, reference):
-        assert o.dtype == t.dtype, f"{name}: {o.dtype} where nn.LSTM gives {t.dtype}"
+        # nn.LSTM's cuDNN autocast wrapper runs fp16 whatever the autocast dtype (seen on an H200, torch
+        # 2.11: bf16 autocast returns fp16); ours follows the autocast dtype, as every other op does.
+        assert o.dtype == dtype, f"{name}: {o.dtype} under {dtype} autocast"
+        assert t.dtype in (dtype, torch.float16), f"{name}: nn.LSTM gave {t.dtype}"
+        if t.dtype != dtype:
+            # Then the yardstick is nn.LSTM computing in our dtype (its fp16 result is more precise).
+            t = _nn_lstm_reference(theirs, x, lengths, dtype)[("output", "h_n", "c_n").index(name)]
         assert_error_within_pytorch(name, o.float(), t.float(), r, dtype, factor=3.0)
     ours_results[0].float().sum().backward()
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in ours.parameters())

@@ -334,6 +334,7 @@ def test_gpu_default_plans_match_reference(T, B, I, H, dtype):
     "plan",
     [
         ForwardPlan(True, "resident, 4 batch groups", True, 16, 16, 256, 16, 4),
+        ForwardPlan(True, "resident, 2 batch blocks per program", True, 16, 16, 256, 16, 2),
         ForwardPlan(True, "streamed, 3 hidden blocks per program", False, 16, 16, 64, 6, 2),
         ForwardPlan(True, "streamed, one program", False, 64, 64, 64, 1, 1),
     ],

@@ -19,7 +19,10 @@ from triton_lstm.ops import check_backward_options, lstm_layer
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     # is_autocast_enabled raises for device types without autocast (meta: shape inference, deferred init).
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # Dynamo in torch <= 2.11 cannot trace is_autocast_available (a graph break, an error under
+    # fullgraph); a traced module runs on real devices, so there the check is skipped.
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

@@ -91,13 +91,42 @@ def recurrent_product_streamed(
 
 
 @triton.jit
+def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.constexpr):
+    """This tile's slice of the input projection at ``step`` (x_t·W_ihᵀ + biases), per gate, in fp32.
+    It does not depend on h, so the persistent kernel loads step t+1's before it waits at the barrier."""
+    x_ptrs = projected_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
+    x_i = tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32)
+    x_f = tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32)
+    x_g = tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32)
+    x_o = tl.load(x_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32)
+    return x_i, x_f, x_g, x_o
+
+
+@triton.jit
+def load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H: tl.constexpr, K: tl.constexpr, LOAD_H: tl.constexpr):
+    """(h_{t-1}, c_{t-1}) of this tile in fp32, from the buffers (for kernels that do not keep them in
+    registers across steps). h is read only with LOAD_H (K == H); c otherwise stands in for it."""
+    state_offs = rows[:, None] * H + offs_h[None, :]
+    # c_{t-1} of these units was written by this same program; ".cg" keeps the read off L1 all the same.
+    c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
+    h_prev = c_prev
+    if LOAD_H:
+        h_prev = tl.load(h_ptr + step * B * K + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return h_prev, c_prev
+
+
+@triton.jit
 def lstm_cell_update(
     acc_i,
     acc_f,
     acc_g,
     acc_o,
-    projected_ptr,
-    h_ptr,
+    x_i,
+    x_f,
+    x_g,
+    x_o,
+    h_prev,
+    c_prev,
     c_ptr,
     gates_ptr,
     lengths_ptr,
@@ -109,28 +138,22 @@ def lstm_cell_update(
     offs_h,
     mask_h,
     H: tl.constexpr,
-    K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     CARRY_H: tl.constexpr,
 ):
     """Gates, cell update and their stores for one (batch block × hidden block) tile of step ``step``.
 
-    ``acc_*`` hold this tile's h_{t-1}·W_hhᵀ per gate (fp32). Stores the gate activations and c_t;
-    returns o⊙tanh(c_t) in fp32 for the caller to store (as h_t, or as m_t before a projection). Past a
-    sequence's end the state is carried: c_t = c_{t-1}, gates zero, and with CARRY_H the returned value is
-    h_{t-1} (without it the caller carries h itself, after its projection).
+    ``acc_*`` hold this tile's h_{t-1}·W_hhᵀ per gate and ``x_*`` its input projection (fp32);
+    ``h_prev`` / ``c_prev`` are the tile's state of step t-1 in fp32. Stores the gate activations and c_t;
+    returns (o⊙tanh(c_t), c_t) in fp32 for the caller to store (as h_t, or as m_t before a projection).
+    Past a sequence's end the state is carried: c_t = c_{t-1}, gates zero, and with CARRY_H the returned
+    value is h_{t-1} (without it the caller carries h itself, after its projection).
     """
     mask_bh = mask_b[:, None] & mask_h[None, :]
-    gate_offs = step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
-    x_ptrs = projected_ptr + gate_offs
-    i = sigmoid(acc_i + tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32))
-    f = sigmoid(acc_f + tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32))
-    g = tanh(acc_g + tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32))
-    o = sigmoid(acc_o + tl.load(x_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32))
-
-    state_offs = rows[:, None] * H + offs_h[None, :]
-    # c_{t-1} of these units was written by this same program; ".cg" keeps the read off L1 all the same.
-    c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
+    i = sigmoid(acc_i + x_i)
+    f = sigmoid(acc_f + x_f)
+    g = tanh(acc_g + x_g)
+    o = sigmoid(acc_o + x_o)
     c = f * c_prev + i * g
     h = o * tanh(c)
     if HAS_LENGTHS:
@@ -141,17 +164,16 @@ def lstm_cell_update(
         g = tl.where(valid, g, 0.0)
         o = tl.where(valid, o, 0.0)
         if CARRY_H:
-            h_prev = tl.load(h_ptr + step * B * K + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
-            h = tl.where(valid, h, h_prev.to(tl.float32))
+            h = tl.where(valid, h, h_prev)
 
-    gates_ptrs = gates_ptr + gate_offs
+    gates_ptrs = gates_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
     out_dtype = gates_ptr.dtype.element_ty
     tl.store(gates_ptrs, i.to(out_dtype), mask=mask_bh)
     tl.store(gates_ptrs + H, f.to(out_dtype), mask=mask_bh)
     tl.store(gates_ptrs + 2 * H, g.to(out_dtype), mask=mask_bh)
     tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
-    tl.store(c_ptr + (step + 1) * B * H + state_offs, c, mask=mask_bh)
-    return h
+    tl.store(c_ptr + (step + 1) * B * H + rows[:, None] * H + offs_h[None, :], c, mask=mask_bh)
+    return h, c
 
 
 def refused_cooperative_launch(error: RuntimeError) -> bool:
@@ -160,8 +182,10 @@ def refused_cooperative_launch(error: RuntimeError) -> bool:
     return "cooperative" in str(error)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision: fp32 dots are exact ("ieee") unless PyTorch allows TF32 for matmuls."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
+def dot_precision(dtype: torch.dtype, exact_fp32: str = "ieee") -> str:
+    """tl.dot's input_precision: fp32 dots are TF32 where PyTorch allows TF32 for matmuls, else
+    ``exact_fp32`` ("ieee": FMA units; "tf32x3": three TF32 tensor-core products, fp32-level accuracy).
+    16-bit dots ignore it."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else exact_fp32
     return "ieee"

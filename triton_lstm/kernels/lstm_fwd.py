@@ -15,7 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_lstm.kernels.common import dot_precision, lstm_cell_update, recurrent_product_streamed
+from triton_lstm.kernels.common import (
+    dot_precision,
+    load_gate_inputs,
+    load_own_state,
+    lstm_cell_update,
+    recurrent_product_streamed,
+)
 
 
 @triton.jit(do_not_specialize=["t", "B"])
@@ -51,9 +57,11 @@ def _lstm_step_fwd_kernel(
     acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
         h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
     )
-    m = lstm_cell_update(
-        acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, not PROJECT,
+    x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
+    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS and not PROJECT)
+    m, _ = lstm_cell_update(
+        acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, not PROJECT,
     )
     state_offs = rows[:, None] * H + offs_h[None, :]
     if PROJECT:

@@ -61,6 +61,8 @@ from triton.runtime.errors import OutOfResources
 from triton_lstm.kernels.common import (
     dot_precision,
     grid_barrier,
+    load_gate_inputs,
+    load_own_state,
     lstm_cell_update,
     recurrent_product_streamed,
     refused_cooperative_launch,
@@ -94,6 +96,7 @@ def _lstm_persistent_fwd_kernel(
     K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     RESIDENT: tl.constexpr,
+    ONE_TILE: tl.constexpr,  # RESIDENT and one batch block per program: state stays in registers
     DOT_PRECISION: tl.constexpr,
     GRID_H: tl.constexpr,
     GRID_B: tl.constexpr,
@@ -120,47 +123,90 @@ def _lstm_persistent_fwd_kernel(
         w_g = tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0)
         w_o = tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0)
 
-    for t in range(T):
-        # int64: T·B·4H can pass 2³¹ elements.
-        step = tl.full((), t, tl.int64)
-        h_prev_ptr = h_ptr + step * B * K
-        for bb in range(pid_b, num_b_blocks, GRID_B):
-            offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
-            mask_b = offs_b < B
-            rows = offs_b.to(tl.int64)
-            if RESIDENT:
-                # Rows past B and columns past K load as zeros: that is how tl.dot's 16-wide minimum pads.
-                h_blk = tl.load(
-                    h_prev_ptr + rows[:, None] * K + res_offs_k[None, :],
-                    mask=mask_b[:, None] & (res_offs_k < K)[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                acc_i = tl.dot(h_blk, w_i, input_precision=DOT_PRECISION)
-                acc_f = tl.dot(h_blk, w_f, input_precision=DOT_PRECISION)
-                acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
-                acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
-                h = lstm_cell_update(
-                    acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                    step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, True,
-                )
-                h_offs = (step + 1) * B * K + rows[:, None] * K + res_offs_h[None, :]
-                tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_b[:, None] & res_mask_h[None, :])
-            else:
-                for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
-                    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-                    mask_h = offs_h < H
-                    acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
-                        h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+    if ONE_TILE:
+        # The program owns one (batch block × hidden block) tile for the whole sequence (GRID_B covers
+        # every batch block), so its c and h stay in registers across steps, and the next step's input
+        # projection, which does not depend on h, is loaded before the barrier wait: after the barrier
+        # only the h exchange, the product and the cell update remain on the critical path.
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        rows = offs_b.to(tl.int64)
+        mask_bh = mask_b[:, None] & res_mask_h[None, :]
+        h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, res_offs_h, mask_bh, H, K, True)
+        x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, 0, B, rows, res_offs_h, mask_bh, H)  # T >= 1 here
+        for t in range(T):
+            # int64: T·B·4H can pass 2³¹ elements.
+            step = tl.full((), t, tl.int64)
+            # Rows past B and columns past K load as zeros: that is how tl.dot's 16-wide minimum pads.
+            h_blk = tl.load(
+                h_ptr + step * B * K + rows[:, None] * K + res_offs_k[None, :],
+                mask=mask_b[:, None] & (res_offs_k < K)[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            acc_i = tl.dot(h_blk, w_i, input_precision=DOT_PRECISION)
+            acc_f = tl.dot(h_blk, w_f, input_precision=DOT_PRECISION)
+            acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
+            acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
+            h_own, c_own = lstm_cell_update(
+                acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, c_ptr, gates_ptr, lengths_ptr,
+                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, HAS_LENGTHS, True,
+            )
+            h_offs = (step + 1) * B * K + rows[:, None] * K + res_offs_h[None, :]
+            tl.store(h_ptr + h_offs, h_own.to(h_ptr.dtype.element_ty), mask=mask_bh)
+            # (The last step reloads its own inputs rather than read past the end.)
+            next_step = tl.minimum(step + 1, T - 1)
+            x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, next_step, B, rows, res_offs_h, mask_bh, H)
+            # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
+            grid_barrier(counter_ptr, (t + 1) * GRID_H)
+    else:
+        for t in range(T):
+            step = tl.full((), t, tl.int64)
+            h_prev_ptr = h_ptr + step * B * K
+            # num_stages=1: pipelining this loop would stage the whole-K h tile in several shared-memory
+            # buffers (past the limit with a resident W_hh, and most programs own one batch block anyway).
+            for bb in tl.range(pid_b, num_b_blocks, GRID_B, num_stages=1):
+                offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+                mask_b = offs_b < B
+                rows = offs_b.to(tl.int64)
+                if RESIDENT:
+                    h_blk = tl.load(
+                        h_prev_ptr + rows[:, None] * K + res_offs_k[None, :],
+                        mask=mask_b[:, None] & (res_offs_k < K)[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
                     )
-                    h = lstm_cell_update(
-                        acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, True,
-                    )
-                    h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
-                    tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_h[None, :])
-        # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
-        grid_barrier(counter_ptr, (t + 1) * GRID_H)
+                    acc_i = tl.dot(h_blk, w_i, input_precision=DOT_PRECISION)
+                    acc_f = tl.dot(h_blk, w_f, input_precision=DOT_PRECISION)
+                    acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
+                    acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
+                    _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+                               step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS)
+                else:
+                    for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
+                        offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+                        mask_h = offs_h < H
+                        acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
+                            h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+                        )
+                        _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+                                   step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS)
+            grid_barrier(counter_ptr, (t + 1) * GRID_H)
+
+
+@triton.jit
+def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+               step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """The cell update of one tile with its inputs and state read from memory, and its h_t store."""
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
+    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS)
+    h, _ = lstm_cell_update(
+        acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True,
+    )
+    h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
+    tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_bh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +223,8 @@ class ForwardPlan:
     grid_h: int = 1
     grid_b: int = 1
     num_warps: int = 4
+    # tl.dot's input_precision for fp32 inputs when PyTorch disallows TF32 ("ieee" or "tf32x3").
+    exact_fp32_dot: str = "ieee"
 
     @property
     def num_programs(self) -> int:
@@ -219,7 +267,6 @@ def plan_persistent_fwd(
     if num_sms < 1:
         return ForwardPlan(False, "no SM count for the device")
     block_b = max(16, min(64, triton.next_power_of_2(B)))
-    num_b_blocks = triton.cdiv(B, block_b)
     budget = shared_memory - RESIDENT_HEADROOM
     # fp32 (exact "ieee" dots) runs on the FMA units, which read both operands out of shared memory
     # anyway, so a resident W_hh buys little there: fp32 always streams, in 32-wide K chunks. And
@@ -228,7 +275,9 @@ def plan_persistent_fwd(
     # once (found by compiling for sm_90 without a GPU; the per-step kernel hits it too at H <= 16).
     # Every plan below gives each thread at least 4 per gate in fp32.
     fma_dot = element_size >= 4
-    stream_k = max(16, min(32 if fma_dot else 64, triton.next_power_of_2(K)))
+    # Streamed K chunks: 128 wide in 16-bit (H200, run 1 of tune.py: bh32 bk128 11.8 µs/step against
+    # 15.5 for bh16 bk64 at H = 2048); fp32 see below.
+    stream_k = max(16, min(32 if fma_dot else 128, triton.next_power_of_2(K)))
     if fma_dot:
         budget = 0
 
@@ -246,20 +295,32 @@ def plan_persistent_fwd(
         return ForwardPlan(True, "interpreter: one program, W_hh streamed", False, block_b, 16, stream_k, 1, 1,
                            stream_warps(block_b, 16))
 
-    # Narrowest hidden blocks that tl.dot allows (16) spread the recurrence over the most SMs; spare
-    # SMs then split the batch (batch groups do not wait for each other).
+    # Narrowest hidden blocks that tl.dot allows (16) spread the recurrence over the most SMs; then the
+    # narrowest batch tile whose grid still fits the SMs splits the batch over the spare ones (batch
+    # groups do not wait for each other). Measured on an H200 (tune.py, bf16, H = 256, B = 64): 16 × 4
+    # programs of 16 rows 4.9 µs/step, 16 × 1 of 64 rows 5.9. Four warps for 16 and 32 rows: such a
+    # tile gives every warp the whole product, so more warps only repeat it (H = 512, B = 8: 5.4 µs
+    # against 6.7 with 8).
     block_h = 16
     num_h_blocks = triton.cdiv(H, block_h)
     if num_h_blocks <= num_sms:
-        grid_b = max(1, min(num_b_blocks, num_sms // num_h_blocks))
-        for bb in sorted({block_b, min(block_b, 32), 16}, reverse=True):
+        tiles = [bb for bb in (16, 32, 64) if bb <= block_b]
+        fitting = [bb for bb in tiles if num_h_blocks * triton.cdiv(B, bb) <= num_sms]
+        first = fitting[0] if fitting else tiles[-1]
+        for bb in reversed([bb for bb in tiles if bb <= first]):
             if resident_bytes(bb, block_h, K, element_size) <= budget:
-                grid_b_here = max(1, min(triton.cdiv(B, bb), num_sms // num_h_blocks))
+                grid_b = max(1, min(triton.cdiv(B, bb), num_sms // num_h_blocks))
+                # 64-row tiles take eight warps: with four, sm_90 compiles spill (H = 512: 720 bytes).
                 return ForwardPlan(True, "persistent, W_hh resident", True, bb, block_h,
-                                   max(16, triton.next_power_of_2(K)), num_h_blocks, grid_b_here,
-                                   num_warps=8 if 4 * K * block_h * element_size > 32 * 1024 else 4)
-        return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h, stream_k,
-                           num_h_blocks, grid_b, stream_warps(block_b, block_h))
+                                   max(16, triton.next_power_of_2(K)), num_h_blocks, grid_b, num_warps=8 if bb == 64 else 4)
+        if not fma_dot:
+            # Wider hidden blocks when streaming: half the programs at the barrier for twice the W_hh
+            # each (H = 2048: 32-unit blocks 11.8 µs/step, 16-unit 15.5, both 128-wide K chunks).
+            block_h = 32
+            num_h_blocks = triton.cdiv(H, block_h)
+        grid_b = max(1, min(triton.cdiv(B, first), num_sms // num_h_blocks))
+        return ForwardPlan(True, "persistent, W_hh streamed from L2", False, first, block_h, stream_k,
+                           num_h_blocks, grid_b, stream_warps(first, block_h))
 
     # More hidden blocks than SMs: wider blocks first, then several blocks per program.
     block_h = max(16, min(64, triton.next_power_of_2(triton.cdiv(H, num_sms))))
@@ -268,6 +329,7 @@ def plan_persistent_fwd(
     if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
         return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program "
                                   f"on {num_sms} SMs; per-step kernel")
+    num_b_blocks = triton.cdiv(B, block_b)
     grid_b = max(1, min(num_b_blocks, num_sms // grid_h))
     return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h, stream_k, grid_h, grid_b,
                        stream_warps(block_b, block_h))
@@ -322,7 +384,7 @@ def lstm_fwd_persistent(
     """
     if plan is None:
         plan = plan_for(projected, w_hh, w_hr)
-    if not plan.persistent:
+    if not plan.persistent or projected.numel() == 0:
         return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
@@ -375,7 +437,8 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K):
         K=K,
         HAS_LENGTHS=lengths is not None,
         RESIDENT=plan.resident,
-        DOT_PRECISION=dot_precision(projected.dtype),
+        ONE_TILE=plan.resident and plan.grid_b == triton.cdiv(B, plan.block_b),
+        DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
         GRID_H=plan.grid_h,
         GRID_B=plan.grid_b,
         BLOCK_B=plan.block_b,
