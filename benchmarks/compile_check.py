@@ -133,12 +133,13 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
                 if not plan.persistent:
                     continue
                 one_tile = plan.resident and plan.grid_b == -(-B // plan.block_b)
-                key = (dtype, H, plan.resident, one_tile, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, min(plan.grid_h, 16))
+                key = (dtype, H, plan.resident, one_tile, plan.block_b, plan.block_h, plan.block_k, plan.num_warps,
+                       min(plan.grid_h, 16), plan.exact_fp32_dot)
                 estimate = resident_bytes(plan.block_b, plan.block_h, H, size) if plan.resident else None
                 seen.setdefault(key, dict(dtype=dtype, H=H, resident=plan.resident, one_tile=one_tile, block_b=plan.block_b,
                                           block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                           grid_h=min(plan.grid_h, 16), grid_b=1, arch=arch, limit=shared, device=device,
-                                          estimate=estimate))
+                                          estimate=estimate, precision=plan.exact_fp32_dot))
     return list(seen.values())
 
 

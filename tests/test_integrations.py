@@ -192,6 +192,11 @@ def test_opcheck_custom_ops(road, project, with_lengths):
     h_all, c_all, gates = torch.ops.triton_lstm.recurrence_fwd(*forward_args)
     backward_args = (grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths)
     torch.library.opcheck(torch.ops.triton_lstm.recurrence_bwd.default, backward_args)
+    # A batch_first input reaches the ops as a transposed view: the fake outputs must still have the real
+    # (contiguous) strides, which Inductor asserts on the GPU.
+    x_view = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not x_view.is_contiguous()
+    torch.library.opcheck(torch.ops.triton_lstm.recurrence_bwd.default, (*backward_args[:3], x_view, *backward_args[4:]))
 
 
 # -------------------------------------------------------------------------------------------- autocast

@@ -206,12 +206,19 @@ def test_plan_under_the_interpreter_is_one_program(H, element_size):
 
 
 def test_plan_anchor_shapes_on_an_h100():
-    # bf16 keeps W_hh in shared memory up to H = 1024 and streams it at H = 2048; fp32 always streams.
-    expected = {256: True, 512: True, 1024: True, 2048: False}
+    # bf16 keeps W_hh in shared memory up to H = 512 and streams it beyond (RESIDENT_MAX_K); fp32 always
+    # streams, through tensor-core "tf32x3" dots where the card has them and FMA dots where it has not.
+    expected = {256: True, 512: True, 1024: False, 2048: False}
     for T, B, I, H in [(512, 64, 256, 256), (256, 64, 1024, 1024), (1024, 8, 512, 512), (128, 256, 512, 512), (256, 16, 2048, 2048)]:
         plan = plan_persistent_fwd(T, B, H, H, 2, False, **H100)
         assert plan.persistent and plan.resident == expected[H], (H, plan)
-        assert not plan_persistent_fwd(T, B, H, H, 4, False, **H100).resident
+        fp32 = plan_persistent_fwd(T, B, H, H, 4, False, **H100)
+        assert not fp32.resident and fp32.exact_fp32_dot == "tf32x3", fp32
+        fma = plan_persistent_fwd(T, B, H, H, 4, False, **H100, fp32_tensor_cores=False)
+        assert not fma.resident and fma.exact_fp32_dot == "ieee" and fma.block_k <= 32, fma
+    # The measured winners (H200, tune.py): 16-row tiles with 32-unit hidden blocks split the batch.
+    plan = plan_persistent_fwd(512, 64, 256, 256, 2, False, **H100)
+    assert (plan.block_b, plan.block_h, plan.grid_h, plan.grid_b, plan.num_warps) == (16, 32, 8, 4, 4), plan
 
 
 @pytest.mark.parametrize("num_sms,shared_memory", [(132, 232448), (114, 232448), (108, 166912), (16, 101376)])
@@ -237,7 +244,9 @@ def test_plan_invariants(num_sms, shared_memory):
                     assert plan.block_k >= H
                     assert resident_bytes(plan.block_b, plan.block_h, H, element_size) <= shared_memory - persistent.RESIDENT_HEADROOM
                 if element_size == 4:
-                    assert plan.block_k <= 32  # see the fp32 note in plan_persistent_fwd
+                    assert plan.exact_fp32_dot == "tf32x3"
+                    fma = plan_persistent_fwd(64, B, H, H, 4, False, num_sms, shared_memory, fp32_tensor_cores=False)
+                    assert fma.exact_fp32_dot == "ieee" and fma.block_k <= 32  # see the note in plan_persistent_fwd
 
 
 def test_plan_disabled_by_environment(monkeypatch):

@@ -144,15 +144,17 @@ def recurrence_bwd(
 
 
 def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr):
-    """Shapes of the backward ops' outputs (this op's and the recompute one's)."""
+    """Shapes of the backward ops' outputs (this op's and the recompute one's): contiguous, as every
+    implementation returns them whatever the inputs' strides (a batch_first x is a transposed view;
+    Inductor checks the real strides against these)."""
     return (
-        torch.empty_like(x),
-        torch.empty_like(grad_h_n),
-        torch.empty_like(grad_c_n),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
+        x.new_empty(x.shape),
+        grad_h_n.new_empty(grad_h_n.shape),
+        grad_c_n.new_empty(grad_c_n.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
         w_ih.new_empty(w_ih.shape[0]),
-        torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0),
+        w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty(0),
     )
 
 

@@ -95,7 +95,7 @@ def recurrence_bwd_recompute(
         return grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), grad_w_ih, grad_w_hh, grad_bias, x.new_empty(0)
 
     acc = accumulate_dtype(x.dtype)
-    grad_x = torch.empty_like(x)
+    grad_x = x.new_empty(x.shape)  # contiguous, as the op's fake says
     sums: list[Tensor | None] | None = None
     dh, dc = grad_h_n, grad_c_n
     for index, (t0, t1) in segments:

@@ -72,6 +72,10 @@ from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, lstm_fwd
 # Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
 # better use of the SMs (an estimate, not a measurement: no GPU was at hand when this was written).
 MAX_HIDDEN_BLOCKS_PER_PROGRAM = 4
+# Resident W_hh only up to this K: beyond it the whole-K operands of the per-step dots no longer fit the
+# registers (sm_90, H = 1024: 255 registers and about 1 KB spilled), and streaming from L2 is faster
+# (H200, bf16, H = 1024, B = 64: 9.3 µs/step streamed against 15.4 resident).
+RESIDENT_MAX_K = 512
 # Shared memory kept free of the resident estimate (the estimate leaves out small scratch buffers).
 RESIDENT_HEADROOM = 8 * 1024
 # Shared memory assumed under the interpreter, so that plans there are deterministic.
@@ -252,6 +256,7 @@ def plan_persistent_fwd(
     num_sms: int,
     shared_memory: int,
     interpret: bool = False,
+    fp32_tensor_cores: bool = True,
 ) -> ForwardPlan:
     """Chooses persistent (resident or streamed W_hh) or per-step for one layer's forward.
 
@@ -259,6 +264,11 @@ def plan_persistent_fwd(
     ``num_sms`` bounds the grid (every program must be co-resident for the spin barrier); a resident
     program must fit ``shared_memory`` less ``RESIDENT_HEADROOM`` by the ``resident_bytes`` estimate (an
     estimate: a compile that does not fit raises OutOfResources, and the launcher then streams).
+    ``fp32_tensor_cores``: the device runs TF32 dots (sm_80 and later), so exact fp32 can run as
+    three TF32 products ("tf32x3") instead of on the FMA units.
+
+    The choices below were measured on an H200 with ``benchmarks/tune.py`` (bf16 and fp32, the five
+    anchor shapes; figures in benchmarks/NOTES.md); other shapes and cards get the same rules untested.
     """
     if project:
         return ForwardPlan(False, "projection (proj_size > 0): per-step kernel, h = m·W_hrᵀ needs a second barrier")
@@ -266,73 +276,73 @@ def plan_persistent_fwd(
         return ForwardPlan(False, "empty input: nothing to run")
     if num_sms < 1:
         return ForwardPlan(False, "no SM count for the device")
-    block_b = max(16, min(64, triton.next_power_of_2(B)))
-    budget = shared_memory - RESIDENT_HEADROOM
-    # fp32 (exact "ieee" dots) runs on the FMA units, which read both operands out of shared memory
-    # anyway, so a resident W_hh buys little there: fp32 always streams, in 32-wide K chunks. And
-    # Triton 3.9's LLVM aborts (an SLPVectorizer assertion: a process abort, no except clause catches
-    # it) compiling fp32 FMA dots whose tile gives each thread 2 accumulators when the K loop runs
-    # once (found by compiling for sm_90 without a GPU; the per-step kernel hits it too at H <= 16).
-    # Every plan below gives each thread at least 4 per gate in fp32.
-    fma_dot = element_size >= 4
-    # Streamed K chunks: 128 wide in 16-bit (H200, run 1 of tune.py: bh32 bk128 11.8 µs/step against
-    # 15.5 for bh16 bk64 at H = 2048); fp32 see below.
-    stream_k = max(16, min(32 if fma_dot else 128, triton.next_power_of_2(K)))
-    if fma_dot:
-        budget = 0
-
-    def stream_warps(block_b: int, block_h: int) -> int:
-        return 2 if fma_dot and block_b * block_h <= 256 else 4
+    widest_b = max(16, min(64, triton.next_power_of_2(B)))
+    fp32 = element_size >= 4
+    k_pad = max(16, triton.next_power_of_2(K))
 
     if interpret:
         # One program (the interpreter runs programs one after another: a second would deadlock the
         # first one's barrier). It holds the whole H when that fits the budget, else it streams.
+        budget = 0 if fp32 else shared_memory - RESIDENT_HEADROOM
         block_h = max(16, triton.next_power_of_2(H))
-        for bb in (block_b, 32, 16):
-            if bb <= block_b and resident_bytes(bb, block_h, K, element_size) <= budget:
-                return ForwardPlan(True, "interpreter: one program, W_hh resident", True, bb, block_h,
-                                   max(16, triton.next_power_of_2(K)), 1, 1)
-        return ForwardPlan(True, "interpreter: one program, W_hh streamed", False, block_b, 16, stream_k, 1, 1,
-                           stream_warps(block_b, 16))
+        for bb in (widest_b, 32, 16):
+            if bb <= widest_b and resident_bytes(bb, block_h, K, element_size) <= budget:
+                return ForwardPlan(True, "interpreter: one program, W_hh resident", True, bb, block_h, k_pad, 1, 1)
+        # fp32 16×16 tiles on 2 warps: Triton 3.9's LLVM aborts (an SLPVectorizer assertion) on FMA dots
+        # that leave each thread 2 accumulators when the K loop runs once.
+        warps = 2 if fp32 and widest_b == 16 else 4
+        return ForwardPlan(True, "interpreter: one program, W_hh streamed", False, widest_b, 16,
+                           max(16, min(32 if fp32 else 64, k_pad)), 1, 1, warps)
 
-    # Narrowest hidden blocks that tl.dot allows (16) spread the recurrence over the most SMs; then the
-    # narrowest batch tile whose grid still fits the SMs splits the batch over the spare ones (batch
-    # groups do not wait for each other). Measured on an H200 (tune.py, bf16, H = 256, B = 64): 16 × 4
-    # programs of 16 rows 4.9 µs/step, 16 × 1 of 64 rows 5.9. Four warps for 16 and 32 rows: such a
-    # tile gives every warp the whole product, so more warps only repeat it (H = 512, B = 8: 5.4 µs
-    # against 6.7 with 8).
-    block_h = 16
-    num_h_blocks = triton.cdiv(H, block_h)
-    if num_h_blocks <= num_sms:
-        tiles = [bb for bb in (16, 32, 64) if bb <= block_b]
-        fitting = [bb for bb in tiles if num_h_blocks * triton.cdiv(B, bb) <= num_sms]
-        first = fitting[0] if fitting else tiles[-1]
-        for bb in reversed([bb for bb in tiles if bb <= first]):
-            if resident_bytes(bb, block_h, K, element_size) <= budget:
-                grid_b = max(1, min(triton.cdiv(B, bb), num_sms // num_h_blocks))
-                # 64-row tiles take eight warps: with four, sm_90 compiles spill (H = 512: 720 bytes).
-                return ForwardPlan(True, "persistent, W_hh resident", True, bb, block_h,
-                                   max(16, triton.next_power_of_2(K)), num_h_blocks, grid_b, num_warps=8 if bb == 64 else 4)
-        if not fma_dot:
-            # Wider hidden blocks when streaming: half the programs at the barrier for twice the W_hh
-            # each (H = 2048: 32-unit blocks 11.8 µs/step, 16-unit 15.5, both 128-wide K chunks).
-            block_h = 32
-            num_h_blocks = triton.cdiv(H, block_h)
-        grid_b = max(1, min(triton.cdiv(B, first), num_sms // num_h_blocks))
-        return ForwardPlan(True, "persistent, W_hh streamed from L2", False, first, block_h, stream_k,
-                           num_h_blocks, grid_b, stream_warps(first, block_h))
+    if fp32 and not fp32_tensor_cores:
+        # FMA dots: the plan the kernels had before tensor-core fp32 (2 warps for 16×16 tiles, see above).
+        block_h = 16
+        num_h_blocks = triton.cdiv(H, block_h)
+        grid_h = min(num_h_blocks, num_sms)
+        if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
+            return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program "
+                                      f"on {num_sms} SMs; per-step kernel")
+        grid_b = max(1, min(triton.cdiv(B, widest_b), num_sms // grid_h))
+        return ForwardPlan(True, "persistent, W_hh streamed (fp32 FMA dots)", False, widest_b, block_h,
+                           max(16, min(32, k_pad)), grid_h, grid_b, 2 if widest_b * block_h <= 256 else 4)
 
-    # More hidden blocks than SMs: wider blocks first, then several blocks per program.
-    block_h = max(16, min(64, triton.next_power_of_2(triton.cdiv(H, num_sms))))
+    # The batch tile: the narrowest whose grid of 16-unit hidden blocks fits the SMs, so that spare SMs
+    # split the batch (batch groups never wait for each other). Then 16-row tiles take 32-unit hidden
+    # blocks: half the programs at each barrier, and a 16-row tile gives every warp the whole product
+    # anyway. H = 256, B = 64 bf16: 8 × 4 programs of 16 × 32 3.3 µs/step, 16 × 4 of 16 × 16 3.6,
+    # 16 × 1 of 64 × 16 4.4; H = 512, B = 8: 3.6 against 4.7.
+    tiles = [bb for bb in (16, 32, 64) if bb <= widest_b]
+    fitting = [bb for bb in tiles if triton.cdiv(H, 16) * triton.cdiv(B, bb) <= num_sms]
+    block_b = fitting[0] if fitting else tiles[-1]
+    block_h = 32 if block_b == 16 else 16
+    if triton.cdiv(H, block_h) > num_sms:
+        # More hidden blocks than SMs: wider blocks (up to 64), then several blocks per program.
+        block_h = max(block_h, min(64, triton.next_power_of_2(triton.cdiv(H, num_sms))))
     num_h_blocks = triton.cdiv(H, block_h)
+    # Four warps, except 64-row 16-bit tiles: those spill with four (H = 512: 720 bytes on sm_90).
+    warps = 8 if block_b == 64 and not fp32 else 4
+
+    if not fp32 and K <= RESIDENT_MAX_K and num_h_blocks <= num_sms:
+        for bb in reversed([bb for bb in tiles if bb <= block_b]):
+            bh = 32 if bb == 16 else 16
+            if resident_bytes(bb, bh, K, element_size) <= shared_memory - RESIDENT_HEADROOM:
+                grid_h = triton.cdiv(H, bh)
+                grid_b = max(1, min(triton.cdiv(B, bb), num_sms // grid_h))
+                return ForwardPlan(True, "persistent, W_hh resident", True, bb, bh, k_pad, grid_h, grid_b,
+                                   8 if bb == 64 else 4)
+
+    # Streamed. 16-bit: 128-wide K chunks up to K = 1024 (H = 1024, B = 64: 9.3 µs/step against 10.0
+    # for 64 and 9.7 for 256), 256 beyond (H = 2048: 11.5 against 16.0 for 128). fp32: tensor-core
+    # dots in three TF32 passes ("tf32x3", fp32-level accuracy) over 64-wide chunks, 2–4× faster than
+    # FMA dots at all five shapes (H = 256, B = 64: 8.7 against 20.1 µs/step).
+    block_k = max(16, min(64 if fp32 else (128 if K <= 1024 else 256), k_pad))
     grid_h = min(num_h_blocks, num_sms)
     if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
         return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program "
                                   f"on {num_sms} SMs; per-step kernel")
-    num_b_blocks = triton.cdiv(B, block_b)
-    grid_b = max(1, min(num_b_blocks, num_sms // grid_h))
-    return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h, stream_k, grid_h, grid_b,
-                       stream_warps(block_b, block_h))
+    grid_b = max(1, min(triton.cdiv(B, block_b), num_sms // grid_h))
+    return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h, block_k, grid_h, grid_b,
+                       warps, exact_fp32_dot="tf32x3" if fp32 else "ieee")
 
 
 @functools.lru_cache(maxsize=None)
@@ -359,11 +369,13 @@ def plan_for(projected: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | N
     T, B, four_h = projected.shape
     H, K = four_h // 4, w_hh.shape[1]
     if projected.device.type == "cuda":
-        num_sms, shared = _device_limits(projected.device.index if projected.device.index is not None else torch.cuda.current_device())
-        interpret = False
+        index = projected.device.index if projected.device.index is not None else torch.cuda.current_device()
+        num_sms, shared = _device_limits(index)
+        interpret, tensor_cores = False, torch.cuda.get_device_capability(index)[0] >= 8
     else:
-        num_sms, shared, interpret = 1, INTERPRETER_SHARED_MEMORY, True
-    return plan_persistent_fwd(T, B, H, K, projected.element_size(), w_hr is not None, num_sms, shared, interpret)
+        num_sms, shared, interpret, tensor_cores = 1, INTERPRETER_SHARED_MEMORY, True, False
+    return plan_persistent_fwd(T, B, H, K, projected.element_size(), w_hr is not None, num_sms, shared, interpret,
+                               tensor_cores)
 
 
 def lstm_fwd_persistent(
@@ -394,14 +406,9 @@ def lstm_fwd_persistent(
         # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
         if not plan.resident:
             return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
-        fma_dot = projected.element_size() >= 4  # the same fp32 rules as plan_persistent_fwd
-        streamed = dataclasses.replace(
-            plan,
-            resident=False,
-            block_k=max(16, min(32 if fma_dot else 64, triton.next_power_of_2(w_hh.shape[1]))),
-            num_warps=2 if fma_dot and plan.block_b * plan.block_h <= 256 else 4,
-            reason=plan.reason + "; resident did not fit, W_hh streamed",
-        )
+        # Resident plans are 16-bit: stream the same tiles in 128-wide K chunks.
+        streamed = dataclasses.replace(plan, resident=False, block_k=min(128, plan.block_k),
+                                       reason=plan.reason + "; resident did not fit, W_hh streamed")
         return lstm_fwd_persistent(projected, h0, c0, w_hh, w_hr, lengths, streamed)
     except RuntimeError as error:
         if not refused_cooperative_launch(error):
