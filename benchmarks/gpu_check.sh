@@ -43,7 +43,7 @@ stage() {  # stage NAME LIMIT LOG command...: a hang shows up as exit 124 and th
 export PYTHONUNBUFFERED=1
 
 # Seconds: does each anchor shape's plan fit, launch and agree with cuDNN (and it warms Triton's cache).
-stage "smoke" "${SMOKE_LIMIT:-50}" smoke.log "$PY" benchmarks/gpu_smoke.py
+stage "smoke" "${SMOKE_LIMIT:-90}" smoke.log "$PY" benchmarks/gpu_smoke.py
 
 stage "benchmark --quick" "${BENCH_LIMIT:-130}" bench_quick.log "$PY" benchmarks/bench.py --quick --out "$RESULTS"
 

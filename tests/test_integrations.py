@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import triton_lstm
-from helpers import HAS_CUDA, KERNEL_DEVICE, requires_cuda
+from helpers import KERNEL_DEVICE, requires_cuda
 from triton_lstm.ops import uses_kernels
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ multi-program barrier is exercised by the GPU-only tests at the bottom.
 
 from __future__ import annotations
 
-import csv
 
 import pytest
 import torch
@@ -384,34 +383,3 @@ def test_gpu_tensor_over_2_31_elements():
     assert torch.equal(h_all[-1][~full], h_all[T - 5][~full])
     assert (gates[-1][~full] == 0).all()
     assert torch.isfinite(gates[-1]).all()
-
-
-# --- The benchmark harness, on the CPU ----------------------------------------------------------------
-
-EXPECTED_COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional", "ms", "peak_mb"]
-
-
-def test_benchmark_dry_run_writes_the_csv(tmp_path):
-    from triton_lstm import benchmark
-
-    assert benchmark.main(["--dry-run", "--out", str(tmp_path), "--no-plots"]) == 0
-    (csv_path,) = tmp_path.rglob("results.csv")
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    assert rows[0] == EXPECTED_COLUMNS
-    assert len(rows) > 1
-    providers = {row[3] for row in rows[1:]}
-    modes = {row[4] for row in rows[1:]}
-    assert providers == {"triton_lstm", "cudnn", "cell_loop"} and modes == {"fwd", "fwdbwd"}
-    assert all(float(row[12]) > 0 for row in rows[1:])
-    assert (csv_path.parent / "versions.txt").exists()
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="the refusal is for machines without CUDA")
-def test_benchmark_refuses_without_cuda(capsys):
-    from triton_lstm import benchmark
-
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(["--quick"])
-    assert exit_info.value.code not in (0, None)
-    assert "CUDA" in capsys.readouterr().err

@@ -284,6 +284,38 @@ def _summary(rows, timing: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_rows(csv_path: Path) -> list[dict]:
+    with open(csv_path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def speed_table(rows) -> str:
+    """The README's speed table from a results CSV: per shape, µs per time step of triton_lstm and of
+    cuDNN measured in the same run, the speedup, and the peak memory of a bf16 forward+backward."""
+    by_key = {}
+    for row in rows:
+        case = (int(row["T"]), int(row["B"]), int(row["I"]), int(row["H"]), int(row["layers"]), row["bidirectional"] == "True")
+        by_key.setdefault(case, {})[(row["mode"], row["dtype"], row["provider"])] = row
+    columns = [("fwd", "bf16"), ("fwdbwd", "bf16"), ("fwd", "fp32")]
+    present = [c for c in columns if any((*c, "triton_lstm") in values for values in by_key.values())]
+    header = ["shape (T, B, I, H)"] + [f"{'fwd+bwd' if m == 'fwdbwd' else m} {d}: ours / cuDNN µs per step" for m, d in present]
+    header.append("peak MiB fwd+bwd bf16: ours / cuDNN")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (T, B, I, H, layers, bidirectional), values in by_key.items():
+        label = f"{T}, {B}, {I}, {H}" + (f", {layers} layers" if layers > 1 else "") + (", bidirectional" if bidirectional else "")
+        cells = [label]
+        for mode, dtype in present:
+            ours, theirs = values.get((mode, dtype, "triton_lstm")), values.get((mode, dtype, "cudnn"))
+            if ours and theirs:
+                cells.append(f"{_per_step_us(ours):.1f} / {_per_step_us(theirs):.1f} ({float(theirs['ms']) / float(ours['ms']):.2f}×)")
+            else:
+                cells.append("-")
+        ours, theirs = values.get(("fwdbwd", "bf16", "triton_lstm")), values.get(("fwdbwd", "bf16", "cudnn"))
+        cells.append(f"{float(ours['peak_mb']):.0f} / {float(theirs['peak_mb']):.0f}" if ours and theirs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _plot(rows, folder: Path) -> list[Path]:
     try:
         import matplotlib

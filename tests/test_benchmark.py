@@ -1,0 +1,52 @@
+"""The benchmark harness on the CPU (dry run, refusal without CUDA) and the README's generated speed table."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+from helpers import HAS_CUDA
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EXPECTED_COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional", "ms", "peak_mb"]
+
+
+def test_benchmark_dry_run_writes_the_csv(tmp_path):
+    from triton_lstm import benchmark
+
+    assert benchmark.main(["--dry-run", "--out", str(tmp_path), "--no-plots"]) == 0
+    (csv_path,) = tmp_path.rglob("results.csv")
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == EXPECTED_COLUMNS
+    assert len(rows) > 1
+    providers = {row[3] for row in rows[1:]}
+    modes = {row[4] for row in rows[1:]}
+    assert providers == {"triton_lstm", "cudnn", "cell_loop"} and modes == {"fwd", "fwdbwd"}
+    assert all(float(row[12]) > 0 for row in rows[1:])
+    assert (csv_path.parent / "versions.txt").exists()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the refusal is for machines without CUDA")
+def test_benchmark_refuses_without_cuda(capsys):
+    from triton_lstm import benchmark
+
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--quick"])
+    assert exit_info.value.code not in (0, None)
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_readme_speed_table_is_the_committed_csv():
+    """The README's table is rendered from a results CSV (benchmarks/update_readme.py), never typed."""
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "benchmarks" / "update_readme.py")
+    update_readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(update_readme)
+    readme = (ROOT / "README.md").read_text()
+    start = update_readme.START.search(readme)
+    assert start, "README.md lost its speed-table markers"
+    end = readme.index(update_readme.END) + len(update_readme.END)
+    assert readme[start.start():end] == update_readme.rendered_section(Path(start.group(1))), (
+        "README speed table differs from its CSV: run python benchmarks/update_readme.py"
+    )
