@@ -17,6 +17,7 @@ import torch
 
 import triton_lstm
 from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, max_error, requires_cuda
+from triton_lstm.kernels import common
 from triton_lstm.kernels import lstm_bwd as lstm_bwd_module
 from triton_lstm.kernels.lstm_bwd import lstm_bwd
 from triton_lstm.ops import lstm_layer
@@ -372,3 +373,42 @@ def test_plan_is_persistent_within_the_sms_and_falls_back_beyond():
         lstm_bwd_module.plan_bwd(256, 8192, sms, "persistent")
     assert lstm_bwd_module.plan_bwd(5, 7, None, "auto")[0] == "persistent", "one program under the interpreter"
 
+
+
+def test_barrier_that_is_never_reached_raises_instead_of_hanging(monkeypatch):
+    """A spin limit of 0 gives up at the first barrier, as a grid that is not all resident would after
+    BARRIER_SPIN_LIMIT polls: the launch finishes with NaN gate gradients and the launcher raises (on a
+    GPU at the next persistent launch's check, made here by hand)."""
+    inputs, lengths, grads = _case(4, 3, 5, 17, torch.float32, KERNEL_DEVICE, ragged=False)
+    h_all, c_all, gates = _saved_activations(inputs, lengths)
+    monkeypatch.setattr(common, "BARRIER_SPIN_LIMIT", 0)
+    with pytest.raises(RuntimeError, match=r"persistent backward kernel.*gave up.*TRITON_LSTM_PERSISTENT_BWD=0"):
+        lstm_bwd_module.lstm_bwd_gate_grads(grads["out"], grads["h_n"], grads["c_n"], inputs["w_hh"], None,
+                                            [(0, gates, c_all)], "persistent")
+        if KERNEL_DEVICE == "cuda":
+            torch.cuda.synchronize()
+            common.barrier_watch.check()
+
+
+def test_refused_cooperative_launch_runs_per_step_and_is_remembered(monkeypatch):
+    real_kernel = lstm_bwd_module._lstm_bwd_kernel
+    cooperative_tries = []
+
+    class RefusingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs.get("launch_cooperative_grid"):
+                    cooperative_tries.append(1)
+                    raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+                return real_kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(lstm_bwd_module, "_lstm_bwd_kernel", RefusingKernel())
+    monkeypatch.setattr(lstm_bwd_module, "_per_step_after_failure", set())
+    inputs, lengths, grads = _case(5, 3, 4, 17, torch.float32, KERNEL_DEVICE, ragged=True, seed=4)
+    for _ in range(2):
+        fused, reference, _ = _both_backwards(inputs, lengths, grads, schedule="persistent")
+        for name in GRAD_NAMES:
+            torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-5)
+    assert cooperative_tries == [1], "the refused grid is not launched again"

@@ -24,3 +24,20 @@ LARGE = {
 def test_large_shapes_match_nn_lstm(case, dtype):
     check_against_nn(case, dtype, oracle_device="cuda")
 
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_tensors_device_not_the_current_one():
+    """Triton launches on the current device; the ops make the tensors' device current around them."""
+    import triton_lstm
+
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(16, 32, num_layers=2).to("cuda:1")
+    ours = triton_lstm.LSTM(16, 32, num_layers=2).to("cuda:1")
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(20, 4, 16, device="cuda:1", requires_grad=True)
+    with torch.cuda.device(0):
+        out, _ = ours(x)
+        out.sum().backward()
+    expected, _ = theirs(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

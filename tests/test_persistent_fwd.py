@@ -13,6 +13,7 @@ import torch
 import triton
 
 from tests.helpers import HAS_CUDA, KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, requires_cuda
+from triton_lstm.kernels import common
 from triton_lstm.kernels import lstm_fwd_persistent as persistent
 from triton_lstm.kernels.lstm_fwd_persistent import (
     ForwardPlan,
@@ -150,39 +151,50 @@ def test_projection_falls_back_to_per_step(monkeypatch):
 def test_resident_out_of_resources_retries_streamed(monkeypatch):
     from triton.runtime.errors import OutOfResources
 
-    launched = []
+    launched, buffers = [], []
     real_launch = persistent._launch
 
-    def launch(plan, *args):
+    def launch(plan, projected, w_hh, h_all, *args):
         launched.append(plan.resident)
+        buffers.append(h_all.data_ptr())
         if plan.resident:
             raise OutOfResources(300_000, 232_448, "shared memory")
-        return real_launch(plan, *args)
+        return real_launch(plan, projected, w_hh, h_all, *args)
 
     monkeypatch.setattr(persistent, "_launch", launch)
+    monkeypatch.setattr(persistent, "_downgrades", {})
     inputs, lengths = _problem(3, 2, 3, 5, torch.float32)
-    ours = _run(inputs, lengths, torch.float32, _forced("resident", 2, 5, 5, torch.float32))
+    plan = _forced("resident", 2, 5, 5, torch.float32)
+    ours = _run(inputs, lengths, torch.float32, plan)
     assert launched == [True, False]
+    assert buffers[0] == buffers[1], "the retry fills the outputs the first attempt allocated"
     _assert_matches_reference(ours, inputs, lengths, torch.float32)
+    # The downgrade is remembered: the same plan goes straight to streaming the next time.
+    _run(inputs, lengths, torch.float32, plan)
+    assert launched == [True, False, False]
 
 
 def test_refused_cooperative_launch_falls_back_to_per_step(monkeypatch):
     def refuse(*args):
         raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
 
-    calls = []
+    calls, refused = [], []
     real = persistent.lstm_fwd
-    monkeypatch.setattr(persistent, "_launch", refuse)
+    monkeypatch.setattr(persistent, "_launch", lambda *args: refused.append(1) or refuse())
     monkeypatch.setattr(persistent, "lstm_fwd", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(persistent, "_downgrades", {})
     inputs, lengths = _problem(3, 2, 3, 5, torch.float32, with_lengths=True)
     ours = _run(inputs, lengths, torch.float32, None)
-    assert calls == [1]
+    assert calls == [1] and refused == [1]
     _assert_matches_reference(ours, inputs, lengths, torch.float32)
+    _run(inputs, lengths, torch.float32, None)
+    assert calls == [1, 1] and refused == [1], "a refused plan is not launched again"
 
     def fail(*args):
         raise RuntimeError("some other launch error")
 
     monkeypatch.setattr(persistent, "_launch", fail)
+    monkeypatch.setattr(persistent, "_downgrades", {})
     with pytest.raises(RuntimeError, match="other launch error"):
         _run(inputs, lengths, torch.float32, None)
 
@@ -383,3 +395,28 @@ def test_gpu_tensor_over_2_31_elements():
     assert torch.equal(h_all[-1][~full], h_all[T - 5][~full])
     assert (gates[-1][~full] == 0).all()
     assert torch.isfinite(gates[-1]).all()
+
+
+# --- A barrier that is never reached -----------------------------------------------------------------
+
+def _run_and_report(run):
+    """Runs a persistent launch and the check a later launch would make (on a GPU the failure flag is
+    read after the launch has finished; under the interpreter at once)."""
+    result = run()
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        common.barrier_watch.check()
+    return result
+
+
+def test_barrier_that_is_never_reached_raises_instead_of_hanging(monkeypatch):
+    # A spin limit of 0 gives up at the first barrier, as a grid that is not all resident would after
+    # BARRIER_SPIN_LIMIT polls: the launch finishes, its h is NaN, and the launcher raises.
+    monkeypatch.setattr(common, "BARRIER_SPIN_LIMIT", 0)
+    inputs, lengths = _problem(4, 3, 5, 17, torch.float32, with_lengths=False)
+    plan = _forced("resident", 3, 17, 17, torch.float16)
+    with pytest.raises(RuntimeError, match=r"persistent forward kernel.*gave up.*TRITON_LSTM_PERSISTENT=0"):
+        _run_and_report(lambda: _run(inputs, lengths, torch.float16, plan))
+    monkeypatch.setattr(common, "BARRIER_SPIN_LIMIT", 1 << 25)
+    h_all, _, _ = _run_and_report(lambda: _run(inputs, lengths, torch.float16, plan))
+    assert torch.isfinite(h_all).all(), "a later launch with a reachable barrier runs normally"

@@ -15,6 +15,7 @@ the kernels). float64 always runs the reference.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -60,6 +61,12 @@ def uses_kernels(x: Tensor) -> bool:
     return wanted
 
 
+def kernel_device(x: Tensor):
+    """Makes x's GPU the current device for the kernel launches inside: Triton launches on the current
+    device (and its current stream), which need not be the tensors' (cuda:1 tensors, cuda:0 current)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 _warned_without_triton = False
 
 
@@ -95,14 +102,15 @@ def recurrence_fwd(
     if uses_kernels(x):
         projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
         # Persistent kernel where its plan allows, else the per-step lstm_fwd (see lstm_fwd_persistent.py).
-        return lstm_fwd_persistent(
-            projected,
-            h0.contiguous(),
-            c0.contiguous(),
-            w_hh.contiguous(),
-            None if w_hr is None else w_hr.contiguous(),
-            None if lengths is None else lengths.to(torch.int32),
-        )
+        with kernel_device(x):
+            return lstm_fwd_persistent(
+                projected,
+                h0.contiguous(),
+                c0.contiguous(),
+                w_hh.contiguous(),
+                None if w_hr is None else w_hr.contiguous(),
+                None if lengths is None else lengths.to(torch.int32),
+            )
     return lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
 
 
@@ -138,7 +146,8 @@ def recurrence_bwd(
     (``backward="reference"``).
     """
     backward = lstm_bwd if uses_kernels(x) and not use_reference else lstm_recurrence_backward_reference
-    grads = backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths)
+    with kernel_device(x):
+        grads = backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths)
     grad_w_hr = grads[6] if grads[6] is not None else x.new_empty(0)
     return (*grads[:6], grad_w_hr)
 

@@ -33,6 +33,7 @@ from triton_lstm.ops import (
     _differentiable_backward,
     backward_outputs_fake,
     input_gradients,
+    kernel_device,
     run_without_autocast,
     uses_kernels,
 )
@@ -90,7 +91,8 @@ def recurrence_bwd_recompute(
                 yield t0, gates_seg, c_seg
 
         lengths32 = None if lengths is None else lengths.to(torch.int32)
-        grad_gates, grad_h0, grad_c0 = lstm_bwd_gate_grads(grad_out, grad_h_n, grad_c_n, w_hh, lengths32, recomputed())
+        with kernel_device(x):
+            grad_gates, grad_h0, grad_c0 = lstm_bwd_gate_grads(grad_out, grad_h_n, grad_c_n, w_hh, lengths32, recomputed())
         grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_prev, w_ih)
         return grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), grad_w_ih, grad_w_hh, grad_bias, x.new_empty(0)
 

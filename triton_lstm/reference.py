@@ -22,11 +22,16 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
-    """x·W_ihᵀ + b_ih + b_hh for all time steps at once: (T, B, I) -> (T, B, 4H), in x's dtype."""
-    projected = torch.matmul(x, w_ih.t())
-    if b_ih is not None:
-        projected = projected + (b_ih + b_hh)
-    return projected
+    """x·W_ihᵀ + b_ih + b_hh for all time steps at once: (T, B, I) -> (T, B, 4H), in x's dtype.
+
+    One GEMM with the bias in its epilogue (addmm), not a GEMM and then a pass over T·B·4H to add it."""
+    T, B, I = x.shape
+    rows = x.reshape(T * B, I)
+    if b_ih is None:
+        projected = torch.matmul(rows, w_ih.t())
+    else:
+        projected = torch.addmm(b_ih + b_hh, rows, w_ih.t())
+    return projected.reshape(T, B, w_ih.shape[0])
 
 
 def lstm_recurrence_reference(

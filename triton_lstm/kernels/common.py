@@ -23,8 +23,9 @@ def tanh(x):
 
 
 @triton.jit
-def grid_barrier(counter_ptr, target):
-    """Waits until ``target`` arrivals have been counted at ``counter_ptr``, after arriving once.
+def grid_barrier(counter_ptr, target, failed_ptr, SPIN_LIMIT: tl.constexpr):
+    """Waits until ``target`` arrivals have been counted at ``counter_ptr``, after arriving once; gives
+    up after ``SPIN_LIMIT`` polls, sets ``*failed_ptr`` and returns True (False once passed).
 
     Arrive: the CTA barrier orders every thread's earlier stores before thread 0's gpu-scope release add
     (release is cumulative in the PTX memory model, so it publishes them all). Wait: spin on an acquire
@@ -33,6 +34,11 @@ def grid_barrier(counter_ptr, target):
     zeroed once per launch, never inside one. Every program must be co-resident (a cooperative launch):
     a program spinning here waits for all the others to arrive.
 
+    The bound: if the grid is not all resident after all (MPS, a virtualized GPU, a debugger), waiting
+    forever would hang the process; one poll is an L2 round trip (~0.5–1 µs), so the default bound of
+    2²⁵ polls gives up after tens of seconds, far beyond any real step. The caller then stops waiting at
+    barriers and poisons its outputs, and the launcher reports the flag (``BarrierWatch``).
+
     After the barrier, plain loads of what other programs stored before it are correct by the PTX memory
     model (release → acquire → CTA barrier), L1 or not; the kernels still read such data with ".cg"
     (L2 only) as a second guard, except where Triton stages fp32 dot operands through cp.async, which
@@ -40,9 +46,68 @@ def grid_barrier(counter_ptr, target):
     """
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
+    polls = 0
+    while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target) & (polls < SPIN_LIMIT):
+        polls += 1
     tl.debug_barrier()
+    gave_up = polls >= SPIN_LIMIT
+    if gave_up:
+        tl.atomic_xchg(failed_ptr, 1)
+    return gave_up
+
+
+# Polls before a grid barrier gives up (see grid_barrier); a module constant so that tests can lower it.
+BARRIER_SPIN_LIMIT = 1 << 25
+
+
+class BarrierWatch:
+    """Reports persistent launches whose grid barrier gave up, without a host sync per launch.
+
+    After each launch, the launch's failure flag is copied (non-blocking) into pinned host memory behind
+    a CUDA event; ``check()`` — called before every persistent launch — reads the flags of launches that
+    have finished and raises for any that failed. So a failure surfaces at the next launch (its own
+    outputs already hold NaN). Under the interpreter the flag is read at once. During CUDA graph capture
+    nothing is watched (the captured launches' flags are not read). The pinned copy is read with
+    ``.numpy()`` once its event has completed: a plain CPU read, no device sync.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[object, torch.Tensor, str]] = []
+
+    def watch(self, failed: torch.Tensor, what: str) -> None:
+        if failed.device.type != "cuda":
+            # The interpreter: the launch ran synchronously on the CPU, nothing to wait for.
+            if failed.numpy()[0]:
+                raise RuntimeError(self._message(what))
+            return
+        if torch.cuda.is_current_stream_capturing():
+            return
+        host = torch.empty(1, dtype=failed.dtype, pin_memory=True)
+        host.copy_(failed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, host, what))
+
+    def check(self) -> None:
+        pending, self._pending = self._pending, []
+        for index, (event, host, what) in enumerate(pending):
+            if not event.query():
+                self._pending.append((event, host, what))
+            elif host.numpy()[0]:
+                self._pending.extend(pending[index + 1:])
+                raise RuntimeError(self._message(what))
+
+    @staticmethod
+    def _message(what: str) -> str:
+        return (
+            f"triton_lstm: a grid barrier of {what} gave up waiting: the programs of a persistent launch were "
+            "not all running at once (a GPU shared through MPS, a virtualized GPU, a debugger?). That "
+            "launch's outputs are invalid (NaN). Set TRITON_LSTM_PERSISTENT=0 (forward) and "
+            "TRITON_LSTM_PERSISTENT_BWD=0 (backward) to use one launch per time step instead."
+        )
+
+
+barrier_watch = BarrierWatch()
 
 
 @triton.jit

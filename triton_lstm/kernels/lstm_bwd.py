@@ -55,7 +55,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from triton_lstm.kernels.common import dot_precision, grid_barrier, refused_cooperative_launch, tanh
+from triton_lstm.kernels import common
+from triton_lstm.kernels.common import barrier_watch, dot_precision, grid_barrier, refused_cooperative_launch, tanh
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
 
 SCHEDULES = ("auto", "persistent", "per_step")
@@ -71,7 +72,7 @@ def _lstm_bwd_kernel(
     grad_gates_ptr,  # (T, B, 4H) out: pre-activation gate gradients dG, input dtype
     dh_ptr,  # (B, H) fp32 in/out: gradient reaching h_{t_start} from later steps / h_{t_end} from this step
     dc_ptr,  # (B, H) fp32 in/out: the same for c
-    counter_ptr,  # int32 barrier counter, zero at launch
+    counter_ptr,  # (2,) int32 zeros at launch: the barrier counter, then the failure flag
     T,
     B,
     t_start,  # first (latest) step this launch runs; it runs t_start, t_start-1, … for n_steps steps
@@ -84,6 +85,7 @@ def _lstm_bwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up (grid_barrier)
 ):
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
@@ -101,6 +103,8 @@ def _lstm_bwd_kernel(
     out_dtype = grad_gates_ptr.dtype.element_ty
 
     dh_carry = tl.load(dh_ptr + state_offs, mask=mask_bh, other=0.0)
+    # Set once a barrier gave up: from then on this program stops waiting and writes NaN.
+    failed = tl.full((), 0, tl.int1)
     dc = tl.load(dc_ptr + state_offs, mask=mask_bh, other=0.0)
     for s in range(n_steps):
         t = t_start - s
@@ -153,6 +157,10 @@ def _lstm_bwd_kernel(
             dc = tl.where(ran, dc_cell * f, dc)
         else:
             dc = dc_cell * f
+        d_i = tl.where(failed, float("nan"), d_i)
+        d_f = tl.where(failed, float("nan"), d_f)
+        d_g = tl.where(failed, float("nan"), d_g)
+        d_o = tl.where(failed, float("nan"), d_o)
         dg_out = grad_gates_ptr + step * B * 4 * H + gate_row_offs + offs_h[None, :]
         tl.store(dg_out, d_i.to(out_dtype), mask=mask_bh)
         tl.store(dg_out + H, d_f.to(out_dtype), mask=mask_bh)
@@ -160,12 +168,18 @@ def _lstm_bwd_kernel(
         tl.store(dg_out + 3 * H, d_o.to(out_dtype), mask=mask_bh)
         dh_carry = dh
         if USE_BARRIER:
-            grid_barrier(counter_ptr, (s + 1) * tl.num_programs(0))
+            if not failed:
+                failed = grid_barrier(counter_ptr, (s + 1) * tl.num_programs(0), counter_ptr + 1, SPIN_LIMIT)
 
     # Per-step launches hand the chain to the next launch through these buffers; after the last step
     # they hold the gradient at step 0 (for h still to be pushed through dG_0·W_hh by the launcher).
     tl.store(dh_ptr + state_offs, dh_carry, mask=mask_bh)
     tl.store(dc_ptr + state_offs, dc, mask=mask_bh)
+
+
+# Persistent launches that did not fit the device (OutOfResources) or were refused as a cooperative grid,
+# keyed by (H, tile, programs, dtype, device): they run per step from then on without trying again.
+_per_step_after_failure: set[tuple] = set()
 
 
 def _tiles(B: int, H: int, block_b: int, block_h: int) -> int:
@@ -242,7 +256,7 @@ def lstm_bwd_gate_grads(
     grad_gates = torch.empty(T, B, 4 * H, dtype=dtype, device=device)
     dh = grad_h_n.to(torch.float32, copy=True).contiguous()
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()
-    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    counter = torch.zeros(2, dtype=torch.int32, device=device)  # the barrier counter, the failure flag
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     if tiling is None:
         schedule, block_b, block_h = plan_bwd(B, H, num_sms, schedule)
@@ -252,12 +266,16 @@ def lstm_bwd_gate_grads(
         schedule = "per_step" if schedule == "per_step" else "persistent"
         options = dict(BLOCK_K=block_k, num_warps=num_warps)
     grid = (_tiles(B, H, block_b, block_h),)
+    downgrade_key = (H, block_b, block_h, grid[0], dtype, device)
+    if schedule == "persistent" and downgrade_key in _per_step_after_failure:
+        schedule = "per_step"
     launch = dict(
         H=H,
         HAS_LENGTHS=lengths is not None,
         DOT_PRECISION=dot_precision(dtype),
         BLOCK_B=block_b,
         BLOCK_H=block_h,
+        SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
         **options,
     )
     lengths_arg = lengths if lengths is not None else counter
@@ -265,6 +283,7 @@ def lstm_bwd_gate_grads(
         L = gates.shape[0]
         args = (grad_out, gates.contiguous(), c.contiguous(), w_hh, lengths_arg, grad_gates, dh, dc, counter, T, B)
         if schedule == "persistent":
+            barrier_watch.check()  # an earlier launch whose barrier gave up raises here
             counter.zero_()  # the barrier's targets count from zero in every launch
             try:
                 # Cooperative: the driver starts the grid only if all of it can be resident at once, so
@@ -273,6 +292,7 @@ def lstm_bwd_gate_grads(
                 _lstm_bwd_kernel[grid](
                     *args, t0 + L - 1, L, t0, USE_BARRIER=True, launch_cooperative_grid=True, **launch
                 )
+                barrier_watch.watch(counter[1:], f"the persistent backward kernel (tile {block_b}×{block_h}, {grid[0]} programs)")
                 continue
             except OutOfResources:
                 # Raised while compiling, before any program ran: the buffers are untouched.
@@ -281,6 +301,7 @@ def lstm_bwd_gate_grads(
                 if not refused_cooperative_launch(error):
                     raise
                 schedule = "per_step"
+            _per_step_after_failure.add(downgrade_key)
         for t in reversed(range(t0, t0 + L)):
             _lstm_bwd_kernel[grid](*args, t, 1, t0, USE_BARRIER=False, **launch)
 

@@ -98,16 +98,19 @@ def lstm_fwd(
     w_hh: torch.Tensor,
     w_hr: torch.Tensor | None,
     lengths: torch.Tensor | None,
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)``.
 
-    All tensors are contiguous and on one device; ``lengths`` is int32 on that device.
+    All tensors are contiguous and on one device; ``lengths`` is int32 on that device. ``outputs``:
+    buffers from ``allocate_forward_outputs`` to fill (a persistent launch that fell back hands over its
+    own), else new ones.
     """
     T, B, four_h = projected.shape
     H = four_h // 4
     K = w_hh.shape[1]
     dtype = projected.dtype
-    h_all, c_all, gates = allocate_forward_outputs(projected, h0, c0, K)
+    h_all, c_all, gates = outputs if outputs is not None else allocate_forward_outputs(projected, h0, c0, K)
     project = w_hr is not None
     m = torch.empty(B, H, dtype=dtype, device=projected.device) if project else h_all
     valid = None

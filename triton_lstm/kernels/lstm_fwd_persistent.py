@@ -5,7 +5,7 @@ more than the step's arithmetic. Here the grid stays resident for the whole sequ
 separated by a grid-wide barrier instead of kernel boundaries.
 
 Work split. Program (ph, pb) owns hidden blocks ph, ph + GRID_H, … (BLOCK_H hidden units each: the
-four gate row-blocks of W_hh for those units) and batch blocks pb, pb + GRID_B, …. h_t of a batch row
+four gate row-blocks of W_hh for those units) and batch blocks pb, pb + grid_b, …. h_t of a batch row
 depends only on h_{t-1} of the same row, so only the GRID_H programs sharing a batch group ``pb`` need
 to wait for each other: each batch group has its own barrier counter.
 
@@ -58,7 +58,9 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from triton_lstm.kernels import common
 from triton_lstm.kernels.common import (
+    barrier_watch,
     dot_precision,
     grid_barrier,
     load_gate_inputs,
@@ -85,7 +87,7 @@ INTERPRETER_SHARED_MEMORY = 96 * 1024
 DEFAULT_SHARED_MEMORY = 99 * 1024
 
 
-@triton.jit(do_not_specialize=["T", "B"])
+@triton.jit(do_not_specialize=["T", "B", "grid_b"])
 def _lstm_persistent_fwd_kernel(
     projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype
     w_hh_ptr,  # (4H, K), K == H (no projection on this path)
@@ -93,9 +95,10 @@ def _lstm_persistent_fwd_kernel(
     c_ptr,  # (T+1, B, H) fp32, c0 already at step 0
     gates_ptr,  # (T, B, 4H)
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
-    counters_ptr,  # (GRID_B,) int32 zeros: one monotonic barrier counter per batch group
+    counters_ptr,  # (grid_b + 1,) int32 zeros: one monotonic barrier counter per batch group, then the failure flag
     T,
     B,
+    grid_b,  # batch groups (the grid's second axis); not a constexpr, so a new batch size does not recompile
     H: tl.constexpr,
     K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
@@ -103,16 +106,19 @@ def _lstm_persistent_fwd_kernel(
     ONE_TILE: tl.constexpr,  # RESIDENT and one batch block per program: state stays in registers
     DOT_PRECISION: tl.constexpr,
     GRID_H: tl.constexpr,
-    GRID_B: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,  # the whole K padded to a power of two when RESIDENT
+    SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up (grid_barrier)
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     num_b_blocks = tl.cdiv(B, BLOCK_B)
     counter_ptr = counters_ptr + pid_b
+    failed_ptr = counters_ptr + grid_b
+    # Set once a barrier gave up: from then on this program stops waiting and its h is NaN.
+    failed = tl.full((), 0, tl.int1)
 
     if RESIDENT:
         # One hidden block per program (GRID_H == NUM_H_BLOCKS): its W_hh slice, loaded once, as the
@@ -128,7 +134,7 @@ def _lstm_persistent_fwd_kernel(
         w_o = tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0)
 
     if ONE_TILE:
-        # The program owns one (batch block × hidden block) tile for the whole sequence (GRID_B covers
+        # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
         # every batch block), so its c and h stay in registers across steps, and the next step's input
         # projection, which does not depend on h, is loaded before the barrier wait: after the barrier
         # only the h exchange, the product and the cell update remain on the critical path.
@@ -156,20 +162,22 @@ def _lstm_persistent_fwd_kernel(
                 acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, c_ptr, gates_ptr, lengths_ptr,
                 step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, HAS_LENGTHS, True,
             )
+            h_own = tl.where(failed, float("nan"), h_own)
             h_offs = (step + 1) * B * K + rows[:, None] * K + res_offs_h[None, :]
             tl.store(h_ptr + h_offs, h_own.to(h_ptr.dtype.element_ty), mask=mask_bh)
             # (The last step reloads its own inputs rather than read past the end.)
             next_step = tl.minimum(step + 1, T - 1)
             x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, next_step, B, rows, res_offs_h, mask_bh, H)
             # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
-            grid_barrier(counter_ptr, (t + 1) * GRID_H)
+            if not failed:
+                failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
     else:
         for t in range(T):
             step = tl.full((), t, tl.int64)
             h_prev_ptr = h_ptr + step * B * K
             # num_stages=1: pipelining this loop would stage the whole-K h tile in several shared-memory
             # buffers (past the limit with a resident W_hh, and most programs own one batch block anyway).
-            for bb in tl.range(pid_b, num_b_blocks, GRID_B, num_stages=1):
+            for bb in tl.range(pid_b, num_b_blocks, grid_b, num_stages=1):
                 offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
                 mask_b = offs_b < B
                 rows = offs_b.to(tl.int64)
@@ -185,7 +193,7 @@ def _lstm_persistent_fwd_kernel(
                     acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
                     acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
                     _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                               step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS)
+                               step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, failed)
                 else:
                     for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
                         offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -194,14 +202,17 @@ def _lstm_persistent_fwd_kernel(
                             h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
                         )
                         _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                                   step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS)
-            grid_barrier(counter_ptr, (t + 1) * GRID_H)
+                                   step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, failed)
+            if not failed:
+                failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
 
 
 @triton.jit
 def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-               step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-    """The cell update of one tile with its inputs and state read from memory, and its h_t store."""
+               step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+               failed):
+    """The cell update of one tile with its inputs and state read from memory, and its h_t store (NaN
+    once the program's barrier gave up)."""
     mask_bh = mask_b[:, None] & mask_h[None, :]
     x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
     h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS)
@@ -209,6 +220,7 @@ def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_pt
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
         step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True,
     )
+    h = tl.where(failed, float("nan"), h)
     h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
     tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_bh)
 
@@ -378,6 +390,21 @@ def plan_for(projected: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | N
                                tensor_cores)
 
 
+# Plans whose kernel turned out not to fit the device (OutOfResources at load, or a cooperative launch
+# the driver refused), keyed by (plan, dtype, device), and the plan that replaced each: a downgrade is
+# found out once per process, not on every call.
+_downgrades: dict[tuple, ForwardPlan] = {}
+
+
+def _downgraded(plan: ForwardPlan, out_of_resources: bool) -> ForwardPlan:
+    if out_of_resources and plan.resident:
+        # Resident plans are 16-bit: stream the same tiles in 128-wide K chunks.
+        return dataclasses.replace(plan, resident=False, block_k=min(128, plan.block_k),
+                                   reason=plan.reason + "; resident did not fit, W_hh streamed")
+    why = "did not fit the device" if out_of_resources else "was refused as a cooperative grid"
+    return ForwardPlan(False, f"{plan.reason}; {why}: per-step kernel")
+
+
 def lstm_fwd_persistent(
     projected: torch.Tensor,
     h0: torch.Tensor,
@@ -400,36 +427,39 @@ def lstm_fwd_persistent(
         return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
-    try:
-        return lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan, lengths)
-    except OutOfResources:
-        # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
-        if not plan.resident:
-            return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
-        # Resident plans are 16-bit: stream the same tiles in 128-wide K chunks.
-        streamed = dataclasses.replace(plan, resident=False, block_k=min(128, plan.block_k),
-                                       reason=plan.reason + "; resident did not fit, W_hh streamed")
-        return lstm_fwd_persistent(projected, h0, c0, w_hh, w_hr, lengths, streamed)
-    except RuntimeError as error:
-        if not refused_cooperative_launch(error):
-            raise
-        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
+    key = (plan, projected.dtype, projected.device)
+    plan = _downgrades.get(key, plan)
+    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1])
+    while plan.persistent:
+        try:
+            _launch(plan, projected, w_hh, *outputs, lengths)
+            return outputs
+        except OutOfResources:
+            # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
+            plan = _downgrades[key] = _downgraded(plan, out_of_resources=True)
+        except RuntimeError as error:
+            if not refused_cooperative_launch(error):
+                raise
+            plan = _downgrades[key] = _downgraded(plan, out_of_resources=False)
+    return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, outputs)
 
 
 def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengths=None):
     """Runs exactly ``plan`` (persistent, no projection), without fallbacks: raises ``OutOfResources`` when
     it does not fit and the driver's RuntimeError when the cooperative launch is refused (before anything
     ran, in both cases). For ``lstm_fwd_persistent`` and the tuning sweep (``benchmarks/tune.py``)."""
+    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1])
+    _launch(plan, projected, w_hh, *outputs, lengths)
+    return outputs
+
+
+def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths):
     T, B, four_h = projected.shape
     H, K = four_h // 4, w_hh.shape[1]
-    h_all, c_all, gates = allocate_forward_outputs(projected, h0, c0, K)
-    _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K)
-    return h_all, c_all, gates
-
-
-def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K):
+    barrier_watch.check()  # an earlier launch whose barrier gave up raises here
     # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
-    counters = torch.zeros(plan.grid_b, dtype=torch.int32, device=projected.device)
+    # The last element is the launch's failure flag.
+    counters = torch.zeros(plan.grid_b + 1, dtype=torch.int32, device=projected.device)
     _lstm_persistent_fwd_kernel[(plan.grid_h, plan.grid_b)](
         projected,
         w_hh,
@@ -440,6 +470,7 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K):
         counters,
         T,
         B,
+        plan.grid_b,
         H=H,
         K=K,
         HAS_LENGTHS=lengths is not None,
@@ -447,13 +478,14 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, T, B, H, K):
         ONE_TILE=plan.resident and plan.grid_b == triton.cdiv(B, plan.block_b),
         DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
         GRID_H=plan.grid_h,
-        GRID_B=plan.grid_b,
         BLOCK_B=plan.block_b,
         BLOCK_H=plan.block_h,
         BLOCK_K=plan.block_k,
+        SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
         num_warps=plan.num_warps,
         # A cooperative launch starts only if every program can be resident at once (else the driver
         # refuses it), so a kernel sharing the GPU on another stream cannot leave half of this grid
         # spinning for programs that never get an SM. The interpreter ignores the option.
         launch_cooperative_grid=True,
     )
+    barrier_watch.watch(counters[plan.grid_b:], f"the persistent forward kernel ({plan})")
