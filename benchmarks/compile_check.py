@@ -64,7 +64,7 @@ def _kernel_and_signature(config: dict):
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
                      "gates_ptr": f"*{dtype}", "m_ptr": f"*{dtype}", "lengths_ptr": "*i32", "t": "i32", "B": "i32"}
         constants = dict(H=config["H"], K=config["K"], HAS_LENGTHS=1, PROJECT=int(config["K"] != config["H"]),
-                         DOT_PRECISION="ieee", BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
+                         DOT_PRECISION=config.get("precision", "ieee"), BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
     else:
         from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel as kernel
 
@@ -154,17 +154,17 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
 
 
 def _step_configs(shapes, arch: int) -> list[dict]:
-    from triton_lstm.kernels.lstm_fwd import _block_sizes
+    from triton_lstm.kernels.lstm_fwd import step_blocks
 
     seen = {}
-    for dtype in DTYPES:
+    for dtype, size in DTYPES.items():
         for B, H in shapes:
             for K in sorted({H, max(1, H // 2)}):  # K < H: with a projection
-                block_b, block_h, block_k = _block_sizes(B, H, K)
-                key = (dtype, H, K, block_b, block_h, block_k)
+                block_b, block_h, block_k, precision = step_blocks(B, H, K, size, arch >= 80)
+                key = (dtype, H, K, block_b, block_h, block_k, precision)
                 seen.setdefault(key, dict(kernel="step", dtype=dtype, H=H, K=K, resident=False, block_b=block_b,
                                           block_h=block_h, block_k=block_k, num_warps=4, arch=arch,
-                                          limit=DEVICES[0][2], device=DEVICES[0][0], estimate=None))
+                                          limit=DEVICES[0][2], device=DEVICES[0][0], estimate=None, precision=precision))
     return list(seen.values())
 
 
@@ -176,7 +176,7 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
         for dtype in DTYPES:
             for B, H in shapes:
                 schedule, block_b, block_h = plan_bwd(B, H, num_sms, "auto")
-                options = bwd_launch_options(H, block_b, block_h)
+                options = bwd_launch_options(H, block_b, block_h, DTYPES[dtype])
                 persistent = schedule == "persistent"
                 key = (dtype, H, persistent, block_b, block_h, options["BLOCK_K"], options["num_warps"])
                 seen.setdefault(key, dict(kernel="bwd", dtype=dtype, H=H, resident=persistent, block_b=block_b,

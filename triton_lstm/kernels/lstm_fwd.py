@@ -71,12 +71,24 @@ def _lstm_step_fwd_kernel(
         tl.store(h_ptr + (step + 1) * B * K + state_offs, m.to(h_ptr.dtype.element_ty), mask=mask_bh)
 
 
-def _block_sizes(B: int, H: int, K: int) -> tuple[int, int, int]:
-    # tl.dot needs every dimension >= 16 on the GPU; smaller B, H or K are masked up to 16.
+def step_blocks(B: int, H: int, K: int, element_size: int, fp32_tensor_cores: bool) -> tuple[int, int, int, str]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, exact-fp32 dot precision) of the per-step kernel.
+
+    tl.dot needs every dimension >= 16 on the GPU; smaller B, H or K are masked up to 16. fp32 runs its
+    dots on tensor cores as "tf32x3" (fp32-level accuracy) where the card has TF32, in 32-wide K chunks:
+    the FMA dots abort Triton 3.9's LLVM (an SLPVectorizer assertion) at small K, and spill at 64 rows.
+    """
     block_b = max(16, min(64, triton.next_power_of_2(B)))
     block_h = max(16, min(32, triton.next_power_of_2(H)))
     block_k = max(16, min(64, triton.next_power_of_2(K)))
-    return block_b, block_h, block_k
+    if element_size >= 4 and fp32_tensor_cores:
+        return block_b, block_h, min(block_k, 32), "tf32x3"
+    return block_b, block_h, block_k, "ieee"
+
+
+def fp32_tensor_cores(device: torch.device) -> bool:
+    """Whether the device runs TF32 dots (sm_80 and later), so exact fp32 can run as tf32x3."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def allocate_forward_outputs(projected: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, K: int):
@@ -116,7 +128,7 @@ def lstm_fwd(
     valid = None
     if project and lengths is not None:
         valid = (torch.arange(T, device=projected.device)[:, None] < lengths[None, :]).unsqueeze(-1)
-    block_b, block_h, block_k = _block_sizes(B, H, K)
+    block_b, block_h, block_k, exact_fp32 = step_blocks(B, H, K, projected.element_size(), fp32_tensor_cores(projected.device))
     grid = (triton.cdiv(B, block_b), triton.cdiv(H, block_h))
     for t in range(T):
         _lstm_step_fwd_kernel[grid](
@@ -133,7 +145,7 @@ def lstm_fwd(
             K=K,
             HAS_LENGTHS=lengths is not None,
             PROJECT=project,
-            DOT_PRECISION=dot_precision(dtype),
+            DOT_PRECISION=dot_precision(dtype, exact_fp32),
             BLOCK_B=block_b,
             BLOCK_H=block_h,
             BLOCK_K=block_k,

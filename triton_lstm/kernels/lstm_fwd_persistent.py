@@ -69,7 +69,7 @@ from triton_lstm.kernels.common import (
     recurrent_product_streamed,
     refused_cooperative_launch,
 )
-from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, lstm_fwd
+from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, fp32_tensor_cores, lstm_fwd
 
 # Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
 # better use of the SMs (an estimate, not a measurement: no GPU was at hand when this was written).
@@ -327,9 +327,10 @@ def plan_persistent_fwd(
     fitting = [bb for bb in tiles if triton.cdiv(H, 16) * triton.cdiv(B, bb) <= num_sms]
     block_b = fitting[0] if fitting else tiles[-1]
     block_h = 32 if block_b == 16 else 16
-    if triton.cdiv(H, block_h) > num_sms:
-        # More hidden blocks than SMs: wider blocks (up to 64), then several blocks per program.
-        block_h = max(block_h, min(64, triton.next_power_of_2(triton.cdiv(H, num_sms))))
+    # More hidden blocks than SMs: several blocks per program, and wider blocks only beyond
+    # MAX_HIDDEN_BLOCKS_PER_PROGRAM (tiles of 32 × 32 and up spill or overflow shared memory on sm_90).
+    while triton.cdiv(triton.cdiv(H, block_h), num_sms) > MAX_HIDDEN_BLOCKS_PER_PROGRAM and block_h < 64:
+        block_h *= 2
     num_h_blocks = triton.cdiv(H, block_h)
     # Four warps, except 64-row 16-bit tiles: those spill with four (H = 512: 720 bytes on sm_90).
     warps = 8 if block_b == 64 and not fp32 else 4
@@ -344,10 +345,16 @@ def plan_persistent_fwd(
                                    8 if bb == 64 else 4)
 
     # Streamed. 16-bit: 128-wide K chunks up to K = 1024 (H = 1024, B = 64: 9.3 µs/step against 10.0
-    # for 64 and 9.7 for 256), 256 beyond (H = 2048: 11.5 against 16.0 for 128). fp32: tensor-core
-    # dots in three TF32 passes ("tf32x3", fp32-level accuracy) over 64-wide chunks, 2–4× faster than
-    # FMA dots at all five shapes (H = 256, B = 64: 8.7 against 20.1 µs/step).
-    block_k = max(16, min(64 if fp32 else (128 if K <= 1024 else 256), k_pad))
+    # for 64 and 9.7 for 256), 256 beyond for 16 × 32 tiles (H = 2048: 11.5 against 16.0 for 128;
+    # larger tiles with 256-wide chunks overflow shared memory or spill on sm_90). fp32: tensor-core
+    # dots in three TF32 passes ("tf32x3", fp32-level accuracy), 2–4× faster than FMA dots at all five
+    # shapes (H = 256, B = 64: 8.7 against 20.1 µs/step), over 64-wide chunks from K = 256 and 32-wide
+    # below (where 64-wide chunks past K spill: 448 bytes at H = 33).
+    if fp32:
+        block_k = 64 if K >= 256 else 32
+    else:
+        block_k = 256 if K > 1024 and block_b == 16 and block_h <= 32 else 128
+    block_k = max(16, min(block_k, k_pad))
     grid_h = min(num_h_blocks, num_sms)
     if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
         return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program "
@@ -383,7 +390,7 @@ def plan_for(projected: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | N
     if projected.device.type == "cuda":
         index = projected.device.index if projected.device.index is not None else torch.cuda.current_device()
         num_sms, shared = _device_limits(index)
-        interpret, tensor_cores = False, torch.cuda.get_device_capability(index)[0] >= 8
+        interpret, tensor_cores = False, fp32_tensor_cores(projected.device)
     else:
         num_sms, shared, interpret, tensor_cores = 1, INTERPRETER_SHARED_MEMORY, True, False
     return plan_persistent_fwd(T, B, H, K, projected.element_size(), w_hr is not None, num_sms, shared, interpret,
