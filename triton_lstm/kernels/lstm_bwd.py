@@ -218,12 +218,12 @@ def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str) -> tuple[str, i
     return "per_step", widest_b, 32
 
 
-def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2) -> dict:
+def bwd_launch_options(H: int, block_b: int, block_h: int) -> dict:
     """BLOCK_K and num_warps of the gate-gradient kernel for a tile of BLOCK_B × BLOCK_H."""
     # 128-wide chunks of the 4H gate columns: faster than 64 at all five anchor shapes on an H200
     # (tune.py, bf16: 7.6 against 8.5 µs/step at H = 256, 22.0 against 29.7 at H = 2048). Eight warps
-    # for large tiles; in fp32 (FMA dots) already for 64 × 32, which spills on sm_90 with four.
-    large = block_b * block_h >= (2048 if element_size >= 4 else 4096)
+    # from 64 × 32 tiles, which spill on sm_90 with four (fp32 and, under Triton 3.6, fp16).
+    large = block_b * block_h >= 2048
     return dict(BLOCK_K=max(16, min(128, triton.next_power_of_2(4 * H))), num_warps=8 if large else 4)
 
 
@@ -262,7 +262,7 @@ def lstm_bwd_gate_grads(
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     if tiling is None:
         schedule, block_b, block_h = plan_bwd(B, H, num_sms, schedule)
-        options = bwd_launch_options(H, block_b, block_h, w_hh.element_size())
+        options = bwd_launch_options(H, block_b, block_h)
     else:
         block_b, block_h, block_k, num_warps = tiling
         schedule = "per_step" if schedule == "per_step" else "persistent"

@@ -75,14 +75,15 @@ def step_blocks(B: int, H: int, K: int, element_size: int, fp32_tensor_cores: bo
     """(BLOCK_B, BLOCK_H, BLOCK_K, exact-fp32 dot precision) of the per-step kernel.
 
     tl.dot needs every dimension >= 16 on the GPU; smaller B, H or K are masked up to 16. fp32 runs its
-    dots on tensor cores as "tf32x3" (fp32-level accuracy) where the card has TF32, in 32-wide K chunks:
-    the FMA dots abort Triton 3.9's LLVM (an SLPVectorizer assertion) at small K, and spill at 64 rows.
+    dots on tensor cores as "tf32x3" (fp32-level accuracy) where the card has TF32, in 32-wide K chunks
+    and 16-unit hidden blocks: the FMA dots abort Triton 3.9's LLVM (an SLPVectorizer assertion) at
+    small K, and wider tiles spill.
     """
     block_b = max(16, min(64, triton.next_power_of_2(B)))
     block_h = max(16, min(32, triton.next_power_of_2(H)))
     block_k = max(16, min(64, triton.next_power_of_2(K)))
     if element_size >= 4 and fp32_tensor_cores:
-        return block_b, block_h, min(block_k, 32), "tf32x3"
+        return block_b, 16, min(block_k, 32), "tf32x3"  # 32 × 32 fp32 tiles spill 40 bytes
     return block_b, block_h, block_k, "ieee"
 
 

@@ -345,13 +345,16 @@ def plan_persistent_fwd(
                                    8 if bb == 64 else 4)
 
     # Streamed. 16-bit: 128-wide K chunks up to K = 1024 (H = 1024, B = 64: 9.3 µs/step against 10.0
-    # for 64 and 9.7 for 256), 256 beyond for 16 × 32 tiles (H = 2048: 11.5 against 16.0 for 128;
-    # larger tiles with 256-wide chunks overflow shared memory or spill on sm_90). fp32: tensor-core
-    # dots in three TF32 passes ("tf32x3", fp32-level accuracy), 2–4× faster than FMA dots at all five
-    # shapes (H = 256, B = 64: 8.7 against 20.1 µs/step), over 64-wide chunks from K = 256 and 32-wide
-    # below (where 64-wide chunks past K spill: 448 bytes at H = 33).
+    # for 64 and 9.7 for 256), 256 beyond for 16 × 32 tiles (H = 2048: 11.5 against 16.0 for 128).
+    # fp32: tensor-core dots in three TF32 passes ("tf32x3", fp32-level accuracy), 2–4× faster than
+    # FMA dots at all five shapes (H = 256, B = 64: 8.7 against 20.1 µs/step), over 64-wide chunks.
+    # Narrower chunks where the sm_90 compiles (Triton 3.6 and 3.9, benchmarks/compile_check.py) of
+    # wider ones spill or overflow shared memory: 64-row tiles (16-bit 64, fp32 32 above K = 512) and
+    # fp32 below K = 256 (64-wide chunks past K spilled 448 bytes at H = 33).
     if fp32:
-        block_k = 64 if K >= 256 else 32
+        block_k = 64 if 256 <= K and (block_b < 64 or K <= 512) else 32
+    elif block_b == 64:
+        block_k = 64
     else:
         block_k = 256 if K > 1024 and block_b == 16 and block_h <= 32 else 128
     block_k = max(16, min(block_k, k_pad))
