@@ -55,7 +55,8 @@ def _kernel_and_signature(config: dict):
                      "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32", "T": "i32", "B": "i32",
                      "grid_b": "i32"}
         constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
-                         ONE_TILE=int(config.get("one_tile", False)), DOT_PRECISION=config.get("precision", "ieee"),
+                         ONE_TILE=int(config.get("one_tile", False)), SAVE=int(config.get("save", True)),
+                         DOT_PRECISION=config.get("precision", "ieee"),
                          GRID_H=config["grid_h"], BLOCK_B=config["block_b"],
                          BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], SPIN_LIMIT=BARRIER_SPIN_LIMIT)
     elif kind == "step":
@@ -63,7 +64,7 @@ def _kernel_and_signature(config: dict):
 
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
                      "gates_ptr": f"*{dtype}", "m_ptr": f"*{dtype}", "lengths_ptr": "*i32", "t": "i32", "B": "i32"}
-        constants = dict(H=config["H"], K=config["K"], HAS_LENGTHS=1, PROJECT=int(config["K"] != config["H"]),
+        constants = dict(H=config["H"], K=config["K"], HAS_LENGTHS=1, PROJECT=int(config["K"] != config["H"]), SAVE=1,
                          DOT_PRECISION=config.get("precision", "ieee"), BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
     else:
         from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel as kernel

@@ -120,7 +120,7 @@ def test_matches_float64_reference(T, B, I, H, with_lengths, dtype, mode):
 def test_default_plan_through_the_op_runs_persistent(monkeypatch):
     """recurrence_fwd reaches the persistent kernel (no fallback call) and matches the reference."""
     calls = []
-    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args: calls.append(args) or pytest.fail("fell back"))
+    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args, **kwargs: calls.append(args) or pytest.fail("fell back"))
     from triton_lstm.ops import lstm_layer
 
     inputs, lengths = _problem(5, 3, 4, 9, torch.float32, with_lengths=True, seed=1)
@@ -136,7 +136,7 @@ def test_default_plan_through_the_op_runs_persistent(monkeypatch):
 def test_projection_falls_back_to_per_step(monkeypatch):
     calls = []
     real = persistent.lstm_fwd
-    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     T, B, H, P = 3, 2, 8, 5
     projected = torch.randn(T, B, 4 * H, device=KERNEL_DEVICE)
     w_hh = torch.randn(4 * H, P, device=KERNEL_DEVICE) * 0.3
@@ -181,7 +181,7 @@ def test_refused_cooperative_launch_falls_back_to_per_step(monkeypatch):
     calls, refused = [], []
     real = persistent.lstm_fwd
     monkeypatch.setattr(persistent, "_launch", lambda *args: refused.append(1) or refuse())
-    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     monkeypatch.setattr(persistent, "_downgrades", {})
     inputs, lengths = _problem(3, 2, 3, 5, torch.float32, with_lengths=True)
     ours = _run(inputs, lengths, torch.float32, None)
@@ -420,3 +420,54 @@ def test_barrier_that_is_never_reached_raises_instead_of_hanging(monkeypatch):
     monkeypatch.setattr(common, "BARRIER_SPIN_LIMIT", 1 << 25)
     h_all, _, _ = _run_and_report(lambda: _run(inputs, lengths, torch.float16, plan))
     assert torch.isfinite(h_all).all(), "a later launch with a reachable barrier runs normally"
+
+
+# --- Inference forward: nothing kept per step ---------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["resident", "streamed", "per_step"])
+@pytest.mark.parametrize("T", [1, 4, 7])
+def test_inference_forward_keeps_no_per_step_state(T, mode):
+    """save=False: the same h for every step and the same c_T, with c in two slots used in turn (T odd
+    and even end in different slots) and no gates."""
+    inputs, lengths = _problem(T, 19, 5, 17, torch.float32, with_lengths=True, seed=6)
+    cast = {name: tensor.float() for name, tensor in inputs.items()}
+    projected = input_projection(cast["x"], cast["w_ih"], cast["b_ih"], cast["b_hh"]).contiguous()
+    args = (projected, cast["h0"], cast["c0"], cast["w_hh"], None, lengths)
+    plan = ForwardPlan(False, "test: per-step") if mode == "per_step" else _forced(mode, 19, 17, 17)
+    h_saved, c_saved, gates_saved = lstm_fwd_persistent(*args, plan)
+    h_all, c_all, gates = lstm_fwd_persistent(*args, plan, save=False)
+    assert gates.shape == (0, 19, 4 * 17) and gates_saved.shape == (T, 19, 4 * 17)
+    assert c_all.shape == (1, 19, 17)
+    torch.testing.assert_close(h_all, h_saved, rtol=0, atol=0)
+    torch.testing.assert_close(c_all[-1], c_saved[-1], rtol=0, atol=0)
+
+
+def test_module_forward_without_grad_saves_nothing():
+    """Under no_grad (and for inputs that need no gradient) the module's op runs with save=0; with a
+    gradient to take, save=1. Same outputs either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import triton_lstm
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.saves = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func.name() == "triton_lstm::recurrence_fwd":
+                self.saves.append((args[9] if len(args) > 9 else 1, tuple(result[2].shape)))
+            return result
+
+    torch.manual_seed(0)
+    model = triton_lstm.LSTM(5, 17, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)
+    x = torch.randn(6, 3, 5, device=KERNEL_DEVICE)
+    with torch.no_grad(), Calls() as calls:
+        out_no_grad, (h_no_grad, c_no_grad) = model(x)
+    assert [save for save, _ in calls.saves] == [0] * 4 and all(shape[0] == 0 for _, shape in calls.saves)
+    with Calls() as calls:
+        out, (h, c) = model(x)
+    assert [save for save, _ in calls.saves] == [1] * 4
+    for ours, theirs in ((out_no_grad, out), (h_no_grad, h), (c_no_grad, c)):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=0)

@@ -97,8 +97,13 @@ def recurrence_fwd(
     b_hh: Tensor | None,
     w_hr: Tensor | None,
     lengths: Tensor | None,
+    save: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward of one layer and direction: returns ``(h_all, c_all, gates)`` (layout in reference.py)."""
+    """Forward of one layer and direction: returns ``(h_all, c_all, gates)`` (layout in reference.py).
+
+    ``save`` 0: an inference forward, whose outputs the backward cannot use: no per-step state is
+    kept, c_all is (1, B, H) holding c_T and gates is (0, B, 4H).
+    """
     if uses_kernels(x):
         projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
         # Persistent kernel where its plan allows, else the per-step lstm_fwd (see lstm_fwd_persistent.py).
@@ -110,17 +115,21 @@ def recurrence_fwd(
                 w_hh.contiguous(),
                 None if w_hr is None else w_hr.contiguous(),
                 None if lengths is None else lengths.to(torch.int32),
+                save=bool(save),
             )
-    return lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    if not save:
+        return h_all, c_all[-1:].clone(), gates[:0].clone()
+    return h_all, c_all, gates
 
 
 @recurrence_fwd.register_fake
-def _recurrence_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+def _recurrence_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save=1):
     T, B = x.shape[0], x.shape[1]
     H = w_hh.shape[0] // 4
     h_all = x.new_empty(T + 1, B, w_hh.shape[1])
-    c_all = x.new_empty(T + 1, B, H, dtype=accumulate_dtype(x.dtype))
-    gates = x.new_empty(T, B, 4 * H)
+    c_all = x.new_empty(T + 1 if save else 1, B, H, dtype=accumulate_dtype(x.dtype))
+    gates = x.new_empty(T if save else 0, B, 4 * H)
     return h_all, c_all, gates
 
 
@@ -284,6 +293,11 @@ def lstm_layer(
     """
     check_backward_options(backward, recompute_interval)
     use_reference = int(backward == "reference")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))):
+        # Nothing will be differentiated (no_grad, inference_mode, or no input requiring grad): an
+        # inference forward keeps no per-step gates or c, only the output and the final state.
+        h_all, c_all, _ = torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 0)
+        return h_all[1:], h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)
     if recompute_interval > 0:
         from triton_lstm.recompute import LSTMRecurrenceRecompute  # imports this module
 

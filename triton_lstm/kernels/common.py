@@ -168,12 +168,23 @@ def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.conste
 
 
 @triton.jit
-def load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H: tl.constexpr, K: tl.constexpr, LOAD_H: tl.constexpr):
+def c_slot(step, SAVE: tl.constexpr):
+    """Where c after ``step`` steps lives: every step's c when SAVE (the backward needs them), else two
+    slots used in turn (an inference forward keeps nothing per step)."""
+    if SAVE:
+        return step
+    else:
+        return step % 2
+
+
+@triton.jit
+def load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H: tl.constexpr, K: tl.constexpr, LOAD_H: tl.constexpr,
+                   SAVE: tl.constexpr):
     """(h_{t-1}, c_{t-1}) of this tile in fp32, from the buffers (for kernels that do not keep them in
     registers across steps). h is read only with LOAD_H (K == H); c otherwise stands in for it."""
     state_offs = rows[:, None] * H + offs_h[None, :]
     # c_{t-1} of these units was written by this same program; ".cg" keeps the read off L1 all the same.
-    c_prev = tl.load(c_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
+    c_prev = tl.load(c_ptr + c_slot(step, SAVE) * B * H + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg")
     h_prev = c_prev
     if LOAD_H:
         h_prev = tl.load(h_ptr + step * B * K + state_offs, mask=mask_bh, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -205,6 +216,7 @@ def lstm_cell_update(
     H: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     CARRY_H: tl.constexpr,
+    SAVE: tl.constexpr,
 ):
     """Gates, cell update and their stores for one (batch block × hidden block) tile of step ``step``.
 
@@ -212,7 +224,8 @@ def lstm_cell_update(
     ``h_prev`` / ``c_prev`` are the tile's state of step t-1 in fp32. Stores the gate activations and c_t;
     returns (o⊙tanh(c_t), c_t) in fp32 for the caller to store (as h_t, or as m_t before a projection).
     Past a sequence's end the state is carried: c_t = c_{t-1}, gates zero, and with CARRY_H the returned
-    value is h_{t-1} (without it the caller carries h itself, after its projection).
+    value is h_{t-1} (without it the caller carries h itself, after its projection). Without SAVE (an
+    inference forward) the gates are not stored and c goes to one of two slots (``c_slot``).
     """
     mask_bh = mask_b[:, None] & mask_h[None, :]
     i = sigmoid(acc_i + x_i)
@@ -231,13 +244,14 @@ def lstm_cell_update(
         if CARRY_H:
             h = tl.where(valid, h, h_prev)
 
-    gates_ptrs = gates_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
-    out_dtype = gates_ptr.dtype.element_ty
-    tl.store(gates_ptrs, i.to(out_dtype), mask=mask_bh)
-    tl.store(gates_ptrs + H, f.to(out_dtype), mask=mask_bh)
-    tl.store(gates_ptrs + 2 * H, g.to(out_dtype), mask=mask_bh)
-    tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
-    tl.store(c_ptr + (step + 1) * B * H + rows[:, None] * H + offs_h[None, :], c, mask=mask_bh)
+    if SAVE:
+        gates_ptrs = gates_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
+        out_dtype = gates_ptr.dtype.element_ty
+        tl.store(gates_ptrs, i.to(out_dtype), mask=mask_bh)
+        tl.store(gates_ptrs + H, f.to(out_dtype), mask=mask_bh)
+        tl.store(gates_ptrs + 2 * H, g.to(out_dtype), mask=mask_bh)
+        tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
+    tl.store(c_ptr + c_slot(step + 1, SAVE) * B * H + rows[:, None] * H + offs_h[None, :], c, mask=mask_bh)
     return h, c
 
 

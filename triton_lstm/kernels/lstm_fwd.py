@@ -39,6 +39,7 @@ def _lstm_step_fwd_kernel(
     K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     PROJECT: tl.constexpr,
+    SAVE: tl.constexpr,  # store every step's gates and c for the backward (else an inference forward)
     DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -58,10 +59,10 @@ def _lstm_step_fwd_kernel(
         h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
     )
     x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
-    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS and not PROJECT)
+    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS and not PROJECT, SAVE)
     m, _ = lstm_cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, not PROJECT,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, not PROJECT, SAVE,
     )
     state_offs = rows[:, None] * H + offs_h[None, :]
     if PROJECT:
@@ -92,16 +93,27 @@ def fp32_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def allocate_forward_outputs(projected: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, K: int):
+def allocate_forward_outputs(projected: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, K: int, save: bool = True):
     """``(h_all, c_all, gates)`` for a forward over ``projected`` (T, B, 4H), with h0 and c0 in place at
-    step 0 and everything else left for the kernel to write (layout in ``triton_lstm.reference``)."""
+    step 0 and everything else left for the kernel to write (layout in ``triton_lstm.reference``).
+    Without ``save`` (an inference forward) c_all has two slots used in turn and gates no steps."""
     T, B, four_h = projected.shape
     h_all = torch.empty(T + 1, B, K, dtype=projected.dtype, device=projected.device)
-    c_all = torch.empty(T + 1, B, four_h // 4, dtype=torch.float32, device=projected.device)
-    gates = torch.empty(T, B, four_h, dtype=projected.dtype, device=projected.device)
+    c_all = torch.empty(T + 1 if save else 2, B, four_h // 4, dtype=torch.float32, device=projected.device)
+    gates = torch.empty(T if save else 0, B, four_h, dtype=projected.dtype, device=projected.device)
     h_all[0] = h0
     c_all[0] = c0
     return h_all, c_all, gates
+
+
+def finished_outputs(outputs, save: bool):
+    """What the forward returns: with ``save`` its buffers as they are; without, c_all cut to the slot
+    holding c_T (shape (1, B, H)), so that c_all[-1] is c_n either way."""
+    if save:
+        return outputs
+    h_all, c_all, gates = outputs
+    last = (h_all.shape[0] - 1) % 2
+    return h_all, c_all[last:last + 1], gates
 
 
 def lstm_fwd(
@@ -112,18 +124,21 @@ def lstm_fwd(
     w_hr: torch.Tensor | None,
     lengths: torch.Tensor | None,
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    save: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)``.
 
     All tensors are contiguous and on one device; ``lengths`` is int32 on that device. ``outputs``:
     buffers from ``allocate_forward_outputs`` to fill (a persistent launch that fell back hands over its
-    own), else new ones.
+    own), else new ones. Without ``save``: an inference forward (see ``finished_outputs``).
     """
     T, B, four_h = projected.shape
     H = four_h // 4
     K = w_hh.shape[1]
     dtype = projected.dtype
-    h_all, c_all, gates = outputs if outputs is not None else allocate_forward_outputs(projected, h0, c0, K)
+    if outputs is None:
+        outputs = allocate_forward_outputs(projected, h0, c0, K, save)
+    h_all, c_all, gates = outputs
     project = w_hr is not None
     m = torch.empty(B, H, dtype=dtype, device=projected.device) if project else h_all
     valid = None
@@ -146,6 +161,7 @@ def lstm_fwd(
             K=K,
             HAS_LENGTHS=lengths is not None,
             PROJECT=project,
+            SAVE=save,
             DOT_PRECISION=dot_precision(dtype, exact_fp32),
             BLOCK_B=block_b,
             BLOCK_H=block_h,
@@ -156,4 +172,4 @@ def lstm_fwd(
             if valid is not None:
                 h_new = torch.where(valid[t], h_new, h_all[t])
             h_all[t + 1] = h_new
-    return h_all, c_all, gates
+    return finished_outputs(outputs, save)

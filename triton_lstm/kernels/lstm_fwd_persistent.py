@@ -69,7 +69,7 @@ from triton_lstm.kernels.common import (
     recurrent_product_streamed,
     refused_cooperative_launch,
 )
-from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, fp32_tensor_cores, lstm_fwd
+from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores, lstm_fwd
 
 # Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
 # better use of the SMs (an estimate, not a measurement: no GPU was at hand when this was written).
@@ -104,6 +104,7 @@ def _lstm_persistent_fwd_kernel(
     HAS_LENGTHS: tl.constexpr,
     RESIDENT: tl.constexpr,
     ONE_TILE: tl.constexpr,  # RESIDENT and one batch block per program: state stays in registers
+    SAVE: tl.constexpr,  # store every step's gates and c for the backward (else an inference forward)
     DOT_PRECISION: tl.constexpr,
     GRID_H: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -142,7 +143,7 @@ def _lstm_persistent_fwd_kernel(
         mask_b = offs_b < B
         rows = offs_b.to(tl.int64)
         mask_bh = mask_b[:, None] & res_mask_h[None, :]
-        h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, res_offs_h, mask_bh, H, K, True)
+        h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, res_offs_h, mask_bh, H, K, True, SAVE)
         x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, 0, B, rows, res_offs_h, mask_bh, H)  # T >= 1 here
         for t in range(T):
             # int64: T·B·4H can pass 2³¹ elements.
@@ -160,7 +161,7 @@ def _lstm_persistent_fwd_kernel(
             acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
             h_own, c_own = lstm_cell_update(
                 acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, c_ptr, gates_ptr, lengths_ptr,
-                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, HAS_LENGTHS, True,
+                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, HAS_LENGTHS, True, SAVE,
             )
             h_own = tl.where(failed, float("nan"), h_own)
             h_offs = (step + 1) * B * K + rows[:, None] * K + res_offs_h[None, :]
@@ -193,7 +194,7 @@ def _lstm_persistent_fwd_kernel(
                     acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
                     acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
                     _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                               step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, failed)
+                               step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed)
                 else:
                     for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
                         offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -202,7 +203,7 @@ def _lstm_persistent_fwd_kernel(
                             h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
                         )
                         _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                                   step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, failed)
+                                   step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed)
             if not failed:
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
 
@@ -210,15 +211,15 @@ def _lstm_persistent_fwd_kernel(
 @triton.jit
 def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-               failed):
+               SAVE: tl.constexpr, failed):
     """The cell update of one tile with its inputs and state read from memory, and its h_t store (NaN
     once the program's barrier gave up)."""
     mask_bh = mask_b[:, None] & mask_h[None, :]
     x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
-    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS)
+    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS, SAVE)
     h, _ = lstm_cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE,
     )
     h = tl.where(failed, float("nan"), h)
     h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
@@ -423,10 +424,12 @@ def lstm_fwd_persistent(
     w_hr: torch.Tensor | None,
     lengths: torch.Tensor | None,
     plan: ForwardPlan | None = None,
+    save: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)`` exactly as
     ``lstm_fwd`` does. Persistent when ``plan`` (by default ``plan_for`` the tensors) says so, else, and
     whenever the persistent kernel does not compile within the device's resources, ``lstm_fwd``.
+    Without ``save``, an inference forward: no per-step gates or c (``finished_outputs``).
 
     All tensors are contiguous and on one device; ``lengths`` is int32 on that device. A ``plan`` given
     for a GPU must keep ``num_programs`` within the SM count, and under the interpreter equal to 1.
@@ -434,16 +437,16 @@ def lstm_fwd_persistent(
     if plan is None:
         plan = plan_for(projected, w_hh, w_hr)
     if not plan.persistent or projected.numel() == 0:
-        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths)
+        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, save=save)
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
     key = (plan, projected.dtype, projected.device)
     plan = _downgrades.get(key, plan)
-    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1])
+    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save)
     while plan.persistent:
         try:
-            _launch(plan, projected, w_hh, *outputs, lengths)
-            return outputs
+            _launch(plan, projected, w_hh, *outputs, lengths, save)
+            return finished_outputs(outputs, save)
         except OutOfResources:
             # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
             plan = _downgrades[key] = _downgraded(plan, out_of_resources=True)
@@ -451,19 +454,19 @@ def lstm_fwd_persistent(
             if not refused_cooperative_launch(error):
                 raise
             plan = _downgrades[key] = _downgraded(plan, out_of_resources=False)
-    return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, outputs)
+    return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, outputs, save)
 
 
-def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengths=None):
+def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengths=None, save=True):
     """Runs exactly ``plan`` (persistent, no projection), without fallbacks: raises ``OutOfResources`` when
     it does not fit and the driver's RuntimeError when the cooperative launch is refused (before anything
     ran, in both cases). For ``lstm_fwd_persistent`` and the tuning sweep (``benchmarks/tune.py``)."""
-    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1])
-    _launch(plan, projected, w_hh, *outputs, lengths)
-    return outputs
+    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save)
+    _launch(plan, projected, w_hh, *outputs, lengths, save)
+    return finished_outputs(outputs, save)
 
 
-def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths):
+def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True):
     T, B, four_h = projected.shape
     H, K = four_h // 4, w_hh.shape[1]
     barrier_watch.check()  # an earlier launch whose barrier gave up raises here
@@ -486,6 +489,7 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths):
         HAS_LENGTHS=lengths is not None,
         RESIDENT=plan.resident,
         ONE_TILE=plan.resident and plan.grid_b == triton.cdiv(B, plan.block_b),
+        SAVE=save,
         DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
         GRID_H=plan.grid_h,
         BLOCK_B=plan.block_b,
