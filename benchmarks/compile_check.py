@@ -177,7 +177,7 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
         for dtype in DTYPES:
             for B, H in shapes:
                 schedule, block_b, block_h = plan_bwd(B, H, num_sms, "auto")
-                options = bwd_launch_options(H, block_b, block_h)
+                options = bwd_launch_options(H, block_b, block_h, DTYPES[dtype])
                 persistent = schedule == "persistent"
                 key = (dtype, H, persistent, block_b, block_h, options["BLOCK_K"], options["num_warps"])
                 seen.setdefault(key, dict(kernel="bwd", dtype=dtype, H=H, resident=persistent, block_b=block_b,

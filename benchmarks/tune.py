@@ -154,7 +154,7 @@ def tune_backward(T, B, I, H, dtype, budget_s, rows):
 
     expected = run()[0].float()
     schedule, block_b, block_h = plan_bwd(B, H, num_sms, "auto")
-    default = (block_b, block_h, *bwd_launch_options(H, block_b, block_h).values())
+    default = (block_b, block_h, *bwd_launch_options(H, block_b, block_h, w_hh.element_size()).values())
     default_us = _bench(run) * 1e3 / T
     print(f"bwd T{T} B{B} H{H} {dtype}: planner {schedule} tile {default} {default_us:.2f} us/step", flush=True)
     candidates = [default]

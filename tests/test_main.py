@@ -19,3 +19,40 @@ def test_check_reports_errors_against_float64():
     (row,) = rows
     assert row["err_ours"] < 1e-5 and row["err_theirs"] < 1e-5
     assert row["ms_ours"] > 0 and row["ms_theirs"] > 0
+
+
+def test_subcommands_and_their_options(capsys):
+    # `bench --help` lists the bench options; `--device` belongs to check, never silently to bench.
+    try:
+        cli.main(["bench", "--help"])
+    except SystemExit as exit_info:
+        assert exit_info.code == 0
+    assert "--quick" in capsys.readouterr().out
+    try:
+        cli.main(["--device", "cpu", "bench"])
+        raise AssertionError("--device with bench must be refused")
+    except SystemExit as exit_info:
+        assert exit_info.code == 2
+    assert "--device applies to check" in capsys.readouterr().err
+
+
+def test_bench_dry_run_without_triton_and_default_out_in_the_working_directory(tmp_path):
+    """The harness runs its CPU dry run without triton (a clear line in versions.txt, no traceback), and
+    the default results folder is ./benchmarks/results where the command runs, not the installed package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triton_lstm import benchmark
+
+    assert not benchmark.DEFAULT_OUT.is_absolute()
+    root = Path(cli.__file__).resolve().parent.parent
+    script = "import sys; sys.modules['triton'] = None; from triton_lstm.__main__ import main; " \
+             "sys.exit(main(['bench', '--dry-run', '--no-plots', '--out', sys.argv[1]]))"
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    process = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert "Traceback" not in process.stderr
+    (versions,) = tmp_path.rglob("versions.txt")
+    assert "triton: not installed" in versions.read_text()

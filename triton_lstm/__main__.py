@@ -2,14 +2,13 @@
 
 ``triton-lstm`` (no argument, or ``check``) runs a few shapes through both modules, compares them with
 nn.LSTM in float64 and prints a table: shape, dtype, max error of each, time of each.
-``triton-lstm bench ...`` runs the benchmark suite (see ``triton_lstm.benchmark``).
+``triton-lstm bench ...`` runs the benchmark suite (``triton_lstm.benchmark``; ``--help`` lists its options).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 from torch import nn
@@ -27,23 +26,24 @@ def _where_it_runs(device: str) -> str:
     if device == "cuda" and ops.HAS_TRITON:
         return f"Triton kernels on {torch.cuda.get_device_name()}"
     if not ops.HAS_TRITON:
-        return f"the PyTorch reference on {device} (triton is not installed: {ops.TRITON_IMPORT_ERROR})"
+        return f"the PyTorch reference on {device} (triton could not be imported: {ops.TRITON_IMPORT_ERROR})"
     if ops.interpreting():
         return "Triton kernels through Triton's interpreter on the CPU (TRITON_INTERPRET=1: slow, for testing)"
     return "the PyTorch reference on the CPU (no GPU; set TRITON_INTERPRET=1 to run the kernels interpreted)"
 
 
 def _time_ms(fn, device: str) -> float:
+    """Median milliseconds per call: do_bench on the GPU, torch.utils.benchmark on the CPU."""
     fn()  # warm-up (compiles the kernels on first use)
-    if device == "cuda":
+    if device == "cuda" and ops.HAS_TRITON:
         import triton.testing
 
-        return triton.testing.do_bench(fn)
-    repeats = 3
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) * 1000 / repeats
+        return triton.testing.do_bench(fn, return_mode="median")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    from torch.utils import benchmark as torch_benchmark
+
+    return torch_benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.1).median * 1e3
 
 
 def check(shapes, dtypes, device: str) -> list[dict]:
@@ -86,16 +86,29 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        from triton_lstm.benchmark import main as bench_main
+    from triton_lstm import benchmark
 
-        return bench_main(argv[1:]) or 0
-    parser = argparse.ArgumentParser(prog="triton-lstm", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="check", choices=["check", "bench"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="triton-lstm",
+        description="triton_lstm: check it against torch.nn.LSTM on this machine (the default), or benchmark it.",
+    )
+    parser.add_argument("--device", default=None, help="where check runs: cuda (the default with a GPU) or cpu")
+    commands = parser.add_subparsers(dest="command", metavar="{check,bench}")
+    check_parser = commands.add_parser("check", help="compare with nn.LSTM in float64 and time both (the default)")
+    check_parser.add_argument("--device", default=argparse.SUPPRESS, help="cuda (the default with a GPU) or cpu")
+    bench_parser = commands.add_parser("bench", help=benchmark.DESCRIPTION, description=benchmark.DESCRIPTION)
+    benchmark.add_arguments(bench_parser)
     args = parser.parse_args(argv)
-    device = args.device
+    if args.command == "bench":
+        if args.device is not None:
+            parser.error("--device applies to check; the benchmark runs on the GPU (or --dry-run on the CPU)")
+        return benchmark.run(args, argv[argv.index("bench") + 1:])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cuda", "cpu"):
+        parser.error(f"--device must be cuda or cpu, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "triton-lstm: --device cuda, but torch.cuda.is_available() is False on this machine\n")
     print(f"triton_lstm {triton_lstm.__version__}, torch {torch.__version__}: runs {_where_it_runs(device)}")
     if device == "cuda":
         shapes, dtypes = GPU_SHAPES, [torch.float32, torch.float16, torch.bfloat16]

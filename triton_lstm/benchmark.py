@@ -21,7 +21,6 @@ import argparse
 import csv
 import dataclasses
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,9 @@ COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "
 PROVIDERS = ("triton_lstm", "cudnn", "cell_loop")
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+# Relative to the working directory: from a checkout the repository's results folder, from an installed
+# wheel a folder beside wherever the user runs it (never inside site-packages).
+DEFAULT_OUT = Path("benchmarks") / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +65,11 @@ SWEEP_CASES = (
 DRY_RUN_CASES = [Case(3, 2, 4, 8), Case(2, 3, 5, 4, layers=2, bidirectional=True)]
 
 
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="triton-lstm bench",
-        description="Time triton_lstm against cuDNN nn.LSTM and an nn.LSTMCell loop; write CSV, plots and versions.",
-    )
+DESCRIPTION = "Time triton_lstm against cuDNN nn.LSTM and an nn.LSTMCell loop; write CSV, plots and versions."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench options, for ``triton-lstm bench`` and ``benchmarks/bench.py`` alike."""
     parser.add_argument("--quick", action="store_true",
                         help="the five anchor shapes and one 2-layer bidirectional shape: bf16 fwd (all providers), "
                              "bf16 fwdbwd and fp32 fwd (triton_lstm, cudnn); meant to fit a short GPU lease")
@@ -77,7 +78,8 @@ def _parse_args(argv):
     parser.add_argument("--mode", nargs="+", choices=MODES, default=None, help="fwd (no grad) and/or fwdbwd")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--out", type=Path, default=None, help=f"results root (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results root (default ./{DEFAULT_OUT} in the current directory; a dry run: a temporary folder)")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     parser.add_argument("--cell-loop-max-steps", type=int, default=1024,
@@ -85,11 +87,20 @@ def _parse_args(argv):
     parser.add_argument("--no-plots", action="store_true", help="write the CSV only")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU smoke run of the harness on tiny shapes (no GPU needed; timings meaningless)")
-    args = parser.parse_args(argv)
-    if not args.dry_run and not torch.cuda.is_available():
-        parser.exit(2, "triton-lstm bench: no CUDA device (torch.cuda.is_available() is False); the benchmark "
-                       "needs an NVIDIA GPU. Use --dry-run for a CPU smoke run of the harness.\n")
-    return args
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(prog="triton-lstm bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 def _plan(args) -> list[tuple[str, str, Case, tuple[str, ...]]]:
@@ -218,15 +229,18 @@ def _time_gpu(fn, leaves, warmup: int, rep: int) -> tuple[float, float]:
     return ms, torch.cuda.max_memory_allocated() / 2**20
 
 
-def _time_cpu(fn, leaves, repeats: int = 3) -> tuple[float, float]:
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
+def _time_cpu(fn, leaves) -> tuple[float, float]:
+    """Median wall time on the CPU, by torch.utils.benchmark (warm-up, thread settings, median)."""
+    from torch.utils import benchmark as torch_benchmark
+
+    def run():
         for leaf in leaves or ():
             leaf.grad = None
-        start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:]), float("nan")
+
+    run()  # warm-up
+    measurement = torch_benchmark.Timer("run()", globals={"run": run}).blocked_autorange(min_run_time=0.05)
+    return measurement.median * 1e3, float("nan")
 
 
 # --- Output -----------------------------------------------------------------------------------------
@@ -236,6 +250,8 @@ def _device_folder(name: str) -> str:
 
 
 def _driver_version() -> str:
+    # nvidia-smi rather than torch.utils.collect_env: the same query, without collect_env's seconds of
+    # pip and conda probing.
     try:
         result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True, timeout=30, check=True)
@@ -245,13 +261,11 @@ def _driver_version() -> str:
 
 
 def _write_versions(folder: Path, device: str, argv) -> None:
-    import triton
-
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     lines = [
         f"device: {device}",
         f"torch: {torch.__version__}",
-        f"triton: {triton.__version__}",
+        f"triton: {_triton_version() or 'not installed'}",
         f"cuda: {torch.version.cuda}",
         f"cudnn: {cudnn}",
         f"driver: {_driver_version() if torch.cuda.is_available() else 'none'}",
@@ -368,9 +382,21 @@ def _plot(rows, folder: Path) -> list[Path]:
 def main(argv=None) -> int:
     """``triton-lstm bench``: returns 0 on success; exits with status 2 and a message without CUDA."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parse_args(argv)
-    import triton
+    return run(_parse_args(argv), argv)
 
+
+def run(args, argv) -> int:
+    """Runs the benchmark for parsed ``args`` (``argv`` is recorded in versions.txt)."""
+    if not args.dry_run:
+        if not torch.cuda.is_available():
+            sys.stderr.write("triton-lstm bench: no CUDA device (torch.cuda.is_available() is False); the "
+                             "benchmark needs an NVIDIA GPU. Use --dry-run for a CPU smoke run of the harness.\n")
+            return 2
+        if _triton_version() is None:
+            sys.stderr.write("triton-lstm bench: triton is not installed, and the benchmark times its kernels "
+                             "(pip install triton; Linux only).\n")
+            return 2
+    triton_version = _triton_version() or "not installed"
     if args.dry_run:
         device, device_name, out_root = "cpu", "cpu-dry-run", args.out or Path(tempfile.mkdtemp(prefix="triton-lstm-bench-"))
     else:
@@ -391,7 +417,7 @@ def main(argv=None) -> int:
                     continue
                 fn, leaves = _workload(provider, mode, DTYPES[dtype_name], case, device)
                 ms, peak_mb = _time_cpu(fn, leaves) if args.dry_run else _time_gpu(fn, leaves, args.warmup, args.rep)
-                row = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, provider=provider, mode=mode,
+                row = dict(device=device_name, torch=torch.__version__, triton=triton_version, provider=provider, mode=mode,
                            dtype=dtype_name, T=case.T, B=case.B, I=case.I, H=case.H, layers=case.layers,
                            bidirectional=case.bidirectional, ms=f"{ms:.6g}", peak_mb=f"{peak_mb:.1f}")
                 rows.append({key: str(value) for key, value in row.items()})

@@ -1,8 +1,43 @@
 """Pieces shared by the LSTM kernels."""
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+
+def _interpreter_numpy_compatibility() -> None:
+    """Under TRITON_INTERPRET=1, Triton before 3.8 converts a loop bound such as ``range(T)`` with
+    ``int()`` on a one-element numpy array, which numpy 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"): every kernel with a runtime loop bound failed. Triton 3.8 squeezes
+    the array first; this applies that same fix to the older interpreters, and only to them."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    if (major, minor) >= (3, 8):
+        return
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "squeezes_index", False):
+        return
+
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patch_lang_tensor(tensor, *scope):
+        original(tensor, *scope)
+        if scope:  # Triton 3.5-3.7 patch through a scope that undoes it after the launch
+            scope[0].set_attr(tensor, "__index__", index)
+        else:  # earlier ones patch the class for good
+            tensor.__index__ = index
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+_interpreter_numpy_compatibility()
 
 sigmoid = tl.sigmoid
 

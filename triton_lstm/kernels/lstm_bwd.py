@@ -104,7 +104,7 @@ def _lstm_bwd_kernel(
 
     dh_carry = tl.load(dh_ptr + state_offs, mask=mask_bh, other=0.0)
     # Set once a barrier gave up: from then on this program stops waiting and writes NaN.
-    failed = tl.full((), 0, tl.int1)
+    failed = tl.program_id(0) < 0  # False (built this way: older interpreters lack tl.full of int1)
     dc = tl.load(dc_ptr + state_offs, mask=mask_bh, other=0.0)
     for s in range(n_steps):
         t = t_start - s
@@ -218,13 +218,15 @@ def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str) -> tuple[str, i
     return "per_step", widest_b, 32
 
 
-def bwd_launch_options(H: int, block_b: int, block_h: int) -> dict:
+def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2) -> dict:
     """BLOCK_K and num_warps of the gate-gradient kernel for a tile of BLOCK_B × BLOCK_H."""
-    # 128-wide chunks of the 4H gate columns: faster than 64 at all five anchor shapes on an H200
-    # (tune.py, bf16: 7.6 against 8.5 µs/step at H = 256, 22.0 against 29.7 at H = 2048). Eight warps
-    # from 64 × 32 tiles, which spill on sm_90 with four (fp32 and, under Triton 3.6, fp16).
+    # 128-wide chunks of the 4H gate columns in 16-bit: faster than 64 at all five anchor shapes on an
+    # H200 (tune.py, bf16: 7.6 against 8.5 µs/step at H = 256, 22.0 against 29.7 at H = 2048); 64 in
+    # fp32 (FMA dots), where 128 spills under Triton 3.4 (64-row tiles). Eight warps from 64 × 32 tiles,
+    # which spill on sm_90 with four (fp32 and, under Triton 3.6, fp16).
     large = block_b * block_h >= 2048
-    return dict(BLOCK_K=max(16, min(128, triton.next_power_of_2(4 * H))), num_warps=8 if large else 4)
+    widest = 64 if element_size >= 4 else 128
+    return dict(BLOCK_K=max(16, min(widest, triton.next_power_of_2(4 * H))), num_warps=8 if large else 4)
 
 
 def lstm_bwd_gate_grads(
@@ -262,7 +264,7 @@ def lstm_bwd_gate_grads(
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     if tiling is None:
         schedule, block_b, block_h = plan_bwd(B, H, num_sms, schedule)
-        options = bwd_launch_options(H, block_b, block_h)
+        options = bwd_launch_options(H, block_b, block_h, w_hh.element_size())
     else:
         block_b, block_h, block_k, num_warps = tiling
         schedule = "per_step" if schedule == "per_step" else "persistent"

@@ -119,7 +119,7 @@ def _lstm_persistent_fwd_kernel(
     counter_ptr = counters_ptr + pid_b
     failed_ptr = counters_ptr + grid_b
     # Set once a barrier gave up: from then on this program stops waiting and its h is NaN.
-    failed = tl.full((), 0, tl.int1)
+    failed = tl.program_id(0) < 0  # False (built this way: older interpreters lack tl.full of int1)
 
     if RESIDENT:
         # One hidden block per program (GRID_H == NUM_H_BLOCKS): its W_hh slice, loaded once, as the
