@@ -134,6 +134,8 @@ def test_compile_fullgraph_one_graph_same_outputs_and_gradients(road, recompute_
 @pytest.mark.no_poison
 def test_compile_fullgraph_under_cpu_autocast(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the reference: bf16 is wrong in the interpreter
+    # Eager on the CPU would run ATen's LSTM (as nn.LSTM does); this test compares our op compiled and eager.
+    monkeypatch.setattr(triton_lstm.modules, "_runs_aten", lambda x: False)
     model, x = _model_and_input("reference-float64")
     model, x = model.float(), x.detach().float().requires_grad_()
     assert not uses_kernels(x)
@@ -635,3 +637,43 @@ def test_pyproject_triton_linux_only_and_nothing_compiled_at_install():
     assert not (REPO_ROOT / "setup.py").exists()  # no extension modules: a pure-Python wheel
     native_sources = [p for p in (REPO_ROOT / "triton_lstm").rglob("*") if p.suffix in {".c", ".cc", ".cpp", ".cu", ".pyx"}]
     assert not native_sources, f"sources to compile at install time: {native_sources}"
+
+
+# -------------------------------------------------------------------------------- torch.func, TorchScript
+
+
+def test_torch_func_grad_vjp_jacrev_vmap_like_nn_lstm():
+    from torch.func import functional_call, grad, jacrev, vjp, vmap
+
+    torch.manual_seed(0)
+    theirs = nn.LSTM(3, 4, num_layers=2).double()  # nn.LSTM on the CPU in float64: the yardstick
+    ours = triton_lstm.LSTM(3, 4, num_layers=2).to(KERNEL_DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    results = {}
+    for name, module, inp in (("nn", theirs, x), ("ours", ours, x.to(KERNEL_DEVICE, torch.float32))):
+        params = dict(module.named_parameters())
+        results[name] = dict(
+            grad=grad(lambda p: functional_call(module, p, (inp,))[0].pow(2).sum())(params),
+            jacrev=jacrev(lambda p: functional_call(module, p, (inp,))[0][-1])(params),
+            vjp=vjp(lambda v: module(v)[0], inp)[1](torch.ones(5, 2, 4, device=inp.device, dtype=inp.dtype))[0],
+        )
+    for key in ("grad", "jacrev"):
+        for param, value in results["nn"][key].items():
+            torch.testing.assert_close(results["ours"][key][param].cpu().double(), value, rtol=1e-4, atol=1e-5, msg=f"{key} {param}")
+    torch.testing.assert_close(results["ours"]["vjp"].cpu().double(), results["nn"]["vjp"], rtol=1e-4, atol=1e-5)
+    x = x.to(KERNEL_DEVICE, torch.float32)
+    # vmap, which nn.LSTM does not support: the same as a loop.
+    batch = torch.randn(3, 5, 2, 3, device=KERNEL_DEVICE)
+    mapped = vmap(lambda inp: ours(inp)[0])(batch)
+    looped = torch.stack([ours(inp)[0] for inp in batch])
+    torch.testing.assert_close(mapped, looped, rtol=1e-5, atol=1e-6)
+
+
+def test_torchscript_refuses_with_the_way_out():
+    model = nn.Sequential(triton_lstm.LSTM(3, 4))
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*torch\.compile.*torch\.export"):
+        torch.jit.script(model)
+    assert type(model[0]) is triton_lstm.LSTM, "the eager model is left as it was"
+    with pytest.raises(RuntimeError, match="LSTMCell cannot be compiled by torch.jit.script"):
+        torch.jit.script(triton_lstm.LSTMCell(3, 4))

@@ -337,3 +337,86 @@ def test_convert_replaces_and_keeps_parameters():
     torch.testing.assert_close(model.encoder(x)[0], before)
     # A bare nn.LSTM is returned converted.
     assert type(triton_lstm.convert(nn.LSTM(2, 3))) is triton_lstm.LSTM
+
+
+def test_extra_repr_shows_our_non_default_options():
+    assert repr(triton_lstm.LSTM(3, 4, backward="reference", recompute_interval=8)) == \
+        "LSTM(3, 4, backward='reference', recompute_interval=8)"
+    assert repr(triton_lstm.LSTMCell(3, 4, backward="reference")) == "LSTMCell(3, 4, backward='reference')"
+    assert repr(triton_lstm.LSTMCell(3, 4)) == repr(nn.LSTMCell(3, 4))
+
+
+def test_convert_keeps_parametrizations_and_skips_subclasses():
+    from torch.nn.utils import parametrize
+
+    class WeightDrop(nn.Module):  # AWD-LSTM's weight drop on W_hh, as a parametrization
+        def forward(self, weight):
+            return nn.functional.dropout(weight, p=0.5, training=self.training)
+
+    class CustomLSTM(nn.LSTM):
+        pass
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, num_layers=2)
+    parametrize.register_parametrization(lstm, "weight_hh_l0", WeightDrop())
+    original = lstm.parametrizations.weight_hh_l0.original
+    model = nn.Sequential(lstm, nn.Sequential(CustomLSTM(4, 4)), nn.LSTMCell(4, 2))
+    model.eval()
+    x = torch.randn(5, 2, 3, device="cpu")
+    before = lstm(x)[0]
+    with pytest.warns(UserWarning, match=r"1\.0 \(CustomLSTM\)"):
+        triton_lstm.convert(model)
+    assert isinstance(model[0], triton_lstm.LSTM) and parametrize.is_parametrized(model[0], "weight_hh_l0")
+    assert model[0].parametrizations.weight_hh_l0.original is original, "the same Parameter object"
+    assert type(model[1][0]) is CustomLSTM and type(model[2]) is triton_lstm.LSTMCell
+    torch.testing.assert_close(model[0](x)[0], before, rtol=1e-5, atol=1e-6)
+    assert set(model[0].state_dict()) == set(lstm.state_dict())
+
+
+# --- On the CPU without the interpreter: ATen's own LSTM, as nn.LSTM -------------------------------------
+
+@pytest.mark.parametrize(
+    "options, packed, batched",
+    [
+        (dict(num_layers=2, bidirectional=True, proj_size=3), False, True),
+        (dict(batch_first=True, bias=False), False, True),
+        (dict(num_layers=2, dropout=0.5), False, True),
+        (dict(bidirectional=True), True, True),
+        (dict(num_layers=2), False, False),
+    ],
+    ids=["bidir-proj", "batch_first-nobias", "dropout", "packed", "unbatched"],
+)
+def test_cpu_runs_aten_lstm_like_nn(monkeypatch, options, packed, batched):
+    """Without the interpreter, CPU tensors run the very ATen op nn.LSTM runs: the same outputs and
+    gradients, dropout draws included."""
+    monkeypatch.setattr(triton_lstm.modules, "interpreting", lambda: False)
+    torch.manual_seed(0)
+    theirs = nn.LSTM(4, 6, **options).train()
+    ours = triton_lstm.LSTM(4, 6, **options).train()
+    ours.load_state_dict(theirs.state_dict())
+    if packed:
+        x = pack_sequence([torch.randn(5, 4), torch.randn(3, 4), torch.randn(4, 4)], enforce_sorted=False)
+    else:
+        x = torch.randn(2, 5, 4) if options.get("batch_first") else torch.randn(5, 2, 4)
+        x = x if batched else x[:, 0]
+    results = []
+    for module in (theirs, ours):
+        torch.manual_seed(1)
+        out, (h, c) = module(x)
+        data = out.data if packed else out
+        (data.sum() + h.sum() + c.sum()).backward()
+        results.append((data, h, c, [p.grad.clone() for p in module.parameters()]))
+    for a, b in zip(results[0][:3], results[1][:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(results[0][3], results[1][3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cpu_lstm_cell_runs_aten_like_nn(monkeypatch):
+    monkeypatch.setattr(triton_lstm.modules, "interpreting", lambda: False)
+    torch.manual_seed(0)
+    theirs, ours = nn.LSTMCell(4, 6), triton_lstm.LSTMCell(4, 6)
+    ours.load_state_dict(theirs.state_dict())
+    x, h, c = torch.randn(3, 4), torch.randn(3, 6), torch.randn(3, 6)
+    for a, b in zip(theirs(x, (h, c)), ours(x, (h, c))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -4,17 +4,21 @@
 the parameters (names, shapes, order), their initialization and RNG draws, ``state_dict`` and
 ``flatten_parameters`` are nn.LSTM's own. It does not derive from ``nn.LSTM`` itself: torch.compile
 refuses to trace any instance of that class. ``LSTMCell`` derives from ``nn.LSTMCell``.
-Only ``forward`` is ours: every layer and direction runs ``triton_lstm.ops.lstm_layer``.
+Only ``forward`` is ours: every layer and direction runs ``triton_lstm.ops.lstm_layer``, except on the
+CPU without Triton's interpreter, where the modules run ATen's LSTM exactly as nn.LSTM does.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from triton_lstm.ops import check_backward_options, lstm_layer
+from triton_lstm.ops import check_backward_options, interpreting, lstm_layer
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -27,12 +31,34 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[int, ...], cls: str) -> None:
-    """h0 / c0 checks shared by LSTM and LSTMCell: type, shape, device and dtype against the input."""
+_NOT_SCRIPTABLE = (
+    "triton_lstm.{cls} cannot be compiled by torch.jit.script: its recurrence runs Triton kernels, which "
+    "TorchScript cannot call. Use torch.compile (fullgraph=True works) or torch.export instead; for a "
+    "TorchScript deployment, load its state_dict into a torch.nn.{cls} (the same parameters) and script that."
+)
+
+
+def _runs_aten(x: Tensor) -> bool:
+    """Whether the modules run ATen's own LSTM, as nn.LSTM does: on the CPU without Triton's interpreter
+    (the kernels are for the GPU; the reference is a Python loop), and outside torch.compile and
+    torch.func transforms, where our ops keep one graph node per recurrence and the reference respectively."""
+    if x.device.type != "cpu" or interpreting() or torch.compiler.is_compiling():
+        return False
+    return not torch._C._are_functorch_transforms_active()
+
+
+# PyTorch's names of the dtypes, as in its own "mat1 and mat2 must have the same dtype" message.
+_SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
+def _check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[int, ...], cls: str, nn_name: str) -> None:
+    """h0 / c0 checks shared by LSTM and LSTMCell: type, shape, device and dtype against the input.
+    ``nn_name`` is how nn.LSTM's messages call the state (hidden[0], hidden[1])."""
     if not isinstance(value, Tensor):
         raise RuntimeError(f"{cls}: {name} must be a Tensor, got {type(value).__name__}")
     if tuple(value.shape) != tuple(expected_shape):
-        raise RuntimeError(f"{cls}: expected {name} of size {tuple(expected_shape)}, got {list(value.shape)}")
+        # nn.LSTM's own words, so that code matching on them keeps working.
+        raise RuntimeError(f"Expected {nn_name} size {tuple(expected_shape)}, got {list(value.shape)}")
     if value.device != like.device:
         raise RuntimeError(f"{cls}: {name} is on {value.device} but the input is on {like.device}")
     if value.dtype != like.dtype:
@@ -42,21 +68,39 @@ def _check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[in
         )
 
 
+def _check_cell_state(index: int, value, x: Tensor, hidden_size: int) -> None:
+    """nn.LSTMCell's hx checks, in its words: hidden size, then batch size; then ours (device, dtype)."""
+    name = f"hidden{index}"
+    if not isinstance(value, Tensor):
+        raise RuntimeError(f"LSTMCell: hx[{index}] must be a Tensor, got {type(value).__name__}")
+    if value.shape[-1] != hidden_size:
+        raise RuntimeError(f"{name} has inconsistent hidden_size: got {value.shape[-1]}, expected {hidden_size}")
+    if value.shape[0] != x.shape[0]:
+        raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match {name} batch size {value.shape[0]}")
+    _check_state_tensor(("h_0", "c_0")[index], value, x, (x.shape[0], hidden_size), "LSTMCell", name)
+
+
 def _check_input_tensor(x: Tensor, weight: Tensor, input_size: int, cls: str) -> None:
-    """Input checks shared by LSTM and LSTMCell: dtype, device, feature size."""
+    """Input checks shared by LSTM and LSTMCell: dtype, device, feature size, with nn's exception types
+    and, where nn's words are clear, nn's words."""
     if not x.is_floating_point():
         raise ValueError(f"{cls}: expected a floating-point input, got dtype {x.dtype}")
     if x.dtype != weight.dtype and _autocast_dtype(x.device.type) is None:
-        raise ValueError(
-            f"{cls}: input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
-            f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
-        )
+        advice = f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
+        if cls == "LSTMCell":
+            # nn.LSTMCell fails in its matrix product, with a RuntimeError naming mat1 and mat2.
+            raise RuntimeError(
+                f"mat1 and mat2 must have the same dtype, but got {_SCALAR_NAMES.get(x.dtype, x.dtype)} and "
+                f"{_SCALAR_NAMES.get(weight.dtype, weight.dtype)} (LSTMCell: input dtype {x.dtype}, weight dtype "
+                f"{weight.dtype}. {advice})"
+            )
+        raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). {advice}")
     if x.device != weight.device:
         raise RuntimeError(f"{cls}: input is on {x.device} but the parameters are on {weight.device}")
     if x.shape[-1] != input_size:
-        raise RuntimeError(
-            f"input.size(-1) must be equal to input_size. Expected {input_size}, got {x.shape[-1]}"
-        )
+        if cls == "LSTMCell":
+            raise RuntimeError(f"input has inconsistent input_size: got {x.shape[-1]} expected {input_size}")
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {x.shape[-1]}")
 
 
 def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
@@ -81,13 +125,75 @@ def _reverse_index(lengths: Tensor, T: int) -> Tensor:
 
 
 class LSTM(nn.RNNBase):
-    """Drop-in replacement for :class:`torch.nn.LSTM` whose recurrence runs fused Triton kernels.
+    r"""A multi-layer LSTM, a drop-in replacement for :class:`torch.nn.LSTM` whose recurrence runs fused
+    Triton kernels on NVIDIA GPUs.
 
-    Same arguments, parameters, ``state_dict``, inputs, outputs and errors as ``nn.LSTM``. Keyword-only
-    extras: ``backward`` ("fused": the fused Triton backward where the kernels run; "reference": the
-    plain-PyTorch backward) and ``recompute_interval`` (k > 0: save (h, c) every k steps only and
-    recompute the gates in the backward; 0: save every activation). Both are plain attributes
-    (``backward_mode``, ``recompute_interval``), outside the ``state_dict``.
+    For each element of the input sequence, each layer computes, in PyTorch's gate order (i, f, g, o)::
+
+        i_t = σ(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)
+        f_t = σ(W_if x_t + b_if + W_hf h_{t-1} + b_hf)
+        g_t = tanh(W_ig x_t + b_ig + W_hg h_{t-1} + b_hg)
+        o_t = σ(W_io x_t + b_io + W_ho h_{t-1} + b_ho)
+        c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t
+        h_t = o_t ⊙ tanh(c_t)            (then h_t = W_hr h_t when proj_size > 0)
+
+    Everything nn.LSTM takes, returns and raises is the same: arguments, parameter names, shapes, order
+    and initialization (the same random draws), ``state_dict`` (load either into the other), inputs,
+    outputs, exception types and messages. Where it runs: the Triton kernels for CUDA tensors (fp32,
+    fp16, bf16; one persistent launch per layer and direction); on the CPU, ATen's LSTM exactly as
+    nn.LSTM does (or the kernels through Triton's interpreter when ``TRITON_INTERPRET=1``); float64 runs
+    the plain-PyTorch reference.
+
+    Args:
+        input_size: the number of features of the input x.
+        hidden_size: the number of features of the hidden state h.
+        num_layers: the number of stacked layers. Default: 1.
+        bias: if False, the layers use no b_ih and b_hh. Default: True.
+        batch_first: if True, input and output are (batch, seq, feature) instead of (seq, batch,
+            feature); the states keep their layout. Default: False.
+        dropout: the probability of dropout on the outputs of every layer but the last, in training.
+            Default: 0.
+        bidirectional: if True, a bidirectional LSTM. Default: False.
+        proj_size: if > 0, an LSTM with projections of that size. Default: 0.
+        device, dtype: where and in which dtype the parameters are created.
+        backward (keyword only, ours): "fused" (default): the fused Triton backward where the kernels
+            run; "reference": the plain-PyTorch backward.
+        recompute_interval (keyword only, ours): k > 0 saves (h, c) every k steps only and recomputes
+            the gates segment by segment in the backward (less memory, one more forward); 0 (default)
+            saves every activation.
+
+    Inputs: input, (h_0, c_0)
+        - **input**: (L, N, H_in), (N, L, H_in) with ``batch_first``, (L, H_in) unbatched, or a
+          :class:`~torch.nn.utils.rnn.PackedSequence`.
+        - **h_0**: (D·num_layers, N, H_out), or (D·num_layers, H_out) unbatched. Default: zeros.
+        - **c_0**: (D·num_layers, N, H_cell), or (D·num_layers, H_cell) unbatched. Default: zeros.
+
+        where L is the sequence length, N the batch size, D = 2 if bidirectional else 1, H_cell =
+        hidden_size and H_out = proj_size if proj_size > 0 else hidden_size.
+
+    Outputs: output, (h_n, c_n)
+        - **output**: (L, N, D·H_out) (batch-first: (N, L, D·H_out); unbatched: (L, D·H_out)), the last
+          layer's h_t for every t; a PackedSequence when the input is one.
+        - **h_n**: (D·num_layers, N, H_out), every layer's final hidden state.
+        - **c_n**: (D·num_layers, N, H_cell), every layer's final cell state.
+
+    Attributes:
+        weight_ih_l[k], weight_hh_l[k], bias_ih_l[k], bias_hh_l[k], weight_hr_l[k] (and the
+        ``_reverse`` ones): exactly nn.LSTM's, initialized from U(-√k, √k) with k = 1/hidden_size.
+        backward_mode, recompute_interval: our two options, plain attributes outside the state_dict.
+
+    Without a gradient to take (``torch.no_grad``, ``inference_mode``, nothing requiring grad) the
+    forward keeps no per-step activations. ``torch.compile(fullgraph=True)``, autocast, CUDA graphs,
+    DDP/FSDP, ``torch.func`` (grad, vjp, jacrev, vmap: through the plain-PyTorch recurrence) and double
+    backward work; ``torch.jit.script`` does not (use ``torch.compile`` or ``torch.export``).
+
+    Example::
+
+        >>> lstm = triton_lstm.LSTM(10, 20, num_layers=2).cuda()
+        >>> x = torch.randn(5, 3, 10, device="cuda")
+        >>> output, (h_n, c_n) = lstm(x)
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
     """
 
     def __init__(
@@ -159,7 +265,7 @@ class LSTM(nn.RNNBase):
             lengths = sorted_indices = unsorted_indices = None
         T, B = x.shape[0], x.shape[1]
         if T == 0:
-            raise RuntimeError("LSTM: expected a sequence length larger than 0, got an empty sequence")
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         state_shape = (self.num_layers * num_directions, B)
         if hx is None:
@@ -168,16 +274,14 @@ class LSTM(nn.RNNBase):
         else:
             h0, c0 = _unpack_hx(hx, "LSTM")
             state_dims = 3 if is_batched else 2
-            for name, value in (("h_0", h0), ("c_0", c0)):
-                if isinstance(value, Tensor) and value.dim() != state_dims:
-                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                    raise RuntimeError(
-                        f"LSTM: for {kind} input, {name} should be {state_dims}-D, got {value.dim()}-D"
-                    )
+            if any(isinstance(value, Tensor) and value.dim() != state_dims for value in (h0, c0)):
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                dims = ", ".join(f"{value.dim()}-D" if isinstance(value, Tensor) else type(value).__name__ for value in (h0, c0))
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {state_dims}-D but got ({dims}) tensors")
             if not is_batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            _check_state_tensor("h_0", h0, x, (*state_shape, out_size), "LSTM")
-            _check_state_tensor("c_0", c0, x, (*state_shape, self.hidden_size), "LSTM")
+            _check_state_tensor("h_0", h0, x, (*state_shape, out_size), "LSTM", "hidden[0]")
+            _check_state_tensor("c_0", c0, x, (*state_shape, self.hidden_size), "LSTM", "hidden[1]")
             if sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
 
@@ -187,6 +291,25 @@ class LSTM(nn.RNNBase):
             # As nn.LSTM under autocast: compute in the autocast dtype; the fp32 weights get fp32 gradients.
             x, h0, c0 = x.to(autocast_dtype), h0.to(autocast_dtype), c0.to(autocast_dtype)
             weights = [[[None if w is None else w.to(autocast_dtype) for w in ws] for ws in layer] for layer in weights]
+
+        if _runs_aten(x):
+            # The CPU without Triton's interpreter: the very ATen LSTM that nn.LSTM runs (its oneDNN
+            # kernels, its backward), all layers and directions in one call.
+            flat_weights = [w for layer in weights for direction in layer for w in direction if w is not None]
+            with torch.autocast("cpu", enabled=False):
+                if packed:
+                    data_in = data.to(x.dtype)
+                    output, h_n, c_n = torch._VF.lstm(data_in, batch_sizes, (h0, c0), flat_weights, self.bias,
+                                                      self.num_layers, float(self.dropout), self.training, self.bidirectional)
+                else:
+                    output, h_n, c_n = torch._VF.lstm(x, (h0, c0), flat_weights, self.bias, self.num_layers,
+                                                      float(self.dropout), self.training, self.bidirectional, False)
+            hidden = (h_n, c_n)
+            if packed:
+                if unsorted_indices is not None:
+                    hidden = (h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices))
+                return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), hidden
+            return self._finish(output, hidden, is_batched)
 
         lengths_on_device = None if lengths is None else lengths.to(x.device, non_blocking=True)
         reverse_index = None
@@ -218,17 +341,59 @@ class LSTM(nn.RNNBase):
             if unsorted_indices is not None:
                 hidden = (hidden[0].index_select(1, unsorted_indices), hidden[1].index_select(1, unsorted_indices))
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), hidden
+        return self._finish(output, hidden, is_batched)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if getattr(self, "backward_mode", "fused") != "fused":
+            text += f", backward={self.backward_mode!r}"
+        if getattr(self, "recompute_interval", 0):
+            text += f", recompute_interval={self.recompute_interval}"
+        return text
+
+    def _finish(self, output, hidden, is_batched: bool):
+        """The time-major (T, B, ·) output and (h_n, c_n) in the layout of the input."""
         if not is_batched:
             return output.squeeze(1), (hidden[0].squeeze(1), hidden[1].squeeze(1))
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, hidden
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_NOT_SCRIPTABLE.format(cls="LSTM"))
+
 
 class LSTMCell(nn.LSTMCell):
-    """Drop-in replacement for :class:`torch.nn.LSTMCell` running the fused Triton step kernel.
+    r"""One LSTM step, a drop-in replacement for :class:`torch.nn.LSTMCell` running the fused Triton step
+    kernel on NVIDIA GPUs (the equations of :class:`LSTM` for one time step).
 
-    Keyword-only extra: ``backward`` ("fused" or "reference"), as for ``LSTM``.
+    Same arguments, parameters, ``state_dict``, inputs, outputs and errors as nn.LSTMCell; on the CPU it
+    runs nn.LSTMCell's own ATen cell (the kernels through Triton's interpreter with ``TRITON_INTERPRET=1``).
+
+    Args:
+        input_size: the number of features of the input x.
+        hidden_size: the number of features of h and c.
+        bias: if False, no b_ih and b_hh. Default: True.
+        device, dtype: where and in which dtype the parameters are created.
+        backward (keyword only, ours): "fused" (default) or "reference", as for :class:`LSTM`.
+
+    Inputs: input, (h_0, c_0)
+        - **input**: (N, input_size) or (input_size) unbatched.
+        - **h_0**, **c_0**: (N, hidden_size) or (hidden_size); zeros when not given.
+
+    Outputs: (h_1, c_1), each (N, hidden_size) or (hidden_size).
+
+    Attributes:
+        weight_ih (4·hidden_size, input_size), weight_hh (4·hidden_size, hidden_size), bias_ih, bias_hh
+        (4·hidden_size): exactly nn.LSTMCell's. backward_mode: our option.
+
+    Example::
+
+        >>> cell = triton_lstm.LSTMCell(10, 20).cuda()
+        >>> x = torch.randn(6, 3, 10, device="cuda")
+        >>> h = c = torch.zeros(3, 20, device="cuda")
+        >>> for x_t in x:
+        ...     h, c = cell(x_t, (h, c))
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, backward: str = "fused") -> None:
@@ -256,22 +421,61 @@ class LSTMCell(nn.LSTMCell):
                     raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
             if not is_batched:
                 h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
-            _check_state_tensor("h_0", h0, x, (B, self.hidden_size), "LSTMCell")
-            _check_state_tensor("c_0", c0, x, (B, self.hidden_size), "LSTMCell")
+            _check_cell_state(0, h0, x, self.hidden_size)
+            _check_cell_state(1, c0, x, self.hidden_size)
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         autocast_dtype = _autocast_dtype(x.device.type)
         if autocast_dtype is not None:
             x, h0, c0 = x.to(autocast_dtype), h0.to(autocast_dtype), c0.to(autocast_dtype)
             weights = tuple(None if w is None else w.to(autocast_dtype) for w in weights)
-        _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, *weights, backward=getattr(self, "backward_mode", "fused"))
+        if _runs_aten(x):
+            # The CPU without Triton's interpreter: nn.LSTMCell's own ATen cell.
+            with torch.autocast("cpu", enabled=False):
+                h, c = torch._VF.lstm_cell(x, (h0, c0), *weights)
+        else:
+            _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, *weights, backward=getattr(self, "backward_mode", "fused"))
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
 
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if getattr(self, "backward_mode", "fused") != "fused":
+            text += f", backward={self.backward_mode!r}"
+        return text
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_NOT_SCRIPTABLE.format(cls="LSTMCell"))
+
+
+def _plain_class(module: nn.Module) -> type:
+    """The module's class, seen through torch.nn.utils.parametrize's injected subclass."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def _adopt_parametrized(module: nn.Module, ours: type, **extras) -> nn.Module:
+    """Turns a parametrized nn.LSTM / nn.LSTMCell into ours in place: the same object, Parameters and
+    parametrizations, with our class under parametrize's injected properties (the way parametrize itself
+    changes a module's class). nn.LSTM and our LSTM share every attribute but our keyword options."""
+    injected = {key: value for key, value in vars(type(module)).items() if key not in ("__dict__", "__weakref__", "__module__")}
+    module.__class__ = type(f"Parametrized{ours.__name__}", (ours,), injected)
+    for name, value in extras.items():
+        setattr(module, name, value)
+    return module
+
 
 def _replacement(module: nn.Module) -> nn.Module | None:
-    """Our module holding ``module``'s very Parameter objects, or None if it is not an nn.LSTM / LSTMCell."""
-    if type(module) is nn.LSTM:
+    """Ours holding ``module``'s very Parameter objects (and parametrizations), or None if it is not an
+    nn.LSTM / nn.LSTMCell."""
+    cls = _plain_class(module)
+    if cls not in (nn.LSTM, nn.LSTMCell):
+        return None
+    if parametrize.is_parametrized(module):
+        if cls is nn.LSTM:
+            return _adopt_parametrized(module, LSTM, backward_mode="fused", recompute_interval=0)
+        return _adopt_parametrized(module, LSTMCell, backward_mode="fused")
+    if cls is nn.LSTM:
         with torch.device("meta"):
             new = LSTM(
                 module.input_size,
@@ -283,11 +487,9 @@ def _replacement(module: nn.Module) -> nn.Module | None:
                 bidirectional=module.bidirectional,
                 proj_size=module.proj_size,
             )
-    elif type(module) is nn.LSTMCell:
+    else:
         with torch.device("meta"):
             new = LSTMCell(module.input_size, module.hidden_size, bias=module.bias)
-    else:
-        return None
     # assign=True hands over the Parameter objects themselves: device, dtype, requires_grad and any
     # optimizer built on them are kept.
     new.load_state_dict(module.state_dict(keep_vars=True), strict=True, assign=True)
@@ -296,17 +498,49 @@ def _replacement(module: nn.Module) -> nn.Module | None:
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replaces every ``nn.LSTM`` / ``nn.LSTMCell`` inside ``model`` with ours, keeping the weights.
+    """Replaces every ``nn.LSTM`` / ``nn.LSTMCell`` inside ``model`` with ``triton_lstm.LSTM`` /
+    ``LSTMCell`` holding the very same Parameter objects (an optimizer built before keeps training them).
 
-    Returns the model (a new module when ``model`` itself is an nn.LSTM / LSTMCell).
+    LSTMs with parametrizations (``torch.nn.utils.parametrize``, e.g. weight drop on ``weight_hh_l0``)
+    are converted in place, parametrizations included. Subclasses of nn.LSTM / nn.LSTMCell are left
+    alone (their own forward may differ from nn's): a warning names each one skipped.
+
+    Args:
+        model: any module; an nn.LSTM / nn.LSTMCell itself is replaced too.
+
+    Returns:
+        ``model`` with its LSTMs replaced (a new module when ``model`` itself is a plain nn.LSTM /
+        nn.LSTMCell).
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Embedding(100, 32), nn.LSTM(32, 64, batch_first=True))
+        >>> model = triton_lstm.convert(model)
+        >>> type(model[1]).__name__
+        'LSTM'
     """
+    skipped: list[str] = []
+    converted = _convert(model, "", skipped)
+    if skipped:
+        warnings.warn(
+            "triton_lstm.convert left these subclasses of nn.LSTM / nn.LSTMCell as they are (their own code "
+            f"may differ from nn's): {', '.join(skipped)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return converted
+
+
+def _convert(model: nn.Module, path: str, skipped: list[str]) -> nn.Module:
     replacement = _replacement(model)
     if replacement is not None:
         return replacement
+    cls = _plain_class(model)
+    if isinstance(model, (nn.LSTM, nn.LSTMCell)) and cls not in (LSTM, LSTMCell):
+        skipped.append(f"{path or '<model>'} ({cls.__name__})")
+        return model
     for name, child in list(model.named_children()):
-        new_child = convert(child)
+        new_child = _convert(child, f"{path}.{name}" if path else name, skipped)
         if new_child is not child:
             setattr(model, name, new_child)
     return model
-
-

@@ -293,6 +293,11 @@ def lstm_layer(
     """
     check_backward_options(backward, recompute_interval)
     use_reference = int(backward == "reference")
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vjp, jacrev, vmap): the plain-PyTorch recurrence, which those transforms
+        # differentiate and batch like any PyTorch code (our autograd.Function and custom ops are opaque).
+        h_all, c_all, _ = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+        return h_all[1:], h_all[-1], c_all[-1].to(x.dtype)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))):
         # Nothing will be differentiated (no_grad, inference_mode, or no input requiring grad): an
         # inference forward keeps no per-step gates or c, only the output and the final state.
