@@ -48,3 +48,12 @@ def test_readme_speed_table_is_the_committed_csv():
     assert readme[start.start():end] == update_readme.rendered_section(Path(start.group(1))), (
         "README speed table differs from its CSV: run python benchmarks/update_readme.py"
     )
+
+
+def test_cpu_benchmark_plans_the_cpu_cases():
+    from triton_lstm import benchmark
+
+    args = benchmark._parse_args(["--device", "cpu"])
+    plan = benchmark._plan(args)
+    assert {case for _, _, case, _ in plan} == set(benchmark.CPU_CASES)
+    assert all(dtype == "fp32" and "cell_loop" not in providers for _, dtype, _, providers in plan)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import platform
 import re
 import subprocess
 import sys
@@ -63,6 +64,9 @@ SWEEP_CASES = (
     + [Case(256, 64, H, H) for H in (64, 128, 256, 512, 1024, 2048, 4096)]
 )
 DRY_RUN_CASES = [Case(3, 2, 4, 8), Case(2, 3, 5, 4, layers=2, bidirectional=True)]
+# --device cpu: the CPU path (ATen's LSTM, as nn.LSTM) against nn.LSTM, one thread: a small model, a
+# 2-layer language model (the PTB "medium" LSTM) and a single step (an RL rollout on the CPU).
+CPU_CASES = [Case(64, 8, 32, 64), Case(35, 20, 200, 200, layers=2), Case(1, 4, 32, 64)]
 
 
 DESCRIPTION = "Time triton_lstm against cuDNN nn.LSTM and an nn.LSTMCell loop; write CSV, plots and versions."
@@ -87,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="write the CSV only")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU smoke run of the harness on tiny shapes (no GPU needed; timings meaningless)")
+    parser.add_argument("--device", dest="bench_device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: triton_lstm's CPU path against nn.LSTM on the CPU, one thread (torch.utils.benchmark "
+                             "medians), fp32, fwd and fwdbwd; the 'cudnn' column is then nn.LSTM on the CPU")
 
 
 def _parse_args(argv):
@@ -106,6 +113,9 @@ def _triton_version() -> str | None:
 def _plan(args) -> list[tuple[str, str, Case, tuple[str, ...]]]:
     """(mode, dtype, case, providers) to measure, in order."""
     chosen = tuple(args.provider)
+    if args.bench_device == "cpu" and not args.dry_run:
+        cpu_providers = tuple(p for p in chosen if p != "cell_loop")
+        return [(m, "fp32", c, cpu_providers) for m in (args.mode or list(MODES)) for c in CPU_CASES]
     if args.dry_run:
         modes = args.mode or list(MODES)
         dtypes = args.dtype or ["fp32"]
@@ -387,7 +397,8 @@ def main(argv=None) -> int:
 
 def run(args, argv) -> int:
     """Runs the benchmark for parsed ``args`` (``argv`` is recorded in versions.txt)."""
-    if not args.dry_run:
+    on_cpu = args.dry_run or args.bench_device == "cpu"
+    if not on_cpu:
         if not torch.cuda.is_available():
             sys.stderr.write("triton-lstm bench: no CUDA device (torch.cuda.is_available() is False); the "
                              "benchmark needs an NVIDIA GPU. Use --dry-run for a CPU smoke run of the harness.\n")
@@ -399,6 +410,9 @@ def run(args, argv) -> int:
     triton_version = _triton_version() or "not installed"
     if args.dry_run:
         device, device_name, out_root = "cpu", "cpu-dry-run", args.out or Path(tempfile.mkdtemp(prefix="triton-lstm-bench-"))
+    elif on_cpu:
+        torch.set_num_threads(1)
+        device, device_name, out_root = "cpu", f"cpu-{platform.machine()}-1-thread", args.out or DEFAULT_OUT
     else:
         device, device_name, out_root = "cuda", torch.cuda.get_device_name(), args.out or DEFAULT_OUT
     folder = Path(out_root) / _device_folder(device_name)
@@ -416,7 +430,7 @@ def run(args, argv) -> int:
                 if provider == "cell_loop" and case.T > args.cell_loop_max_steps:
                     continue
                 fn, leaves = _workload(provider, mode, DTYPES[dtype_name], case, device)
-                ms, peak_mb = _time_cpu(fn, leaves) if args.dry_run else _time_gpu(fn, leaves, args.warmup, args.rep)
+                ms, peak_mb = _time_cpu(fn, leaves) if on_cpu else _time_gpu(fn, leaves, args.warmup, args.rep)
                 row = dict(device=device_name, torch=torch.__version__, triton=triton_version, provider=provider, mode=mode,
                            dtype=dtype_name, T=case.T, B=case.B, I=case.I, H=case.H, layers=case.layers,
                            bidirectional=case.bidirectional, ms=f"{ms:.6g}", peak_mb=f"{peak_mb:.1f}")
@@ -431,7 +445,12 @@ def run(args, argv) -> int:
         writer.writeheader()
         writer.writerows(rows)
     _write_versions(folder, device_name, argv)
-    timing = "CPU dry run: wall-clock medians, meaningless for speed" if args.dry_run else "median of triton.testing.do_bench"
+    if args.dry_run:
+        timing = "CPU dry run: wall-clock medians, meaningless for speed"
+    elif on_cpu:
+        timing = "CPU, one thread, torch.utils.benchmark medians; the cudnn column is nn.LSTM on the CPU"
+    else:
+        timing = "median of triton.testing.do_bench"
     summary = _summary(rows, timing)
     (folder / "summary.md").write_text(summary)
     print(summary)
