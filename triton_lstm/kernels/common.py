@@ -146,6 +146,25 @@ barrier_watch = BarrierWatch()
 
 
 @triton.jit
+def recurrent_product_resident(h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, w_o, K: tl.constexpr,
+                               DOT_PRECISION: tl.constexpr):
+    """h_{t-1}·W_hhᵀ for one tile, per gate, from the program's resident W_hh slice (``w_*``: K × BLOCK_H,
+    ``offs_k`` the whole K padded). Rows past B and columns past K load as zeros: that is how tl.dot's
+    16-wide minimum pads. h_{t-1} was written by other programs: ".cg" loads skip L1."""
+    h_blk = tl.load(
+        h_prev_ptr + rows[:, None] * K + offs_k[None, :],
+        mask=mask_b[:, None] & (offs_k < K)[None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    acc_i = tl.dot(h_blk, w_i, input_precision=DOT_PRECISION)
+    acc_f = tl.dot(h_blk, w_f, input_precision=DOT_PRECISION)
+    acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
+    acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
 def recurrent_product_streamed(
     h_prev_ptr,
     w_hh_ptr,

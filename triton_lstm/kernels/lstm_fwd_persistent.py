@@ -66,6 +66,7 @@ from triton_lstm.kernels.common import (
     load_gate_inputs,
     load_own_state,
     lstm_cell_update,
+    recurrent_product_resident,
     recurrent_product_streamed,
     refused_cooperative_launch,
 )
@@ -148,17 +149,9 @@ def _lstm_persistent_fwd_kernel(
         for t in range(T):
             # int64: T·B·4H can pass 2³¹ elements.
             step = tl.full((), t, tl.int64)
-            # Rows past B and columns past K load as zeros: that is how tl.dot's 16-wide minimum pads.
-            h_blk = tl.load(
-                h_ptr + step * B * K + rows[:, None] * K + res_offs_k[None, :],
-                mask=mask_b[:, None] & (res_offs_k < K)[None, :],
-                other=0.0,
-                cache_modifier=".cg",
+            acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
+                h_ptr + step * B * K, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION
             )
-            acc_i = tl.dot(h_blk, w_i, input_precision=DOT_PRECISION)
-            acc_f = tl.dot(h_blk, w_f, input_precision=DOT_PRECISION)
-            acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
-            acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
             h_own, c_own = lstm_cell_update(
                 acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, c_ptr, gates_ptr, lengths_ptr,
                 step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, HAS_LENGTHS, True, SAVE,
@@ -183,16 +176,9 @@ def _lstm_persistent_fwd_kernel(
                 mask_b = offs_b < B
                 rows = offs_b.to(tl.int64)
                 if RESIDENT:
-                    h_blk = tl.load(
-                        h_prev_ptr + rows[:, None] * K + res_offs_k[None, :],
-                        mask=mask_b[:, None] & (res_offs_k < K)[None, :],
-                        other=0.0,
-                        cache_modifier=".cg",
+                    acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
+                        h_prev_ptr, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION
                     )
-                    acc_i = tl.dot(h_blk, w_i, input_precision=DOT_PRECISION)
-                    acc_f = tl.dot(h_blk, w_f, input_precision=DOT_PRECISION)
-                    acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
-                    acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
                     _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed)
                 else:
