@@ -346,7 +346,7 @@ def test_extra_repr_shows_our_non_default_options():
     assert repr(triton_lstm.LSTMCell(3, 4)) == repr(nn.LSTMCell(3, 4))
 
 
-def test_convert_keeps_parametrizations_and_skips_subclasses():
+def test_convert_keeps_parametrizations_and_skips_subclasses(caplog):
     from torch.nn.utils import parametrize
 
     class WeightDrop(nn.Module):  # AWD-LSTM's weight drop on W_hh, as a parametrization
@@ -364,8 +364,9 @@ def test_convert_keeps_parametrizations_and_skips_subclasses():
     model.eval()
     x = torch.randn(5, 2, 3, device="cpu")
     before = lstm(x)[0]
-    with pytest.warns(UserWarning, match=r"1\.0 \(CustomLSTM\)"):
+    with pytest.warns(UserWarning, match=r"1\.0 \(CustomLSTM\)"), caplog.at_level("INFO", logger="triton_lstm.modules"):
         triton_lstm.convert(model)
+    assert "swapped: 0, 2" in caplog.text
     assert isinstance(model[0], triton_lstm.LSTM) and parametrize.is_parametrized(model[0], "weight_hh_l0")
     assert model[0].parametrizations.weight_hh_l0.original is original, "the same Parameter object"
     assert type(model[1][0]) is CustomLSTM and type(model[2]) is triton_lstm.LSTMCell
@@ -420,3 +421,11 @@ def test_cpu_lstm_cell_runs_aten_like_nn(monkeypatch):
     x, h, c = torch.randn(3, 4), torch.randn(3, 6), torch.randn(3, 6)
     for a, b in zip(theirs(x, (h, c)), ours(x, (h, c))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cpu_aten_path_double_backward(monkeypatch):
+    monkeypatch.setattr(triton_lstm.modules, "interpreting", lambda: False)
+    torch.manual_seed(0)
+    module = triton_lstm.LSTM(2, 3, num_layers=2, bidirectional=True).double()
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda inp: module(inp)[0], (x,))

@@ -10,6 +10,7 @@ CPU without Triton's interpreter, where the modules run ATen's LSTM exactly as n
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -46,6 +47,8 @@ def _runs_aten(x: Tensor) -> bool:
         return False
     return not torch._C._are_functorch_transforms_active()
 
+
+_log = logging.getLogger(__name__)
 
 # PyTorch's names of the dtypes, as in its own "mat1 and mat2 must have the same dtype" message.
 _SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16"}
@@ -160,7 +163,7 @@ class LSTM(nn.RNNBase):
             run; "reference": the plain-PyTorch backward.
         recompute_interval (keyword only, ours): k > 0 saves (h, c) every k steps only and recomputes
             the gates segment by segment in the backward (less memory, one more forward); 0 (default)
-            saves every activation.
+            saves every activation. Neither applies on the CPU path (ATen's own backward).
 
     Inputs: input, (h_0, c_0)
         - **input**: (L, N, H_in), (N, L, H_in) with ``batch_first``, (L, H_in) unbatched, or a
@@ -503,7 +506,8 @@ def convert(model: nn.Module) -> nn.Module:
 
     LSTMs with parametrizations (``torch.nn.utils.parametrize``, e.g. weight drop on ``weight_hh_l0``)
     are converted in place, parametrizations included. Subclasses of nn.LSTM / nn.LSTMCell are left
-    alone (their own forward may differ from nn's): a warning names each one skipped.
+    alone (their own forward may differ from nn's): a warning names each one skipped; the ones swapped
+    are logged (``logging``, logger "triton_lstm.modules", level INFO).
 
     Args:
         model: any module; an nn.LSTM / nn.LSTMCell itself is replaced too.
@@ -519,8 +523,11 @@ def convert(model: nn.Module) -> nn.Module:
         >>> type(model[1]).__name__
         'LSTM'
     """
+    swapped: list[str] = []
     skipped: list[str] = []
-    converted = _convert(model, "", skipped)
+    converted = _convert(model, "", swapped, skipped)
+    if swapped:
+        _log.info("triton_lstm.convert swapped: %s", ", ".join(swapped))
     if skipped:
         warnings.warn(
             "triton_lstm.convert left these subclasses of nn.LSTM / nn.LSTMCell as they are (their own code "
@@ -531,16 +538,17 @@ def convert(model: nn.Module) -> nn.Module:
     return converted
 
 
-def _convert(model: nn.Module, path: str, skipped: list[str]) -> nn.Module:
+def _convert(model: nn.Module, path: str, swapped: list[str], skipped: list[str]) -> nn.Module:
     replacement = _replacement(model)
     if replacement is not None:
+        swapped.append(path or "<model>")
         return replacement
     cls = _plain_class(model)
     if isinstance(model, (nn.LSTM, nn.LSTMCell)) and cls not in (LSTM, LSTMCell):
         skipped.append(f"{path or '<model>'} ({cls.__name__})")
         return model
     for name, child in list(model.named_children()):
-        new_child = _convert(child, f"{path}.{name}" if path else name, skipped)
+        new_child = _convert(child, f"{path}.{name}" if path else name, swapped, skipped)
         if new_child is not child:
             setattr(model, name, new_child)
     return model
