@@ -152,13 +152,10 @@ def _lstm_persistent_fwd_kernel(
             acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
                 h_ptr + step * B * K, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION
             )
-            h_own, c_own = lstm_cell_update(
-                acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, c_ptr, gates_ptr, lengths_ptr,
-                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, HAS_LENGTHS, True, SAVE,
+            h_own, c_own = _update_and_store_h(
+                acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
             )
-            h_own = tl.where(failed, float("nan"), h_own)
-            h_offs = (step + 1) * B * K + rows[:, None] * K + res_offs_h[None, :]
-            tl.store(h_ptr + h_offs, h_own.to(h_ptr.dtype.element_ty), mask=mask_bh)
             # (The last step reloads its own inputs rather than read past the end.)
             next_step = tl.minimum(step + 1, T - 1)
             x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, next_step, B, rows, res_offs_h, mask_bh, H)
@@ -198,18 +195,30 @@ def _lstm_persistent_fwd_kernel(
 def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                SAVE: tl.constexpr, failed):
-    """The cell update of one tile with its inputs and state read from memory, and its h_t store (NaN
-    once the program's barrier gave up)."""
+    """The cell update of one tile with its inputs and state read from memory, and its h_t store."""
     mask_bh = mask_b[:, None] & mask_h[None, :]
     x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
     h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS, SAVE)
-    h, _ = lstm_cell_update(
+    _update_and_store_h(
+        acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed,
+    )
+
+
+@triton.jit
+def _update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr,
+                        lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr,
+                        HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, failed):
+    """The cell update of one tile (gates and c stored by ``lstm_cell_update``) and its h_t store, NaN
+    once the program's barrier gave up; returns (h_t, c_t) in fp32."""
+    h, c = lstm_cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
         step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE,
     )
     h = tl.where(failed, float("nan"), h)
     h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
-    tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_bh)
+    tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_h[None, :])
+    return h, c
 
 
 @dataclasses.dataclass(frozen=True)
