@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine, about 4 minutes: a smoke check of every anchor shape's plan (stops here if
-# it fails or hangs), the --quick benchmark, the GPU tests; optionally a tuning sweep (TUNE=1).
+# it fails or hangs), the --quick benchmark, the GPU tests; optionally a tuning sweep (TUNE=1), a
+# per-kernel profile with one Nsight Compute report (PROFILE=1) and char_lm's tokens/s against cuDNN
+# (EXAMPLES=1).
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/<gpu-name>/, logs in benchmarks/results/logs/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh   # everything packed into $OUT: gpu_check.tgz (results, plots,
@@ -8,7 +10,8 @@
 #
 # Each stage has its own time limit (`timeout -k 5`: a grid-barrier bug shows up as a stage that timed
 # out, exit 124, and the barrier's own bound raises after tens of seconds). Limits, in seconds:
-# SMOKE_LIMIT / BENCH_LIMIT / TUNE_LIMIT / TEST_LIMIT / SUITE_LIMIT; TUNE=1 adds the sweep (TUNE_MODE,
+# SMOKE_LIMIT / BENCH_LIMIT / TUNE_LIMIT / PROFILE_LIMIT / TEST_LIMIT / EXAMPLES_LIMIT / SUITE_LIMIT;
+# TUNE=1 adds the sweep (TUNE_SHAPES, e.g. "--shape 256 64 1024 1024", else the anchors; TUNE_MODE,
 # TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); SUITE=1 also runs the whole suite.
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
 set -u
@@ -64,8 +67,20 @@ stage "benchmark --quick" "${BENCH_LIMIT:-130}" bench_quick.log "$PY" benchmarks
 
 if [ "${TUNE:-0}" = "1" ]; then
   # shellcheck disable=SC2086 (the lists are meant to split)
-  stage "tune (anchor shapes)" "${TUNE_LIMIT:-120}" tune.log "$PY" benchmarks/tune.py --anchors --max-T 128 \
+  stage "tune" "${TUNE_LIMIT:-120}" tune.log "$PY" benchmarks/tune.py ${TUNE_SHAPES:---anchors} --max-T 128 \
     --mode ${TUNE_MODE:-fwd bwd} --dtype ${TUNE_DTYPES:-bf16} --budget-s "${TUNE_BUDGET:-6}" --csv "$LOGS/tune.csv"
+fi
+
+if [ "${PROFILE:-0}" = "1" ]; then
+  # Per-kernel device time of a training step at the shapes that miss a target, ours and cuDNN's; then
+  # Nsight Compute on one persistent-forward launch at H = 1024 (throughputs, stall reasons).
+  stage "profile" "${PROFILE_LIMIT:-60}" profile.log "$PY" benchmarks/profile_step.py
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -n "$NCU" ]; then
+    stage "ncu" "${PROFILE_LIMIT:-60}" ncu.log "$NCU" --clock-control none -k regex:persistent --launch-skip 3 \
+      --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section LaunchStats "$PY" benchmarks/profile_step.py --ncu --shape 256 64 1024 1024
+  fi
 fi
 
 # Parallel workers and a per-test limit where the plugins are installed (the GPU test host has both).
@@ -75,6 +90,12 @@ PYTEST_EXTRA=()
 stage "GPU tests" "${TEST_LIMIT:-150}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
   tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
   tests/test_examples.py::test_examples_run_on_cuda --durations=10
+
+if [ "${EXAMPLES:-0}" = "1" ]; then
+  # char_lm's GPU preset (2 layers of 512, bf16 autocast), shortened: tokens/s of both modules side by side.
+  stage "char_lm --impl both" "${EXAMPLES_LIMIT:-90}" char_lm.log "$PY" examples/char_lm.py --device cuda \
+    --impl both --steps "${EXAMPLE_STEPS:-300}" --no-progress --log-every 100 --out-dir "$LOGS/char_lm_out"
+fi
 
 if [ "${SUITE:-0}" = "1" ]; then
   stage "whole test suite" "${SUITE_LIMIT:-400}" test_suite.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/

@@ -57,7 +57,8 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list
                         plans.append(fwd.ForwardPlan(True, "resident", True, block_b, block_h, k_pad, num_h, most_b, warps,
                                                      exact_fp32_dot=precision))
                 for block_k in ((32, 64) if fma else (64, 128, 256)):
-                    for warps in (4, 8):
+                    # 2 warps: a 32-row tile with 4 warps computes each row twice (warps [4, 1] in mma.sync).
+                    for warps in ((4, 8) if fma or block_b * block_h > 512 else (2, 4, 8)):
                         plans.append(fwd.ForwardPlan(True, "streamed", False, block_b, block_h, min(block_k, k_pad), grid_h,
                                                      most_b, warps, exact_fp32_dot=precision))
     plans = [p for p in plans if not p.resident or fwd.resident_bytes(p.block_b, p.block_h, H, element_size) <= shared]

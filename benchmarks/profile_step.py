@@ -1,0 +1,100 @@
+"""Where a time step goes: per-kernel GPU time of one training step, ours against cuDNN, per time step.
+
+    python benchmarks/profile_step.py                           # the anchor shapes that miss a target
+    python benchmarks/profile_step.py --shape 256 64 1024 1024  # one shape
+    ncu --clock-control none -k regex:persistent --launch-skip 3 --launch-count 1 \\
+        python benchmarks/profile_step.py --shape 256 64 1024 1024 --ncu   # forward only, few launches
+
+The PyTorch profiler records every kernel of a few forward+backward calls of ``triton_lstm.LSTM`` and of
+``nn.LSTM`` (bf16, same weights and inputs), and prints each kernel's device time divided by calls × T:
+µs per time step, so the recurrence, the projection GEMMs and the weight-gradient GEMMs can be read
+against each other and against cuDNN's kernels. ``--ncu`` only runs a few plain forwards, for Nsight
+Compute to pick one launch of the persistent kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import triton_lstm  # noqa: E402
+from triton_lstm.benchmark import DTYPES  # noqa: E402
+
+# The bf16 anchor shapes whose forward or forward+backward misses the target after run 3.
+MISSED = [(256, 64, 1024, 1024), (128, 256, 512, 512), (256, 16, 2048, 2048)]
+
+
+def models(I, H, dtype):
+    torch.manual_seed(0)
+    theirs = nn.LSTM(I, H, device="cuda", dtype=dtype)
+    ours = triton_lstm.LSTM(I, H, device="cuda", dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return {"triton_lstm": ours, "cudnn": theirs}
+
+
+def kernel_table(model, x, grad, calls):
+    def step():
+        out, _ = model(x)
+        out.backward(grad)
+
+    for _ in range(3):  # compile, autotune and warm the caches outside the profile
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.time_range.elapsed_us()
+            counts[event.name] += 1
+    return totals, counts
+
+
+def profile_shape(T, B, I, H, dtype, calls):
+    x = torch.randn(T, B, I, device="cuda", dtype=dtype)
+    grad = torch.randn(T, B, H, device="cuda", dtype=dtype)
+    print(f"\n## T {T}, B {B}, I {I}, H {H}, {dtype}: forward+backward, device time in µs per time step")
+    for name, model in models(I, H, dtype).items():
+        totals, counts = kernel_table(model, x, grad, calls)
+        whole = sum(totals.values()) / calls / T
+        print(f"{name}: {whole:.2f} µs/step of kernels in all")
+        for kernel, total in sorted(totals.items(), key=lambda item: -item[1])[:8]:
+            share = total / calls / T
+            print(f"  {share:7.2f}  {counts[kernel] // calls:3d}x/call  {kernel[:110]}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", nargs=4, type=int, metavar=("T", "B", "I", "H"), action="append")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--ncu", action="store_true", help="only run a few forwards (under Nsight Compute)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    for T, B, I, H in args.shape or MISSED:
+        if args.ncu:
+            model = models(I, H, dtype)["triton_lstm"]
+            x = torch.randn(T, B, I, device="cuda", dtype=dtype)
+            with torch.no_grad():
+                for _ in range(5):
+                    model(x)
+            torch.cuda.synchronize()
+        else:
+            profile_shape(T, B, I, H, dtype, args.calls)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
