@@ -93,7 +93,7 @@ stage "GPU tests" "${TEST_LIMIT:-150}" test_gpu.log "$PY" -m pytest -q "${PYTEST
 
 if [ "${EXAMPLES:-0}" = "1" ]; then
   # char_lm's GPU preset (2 layers of 512, bf16 autocast), shortened: tokens/s of both modules side by side.
-  stage "char_lm --impl both" "${EXAMPLES_LIMIT:-90}" char_lm.log "$PY" examples/char_lm.py --device cuda \
+  stage "char_lm --impl both" "${EXAMPLES_LIMIT:-90}" char_lm.log env PYTHONPATH=".:${PYTHONPATH:-}" "$PY" examples/char_lm.py --device cuda \
     --impl both --steps "${EXAMPLE_STEPS:-300}" --no-progress --log-every 100 --out-dir "$LOGS/char_lm_out"
 fi
 

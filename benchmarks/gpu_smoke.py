@@ -11,6 +11,7 @@ per call against nn.LSTM, host overhead included. Also warms Triton's cache for 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,9 @@ def against_cudnn(case, dtype):
 
 
 def single_step(calls=300):
+    """Wall clock per call, host overhead included: nn.LSTM, ours, and ours on the per-step kernel
+    (TRITON_LSTM_PERSISTENT=0: no cooperative launch, no barrier counters or failure watch), which
+    separates what the persistent launch itself costs the host."""
     torch.manual_seed(0)
     theirs = nn.LSTM(512, 512, device="cuda", dtype=torch.bfloat16)
     ours = triton_lstm.LSTM(512, 512, device="cuda", dtype=torch.bfloat16)
@@ -70,7 +74,8 @@ def single_step(calls=300):
     x = torch.randn(1, 8, 512, device="cuda", dtype=torch.bfloat16)
     state = (torch.zeros(1, 8, 512, device="cuda", dtype=torch.bfloat16),) * 2
     results = {}
-    for name, model in (("nn.LSTM", theirs), ("triton_lstm", ours)):
+    for name, model, persistent in (("nn.LSTM", theirs, "1"), ("triton_lstm", ours, "1"), ("per-step kernel", ours, "0")):
+        os.environ["TRITON_LSTM_PERSISTENT"] = persistent
         with torch.no_grad():
             for _ in range(20):
                 model(x, state)
@@ -80,8 +85,10 @@ def single_step(calls=300):
                 model(x, state)
             torch.cuda.synchronize()
         results[name] = (time.perf_counter() - start) / calls * 1e6
-    return (f"single step T=1 B=8 H=512 bf16 no_grad: nn.LSTM {results['nn.LSTM']:.1f} us/call, "
-            f"triton_lstm {results['triton_lstm']:.1f} us/call ({results['triton_lstm'] / results['nn.LSTM']:.2f}x)")
+    os.environ.pop("TRITON_LSTM_PERSISTENT")
+    base = results["nn.LSTM"]
+    return "single step T=1 B=8 H=512 bf16 no_grad, us/call: " + ", ".join(
+        f"{name} {us:.1f} ({us / base:.2f}x)" for name, us in results.items())
 
 
 def main() -> int:

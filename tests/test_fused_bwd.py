@@ -372,6 +372,10 @@ def test_plan_is_persistent_within_the_sms_and_falls_back_beyond():
     with pytest.raises(ValueError, match="SMs"):
         lstm_bwd_module.plan_bwd(256, 8192, sms, "persistent")
     assert lstm_bwd_module.plan_bwd(5, 7, None, "auto")[0] == "persistent", "one program under the interpreter"
+    # The tiles measured fastest on an H200 (benchmarks/NOTES.md, run 4).
+    assert lstm_bwd_module.plan_bwd(64, 1024, sms, "auto") == ("persistent", 16, 32)
+    assert lstm_bwd_module.plan_bwd(16, 2048, sms, "auto") == ("persistent", 16, 32)
+    assert lstm_bwd_module.plan_bwd(64, 256, sms, "auto") == ("persistent", 64, 16)
 
 
 

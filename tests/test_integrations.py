@@ -250,6 +250,28 @@ def test_autocast_cpu_lstm_cell(monkeypatch):
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in cell.parameters())
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "LSTMCell"])
+def test_autocast_state_carried_between_calls(cls, monkeypatch):
+    """A state returned under autocast (bf16) fed back with a float32 input, as a sampling loop does:
+    nn.LSTM casts both, so ours must too (the GPU run of char_lm's generation found this refused)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_lstm.modules, "_runs_aten", lambda x: False)  # our op, not ATen's LSTM
+    torch.manual_seed(0)
+    ours = getattr(triton_lstm, cls)(5, 6)
+    cast = getattr(triton_lstm, cls)(5, 6).to(torch.bfloat16)
+    cast.load_state_dict(ours.state_dict())
+    x1, x2 = torch.randn(2, 4, 3, 5) if cls == "LSTM" else torch.randn(2, 3, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = ours(x1) if cls == "LSTM" else (None, ours(x1))
+        assert all(t.dtype == torch.bfloat16 for t in state)
+        second = ours(x2, state)
+    expected = cast(x2.to(torch.bfloat16), state)
+    for got, want in zip(torch.utils._pytree.tree_leaves(second), torch.utils._pytree.tree_leaves(expected)):
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="dtype"):  # outside autocast a mismatch is still an error
+        ours(x2, state)
+
+
 def _nn_lstm_reference(theirs: nn.LSTM, x, lengths=None, dtype=torch.float64):
     """nn.LSTM in ``dtype`` on x: in float64 the oracle for the autocast comparison."""
     reference = nn.LSTM(theirs.input_size, theirs.hidden_size, num_layers=theirs.num_layers, proj_size=theirs.proj_size)

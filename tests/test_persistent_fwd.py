@@ -409,6 +409,28 @@ def _run_and_report(run):
     return result
 
 
+def test_barrier_watch_does_not_query_events_during_graph_capture(monkeypatch):
+    """cudaEventQuery is refused while a stream captures (the GPU run's graph-capture tests failed so):
+    during capture the earlier launches' flags stay pending, and are read after it."""
+    class Finished:
+        queries = 0
+
+        def query(self):
+            Finished.queries += 1
+            return True
+
+    watch = common.BarrierWatch()
+    watch._pending.append((Finished(), torch.ones(1, dtype=torch.int32), "persistent forward kernel"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    watch.check()
+    assert Finished.queries == 0 and len(watch._pending) == 1
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(RuntimeError, match="gave up"):
+        watch.check()
+    assert Finished.queries == 1
+
+
 def test_barrier_that_is_never_reached_raises_instead_of_hanging(monkeypatch):
     # A spin limit of 0 gives up at the first barrier, as a grid that is not all resident would after
     # BARRIER_SPIN_LIMIT polls: the launch finishes, its h is NaN, and the launcher raises.

@@ -64,7 +64,10 @@ def _check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[in
         raise RuntimeError(f"Expected {nn_name} size {tuple(expected_shape)}, got {list(value.shape)}")
     if value.device != like.device:
         raise RuntimeError(f"{cls}: {name} is on {value.device} but the input is on {like.device}")
-    if value.dtype != like.dtype:
+    # Under autocast nn.LSTM casts input and state alike, so a state returned by an earlier autocast call
+    # (already in the autocast dtype) goes with a float32 input.
+    autocast = value.is_floating_point() and _autocast_dtype(like.device.type) is not None
+    if value.dtype != like.dtype and not autocast:
         raise RuntimeError(
             f"{cls}: {name} has dtype {value.dtype} but the input has dtype {like.dtype}; "
             f"pass {name}.to({like.dtype})"

@@ -231,6 +231,10 @@ def saved_activation_bytes(
         raise ValueError(f"saved_activation_bytes: provider must be 'triton_lstm' or 'torch', got {provider!r}")
     if fake is None:
         fake = provider == "triton_lstm"
+    if fake and provider == "triton_lstm":
+        # The custom ops' fake implementations give the kernels' saved shapes on any device; on "meta" the
+        # module takes that path even on a CPU-only machine, where a CPU tensor would run ATen's LSTM.
+        device = "meta"
     with FakeTensorMode() if fake else contextlib.nullcontext():
         module = make()
         x = torch.randn(T, B, input_size, device=device, dtype=dtype)

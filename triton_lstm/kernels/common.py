@@ -124,6 +124,8 @@ class BarrierWatch:
         self._pending.append((event, host, what))
 
     def check(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # querying an event is not permitted while the stream captures a graph; checked later
         pending, self._pending = self._pending, []
         for index, (event, host, what) in enumerate(pending):
             if not event.query():

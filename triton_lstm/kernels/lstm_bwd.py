@@ -207,6 +207,11 @@ def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str) -> tuple[str, i
         # Every program must be resident at once or the barrier deadlocks: at most one program per SM
         # (each fits an SM on its own, whatever its register and shared-memory use). Smaller tiles spread
         # the recurrent product over more SMs; wider batch tiles re-read W_hh fewer times.
+        if H >= 1024 and _tiles(B, H, 16, 32) <= num_sms:
+            # Where W_hh streams (H >= 1024), 16 × 32 tiles beat the widest batch tile on an H200 (tune.py,
+            # run 4, µs/step of the chain: 12.9 against 15.1 at B = 64, H = 1024; 22.6 against 23.5 at
+            # B = 16, H = 2048).
+            return "persistent", 16, 32
         block_b = widest_b
         while block_b >= 16:
             for block_h in (16, 32, 64, 128, 256):
