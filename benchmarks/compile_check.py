@@ -52,13 +52,14 @@ def _kernel_and_signature(config: dict):
         from triton_lstm.kernels.lstm_fwd_persistent import _lstm_persistent_fwd_kernel as kernel
 
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
-                     "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32", "T": "i32", "B": "i32",
-                     "grid_b": "i32"}
+                     "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32",
+                     "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "T": "i32", "B": "i32", "grid_b": "i32"}
         constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
                          ONE_TILE=int(config.get("one_tile", False)), SAVE=int(config.get("save", True)),
                          DOT_PRECISION=config.get("precision", "ieee"),
                          GRID_H=config["grid_h"], BLOCK_B=config["block_b"],
-                         BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], SPIN_LIMIT=BARRIER_SPIN_LIMIT)
+                         BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], SPIN_LIMIT=BARRIER_SPIN_LIMIT,
+                         LAYERS=config.get("layers", 1), HAS_BIAS=int(config.get("layers", 1) > 1))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
@@ -71,10 +72,11 @@ def _kernel_and_signature(config: dict):
 
         signature = {"grad_out_ptr": f"*{dtype}", "gates_ptr": f"*{dtype}", "c_ptr": "*fp32", "w_hh_ptr": f"*{dtype}",
                      "lengths_ptr": "*i32", "grad_gates_ptr": f"*{dtype}", "dh_ptr": "*fp32", "dc_ptr": "*fp32",
-                     "counter_ptr": "*i32", "T": "i32", "B": "i32", "t_start": "i32", "n_steps": "i32", "seg_start": "i32"}
+                     "counter_ptr": "*i32", "w_ih_above_ptr": f"*{dtype}", "T": "i32", "B": "i32", "t_start": "i32",
+                     "n_steps": "i32", "seg_start": "i32"}
         constants = dict(H=config["H"], HAS_LENGTHS=1, USE_BARRIER=int(config["resident"]), DOT_PRECISION="ieee",
                          BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
-                         SPIN_LIMIT=BARRIER_SPIN_LIMIT)
+                         SPIN_LIMIT=BARRIER_SPIN_LIMIT, LAYERS=config.get("layers", 1))
     signature.update({name: "constexpr" for name in constants})
     return kernel, signature, constants
 
@@ -136,6 +138,8 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
         return _step_configs(shapes, arch)
     if kernel == "bwd":
         return _bwd_configs(shapes, devices, arch)
+    if kernel == "stack":
+        return _stack_configs(shapes, devices, arch, quick)
     seen = {}
     for device, num_sms, shared in devices:
         for dtype, size in DTYPES.items():
@@ -151,6 +155,39 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
                                           block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                           grid_h=plan.grid_h, arch=arch, limit=shared, device=device,
                                           estimate=estimate, precision=plan.exact_fp32_dot))
+    return list(seen.values())
+
+
+def _stack_configs(shapes, devices, arch: int, quick: bool) -> list[dict]:
+    """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
+    stacked backward's."""
+    from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
+    from triton_lstm.kernels.lstm_fwd_stack import plan_stack_fwd
+
+    seen = {}
+    dtypes = {"bf16": 2} if quick else DTYPES
+    for device, num_sms, shared in devices:
+        for dtype, size in dtypes.items():
+            for B, H in shapes:
+                for layers in (4,) if quick else (2, 3, 4):
+                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared)
+                    if not plan.persistent:
+                        continue
+                    key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h)
+                    seen.setdefault(key, dict(dtype=dtype, H=H, resident=False, block_b=plan.block_b, layers=layers,
+                                              block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
+                                              grid_h=plan.grid_h, arch=arch, limit=shared, device=device, estimate=None,
+                                              precision=plan.exact_fp32_dot))
+                    # The stacked backward's chain (lstm_bwd_stack_gate_grads): each layer's tiles on its share.
+                    try:
+                        _, block_b, block_h = plan_bwd(B, H, num_sms // layers, "persistent")
+                    except ValueError:
+                        continue
+                    options = bwd_launch_options(H, block_b, block_h, size)
+                    key = ("bwd", dtype, H, layers, block_b, block_h, *options.values())
+                    seen.setdefault(key, dict(kernel="bwd", dtype=dtype, H=H, resident=True, layers=layers, block_b=block_b,
+                                              block_h=block_h, block_k=options["BLOCK_K"], num_warps=options["num_warps"],
+                                              arch=arch, limit=shared, device=device, estimate=None))
     return list(seen.values())
 
 
@@ -210,8 +247,9 @@ def _run_batch(configs: list[dict]) -> list[tuple[dict, dict | str]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="anchor shapes on the H100 preset only")
-    parser.add_argument("--kernel", choices=["persistent", "step", "bwd"], default="persistent",
-                        help="persistent forward, per-step forward, or the backward's gate-gradient kernel")
+    parser.add_argument("--kernel", choices=["persistent", "step", "bwd", "stack"], default="persistent",
+                        help="persistent forward, per-step forward, the backward's gate-gradient kernel, or the "
+                             "stacked forward (all layers in one launch)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -228,7 +266,8 @@ def main(argv=None) -> int:
         outcomes = [pair for batch in pool.map(_run_batch, [b for b in batches if b]) for pair in batch]
     for config, outcome in outcomes:
         mode = {"persistent": ("resident" + (" one-tile" if config.get("one_tile") else "")) if config["resident"] else "streamed",
-                "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step"}[args.kernel]
+                "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step",
+                "stack": f"{config.get('layers')} layers {config.get('kernel', 'forward')}"}[args.kernel]
         name = (f"{config['dtype']} H={config['H']} {mode} "
                 f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")
         if isinstance(outcome, str):
@@ -240,7 +279,7 @@ def main(argv=None) -> int:
             problems.append(f"shared {outcome['shared']} > {config['limit']} ({config['device']})")
         if outcome["spills"] > SPILL_TOLERANCE:
             problems.append(f"stack frame {outcome['spills']} bytes (spills)")
-        barrier = args.kernel == "persistent" or (args.kernel == "bwd" and config["resident"])
+        barrier = args.kernel in ("persistent", "stack") or (args.kernel == "bwd" and config["resident"])
         # Correctness rests on the release/acquire pair (plus the CTA barriers around it): in the PTX
         # memory model the loads after an acquire observe what the other programs released, wherever
         # they are cached. The ".cg" loads are a second guard, which Triton's pipeliner drops when it

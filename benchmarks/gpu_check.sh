@@ -63,7 +63,11 @@ export PYTHONUNBUFFERED=1
 # nothing after it would mean much.
 stage "smoke" "${SMOKE_LIMIT:-90}" smoke.log "$PY" benchmarks/gpu_smoke.py || finish
 
-stage "benchmark --quick" "${BENCH_LIMIT:-130}" bench_quick.log "$PY" benchmarks/bench.py --quick --out "$RESULTS"
+stage "benchmark --quick" "${BENCH_LIMIT:-150}" bench_quick.log "$PY" benchmarks/bench.py --quick --plan --out "$RESULTS"
+# The stacks again with every layer launched on its own (TRITON_LSTM_STACK=0): the stacked launch's gain,
+# same machine, same run.
+stage "stacks layer by layer" "${BENCH_LIMIT:-150}" bench_layer_by_layer.log env TRITON_LSTM_STACK=0 "$PY" \
+  benchmarks/bench.py --cases stacked --dtype bf16 --provider triton_lstm --plan --no-plots --out "$LOGS/layer_by_layer"
 
 if [ "${TUNE:-0}" = "1" ]; then
   # shellcheck disable=SC2086 (the lists are meant to split)

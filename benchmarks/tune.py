@@ -39,6 +39,10 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list
     shared = fwd._device_limits(0)[1]
     default = fwd.plan_persistent_fwd(1, B, H, H, element_size, False, num_sms, shared)
     plans = [default] if default.persistent else []
+    if default.persistent and not default.resident:
+        # Deeper pipelining of the streamed K chunks (Nsight Compute, run 4: the H = 1024 step waits on L2
+        # round trips with two chunks in flight, at 22% of L2 throughput).
+        plans += [dataclasses.replace(default, num_stages=stages) for stages in (4, 5, 6)]
     k_pad = max(16, 1 << (H - 1).bit_length())
     widest_b = max(16, min(64, 1 << (B - 1).bit_length()))
     fma = element_size >= 4
@@ -62,7 +66,8 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list
                         plans.append(fwd.ForwardPlan(True, "streamed", False, block_b, block_h, min(block_k, k_pad), grid_h,
                                                      most_b, warps, exact_fp32_dot=precision))
     plans = [p for p in plans if not p.resident or fwd.resident_bytes(p.block_b, p.block_h, H, element_size) <= shared]
-    knobs = lambda p: (p.resident, p.block_b, p.block_h, p.block_k, p.num_warps, p.grid_h, p.grid_b, p.exact_fp32_dot)  # noqa: E731
+    knobs = lambda p: (p.resident, p.block_b, p.block_h, p.block_k, p.num_warps, p.grid_h, p.grid_b, p.exact_fp32_dot,  # noqa: E731
+                       p.num_stages)
     unique = list({knobs(p): dataclasses.replace(p, reason="default" if knobs(p) == knobs(default) else p.reason)
                    for p in reversed(plans)}.values())[::-1]
     if not default.persistent:
@@ -116,7 +121,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows):
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
-                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}"
+                 f"w{plan.num_warps} s{plan.num_stages} grid {plan.grid_h}x{plan.grid_b}"
                  f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{' (default)' if plan.reason == 'default' else ''}")
         try:
             h_all, c_all, gates = fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)

@@ -57,3 +57,22 @@ def test_cpu_benchmark_plans_the_cpu_cases():
     plan = benchmark._plan(args)
     assert {case for _, _, case, _ in plan} == set(benchmark.CPU_CASES)
     assert all(dtype == "fp32" and "cell_loop" not in providers for _, dtype, _, providers in plan)
+
+
+def test_plan_flag_describes_each_path(monkeypatch):
+    """``--plan``: the words for the stacked launch, the per-layer launches and their fallbacks (the
+    device limits of an H200, as a GPU machine would report them)."""
+    import torch
+
+    from triton_lstm import benchmark
+    from triton_lstm.kernels import lstm_fwd_persistent
+
+    monkeypatch.setattr(lstm_fwd_persistent, "_device_limits", lambda index: (132, 232448))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    stacked = benchmark.Case(512, 64, 512, 512, layers=4)
+    assert benchmark.describe_path(stacked, torch.bfloat16, "cuda").startswith("forward: stack of 4 layers in one launch")
+    bidirectional = benchmark.Case(512, 64, 512, 512, layers=2, bidirectional=True)
+    assert benchmark.describe_path(bidirectional, torch.bfloat16, "cuda").startswith("4 layer launch(es) of: persistent")
+    assert "layer launch" in benchmark.describe_path(stacked, torch.float32, "cuda"), "fp32 stacks run layer by layer"
+    monkeypatch.setenv("TRITON_LSTM_STACK", "0")
+    assert benchmark.describe_path(stacked, torch.bfloat16, "cuda").startswith("4 layer launch(es)")

@@ -57,13 +57,16 @@ class Case:
 
 # The five shapes measured in issue 3 (T, B, I, H), single layer.
 ANCHOR_CASES = [Case(512, 64, 256, 256), Case(256, 64, 1024, 1024), Case(1024, 8, 512, 512), Case(128, 256, 512, 512), Case(256, 16, 2048, 2048)]
-STACKED_CASES = [Case(256, 64, 512, 512, layers=2, bidirectional=True)]
+# Stacks: the 2-layer bidirectional shape measured since run 1, and the targets of issue "Whole-module
+# kernels" at (T, B, I = H) = (512, 64, 512): 4 layers (one stacked launch) and 2 layers bidirectional.
+STACKED_CASES = [Case(256, 64, 512, 512, layers=2, bidirectional=True), Case(512, 64, 512, 512, layers=4),
+                 Case(512, 64, 512, 512, layers=2, bidirectional=True)]
 SWEEP_CASES = (
     [Case(T, 64, 512, 512) for T in (16, 64, 256, 1024, 4096)]
     + [Case(256, B, 512, 512) for B in (1, 8, 32, 128, 512)]
     + [Case(256, 64, H, H) for H in (64, 128, 256, 512, 1024, 2048, 4096)]
 )
-DRY_RUN_CASES = [Case(3, 2, 4, 8), Case(2, 3, 5, 4, layers=2, bidirectional=True)]
+DRY_RUN_CASES = [Case(3, 2, 4, 8), Case(2, 3, 5, 4, layers=2, bidirectional=True), Case(3, 2, 4, 8, layers=3)]
 # --device cpu: the CPU path (ATen's LSTM, as nn.LSTM) against nn.LSTM, one thread: a small model, a
 # 2-layer language model (the PTB "medium" LSTM) and a single step (an RL rollout on the CPU).
 CPU_CASES = [Case(64, 8, 32, 64), Case(35, 20, 200, 200, layers=2), Case(1, 4, 32, 64)]
@@ -75,10 +78,13 @@ DESCRIPTION = "Time triton_lstm against cuDNN nn.LSTM and an nn.LSTMCell loop; w
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench options, for ``triton-lstm bench`` and ``benchmarks/bench.py`` alike."""
     parser.add_argument("--quick", action="store_true",
-                        help="the five anchor shapes and one 2-layer bidirectional shape: bf16 fwd (all providers), "
+                        help="the five anchor shapes and the stacks: bf16 fwd (all providers), "
                              "bf16 fwdbwd and fp32 fwd (triton_lstm, cudnn); meant to fit a short GPU lease")
-    parser.add_argument("--cases", choices=["anchor", "sweeps", "all"], default="all",
-                        help="anchor: the five issue shapes + 2-layer bidirectional; sweeps: T, B and H sweeps; all: both")
+    parser.add_argument("--cases", choices=["anchor", "stacked", "sweeps", "all"], default="all",
+                        help="anchor: the five issue shapes + the stacks; stacked: the stacks alone; sweeps: T, B and "
+                             "H sweeps; all: anchor and sweeps")
+    parser.add_argument("--plan", action="store_true",
+                        help="print which path triton_lstm takes for each case (kernel, plan, launches)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=None, help="fwd (no grad) and/or fwdbwd")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
@@ -110,6 +116,33 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def describe_path(case: Case, dtype: torch.dtype, device: str) -> str:
+    """Which path triton_lstm.LSTM takes for ``case``, in words: what ``--plan`` prints."""
+    if device != "cuda":
+        return "CPU: ATen's LSTM (as nn.LSTM)" if not _interpreting() else "the interpreter: one program"
+    from triton_lstm.kernels.lstm_fwd_persistent import _device_limits, plan_persistent_fwd
+    from triton_lstm.kernels.lstm_fwd_stack import plan_stack_fwd, stack_disabled
+
+    num_sms, shared = _device_limits(torch.cuda.current_device())
+    size = torch.tensor([], dtype=dtype).element_size()
+    directions = 2 if case.bidirectional else 1
+    if case.layers > 1 and directions == 1 and not stack_disabled():
+        stack = plan_stack_fwd(case.T, case.B, case.H, case.layers, size, num_sms, shared)
+        if stack.persistent:
+            return (f"forward: {stack.reason} (bb{stack.block_b} bh{stack.block_h} bk{stack.block_k} "
+                    f"w{stack.num_warps}, {case.layers} x {stack.grid_h}x{stack.grid_b} programs); backward: layer by layer")
+    layer = plan_persistent_fwd(case.T, case.B, case.H, case.H, size, False, num_sms, shared)
+    launches = case.layers * directions
+    tiles = f" (bb{layer.block_b} bh{layer.block_h} bk{layer.block_k} w{layer.num_warps}, {layer.grid_h}x{layer.grid_b} programs)"
+    return f"{launches} layer launch(es) of: {layer.reason}{tiles if layer.persistent else ''}"
+
+
+def _interpreting() -> bool:
+    from triton_lstm.ops import interpreting
+
+    return interpreting()
+
+
 def _plan(args) -> list[tuple[str, str, Case, tuple[str, ...]]]:
     """(mode, dtype, case, providers) to measure, in order."""
     chosen = tuple(args.provider)
@@ -128,7 +161,8 @@ def _plan(args) -> list[tuple[str, str, Case, tuple[str, ...]]]:
         plan += [("fwd", "fp32", c, ("triton_lstm", "cudnn")) for c in ANCHOR_CASES]
         plan = [(m, d, c, tuple(p for p in providers if p in chosen)) for m, d, c, providers in plan]
         return [(m, d, c, p) for m, d, c, p in plan if (not args.mode or m in args.mode) and (not args.dtype or d in args.dtype)]
-    cases = {"anchor": ANCHOR_CASES + STACKED_CASES, "sweeps": SWEEP_CASES, "all": ANCHOR_CASES + STACKED_CASES + SWEEP_CASES}[args.cases]
+    cases = {"anchor": ANCHOR_CASES + STACKED_CASES, "stacked": STACKED_CASES, "sweeps": SWEEP_CASES,
+             "all": ANCHOR_CASES + STACKED_CASES + SWEEP_CASES}[args.cases]
     cases = list(dict.fromkeys(cases))
     modes = args.mode or list(MODES)
     dtypes = args.dtype or ["bf16", "fp16", "fp32"]
@@ -426,6 +460,8 @@ def run(args, argv) -> int:
         plan = _plan(args)
         print(f"{sum(len(p) for *_, p in plan)} measurements on {device_name}; results in {folder}")
         for mode, dtype_name, case, providers in plan:
+            if args.plan and "triton_lstm" in providers:
+                print(f"  plan   {dtype_name} {case.label:28} {describe_path(case, DTYPES[dtype_name], device)}", flush=True)
             for provider in providers:
                 if provider == "cell_loop" and case.T > args.cell_loop_max_steps:
                     continue

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from triton_lstm.ops import check_backward_options, interpreting, lstm_layer
+from triton_lstm.stack import lstm_stack, stack_plan
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -268,7 +269,7 @@ class LSTM(nn.RNNBase):
                 x = input.unsqueeze(1)
             else:
                 x = input.transpose(0, 1) if self.batch_first else input
-            lengths = sorted_indices = unsorted_indices = None
+            lengths = batch_sizes = sorted_indices = unsorted_indices = None
         T, B = x.shape[0], x.shape[1]
         if T == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -322,6 +323,15 @@ class LSTM(nn.RNNBase):
         if self.bidirectional and lengths_on_device is not None:
             reverse_index = _reverse_index(lengths_on_device, T)
 
+        if self._runs_as_stack(x):
+            # All layers in one persistent launch (a wavefront across layers; triton_lstm/stack.py).
+            output, h_n, c_n = lstm_stack(
+                x, h0, c0, [weights[layer][0][:4] for layer in range(self.num_layers)], lengths_on_device,
+                backward=getattr(self, "backward_mode", "fused"),
+            )
+            return self._finish_from_time_major(output, (h_n, c_n), packed, lengths, batch_sizes, sorted_indices,
+                                                unsorted_indices, is_batched)
+
         layer_input = x
         h_n, c_n = [], []
         for layer in range(self.num_layers):
@@ -340,8 +350,22 @@ class LSTM(nn.RNNBase):
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
-        output, hidden = layer_input, (torch.stack(h_n), torch.stack(c_n))
+        return self._finish_from_time_major(layer_input, (torch.stack(h_n), torch.stack(c_n)), packed, lengths,
+                                            batch_sizes, sorted_indices, unsorted_indices, is_batched)
 
+    def _runs_as_stack(self, x: Tensor) -> bool:
+        """Whether this forward runs all layers in one launch: unidirectional, no projection, no dropout
+        between layers in training, no recompute option, and a stack plan for the input's device."""
+        if self.num_layers < 2 or self.bidirectional or self.proj_size > 0 or getattr(self, "recompute_interval", 0):
+            return False
+        if self.dropout > 0 and self.training:
+            return False  # dropout between layers: layer by layer, with F.dropout in between
+        return stack_plan(x, self.hidden_size, self.num_layers) is not None
+
+    def _finish_from_time_major(self, output, hidden, packed, lengths, batch_sizes, sorted_indices, unsorted_indices,
+                                is_batched):
+        """The module's outputs from the time-major output and (h_n, c_n): packed again, or in the layout
+        of the input."""
         if packed:
             output = pack_padded_sequence(output, lengths).data
             if unsorted_indices is not None:

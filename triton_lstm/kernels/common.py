@@ -91,6 +91,21 @@ def grid_barrier(counter_ptr, target, failed_ptr, SPIN_LIMIT: tl.constexpr):
     return gave_up
 
 
+@triton.jit
+def wait_for(counter_ptr, target, failed_ptr, SPIN_LIMIT: tl.constexpr):
+    """Waits, without arriving, until the barrier counter at ``counter_ptr`` (another group of programs')
+    has reached ``target``: their stores before their arrivals are then visible to this program (the
+    acquire and CTA barrier of ``grid_barrier``'s wait). Gives up as ``grid_barrier`` does."""
+    polls = 0
+    while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target) & (polls < SPIN_LIMIT):
+        polls += 1
+    tl.debug_barrier()
+    gave_up = polls >= SPIN_LIMIT
+    if gave_up:
+        tl.atomic_xchg(failed_ptr, 1)
+    return gave_up
+
+
 # Polls before a grid barrier gives up (see grid_barrier); a module constant so that tests can lower it.
 BARRIER_SPIN_LIMIT = 1 << 25
 
@@ -187,11 +202,17 @@ def recurrent_product_streamed(
     16-wide minimum pads B and K. h_{t-1} was written by other programs: ".cg" loads skip L1, which is
     not coherent across SMs. Returns the four fp32 accumulators (i, f, g, o).
     """
-    w_cols = offs_h.to(tl.int64)[None, :] * K  # W_hh row j is gate unit j; the dot needs its transpose
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    return accumulate_product_streamed(zero, zero, zero, zero, h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K,
+                                       DOT_PRECISION, BLOCK_K)
+
+
+@triton.jit
+def accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, rows, mask_b, offs_h, mask_h,
+                                H: tl.constexpr, K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``recurrent_product_streamed`` added onto the accumulators ``acc_*``: h·Wᵀ for any (B, K) h and
+    (4H, K) W (a stack's layer adds its input product and its recurrent product onto its gate inputs)."""
+    w_cols = offs_h.to(tl.int64)[None, :] * K  # W row j is gate unit j; the dot needs its transpose
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -201,8 +222,8 @@ def recurrent_product_streamed(
             other=0.0,
             cache_modifier=".cg",
         )
-        # W_hh is read-only while the kernel runs: its loads may use L1.
-        w_ptrs = w_hh_ptr + w_cols + offs_k[:, None]
+        # W is read-only while the kernel runs: its loads may use L1.
+        w_ptrs = w_ptr + w_cols + offs_k[:, None]
         w_mask = mask_k[:, None] & mask_h[None, :]
         acc_i = tl.dot(h_blk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
         acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)

@@ -56,7 +56,14 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from triton_lstm.kernels import common
-from triton_lstm.kernels.common import barrier_watch, dot_precision, grid_barrier, refused_cooperative_launch, tanh
+from triton_lstm.kernels.common import (
+    barrier_watch,
+    dot_precision,
+    grid_barrier,
+    refused_cooperative_launch,
+    tanh,
+    wait_for,
+)
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
 
 SCHEDULES = ("auto", "persistent", "per_step")
@@ -64,15 +71,16 @@ SCHEDULES = ("auto", "persistent", "per_step")
 
 @triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "seg_start"])
 def _lstm_bwd_kernel(
-    grad_out_ptr,  # (T, B, H): gradient of h_1 … h_T, input dtype
-    gates_ptr,  # (L, B, 4H): activations i, f, g, o of steps seg_start … seg_start+L-1
-    c_ptr,  # (L+1, B, H) fp32: c of steps seg_start … seg_start+L
-    w_hh_ptr,  # (4H, H)
+    grad_out_ptr,  # (T, B, H): gradient of h_1 … h_T (of the top layer's, for a stack), input dtype
+    gates_ptr,  # (L, B, 4H): activations i, f, g, o of steps seg_start … seg_start+L-1 (per layer for a stack)
+    c_ptr,  # (L+1, B, H) fp32: c of steps seg_start … seg_start+L (per layer for a stack)
+    w_hh_ptr,  # (4H, H) (LAYERS, 4H, H) for a stack
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
-    grad_gates_ptr,  # (T, B, 4H) out: pre-activation gate gradients dG, input dtype
+    grad_gates_ptr,  # (T, B, 4H) out: pre-activation gate gradients dG, input dtype (per layer for a stack)
     dh_ptr,  # (B, H) fp32 in/out: gradient reaching h_{t_start} from later steps / h_{t_end} from this step
-    dc_ptr,  # (B, H) fp32 in/out: the same for c
-    counter_ptr,  # (2,) int32 zeros at launch: the barrier counter, then the failure flag
+    dc_ptr,  # (B, H) fp32 in/out: the same for c (both per layer for a stack)
+    counter_ptr,  # (LAYERS + 1,) int32 zeros at launch: a barrier counter per layer, then the failure flag
+    w_ih_above_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, …
     T,
     B,
     t_start,  # first (latest) step this launch runs; it runs t_start, t_start-1, … for n_steps steps
@@ -86,7 +94,52 @@ def _lstm_bwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up (grid_barrier)
+    LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers, the grid's second axis (a reverse wavefront)
 ):
+    if LAYERS > 1:
+        # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
+        # step for the same t. Under the interpreter one program runs the layers top to bottom.
+        for index in range(tl.program_id(1), LAYERS, tl.num_programs(1)):
+            layer = LAYERS - 1 - index
+            lay = tl.full((), layer, tl.int64)
+            _chain(grad_out_ptr, gates_ptr + lay * T * B * 4 * H, c_ptr + lay * (T + 1) * B * H, w_hh_ptr + lay * 4 * H * H,
+                   lengths_ptr, grad_gates_ptr + lay * T * B * 4 * H, dh_ptr + lay * B * H, dc_ptr + lay * B * H,
+                   counter_ptr + layer, counter_ptr + LAYERS, grad_gates_ptr + (lay + 1) * T * B * 4 * H,
+                   w_ih_above_ptr + lay * 4 * H * H, counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start,
+                   n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                   SPIN_LIMIT, True)
+    else:
+        _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr,
+               counter_ptr + 1, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start, n_steps, seg_start, H,
+               HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, False)
+
+
+@triton.jit
+def _gate_product(acc, dg_ptrs, mask_b, w_ptr, offs_h, mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_K: tl.constexpr, columns):
+    """acc + dG·W on this tile's units: a row block of dG (``dg_ptrs``: its rows, at column 0) times the
+    tile's columns of a (4H, H) weight, over the 4H gate columns in BLOCK_K chunks; dG columns at or past
+    ``columns`` load as zeros. dG was written by other programs: .cg loads skip L1."""
+    for k0 in range(0, 4 * H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < 4 * H
+        dg_blk = tl.load(dg_ptrs + offs_k[None, :], mask=mask_b[:, None] & (offs_k < columns)[None, :], other=0.0,
+                         cache_modifier=".cg")
+        w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
+                        other=0.0)
+        acc = tl.dot(dg_blk, w_blk, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr, failed_ptr,
+           above_grad_gates_ptr, w_ih_above_ptr, above_counter_ptr, from_above, T, B, t_start, n_steps, seg_start,
+           H: tl.constexpr, HAS_LENGTHS: tl.constexpr, USE_BARRIER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+           BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+           STACKED: tl.constexpr):
+    """The reverse-time chain of one layer on this program's tile. With STACKED and ``from_above`` (a
+    layer under the top of a stack) the gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, formed here once the
+    layer above has passed its barrier of the same step, instead of read from ``grad_out``."""
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
     offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -112,19 +165,11 @@ def _lstm_bwd_kernel(
         later = step + 1
 
         # Gradient reaching h_t through step t+1's gates: dG_{t+1}·W_hh on this tile's units. Rows past B,
-        # gate columns past 4H and the step past the end (t = T-1) load as zeros. dG_{t+1} was written by
-        # other programs: .cg loads skip L1, which is not coherent across SMs.
-        recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        # gate columns past 4H and the step past the end (t = T-1) load as zeros.
         later_ok = later < T
-        dg_columns = tl.where(later_ok, 4 * H, 0)
-        dg_ptrs = grad_gates_ptr + later * B * 4 * H + gate_row_offs
-        for k0 in range(0, 4 * H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < 4 * H
-            dg_mask = mask_b[:, None] & (offs_k < dg_columns)[None, :]
-            dg_blk = tl.load(dg_ptrs + offs_k[None, :], mask=dg_mask, other=0.0, cache_modifier=".cg")
-            w_blk = tl.load(w_hh_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-            recurrent = tl.dot(dg_blk, w_blk, recurrent, input_precision=DOT_PRECISION)
+        recurrent = _gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
+                                  grad_gates_ptr + later * B * 4 * H + gate_row_offs, mask_b, w_hh_ptr, offs_h, mask_h,
+                                  H, DOT_PRECISION, BLOCK_K, tl.where(later_ok, 4 * H, 0))
         # Where step t+1 did not run (past a sequence's end, or t = T-1) h_t was carried into h_{t+1}
         # unchanged: its gradient passes straight through.
         if HAS_LENGTHS:
@@ -132,7 +177,17 @@ def _lstm_bwd_kernel(
         else:
             later_ran = later_ok
         dh = tl.where(later_ran, recurrent, dh_carry)
-        dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
+        if STACKED:
+            if from_above:
+                # dG^{l+1}_t is complete once the layer above has passed its barrier of this same step.
+                if not failed:
+                    failed = wait_for(above_counter_ptr, (s + 1) * tl.num_programs(0), failed_ptr, SPIN_LIMIT)
+                dh = _gate_product(dh, above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b, w_ih_above_ptr,
+                                   offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H)
+            else:
+                dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
+        else:
+            dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
 
         local = step - seg_start
         gate_ptrs = gates_ptr + local * B * 4 * H + gate_row_offs + offs_h[None, :]
@@ -169,7 +224,7 @@ def _lstm_bwd_kernel(
         dh_carry = dh
         if USE_BARRIER:
             if not failed:
-                failed = grid_barrier(counter_ptr, (s + 1) * tl.num_programs(0), counter_ptr + 1, SPIN_LIMIT)
+                failed = grid_barrier(counter_ptr, (s + 1) * tl.num_programs(0), failed_ptr, SPIN_LIMIT)
 
     # Per-step launches hand the chain to the next launch through these buffers; after the last step
     # they hold the gradient at step 0 (for h still to be pushed through dG_0·W_hh by the launcher).
@@ -229,8 +284,9 @@ def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2
     # H200 (tune.py, bf16: 7.6 against 8.5 µs/step at H = 256, 22.0 against 29.7 at H = 2048); 64 in
     # fp32 (FMA dots), where 128 spills under Triton 3.4 (64-row tiles). Eight warps from 64 × 32 tiles,
     # which spill on sm_90 with four (fp32 and, under Triton 3.6, fp16).
+    # fp32 below 4H = 256 takes 32: a 64-wide chunk spilled at H = 33 (sm_90, 64 × 16 tiles).
     large = block_b * block_h >= 2048
-    widest = 64 if element_size >= 4 else 128
+    widest = 128 if element_size < 4 else 64 if 4 * H >= 256 else 32
     return dict(BLOCK_K=max(16, min(widest, triton.next_power_of_2(4 * H))), num_warps=8 if large else 4)
 
 
@@ -290,7 +346,7 @@ def lstm_bwd_gate_grads(
     lengths_arg = lengths if lengths is not None else counter
     for t0, gates, c in segments:
         L = gates.shape[0]
-        args = (grad_out, gates.contiguous(), c.contiguous(), w_hh, lengths_arg, grad_gates, dh, dc, counter, T, B)
+        args = (grad_out, gates.contiguous(), c.contiguous(), w_hh, lengths_arg, grad_gates, dh, dc, counter, w_hh, T, B)
         if schedule == "persistent":
             barrier_watch.check()  # an earlier launch whose barrier gave up raises here
             counter.zero_()  # the barrier's targets count from zero in every launch
@@ -321,6 +377,66 @@ def lstm_bwd_gate_grads(
     ran0 = (lengths > 0).unsqueeze(1) if lengths is not None else torch.ones((), dtype=torch.bool, device=device)
     grad_h0 = torch.where(ran0, recurrent0, dh)
     return grad_gates, grad_h0, dc
+
+
+def lstm_bwd_stack_gate_grads(
+    grad_out: torch.Tensor,
+    grad_h_n: torch.Tensor,
+    grad_c_n: torch.Tensor,
+    w_hh: torch.Tensor,
+    w_ih_above: torch.Tensor,
+    lengths: torch.Tensor | None,
+    gates: torch.Tensor,
+    c_all: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The sequential part of a stack's backward in one persistent launch (a reverse wavefront: the top
+    layer leads, layer l takes its gradient of h_t from dG^{l+1}_t·W_ih^{l+1} in the kernel).
+
+    ``grad_out`` (T, B, H): the top layer's output gradient; ``grad_h_n``/``grad_c_n``, ``w_hh``,
+    ``gates``, ``c_all``: per layer, stacked (L, …), as the stacked forward saved them; ``w_ih_above``
+    (L - 1, 4H, H). Returns ``(grad_gates (L, T, B, 4H), grad_h0 (L, B, H) fp32, grad_c0 (L, B, H) fp32)``,
+    or None when the layers' tiles do not fit the SMs at once, the kernel does not fit the device or the
+    driver refuses the cooperative launch (nothing ran: the caller goes layer by layer).
+    """
+    layers, T, B, four_h = gates.shape
+    H = four_h // 4
+    dtype, device = w_hh.dtype, w_hh.device
+    if device.type == "cuda":
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count // layers
+        if num_sms < 1:
+            return None
+    else:
+        num_sms = None
+    try:
+        _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent")
+    except ValueError:
+        return None
+    options = bwd_launch_options(H, block_b, block_h, w_hh.element_size())
+    grad_gates = torch.empty(layers, T, B, four_h, dtype=dtype, device=device)
+    dh = grad_h_n.to(torch.float32, copy=True).contiguous()
+    dc = grad_c_n.to(torch.float32, copy=True).contiguous()
+    counters = torch.zeros(layers + 1, dtype=torch.int32, device=device)  # one barrier counter per layer, the flag
+    grid = (_tiles(B, H, block_b, block_h), layers if device.type == "cuda" else 1)
+    barrier_watch.check()
+    try:
+        _lstm_bwd_kernel[grid](
+            grad_out.contiguous(), gates, c_all, w_hh, lengths if lengths is not None else counters, grad_gates, dh, dc,
+            counters, w_ih_above, T, B, T - 1, T, 0, H=H, HAS_LENGTHS=lengths is not None, USE_BARRIER=True,
+            DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b, BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
+            LAYERS=layers, launch_cooperative_grid=True, **options,
+        )
+    except OutOfResources:
+        return None
+    except RuntimeError as error:
+        if not refused_cooperative_launch(error):
+            raise
+        return None
+    barrier_watch.watch(counters[layers:], f"the stacked backward kernel (tile {block_b}×{block_h}, {grid} programs)")
+    # The gradient of each layer's h0, as in lstm_bwd_gate_grads: through step 0's gates where it ran.
+    acc = accumulate_dtype(dtype)
+    recurrent0 = torch.matmul(grad_gates[:, 0].to(acc), w_hh.to(acc)).to(torch.float32)
+    ran0 = (lengths > 0).unsqueeze(1) if lengths is not None else torch.ones((), dtype=torch.bool, device=device)
+    return grad_gates, torch.where(ran0, recurrent0, dh), dc
 
 
 def lstm_bwd(
@@ -359,15 +475,17 @@ def lstm_bwd(
     return grad_x, grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_bias, None
 
 
-def weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: torch.Tensor, w_ih: torch.Tensor):
+def weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: torch.Tensor, w_ih: torch.Tensor,
+                           input_grad: bool = True):
     """grad_x, grad_W_ih, grad_W_hh and the bias gradient from dG (T, B, 4H), as GEMMs over all T·B rows.
 
     ``h_prev`` (T, B, H) is h_0 … h_{T-1}. The GEMMs run in the input dtype with fp32 accumulation;
-    the bias gradient is summed in fp32.
+    the bias gradient is summed in fp32. Without ``input_grad`` grad_x is None (a stack's upper layers:
+    the stacked backward formed it in the kernel).
     """
     T, B, four_h = grad_gates.shape
     rows = grad_gates.reshape(T * B, four_h)
-    grad_x = torch.matmul(rows, w_ih).reshape(T, B, -1)
+    grad_x = torch.matmul(rows, w_ih).reshape(T, B, -1) if input_grad else None
     grad_w_ih = torch.matmul(rows.t(), x.reshape(T * B, -1))
     grad_w_hh = torch.matmul(rows.t(), h_prev.reshape(T * B, -1))
     grad_bias = rows.sum(0, dtype=accumulate_dtype(rows.dtype)).to(w_ih.dtype)

@@ -60,6 +60,7 @@ from triton.runtime.errors import OutOfResources
 
 from triton_lstm.kernels import common
 from triton_lstm.kernels.common import (
+    accumulate_product_streamed,
     barrier_watch,
     dot_precision,
     grid_barrier,
@@ -69,6 +70,7 @@ from triton_lstm.kernels.common import (
     recurrent_product_resident,
     recurrent_product_streamed,
     refused_cooperative_launch,
+    wait_for,
 )
 from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores, lstm_fwd
 
@@ -96,7 +98,9 @@ def _lstm_persistent_fwd_kernel(
     c_ptr,  # (T+1, B, H) fp32, c0 already at step 0
     gates_ptr,  # (T, B, 4H)
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
-    counters_ptr,  # (grid_b + 1,) int32 zeros: one monotonic barrier counter per batch group, then the failure flag
+    counters_ptr,  # (LAYERS · grid_b + 1,) int32 zeros: a monotonic barrier counter per layer and batch group, then the failure flag
+    w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``)
+    bias_ptr,  # LAYERS > 1 and HAS_BIAS: (LAYERS - 1, 4H), b_ih + b_hh of layers 1, 2, …
     T,
     B,
     grid_b,  # batch groups (the grid's second axis); not a constexpr, so a new batch size does not recompile
@@ -112,13 +116,15 @@ def _lstm_persistent_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,  # the whole K padded to a power of two when RESIDENT
     SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up (grid_barrier)
+    LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers in one launch (a wavefront, see _stack_layer)
+    HAS_BIAS: tl.constexpr = False,  # LAYERS > 1: bias_ptr holds the biases of layers 1, 2, …
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     num_b_blocks = tl.cdiv(B, BLOCK_B)
     counter_ptr = counters_ptr + pid_b
-    failed_ptr = counters_ptr + grid_b
+    failed_ptr = counters_ptr + LAYERS * grid_b
     # Set once a barrier gave up: from then on this program stops waiting and its h is NaN.
     failed = tl.program_id(0) < 0  # False (built this way: older interpreters lack tl.full of int1)
 
@@ -135,7 +141,16 @@ def _lstm_persistent_fwd_kernel(
         w_g = tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0)
         w_o = tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0)
 
-    if ONE_TILE:
+    if LAYERS > 1:
+        # The stack: the grid's third axis is the layer (a single program under the interpreter, which
+        # then runs the layers one after another).
+        for layer in range(tl.program_id(2), LAYERS, tl.num_programs(2)):
+            failed = _stack_layer(
+                layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
+                T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
+                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS,
+            )
+    elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
         # every batch block), so its c and h stay in registers across steps, and the next step's input
         # projection, which does not depend on h, is loaded before the barrier wait: after the barrier
@@ -192,6 +207,88 @@ def _lstm_persistent_fwd_kernel(
 
 
 @triton.jit
+def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
+                 T, B, grid_b, pid_h, pid_b, failed, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr):
+    """All T steps of one layer of a stack, W streamed, this program's tiles (a wavefront across layers).
+
+    Layer 0 reads its input projection from ``projected``; layer l > 0 forms it here, from the layer
+    below's h_t (in that layer's h_all) and its own W_ih, next to the recurrent product. Before step t,
+    layer l > 0 waits (without arriving) until the layer below's batch group has passed its barrier of
+    step t; within the layer the per-step barrier is the single-layer kernel's. So layer l runs step t
+    while the layer below runs step t + 1: T + L - 1 step latencies for the stack instead of L·T. Each
+    layer's buffers (h_all, c_all, gates) are its slice of the stacked ones, indexed as one layer's.
+    Returns the program's failure state (a barrier or wait that gave up)."""
+    NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    num_b_blocks = tl.cdiv(B, BLOCK_B)
+    lay = tl.full((), layer, tl.int64)
+    h_layer = h_ptr + lay * (T + 1) * B * H
+    h_below = h_layer - (T + 1) * B * H  # read only when layer > 0
+    # c_all holds T + 1 steps per layer, or the two slots of an inference forward (c_slot); no gates then.
+    c_layer = c_ptr + lay * 2 * B * H
+    gates_layer = gates_ptr
+    if SAVE:
+        c_layer = c_ptr + lay * (T + 1) * B * H
+        gates_layer = gates_ptr + lay * T * B * 4 * H
+    w_hh_layer = w_hh_ptr + lay * 4 * H * H
+    w_ih_layer = w_ih_ptr + (lay - 1) * 4 * H * H
+    bias_layer = bias_ptr + (lay - 1) * 4 * H
+    counter_ptr = counters_ptr + layer * grid_b + pid_b
+    failed_ptr = counters_ptr + LAYERS * grid_b
+    for t in range(T):
+        step = tl.full((), t, tl.int64)
+        if layer > 0:
+            # h_t of the layer below (its step t) is complete once its batch group passed that barrier.
+            if not failed:
+                failed = wait_for(counter_ptr - grid_b, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+        for bb in tl.range(pid_b, num_b_blocks, grid_b, num_stages=1):
+            offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+            mask_b = offs_b < B
+            rows = offs_b.to(tl.int64)
+            for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
+                offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < H
+                mask_bh = mask_b[:, None] & mask_h[None, :]
+                # The accumulators start from the gate inputs and take both products on top: one set of
+                # four live across the K loops (two sets spilled on sm_90).
+                if layer > 0:
+                    if HAS_BIAS:
+                        acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + tl.load(
+                            bias_layer + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                        acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + tl.load(
+                            bias_layer + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                        acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + tl.load(
+                            bias_layer + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                        acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + tl.load(
+                            bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                    else:
+                        acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                        acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                        acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                        acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
+                        acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, rows, mask_b, offs_h,
+                        mask_h, H, H, DOT_PRECISION, BLOCK_K
+                    )
+                else:
+                    acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
+                acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
+                    acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, rows, mask_b, offs_h, mask_h, H,
+                    H, DOT_PRECISION, BLOCK_K
+                )
+                zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # the gate inputs are in the accumulators
+                h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
+                _update_and_store_h(
+                    acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer, gates_layer,
+                    lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE, failed,
+                )
+        if not failed:
+            failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+    return failed
+
+
+@triton.jit
 def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                SAVE: tl.constexpr, failed):
@@ -237,6 +334,8 @@ class ForwardPlan:
     num_warps: int = 4
     # tl.dot's input_precision for fp32 inputs when PyTorch disallows TF32 ("ieee" or "tf32x3").
     exact_fp32_dot: str = "ieee"
+    # Software-pipelining depth of the streamed K loop (Triton's default, 3: two chunks in flight).
+    num_stages: int = 3
 
     @property
     def num_programs(self) -> int:
@@ -265,6 +364,7 @@ def plan_persistent_fwd(
     shared_memory: int,
     interpret: bool = False,
     fp32_tensor_cores: bool = True,
+    allow_resident: bool = True,
 ) -> ForwardPlan:
     """Chooses persistent (resident or streamed W_hh) or per-step for one layer's forward.
 
@@ -273,7 +373,8 @@ def plan_persistent_fwd(
     program must fit ``shared_memory`` less ``RESIDENT_HEADROOM`` by the ``resident_bytes`` estimate (an
     estimate: a compile that does not fit raises OutOfResources, and the launcher then streams).
     ``fp32_tensor_cores``: the device runs TF32 dots (sm_80 and later), so exact fp32 can run as
-    three TF32 products ("tf32x3") instead of on the FMA units.
+    three TF32 products ("tf32x3") instead of on the FMA units. ``allow_resident`` False: streamed
+    plans only (a stack's programs, lstm_fwd_stack.py).
 
     The choices below were measured on an H200 with ``benchmarks/tune.py`` (bf16 and fp32, the five
     anchor shapes; figures in benchmarks/NOTES.md); other shapes and cards get the same rules untested.
@@ -291,7 +392,7 @@ def plan_persistent_fwd(
     if interpret:
         # One program (the interpreter runs programs one after another: a second would deadlock the
         # first one's barrier). It holds the whole H when that fits the budget, else it streams.
-        budget = 0 if fp32 else shared_memory - RESIDENT_HEADROOM
+        budget = 0 if fp32 or not allow_resident else shared_memory - RESIDENT_HEADROOM
         block_h = max(16, triton.next_power_of_2(H))
         for bb in (widest_b, 32, 16):
             if bb <= widest_b and resident_bytes(bb, block_h, K, element_size) <= budget:
@@ -331,7 +432,7 @@ def plan_persistent_fwd(
     # Four warps, except 64-row 16-bit tiles: those spill with four (H = 512: 720 bytes on sm_90).
     warps = 8 if block_b == 64 and not fp32 else 4
 
-    if not fp32 and K <= RESIDENT_MAX_K and num_h_blocks <= num_sms:
+    if allow_resident and not fp32 and K <= RESIDENT_MAX_K and num_h_blocks <= num_sms:
         for bb in reversed([bb for bb in tiles if bb <= block_b]):
             bh = 32 if bb == 16 else 16
             if resident_bytes(bb, bh, K, element_size) <= shared_memory - RESIDENT_HEADROOM:
@@ -476,6 +577,8 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True):
         gates,
         lengths if lengths is not None else counters,
         counters,
+        counters,  # w_ih_ptr and bias_ptr: read by stacks only (lstm_fwd_stack.py)
+        counters,
         T,
         B,
         plan.grid_b,
@@ -492,6 +595,7 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True):
         BLOCK_K=plan.block_k,
         SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
         num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver
         # refuses it), so a kernel sharing the GPU on another stream cannot leave half of this grid
         # spinning for programs that never get an SM. The interpreter ignores the option.

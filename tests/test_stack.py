@@ -1,0 +1,148 @@
+"""A stack of unidirectional layers in one persistent launch (triton_lstm/stack.py,
+kernels/lstm_fwd_stack.py): parity with nn.LSTM in float64 with every gradient, one launch per forward,
+the inference forward, the plan, and the cases that stay layer by layer."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import KERNEL_DEVICE, requires_cuda
+from test_modules import Case, check_against_nn
+
+import triton_lstm
+from triton_lstm import stack as stack_module
+from triton_lstm.kernels.lstm_fwd_stack import plan_stack_fwd
+
+STACKS = {
+    "L2": Case(T=5, B=3, I=4, H=6, num_layers=2),
+    "L3-state": Case(T=6, B=2, I=5, H=7, num_layers=3, with_state=True),
+    "L4-packed": Case(T=7, B=4, I=3, H=5, num_layers=4, packed=True),
+    "L2-no-bias-batch-first": Case(T=4, B=3, I=6, H=9, num_layers=2, bias=False, batch_first=True),
+    "L3-odd-H17": Case(T=3, B=5, I=16, H=17, num_layers=3),
+    "L2-unbatched": Case(T=5, B=1, I=4, H=6, num_layers=2, unbatched=True),
+}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the stacked kernels' launches (forward and backward) and the layer-by-layer fallback's."""
+    counts = {"stack": 0, "layer": 0, "stack_bwd": 0}
+    stack_launch, layer_launch = stack_module.lstm_fwd_stack, stack_module.lstm_fwd_persistent
+    stack_bwd = stack_module.lstm_bwd_stack_gate_grads
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(stack_module, "lstm_fwd_stack", count("stack", stack_launch))
+    monkeypatch.setattr(stack_module, "lstm_fwd_persistent", count("layer", layer_launch))
+    monkeypatch.setattr(stack_module, "lstm_bwd_stack_gate_grads", count("stack_bwd", stack_bwd))
+    return counts
+
+
+@pytest.mark.parametrize("case", STACKS.values(), ids=STACKS.keys())
+def test_stack_matches_nn_lstm(case, launches):
+    check_against_nn(case, torch.float32)
+    # check_against_nn runs one forward of ours and its backward: one stacked launch each, no per-layer one.
+    assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
+
+
+@pytest.mark.parametrize("fallback", ["reference", "no-fit"])
+def test_backward_layer_by_layer_where_the_stacked_one_does_not_run(fallback, launches, monkeypatch):
+    """backward="reference", or a stacked backward that cannot launch (its tiles do not fit the SMs): the
+    per-layer backward from the top, with the same gradients."""
+    case = STACKS["L3-state"]
+    if fallback == "reference":
+        monkeypatch.setattr(triton_lstm.LSTM, "__init__", functools.partialmethod(triton_lstm.LSTM.__init__,
+                                                                                  backward="reference"))
+    else:
+        monkeypatch.setattr(stack_module, "lstm_bwd_stack_gate_grads", lambda *args: None)
+    check_against_nn(case, torch.float32)
+    assert launches["stack"] == 1 and launches["stack_bwd"] == 0
+
+
+def test_inference_forward_keeps_no_per_step_state():
+    torch.manual_seed(0)
+    T, B, I, H, L = 6, 3, 4, 5, 3
+    model = triton_lstm.LSTM(I, H, num_layers=L, device=KERNEL_DEVICE)
+    x = torch.randn(T, B, I, device=KERNEL_DEVICE)
+    weights = [model._layer_weights(layer, 0) for layer in range(L)]
+    h0 = c0 = torch.zeros(L, B, H, device=KERNEL_DEVICE)
+    w_ih, w_hh, b_ih, b_hh = ([w[i] for w in weights] for i in range(4))
+    with torch.no_grad():
+        h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 0)
+        trained = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 1)
+        out, (h_n, c_n) = model(x)
+    assert c_all.shape == (L, 1, B, H) and gates.shape == (L, 0, B, 4 * H)
+    assert torch.equal(h_all, trained[0]) and torch.equal(c_all[:, 0], trained[1][:, -1])
+    assert torch.equal(out, trained[0][-1, 1:]) and torch.equal(c_n, trained[1][:, -1])
+
+
+def test_stays_layer_by_layer_where_the_kernel_does_not_apply():
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE)
+    kwargs = dict(input_size=3, hidden_size=5, device=KERNEL_DEVICE)
+    assert triton_lstm.LSTM(num_layers=2, **kwargs)._runs_as_stack(x)
+    assert not triton_lstm.LSTM(num_layers=1, **kwargs)._runs_as_stack(x)
+    assert not triton_lstm.LSTM(num_layers=2, bidirectional=True, **kwargs)._runs_as_stack(x)
+    assert not triton_lstm.LSTM(num_layers=2, proj_size=2, **kwargs)._runs_as_stack(x)
+    assert not triton_lstm.LSTM(num_layers=2, recompute_interval=2, **kwargs)._runs_as_stack(x)
+    with_dropout = triton_lstm.LSTM(num_layers=2, dropout=0.5, **kwargs)
+    assert not with_dropout._runs_as_stack(x), "dropout between layers in training: layer by layer"
+    assert with_dropout.eval()._runs_as_stack(x), "in eval mode dropout is off"
+    assert not triton_lstm.LSTM(num_layers=2, dtype=torch.float64, **kwargs)._runs_as_stack(x.double())
+
+
+def test_dropout_training_runs_layer_by_layer(launches):
+    torch.manual_seed(0)
+    model = triton_lstm.LSTM(3, 5, num_layers=2, dropout=0.5, device=KERNEL_DEVICE)
+    model(torch.randn(4, 2, 3, device=KERNEL_DEVICE))
+    assert launches["stack"] == 0
+
+
+def test_stack_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("TRITON_LSTM_STACK", "0")
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE)
+    assert not triton_lstm.LSTM(3, 5, num_layers=2, device=KERNEL_DEVICE)._runs_as_stack(x)
+
+
+def test_plan_gives_each_layer_its_share_of_the_sms():
+    sms, shared = 132, 232448  # an H100 SXM / H200
+    for layers, (B, H) in [(2, (64, 512)), (4, (64, 512)), (4, (64, 1024)), (3, (8, 2048)), (2, (256, 512))]:
+        plan = plan_stack_fwd(512, B, H, layers, 2, sms, shared)
+        assert plan.persistent and not plan.resident, plan
+        assert layers * plan.num_programs <= sms, plan
+        assert plan.block_k <= 128, "256-wide chunks spill with the stack's second product"
+    assert not plan_stack_fwd(512, 64, 512, 1, 2, sms, shared).persistent, "one layer: the single-layer kernel"
+    assert not plan_stack_fwd(512, 64, 512, 2, 4, sms, shared).persistent, "fp32 spills: layer by layer"
+    assert not plan_stack_fwd(512, 64, 512, 200, 2, sms, shared).persistent, "more layers than SMs"
+    interpreted = plan_stack_fwd(5, 3, 7, 3, 4, 1, 96 * 1024, interpret=True)
+    assert interpreted.persistent and interpreted.num_programs == 1
+
+
+def test_double_backward_through_the_stack():
+    torch.manual_seed(0)
+    model = triton_lstm.LSTM(3, 4, num_layers=2, device=KERNEL_DEVICE)
+    reference = torch.nn.LSTM(3, 4, num_layers=2).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True)
+    x64 = x.detach().cpu().double().requires_grad_()
+    for module, inp in ((model, x), (reference, x64)):
+        out, _ = module(inp)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), inp, create_graph=True)
+        grad.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [Case(T=128, B=16, I=256, H=512, num_layers=4),
+                                  Case(T=96, B=17, I=64, H=1024, num_layers=2, packed=True, with_state=True)],
+                         ids=["T128-B16-H512-L4", "T96-B17-H1024-L2-packed"])
+def test_gpu_stack_matches_nn_lstm(case, dtype, launches):
+    check_against_nn(case, dtype, oracle_device="cuda")
+    assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
+

@@ -1,0 +1,223 @@
+"""A stack of unidirectional LSTM layers as one op: the forward in one persistent launch (a wavefront
+across layers, ``kernels/lstm_fwd_stack.py``), the backward's chain in one launch too (a reverse
+wavefront, ``lstm_bwd_stack_gate_grads``), then each layer's weight GEMMs.
+
+``lstm_stack`` is what ``LSTM.forward`` calls for num_layers > 1 when ``stack_plan`` says the stacked
+kernel applies; otherwise the module runs ``lstm_layer`` per layer as before. The op's outputs are every
+layer's ``(h_all, c_all, gates)``, laid out per layer as the single-layer op's; where the stacked
+backward cannot run (the reference backward, or a grid that does not fit), the backward is
+``recurrence_bwd`` per layer from the top: the gradient of layer l's output is layer l + 1's input gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from triton_lstm.ops import HAS_TRITON, kernel_device, run_without_autocast, uses_kernels
+from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference
+
+if HAS_TRITON:
+    from triton.runtime.errors import OutOfResources
+
+    from triton_lstm.kernels.common import refused_cooperative_launch
+    from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
+    from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads, weight_and_input_grads
+    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
+
+
+def stack_plan(x: Tensor, hidden_size: int, num_layers: int):
+    """The stacked kernel's plan for this input, or None where the kernels do not run (the CPU path,
+    torch.compile and torch.func, whose graphs keep one node per layer)."""
+    if num_layers < 2 or not uses_kernels(x) or torch.compiler.is_compiling():
+        return None
+    if torch._C._are_functorch_transforms_active():
+        return None
+    plan = plan_stack_for(x, hidden_size, num_layers)
+    return plan if plan.persistent else None
+
+
+def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save):
+    """What the stacked kernel computes, one layer after another (its fallback, and the reference path)."""
+    outputs, layer_input = [], x
+    for layer in range(len(w_hh)):
+        bias = (b_ih[layer], b_hh[layer]) if b_ih else (None, None)
+        if uses_kernels(x):
+            projected = input_projection(layer_input, w_ih[layer], *bias).contiguous()
+            h_all, c_all, gates = lstm_fwd_persistent(projected, h0[layer].contiguous(), c0[layer].contiguous(),
+                                                      w_hh[layer].contiguous(), None, lengths, save=bool(save))
+        else:
+            h_all, c_all, gates = lstm_recurrence_reference(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer],
+                                                            *bias, None, lengths)
+            if not save:
+                c_all, gates = c_all[-1:], gates[:0]
+        outputs.append((h_all, c_all, gates))
+        layer_input = h_all[1:]
+    return tuple(torch.stack(parts) for parts in zip(*outputs))
+
+
+@torch.library.custom_op("triton_lstm::stack_fwd", mutates_args=())
+def stack_fwd(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: list[Tensor],
+    w_hh: list[Tensor],
+    b_ih: list[Tensor],
+    b_hh: list[Tensor],
+    lengths: Tensor | None,
+    save: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward of L unidirectional layers: ``(h_all, c_all, gates)`` stacked over layers, (L, T+1, B, H),
+    (L, T+1, B, H) and (L, T, B, 4H); ``save`` 0 (inference): c_all (L, 1, B, H), gates (L, 0, B, 4H).
+    ``h0``/``c0`` are (L, B, H); ``b_ih``/``b_hh`` empty lists without biases."""
+    if not uses_kernels(x):
+        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+    lengths = None if lengths is None else lengths.to(torch.int32)
+    plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh))
+    if plan.persistent:
+        projected = input_projection(x, w_ih[0], *((b_ih[0], b_hh[0]) if b_ih else (None, None))).contiguous()
+        bias_above = torch.stack([b_ih[i] + b_hh[i] for i in range(1, len(b_ih))]) if b_ih else None
+        try:
+            with kernel_device(x):
+                return lstm_fwd_stack(projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh),
+                                      torch.stack(w_ih[1:]), bias_above, lengths, plan, bool(save))
+        except OutOfResources:
+            pass  # raised before anything ran: run the layers one by one
+        except RuntimeError as error:
+            if not refused_cooperative_launch(error):
+                raise
+    with kernel_device(x):
+        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+
+
+@stack_fwd.register_fake
+def _stack_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1):
+    T, B = x.shape[0], x.shape[1]
+    layers, H = len(w_hh), w_hh[0].shape[1]
+    h_all = x.new_empty(layers, T + 1, B, H)
+    c_all = x.new_empty(layers, T + 1 if save else 1, B, H, dtype=accumulate_dtype(x.dtype))
+    gates = x.new_empty(layers, T if save else 0, B, 4 * H)
+    return h_all, c_all, gates
+
+
+run_without_autocast("stack_fwd")
+
+
+def _split_weights(layers: int, has_bias: bool, weights):
+    per_layer = 4 if has_bias else 2
+    groups = [weights[i * per_layer:(i + 1) * per_layer] for i in range(layers)]
+    w_ih, w_hh = [g[0] for g in groups], [g[1] for g in groups]
+    b_ih = [g[2] for g in groups] if has_bias else []
+    b_hh = [g[3] for g in groups] if has_bias else []
+    return w_ih, w_hh, b_ih, b_hh
+
+
+class LSTMStack(torch.autograd.Function):
+    """out, h_n, c_n of L unidirectional layers; ``weights`` are (w_ih, w_hh[, b_ih, b_hh]) per layer."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, lengths, use_reference, layers, has_bias, *weights):
+        w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
+        h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+        ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, *weights)
+        ctx.use_reference, ctx.layers, ctx.has_bias = use_reference, layers, has_bias
+        return h_all[-1, 1:], h_all[:, -1].clone(), c_all[:, -1].to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n, grad_c_n):
+        x, h0, c0, lengths, h_all, c_all, gates, *weights = ctx.saved_tensors
+        w_ih, w_hh, _, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
+        if uses_kernels(x) and not ctx.use_reference:
+            with kernel_device(x), torch.autocast(x.device.type, enabled=False):
+                grads = _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out, grad_h_n,
+                                          grad_c_n)
+            if grads is not None:
+                return (grads[0], grads[1], grads[2], None, None, None, None, *grads[3:])
+        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+        grad_weights = [None] * len(weights)
+        per_layer = 4 if ctx.has_bias else 2
+        grad_layer_out = grad_out
+        for layer in reversed(range(ctx.layers)):
+            layer_x = x if layer == 0 else h_all[layer - 1, 1:]
+            grads = torch.ops.triton_lstm.recurrence_bwd(
+                grad_layer_out, grad_h_n[layer], grad_c_n[layer], layer_x, w_ih[layer], w_hh[layer], None,
+                gates[layer], h_all[layer], c_all[layer], lengths, ctx.use_reference,
+            )
+            grad_layer_out, grad_h0[layer], grad_c0[layer] = grads[0], grads[1], grads[2]
+            grad_weights[layer * per_layer] = grads[3]
+            grad_weights[layer * per_layer + 1] = grads[4]
+            if ctx.has_bias:
+                grad_weights[layer * per_layer + 2] = grads[5]
+                grad_weights[layer * per_layer + 3] = grads[5].clone()  # each bias owns its gradient tensor
+        return (grad_layer_out, grad_h0, grad_c0, None, None, None, None, *grad_weights)
+
+
+def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n):
+    """The fused backward of the whole stack: the gate gradients of every layer in one launch (a reverse
+    wavefront), then each layer's weight GEMMs; the input gradient of layer 0 only (the layers above
+    took theirs in the kernel). None where the launch cannot run (the caller goes layer by layer)."""
+    lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
+    w_ih_above = torch.stack(w_ih[1:]).contiguous()
+    chain = lstm_bwd_stack_gate_grads(grad_out, grad_h_n, grad_c_n, torch.stack(w_hh).contiguous(), w_ih_above, lengths,
+                                      gates, c_all)
+    if chain is None:
+        return None
+    grad_gates, grad_h0, grad_c0 = chain
+    grad_x, grad_weights = None, []
+    for layer in range(len(w_hh)):
+        layer_x = x if layer == 0 else h_all[layer - 1, 1:]
+        layer_grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(
+            grad_gates[layer], layer_x, h_all[layer, :-1], w_ih[layer], input_grad=layer == 0)
+        grad_x = layer_grad_x if layer == 0 else grad_x
+        grad_weights += [grad_w_ih, grad_w_hh.to(w_hh[layer].dtype)]
+        if has_bias:
+            grad_weights += [grad_bias, grad_bias.clone()]  # each bias owns its gradient tensor
+    return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), *grad_weights)
+
+
+def _reference_stack(x, h0, c0, lengths, layers, has_bias, weights):
+    """The stack's outputs through the plain-PyTorch recurrence (differentiable, for double backward)."""
+    w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
+    layer_input, h_n, c_n = x, [], []
+    for layer in range(layers):
+        bias = (b_ih[layer], b_hh[layer]) if has_bias else (None, None)
+        h_all, c_all, _ = lstm_recurrence_reference(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer], *bias,
+                                                    None, lengths)
+        layer_input = h_all[1:]
+        h_n.append(h_all[-1])
+        c_n.append(c_all[-1].to(x.dtype))
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
+    x, h0, c0, lengths, _, _, _, *weights = ctx.saved_tensors
+    inputs = (x, h0, c0, *weights)
+    needs = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[7:])
+    wanted = [i for i, needed in enumerate(needs) if needed]
+    with torch.enable_grad():
+        outputs = _reference_stack(x, h0, c0, lengths, ctx.layers, ctx.has_bias, weights)
+        grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], (grad_out, grad_h_n, grad_c_n),
+                                    create_graph=True, allow_unused=True)
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return (*result[:3], None, None, None, None, *result[3:])
+
+
+def lstm_stack(x: Tensor, h0: Tensor, c0: Tensor, layer_weights, lengths: Tensor | None, *, backward: str = "fused"):
+    """L unidirectional layers over time-major ``x``: returns (output of the top layer, h_n, c_n), h_n and
+    c_n of shape (L, B, H). ``layer_weights``: per layer (w_ih, w_hh, b_ih, b_hh), biases None or both set."""
+    layers = len(layer_weights)
+    has_bias = layer_weights[0][2] is not None
+    weights = [w for ws in layer_weights for w in (ws if has_bias else ws[:2])]
+    grad_wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *weights))
+    if not grad_wanted:
+        # An inference forward: no per-step gates or c are kept (c_all holds c_T only).
+        w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
+        h_all, c_all, _ = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0)
+        return h_all[-1, 1:], h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
+    return LSTMStack.apply(x, h0, c0, lengths, int(backward == "reference"), layers, has_bias, *weights)
+
