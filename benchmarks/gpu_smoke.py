@@ -1,6 +1,7 @@
 """First look on a GPU, in seconds: does each anchor shape's planned kernel fit, run and agree with cuDNN?
 
     python benchmarks/gpu_smoke.py
+    python benchmarks/gpu_smoke.py --stack    # the stacked kernels against the same model layer by layer
 
 For each anchor shape (bf16, fp32): the forward plan, whether that exact plan compiles within the device's
 resources and is accepted as a cooperative grid (no silent fallback), the recurrence's agreement with the
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import triton_lstm  # noqa: E402
 from triton_lstm.benchmark import ANCHOR_CASES  # noqa: E402
+from triton_lstm.kernels import common  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
 
@@ -91,7 +93,40 @@ def single_step(calls=300):
         f"{name} {us:.1f} ({us / base:.2f}x)" for name, us in results.items())
 
 
+def stack_check() -> int:
+    """The stacked kernels (all layers in one launch, forward and backward) against the same model run
+    layer by layer (TRITON_LSTM_STACK=0), bf16, on two stacks: the first GPU run of their cross-layer
+    waits. Returns 1 (and says so) when they disagree; a wait that never ends shows as the stage's
+    time limit (gpu_check.sh then turns the stacked kernels off for the stages after it)."""
+    from triton_lstm import stack
+
+    common.BARRIER_SPIN_LIMIT = 1 << 22  # a wait that never ends gives up in seconds, not tens of seconds
+    status = 0
+    for T, B, I, H, layers in ((64, 16, 256, 512, 4), (48, 64, 128, 1024, 2)):
+        torch.manual_seed(0)
+        model = triton_lstm.LSTM(I, H, num_layers=layers, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(T, B, H, device="cuda", dtype=torch.bfloat16)
+        results = []
+        for enabled in ("1", "0"):
+            os.environ["TRITON_LSTM_STACK"] = enabled
+            assert model._runs_as_stack(x) == (enabled == "1")
+            out, (h_n, c_n) = model(x)
+            grads = torch.autograd.grad(out, [x, *model.parameters()], grad)
+            results.append([out, h_n, c_n, *grads])
+        os.environ.pop("TRITON_LSTM_STACK")
+        plan = stack.plan_stack_for(x, H, layers)
+        errors = [relative_error(a, b) for a, b in zip(*results)]
+        ok = max(errors) < 2e-2
+        status |= not ok
+        print(f"stack T{T} B{B} I{I} H{H} L{layers} ({plan.reason}, bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
+              f"w{plan.num_warps}): vs layer by layer, max rel err {max(errors):.2e} {'ok' if ok else 'WRONG'}", flush=True)
+    return status
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--stack"]:
+        return stack_check()
     print(torch.cuda.get_device_name(), "SMs, shared opt-in:", fwd._device_limits(0), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for dtype in (torch.bfloat16, torch.float32):

@@ -73,9 +73,11 @@ def plan_stack_fwd(
                                fp32_tensor_cores, allow_resident=False)
     if not base.persistent:
         return ForwardPlan(False, f"{base.reason}; layer by layer")
-    # K chunks of at most 128: 256-wide ones spill with the stack's second product (48 bytes at H = 2048).
+    # 64-wide K chunks on 8 warps: with the stack's second product, wider chunks or 4 warps spilled on sm_90
+    # (bf16, 32 × 16 tiles: 56 bytes at H = 1024 with 128-wide chunks on 4 warps, none with 64 on 8; 256-wide
+    # chunks 48 bytes at H = 2048).
     return ForwardPlan(True, f"stack of {layers} layers in one launch, W streamed", False, base.block_b,
-                       base.block_h, min(base.block_k, 128), base.grid_h, base.grid_b, base.num_warps,
+                       base.block_h, min(base.block_k, 64), base.grid_h, base.grid_b, 8,
                        exact_fp32_dot=base.exact_fp32_dot)
 
 
