@@ -87,7 +87,7 @@ def _compile_one(config: dict) -> dict:
     from triton.compiler import ASTSource
 
     kernel, signature, constants = _kernel_and_signature(config)
-    options = {"num_warps": config["num_warps"]}
+    options = {"num_warps": config["num_warps"], "num_stages": config.get("num_stages", 3)}
     if config.get("kernel", "persistent") != "step":
         options["launch_cooperative_grid"] = True
     # The JIT marks pointers to 16-byte-aligned tensors (every torch allocation) as such; without these
@@ -180,7 +180,7 @@ def _stack_configs(shapes, devices, arch: int, quick: bool) -> list[dict]:
                                               precision=plan.exact_fp32_dot))
                     # The stacked backward's chain (lstm_bwd_stack_gate_grads): each layer's tiles on its share.
                     try:
-                        _, block_b, block_h = plan_bwd(B, H, num_sms // layers, "persistent")
+                        _, block_b, block_h = plan_bwd(B, H, num_sms // layers, "persistent", max_tile=1024)
                     except ValueError:
                         continue
                     options = bwd_launch_options(H, block_b, block_h, size)

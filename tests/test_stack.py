@@ -115,7 +115,7 @@ def test_plan_gives_each_layer_its_share_of_the_sms():
         plan = plan_stack_fwd(512, B, H, layers, 2, sms, shared)
         assert plan.persistent and not plan.resident, plan
         assert layers * plan.num_programs <= sms, plan
-        assert plan.block_k <= 64 and plan.num_warps == 8, "wider chunks or 4 warps spill with the second product"
+        assert plan.block_k <= 64, "wider chunks spill with the stack's second product"
     assert not plan_stack_fwd(512, 64, 512, 1, 2, sms, shared).persistent, "one layer: the single-layer kernel"
     assert not plan_stack_fwd(512, 64, 512, 2, 4, sms, shared).persistent, "fp32 spills: layer by layer"
     assert not plan_stack_fwd(512, 64, 512, 200, 2, sms, shared).persistent, "more layers than SMs"

@@ -241,11 +241,12 @@ def _tiles(B: int, H: int, block_b: int, block_h: int) -> int:
     return triton.cdiv(B, block_b) * triton.cdiv(H, block_h)
 
 
-def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str) -> tuple[str, int, int]:
+def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str, max_tile: int = 4096) -> tuple[str, int, int]:
     """Returns (schedule, BLOCK_B, BLOCK_H) for the gate-gradient kernel on a GPU of ``num_sms`` SMs
     (None: Triton's interpreter). A pure function of the shapes, so it can be checked without a GPU.
 
-    tl.dot needs every dimension >= 16: smaller B and H are masked up to 16.
+    tl.dot needs every dimension >= 16: smaller B and H are masked up to 16. ``max_tile`` bounds
+    BLOCK_B × BLOCK_H (the stacked backward's second product spills beyond 1024 on sm_90).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"lstm_bwd: schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -270,7 +271,7 @@ def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str) -> tuple[str, i
         block_b = widest_b
         while block_b >= 16:
             for block_h in (16, 32, 64, 128, 256):
-                if block_b * block_h <= 4096 and _tiles(B, H, block_b, block_h) <= num_sms:
+                if block_b * block_h <= max_tile and _tiles(B, H, block_b, block_h) <= num_sms:
                     return "persistent", block_b, block_h
             block_b //= 2
         if schedule == "persistent":
@@ -408,7 +409,9 @@ def lstm_bwd_stack_gate_grads(
     else:
         num_sms = None
     try:
-        _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent")
+        # Tiles of at most 1024 elements: with the product from the layer above, 64 × 32 and 64 × 64 tiles
+        # spilled 96-280 bytes on sm_90 (bf16, H = 256).
+        _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent", max_tile=1024)
     except ValueError:
         return None
     options = bwd_launch_options(H, block_b, block_h, w_hh.element_size())

@@ -73,11 +73,11 @@ def plan_stack_fwd(
                                fp32_tensor_cores, allow_resident=False)
     if not base.persistent:
         return ForwardPlan(False, f"{base.reason}; layer by layer")
-    # 64-wide K chunks on 8 warps: with the stack's second product, wider chunks or 4 warps spilled on sm_90
-    # (bf16, 32 × 16 tiles: 56 bytes at H = 1024 with 128-wide chunks on 4 warps, none with 64 on 8; 256-wide
-    # chunks 48 bytes at H = 2048).
+    # 64-wide K chunks, 8 warps for 64-row tiles and 4 otherwise: with the stack's second product, wider
+    # chunks spilled on sm_90 (bf16, 32 × 16 tiles at H = 1024: 56 bytes with 128-wide chunks; 256-wide
+    # chunks 48 bytes at H = 2048), and 8 warps on 32-row tiles 40 bytes at H = 256 and 512.
     return ForwardPlan(True, f"stack of {layers} layers in one launch, W streamed", False, base.block_b,
-                       base.block_h, min(base.block_k, 64), base.grid_h, base.grid_b, 8,
+                       base.block_h, min(base.block_k, 64), base.grid_h, base.grid_b, 8 if base.block_b == 64 else 4,
                        exact_fp32_dot=base.exact_fp32_dot)
 
 
