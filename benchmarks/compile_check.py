@@ -53,13 +53,15 @@ def _kernel_and_signature(config: dict):
 
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
                      "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32",
-                     "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "T": "i32", "B": "i32", "grid_b": "i32"}
+                     "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "T": "i32", "B": "i32",
+                     "grid_b": "i32"}
         constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
                          ONE_TILE=int(config.get("one_tile", False)), SAVE=int(config.get("save", True)),
                          DOT_PRECISION=config.get("precision", "ieee"),
                          GRID_H=config["grid_h"], BLOCK_B=config["block_b"],
                          BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], SPIN_LIMIT=BARRIER_SPIN_LIMIT,
-                         LAYERS=config.get("layers", 1), HAS_BIAS=int(config.get("layers", 1) > 1))
+                         LAYERS=config.get("layers", 1), HAS_BIAS=int(config.get("layers", 1) > 1),
+                         DIRECTIONS=config.get("directions", 1))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
@@ -140,11 +142,17 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
         return _bwd_configs(shapes, devices, arch)
     if kernel == "stack":
         return _stack_configs(shapes, devices, arch, quick)
+    from triton_lstm.kernels.lstm_fwd_bidirectional import plan_bidirectional_fwd
+
+    directions = 2 if kernel == "bidir" else 1
     seen = {}
     for device, num_sms, shared in devices:
         for dtype, size in DTYPES.items():
             for B, H in shapes:
-                plan = plan_persistent_fwd(100, B, H, H, size, False, num_sms, shared)
+                if directions == 2:
+                    plan = plan_bidirectional_fwd(100, B, H, size, num_sms, shared)
+                else:
+                    plan = plan_persistent_fwd(100, B, H, H, size, False, num_sms, shared)
                 if not plan.persistent:
                     continue
                 one_tile = plan.resident and plan.grid_b == -(-B // plan.block_b)
@@ -154,7 +162,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
                 seen.setdefault(key, dict(dtype=dtype, H=H, resident=plan.resident, one_tile=one_tile, block_b=plan.block_b,
                                           block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                           grid_h=plan.grid_h, arch=arch, limit=shared, device=device,
-                                          estimate=estimate, precision=plan.exact_fp32_dot))
+                                          estimate=estimate, precision=plan.exact_fp32_dot, directions=directions))
     return list(seen.values())
 
 
@@ -247,9 +255,9 @@ def _run_batch(configs: list[dict]) -> list[tuple[dict, dict | str]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="anchor shapes on the H100 preset only")
-    parser.add_argument("--kernel", choices=["persistent", "step", "bwd", "stack"], default="persistent",
-                        help="persistent forward, per-step forward, the backward's gate-gradient kernel, or the "
-                             "stacked forward (all layers in one launch)")
+    parser.add_argument("--kernel", choices=["persistent", "step", "bwd", "stack", "bidir"], default="persistent",
+                        help="persistent forward, per-step forward, the backward's gate-gradient kernel, the "
+                             "stacked forward and backward (all layers in one launch), or the bidirectional forward")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -265,7 +273,8 @@ def main(argv=None) -> int:
     with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:
         outcomes = [pair for batch in pool.map(_run_batch, [b for b in batches if b]) for pair in batch]
     for config, outcome in outcomes:
-        mode = {"persistent": ("resident" + (" one-tile" if config.get("one_tile") else "")) if config["resident"] else "streamed",
+        resident = ("resident" + (" one-tile" if config.get("one_tile") else "")) if config["resident"] else "streamed"
+        mode = {"persistent": resident, "bidir": "both directions, " + resident,
                 "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step",
                 "stack": f"{config.get('layers')} layers {config.get('kernel', 'forward')}"}[args.kernel]
         name = (f"{config['dtype']} H={config['H']} {mode} "
@@ -279,7 +288,7 @@ def main(argv=None) -> int:
             problems.append(f"shared {outcome['shared']} > {config['limit']} ({config['device']})")
         if outcome["spills"] > SPILL_TOLERANCE:
             problems.append(f"stack frame {outcome['spills']} bytes (spills)")
-        barrier = args.kernel in ("persistent", "stack") or (args.kernel == "bwd" and config["resident"])
+        barrier = args.kernel in ("persistent", "stack", "bidir") or (args.kernel == "bwd" and config["resident"])
         # Correctness rests on the release/acquire pair (plus the CTA barriers around it): in the PTX
         # memory model the loads after an acquire observe what the other programs released, wherever
         # they are cached. The ".cg" loads are a second guard, which Triton's pipeliner drops when it

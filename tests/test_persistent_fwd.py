@@ -478,18 +478,24 @@ def test_module_forward_without_grad_saves_nothing():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
-            if func.name() == "triton_lstm::recurrence_fwd":
-                self.saves.append((args[9] if len(args) > 9 else 1, tuple(result[2].shape)))
+            # (the save argument's position, the gates output's position, the gates' steps axis)
+            where = {"triton_lstm::recurrence_fwd": (9, 2, 0), "triton_lstm::bidirectional_fwd": (8, 3, 1),
+                     "triton_lstm::stack_fwd": (8, 2, 1)}.get(func.name())
+            if where is not None:
+                save_at, gates_at, steps_axis = where
+                self.saves.append((args[save_at] if len(args) > save_at else 1, result[gates_at].shape[steps_axis]))
             return result
 
     torch.manual_seed(0)
-    model = triton_lstm.LSTM(5, 17, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)
-    x = torch.randn(6, 3, 5, device=KERNEL_DEVICE)
-    with torch.no_grad(), Calls() as calls:
-        out_no_grad, (h_no_grad, c_no_grad) = model(x)
-    assert [save for save, _ in calls.saves] == [0] * 4 and all(shape[0] == 0 for _, shape in calls.saves)
-    with Calls() as calls:
-        out, (h, c) = model(x)
-    assert [save for save, _ in calls.saves] == [1] * 4
-    for ours, theirs in ((out_no_grad, out), (h_no_grad, h), (c_no_grad, c)):
-        torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=0)
+    for kwargs, launches in ((dict(bidirectional=True), 2), (dict(), 1), (dict(proj_size=4), 2)):
+        # Both directions in one op per layer; a stack in one op; per layer and direction with a projection.
+        model = triton_lstm.LSTM(5, 17, num_layers=2, **kwargs).to(KERNEL_DEVICE)
+        x = torch.randn(6, 3, 5, device=KERNEL_DEVICE)
+        with torch.no_grad(), Calls() as calls:
+            out_no_grad, (h_no_grad, c_no_grad) = model(x)
+        assert calls.saves == [(0, 0)] * launches, kwargs
+        with Calls() as calls:
+            out, (h, c) = model(x)
+        assert [save for save, _ in calls.saves] == [1] * launches and all(steps == 6 for _, steps in calls.saves)
+        for ours, theirs in ((out_no_grad, out), (h_no_grad, h), (c_no_grad, c)):
+            torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=0)

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from triton_lstm.ops import check_backward_options, interpreting, lstm_layer
+from triton_lstm.bidirectional import bidirectional_plan, lstm_bidirectional, reverse_index, reverse_time
 from triton_lstm.stack import lstm_stack, stack_plan
 
 
@@ -115,20 +116,6 @@ def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
         got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
         raise RuntimeError(f"{cls}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
     return hx[0], hx[1]
-
-
-def _reverse_time(x: Tensor, reverse_index: Tensor | None) -> Tensor:
-    """Reverses each sequence in time, within its own length when the batch is packed."""
-    if reverse_index is None:
-        return x.flip(0)
-    return x.gather(0, reverse_index[:, :, None].expand_as(x))
-
-
-def _reverse_index(lengths: Tensor, T: int) -> Tensor:
-    # step t of sequence b reads step lengths[b]-1-t; steps past the end stay where they are.
-    steps = torch.arange(T, device=lengths.device)[:, None]
-    reversed_steps = lengths[None, :] - 1 - steps
-    return torch.where(reversed_steps >= 0, reversed_steps, steps)
 
 
 class LSTM(nn.RNNBase):
@@ -319,9 +306,9 @@ class LSTM(nn.RNNBase):
             return self._finish(output, hidden, is_batched)
 
         lengths_on_device = None if lengths is None else lengths.to(x.device, non_blocking=True)
-        reverse_index = None
+        time_reversal = None
         if self.bidirectional and lengths_on_device is not None:
-            reverse_index = _reverse_index(lengths_on_device, T)
+            time_reversal = reverse_index(lengths_on_device, T)
 
         if self._runs_as_stack(x):
             # All layers in one persistent launch (a wavefront across layers; triton_lstm/stack.py).
@@ -334,17 +321,30 @@ class LSTM(nn.RNNBase):
 
         layer_input = x
         h_n, c_n = [], []
+        both_at_once = num_directions == 2 and self._runs_both_directions_at_once(x)
         for layer in range(self.num_layers):
+            if both_at_once:
+                # Both directions in one persistent launch (triton_lstm/bidirectional.py).
+                index = 2 * layer
+                layer_input, h, c = lstm_bidirectional(
+                    layer_input, h0[index:index + 2], c0[index:index + 2], weights[layer][0][:4], weights[layer][1][:4],
+                    lengths_on_device, backward=getattr(self, "backward_mode", "fused"),
+                )
+                h_n += [h[0], h[1]]
+                c_n += [c[0], c[1]]
+                if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                    layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+                continue
             outputs = []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
-                layer_x = layer_input if direction == 0 else _reverse_time(layer_input, reverse_index)
+                layer_x = layer_input if direction == 0 else reverse_time(layer_input, time_reversal)
                 out, h, c = lstm_layer(
                     layer_x, h0[index], c0[index], *weights[layer][direction], lengths_on_device,
                     backward=getattr(self, "backward_mode", "fused"),  # getattr: modules pickled before the option
                     recompute_interval=getattr(self, "recompute_interval", 0),
                 )
-                outputs.append(out if direction == 0 else _reverse_time(out, reverse_index))
+                outputs.append(out if direction == 0 else reverse_time(out, time_reversal))
                 h_n.append(h)
                 c_n.append(c)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
@@ -352,6 +352,13 @@ class LSTM(nn.RNNBase):
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
         return self._finish_from_time_major(layer_input, (torch.stack(h_n), torch.stack(c_n)), packed, lengths,
                                             batch_sizes, sorted_indices, unsorted_indices, is_batched)
+
+    def _runs_both_directions_at_once(self, x: Tensor) -> bool:
+        """Whether each bidirectional layer runs both directions in one launch: no projection, no recompute
+        option, and a plan for the input's device."""
+        if self.proj_size > 0 or getattr(self, "recompute_interval", 0):
+            return False
+        return bidirectional_plan(x, self.hidden_size) is not None
 
     def _runs_as_stack(self, x: Tensor) -> bool:
         """Whether this forward runs all layers in one launch: unidirectional, no projection, no dropout

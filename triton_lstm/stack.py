@@ -28,8 +28,9 @@ if HAS_TRITON:
 
 def stack_plan(x: Tensor, hidden_size: int, num_layers: int):
     """The stacked kernel's plan for this input, or None where the kernels do not run (the CPU path,
-    torch.compile and torch.func, whose graphs keep one node per layer)."""
-    if num_layers < 2 or not uses_kernels(x) or torch.compiler.is_compiling():
+    torch.compile and torch.func, whose graphs keep one node per layer). "meta" tensors (shape inference,
+    ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it."""
+    if num_layers < 2 or not (uses_kernels(x) or x.device.type == "meta") or torch.compiler.is_compiling():
         return None
     if torch._C._are_functorch_transforms_active():
         return None

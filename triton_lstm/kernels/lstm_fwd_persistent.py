@@ -101,6 +101,7 @@ def _lstm_persistent_fwd_kernel(
     counters_ptr,  # (LAYERS · grid_b + 1,) int32 zeros: a monotonic barrier counter per layer and batch group, then the failure flag
     w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``)
     bias_ptr,  # LAYERS > 1 and HAS_BIAS: (LAYERS - 1, 4H), b_ih + b_hh of layers 1, 2, …
+    out_ptr,  # DIRECTIONS == 2: (T, B, 2H), the layer's output, both directions in time order
     T,
     B,
     grid_b,  # batch groups (the grid's second axis); not a constexpr, so a new batch size does not recompile
@@ -118,13 +119,29 @@ def _lstm_persistent_fwd_kernel(
     SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up (grid_barrier)
     LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers in one launch (a wavefront, see _stack_layer)
     HAS_BIAS: tl.constexpr = False,  # LAYERS > 1: bias_ptr holds the biases of layers 1, 2, …
+    DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     num_b_blocks = tl.cdiv(B, BLOCK_B)
-    counter_ptr = counters_ptr + pid_b
-    failed_ptr = counters_ptr + LAYERS * grid_b
+    if DIRECTIONS > 1:
+        # A bidirectional layer: direction d's programs run its recurrence on its own buffers (stacked
+        # per direction, step-indexed as a one-direction layer's) with its own barrier counters; the reverse
+        # direction reads its inputs and writes its outputs walking time backwards (_time_rows).
+        direction = tl.program_id(2)
+        d = direction.to(tl.int64)
+        w_hh_ptr += d * 4 * H * K
+        h_ptr += d * (T + 1) * B * K
+        if SAVE:
+            c_ptr += d * (T + 1) * B * H
+            gates_ptr += d * T * B * 4 * H
+        else:
+            c_ptr += d * 2 * B * H
+    else:
+        direction = 0
+    counter_ptr = counters_ptr + direction * grid_b + pid_b
+    failed_ptr = counters_ptr + LAYERS * DIRECTIONS * grid_b
     # Set once a barrier gave up: from then on this program stops waiting and its h is NaN.
     failed = tl.program_id(0) < 0  # False (built this way: older interpreters lack tl.full of int1)
 
@@ -160,7 +177,9 @@ def _lstm_persistent_fwd_kernel(
         rows = offs_b.to(tl.int64)
         mask_bh = mask_b[:, None] & res_mask_h[None, :]
         h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, res_offs_h, mask_bh, H, K, True, SAVE)
-        x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, 0, B, rows, res_offs_h, mask_bh, H)  # T >= 1 here
+        first = tl.full((), 0, tl.int64)  # T >= 1 here
+        times = _time_rows(first, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
+        x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H, DIRECTIONS)
         for t in range(T):
             # int64: T·B·4H can pass 2³¹ elements.
             step = tl.full((), t, tl.int64)
@@ -170,10 +189,12 @@ def _lstm_persistent_fwd_kernel(
             h_own, c_own = _update_and_store_h(
                 acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                 step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
+                out_ptr, times, direction, DIRECTIONS,
             )
             # (The last step reloads its own inputs rather than read past the end.)
             next_step = tl.minimum(step + 1, T - 1)
-            x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, next_step, B, rows, res_offs_h, mask_bh, H)
+            times = _time_rows(next_step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
+            x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H, DIRECTIONS)
             # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
             if not failed:
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
@@ -192,7 +213,8 @@ def _lstm_persistent_fwd_kernel(
                         h_prev_ptr, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION
                     )
                     _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                               step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed)
+                               step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
+                               out_ptr, T, direction, DIRECTIONS)
                 else:
                     for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
                         offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -201,7 +223,8 @@ def _lstm_persistent_fwd_kernel(
                             h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
                         )
                         _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                                   step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed)
+                                   step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed,
+                                   out_ptr, T, direction, DIRECTIONS)
             if not failed:
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
 
@@ -282,6 +305,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                 _update_and_store_h(
                     acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer, gates_layer,
                     lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE, failed,
+                    h_layer, step, 0, 1,
                 )
         if not failed:
             failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
@@ -291,23 +315,59 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
 @triton.jit
 def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-               SAVE: tl.constexpr, failed):
+               SAVE: tl.constexpr, failed, out_ptr, T, direction, DIRECTIONS: tl.constexpr):
     """The cell update of one tile with its inputs and state read from memory, and its h_t store."""
     mask_bh = mask_b[:, None] & mask_h[None, :]
-    x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
+    times = _time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
+    x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H, DIRECTIONS)
     h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS, SAVE)
     _update_and_store_h(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed, out_ptr, times, direction,
+        DIRECTIONS,
     )
+
+
+@triton.jit
+def _time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS: tl.constexpr, DIRECTIONS: tl.constexpr):
+    """The time index each row of the tile is at in ``step`` (int64): the step itself, except for the
+    reverse direction of a bidirectional layer, which walks each sequence backwards from its own last
+    element (negative once a row is past its length). A scalar for one-direction layers."""
+    if DIRECTIONS == 1:
+        return step
+    else:
+        if HAS_LENGTHS:
+            last = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0).to(tl.int64) - 1
+        else:
+            last = tl.zeros_like(offs_b).to(tl.int64) + (T - 1)
+        return tl.where(direction == 1, last - step, tl.zeros_like(last) + step)
+
+
+@triton.jit
+def _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: tl.constexpr, DIRECTIONS: tl.constexpr):
+    """This tile's input projection at ``times`` (``_time_rows``), per gate, in fp32. A bidirectional
+    layer's projection holds both directions, (T, B, 8H), direction d at columns 4H·d."""
+    if DIRECTIONS == 1:
+        return load_gate_inputs(projected_ptr, times, B, rows, offs_h, mask_bh, H)
+    else:
+        x_ptrs = (projected_ptr + (times[:, None] * B + rows[:, None]) * (8 * H) + direction.to(tl.int64) * 4 * H
+                  + offs_h[None, :])
+        mask = mask_bh & (times >= 0)[:, None]
+        x_i = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x_f = tl.load(x_ptrs + H, mask=mask, other=0.0).to(tl.float32)
+        x_g = tl.load(x_ptrs + 2 * H, mask=mask, other=0.0).to(tl.float32)
+        x_o = tl.load(x_ptrs + 3 * H, mask=mask, other=0.0).to(tl.float32)
+        return x_i, x_f, x_g, x_o
 
 
 @triton.jit
 def _update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr,
                         lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr,
-                        HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, failed):
+                        HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, failed, out_ptr, times, direction,
+                        DIRECTIONS: tl.constexpr):
     """The cell update of one tile (gates and c stored by ``lstm_cell_update``) and its h_t store, NaN
-    once the program's barrier gave up; returns (h_t, c_t) in fp32."""
+    once the program's barrier gave up; returns (h_t, c_t) in fp32. A bidirectional layer also stores
+    h_t into its output at ``times`` (rows that ran this step only: the rest stays zero)."""
     h, c = lstm_cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
         step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE,
@@ -315,6 +375,12 @@ def _update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, 
     h = tl.where(failed, float("nan"), h)
     h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
     tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_h[None, :])
+    if DIRECTIONS == 2:
+        ran = mask_b
+        if HAS_LENGTHS:
+            ran = ran & (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))
+        out_offs = (times[:, None] * B + rows[:, None]) * (2 * H) + direction.to(tl.int64) * H + offs_h[None, :]
+        tl.store(out_ptr + out_offs, h.to(out_ptr.dtype.element_ty), mask=ran[:, None] & mask_h[None, :])
     return h, c
 
 
@@ -577,7 +643,8 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True):
         gates,
         lengths if lengths is not None else counters,
         counters,
-        counters,  # w_ih_ptr and bias_ptr: read by stacks only (lstm_fwd_stack.py)
+        counters,  # w_ih_ptr, bias_ptr and out_ptr: read by stacks and bidirectional layers only
+        counters,
         counters,
         T,
         B,

@@ -24,11 +24,13 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 from triton_lstm.kernels import common
 from triton_lstm.kernels.common import barrier_watch, dot_precision
 from triton_lstm.kernels.lstm_fwd_persistent import (
     INTERPRETER_SHARED_MEMORY,
+    MAX_HIDDEN_BLOCKS_PER_PROGRAM,
     ForwardPlan,
     _device_limits,
     _lstm_persistent_fwd_kernel,
@@ -57,8 +59,8 @@ def plan_stack_fwd(
     """The plan of one layer of the stack (every layer runs the same one), or not persistent: then the
     stack runs layer by layer. A pure function of the shapes and the device limits.
 
-    On a GPU each layer gets ``num_sms // layers`` SMs and the single-layer planner's streamed plan for
-    them; under the interpreter one program runs everything.
+    On a GPU each layer gets ``num_sms // layers`` SMs, tiled as the comment below says; under the
+    interpreter one program runs everything.
     """
     if layers < 2:
         return ForwardPlan(False, "one layer: the single-layer kernel")
@@ -69,16 +71,27 @@ def plan_stack_fwd(
         return ForwardPlan(False, "fp32 stack: layer by layer (the stacked kernel spills in fp32)")
     if not interpret and num_sms // layers < 1:
         return ForwardPlan(False, f"{layers} layers on {num_sms} SMs: fewer SMs than layers; layer by layer")
-    base = plan_persistent_fwd(T, B, H, H, element_size, False, max(1, num_sms // layers), shared_memory, interpret,
-                               fp32_tensor_cores, allow_resident=False)
-    if not base.persistent:
-        return ForwardPlan(False, f"{base.reason}; layer by layer")
-    # 64-wide K chunks, 8 warps for 64-row tiles and 4 otherwise: with the stack's second product, wider
-    # chunks spilled on sm_90 (bf16, 32 × 16 tiles at H = 1024: 56 bytes with 128-wide chunks; 256-wide
-    # chunks 48 bytes at H = 2048), and 8 warps on 32-row tiles 40 bytes at H = 256 and 512.
-    return ForwardPlan(True, f"stack of {layers} layers in one launch, W streamed", False, base.block_b,
-                       base.block_h, min(base.block_k, 64), base.grid_h, base.grid_b, 8 if base.block_b == 64 else 4,
-                       exact_fp32_dot=base.exact_fp32_dot)
+    reason = f"stack of {layers} layers in one launch, W streamed"
+    k_pad = max(16, triton.next_power_of_2(H))
+    if interpret:
+        base = plan_persistent_fwd(T, B, H, H, element_size, False, 1, shared_memory, True, fp32_tensor_cores,
+                                   allow_resident=False)
+        return ForwardPlan(True, reason, False, base.block_b, base.block_h, min(base.block_k, 64), 1, 1, base.num_warps)
+    # Tiles of 16 × 32 or 64 × 16 on 8 warps over 64-wide K chunks: what compiles without spills for the
+    # stack's two products on sm_90 (Triton 3.9, benchmarks/compile_check.py --kernel stack). 32-row
+    # tiles spilled 40-72 bytes with 4 or 8 warps, 128-wide chunks up to 56 bytes.
+    budget = num_sms // layers
+    block_b = 16 if B <= 32 else 64
+    block_h = 32 if block_b == 16 else 16
+    while triton.cdiv(triton.cdiv(H, block_h), budget) > MAX_HIDDEN_BLOCKS_PER_PROGRAM and block_h < 64:
+        block_h *= 2
+    num_h_blocks = triton.cdiv(H, block_h)
+    grid_h = min(num_h_blocks, budget)
+    if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
+        return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program on "
+                                  f"{budget} SMs per layer; layer by layer")
+    grid_b = max(1, min(triton.cdiv(B, block_b), budget // grid_h))
+    return ForwardPlan(True, reason, False, block_b, block_h, min(64, k_pad), grid_h, grid_b, 8)
 
 
 def plan_stack_for(x: torch.Tensor, H: int, layers: int) -> ForwardPlan:
@@ -138,6 +151,7 @@ def lstm_fwd_stack(
         counters,
         w_ih_above,
         bias_above if bias_above is not None else w_ih_above,
+        h_all,  # out_ptr: read by bidirectional layers only
         T,
         B,
         plan.grid_b,

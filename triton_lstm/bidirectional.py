@@ -1,0 +1,228 @@
+"""A bidirectional layer as one op: both directions' forward in one persistent launch
+(``kernels/lstm_fwd_bidirectional.py``), the backward per direction.
+
+``lstm_bidirectional`` is what ``LSTM.forward`` calls for each bidirectional layer when
+``bidirectional_plan`` says the kernel applies; otherwise the module runs each direction on its own as
+before (``reverse_time`` flips the input and the output of the reverse direction). The op returns the
+layer's output (T, B, 2H) in time order and each direction's ``(h_all, c_all, gates)`` step-indexed:
+those of the reverse direction are a one-direction layer's over the reversed sequence, so its backward
+is ``recurrence_bwd`` on reversed views of x and of the output gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from triton_lstm.ops import HAS_TRITON, kernel_device, run_without_autocast, uses_kernels
+from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference
+
+if HAS_TRITON:
+    from triton.runtime.errors import OutOfResources
+
+    from triton_lstm.kernels.common import refused_cooperative_launch
+    from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
+    from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
+
+
+def reverse_time(x: Tensor, reverse_index: Tensor | None) -> Tensor:
+    """Reverses each sequence in time, within its own length when the batch is packed."""
+    if reverse_index is None:
+        return x.flip(0)
+    return x.gather(0, reverse_index[:, :, None].expand_as(x))
+
+
+def reverse_index(lengths: Tensor, T: int) -> Tensor:
+    """For ``reverse_time``: step t of sequence b reads step lengths[b]-1-t; steps past the end stay."""
+    steps = torch.arange(T, device=lengths.device)[:, None]
+    reversed_steps = lengths[None, :] - 1 - steps
+    return torch.where(reversed_steps >= 0, reversed_steps, steps)
+
+
+def _valid_steps(lengths: Tensor | None, T: int, device) -> Tensor | None:
+    """(T, B, 1) True where step t of sequence b exists; None without lengths."""
+    if lengths is None:
+        return None
+    return (torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :])[:, :, None]
+
+
+def bidirectional_plan(x: Tensor, hidden_size: int):
+    """The bidirectional kernel's plan for this input, or None where the kernels do not run (the CPU
+    path, torch.compile and torch.func, whose graphs keep one node per direction). "meta" tensors (shape
+    inference, ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it."""
+    if not (uses_kernels(x) or x.device.type == "meta") or torch.compiler.is_compiling() \
+            or torch._C._are_functorch_transforms_active():
+        return None
+    plan = plan_bidirectional_for(x, hidden_size)
+    return plan if plan.persistent else None
+
+
+def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save):
+    """What the kernel computes, one direction after the other (its fallback, and the reference path)."""
+    T = x.shape[0]
+    index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
+    results = []
+    for direction in range(2):
+        layer_x = x if direction == 0 else reverse_time(x, index)
+        bias = (b_ih[direction], b_hh[direction]) if b_ih else (None, None)
+        if uses_kernels(x):
+            projected = input_projection(layer_x, w_ih[direction], *bias).contiguous()
+            results.append(lstm_fwd_persistent(projected, h0[direction].contiguous(), c0[direction].contiguous(),
+                                               w_hh[direction].contiguous(), None, lengths, save=bool(save)))
+        else:
+            h_all, c_all, gates = lstm_recurrence_reference(layer_x, h0[direction], c0[direction], w_ih[direction],
+                                                            w_hh[direction], *bias, None, lengths)
+            results.append((h_all, c_all[-1:], gates[:0]) if not save else (h_all, c_all, gates))
+    out = torch.cat([results[0][0][1:], reverse_time(results[1][0][1:], index)], dim=2)
+    valid = _valid_steps(lengths, T, x.device)
+    if valid is not None:
+        out = out * valid  # zero past each sequence's end, as the kernel leaves it
+    return (out, *(torch.stack(parts) for parts in zip(*results)))
+
+
+@torch.library.custom_op("triton_lstm::bidirectional_fwd", mutates_args=())
+def bidirectional_fwd(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: list[Tensor],
+    w_hh: list[Tensor],
+    b_ih: list[Tensor],
+    b_hh: list[Tensor],
+    lengths: Tensor | None,
+    save: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward of both directions of a layer: ``(out, h_all, c_all, gates)``, out (T, B, 2H) in time order
+    (zero past each sequence's end), the rest per direction and step-indexed: (2, T+1, B, H),
+    (2, T+1, B, H) and (2, T, B, 4H); ``save`` 0: c_all (2, 1, B, H), gates (2, 0, B, 4H). ``h0``/``c0``
+    are (2, B, H); ``w_*``/``b_*`` (forward, reverse), the biases empty lists without them."""
+    if not uses_kernels(x):
+        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+    lengths = None if lengths is None else lengths.to(torch.int32)
+    plan = plan_bidirectional_for(x, w_hh[0].shape[1])
+    with kernel_device(x):
+        if plan.persistent:
+            bias = (torch.cat(b_ih), torch.cat(b_hh)) if b_ih else (None, None)
+            projected = input_projection(x, torch.cat(w_ih), *bias).contiguous()  # one GEMM, both directions
+            try:
+                return lstm_fwd_bidirectional(projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), lengths,
+                                              plan, bool(save))
+            except OutOfResources:
+                pass  # raised before anything ran: one direction after the other
+            except RuntimeError as error:
+                if not refused_cooperative_launch(error):
+                    raise
+        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+
+
+@bidirectional_fwd.register_fake
+def _bidirectional_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1):
+    T, B = x.shape[0], x.shape[1]
+    H = w_hh[0].shape[1]
+    out = x.new_empty(T, B, 2 * H)
+    h_all = x.new_empty(2, T + 1, B, H)
+    c_all = x.new_empty(2, T + 1 if save else 1, B, H, dtype=accumulate_dtype(x.dtype))
+    gates = x.new_empty(2, T if save else 0, B, 4 * H)
+    return out, h_all, c_all, gates
+
+
+run_without_autocast("bidirectional_fwd")
+
+
+def _split(has_bias: bool, weights):
+    per_direction = 4 if has_bias else 2
+    forward, reverse = weights[:per_direction], weights[per_direction:]
+    w_ih, w_hh = [forward[0], reverse[0]], [forward[1], reverse[1]]
+    b_ih = [forward[2], reverse[2]] if has_bias else []
+    b_hh = [forward[3], reverse[3]] if has_bias else []
+    return w_ih, w_hh, b_ih, b_hh
+
+
+class LSTMBidirectional(torch.autograd.Function):
+    """out, h_n, c_n of a bidirectional layer; ``weights`` are (w_ih, w_hh[, b_ih, b_hh]) per direction."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, lengths, use_reference, has_bias, *weights):
+        w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
+        out, h_all, c_all, gates = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+        ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, *weights)
+        ctx.use_reference, ctx.has_bias = use_reference, has_bias
+        return out, h_all[:, -1].clone(), c_all[:, -1].to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n, grad_c_n):
+        x, h0, c0, lengths, h_all, c_all, gates, *weights = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
+        w_ih, w_hh, _, _ = _split(ctx.has_bias, weights)
+        T, H = x.shape[0], w_hh[0].shape[1]
+        valid = _valid_steps(lengths, T, x.device)
+        if valid is not None:
+            grad_out = grad_out * valid  # the output is 0 past each sequence's end: no gradient flows there
+        index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
+        grad_x = None
+        grads_h0, grads_c0, grad_weights = [], [], []
+        for direction in range(2):
+            layer_x = x if direction == 0 else reverse_time(x, index)
+            layer_grad = grad_out[..., direction * H:(direction + 1) * H]
+            layer_grad = layer_grad if direction == 0 else reverse_time(layer_grad, index)
+            grads = torch.ops.triton_lstm.recurrence_bwd(
+                layer_grad.contiguous(), grad_h_n[direction], grad_c_n[direction], layer_x, w_ih[direction],
+                w_hh[direction], None, gates[direction], h_all[direction], c_all[direction], lengths, ctx.use_reference,
+            )
+            direction_grad_x = grads[0] if direction == 0 else reverse_time(grads[0], index)
+            grad_x = direction_grad_x if grad_x is None else grad_x + direction_grad_x
+            grads_h0.append(grads[1])
+            grads_c0.append(grads[2])
+            grad_weights += [grads[3], grads[4]]
+            if ctx.has_bias:
+                grad_weights += [grads[5], grads[5].clone()]  # each bias owns its gradient tensor
+        return (grad_x, torch.stack(grads_h0), torch.stack(grads_c0), None, None, None, *grad_weights)
+
+
+def _reference_directions(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths):
+    T = x.shape[0]
+    index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
+    results = []
+    for direction in range(2):
+        layer_x = x if direction == 0 else reverse_time(x, index)
+        bias = (b_ih[direction], b_hh[direction]) if b_ih else (None, None)
+        results.append(lstm_recurrence_reference(layer_x, h0[direction], c0[direction], w_ih[direction], w_hh[direction],
+                                                 *bias, None, lengths))
+    out = torch.cat([results[0][0][1:], reverse_time(results[1][0][1:], index)], dim=2)
+    valid = _valid_steps(lengths, T, x.device)
+    if valid is not None:
+        out = out * valid
+    return (out, *(torch.stack(parts) for parts in zip(*results)))
+
+
+def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
+    x, h0, c0, lengths, _, _, _, *weights = ctx.saved_tensors
+    inputs = (x, h0, c0, *weights)
+    needs = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[6:])
+    wanted = [i for i, needed in enumerate(needs) if needed]
+    with torch.enable_grad():
+        w_ih, w_hh, b_ih, b_hh = _split(ctx.has_bias, weights)
+        out, h_all, c_all, _ = _reference_directions(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+        outputs = (out, h_all[:, -1], c_all[:, -1].to(x.dtype))
+        grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], (grad_out, grad_h_n, grad_c_n),
+                                    create_graph=True, allow_unused=True)
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return (*result[:3], None, None, None, *result[3:])
+
+
+def lstm_bidirectional(x: Tensor, h0: Tensor, c0: Tensor, forward_weights, reverse_weights, lengths: Tensor | None, *,
+                       backward: str = "fused"):
+    """A bidirectional layer over time-major ``x``: returns (out (T, B, 2H), h_n (2, B, H), c_n (2, B, H)).
+    ``*_weights``: (w_ih, w_hh, b_ih, b_hh) per direction, biases None or both set."""
+    has_bias = forward_weights[2] is not None
+    weights = [w for ws in (forward_weights, reverse_weights) for w in (ws if has_bias else ws[:2])]
+    grad_wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *weights))
+    if not grad_wanted:
+        # An inference forward: no per-step gates or c are kept.
+        w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
+        out, h_all, c_all, _ = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0)
+        return out, h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
+    return LSTMBidirectional.apply(x, h0, c0, lengths, int(backward == "reference"), has_bias, *weights)

@@ -1,0 +1,131 @@
+"""Forward of a bidirectional layer: both directions in one persistent launch.
+
+Why: run one after the other, the two directions of a layer cost two sequences of T step latencies, each
+on the SMs one direction's grid occupies, and the reverse direction needs its input flipped and its
+output flipped back (gathers within each sequence's length) and concatenated. Here the grid's third axis
+is the direction: both recurrences run at once, each on its half of the SMs with its own barrier
+counters, and the reverse direction walks time backwards in the kernel — it reads the input projection
+at time len_b - 1 - s in step s and writes its h there, into its half of the layer's (T, B, 2H) output.
+
+The kernel is the persistent forward's (``lstm_fwd_persistent.py``) with ``DIRECTIONS = 2``; each
+direction runs the single-layer plan for half the SMs (resident or streamed, one tile per program or
+not). Its other outputs, per direction and step-indexed (step s of the reverse direction is time
+len_b - 1 - s), are what the backward of a one-direction layer takes for the reversed sequence, so the
+backward runs per direction on reversed views (``triton_lstm/bidirectional.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from triton_lstm.kernels import common
+from triton_lstm.kernels.common import barrier_watch, dot_precision
+from triton_lstm.kernels.lstm_fwd import fp32_tensor_cores
+from triton_lstm.kernels.lstm_fwd_persistent import (
+    INTERPRETER_SHARED_MEMORY,
+    ForwardPlan,
+    _device_limits,
+    _lstm_persistent_fwd_kernel,
+    persistent_disabled,
+    plan_persistent_fwd,
+)
+
+
+def plan_bidirectional_fwd(T: int, B: int, H: int, element_size: int, num_sms: int, shared_memory: int,
+                           interpret: bool = False, fp32_tensor_cores: bool = True) -> ForwardPlan:
+    """The plan of each direction (both run the same one), or not persistent (then the directions run one
+    after the other). A pure function of the shapes and the device limits: the single-layer plan for half
+    the SMs; under the interpreter one program per direction (the directions never wait for each other)."""
+    if not interpret and num_sms < 2:
+        return ForwardPlan(False, "fewer than 2 SMs: one direction after the other")
+    base = plan_persistent_fwd(T, B, H, H, element_size, False, max(1, num_sms // 2), shared_memory, interpret,
+                               fp32_tensor_cores)
+    if not base.persistent:
+        return base
+    return ForwardPlan(True, f"both directions in one launch, {base.reason.removeprefix('persistent, ')}",
+                       base.resident, base.block_b, base.block_h, base.block_k, base.grid_h, base.grid_b,
+                       base.num_warps, base.exact_fp32_dot, base.num_stages)
+
+
+def plan_bidirectional_for(x: torch.Tensor, H: int) -> ForwardPlan:
+    """The plan for an input on its device (the interpreter when it is on the CPU)."""
+    if persistent_disabled():
+        return ForwardPlan(False, "TRITON_LSTM_PERSISTENT=0: one direction after the other")
+    T, B = x.shape[0], x.shape[1]
+    if x.device.type == "cuda":
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        num_sms, shared = _device_limits(index)
+        return plan_bidirectional_fwd(T, B, H, x.element_size(), num_sms, shared, False, fp32_tensor_cores(x.device))
+    return plan_bidirectional_fwd(T, B, H, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False)
+
+
+def lstm_fwd_bidirectional(
+    projected: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    lengths: torch.Tensor | None,
+    plan: ForwardPlan,
+    save: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs ``plan`` (persistent) over both directions of a layer.
+
+    ``projected`` (T, B, 8H): x·W_ihᵀ + biases of the forward direction (columns 0…4H) and of the reverse
+    one (4H…8H), in time order; ``h0``, ``c0`` (2, B, H); ``w_hh`` (2, 4H, H); all contiguous, on one
+    device; ``lengths`` int32 or None. Returns ``(out, h_all, c_all, gates)``: the layer's output
+    (T, B, 2H) in time order (zero past each sequence's length), and per direction, step-indexed,
+    (2, T + 1, B, H), (2, T + 1, B, H) fp32 and (2, T, B, 4H); without ``save`` c_all is (2, 1, B, H),
+    c_T of each direction, and gates (2, 0, B, 4H).
+
+    Raises ``OutOfResources`` or the driver's RuntimeError for a refused cooperative launch before
+    anything ran (the caller then runs the directions one after the other).
+    """
+    T, B, eight_h = projected.shape
+    H = eight_h // 8
+    device = projected.device
+    h_all = torch.empty(2, T + 1, B, H, dtype=projected.dtype, device=device)
+    c_all = torch.empty(2, T + 1 if save else 2, B, H, dtype=torch.float32, device=device)
+    gates = torch.empty(2, T if save else 0, B, 4 * H, dtype=projected.dtype, device=device)
+    # Zeros: with lengths, the positions past a sequence's end are never written (pad_packed_sequence's 0).
+    out = (torch.zeros if lengths is not None else torch.empty)(T, B, 2 * H, dtype=projected.dtype, device=device)
+    h_all[:, 0] = h0
+    c_all[:, 0] = c0
+    barrier_watch.check()
+    counters = torch.zeros(2 * plan.grid_b + 1, dtype=torch.int32, device=device)
+    _lstm_persistent_fwd_kernel[(plan.grid_h, plan.grid_b, 2)](
+        projected,
+        w_hh,
+        h_all,
+        c_all,
+        gates,
+        lengths if lengths is not None else counters,
+        counters,
+        w_hh,  # w_ih_ptr and bias_ptr: read by stacks only
+        w_hh,
+        out,
+        T,
+        B,
+        plan.grid_b,
+        H=H,
+        K=H,
+        HAS_LENGTHS=lengths is not None,
+        RESIDENT=plan.resident,
+        ONE_TILE=plan.resident and plan.grid_b == triton.cdiv(B, plan.block_b),
+        SAVE=save,
+        DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
+        GRID_H=plan.grid_h,
+        BLOCK_B=plan.block_b,
+        BLOCK_H=plan.block_h,
+        BLOCK_K=plan.block_k,
+        SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
+        DIRECTIONS=2,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+        launch_cooperative_grid=True,
+    )
+    barrier_watch.watch(counters[2 * plan.grid_b:], f"the bidirectional forward kernel ({plan})")
+    if not save:
+        last = T % 2  # c_slot: c after T steps
+        c_all = c_all[:, last:last + 1]
+    return out, h_all, c_all, gates
