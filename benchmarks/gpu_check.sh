@@ -65,14 +65,15 @@ stage "smoke" "${SMOKE_LIMIT:-90}" smoke.log "$PY" benchmarks/gpu_smoke.py || fi
 # The stacked kernels' cross-layer waits: if they disagree or hang, the stages after this run the stacks
 # layer by layer, and the run reports it (status 1).
 if ! stage "stack smoke" "${STACK_SMOKE_LIMIT:-60}" stack_smoke.log "$PY" benchmarks/gpu_smoke.py --stack; then
-  echo "stack smoke failed: TRITON_LSTM_STACK=0 for the remaining stages"
-  export TRITON_LSTM_STACK=0
+  echo "stack smoke failed: TRITON_LSTM_STACK=0 and TRITON_LSTM_BIDIRECTIONAL=0 for the remaining stages"
+  export TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0
 fi
 
 stage "benchmark --quick" "${BENCH_LIMIT:-150}" bench_quick.log "$PY" benchmarks/bench.py --quick --plan --out "$RESULTS"
-# The stacks again with every layer launched on its own (TRITON_LSTM_STACK=0): the stacked launch's gain,
-# same machine, same run.
-stage "stacks layer by layer" "${BENCH_LIMIT:-150}" bench_layer_by_layer.log env TRITON_LSTM_STACK=0 "$PY" \
+# The stacks again with every layer and direction launched on its own (TRITON_LSTM_STACK=0,
+# TRITON_LSTM_BIDIRECTIONAL=0): what one launch per stack / per bidirectional layer gains, same run.
+stage "stacks layer by layer" "${BENCH_LIMIT:-150}" bench_layer_by_layer.log \
+  env TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0 "$PY" \
   benchmarks/bench.py --cases stacked --dtype bf16 --provider triton_lstm --plan --no-plots --out "$LOGS/layer_by_layer"
 
 if [ "${TUNE:-0}" = "1" ]; then
@@ -99,7 +100,7 @@ PYTEST_EXTRA=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
 stage "GPU tests" "${TEST_LIMIT:-150}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
   tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
-  tests/test_stack.py tests/test_examples.py::test_examples_run_on_cuda --durations=10
+  tests/test_stack.py tests/test_bidirectional.py tests/test_examples.py::test_examples_run_on_cuda --durations=10
 
 if [ "${EXAMPLES:-0}" = "1" ]; then
   # char_lm's GPU preset (2 layers of 512, bf16 autocast), shortened: tokens/s of both modules side by side.

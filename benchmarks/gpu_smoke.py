@@ -94,33 +94,44 @@ def single_step(calls=300):
 
 
 def stack_check() -> int:
-    """The stacked kernels (all layers in one launch, forward and backward) against the same model run
-    layer by layer (TRITON_LSTM_STACK=0), bf16, on two stacks: the first GPU run of their cross-layer
-    waits. Returns 1 (and says so) when they disagree; a wait that never ends shows as the stage's
-    time limit (gpu_check.sh then turns the stacked kernels off for the stages after it)."""
-    from triton_lstm import stack
+    """The whole-module kernels (a stack's layers in one launch, forward and backward; both directions of
+    a bidirectional layer in one launch) against the same model run layer by layer and direction by
+    direction (TRITON_LSTM_STACK=0, TRITON_LSTM_BIDIRECTIONAL=0), bf16: the first GPU run of their
+    cross-layer waits and reversed time. Returns 1 (and says so) when they disagree; a wait that never
+    ends gives up within seconds here (gpu_check.sh then turns these kernels off for the stages after)."""
+    from triton_lstm.bidirectional import bidirectional_plan
+    from triton_lstm.stack import stack_plan
 
     common.BARRIER_SPIN_LIMIT = 1 << 22  # a wait that never ends gives up in seconds, not tens of seconds
     status = 0
-    for T, B, I, H, layers in ((64, 16, 256, 512, 4), (48, 64, 128, 1024, 2)):
+    cases = [(64, 16, 256, 512, 4, False, False), (48, 64, 128, 1024, 2, False, False),
+             (64, 64, 256, 512, 2, True, False), (40, 9, 64, 256, 1, True, True)]
+    for T, B, I, H, layers, bidirectional, packed in cases:
         torch.manual_seed(0)
-        model = triton_lstm.LSTM(I, H, num_layers=layers, device="cuda", dtype=torch.bfloat16)
+        model = triton_lstm.LSTM(I, H, num_layers=layers, bidirectional=bidirectional, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        grad = torch.randn(T, B, H, device="cuda", dtype=torch.bfloat16)
+        lengths = torch.randint(1, T + 1, (B,)) if packed else None
+        grad = torch.randn(T, B, H * (2 if bidirectional else 1), device="cuda", dtype=torch.bfloat16)
+        if lengths is not None:
+            grad = grad * (torch.arange(T)[:, None] < lengths[None, :]).to(grad)[:, :, None]
+        env = "TRITON_LSTM_BIDIRECTIONAL" if bidirectional else "TRITON_LSTM_STACK"
+        plan = bidirectional_plan(x, H) if bidirectional else stack_plan(x, H, layers)
         results = []
         for enabled in ("1", "0"):
-            os.environ["TRITON_LSTM_STACK"] = enabled
-            assert model._runs_as_stack(x) == (enabled == "1")
-            out, (h_n, c_n) = model(x)
+            os.environ[env] = enabled
+            inputs = x if lengths is None else nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+            out, (h_n, c_n) = model(inputs)
+            if lengths is not None:
+                out = nn.utils.rnn.pad_packed_sequence(out, total_length=T)[0]
             grads = torch.autograd.grad(out, [x, *model.parameters()], grad)
             results.append([out, h_n, c_n, *grads])
-        os.environ.pop("TRITON_LSTM_STACK")
-        plan = stack.plan_stack_for(x, H, layers)
+        os.environ.pop(env)
         errors = [relative_error(a, b) for a, b in zip(*results)]
         ok = max(errors) < 2e-2
         status |= not ok
-        print(f"stack T{T} B{B} I{I} H{H} L{layers} ({plan.reason}, bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
-              f"w{plan.num_warps}): vs layer by layer, max rel err {max(errors):.2e} {'ok' if ok else 'WRONG'}", flush=True)
+        label = f"T{T} B{B} I{I} H{H} L{layers}{' bidirectional' if bidirectional else ''}{' packed' if packed else ''}"
+        print(f"{label} ({plan.reason if plan else 'no plan'}): against one launch per layer and direction, max rel "
+              f"err {max(errors):.2e} {'ok' if ok else 'WRONG'}", flush=True)
     return status
 
 

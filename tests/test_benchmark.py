@@ -72,7 +72,10 @@ def test_plan_flag_describes_each_path(monkeypatch):
     stacked = benchmark.Case(512, 64, 512, 512, layers=4)
     assert benchmark.describe_path(stacked, torch.bfloat16, "cuda").startswith("forward: stack of 4 layers in one launch")
     bidirectional = benchmark.Case(512, 64, 512, 512, layers=2, bidirectional=True)
-    assert benchmark.describe_path(bidirectional, torch.bfloat16, "cuda").startswith("4 layer launch(es) of: persistent")
+    assert benchmark.describe_path(bidirectional, torch.bfloat16, "cuda").startswith(
+        "forward: 2 launch(es) of both directions in one launch")
     assert "layer launch" in benchmark.describe_path(stacked, torch.float32, "cuda"), "fp32 stacks run layer by layer"
     monkeypatch.setenv("TRITON_LSTM_STACK", "0")
     assert benchmark.describe_path(stacked, torch.bfloat16, "cuda").startswith("4 layer launch(es)")
+    monkeypatch.setenv("TRITON_LSTM_BIDIRECTIONAL", "0")
+    assert benchmark.describe_path(bidirectional, torch.bfloat16, "cuda").startswith("4 layer launch(es) of: persistent")

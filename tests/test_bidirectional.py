@@ -124,6 +124,9 @@ def test_keeps_one_launch_per_direction_where_the_kernel_does_not_apply(monkeypa
     assert not triton_lstm.LSTM(proj_size=2, **kwargs)._runs_both_directions_at_once(x)
     assert not triton_lstm.LSTM(recompute_interval=2, **kwargs)._runs_both_directions_at_once(x)
     assert not triton_lstm.LSTM(dtype=torch.float64, **kwargs)._runs_both_directions_at_once(x.double())
+    monkeypatch.setenv("TRITON_LSTM_BIDIRECTIONAL", "0")
+    assert not triton_lstm.LSTM(**kwargs)._runs_both_directions_at_once(x)
+    monkeypatch.setenv("TRITON_LSTM_BIDIRECTIONAL", "1")
     monkeypatch.setenv("TRITON_LSTM_PERSISTENT", "0")
     assert not triton_lstm.LSTM(**kwargs)._runs_both_directions_at_once(x)
 

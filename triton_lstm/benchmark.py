@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import os
 import platform
 import re
 import subprocess
@@ -131,6 +132,13 @@ def describe_path(case: Case, dtype: torch.dtype, device: str) -> str:
         if stack.persistent:
             return (f"forward: {stack.reason} (bb{stack.block_b} bh{stack.block_h} bk{stack.block_k} "
                     f"w{stack.num_warps}, {case.layers} x {stack.grid_h}x{stack.grid_b} programs); backward: layer by layer")
+    if directions == 2:
+        from triton_lstm.kernels.lstm_fwd_bidirectional import plan_bidirectional_fwd
+
+        both = plan_bidirectional_fwd(case.T, case.B, case.H, size, num_sms, shared)
+        if both.persistent and os.environ.get("TRITON_LSTM_BIDIRECTIONAL", "1") != "0":
+            return (f"forward: {case.layers} launch(es) of {both.reason} (bb{both.block_b} bh{both.block_h} "
+                    f"bk{both.block_k} w{both.num_warps}, 2 x {both.grid_h}x{both.grid_b} programs); backward: per direction")
     layer = plan_persistent_fwd(case.T, case.B, case.H, case.H, size, False, num_sms, shared)
     launches = case.layers * directions
     tiles = f" (bb{layer.block_b} bh{layer.block_h} bk{layer.block_k} w{layer.num_warps}, {layer.grid_h}x{layer.grid_b} programs)"

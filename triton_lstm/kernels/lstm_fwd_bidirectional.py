@@ -16,6 +16,8 @@ backward runs per direction on reversed views (``triton_lstm/bidirectional.py``)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -39,19 +41,30 @@ def plan_bidirectional_fwd(T: int, B: int, H: int, element_size: int, num_sms: i
     the SMs; under the interpreter one program per direction (the directions never wait for each other)."""
     if not interpret and num_sms < 2:
         return ForwardPlan(False, "fewer than 2 SMs: one direction after the other")
-    base = plan_persistent_fwd(T, B, H, H, element_size, False, max(1, num_sms // 2), shared_memory, interpret,
-                               fp32_tensor_cores)
+    budget = max(1, num_sms // 2)
+    base = plan_persistent_fwd(T, B, H, H, element_size, False, budget, shared_memory, interpret, fp32_tensor_cores)
     if not base.persistent:
         return base
+    block_b, block_h, grid_h, grid_b = base.block_b, base.block_h, base.grid_h, base.grid_b
+    if block_b == 32:
+        # 32-row tiles (what half the SMs leave at B = 64) spilled in the two-direction kernel on sm_90
+        # (bf16, H = 512, resident: 48 bytes; fp32, H = 4096, streamed 32 × 32: 248): the same area as
+        # 16 × 2·BLOCK_H tiles instead (16 and 16 bytes), or one direction after the other.
+        if triton.cdiv(H, 2 * block_h) > budget:
+            return ForwardPlan(False, f"H={H}: no spill-free tiling on half the SMs; one direction after the other")
+        block_b, block_h = 16, 2 * block_h
+        grid_h = triton.cdiv(H, block_h)
+        grid_b = max(1, min(triton.cdiv(B, block_b), budget // grid_h))
     return ForwardPlan(True, f"both directions in one launch, {base.reason.removeprefix('persistent, ')}",
-                       base.resident, base.block_b, base.block_h, base.block_k, base.grid_h, base.grid_b,
-                       base.num_warps, base.exact_fp32_dot, base.num_stages)
+                       base.resident, block_b, block_h, base.block_k, grid_h, grid_b, base.num_warps,
+                       base.exact_fp32_dot, base.num_stages)
 
 
 def plan_bidirectional_for(x: torch.Tensor, H: int) -> ForwardPlan:
-    """The plan for an input on its device (the interpreter when it is on the CPU)."""
-    if persistent_disabled():
-        return ForwardPlan(False, "TRITON_LSTM_PERSISTENT=0: one direction after the other")
+    """The plan for an input on its device (the interpreter when it is on the CPU).
+    ``TRITON_LSTM_BIDIRECTIONAL=0`` (or ``TRITON_LSTM_PERSISTENT=0``) runs one direction after the other."""
+    if persistent_disabled() or os.environ.get("TRITON_LSTM_BIDIRECTIONAL", "1") == "0":
+        return ForwardPlan(False, "TRITON_LSTM_BIDIRECTIONAL=0 or TRITON_LSTM_PERSISTENT=0: one direction after the other")
     T, B = x.shape[0], x.shape[1]
     if x.device.type == "cuda":
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
