@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_smoke.py
     python benchmarks/gpu_smoke.py --stack    # the stacked kernels against the same model layer by layer
+    python benchmarks/gpu_smoke.py --single-step    # the single-step timing alone
 
 For each anchor shape (bf16, fp32): the forward plan, whether that exact plan compiles within the device's
 resources and is accepted as a cooperative grid (no silent fallback), the recurrence's agreement with the
@@ -138,6 +139,9 @@ def stack_check() -> int:
 def main() -> int:
     if sys.argv[1:] == ["--stack"]:
         return stack_check()
+    if sys.argv[1:] == ["--single-step"]:
+        print(single_step(), flush=True)
+        return 0
     print(torch.cuda.get_device_name(), "SMs, shared opt-in:", fwd._device_limits(0), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for dtype in (torch.bfloat16, torch.float32):

@@ -37,7 +37,7 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list
     """Plans around the planner's own: resident and streamed W_hh, tile sizes, warps, the batch split;
     in fp32 also tensor-core dots in three TF32 passes ("tf32x3", fp32-level accuracy)."""
     shared = fwd._device_limits(0)[1]
-    default = fwd.plan_persistent_fwd(1, B, H, H, element_size, False, num_sms, shared)
+    default = fwd.plan_persistent_fwd(128, B, H, H, element_size, False, num_sms, shared)
     plans = [default] if default.persistent else []
     if default.persistent and not default.resident:
         # Deeper pipelining of the streamed K chunks (Nsight Compute, run 4: the H = 1024 step waits on L2

@@ -94,13 +94,14 @@ def test_each_kernel_path_against_float64(path, lengths):
     expected_out, expected = _expected(x, w_ih, w_hh, bias, h0, c0, lengths)
     if lengths is not None:
         valid = (torch.arange(T, device=x.device)[:, None] < lengths[None, :].long())[:, :, None]
-        expected_out = expected_out * valid.cpu()
+        expected_out = expected_out * valid
         assert (out[~valid.expand_as(out)] == 0).all(), "past each sequence's end the output is zero"
-    torch.testing.assert_close(out.cpu().double(), expected_out, rtol=1e-5, atol=1e-5)
+    tolerance = dict(rtol=1e-5, atol=1e-5)  # fp32 against float64: the plans above use exact fp32 dots
+    torch.testing.assert_close(out.double(), expected_out, **tolerance)
     for d in range(2):
-        torch.testing.assert_close(h_all[d].cpu().double(), expected[d][0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(c_all[d].cpu().double(), expected[d][1], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gates[d].cpu().double(), expected[d][2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h_all[d].double(), expected[d][0], **tolerance)
+        torch.testing.assert_close(c_all[d].double(), expected[d][1], **tolerance)
+        torch.testing.assert_close(gates[d].double(), expected[d][2], **tolerance)
 
 
 def test_inference_forward_keeps_no_per_step_state():

@@ -205,6 +205,9 @@ def test_plan_projection_and_empty_inputs_go_per_step():
     assert not plan_persistent_fwd(8, 4, 64, 32, 2, True, **H100).persistent
     assert not plan_persistent_fwd(0, 4, 64, 64, 2, False, **H100).persistent
     assert not plan_persistent_fwd(8, 0, 64, 64, 2, False, **H100).persistent
+    # One step: the per-step kernel on a GPU (less host work per call), persistent under the interpreter.
+    assert not plan_persistent_fwd(1, 8, 512, 512, 2, False, **H100).persistent
+    assert plan_persistent_fwd(1, 8, 512, 512, 2, False, num_sms=1, shared_memory=96 * 1024, interpret=True).persistent
 
 
 @pytest.mark.parametrize("element_size", [2, 4])
@@ -487,10 +490,12 @@ def test_module_forward_without_grad_saves_nothing():
             return result
 
     torch.manual_seed(0)
-    for kwargs, launches in ((dict(bidirectional=True), 2), (dict(), 1), (dict(proj_size=4), 2)):
-        # Both directions in one op per layer; a stack in one op; per layer and direction with a projection.
+    for kwargs in (dict(bidirectional=True), dict(), dict(proj_size=4)):
         model = triton_lstm.LSTM(5, 17, num_layers=2, **kwargs).to(KERNEL_DEVICE)
         x = torch.randn(6, 3, 5, device=KERNEL_DEVICE)
+        # Both directions in one op per layer; a stack in one op (not for fp32 on a GPU); per layer and
+        # direction with a projection.
+        launches = 1 if model._runs_as_stack(x) else 2
         with torch.no_grad(), Calls() as calls:
             out_no_grad, (h_no_grad, c_no_grad) = model(x)
         assert calls.saves == [(0, 0)] * launches, kwargs

@@ -8,12 +8,16 @@ import functools
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, requires_cuda
+from helpers import HAS_CUDA, KERNEL_DEVICE, requires_cuda
 from test_modules import Case, check_against_nn
 
 import triton_lstm
 from triton_lstm import stack as stack_module
 from triton_lstm.kernels.lstm_fwd_stack import plan_stack_fwd
+
+# The stacked kernel runs 16-bit on a GPU (fp32 stacks spill on sm_90: layer by layer), any kernel dtype
+# under the interpreter (where bf16 arithmetic is wrong).
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 
 STACKS = {
     "L2": Case(T=5, B=3, I=4, H=6, num_layers=2),
@@ -46,7 +50,7 @@ def launches(monkeypatch):
 
 @pytest.mark.parametrize("case", STACKS.values(), ids=STACKS.keys())
 def test_stack_matches_nn_lstm(case, launches):
-    check_against_nn(case, torch.float32)
+    check_against_nn(case, DTYPE)
     # check_against_nn runs one forward of ours and its backward: one stacked launch each, no per-layer one.
     assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
 
@@ -61,17 +65,17 @@ def test_backward_layer_by_layer_where_the_stacked_one_does_not_run(fallback, la
                                                                                   backward="reference"))
     else:
         monkeypatch.setattr(stack_module, "lstm_bwd_stack_gate_grads", lambda *args: None)
-    check_against_nn(case, torch.float32)
+    check_against_nn(case, DTYPE)
     assert launches["stack"] == 1 and launches["stack_bwd"] == 0
 
 
 def test_inference_forward_keeps_no_per_step_state():
     torch.manual_seed(0)
     T, B, I, H, L = 6, 3, 4, 5, 3
-    model = triton_lstm.LSTM(I, H, num_layers=L, device=KERNEL_DEVICE)
-    x = torch.randn(T, B, I, device=KERNEL_DEVICE)
+    model = triton_lstm.LSTM(I, H, num_layers=L, device=KERNEL_DEVICE, dtype=DTYPE)
+    x = torch.randn(T, B, I, device=KERNEL_DEVICE, dtype=DTYPE)
     weights = [model._layer_weights(layer, 0) for layer in range(L)]
-    h0 = c0 = torch.zeros(L, B, H, device=KERNEL_DEVICE)
+    h0 = c0 = torch.zeros(L, B, H, device=KERNEL_DEVICE, dtype=DTYPE)
     w_ih, w_hh, b_ih, b_hh = ([w[i] for w in weights] for i in range(4))
     with torch.no_grad():
         h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 0)
@@ -83,8 +87,8 @@ def test_inference_forward_keeps_no_per_step_state():
 
 
 def test_stays_layer_by_layer_where_the_kernel_does_not_apply():
-    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE)
-    kwargs = dict(input_size=3, hidden_size=5, device=KERNEL_DEVICE)
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=DTYPE)
+    kwargs = dict(input_size=3, hidden_size=5, device=KERNEL_DEVICE, dtype=DTYPE)
     assert triton_lstm.LSTM(num_layers=2, **kwargs)._runs_as_stack(x)
     assert not triton_lstm.LSTM(num_layers=1, **kwargs)._runs_as_stack(x)
     assert not triton_lstm.LSTM(num_layers=2, bidirectional=True, **kwargs)._runs_as_stack(x)
@@ -93,20 +97,25 @@ def test_stays_layer_by_layer_where_the_kernel_does_not_apply():
     with_dropout = triton_lstm.LSTM(num_layers=2, dropout=0.5, **kwargs)
     assert not with_dropout._runs_as_stack(x), "dropout between layers in training: layer by layer"
     assert with_dropout.eval()._runs_as_stack(x), "in eval mode dropout is off"
+    kwargs.pop("dtype")
     assert not triton_lstm.LSTM(num_layers=2, dtype=torch.float64, **kwargs)._runs_as_stack(x.double())
 
 
 def test_dropout_training_runs_layer_by_layer(launches):
     torch.manual_seed(0)
-    model = triton_lstm.LSTM(3, 5, num_layers=2, dropout=0.5, device=KERNEL_DEVICE)
-    model(torch.randn(4, 2, 3, device=KERNEL_DEVICE))
+    model = triton_lstm.LSTM(3, 5, num_layers=2, dropout=0.5, device=KERNEL_DEVICE, dtype=DTYPE)
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=DTYPE)
+    model(x)
     assert launches["stack"] == 0
+    model.eval()(x)
+    assert launches["stack"] == 1, "in eval mode dropout is off: the stacked launch"
+
 
 
 def test_stack_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("TRITON_LSTM_STACK", "0")
-    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE)
-    assert not triton_lstm.LSTM(3, 5, num_layers=2, device=KERNEL_DEVICE)._runs_as_stack(x)
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=DTYPE)
+    assert not triton_lstm.LSTM(3, 5, num_layers=2, device=KERNEL_DEVICE, dtype=DTYPE)._runs_as_stack(x)
 
 
 def test_plan_gives_each_layer_its_share_of_the_sms():

@@ -449,6 +449,10 @@ def plan_persistent_fwd(
         return ForwardPlan(False, "projection (proj_size > 0): per-step kernel, h = m·W_hrᵀ needs a second barrier")
     if T == 0 or B == 0 or H == 0:
         return ForwardPlan(False, "empty input: nothing to run")
+    if T == 1 and not interpret:
+        # One step needs no barrier: the per-step kernel, whose launch costs the host less (H200, T = 1,
+        # B = 8, H = 512, bf16, wall clock per call: 322 µs against 529 persistent, nn.LSTM 338; run 5).
+        return ForwardPlan(False, "one step: the per-step kernel (no barrier to amortize)")
     if num_sms < 1:
         return ForwardPlan(False, "no SM count for the device")
     widest_b = max(16, min(64, triton.next_power_of_2(B)))
