@@ -10,8 +10,8 @@ sample of generated text to ``<out-dir>/sample_<impl>.txt`` and its numbers to `
 
 ``--impl nn`` trains the same model with torch.nn.LSTM (the same initial weights and batches: both modules
 draw their parameters the same way), and ``--impl both`` runs the two one after the other and prints their
-losses and tokens per second side by side. On CPU, triton_lstm runs its plain-PyTorch reference (a Python
-loop over time steps), so its CPU speed says nothing about the kernels: compare speed on a GPU.
+losses and tokens per second side by side. On CPU, triton_lstm runs ATen's LSTM (as nn.LSTM does), so its
+CPU speed says nothing about the kernels: compare speed on a GPU.
 
 Runs:
     python examples/char_lm.py                                   # CPU: a few minutes
@@ -231,7 +231,7 @@ def compare(summaries: dict) -> str:
         lines.append(f"largest per-step loss difference: {gap:.2e}")
         lines.append(f"speed: triton_lstm / nn.LSTM = {a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
         if a["device"] == "cpu":
-            lines.append("(on CPU triton_lstm runs its PyTorch reference, not the kernels: speed means nothing here)")
+            lines.append("(on CPU triton_lstm runs ATen's LSTM, as nn.LSTM does, not the kernels: compare speed on a GPU)")
     return "\n".join(lines)
 
 
@@ -263,7 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.dtype == "bf16" and not args.device.startswith("cuda"):
-        parser.error("--dtype bf16 is for CUDA; on CPU triton_lstm runs its fp32 PyTorch reference")
+        parser.error("--dtype bf16 is for CUDA (the kernels under autocast); on CPU the example trains in fp32")
     return args
 
 

@@ -2,7 +2,7 @@
 demonstration's claim holds where this setting makes it hold.
 
 Each example runs in a subprocess with TRITON_INTERPRET removed from its environment, so that on a machine
-without CUDA triton_lstm takes its plain-PyTorch reference path, as a user's CPU run does. (conftest.py sets
+without CUDA triton_lstm takes its CPU path (ATen's LSTM), as a user's CPU run does. (conftest.py sets
 TRITON_INTERPRET=1 for this process, under which CPU tensors would run the Triton kernels through the
 interpreter: correct, but far too slow for a training run; the kernels are tested by the other test files.)
 The subprocess also runs on the CPU when CUDA is present: these tests are about the examples, not the device.
