@@ -78,7 +78,8 @@ def _kernel_and_signature(config: dict):
                      "n_steps": "i32", "seg_start": "i32"}
         constants = dict(H=config["H"], HAS_LENGTHS=1, USE_BARRIER=int(config["resident"]), DOT_PRECISION="ieee",
                          BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
-                         SPIN_LIMIT=BARRIER_SPIN_LIMIT, LAYERS=config.get("layers", 1))
+                         SPIN_LIMIT=BARRIER_SPIN_LIMIT, LAYERS=config.get("layers", 1),
+                         DIRECTIONS=config.get("directions", 1))
     signature.update({name: "constexpr" for name in constants})
     return kernel, signature, constants
 
@@ -163,6 +164,19 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
                                           block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                           grid_h=plan.grid_h, arch=arch, limit=shared, device=device,
                                           estimate=estimate, precision=plan.exact_fp32_dot, directions=directions))
+                if directions == 2:
+                    # The backward's chain, both directions in one launch (lstm_bwd_bidirectional_gate_grads).
+                    from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
+
+                    try:
+                        _, block_b, block_h = plan_bwd(B, H, num_sms // 2, "persistent")
+                    except ValueError:
+                        continue
+                    options = bwd_launch_options(H, block_b, block_h, size)
+                    key = ("bwd", dtype, H, block_b, block_h, *options.values())
+                    seen.setdefault(key, dict(kernel="bwd", dtype=dtype, H=H, resident=True, directions=2, block_b=block_b,
+                                              block_h=block_h, block_k=options["BLOCK_K"], num_warps=options["num_warps"],
+                                              arch=arch, limit=shared, device=device, estimate=None))
     return list(seen.values())
 
 
@@ -274,7 +288,7 @@ def main(argv=None) -> int:
         outcomes = [pair for batch in pool.map(_run_batch, [b for b in batches if b]) for pair in batch]
     for config, outcome in outcomes:
         resident = ("resident" + (" one-tile" if config.get("one_tile") else "")) if config["resident"] else "streamed"
-        mode = {"persistent": resident, "bidir": "both directions, " + resident,
+        mode = {"persistent": resident, "bidir": "both directions, " + (resident if config.get("kernel") != "bwd" else "bwd"),
                 "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step",
                 "stack": f"{config.get('layers')} layers {config.get('kernel', 'forward')}"}[args.kernel]
         name = (f"{config['dtype']} H={config['H']} {mode} "

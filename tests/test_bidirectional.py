@@ -1,9 +1,12 @@
-"""Both directions of a bidirectional layer in one persistent launch (triton_lstm/bidirectional.py,
-kernels/lstm_fwd_bidirectional.py): parity with nn.LSTM in float64 with every gradient, one launch per
-layer, each of the kernel's paths (streamed, resident, one tile per program), the inference forward, the
-plan, and the cases that keep one launch per direction."""
+"""Both directions of a bidirectional layer in one persistent launch each way (triton_lstm/bidirectional.py,
+kernels/lstm_fwd_bidirectional.py, lstm_bwd_bidirectional_gate_grads): parity with nn.LSTM in float64
+with every gradient, one launch per layer each way, each of the forward kernel's paths (streamed,
+resident, one tile per program), the inference forward, the plan, and the cases that keep one launch per
+direction."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -28,9 +31,11 @@ CASES = {
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the bidirectional kernel's launches and the one-direction-at-a-time fallback's."""
-    counts = {"both": 0, "one": 0}
+    """Counts the bidirectional kernels' launches (forward, backward) and the one-direction-at-a-time
+    forward fallback's."""
+    counts = {"both": 0, "one": 0, "both_bwd": 0}
     both, one = bidirectional_module.lstm_fwd_bidirectional, bidirectional_module.lstm_fwd_persistent
+    both_bwd = bidirectional_module.lstm_bwd_bidirectional_gate_grads
 
     def count(name, fn):
         def wrapped(*args, **kwargs):
@@ -40,13 +45,29 @@ def launches(monkeypatch):
 
     monkeypatch.setattr(bidirectional_module, "lstm_fwd_bidirectional", count("both", both))
     monkeypatch.setattr(bidirectional_module, "lstm_fwd_persistent", count("one", one))
+    monkeypatch.setattr(bidirectional_module, "lstm_bwd_bidirectional_gate_grads", count("both_bwd", both_bwd))
     return counts
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_matches_nn_lstm(case, launches):
     check_against_nn(case, torch.float32)
-    assert launches == {"both": case.num_layers, "one": 0}, "one launch per layer, both directions in it"
+    expected = {"both": case.num_layers, "one": 0, "both_bwd": case.num_layers}
+    assert launches == expected, "one launch per layer each way, both directions in it"
+
+
+@pytest.mark.parametrize("fallback", ["reference", "no-fit"])
+def test_backward_direction_by_direction_where_the_fused_one_does_not_run(fallback, launches, monkeypatch):
+    """backward="reference", or a fused backward that cannot launch: each direction's backward on its own
+    (on reversed views for the reverse one), with the same gradients."""
+    case = CASES["L2-packed"]
+    if fallback == "reference":
+        monkeypatch.setattr(triton_lstm.LSTM, "__init__", functools.partialmethod(triton_lstm.LSTM.__init__,
+                                                                                  backward="reference"))
+    else:
+        monkeypatch.setattr(bidirectional_module, "lstm_bwd_bidirectional_gate_grads", lambda *args: None)
+    check_against_nn(case, torch.float32)
+    assert launches["both"] == 2 and launches["both_bwd"] == 0
 
 
 def _layer(T, B, I, H, lengths, seed=0):
@@ -174,4 +195,4 @@ def test_double_backward_through_both_directions():
                          ids=["T128-B64-H512-L2", "T96-B17-H1024-packed"])
 def test_gpu_bidirectional_matches_nn_lstm(case, dtype, launches):
     check_against_nn(case, dtype, oracle_device="cuda")
-    assert launches == {"both": case.num_layers, "one": 0}
+    assert launches == {"both": case.num_layers, "one": 0, "both_bwd": case.num_layers}

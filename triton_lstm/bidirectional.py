@@ -1,11 +1,13 @@
 """A bidirectional layer as one op: both directions' forward in one persistent launch
-(``kernels/lstm_fwd_bidirectional.py``), the backward per direction.
+(``kernels/lstm_fwd_bidirectional.py``), and both directions' backward chain in one
+(``lstm_bwd_bidirectional_gate_grads``), then each direction's GEMMs.
 
 ``lstm_bidirectional`` is what ``LSTM.forward`` calls for each bidirectional layer when
 ``bidirectional_plan`` says the kernel applies; otherwise the module runs each direction on its own as
 before (``reverse_time`` flips the input and the output of the reverse direction). The op returns the
 layer's output (T, B, 2H) in time order and each direction's ``(h_all, c_all, gates)`` step-indexed:
-those of the reverse direction are a one-direction layer's over the reversed sequence, so its backward
+those of the reverse direction are a one-direction layer's over the reversed sequence, so where the
+fused backward cannot run (the reference backward, a grid that does not fit) each direction's backward
 is ``recurrence_bwd`` on reversed views of x and of the output gradient.
 """
 
@@ -21,6 +23,7 @@ if HAS_TRITON:
     from triton.runtime.errors import OutOfResources
 
     from triton_lstm.kernels.common import refused_cooperative_launch
+    from triton_lstm.kernels.lstm_bwd import lstm_bwd_bidirectional_gate_grads, weight_and_input_grads
     from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
     from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
 
@@ -160,6 +163,12 @@ class LSTMBidirectional(torch.autograd.Function):
         if valid is not None:
             grad_out = grad_out * valid  # the output is 0 past each sequence's end: no gradient flows there
         index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
+        if uses_kernels(x) and not ctx.use_reference:
+            with kernel_device(x), torch.autocast(x.device.type, enabled=False):
+                grads = _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
+                                        grad_h_n, grad_c_n)
+            if grads is not None:
+                return (grads[0], grads[1], grads[2], None, None, None, *grads[3:])
         grad_x = None
         grads_h0, grads_c0, grad_weights = [], [], []
         for direction in range(2):
@@ -178,6 +187,30 @@ class LSTMBidirectional(torch.autograd.Function):
             if ctx.has_bias:
                 grad_weights += [grads[5], grads[5].clone()]  # each bias owns its gradient tensor
         return (grad_x, torch.stack(grads_h0), torch.stack(grads_c0), None, None, None, *grad_weights)
+
+
+def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n):
+    """Both directions' gate gradients in one launch (``lstm_bwd_bidirectional_gate_grads``), then each
+    direction's GEMMs; the reverse direction's dG (step-indexed) back in time order for the GEMMs against
+    x. None where the launch cannot run (the caller goes direction by direction)."""
+    lengths32 = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
+    chain = lstm_bwd_bidirectional_gate_grads(grad_out, grad_h_n, grad_c_n, torch.stack(w_hh).contiguous(), lengths32,
+                                              gates, c_all)
+    if chain is None:
+        return None
+    grad_gates, grad_h0, grad_c0 = chain
+    grad_x, grad_weights = None, []
+    for direction in range(2):
+        direction_grad_gates, h_prev = grad_gates[direction], h_all[direction, :-1]
+        if direction == 1:  # time order, as x: rows past a sequence's end hold dG = 0 either way
+            direction_grad_gates, h_prev = reverse_time(direction_grad_gates, index), reverse_time(h_prev, index)
+        direction_grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(direction_grad_gates, x, h_prev,
+                                                                                   w_ih[direction])
+        grad_x = direction_grad_x if grad_x is None else grad_x + direction_grad_x
+        grad_weights += [grad_w_ih, grad_w_hh.to(w_hh[direction].dtype)]
+        if has_bias:
+            grad_weights += [grad_bias, grad_bias.clone()]  # each bias owns its gradient tensor
+    return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), *grad_weights)
 
 
 def _reference_directions(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths):

@@ -71,7 +71,7 @@ SCHEDULES = ("auto", "persistent", "per_step")
 
 @triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "seg_start"])
 def _lstm_bwd_kernel(
-    grad_out_ptr,  # (T, B, H): gradient of h_1 … h_T (of the top layer's, for a stack), input dtype
+    grad_out_ptr,  # (T, B, H): gradient of h_1 … h_T (the top layer's for a stack; (T, B, 2H) in time order, both directions' outputs, for DIRECTIONS = 2)
     gates_ptr,  # (L, B, 4H): activations i, f, g, o of steps seg_start … seg_start+L-1 (per layer for a stack)
     c_ptr,  # (L+1, B, H) fp32: c of steps seg_start … seg_start+L (per layer for a stack)
     w_hh_ptr,  # (4H, H) (LAYERS, 4H, H) for a stack
@@ -95,8 +95,19 @@ def _lstm_bwd_kernel(
     BLOCK_K: tl.constexpr,
     SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up (grid_barrier)
     LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers, the grid's second axis (a reverse wavefront)
+    DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's second axis
 ):
-    if LAYERS > 1:
+    if DIRECTIONS > 1:
+        # Each direction's chain on its own buffers (stacked per direction, step-indexed) with its own
+        # barrier counter; the reverse direction reads its output gradient walking time backwards.
+        direction = tl.program_id(1)
+        d = direction.to(tl.int64)
+        _chain(grad_out_ptr, gates_ptr + d * T * B * 4 * H, c_ptr + d * (T + 1) * B * H, w_hh_ptr + d * 4 * H * H,
+               lengths_ptr, grad_gates_ptr + d * T * B * 4 * H, dh_ptr + d * B * H, dc_ptr + d * B * H,
+               counter_ptr + direction, counter_ptr + 2, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start,
+               n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT,
+               False, direction, 2)
+    elif LAYERS > 1:
         # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
         # step for the same t. Under the interpreter one program runs the layers top to bottom.
         for index in range(tl.program_id(1), LAYERS, tl.num_programs(1)):
@@ -107,11 +118,11 @@ def _lstm_bwd_kernel(
                    counter_ptr + layer, counter_ptr + LAYERS, grad_gates_ptr + (lay + 1) * T * B * 4 * H,
                    w_ih_above_ptr + lay * 4 * H * H, counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start,
                    n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
-                   SPIN_LIMIT, True)
+                   SPIN_LIMIT, True, 0, 1)
     else:
         _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr,
                counter_ptr + 1, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start, n_steps, seg_start, H,
-               HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, False)
+               HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, False, 0, 1)
 
 
 @triton.jit
@@ -136,10 +147,12 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
            above_grad_gates_ptr, w_ih_above_ptr, above_counter_ptr, from_above, T, B, t_start, n_steps, seg_start,
            H: tl.constexpr, HAS_LENGTHS: tl.constexpr, USE_BARRIER: tl.constexpr, DOT_PRECISION: tl.constexpr,
            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr,
-           STACKED: tl.constexpr):
+           STACKED: tl.constexpr, direction, DIRECTIONS: tl.constexpr):
     """The reverse-time chain of one layer on this program's tile. With STACKED and ``from_above`` (a
     layer under the top of a stack) the gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, formed here once the
-    layer above has passed its barrier of the same step, instead of read from ``grad_out``."""
+    layer above has passed its barrier of the same step, instead of read from ``grad_out``. With
+    DIRECTIONS = 2 ``grad_out`` is the bidirectional layer's (T, B, 2H), read at this direction's columns
+    and, for the reverse direction, at time len_b − 1 − t in step t."""
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
     offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -177,7 +190,15 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
         else:
             later_ran = later_ok
         dh = tl.where(later_ran, recurrent, dh_carry)
-        if STACKED:
+        if DIRECTIONS == 2:
+            if HAS_LENGTHS:
+                last = lengths.to(tl.int64) - 1  # (BLOCK_B, 1)
+            else:
+                last = tl.zeros((BLOCK_B, 1), dtype=tl.int64) + (T - 1)
+            times = tl.where(direction == 1, last - step, tl.zeros_like(last) + step)
+            out_ptrs = grad_out_ptr + (times * B + rows[:, None]) * (2 * H) + direction.to(tl.int64) * H + offs_h[None, :]
+            dh += tl.load(out_ptrs, mask=mask_bh & (times >= 0), other=0.0).to(tl.float32)
+        elif STACKED:
             if from_above:
                 # dG^{l+1}_t is complete once the layer above has passed its barrier of this same step.
                 if not failed:
@@ -438,6 +459,61 @@ def lstm_bwd_stack_gate_grads(
         return None
     barrier_watch.watch(counters[layers:], f"the stacked backward kernel (tile {block_b}×{block_h}, {grid} programs)")
     # The gradient of each layer's h0, as in lstm_bwd_gate_grads: through step 0's gates where it ran.
+    acc = accumulate_dtype(dtype)
+    recurrent0 = torch.matmul(grad_gates[:, 0].to(acc), w_hh.to(acc)).to(torch.float32)
+    ran0 = (lengths > 0).unsqueeze(1) if lengths is not None else torch.ones((), dtype=torch.bool, device=device)
+    return grad_gates, torch.where(ran0, recurrent0, dh), dc
+
+
+def lstm_bwd_bidirectional_gate_grads(
+    grad_out: torch.Tensor,
+    grad_h_n: torch.Tensor,
+    grad_c_n: torch.Tensor,
+    w_hh: torch.Tensor,
+    lengths: torch.Tensor | None,
+    gates: torch.Tensor,
+    c_all: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The sequential part of a bidirectional layer's backward, both directions in one persistent launch.
+
+    ``grad_out`` (T, B, 2H): the gradient of the layer's output, in time order; ``grad_h_n``,
+    ``grad_c_n`` (2, B, H); ``w_hh`` (2, 4H, H); ``gates`` (2, T, B, 4H) and ``c_all`` (2, T + 1, B, H)
+    fp32 as ``lstm_fwd_bidirectional`` saved them (step-indexed: the reverse direction's step s is time
+    len_b − 1 − s). Returns ``(grad_gates (2, T, B, 4H) step-indexed, grad_h0 (2, B, H) fp32, grad_c0)``,
+    or None when half the SMs cannot hold a direction's tiles, the kernel does not fit the device or the
+    driver refuses the cooperative launch (nothing ran: the caller runs the directions one by one).
+    """
+    _, T, B, four_h = gates.shape
+    H = four_h // 4
+    dtype, device = w_hh.dtype, w_hh.device
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count // 2 if device.type == "cuda" else None
+    if num_sms is not None and num_sms < 1:
+        return None
+    try:
+        _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent")
+    except ValueError:
+        return None
+    options = bwd_launch_options(H, block_b, block_h, w_hh.element_size())
+    grad_gates = torch.empty(2, T, B, four_h, dtype=dtype, device=device)
+    dh = grad_h_n.to(torch.float32, copy=True).contiguous()
+    dc = grad_c_n.to(torch.float32, copy=True).contiguous()
+    counters = torch.zeros(3, dtype=torch.int32, device=device)  # one barrier counter per direction, the flag
+    grid = (_tiles(B, H, block_b, block_h), 2)
+    barrier_watch.check()
+    try:
+        _lstm_bwd_kernel[grid](
+            grad_out.contiguous(), gates, c_all, w_hh, lengths if lengths is not None else counters, grad_gates, dh, dc,
+            counters, w_hh, T, B, T - 1, T, 0, H=H, HAS_LENGTHS=lengths is not None, USE_BARRIER=True,
+            DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b, BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
+            DIRECTIONS=2, launch_cooperative_grid=True, **options,
+        )
+    except OutOfResources:
+        return None
+    except RuntimeError as error:
+        if not refused_cooperative_launch(error):
+            raise
+        return None
+    barrier_watch.watch(counters[2:], f"the bidirectional backward kernel (tile {block_b}×{block_h}, {grid} programs)")
     acc = accumulate_dtype(dtype)
     recurrent0 = torch.matmul(grad_gates[:, 0].to(acc), w_hh.to(acc)).to(torch.float32)
     ran0 = (lengths > 0).unsqueeze(1) if lengths is not None else torch.ones((), dtype=torch.bool, device=device)

@@ -77,9 +77,10 @@ def plan_stack_fwd(
         base = plan_persistent_fwd(T, B, H, H, element_size, False, 1, shared_memory, True, fp32_tensor_cores,
                                    allow_resident=False)
         return ForwardPlan(True, reason, False, base.block_b, base.block_h, min(base.block_k, 64), 1, 1, base.num_warps)
-    # Tiles of 16 × 32 or 64 × 16 on 8 warps over 64-wide K chunks: what compiles without spills for the
-    # stack's two products on sm_90 (Triton 3.9, benchmarks/compile_check.py --kernel stack). 32-row
-    # tiles spilled 40-72 bytes with 4 or 8 warps, 128-wide chunks up to 56 bytes.
+    # Tiles of 16 × 32 (64-wide K chunks) or 64 × 16 (32-wide) on 8 warps: what compiles without spills
+    # for the stack's two products on sm_90 under Triton 3.6 and 3.9 (benchmarks/compile_check.py
+    # --kernel stack). 32-row tiles spilled 40-72 bytes with 4 or 8 warps, 128-wide chunks up to 56,
+    # 64 × 16 tiles over 64-wide chunks 56-72 under Triton 3.6 (H = 512 and 768, 3-4 layers).
     budget = num_sms // layers
     block_b = 16 if B <= 32 else 64
     block_h = 32 if block_b == 16 else 16
@@ -91,7 +92,7 @@ def plan_stack_fwd(
         return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program on "
                                   f"{budget} SMs per layer; layer by layer")
     grid_b = max(1, min(triton.cdiv(B, block_b), budget // grid_h))
-    return ForwardPlan(True, reason, False, block_b, block_h, min(64, k_pad), grid_h, grid_b, 8)
+    return ForwardPlan(True, reason, False, block_b, block_h, min(32 if block_b == 64 else 64, k_pad), grid_h, grid_b, 8)
 
 
 def plan_stack_for(x: torch.Tensor, H: int, layers: int) -> ForwardPlan:
