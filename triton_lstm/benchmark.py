@@ -131,14 +131,14 @@ def describe_path(case: Case, dtype: torch.dtype, device: str) -> str:
         stack = plan_stack_fwd(case.T, case.B, case.H, case.layers, size, num_sms, shared)
         if stack.persistent:
             return (f"forward: {stack.reason} (bb{stack.block_b} bh{stack.block_h} bk{stack.block_k} "
-                    f"w{stack.num_warps}, {case.layers} x {stack.grid_h}x{stack.grid_b} programs); backward: layer by layer")
+                    f"w{stack.num_warps}, {case.layers} x {stack.grid_h}x{stack.grid_b} programs); backward: one launch too")
     if directions == 2:
         from triton_lstm.kernels.lstm_fwd_bidirectional import plan_bidirectional_fwd
 
         both = plan_bidirectional_fwd(case.T, case.B, case.H, size, num_sms, shared)
         if both.persistent and os.environ.get("TRITON_LSTM_BIDIRECTIONAL", "1") != "0":
             return (f"forward: {case.layers} launch(es) of {both.reason} (bb{both.block_b} bh{both.block_h} "
-                    f"bk{both.block_k} w{both.num_warps}, 2 x {both.grid_h}x{both.grid_b} programs); backward: per direction")
+                    f"bk{both.block_k} w{both.num_warps}, 2 x {both.grid_h}x{both.grid_b} programs); backward: both directions in one launch")
     layer = plan_persistent_fwd(case.T, case.B, case.H, case.H, size, False, num_sms, shared)
     launches = case.layers * directions
     tiles = f" (bb{layer.block_b} bh{layer.block_h} bk{layer.block_k} w{layer.num_warps}, {layer.grid_h}x{layer.grid_b} programs)"
