@@ -113,6 +113,36 @@ def test_dropout_training_runs_layer_by_layer(launches):
 
 
 
+def test_dropout_between_layers_masks_and_reproduces(monkeypatch):
+    """Dropout between layers in training is the documented fallback: the layers run one by one with
+    F.dropout (torch's generator) on each layer's output but the last, so torch.manual_seed reproduces a
+    run; the masks drop about p of the units and scale the rest by 1/(1 - p)."""
+    import torch.nn.functional as F
+
+    dropped = []
+    real_dropout = F.dropout
+
+    def spy(x, p, training, *args, **kwargs):
+        out = real_dropout(x, p, training, *args, **kwargs)
+        dropped.append((x, out, p, training))
+        return out
+
+    monkeypatch.setattr(triton_lstm.modules.F, "dropout", spy)
+    model = triton_lstm.LSTM(4, 64, num_layers=3, dropout=0.3, device=KERNEL_DEVICE, dtype=DTYPE)
+    x = torch.randn(8, 16, 4, device=KERNEL_DEVICE, dtype=DTYPE)
+    outputs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outputs.append(model(x)[0])
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+    assert len(dropped) == 3 * 2 and all(p == 0.3 and training for _, _, p, training in dropped)
+    kept = torch.cat([(out != 0).flatten() for _, out, _, _ in dropped]).float().mean().item()
+    assert abs(kept - 0.7) < 0.03, kept
+    for before, after, _, _ in dropped:
+        mask = after != 0
+        torch.testing.assert_close(after[mask], before[mask] / 0.7, rtol=1e-2, atol=1e-3)
+
+
 def test_stack_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("TRITON_LSTM_STACK", "0")
     x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=DTYPE)

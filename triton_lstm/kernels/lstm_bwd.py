@@ -302,8 +302,9 @@ def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str, max_tile: int =
 
 def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2, stacked: bool = False) -> dict:
     """BLOCK_K and num_warps of the gate-gradient kernel for a tile of BLOCK_B × BLOCK_H (``stacked``: the
-    stacked backward, whose second product from the layer above needs 8 warps from 1024-element tiles:
-    with 4, 64 × 16 tiles spilled 280 bytes under Triton 3.6 at H = 256)."""
+    stacked backward, whose second product from the layer above needs 8 warps and 64-wide chunks from
+    1024-element tiles: with 4 warps 64 × 16 tiles spilled 280 bytes under Triton 3.6 at H = 256, with
+    128-wide chunks 32 × 32 tiles 32-40 bytes under Triton 3.9)."""
     # 128-wide chunks of the 4H gate columns in 16-bit: faster than 64 at all five anchor shapes on an
     # H200 (tune.py, bf16: 7.6 against 8.5 µs/step at H = 256, 22.0 against 29.7 at H = 2048); 64 in
     # fp32 (FMA dots), where 128 spills under Triton 3.4 (64-row tiles). Eight warps from 64 × 32 tiles,
@@ -311,6 +312,8 @@ def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2
     # fp32 below 4H = 256 takes 32: a 64-wide chunk spilled at H = 33 (sm_90, 64 × 16 tiles).
     large = block_b * block_h >= (1024 if stacked else 2048)
     widest = 128 if element_size < 4 else 64 if 4 * H >= 256 else 32
+    if stacked and large:
+        widest = min(widest, 64)
     return dict(BLOCK_K=max(16, min(widest, triton.next_power_of_2(4 * H))), num_warps=8 if large else 4)
 
 
