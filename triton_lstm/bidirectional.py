@@ -53,8 +53,9 @@ def bidirectional_plan(x: Tensor, hidden_size: int):
     """The bidirectional kernel's plan for this input, or None where the kernels do not run (the CPU
     path, torch.compile and torch.func, whose graphs keep one node per direction). "meta" tensors (shape
     inference, ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it."""
-    if not (uses_kernels(x) or x.device.type == "meta") or torch.compiler.is_compiling() \
-            or torch._C._are_functorch_transforms_active():
+    if not HAS_TRITON or not (uses_kernels(x) or x.device.type == "meta"):
+        return None
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
     plan = plan_bidirectional_for(x, hidden_size)
     return plan if plan.persistent else None
@@ -150,7 +151,7 @@ class LSTMBidirectional(torch.autograd.Function):
         out, h_all, c_all, gates = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
         ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, *weights)
         ctx.use_reference, ctx.has_bias = use_reference, has_bias
-        return out, h_all[:, -1].clone(), c_all[:, -1].to(x.dtype)
+        return out, h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):

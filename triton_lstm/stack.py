@@ -30,9 +30,9 @@ def stack_plan(x: Tensor, hidden_size: int, num_layers: int):
     """The stacked kernel's plan for this input, or None where the kernels do not run (the CPU path,
     torch.compile and torch.func, whose graphs keep one node per layer). "meta" tensors (shape inference,
     ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it."""
-    if num_layers < 2 or not (uses_kernels(x) or x.device.type == "meta") or torch.compiler.is_compiling():
+    if not HAS_TRITON or num_layers < 2 or not (uses_kernels(x) or x.device.type == "meta"):
         return None
-    if torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
     plan = plan_stack_for(x, hidden_size, num_layers)
     return plan if plan.persistent else None
@@ -123,7 +123,7 @@ class LSTMStack(torch.autograd.Function):
         h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
         ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, *weights)
         ctx.use_reference, ctx.layers, ctx.has_bias = use_reference, layers, has_bias
-        return h_all[-1, 1:], h_all[:, -1].clone(), c_all[:, -1].to(x.dtype)
+        return h_all[-1, 1:], h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
