@@ -88,7 +88,8 @@ def plan_stack_fwd(
     budget = num_sms // layers
     block_b = 16 if B <= 32 else 64
     block_h = 32 if block_b == 16 else 16
-    while triton.cdiv(triton.cdiv(H, block_h), budget) > MAX_HIDDEN_BLOCKS_PER_PROGRAM and block_h < 64:
+    # Wider hidden blocks only up to 1024-element tiles (64 × 64 spilled 56 bytes at H = 4096).
+    while triton.cdiv(triton.cdiv(H, block_h), budget) > MAX_HIDDEN_BLOCKS_PER_PROGRAM and block_b * block_h < 1024:
         block_h *= 2
     num_h_blocks = triton.cdiv(H, block_h)
     grid_h = min(num_h_blocks, budget)
