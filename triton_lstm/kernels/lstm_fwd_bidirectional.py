@@ -55,6 +55,9 @@ def plan_bidirectional_fwd(T: int, B: int, H: int, element_size: int, num_sms: i
         block_b, block_h = 16, 2 * block_h
         grid_h = triton.cdiv(H, block_h)
         grid_b = max(1, min(triton.cdiv(B, block_b), budget // grid_h))
+    if block_b * block_h > 1024:
+        # Larger tiles (H = 4096 on half the SMs) spilled too (fp32 64 × 32: 48 bytes under Triton 3.6).
+        return ForwardPlan(False, f"H={H}: no spill-free tiling on half the SMs; one direction after the other")
     return ForwardPlan(True, f"both directions in one launch, {base.reason.removeprefix('persistent, ')}",
                        base.resident, block_b, block_h, base.block_k, grid_h, grid_b, base.num_warps,
                        base.exact_fp32_dot, base.num_stages)
