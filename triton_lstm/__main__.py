@@ -25,11 +25,12 @@ INTERPRETER_SHAPES = [(8, 3, 8, 17, 1, False), (6, 2, 5, 16, 2, True)]
 def _where_it_runs(device: str) -> str:
     if device == "cuda" and ops.HAS_TRITON:
         return f"Triton kernels on {torch.cuda.get_device_name()}"
-    if not ops.HAS_TRITON:
+    if device == "cuda":
         return f"the PyTorch reference on {device} (triton could not be imported: {ops.TRITON_IMPORT_ERROR})"
-    if ops.interpreting():
+    if ops.interpreting() and ops.HAS_TRITON:
         return "Triton kernels through Triton's interpreter on the CPU (TRITON_INTERPRET=1: slow, for testing)"
-    return "the PyTorch reference on the CPU (no GPU; set TRITON_INTERPRET=1 to run the kernels interpreted)"
+    return ("ATen's LSTM on the CPU, as nn.LSTM runs it (the kernels are for NVIDIA GPUs; set TRITON_INTERPRET=1 "
+            "to run them interpreted)")
 
 
 def _time_ms(fn, device: str) -> float:

@@ -134,7 +134,7 @@ class LSTM(nn.RNNBase):
     Everything nn.LSTM takes, returns and raises is the same: arguments, parameter names, shapes, order
     and initialization (the same random draws), ``state_dict`` (load either into the other), inputs,
     outputs, exception types and messages. Where it runs: the Triton kernels for CUDA tensors (fp32,
-    fp16, bf16; one persistent launch per layer and direction); on the CPU, ATen's LSTM exactly as
+    fp16, bf16; one persistent launch per layer, per stack or per bidirectional layer); on the CPU, ATen's LSTM exactly as
     nn.LSTM does (or the kernels through Triton's interpreter when ``TRITON_INTERPRET=1``); float64 runs
     the plain-PyTorch reference.
 

@@ -8,9 +8,10 @@ reference is the same op's CPU path. ``triton_op`` + ``wrap_triton`` was the oth
 look inside the kernels, but it traces the launcher, so the per-step Python loop would be unrolled into
 the graph T times.
 
-Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch reference, except under
-``TRITON_INTERPRET=1``, where they run the Triton kernels through Triton's interpreter (that is how CI tests
-the kernels). float64 always runs the reference.
+Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch reference (the modules
+send CPU inputs to ATen's LSTM before they get here), except under ``TRITON_INTERPRET=1``, where they run
+the Triton kernels through Triton's interpreter (that is how CI tests the kernels). float64 always runs
+the reference.
 """
 
 from __future__ import annotations
