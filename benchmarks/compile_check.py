@@ -169,10 +169,10 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
                     from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
 
                     try:
-                        _, block_b, block_h = plan_bwd(B, H, num_sms // 2, "persistent")
+                        _, block_b, block_h = plan_bwd(B, H, num_sms // 2, "persistent", max_tile=1024)
                     except ValueError:
                         continue
-                    options = bwd_launch_options(H, block_b, block_h, size)
+                    options = bwd_launch_options(H, block_b, block_h, size, whole_module=True)
                     key = ("bwd", dtype, H, block_b, block_h, *options.values())
                     seen.setdefault(key, dict(kernel="bwd", dtype=dtype, H=H, resident=True, directions=2, block_b=block_b,
                                               block_h=block_h, block_k=options["BLOCK_K"], num_warps=options["num_warps"],
@@ -205,7 +205,7 @@ def _stack_configs(shapes, devices, arch: int, quick: bool) -> list[dict]:
                         _, block_b, block_h = plan_bwd(B, H, num_sms // layers, "persistent", max_tile=1024)
                     except ValueError:
                         continue
-                    options = bwd_launch_options(H, block_b, block_h, size, stacked=True)
+                    options = bwd_launch_options(H, block_b, block_h, size, whole_module=True)
                     key = ("bwd", dtype, H, layers, block_b, block_h, *options.values())
                     seen.setdefault(key, dict(kernel="bwd", dtype=dtype, H=H, resident=True, layers=layers, block_b=block_b,
                                               block_h=block_h, block_k=options["BLOCK_K"], num_warps=options["num_warps"],

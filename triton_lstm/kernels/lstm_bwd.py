@@ -300,19 +300,20 @@ def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str, max_tile: int =
     return "per_step", widest_b, 32
 
 
-def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2, stacked: bool = False) -> dict:
-    """BLOCK_K and num_warps of the gate-gradient kernel for a tile of BLOCK_B × BLOCK_H (``stacked``: the
-    stacked backward, whose second product from the layer above needs 8 warps and 64-wide chunks from
-    1024-element tiles: with 4 warps 64 × 16 tiles spilled 280 bytes under Triton 3.6 at H = 256, with
-    128-wide chunks 32 × 32 tiles 32-40 bytes under Triton 3.9)."""
+def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2, whole_module: bool = False) -> dict:
+    """BLOCK_K and num_warps of the gate-gradient kernel for a tile of BLOCK_B × BLOCK_H. ``whole_module``:
+    the stacked and the bidirectional launches (tiles of at most 1024 elements), which need 8 warps and
+    64-wide chunks from 1024-element tiles: with 4 warps 64 × 16 tiles spilled 280 bytes under Triton 3.6
+    (stack, H = 256), with 128-wide chunks 32 × 32 tiles 32-40 bytes under Triton 3.9 (stack), and fp32
+    64 × 16 tiles 40 bytes with 4 warps (both directions, H = 64)."""
     # 128-wide chunks of the 4H gate columns in 16-bit: faster than 64 at all five anchor shapes on an
     # H200 (tune.py, bf16: 7.6 against 8.5 µs/step at H = 256, 22.0 against 29.7 at H = 2048); 64 in
     # fp32 (FMA dots), where 128 spills under Triton 3.4 (64-row tiles). Eight warps from 64 × 32 tiles,
     # which spill on sm_90 with four (fp32 and, under Triton 3.6, fp16).
     # fp32 below 4H = 256 takes 32: a 64-wide chunk spilled at H = 33 (sm_90, 64 × 16 tiles).
-    large = block_b * block_h >= (1024 if stacked else 2048)
+    large = block_b * block_h >= (1024 if whole_module else 2048)
     widest = 128 if element_size < 4 else 64 if 4 * H >= 256 else 32
-    if stacked and large:
+    if whole_module and large:
         widest = min(widest, 64)
     return dict(BLOCK_K=max(16, min(widest, triton.next_power_of_2(4 * H))), num_warps=8 if large else 4)
 
@@ -440,7 +441,7 @@ def lstm_bwd_stack_gate_grads(
         _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent", max_tile=1024)
     except ValueError:
         return None
-    options = bwd_launch_options(H, block_b, block_h, w_hh.element_size(), stacked=True)
+    options = bwd_launch_options(H, block_b, block_h, w_hh.element_size(), whole_module=True)
     grad_gates = torch.empty(layers, T, B, four_h, dtype=dtype, device=device)
     dh = grad_h_n.to(torch.float32, copy=True).contiguous()
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()
@@ -493,10 +494,10 @@ def lstm_bwd_bidirectional_gate_grads(
     if num_sms is not None and num_sms < 1:
         return None
     try:
-        _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent")
+        _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent", max_tile=1024)
     except ValueError:
         return None
-    options = bwd_launch_options(H, block_b, block_h, w_hh.element_size())
+    options = bwd_launch_options(H, block_b, block_h, w_hh.element_size(), whole_module=True)
     grad_gates = torch.empty(2, T, B, four_h, dtype=dtype, device=device)
     dh = grad_h_n.to(torch.float32, copy=True).contiguous()
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()
