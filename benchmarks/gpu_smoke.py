@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import triton_lstm  # noqa: E402
 from triton_lstm.benchmark import ANCHOR_CASES  # noqa: E402
 from triton_lstm.kernels import common  # noqa: E402
+from triton_lstm.kernels import forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
 
@@ -142,7 +143,7 @@ def main() -> int:
     if sys.argv[1:] == ["--single-step"]:
         print(single_step(), flush=True)
         return 0
-    print(torch.cuda.get_device_name(), "SMs, shared opt-in:", fwd._device_limits(0), flush=True)
+    print(torch.cuda.get_device_name(), "SMs, shared opt-in:", forward_plans._device_limits(0), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for dtype in (torch.bfloat16, torch.float32):
         for case in ANCHOR_CASES:

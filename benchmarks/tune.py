@@ -28,16 +28,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from triton_lstm.benchmark import ANCHOR_CASES, DTYPES  # noqa: E402
+from triton_lstm.kernels import forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.lstm_bwd import bwd_launch_options, lstm_bwd_gate_grads, plan_bwd  # noqa: E402
 from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
 
 
-def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list[fwd.ForwardPlan]:
+def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list[forward_plans.ForwardPlan]:
     """Plans around the planner's own: resident and streamed W_hh, tile sizes, warps, the batch split;
     in fp32 also tensor-core dots in three TF32 passes ("tf32x3", fp32-level accuracy)."""
-    shared = fwd._device_limits(0)[1]
-    default = fwd.plan_persistent_fwd(128, B, H, H, element_size, False, num_sms, shared)
+    shared = forward_plans._device_limits(0)[1]
+    default = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, False, num_sms, shared)
     plans = [default] if default.persistent else []
     if default.persistent and not default.resident:
         # Deeper pipelining of the streamed K chunks (Nsight Compute, run 4: the H = 1024 step waits on L2
@@ -58,14 +59,14 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list
                 # fp32 resident W_hh is left out: compiled for sm_90 it spills kilobytes (tf32x3 at H = 256).
                 if not fma and num_h <= num_sms and block_h <= 32:
                     for warps in (4, 8):
-                        plans.append(fwd.ForwardPlan(True, "resident", True, block_b, block_h, k_pad, num_h, most_b, warps,
+                        plans.append(forward_plans.ForwardPlan(True, "resident", True, block_b, block_h, k_pad, num_h, most_b, warps,
                                                      exact_fp32_dot=precision))
                 for block_k in ((32, 64) if fma else (64, 128, 256)):
                     # 2 warps: a 32-row tile with 4 warps computes each row twice (warps [4, 1] in mma.sync).
                     for warps in ((4, 8) if fma or block_b * block_h > 512 else (2, 4, 8)):
-                        plans.append(fwd.ForwardPlan(True, "streamed", False, block_b, block_h, min(block_k, k_pad), grid_h,
+                        plans.append(forward_plans.ForwardPlan(True, "streamed", False, block_b, block_h, min(block_k, k_pad), grid_h,
                                                      most_b, warps, exact_fp32_dot=precision))
-    plans = [p for p in plans if not p.resident or fwd.resident_bytes(p.block_b, p.block_h, H, element_size) <= shared]
+    plans = [p for p in plans if not p.resident or forward_plans.resident_bytes(p.block_b, p.block_h, H, element_size) <= shared]
     knobs = lambda p: (p.resident, p.block_b, p.block_h, p.block_k, p.num_warps, p.grid_h, p.grid_b, p.exact_fp32_dot,  # noqa: E731
                        p.num_stages)
     unique = list({knobs(p): dataclasses.replace(p, reason="default" if knobs(p) == knobs(default) else p.reason)
@@ -99,7 +100,7 @@ def _bench(fn) -> float:
 
 def tune_forward(T, B, I, H, dtype, budget_s, rows):
     device = "cuda"
-    num_sms, shared = fwd._device_limits(0)
+    num_sms, shared = forward_plans._device_limits(0)
     torch.manual_seed(0)
     projected = torch.randn(T, B, 4 * H, device=device, dtype=dtype)
     w_hh = (torch.randn(4 * H, H, device=device) * H**-0.5).to(dtype)

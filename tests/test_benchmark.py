@@ -65,9 +65,9 @@ def test_plan_flag_describes_each_path(monkeypatch):
     import torch
 
     from triton_lstm import benchmark
-    from triton_lstm.kernels import lstm_fwd_persistent
+    from triton_lstm.kernels import forward_plans
 
-    monkeypatch.setattr(lstm_fwd_persistent, "_device_limits", lambda index: (132, 232448))
+    monkeypatch.setattr(forward_plans, "_device_limits", lambda index: (132, 232448))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     stacked = benchmark.Case(512, 64, 512, 512, layers=4)
     assert benchmark.describe_path(stacked, torch.bfloat16, "cuda").startswith("forward: stack of 4 layers in one launch")

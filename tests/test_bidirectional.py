@@ -15,8 +15,8 @@ from test_modules import Case, check_against_nn
 
 import triton_lstm
 from triton_lstm import bidirectional as bidirectional_module
-from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_fwd
-from triton_lstm.kernels.lstm_fwd_persistent import ForwardPlan
+from triton_lstm.kernels.forward_plans import ForwardPlan, plan_bidirectional_fwd
+from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional
 from triton_lstm.reference import lstm_recurrence_reference
 
 CASES = {

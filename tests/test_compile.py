@@ -1,5 +1,5 @@
 """The kernels as the GPU would build them, without a GPU: the planned configurations of the five anchor
-shapes compiled for sm_90 (benchmarks/compile_check.py --quick; stacks of 4 layers in bf16; bidirectional layers): they compile, fit shared memory, do not
+shapes compiled for sm_90 (benchmarks/compile_check.py --quick; stacks of 4 layers and bidirectional layers in bf16): they compile, fit shared memory, do not
 spill beyond a few bytes, and their barrier compiles to a release add and an acquire spin."""
 
 from __future__ import annotations

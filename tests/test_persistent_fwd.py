@@ -14,14 +14,10 @@ import triton
 
 from tests.helpers import HAS_CUDA, KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, requires_cuda
 from triton_lstm.kernels import common
+from triton_lstm.kernels import forward_plans as plans
 from triton_lstm.kernels import lstm_fwd_persistent as persistent
-from triton_lstm.kernels.lstm_fwd_persistent import (
-    ForwardPlan,
-    lstm_fwd_persistent,
-    plan_for,
-    plan_persistent_fwd,
-    resident_bytes,
-)
+from triton_lstm.kernels.forward_plans import ForwardPlan, plan_persistent_fwd, resident_bytes
+from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent, plan_for
 from triton_lstm.reference import input_projection, lstm_recurrence_reference
 
 INTERPRETER_DTYPES = [torch.float32, torch.float16]
@@ -244,19 +240,19 @@ def test_plan_invariants(num_sms, shared_memory):
             for element_size in (2, 4):
                 plan = plan_persistent_fwd(64, B, H, H, element_size, False, num_sms, shared_memory)
                 if not plan.persistent:
-                    assert triton.cdiv(H, 64) > persistent.MAX_HIDDEN_BLOCKS_PER_PROGRAM * num_sms, (H, plan)
+                    assert triton.cdiv(H, 64) > plans.MAX_HIDDEN_BLOCKS_PER_PROGRAM * num_sms, (H, plan)
                     continue
                 assert 1 <= plan.num_programs <= num_sms, (H, B, plan)
                 assert min(plan.block_b, plan.block_h, plan.block_k) >= 16
                 assert plan.grid_b <= triton.cdiv(B, plan.block_b)
                 assert plan.grid_h <= triton.cdiv(H, plan.block_h)
                 hidden_blocks_per_program = triton.cdiv(triton.cdiv(H, plan.block_h), plan.grid_h)
-                assert hidden_blocks_per_program <= persistent.MAX_HIDDEN_BLOCKS_PER_PROGRAM
+                assert hidden_blocks_per_program <= plans.MAX_HIDDEN_BLOCKS_PER_PROGRAM
                 if plan.resident:
                     assert element_size == 2
                     assert plan.grid_h == triton.cdiv(H, plan.block_h)  # one hidden block per program
                     assert plan.block_k >= H
-                    assert resident_bytes(plan.block_b, plan.block_h, H, element_size) <= shared_memory - persistent.RESIDENT_HEADROOM
+                    assert resident_bytes(plan.block_b, plan.block_h, H, element_size) <= shared_memory - plans.RESIDENT_HEADROOM
                 if element_size == 4:
                     assert plan.exact_fp32_dot == "tf32x3"
                     fma = plan_persistent_fwd(64, B, H, H, 4, False, num_sms, shared_memory, fp32_tensor_cores=False)

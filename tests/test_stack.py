@@ -13,7 +13,7 @@ from test_modules import Case, check_against_nn
 
 import triton_lstm
 from triton_lstm import stack as stack_module
-from triton_lstm.kernels.lstm_fwd_stack import plan_stack_fwd
+from triton_lstm.kernels.forward_plans import plan_stack_fwd
 
 # The stacked kernel runs 16-bit on a GPU (fp32 stacks spill on sm_90: layer by layer), any kernel dtype
 # under the interpreter (where bf16 arithmetic is wrong).

@@ -121,8 +121,13 @@ def describe_path(case: Case, dtype: torch.dtype, device: str) -> str:
     """Which path triton_lstm.LSTM takes for ``case``, in words: what ``--plan`` prints."""
     if device != "cuda":
         return "CPU: ATen's LSTM (as nn.LSTM)" if not _interpreting() else "the interpreter: one program"
-    from triton_lstm.kernels.lstm_fwd_persistent import _device_limits, plan_persistent_fwd
-    from triton_lstm.kernels.lstm_fwd_stack import plan_stack_fwd, stack_disabled
+    from triton_lstm.kernels.forward_plans import (
+        _device_limits,
+        plan_bidirectional_fwd,
+        plan_persistent_fwd,
+        plan_stack_fwd,
+        stack_disabled,
+    )
 
     num_sms, shared = _device_limits(torch.cuda.current_device())
     size = torch.tensor([], dtype=dtype).element_size()
@@ -133,8 +138,6 @@ def describe_path(case: Case, dtype: torch.dtype, device: str) -> str:
             return (f"forward: {stack.reason} (bb{stack.block_b} bh{stack.block_h} bk{stack.block_k} "
                     f"w{stack.num_warps}, {case.layers} x {stack.grid_h}x{stack.grid_b} programs); backward: one launch too")
     if directions == 2:
-        from triton_lstm.kernels.lstm_fwd_bidirectional import plan_bidirectional_fwd
-
         both = plan_bidirectional_fwd(case.T, case.B, case.H, size, num_sms, shared)
         if both.persistent and os.environ.get("TRITON_LSTM_BIDIRECTIONAL", "1") != "0":
             return (f"forward: {case.layers} launch(es) of {both.reason} (bb{both.block_b} bh{both.block_h} "

@@ -23,44 +23,15 @@ import triton
 
 from triton_lstm.kernels import common
 from triton_lstm.kernels.common import barrier_watch, dot_precision
-from triton_lstm.kernels.lstm_fwd import fp32_tensor_cores
-from triton_lstm.kernels.lstm_fwd_persistent import (
+from triton_lstm.kernels.forward_plans import (
     INTERPRETER_SHARED_MEMORY,
     ForwardPlan,
     _device_limits,
-    _lstm_persistent_fwd_kernel,
     persistent_disabled,
-    plan_persistent_fwd,
+    plan_bidirectional_fwd,
 )
-
-
-def plan_bidirectional_fwd(T: int, B: int, H: int, element_size: int, num_sms: int, shared_memory: int,
-                           interpret: bool = False, fp32_tensor_cores: bool = True) -> ForwardPlan:
-    """The plan of each direction (both run the same one), or not persistent (then the directions run one
-    after the other). A pure function of the shapes and the device limits: the single-layer plan for half
-    the SMs; under the interpreter one program per direction (the directions never wait for each other)."""
-    if not interpret and num_sms < 2:
-        return ForwardPlan(False, "fewer than 2 SMs: one direction after the other")
-    budget = max(1, num_sms // 2)
-    base = plan_persistent_fwd(T, B, H, H, element_size, False, budget, shared_memory, interpret, fp32_tensor_cores)
-    if not base.persistent:
-        return base
-    block_b, block_h, grid_h, grid_b = base.block_b, base.block_h, base.grid_h, base.grid_b
-    if block_b == 32:
-        # 32-row tiles (what half the SMs leave at B = 64) spilled in the two-direction kernel on sm_90
-        # (bf16, H = 512, resident: 48 bytes; fp32, H = 4096, streamed 32 × 32: 248): the same area as
-        # 16 × 2·BLOCK_H tiles instead (16 and 16 bytes), or one direction after the other.
-        if triton.cdiv(H, 2 * block_h) > budget:
-            return ForwardPlan(False, f"H={H}: no spill-free tiling on half the SMs; one direction after the other")
-        block_b, block_h = 16, 2 * block_h
-        grid_h = triton.cdiv(H, block_h)
-        grid_b = max(1, min(triton.cdiv(B, block_b), budget // grid_h))
-    if block_b * block_h > 1024:
-        # Larger tiles (H = 4096 on half the SMs) spilled too (fp32 64 × 32: 48 bytes under Triton 3.6).
-        return ForwardPlan(False, f"H={H}: no spill-free tiling on half the SMs; one direction after the other")
-    return ForwardPlan(True, f"both directions in one launch, {base.reason.removeprefix('persistent, ')}",
-                       base.resident, block_b, block_h, base.block_k, grid_h, grid_b, base.num_warps,
-                       base.exact_fp32_dot, base.num_stages)
+from triton_lstm.kernels.lstm_fwd import fp32_tensor_cores
+from triton_lstm.kernels.lstm_fwd_persistent import _lstm_persistent_fwd_kernel
 
 
 def plan_bidirectional_for(x: torch.Tensor, H: int) -> ForwardPlan:

@@ -9,7 +9,7 @@ four gate row-blocks of W_hh for those units) and batch blocks pb, pb + grid_b, 
 depends only on h_{t-1} of the same row, so only the GRID_H programs sharing a batch group ``pb`` need
 to wait for each other: each batch group has its own barrier counter.
 
-Two ways to hold W_hh (chosen by ``plan_persistent_fwd`` from a shared-memory budget):
+Two ways to hold W_hh (chosen by ``plan_persistent_fwd``, ``forward_plans.py``, from a shared-memory budget):
 
 - *resident*: each program owns one hidden block and loads its W_hh slice (4 × K × BLOCK_H) once,
   before the time loop; every step is then one ``tl.dot`` per gate over the whole K.
@@ -50,8 +50,6 @@ Falls back to the per-step kernel (``lstm_fwd``), never to a deadlock:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 
 import torch
 import triton
@@ -72,23 +70,14 @@ from triton_lstm.kernels.common import (
     refused_cooperative_launch,
     wait_for,
 )
+from triton_lstm.kernels.forward_plans import (
+    INTERPRETER_SHARED_MEMORY,
+    ForwardPlan,
+    _device_limits,
+    persistent_disabled,
+    plan_persistent_fwd,
+)
 from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores, lstm_fwd
-
-# Beyond this many hidden blocks per program and step the per-step kernel's full grid is likely the
-# better use of the SMs (an estimate, not a measurement: no GPU was at hand when this was written).
-MAX_HIDDEN_BLOCKS_PER_PROGRAM = 4
-# Resident W_hh only up to this K: beyond it the whole-K operands of the per-step dots no longer fit the
-# registers (sm_90, H = 1024: 255 registers and about 1 KB spilled), and streaming from L2 is faster
-# (H200, bf16, H = 1024, B = 64: 9.3 µs/step streamed against 15.4 resident).
-RESIDENT_MAX_K = 512
-# Shared memory kept free of the resident estimate (the estimate leaves out small scratch buffers).
-RESIDENT_HEADROOM = 8 * 1024
-# Shared memory assumed under the interpreter, so that plans there are deterministic.
-INTERPRETER_SHARED_MEMORY = 96 * 1024
-# Shared memory assumed when the device does not report its opt-in limit (sm_86 and sm_89: the
-# smallest opt-in limit among Ampere and later cards).
-DEFAULT_SHARED_MEMORY = 99 * 1024
-
 
 @triton.jit(do_not_specialize=["T", "B", "grid_b"])
 def _lstm_persistent_fwd_kernel(
@@ -382,173 +371,6 @@ def _update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, 
         out_offs = (times[:, None] * B + rows[:, None]) * (2 * H) + direction.to(tl.int64) * H + offs_h[None, :]
         tl.store(out_ptr + out_offs, h.to(out_ptr.dtype.element_ty), mask=ran[:, None] & mask_h[None, :])
     return h, c
-
-
-@dataclasses.dataclass(frozen=True)
-class ForwardPlan:
-    """How the forward of one layer and direction runs: ``persistent`` or per-step, and if persistent
-    with which blocking. ``reason`` says why, in words (shown by the benchmark and the tests)."""
-
-    persistent: bool
-    reason: str
-    resident: bool = False
-    block_b: int = 16
-    block_h: int = 16
-    block_k: int = 16
-    grid_h: int = 1
-    grid_b: int = 1
-    num_warps: int = 4
-    # tl.dot's input_precision for fp32 inputs when PyTorch disallows TF32 ("ieee" or "tf32x3").
-    exact_fp32_dot: str = "ieee"
-    # Software-pipelining depth of the streamed K loop (Triton's default, 3: two chunks in flight).
-    num_stages: int = 3
-
-    @property
-    def num_programs(self) -> int:
-        return self.grid_h * self.grid_b
-
-
-def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int:
-    """Shared memory a resident program is budgeted: its W_hh slice (4 gates × K × BLOCK_H), one h tile
-    (BLOCK_B × K) staged for the dots, and the four fp32 accumulators converted for the epilogue.
-
-    Checked against what Triton 3.9 allocates compiling for sm_90 (``benchmarks/compile_check.py``):
-    an upper bound within 3-20 % (bf16, H = 1024, BLOCK_B = 32: 204,800 budgeted, 197,632 allocated;
-    H = 256, BLOCK_B = 64: 81,920 and 67,584)."""
-    k_pad = max(16, triton.next_power_of_2(K))
-    return (4 * k_pad * block_h + block_b * k_pad) * element_size + 4 * block_b * block_h * 4
-
-
-def plan_persistent_fwd(
-    T: int,
-    B: int,
-    H: int,
-    K: int,
-    element_size: int,
-    project: bool,
-    num_sms: int,
-    shared_memory: int,
-    interpret: bool = False,
-    fp32_tensor_cores: bool = True,
-    allow_resident: bool = True,
-) -> ForwardPlan:
-    """Chooses persistent (resident or streamed W_hh) or per-step for one layer's forward.
-
-    A pure function of the shapes and the device limits, so the decision is testable without a GPU.
-    ``num_sms`` bounds the grid (every program must be co-resident for the spin barrier); a resident
-    program must fit ``shared_memory`` less ``RESIDENT_HEADROOM`` by the ``resident_bytes`` estimate (an
-    estimate: a compile that does not fit raises OutOfResources, and the launcher then streams).
-    ``fp32_tensor_cores``: the device runs TF32 dots (sm_80 and later), so exact fp32 can run as
-    three TF32 products ("tf32x3") instead of on the FMA units. ``allow_resident`` False: streamed
-    plans only (a stack's programs, lstm_fwd_stack.py).
-
-    The choices below were measured on an H200 with ``benchmarks/tune.py`` (bf16 and fp32, the five
-    anchor shapes; figures in benchmarks/NOTES.md); other shapes and cards get the same rules untested.
-    """
-    if project:
-        return ForwardPlan(False, "projection (proj_size > 0): per-step kernel, h = m·W_hrᵀ needs a second barrier")
-    if T == 0 or B == 0 or H == 0:
-        return ForwardPlan(False, "empty input: nothing to run")
-    if T == 1 and not interpret:
-        # One step needs no barrier: the per-step kernel, whose launch costs the host less (H200, T = 1,
-        # B = 8, H = 512, bf16, wall clock per call: 322 µs against 529 persistent, nn.LSTM 338; run 5).
-        return ForwardPlan(False, "one step: the per-step kernel (no barrier to amortize)")
-    if num_sms < 1:
-        return ForwardPlan(False, "no SM count for the device")
-    widest_b = max(16, min(64, triton.next_power_of_2(B)))
-    fp32 = element_size >= 4
-    k_pad = max(16, triton.next_power_of_2(K))
-
-    if interpret:
-        # One program (the interpreter runs programs one after another: a second would deadlock the
-        # first one's barrier). It holds the whole H when that fits the budget, else it streams.
-        budget = 0 if fp32 or not allow_resident else shared_memory - RESIDENT_HEADROOM
-        block_h = max(16, triton.next_power_of_2(H))
-        for bb in (widest_b, 32, 16):
-            if bb <= widest_b and resident_bytes(bb, block_h, K, element_size) <= budget:
-                return ForwardPlan(True, "interpreter: one program, W_hh resident", True, bb, block_h, k_pad, 1, 1)
-        # fp32 16×16 tiles on 2 warps: Triton 3.9's LLVM aborts (an SLPVectorizer assertion) on FMA dots
-        # that leave each thread 2 accumulators when the K loop runs once.
-        warps = 2 if fp32 and widest_b == 16 else 4
-        return ForwardPlan(True, "interpreter: one program, W_hh streamed", False, widest_b, 16,
-                           max(16, min(32 if fp32 else 64, k_pad)), 1, 1, warps)
-
-    if fp32 and not fp32_tensor_cores:
-        # FMA dots: the plan the kernels had before tensor-core fp32 (2 warps for 16×16 tiles, see above).
-        block_h = 16
-        num_h_blocks = triton.cdiv(H, block_h)
-        grid_h = min(num_h_blocks, num_sms)
-        if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
-            return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program "
-                                      f"on {num_sms} SMs; per-step kernel")
-        grid_b = max(1, min(triton.cdiv(B, widest_b), num_sms // grid_h))
-        return ForwardPlan(True, "persistent, W_hh streamed (fp32 FMA dots)", False, widest_b, block_h,
-                           max(16, min(32, k_pad)), grid_h, grid_b, 2 if widest_b * block_h <= 256 else 4)
-
-    # The batch tile: the narrowest whose grid of 16-unit hidden blocks fits the SMs, so that spare SMs
-    # split the batch (batch groups never wait for each other). Then 16-row tiles take 32-unit hidden
-    # blocks: half the programs at each barrier, and a 16-row tile gives every warp the whole product
-    # anyway. H = 256, B = 64 bf16: 8 × 4 programs of 16 × 32 3.3 µs/step, 16 × 4 of 16 × 16 3.6,
-    # 16 × 1 of 64 × 16 4.4; H = 512, B = 8: 3.6 against 4.7.
-    tiles = [bb for bb in (16, 32, 64) if bb <= widest_b]
-    fitting = [bb for bb in tiles if triton.cdiv(H, 16) * triton.cdiv(B, bb) <= num_sms]
-    block_b = fitting[0] if fitting else tiles[-1]
-    block_h = 32 if block_b == 16 else 16
-    # More hidden blocks than SMs: several blocks per program, and wider blocks only beyond
-    # MAX_HIDDEN_BLOCKS_PER_PROGRAM (tiles of 32 × 32 and up spill or overflow shared memory on sm_90).
-    while triton.cdiv(triton.cdiv(H, block_h), num_sms) > MAX_HIDDEN_BLOCKS_PER_PROGRAM and block_h < 64:
-        block_h *= 2
-    num_h_blocks = triton.cdiv(H, block_h)
-    # Four warps, except 64-row 16-bit tiles: those spill with four (H = 512: 720 bytes on sm_90).
-    warps = 8 if block_b == 64 and not fp32 else 4
-
-    if allow_resident and not fp32 and K <= RESIDENT_MAX_K and num_h_blocks <= num_sms:
-        for bb in reversed([bb for bb in tiles if bb <= block_b]):
-            bh = 32 if bb == 16 else 16
-            if resident_bytes(bb, bh, K, element_size) <= shared_memory - RESIDENT_HEADROOM:
-                grid_h = triton.cdiv(H, bh)
-                grid_b = max(1, min(triton.cdiv(B, bb), num_sms // grid_h))
-                return ForwardPlan(True, "persistent, W_hh resident", True, bb, bh, k_pad, grid_h, grid_b,
-                                   8 if bb == 64 else 4)
-
-    # Streamed. 16-bit: 128-wide K chunks up to K = 1024 (H = 1024, B = 64: 9.3 µs/step against 10.0
-    # for 64 and 9.7 for 256), 256 beyond for 16 × 32 tiles (H = 2048: 11.5 against 16.0 for 128).
-    # fp32: tensor-core dots in three TF32 passes ("tf32x3", fp32-level accuracy), 2–4× faster than
-    # FMA dots at all five shapes (H = 256, B = 64: 8.7 against 20.1 µs/step), over 64-wide chunks.
-    # Narrower chunks where the sm_90 compiles (Triton 3.6 and 3.9, benchmarks/compile_check.py) of
-    # wider ones spill or overflow shared memory: 64-row tiles (16-bit 64, fp32 32 above K = 512) and
-    # fp32 below K = 256 (64-wide chunks past K spilled 448 bytes at H = 33).
-    if fp32:
-        block_k = 64 if 256 <= K and (block_b < 64 or K <= 512) else 32
-    elif block_b == 64:
-        block_k = 64
-    else:
-        block_k = 256 if K > 1024 and block_b == 16 and block_h <= 32 else 128
-    block_k = max(16, min(block_k, k_pad))
-    grid_h = min(num_h_blocks, num_sms)
-    if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
-        return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program "
-                                  f"on {num_sms} SMs; per-step kernel")
-    grid_b = max(1, min(triton.cdiv(B, block_b), num_sms // grid_h))
-    return ForwardPlan(True, "persistent, W_hh streamed from L2", False, block_b, block_h, block_k, grid_h, grid_b,
-                       warps, exact_fp32_dot="tf32x3" if fp32 else "ieee")
-
-
-@functools.lru_cache(maxsize=None)
-def _device_limits(device_index: int) -> tuple[int, int]:
-    """(SM count, opt-in shared memory per program in bytes) of a CUDA device."""
-    props = torch.cuda.get_device_properties(device_index)
-    shared = getattr(props, "shared_memory_per_block_optin", 0) or 0
-    if not shared:
-        # Older torch builds lack the opt-in figure; a program may not take all of the SM's shared
-        # memory (the driver reserves 1 KiB per block).
-        shared = max(0, (getattr(props, "shared_memory_per_multiprocessor", 0) or 0) - 1024) or DEFAULT_SHARED_MEMORY
-    return props.multi_processor_count, shared
-
-
-def persistent_disabled() -> bool:
-    """``TRITON_LSTM_PERSISTENT=0`` sends every forward to the per-step kernel."""
-    return os.environ.get("TRITON_LSTM_PERSISTENT", "1") == "0"
 
 
 def plan_for(projected: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | None) -> ForwardPlan:

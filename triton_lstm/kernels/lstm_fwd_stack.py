@@ -21,83 +21,19 @@ streamed fp32 products spill on sm_90); shapes whose grid of L layers does not f
 
 from __future__ import annotations
 
-import os
-
 import torch
-import triton
 
 from triton_lstm.kernels import common
 from triton_lstm.kernels.common import barrier_watch, dot_precision
-from triton_lstm.kernels.lstm_fwd_persistent import (
+from triton_lstm.kernels.forward_plans import (
     INTERPRETER_SHARED_MEMORY,
-    MAX_HIDDEN_BLOCKS_PER_PROGRAM,
     ForwardPlan,
     _device_limits,
-    _lstm_persistent_fwd_kernel,
-    persistent_disabled,
-    plan_persistent_fwd,
+    plan_stack_fwd,
+    stack_disabled,
 )
 from triton_lstm.kernels.lstm_fwd import fp32_tensor_cores
-
-
-def stack_disabled() -> bool:
-    """``TRITON_LSTM_STACK=0`` runs stacks layer by layer (for A/B timing and debugging)."""
-    return os.environ.get("TRITON_LSTM_STACK", "1") == "0" or persistent_disabled()
-
-
-def plan_stack_fwd(
-    T: int,
-    B: int,
-    H: int,
-    layers: int,
-    element_size: int,
-    num_sms: int,
-    shared_memory: int,
-    interpret: bool = False,
-    fp32_tensor_cores: bool = True,
-) -> ForwardPlan:
-    """The plan of one layer of the stack (every layer runs the same one), or not persistent: then the
-    stack runs layer by layer. A pure function of the shapes and the device limits.
-
-    On a GPU each layer gets ``num_sms // layers`` SMs, tiled as the comment below says; under the
-    interpreter one program runs everything.
-    """
-    if layers < 2:
-        return ForwardPlan(False, "one layer: the single-layer kernel")
-    if T == 0 or B == 0 or H == 0:
-        return ForwardPlan(False, "empty input: nothing to run")
-    if T == 1 and not interpret:
-        # As for one layer (plan_persistent_fwd): a single step needs no barrier, and a persistent launch
-        # costs the host more than the per-step kernel (H200, one layer: 529 against 322 µs per call).
-        return ForwardPlan(False, "one step: layer by layer, the per-step kernel")
-    if element_size >= 4 and not interpret:
-        # Two streamed products with fp32 operands spill on sm_90 (232-296 bytes with 64-row tiles).
-        return ForwardPlan(False, "fp32 stack: layer by layer (the stacked kernel spills in fp32)")
-    if not interpret and num_sms // layers < 1:
-        return ForwardPlan(False, f"{layers} layers on {num_sms} SMs: fewer SMs than layers; layer by layer")
-    reason = f"stack of {layers} layers in one launch, W streamed"
-    k_pad = max(16, triton.next_power_of_2(H))
-    if interpret:
-        base = plan_persistent_fwd(T, B, H, H, element_size, False, 1, shared_memory, True, fp32_tensor_cores,
-                                   allow_resident=False)
-        return ForwardPlan(True, reason, False, base.block_b, base.block_h, min(base.block_k, 64), 1, 1, base.num_warps)
-    # Tiles of 16 × 32 (64-wide K chunks) or 64 × 16 (32-wide) on 8 warps: what compiles without spills
-    # for the stack's two products on sm_90 under Triton 3.6 and 3.9 (benchmarks/compile_check.py
-    # --kernel stack). 32-row tiles spilled 40-72 bytes with 4 or 8 warps, 128-wide chunks up to 56,
-    # 64 × 16 tiles over 64-wide chunks 56-72 under Triton 3.6 (H = 512 and 768, 3-4 layers).
-    budget = num_sms // layers
-    block_b = 16 if B <= 32 else 64
-    block_h = 32 if block_b == 16 else 16
-    # Wider hidden blocks only up to 1024-element tiles (64 × 64 spilled 56 bytes at H = 4096).
-    while triton.cdiv(triton.cdiv(H, block_h), budget) > MAX_HIDDEN_BLOCKS_PER_PROGRAM and block_b * block_h < 1024:
-        block_h *= 2
-    num_h_blocks = triton.cdiv(H, block_h)
-    grid_h = min(num_h_blocks, budget)
-    if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
-        return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program on "
-                                  f"{budget} SMs per layer; layer by layer")
-    grid_b = max(1, min(triton.cdiv(B, block_b), budget // grid_h))
-    return ForwardPlan(True, reason, False, block_b, block_h, min(32 if block_b == 64 else 64, k_pad), grid_h, grid_b, 8)
+from triton_lstm.kernels.lstm_fwd_persistent import _lstm_persistent_fwd_kernel
 
 
 def plan_stack_for(x: torch.Tensor, H: int, layers: int) -> ForwardPlan:
