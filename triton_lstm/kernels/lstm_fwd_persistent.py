@@ -1,4 +1,6 @@
-"""Forward kernel, persistent: one launch per layer and direction runs all T time steps.
+"""Forward kernel, persistent: one launch per layer and direction runs all T time steps (the same driver
+runs a whole stack of layers, ``LAYERS > 1``, or both directions of a layer, ``DIRECTIONS = 2``, in one
+launch: ``lstm_fwd_stack.py``, ``lstm_fwd_bidirectional.py``).
 
 Why: the per-step kernel (``lstm_fwd.py``) pays one launch per time step, which at LSTM sizes costs
 more than the step's arithmetic. Here the grid stays resident for the whole sequence and the steps are
@@ -79,15 +81,16 @@ from triton_lstm.kernels.forward_plans import (
 )
 from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores, lstm_fwd
 
+
 @triton.jit(do_not_specialize=["T", "B", "grid_b"])
 def _lstm_persistent_fwd_kernel(
     projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype
     w_hh_ptr,  # (4H, K), K == H (no projection on this path)
-    h_ptr,  # (T+1, B, K), h0 already at step 0
-    c_ptr,  # (T+1, B, H) fp32, c0 already at step 0
-    gates_ptr,  # (T, B, 4H)
+    h_ptr,  # (T+1, B, K), h0 already at step 0 (per layer or direction, stacked, for a stack or both directions)
+    c_ptr,  # (T+1, B, H) fp32, c0 already at step 0 (two slots without SAVE); stacked likewise
+    gates_ptr,  # (T, B, 4H); stacked likewise
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
-    counters_ptr,  # (LAYERS · grid_b + 1,) int32 zeros: a monotonic barrier counter per layer and batch group, then the failure flag
+    counters_ptr,  # (LAYERS · DIRECTIONS · grid_b + 1,) int32 zeros: a monotonic barrier counter per layer (or direction) and batch group, then the failure flag
     w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``)
     bias_ptr,  # LAYERS > 1 and HAS_BIAS: (LAYERS - 1, 4H), b_ih + b_hh of layers 1, 2, …
     out_ptr,  # DIRECTIONS == 2: (T, B, 2H), the layer's output, both directions in time order
