@@ -26,6 +26,8 @@ CASES = {
     "L1-no-bias-batch-first": Case(T=4, B=3, I=6, H=9, bidirectional=True, bias=False, batch_first=True),
     "L1-odd-H17-packed": Case(T=6, B=5, I=16, H=17, bidirectional=True, packed=True),
     "L1-unbatched": Case(T=5, B=1, I=4, H=6, bidirectional=True, unbatched=True),
+    # Two batch blocks of 64 and three hidden blocks of 16 in each direction's interpreted program.
+    "L1-B70-H40-packed": Case(T=4, B=70, I=5, H=40, bidirectional=True, packed=True),
 }
 
 

@@ -26,6 +26,8 @@ STACKS = {
     "L2-no-bias-batch-first": Case(T=4, B=3, I=6, H=9, num_layers=2, bias=False, batch_first=True),
     "L3-odd-H17": Case(T=3, B=5, I=16, H=17, num_layers=3),
     "L2-unbatched": Case(T=5, B=1, I=4, H=6, num_layers=2, unbatched=True),
+    # Two batch blocks of 64 and three hidden blocks of 16 in the one interpreted program: the tile loops.
+    "L2-B70-H40-packed": Case(T=4, B=70, I=5, H=40, num_layers=2, packed=True),
 }
 
 
