@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from triton_lstm.ops import check_backward_options, interpreting, lstm_layer
 from triton_lstm.bidirectional import bidirectional_plan, lstm_bidirectional, reverse_index, reverse_time
+from triton_lstm.ops import check_backward_options, interpreting, lstm_layer
 from triton_lstm.stack import lstm_stack, stack_plan
 
 
@@ -134,9 +134,9 @@ class LSTM(nn.RNNBase):
     Everything nn.LSTM takes, returns and raises is the same: arguments, parameter names, shapes, order
     and initialization (the same random draws), ``state_dict`` (load either into the other), inputs,
     outputs, exception types and messages. Where it runs: the Triton kernels for CUDA tensors (fp32,
-    fp16, bf16; one persistent launch per layer, per stack or per bidirectional layer); on the CPU, ATen's LSTM exactly as
-    nn.LSTM does (or the kernels through Triton's interpreter when ``TRITON_INTERPRET=1``); float64 runs
-    the plain-PyTorch reference.
+    fp16, bf16; one persistent launch per layer, per stack or per bidirectional layer); on the CPU,
+    ATen's LSTM exactly as nn.LSTM does (or the kernels through Triton's interpreter when
+    ``TRITON_INTERPRET=1``); float64 runs the plain-PyTorch reference.
 
     Args:
         input_size: the number of features of the input x.
@@ -306,10 +306,6 @@ class LSTM(nn.RNNBase):
             return self._finish(output, hidden, is_batched)
 
         lengths_on_device = None if lengths is None else lengths.to(x.device, non_blocking=True)
-        time_reversal = None
-        if self.bidirectional and lengths_on_device is not None:
-            time_reversal = reverse_index(lengths_on_device, T)
-
         if self._runs_as_stack(x):
             # All layers in one persistent launch (a wavefront across layers; triton_lstm/stack.py).
             output, h_n, c_n = lstm_stack(
@@ -322,6 +318,9 @@ class LSTM(nn.RNNBase):
         layer_input = x
         h_n, c_n = [], []
         both_at_once = num_directions == 2 and self._runs_both_directions_at_once(x)
+        time_reversal = None  # for the reverse direction run on its own: each sequence reversed in its length
+        if num_directions == 2 and not both_at_once and lengths_on_device is not None:
+            time_reversal = reverse_index(lengths_on_device, T)
         for layer in range(self.num_layers):
             if both_at_once:
                 # Both directions in one persistent launch (triton_lstm/bidirectional.py).
