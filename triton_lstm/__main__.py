@@ -17,7 +17,9 @@ import triton_lstm
 from triton_lstm import ops
 
 # (T, B, input_size, hidden_size, num_layers, bidirectional)
-GPU_SHAPES = [(512, 64, 256, 256, 1, False), (256, 16, 1024, 1024, 1, False), (128, 32, 256, 512, 2, True)]
+# One layer (resident and streamed W_hh), a 2-layer stack in one launch, a bidirectional pair of layers.
+GPU_SHAPES = [(512, 64, 256, 256, 1, False), (256, 16, 1024, 1024, 1, False), (128, 32, 256, 512, 2, False),
+              (128, 32, 256, 512, 2, True)]
 CPU_SHAPES = [(64, 8, 32, 64, 1, False), (32, 4, 16, 33, 2, True)]
 INTERPRETER_SHAPES = [(8, 3, 8, 17, 1, False), (6, 2, 5, 16, 2, True)]
 
