@@ -44,3 +44,15 @@ def assert_error_within_pytorch(
     assert ours_err <= factor * torch_err + floor, (
         f"{name}: error {ours_err:.3e} vs PyTorch's {torch_err:.3e} (allowed {factor} x that + {floor:.1e})"
     )
+
+
+def count_calls(monkeypatch, module, names: dict[str, str]) -> dict[str, int]:
+    """Wraps ``module``'s functions so that their calls are counted: ``names`` maps a label to the
+    function's name in the module; returns the counts by label (updated as the test runs)."""
+    counts = dict.fromkeys(names, 0)
+    for label, name in names.items():
+        def wrapped(*args, _fn=getattr(module, name), _label=label, **kwargs):
+            counts[_label] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapped)
+    return counts

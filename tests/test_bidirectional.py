@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, requires_cuda
+from helpers import KERNEL_DEVICE, count_calls, requires_cuda
 from test_modules import Case, check_against_nn
 
 import triton_lstm
@@ -35,20 +35,8 @@ CASES = {
 def launches(monkeypatch):
     """Counts the bidirectional kernels' launches (forward, backward) and the one-direction-at-a-time
     forward fallback's."""
-    counts = {"both": 0, "one": 0, "both_bwd": 0}
-    both, one = bidirectional_module.lstm_fwd_bidirectional, bidirectional_module.lstm_fwd_persistent
-    both_bwd = bidirectional_module.lstm_bwd_bidirectional_gate_grads
-
-    def count(name, fn):
-        def wrapped(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(bidirectional_module, "lstm_fwd_bidirectional", count("both", both))
-    monkeypatch.setattr(bidirectional_module, "lstm_fwd_persistent", count("one", one))
-    monkeypatch.setattr(bidirectional_module, "lstm_bwd_bidirectional_gate_grads", count("both_bwd", both_bwd))
-    return counts
+    return count_calls(monkeypatch, bidirectional_module, {"both": "lstm_fwd_bidirectional", "one": "lstm_fwd_persistent",
+                                                           "both_bwd": "lstm_bwd_bidirectional_gate_grads"})
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())

@@ -148,7 +148,7 @@ def test_resident_out_of_resources_retries_streamed(monkeypatch):
     from triton.runtime.errors import OutOfResources
 
     launched, buffers = [], []
-    real_launch = persistent._launch
+    real_launch = persistent.launch_persistent
 
     def launch(plan, projected, w_hh, h_all, *args):
         launched.append(plan.resident)
@@ -157,7 +157,7 @@ def test_resident_out_of_resources_retries_streamed(monkeypatch):
             raise OutOfResources(300_000, 232_448, "shared memory")
         return real_launch(plan, projected, w_hh, h_all, *args)
 
-    monkeypatch.setattr(persistent, "_launch", launch)
+    monkeypatch.setattr(persistent, "launch_persistent", launch)
     monkeypatch.setattr(persistent, "_downgrades", {})
     inputs, lengths = _problem(3, 2, 3, 5, torch.float32)
     plan = _forced("resident", 2, 5, 5, torch.float32)
@@ -176,7 +176,7 @@ def test_refused_cooperative_launch_falls_back_to_per_step(monkeypatch):
 
     calls, refused = [], []
     real = persistent.lstm_fwd
-    monkeypatch.setattr(persistent, "_launch", lambda *args: refused.append(1) or refuse())
+    monkeypatch.setattr(persistent, "launch_persistent", lambda *args: refused.append(1) or refuse())
     monkeypatch.setattr(persistent, "lstm_fwd", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     monkeypatch.setattr(persistent, "_downgrades", {})
     inputs, lengths = _problem(3, 2, 3, 5, torch.float32, with_lengths=True)
@@ -189,7 +189,7 @@ def test_refused_cooperative_launch_falls_back_to_per_step(monkeypatch):
     def fail(*args):
         raise RuntimeError("some other launch error")
 
-    monkeypatch.setattr(persistent, "_launch", fail)
+    monkeypatch.setattr(persistent, "launch_persistent", fail)
     monkeypatch.setattr(persistent, "_downgrades", {})
     with pytest.raises(RuntimeError, match="other launch error"):
         _run(inputs, lengths, torch.float32, None)

@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from helpers import HAS_CUDA, KERNEL_DEVICE, requires_cuda
+from helpers import HAS_CUDA, KERNEL_DEVICE, count_calls, requires_cuda
 from test_modules import Case, check_against_nn
 
 import triton_lstm
@@ -34,20 +34,8 @@ STACKS = {
 @pytest.fixture
 def launches(monkeypatch):
     """Counts the stacked kernels' launches (forward and backward) and the layer-by-layer fallback's."""
-    counts = {"stack": 0, "layer": 0, "stack_bwd": 0}
-    stack_launch, layer_launch = stack_module.lstm_fwd_stack, stack_module.lstm_fwd_persistent
-    stack_bwd = stack_module.lstm_bwd_stack_gate_grads
-
-    def count(name, fn):
-        def wrapped(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(stack_module, "lstm_fwd_stack", count("stack", stack_launch))
-    monkeypatch.setattr(stack_module, "lstm_fwd_persistent", count("layer", layer_launch))
-    monkeypatch.setattr(stack_module, "lstm_bwd_stack_gate_grads", count("stack_bwd", stack_bwd))
-    return counts
+    return count_calls(monkeypatch, stack_module, {"stack": "lstm_fwd_stack", "layer": "lstm_fwd_persistent",
+                                                   "stack_bwd": "lstm_bwd_stack_gate_grads"})
 
 
 @pytest.mark.parametrize("case", STACKS.values(), ids=STACKS.keys())

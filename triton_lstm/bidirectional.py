@@ -20,9 +20,7 @@ from triton_lstm.ops import HAS_TRITON, kernel_device, run_without_autocast, use
 from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference
 
 if HAS_TRITON:
-    from triton.runtime.errors import OutOfResources
-
-    from triton_lstm.kernels.common import refused_cooperative_launch
+    from triton_lstm.kernels.common import unless_refused
     from triton_lstm.kernels.lstm_bwd import lstm_bwd_bidirectional_gate_grads, weight_and_input_grads
     from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
     from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
@@ -61,15 +59,17 @@ def bidirectional_plan(x: Tensor, hidden_size: int):
     return plan if plan.persistent else None
 
 
-def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save):
-    """What the kernel computes, one direction after the other (its fallback, and the reference path)."""
+def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
+    """What the kernel computes, one direction after the other: with ``kernels`` the one-direction Triton
+    forward (the kernel's fallback), else the plain-PyTorch recurrence (the reference path, differentiable:
+    the double backward differentiates it)."""
     T = x.shape[0]
     index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
     results = []
     for direction in range(2):
         layer_x = x if direction == 0 else reverse_time(x, index)
         bias = (b_ih[direction], b_hh[direction]) if b_ih else (None, None)
-        if uses_kernels(x):
+        if kernels:
             projected = input_projection(layer_x, w_ih[direction], *bias).contiguous()
             results.append(lstm_fwd_persistent(projected, h0[direction].contiguous(), c0[direction].contiguous(),
                                                w_hh[direction].contiguous(), None, lengths, save=bool(save)))
@@ -101,22 +101,18 @@ def bidirectional_fwd(
     (2, T+1, B, H) and (2, T, B, 4H); ``save`` 0: c_all (2, 1, B, H), gates (2, 0, B, 4H). ``h0``/``c0``
     are (2, B, H); ``w_*``/``b_*`` (forward, reverse), the biases empty lists without them."""
     if not uses_kernels(x):
-        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False)
     lengths = None if lengths is None else lengths.to(torch.int32)
     plan = plan_bidirectional_for(x, w_hh[0].shape[1])
     with kernel_device(x):
         if plan.persistent:
             bias = (torch.cat(b_ih), torch.cat(b_hh)) if b_ih else (None, None)
             projected = input_projection(x, torch.cat(w_ih), *bias).contiguous()  # one GEMM, both directions
-            try:
-                return lstm_fwd_bidirectional(projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), lengths,
-                                              plan, bool(save))
-            except OutOfResources:
-                pass  # raised before anything ran: one direction after the other
-            except RuntimeError as error:
-                if not refused_cooperative_launch(error):
-                    raise
-        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+            outputs = unless_refused(lambda: lstm_fwd_bidirectional(projected, h0.contiguous(), c0.contiguous(),
+                                                                    torch.stack(w_hh), lengths, plan, bool(save)))
+            if outputs is not None:
+                return outputs
+        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True)
 
 
 @bidirectional_fwd.register_fake
@@ -214,22 +210,6 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
     return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), *grad_weights)
 
 
-def _reference_directions(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths):
-    T = x.shape[0]
-    index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
-    results = []
-    for direction in range(2):
-        layer_x = x if direction == 0 else reverse_time(x, index)
-        bias = (b_ih[direction], b_hh[direction]) if b_ih else (None, None)
-        results.append(lstm_recurrence_reference(layer_x, h0[direction], c0[direction], w_ih[direction], w_hh[direction],
-                                                 *bias, None, lengths))
-    out = torch.cat([results[0][0][1:], reverse_time(results[1][0][1:], index)], dim=2)
-    valid = _valid_steps(lengths, T, x.device)
-    if valid is not None:
-        out = out * valid
-    return (out, *(torch.stack(parts) for parts in zip(*results)))
-
-
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
     x, h0, c0, lengths, _, _, _, *weights = ctx.saved_tensors
     inputs = (x, h0, c0, *weights)
@@ -237,7 +217,7 @@ def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
     wanted = [i for i, needed in enumerate(needs) if needed]
     with torch.enable_grad():
         w_ih, w_hh, b_ih, b_hh = _split(ctx.has_bias, weights)
-        out, h_all, c_all, _ = _reference_directions(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+        out, h_all, c_all, _ = _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False)
         outputs = (out, h_all[:, -1], c_all[:, -1].to(x.dtype))
         grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], (grad_out, grad_h_n, grad_c_n),
                                     create_graph=True, allow_unused=True)

@@ -18,9 +18,7 @@ from triton_lstm.ops import HAS_TRITON, kernel_device, run_without_autocast, use
 from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference
 
 if HAS_TRITON:
-    from triton.runtime.errors import OutOfResources
-
-    from triton_lstm.kernels.common import refused_cooperative_launch
+    from triton_lstm.kernels.common import unless_refused
     from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
     from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads, weight_and_input_grads
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
@@ -38,12 +36,14 @@ def stack_plan(x: Tensor, hidden_size: int, num_layers: int):
     return plan if plan.persistent else None
 
 
-def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save):
-    """What the stacked kernel computes, one layer after another (its fallback, and the reference path)."""
+def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
+    """What the stacked kernel computes, one layer after another: with ``kernels`` the single-layer Triton
+    forward (the kernel's fallback), else the plain-PyTorch recurrence (the reference path, differentiable:
+    the double backward differentiates it)."""
     outputs, layer_input = [], x
     for layer in range(len(w_hh)):
         bias = (b_ih[layer], b_hh[layer]) if b_ih else (None, None)
-        if uses_kernels(x):
+        if kernels:
             projected = input_projection(layer_input, w_ih[layer], *bias).contiguous()
             h_all, c_all, gates = lstm_fwd_persistent(projected, h0[layer].contiguous(), c0[layer].contiguous(),
                                                       w_hh[layer].contiguous(), None, lengths, save=bool(save))
@@ -73,23 +73,20 @@ def stack_fwd(
     (L, T+1, B, H) and (L, T, B, 4H); ``save`` 0 (inference): c_all (L, 1, B, H), gates (L, 0, B, 4H).
     ``h0``/``c0`` are (L, B, H); ``b_ih``/``b_hh`` empty lists without biases."""
     if not uses_kernels(x):
-        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False)
     lengths = None if lengths is None else lengths.to(torch.int32)
     plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh))
     if plan.persistent:
         projected = input_projection(x, w_ih[0], *((b_ih[0], b_hh[0]) if b_ih else (None, None))).contiguous()
         bias_above = torch.stack([b_ih[i] + b_hh[i] for i in range(1, len(b_ih))]) if b_ih else None
-        try:
-            with kernel_device(x):
-                return lstm_fwd_stack(projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh),
-                                      torch.stack(w_ih[1:]), bias_above, lengths, plan, bool(save))
-        except OutOfResources:
-            pass  # raised before anything ran: run the layers one by one
-        except RuntimeError as error:
-            if not refused_cooperative_launch(error):
-                raise
-    with kernel_device(x):
-        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+        with kernel_device(x):
+            outputs = unless_refused(lambda: lstm_fwd_stack(projected, h0.contiguous(), c0.contiguous(),
+                                                            torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
+                                                            lengths, plan, bool(save)))
+        if outputs is not None:
+            return outputs
+    with kernel_device(x):  # no plan, or it did not run: the layers one by one
+        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True)
 
 
 @stack_fwd.register_fake
@@ -179,27 +176,15 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
     return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), *grad_weights)
 
 
-def _reference_stack(x, h0, c0, lengths, layers, has_bias, weights):
-    """The stack's outputs through the plain-PyTorch recurrence (differentiable, for double backward)."""
-    w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
-    layer_input, h_n, c_n = x, [], []
-    for layer in range(layers):
-        bias = (b_ih[layer], b_hh[layer]) if has_bias else (None, None)
-        h_all, c_all, _ = lstm_recurrence_reference(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer], *bias,
-                                                    None, lengths)
-        layer_input = h_all[1:]
-        h_n.append(h_all[-1])
-        c_n.append(c_all[-1].to(x.dtype))
-    return layer_input, torch.stack(h_n), torch.stack(c_n)
-
-
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
     x, h0, c0, lengths, _, _, _, *weights = ctx.saved_tensors
     inputs = (x, h0, c0, *weights)
     needs = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[7:])
     wanted = [i for i, needed in enumerate(needs) if needed]
     with torch.enable_grad():
-        outputs = _reference_stack(x, h0, c0, lengths, ctx.layers, ctx.has_bias, weights)
+        w_ih, w_hh, b_ih, b_hh = _split_weights(ctx.layers, ctx.has_bias, weights)
+        h_all, c_all, _ = _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False)
+        outputs = (h_all[-1, 1:], h_all[:, -1], c_all[:, -1].to(x.dtype))
         grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], (grad_out, grad_h_n, grad_c_n),
                                     create_graph=True, allow_unused=True)
     result = [None] * len(inputs)

@@ -5,6 +5,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 
 def _interpreter_numpy_compatibility() -> None:
@@ -81,21 +82,14 @@ def grid_barrier(counter_ptr, target, failed_ptr, SPIN_LIMIT: tl.constexpr):
     """
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    polls = 0
-    while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target) & (polls < SPIN_LIMIT):
-        polls += 1
-    tl.debug_barrier()
-    gave_up = polls >= SPIN_LIMIT
-    if gave_up:
-        tl.atomic_xchg(failed_ptr, 1)
-    return gave_up
+    return wait_for(counter_ptr, target, failed_ptr, SPIN_LIMIT)
 
 
 @triton.jit
 def wait_for(counter_ptr, target, failed_ptr, SPIN_LIMIT: tl.constexpr):
     """Waits, without arriving, until the barrier counter at ``counter_ptr`` (another group of programs')
     has reached ``target``: their stores before their arrivals are then visible to this program (the
-    acquire and CTA barrier of ``grid_barrier``'s wait). Gives up as ``grid_barrier`` does."""
+    acquire and CTA barrier of ``grid_barrier``'s wait, which is this). Gives up as ``grid_barrier`` does."""
     polls = 0
     while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target) & (polls < SPIN_LIMIT):
         polls += 1
@@ -237,10 +231,16 @@ def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.conste
     """This tile's slice of the input projection at ``step`` (x_t·W_ihᵀ + biases), per gate, in fp32.
     It does not depend on h, so the persistent kernel loads step t+1's before it waits at the barrier."""
     x_ptrs = projected_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
-    x_i = tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32)
-    x_f = tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32)
-    x_g = tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32)
-    x_o = tl.load(x_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32)
+    return load_four_gates(x_ptrs, mask_bh, H)
+
+
+@triton.jit
+def load_four_gates(ptrs, mask, H: tl.constexpr):
+    """The four gates' tiles at ``ptrs`` (gate i's columns) and H, 2H, 3H after them, in fp32."""
+    x_i = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x_f = tl.load(ptrs + H, mask=mask, other=0.0).to(tl.float32)
+    x_g = tl.load(ptrs + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    x_o = tl.load(ptrs + 3 * H, mask=mask, other=0.0).to(tl.float32)
     return x_i, x_f, x_g, x_o
 
 
@@ -336,6 +336,20 @@ def refused_cooperative_launch(error: RuntimeError) -> bool:
     """Whether a launch failed because the driver would not start a cooperative grid ("too many blocks in
     cooperative launch": it cannot all be resident at once). Nothing ran; the caller may launch per step."""
     return "cooperative" in str(error)
+
+
+def unless_refused(launch):
+    """``launch()``'s result, or None where its kernel did not fit the device (OutOfResources while
+    loading it) or the driver refused its cooperative grid: both before anything ran, so the caller can
+    fall back to more launches."""
+    try:
+        return launch()
+    except OutOfResources:
+        return None
+    except RuntimeError as error:
+        if not refused_cooperative_launch(error):
+            raise
+        return None
 
 
 def dot_precision(dtype: torch.dtype, exact_fp32: str = "ieee") -> str:

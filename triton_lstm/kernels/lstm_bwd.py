@@ -60,8 +60,10 @@ from triton_lstm.kernels.common import (
     barrier_watch,
     dot_precision,
     grid_barrier,
+    load_four_gates,
     refused_cooperative_launch,
     tanh,
+    unless_refused,
     wait_for,
 )
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
@@ -212,10 +214,7 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
 
         local = step - seg_start
         gate_ptrs = gates_ptr + local * B * 4 * H + gate_row_offs + offs_h[None, :]
-        i = tl.load(gate_ptrs, mask=mask_bh, other=0.0).to(tl.float32)
-        f = tl.load(gate_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32)
-        g = tl.load(gate_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32)
-        o = tl.load(gate_ptrs + 3 * H, mask=mask_bh, other=0.0).to(tl.float32)
+        i, f, g, o = load_four_gates(gate_ptrs, mask_bh, H)
         c = tl.load(c_ptr + (local + 1) * B * H + state_offs, mask=mask_bh, other=0.0)
         c_prev = tl.load(c_ptr + local * B * H + state_offs, mask=mask_bh, other=0.0)
         tanh_c = tanh(c)
@@ -398,13 +397,19 @@ def lstm_bwd_gate_grads(
         for t in reversed(range(t0, t0 + L)):
             _lstm_bwd_kernel[grid](*args, t, 1, t0, USE_BARRIER=False, **launch)
 
-    # The gradient of h0 goes through step 0's gates where step 0 ran, straight through where it did
-    # not. In fp32, as the kernel's own recurrent products accumulate.
-    acc = accumulate_dtype(dtype)
-    recurrent0 = torch.matmul(grad_gates[0].to(acc), w_hh.to(acc)).to(torch.float32)
-    ran0 = (lengths > 0).unsqueeze(1) if lengths is not None else torch.ones((), dtype=torch.bool, device=device)
-    grad_h0 = torch.where(ran0, recurrent0, dh)
-    return grad_gates, grad_h0, dc
+    return grad_gates, _grad_h0(grad_gates, w_hh, dh, lengths), dc
+
+
+def _grad_h0(grad_gates: torch.Tensor, w_hh: torch.Tensor, dh: torch.Tensor, lengths: torch.Tensor | None):
+    """The gradient of h0 from the chain's result: through step 0's gates where step 0 ran, straight
+    through (``dh``, what reached h0 from later steps) where it did not. In fp32, as the kernel's own
+    recurrent products accumulate. ``grad_gates`` (T, B, 4H) with ``w_hh`` (4H, H), or with a leading axis
+    of layers or directions on both (and on ``dh``)."""
+    acc = accumulate_dtype(w_hh.dtype)
+    recurrent0 = torch.matmul(grad_gates[..., 0, :, :].to(acc), w_hh.to(acc)).to(torch.float32)
+    if lengths is None:
+        return recurrent0
+    return torch.where((lengths > 0).unsqueeze(1), recurrent0, dh)
 
 
 def lstm_bwd_stack_gate_grads(
@@ -426,47 +431,8 @@ def lstm_bwd_stack_gate_grads(
     or None when the layers' tiles do not fit the SMs at once, the kernel does not fit the device or the
     driver refuses the cooperative launch (nothing ran: the caller goes layer by layer).
     """
-    layers, T, B, four_h = gates.shape
-    H = four_h // 4
-    dtype, device = w_hh.dtype, w_hh.device
-    if device.type == "cuda":
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count // layers
-        if num_sms < 1:
-            return None
-    else:
-        num_sms = None
-    try:
-        # Tiles of at most 1024 elements: with the product from the layer above, 64 × 32 and 64 × 64 tiles
-        # spilled 96-280 bytes on sm_90 (bf16, H = 256).
-        _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent", max_tile=1024)
-    except ValueError:
-        return None
-    options = bwd_launch_options(H, block_b, block_h, w_hh.element_size(), whole_module=True)
-    grad_gates = torch.empty(layers, T, B, four_h, dtype=dtype, device=device)
-    dh = grad_h_n.to(torch.float32, copy=True).contiguous()
-    dc = grad_c_n.to(torch.float32, copy=True).contiguous()
-    counters = torch.zeros(layers + 1, dtype=torch.int32, device=device)  # one barrier counter per layer, the flag
-    grid = (_tiles(B, H, block_b, block_h), layers if device.type == "cuda" else 1)
-    barrier_watch.check()
-    try:
-        _lstm_bwd_kernel[grid](
-            grad_out.contiguous(), gates, c_all, w_hh, lengths if lengths is not None else counters, grad_gates, dh, dc,
-            counters, w_ih_above, T, B, T - 1, T, 0, H=H, HAS_LENGTHS=lengths is not None, USE_BARRIER=True,
-            DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b, BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
-            LAYERS=layers, launch_cooperative_grid=True, **options,
-        )
-    except OutOfResources:
-        return None
-    except RuntimeError as error:
-        if not refused_cooperative_launch(error):
-            raise
-        return None
-    barrier_watch.watch(counters[layers:], f"the stacked backward kernel (tile {block_b}×{block_h}, {grid} programs)")
-    # The gradient of each layer's h0, as in lstm_bwd_gate_grads: through step 0's gates where it ran.
-    acc = accumulate_dtype(dtype)
-    recurrent0 = torch.matmul(grad_gates[:, 0].to(acc), w_hh.to(acc)).to(torch.float32)
-    ran0 = (lengths > 0).unsqueeze(1) if lengths is not None else torch.ones((), dtype=torch.bool, device=device)
-    return grad_gates, torch.where(ran0, recurrent0, dh), dc
+    return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all,
+                               layers=gates.shape[0], what="the stacked backward kernel")
 
 
 def lstm_bwd_bidirectional_gate_grads(
@@ -487,41 +453,49 @@ def lstm_bwd_bidirectional_gate_grads(
     or None when half the SMs cannot hold a direction's tiles, the kernel does not fit the device or the
     driver refuses the cooperative launch (nothing ran: the caller runs the directions one by one).
     """
-    _, T, B, four_h = gates.shape
+    return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_hh, lengths, gates, c_all, directions=2,
+                               what="the bidirectional backward kernel")
+
+
+def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all, *, layers=1,
+                        directions=1, what):
+    """The chain kernel over a leading axis of ``layers`` (a stack, ``LAYERS``) or ``directions`` (both
+    directions of a layer, ``DIRECTIONS``), in one persistent launch; None where it cannot run."""
+    groups, T, B, four_h = gates.shape
     H = four_h // 4
     dtype, device = w_hh.dtype, w_hh.device
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count // 2 if device.type == "cuda" else None
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count // groups if device.type == "cuda" else None
     if num_sms is not None and num_sms < 1:
         return None
     try:
+        # Tiles of at most 1024 elements: with the product from the layer above, 64 × 32 and 64 × 64 tiles
+        # spilled 96-280 bytes on sm_90 (bf16, H = 256, a stack); see also bwd_launch_options.
         _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent", max_tile=1024)
     except ValueError:
         return None
     options = bwd_launch_options(H, block_b, block_h, w_hh.element_size(), whole_module=True)
-    grad_gates = torch.empty(2, T, B, four_h, dtype=dtype, device=device)
+    grad_gates = torch.empty(groups, T, B, four_h, dtype=dtype, device=device)
     dh = grad_h_n.to(torch.float32, copy=True).contiguous()
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()
-    counters = torch.zeros(3, dtype=torch.int32, device=device)  # one barrier counter per direction, the flag
-    grid = (_tiles(B, H, block_b, block_h), 2)
+    counters = torch.zeros(groups + 1, dtype=torch.int32, device=device)  # a barrier counter per group, the flag
+    # The grid's second axis: the directions (independent, one program each even under the interpreter), or
+    # a stack's layers on a GPU (under the interpreter one program runs them top to bottom).
+    grid = (_tiles(B, H, block_b, block_h), directions if directions > 1 else layers if device.type == "cuda" else 1)
     barrier_watch.check()
-    try:
+
+    def launch():
         _lstm_bwd_kernel[grid](
             grad_out.contiguous(), gates, c_all, w_hh, lengths if lengths is not None else counters, grad_gates, dh, dc,
-            counters, w_hh, T, B, T - 1, T, 0, H=H, HAS_LENGTHS=lengths is not None, USE_BARRIER=True,
+            counters, w_ih_above, T, B, T - 1, T, 0, H=H, HAS_LENGTHS=lengths is not None, USE_BARRIER=True,
             DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b, BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
-            DIRECTIONS=2, launch_cooperative_grid=True, **options,
+            LAYERS=layers, DIRECTIONS=directions, launch_cooperative_grid=True, **options,
         )
-    except OutOfResources:
+        return True
+
+    if unless_refused(launch) is None:
         return None
-    except RuntimeError as error:
-        if not refused_cooperative_launch(error):
-            raise
-        return None
-    barrier_watch.watch(counters[2:], f"the bidirectional backward kernel (tile {block_b}×{block_h}, {grid} programs)")
-    acc = accumulate_dtype(dtype)
-    recurrent0 = torch.matmul(grad_gates[:, 0].to(acc), w_hh.to(acc)).to(torch.float32)
-    ran0 = (lengths > 0).unsqueeze(1) if lengths is not None else torch.ones((), dtype=torch.bool, device=device)
-    return grad_gates, torch.where(ran0, recurrent0, dh), dc
+    barrier_watch.watch(counters[groups:], f"{what} (tile {block_b}×{block_h}, {grid} programs)")
+    return grad_gates, _grad_h0(grad_gates, w_hh, dh, lengths), dc
 
 
 def lstm_bwd(

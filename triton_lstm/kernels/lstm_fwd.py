@@ -94,26 +94,32 @@ def fp32_tensor_cores(device: torch.device) -> bool:
 
 
 def allocate_forward_outputs(projected: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, K: int, save: bool = True):
-    """``(h_all, c_all, gates)`` for a forward over ``projected`` (T, B, 4H), with h0 and c0 in place at
+    """``(h_all, c_all, gates)`` for a forward over ``projected`` (T, B, ·), with h0 and c0 in place at
     step 0 and everything else left for the kernel to write (layout in ``triton_lstm.reference``).
-    Without ``save`` (an inference forward) c_all has two slots used in turn and gates no steps."""
-    T, B, four_h = projected.shape
-    h_all = torch.empty(T + 1, B, K, dtype=projected.dtype, device=projected.device)
-    c_all = torch.empty(T + 1 if save else 2, B, four_h // 4, dtype=torch.float32, device=projected.device)
-    gates = torch.empty(T if save else 0, B, four_h, dtype=projected.dtype, device=projected.device)
-    h_all[0] = h0
-    c_all[0] = c0
+    Without ``save`` (an inference forward) c_all has two slots used in turn and gates no steps. With
+    ``h0``/``c0`` of shape (G, B, ·) (a stack's layers, a bidirectional layer's directions) every output
+    gets that leading axis of G."""
+    T, B = projected.shape[:2]
+    H = c0.shape[-1]
+    groups = tuple(h0.shape[:-2])
+    h_all = torch.empty(*groups, T + 1, B, K, dtype=projected.dtype, device=projected.device)
+    c_all = torch.empty(*groups, T + 1 if save else 2, B, H, dtype=torch.float32, device=projected.device)
+    gates = torch.empty(*groups, T if save else 0, B, 4 * H, dtype=projected.dtype, device=projected.device)
+    h_all[..., 0, :, :] = h0
+    c_all[..., 0, :, :] = c0
     return h_all, c_all, gates
 
 
 def finished_outputs(outputs, save: bool):
     """What the forward returns: with ``save`` its buffers as they are; without, c_all cut to the slot
-    holding c_T (shape (1, B, H)), so that c_all[-1] is c_n either way."""
+    holding c_T (shape (1, B, H), or (G, 1, B, H) with a leading group axis), so that c_all[..., -1, :, :]
+    is c_n either way."""
     if save:
         return outputs
     h_all, c_all, gates = outputs
-    last = (h_all.shape[0] - 1) % 2
-    return h_all, c_all[last:last + 1], gates
+    steps_axis = h_all.dim() - 3
+    last = (h_all.shape[steps_axis] - 1) % 2  # c_slot: c after T steps
+    return h_all, c_all.narrow(steps_axis, last, 1), gates
 
 
 def lstm_fwd(

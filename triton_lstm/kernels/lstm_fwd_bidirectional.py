@@ -19,10 +19,7 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
-from triton_lstm.kernels import common
-from triton_lstm.kernels.common import barrier_watch, dot_precision
 from triton_lstm.kernels.forward_plans import (
     INTERPRETER_SHARED_MEMORY,
     ForwardPlan,
@@ -30,8 +27,8 @@ from triton_lstm.kernels.forward_plans import (
     persistent_disabled,
     plan_bidirectional_fwd,
 )
-from triton_lstm.kernels.lstm_fwd import fp32_tensor_cores
-from triton_lstm.kernels.lstm_fwd_persistent import _lstm_persistent_fwd_kernel
+from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores
+from triton_lstm.kernels.lstm_fwd_persistent import launch_persistent
 
 
 def plan_bidirectional_for(x: torch.Tensor, H: int) -> ForwardPlan:
@@ -68,51 +65,12 @@ def lstm_fwd_bidirectional(
     Raises ``OutOfResources`` or the driver's RuntimeError for a refused cooperative launch before
     anything ran (the caller then runs the directions one after the other).
     """
-    T, B, eight_h = projected.shape
-    H = eight_h // 8
-    device = projected.device
-    h_all = torch.empty(2, T + 1, B, H, dtype=projected.dtype, device=device)
-    c_all = torch.empty(2, T + 1 if save else 2, B, H, dtype=torch.float32, device=device)
-    gates = torch.empty(2, T if save else 0, B, 4 * H, dtype=projected.dtype, device=device)
+    T, B = projected.shape[:2]
+    H = c0.shape[-1]
+    outputs = allocate_forward_outputs(projected, h0, c0, H, save)
     # Zeros: with lengths, the positions past a sequence's end are never written (pad_packed_sequence's 0).
-    out = (torch.zeros if lengths is not None else torch.empty)(T, B, 2 * H, dtype=projected.dtype, device=device)
-    h_all[:, 0] = h0
-    c_all[:, 0] = c0
-    barrier_watch.check()
-    counters = torch.zeros(2 * plan.grid_b + 1, dtype=torch.int32, device=device)
-    _lstm_persistent_fwd_kernel[(plan.grid_h, plan.grid_b, 2)](
-        projected,
-        w_hh,
-        h_all,
-        c_all,
-        gates,
-        lengths if lengths is not None else counters,
-        counters,
-        w_hh,  # w_ih_ptr and bias_ptr: read by stacks only
-        w_hh,
-        out,
-        T,
-        B,
-        plan.grid_b,
-        H=H,
-        K=H,
-        HAS_LENGTHS=lengths is not None,
-        RESIDENT=plan.resident,
-        ONE_TILE=plan.resident and plan.grid_b == triton.cdiv(B, plan.block_b),
-        SAVE=save,
-        DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
-        GRID_H=plan.grid_h,
-        BLOCK_B=plan.block_b,
-        BLOCK_H=plan.block_h,
-        BLOCK_K=plan.block_k,
-        SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
-        DIRECTIONS=2,
-        num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
-        launch_cooperative_grid=True,
-    )
-    barrier_watch.watch(counters[2 * plan.grid_b:], f"the bidirectional forward kernel ({plan})")
-    if not save:
-        last = T % 2  # c_slot: c after T steps
-        c_all = c_all[:, last:last + 1]
-    return out, h_all, c_all, gates
+    out = (torch.zeros if lengths is not None else torch.empty)(T, B, 2 * H, dtype=projected.dtype,
+                                                                 device=projected.device)
+    launch_persistent(plan, projected, w_hh, *outputs, lengths, save, directions=2, out=out,
+                      what="the bidirectional forward kernel")
+    return (out, *finished_outputs(outputs, save))

@@ -64,6 +64,7 @@ from triton_lstm.kernels.common import (
     barrier_watch,
     dot_precision,
     grid_barrier,
+    load_four_gates,
     load_gate_inputs,
     load_own_state,
     lstm_cell_update,
@@ -344,12 +345,7 @@ def _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: t
     else:
         x_ptrs = (projected_ptr + (times[:, None] * B + rows[:, None]) * (8 * H) + direction.to(tl.int64) * 4 * H
                   + offs_h[None, :])
-        mask = mask_bh & (times >= 0)[:, None]
-        x_i = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        x_f = tl.load(x_ptrs + H, mask=mask, other=0.0).to(tl.float32)
-        x_g = tl.load(x_ptrs + 2 * H, mask=mask, other=0.0).to(tl.float32)
-        x_o = tl.load(x_ptrs + 3 * H, mask=mask, other=0.0).to(tl.float32)
-        return x_i, x_f, x_g, x_o
+        return load_four_gates(x_ptrs, mask_bh & (times >= 0)[:, None], H)
 
 
 @triton.jit
@@ -436,7 +432,7 @@ def lstm_fwd_persistent(
     outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save)
     while plan.persistent:
         try:
-            _launch(plan, projected, w_hh, *outputs, lengths, save)
+            launch_persistent(plan, projected, w_hh, *outputs, lengths, save)
             return finished_outputs(outputs, save)
         except OutOfResources:
             # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
@@ -453,18 +449,26 @@ def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengt
     it does not fit and the driver's RuntimeError when the cooperative launch is refused (before anything
     ran, in both cases). For ``lstm_fwd_persistent`` and the tuning sweep (``benchmarks/tune.py``)."""
     outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save)
-    _launch(plan, projected, w_hh, *outputs, lengths, save)
+    launch_persistent(plan, projected, w_hh, *outputs, lengths, save)
     return finished_outputs(outputs, save)
 
 
-def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True):
-    T, B, four_h = projected.shape
-    H, K = four_h // 4, w_hh.shape[1]
+def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True, *, layers=1, directions=1,
+                      w_ih_above=None, bias_above=None, out=None, what="the persistent forward kernel"):
+    """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
+    one layer and direction, a stack of ``layers`` (with ``w_ih_above``, ``bias_above``: lstm_fwd_stack.py)
+    or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py). Raises OutOfResources or
+    the driver's refusal of the cooperative launch before anything ran."""
+    T, B = projected.shape[:2]
+    H, K = c_all.shape[-1], w_hh.shape[-1]
     barrier_watch.check()  # an earlier launch whose barrier gave up raises here
     # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
-    # The last element is the launch's failure flag.
-    counters = torch.zeros(plan.grid_b + 1, dtype=torch.int32, device=projected.device)
-    _lstm_persistent_fwd_kernel[(plan.grid_h, plan.grid_b)](
+    # One per layer (or direction) and batch group; the last element is the launch's failure flag.
+    counters = torch.zeros(layers * directions * plan.grid_b + 1, dtype=torch.int32, device=projected.device)
+    # The grid's third axis: the directions (independent, so one program each even under the interpreter),
+    # or a stack's layers on a GPU (under the interpreter one program runs them one after another).
+    groups = directions if directions > 1 else layers if projected.device.type == "cuda" else 1
+    _lstm_persistent_fwd_kernel[(plan.grid_h, plan.grid_b, groups)](
         projected,
         w_hh,
         h_all,
@@ -472,9 +476,9 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True):
         gates,
         lengths if lengths is not None else counters,
         counters,
-        counters,  # w_ih_ptr, bias_ptr and out_ptr: read by stacks and bidirectional layers only
-        counters,
-        counters,
+        w_ih_above if w_ih_above is not None else w_hh,  # w_ih_ptr, bias_ptr, out_ptr: read only where given
+        bias_above if bias_above is not None else w_hh,
+        out if out is not None else w_hh,
         T,
         B,
         plan.grid_b,
@@ -490,6 +494,9 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True):
         BLOCK_H=plan.block_h,
         BLOCK_K=plan.block_k,
         SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
+        LAYERS=layers,
+        HAS_BIAS=bias_above is not None,
+        DIRECTIONS=directions,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver
@@ -497,4 +504,4 @@ def _launch(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True):
         # spinning for programs that never get an SM. The interpreter ignores the option.
         launch_cooperative_grid=True,
     )
-    barrier_watch.watch(counters[plan.grid_b:], f"the persistent forward kernel ({plan})")
+    barrier_watch.watch(counters[layers * directions * plan.grid_b:], f"{what} ({plan})")

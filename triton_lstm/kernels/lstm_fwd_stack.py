@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from triton_lstm.kernels import common
-from triton_lstm.kernels.common import barrier_watch, dot_precision
 from triton_lstm.kernels.forward_plans import (
     INTERPRETER_SHARED_MEMORY,
     ForwardPlan,
@@ -32,8 +30,8 @@ from triton_lstm.kernels.forward_plans import (
     plan_stack_fwd,
     stack_disabled,
 )
-from triton_lstm.kernels.lstm_fwd import fp32_tensor_cores
-from triton_lstm.kernels.lstm_fwd_persistent import _lstm_persistent_fwd_kernel
+from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores
+from triton_lstm.kernels.lstm_fwd_persistent import launch_persistent
 
 
 def plan_stack_for(x: torch.Tensor, H: int, layers: int) -> ForwardPlan:
@@ -70,54 +68,9 @@ def lstm_fwd_stack(
     Raises ``OutOfResources`` or the driver's RuntimeError for a refused cooperative launch before
     anything ran (the caller then runs layer by layer).
     """
-    T, B, four_h = projected.shape
-    layers, H = w_hh.shape[0], four_h // 4
-    on_gpu = projected.device.type == "cuda"
-    if not on_gpu and plan.num_programs != 1:
+    if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a stack plan must have one program, got {plan.num_programs}")
-    h_all = torch.empty(layers, T + 1, B, H, dtype=projected.dtype, device=projected.device)
-    c_all = torch.empty(layers, T + 1 if save else 2, B, H, dtype=torch.float32, device=projected.device)
-    gates = torch.empty(layers, T if save else 0, B, four_h, dtype=projected.dtype, device=projected.device)
-    h_all[:, 0] = h0
-    c_all[:, 0] = c0
-    barrier_watch.check()
-    counters = torch.zeros(layers * plan.grid_b + 1, dtype=torch.int32, device=projected.device)
-    grid_l = layers if on_gpu else 1
-    _lstm_persistent_fwd_kernel[(plan.grid_h, plan.grid_b, grid_l)](
-        projected,
-        w_hh,
-        h_all,
-        c_all,
-        gates,
-        lengths if lengths is not None else counters,
-        counters,
-        w_ih_above,
-        bias_above if bias_above is not None else w_ih_above,
-        h_all,  # out_ptr: read by bidirectional layers only
-        T,
-        B,
-        plan.grid_b,
-        H=H,
-        K=H,
-        HAS_LENGTHS=lengths is not None,
-        RESIDENT=False,
-        ONE_TILE=False,
-        SAVE=save,
-        DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
-        GRID_H=plan.grid_h,
-        BLOCK_B=plan.block_b,
-        BLOCK_H=plan.block_h,
-        BLOCK_K=plan.block_k,
-        SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
-        LAYERS=layers,
-        HAS_BIAS=bias_above is not None,
-        num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
-        launch_cooperative_grid=True,
-    )
-    barrier_watch.watch(counters[layers * plan.grid_b:], f"the stacked forward kernel ({plan})")
-    if not save:
-        last = T % 2  # c_slot: c after T steps
-        c_all = c_all[:, last:last + 1]
-    return h_all, c_all, gates
-
+    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[-1], save)
+    launch_persistent(plan, projected, w_hh, *outputs, lengths, save, layers=w_hh.shape[0], w_ih_above=w_ih_above,
+                      bias_above=bias_above, what="the stacked forward kernel")
+    return finished_outputs(outputs, save)
