@@ -56,3 +56,21 @@ def count_calls(monkeypatch, module, names: dict[str, str]) -> dict[str, int]:
             return _fn(*args, **kwargs)
         monkeypatch.setattr(module, name, wrapped)
     return counts
+
+
+def check_double_backward(**module_kwargs):
+    """A second derivative through ``triton_lstm.LSTM(3, 4, **module_kwargs)`` (create_graph=True, then a
+    backward of the gradient's norm) against nn.LSTM's in float64."""
+    import triton_lstm
+
+    torch.manual_seed(0)
+    model = triton_lstm.LSTM(3, 4, device=KERNEL_DEVICE, **module_kwargs)
+    reference = torch.nn.LSTM(3, 4, **module_kwargs).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True)
+    x64 = x.detach().cpu().double().requires_grad_()
+    for module, inp in ((model, x), (reference, x64)):
+        out, _ = module(inp)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), inp, create_graph=True)
+        grad.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-4, atol=1e-5)

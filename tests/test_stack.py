@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from helpers import HAS_CUDA, KERNEL_DEVICE, count_calls, requires_cuda
+from helpers import HAS_CUDA, KERNEL_DEVICE, check_double_backward, count_calls, requires_cuda
 from test_modules import Case, check_against_nn
 
 import triton_lstm
@@ -155,17 +155,7 @@ def test_plan_gives_each_layer_its_share_of_the_sms():
 
 
 def test_double_backward_through_the_stack():
-    torch.manual_seed(0)
-    model = triton_lstm.LSTM(3, 4, num_layers=2, device=KERNEL_DEVICE)
-    reference = torch.nn.LSTM(3, 4, num_layers=2).double()
-    reference.load_state_dict(model.state_dict())
-    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True)
-    x64 = x.detach().cpu().double().requires_grad_()
-    for module, inp in ((model, x), (reference, x64)):
-        out, _ = module(inp)
-        (grad,) = torch.autograd.grad(out.pow(2).sum(), inp, create_graph=True)
-        grad.pow(2).sum().backward()
-    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-4, atol=1e-5)
+    check_double_backward(num_layers=2)
 
 
 @requires_cuda

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from triton_lstm.ops import HAS_TRITON, kernel_device, run_without_autocast, uses_kernels
+from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
 from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference
 
 if HAS_TRITON:
@@ -212,19 +212,15 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
     x, h0, c0, lengths, _, _, _, *weights = ctx.saved_tensors
-    inputs = (x, h0, c0, *weights)
-    needs = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[6:])
-    wanted = [i for i, needed in enumerate(needs) if needed]
-    with torch.enable_grad():
+
+    def outputs():
         w_ih, w_hh, b_ih, b_hh = _split(ctx.has_bias, weights)
         out, h_all, c_all, _ = _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False)
-        outputs = (out, h_all[:, -1], c_all[:, -1].to(x.dtype))
-        grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], (grad_out, grad_h_n, grad_c_n),
-                                    create_graph=True, allow_unused=True)
-    result = [None] * len(inputs)
-    for i, grad in zip(wanted, grads):
-        result[i] = grad
-    return (*result[:3], None, None, None, *result[3:])
+        return out, h_all[:, -1], c_all[:, -1].to(x.dtype)
+
+    needed = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[6:])
+    grads = differentiate(outputs, (x, h0, c0, *weights), needed, (grad_out, grad_h_n, grad_c_n))
+    return (*grads[:3], None, None, None, *grads[3:])
 
 
 def lstm_bidirectional(x: Tensor, h0: Tensor, c0: Tensor, forward_weights, reverse_weights, lengths: Tensor | None, *,

@@ -250,22 +250,27 @@ def input_gradients(grads, has_bias: bool, has_projection: bool) -> tuple:
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
     # The first nine saved tensors are the inputs (triton_lstm/recompute.py's Function saves them too).
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths = ctx.saved_tensors[:9]
-    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    wanted = [i for i, (tensor, needed) in enumerate(zip(inputs, ctx.needs_input_grad)) if needed and tensor is not None]
-    with torch.enable_grad():
+
+    def outputs():
         h_all, c_all, _ = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-        outputs = (h_all[1:], h_all[-1], c_all[-1].to(x.dtype))
-        grads = torch.autograd.grad(
-            outputs,
-            [inputs[i] for i in wanted],
-            (grad_out, grad_h_n, grad_c_n),
-            create_graph=True,
-            allow_unused=True,
-        )
-    result = [None] * len(ctx.needs_input_grad)
+        return h_all[1:], h_all[-1], c_all[-1].to(x.dtype)
+
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    grads = differentiate(outputs, inputs, ctx.needs_input_grad, (grad_out, grad_h_n, grad_c_n))
+    return (*grads, *[None] * (len(ctx.needs_input_grad) - len(inputs)))
+
+
+def differentiate(outputs, inputs, needed, grad_outputs) -> list:
+    """The gradients of ``outputs()`` (recomputed here under grad) against ``inputs``, for a backward with
+    ``create_graph=True``: a list as long as ``inputs``, None where an input is None or not ``needed``."""
+    wanted = [i for i, (tensor, need) in enumerate(zip(inputs, needed)) if need and tensor is not None]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(outputs(), [inputs[i] for i in wanted], grad_outputs, create_graph=True,
+                                    allow_unused=True)
+    result = [None] * len(inputs)
     for i, grad in zip(wanted, grads):
         result[i] = grad
-    return tuple(result)
+    return result
 
 
 def lstm_layer(
