@@ -2,6 +2,7 @@
 
     python benchmarks/tune.py --shape 512 64 256 256 --dtype bf16            # forward and backward
     python benchmarks/tune.py --anchors --mode fwd --budget-s 20 --csv out.csv
+    python benchmarks/tune.py --shape 512 64 512 512 --layers 4          # a stack in one launch
 
 Forward: resident vs streamed W_hh, BLOCK_B, BLOCK_H, BLOCK_K, warps and the batch split (grid_b), each
 candidate run through ``lstm_fwd_persistent`` with an explicit ``ForwardPlan`` and checked against the
@@ -10,7 +11,9 @@ BLOCK_K, warps), persistent schedule, checked against the planner's own tiling. 
 recurrence alone (the input projection and the weight-gradient GEMMs are the same for every candidate),
 with ``triton.testing.do_bench`` medians; cuDNN's whole ``nn.LSTM`` forward is printed beside them as the
 yardstick. A candidate that does not fit (OutOfResources), is refused as a cooperative grid, or gives a
-wrong result is listed as such, never timed. ``--budget-s`` bounds the seconds spent per shape and mode
+wrong result is listed as such, never timed. ``--layers L`` sweeps the stacked kernels instead (all L
+layers in one launch: resident or streamed W, tiles, chunks, warps for the forward, checked against the
+layers run one by one; the backward chain's tile, checked against the planner's). ``--budget-s`` bounds the seconds spent per shape and mode
 (compiles dominate); candidates run in order of the planner's preference, so the default comes first.
 """
 
@@ -191,12 +194,117 @@ def tune_backward(T, B, I, H, dtype, budget_s, rows):
         print(f"  {label:40} {us:8.2f} us/step  {status}", flush=True)
 
 
+def _report(rows, mode, dtype, T, B, I, H, label, status, us, cudnn_us=""):
+    rows.append(dict(mode=mode, dtype=str(dtype).removeprefix("torch."), T=T, B=B, I=I, H=H, candidate=label,
+                     status=status, us_per_step=f"{us:.4g}", cudnn_us_per_step=cudnn_us))
+    print(f"  {label:55} {us:8.2f} us/step  {status}", flush=True)
+
+
+def _timed_if_right(run, expected, tol, T):
+    """(µs per step, status) of ``run``: timed only if its first result is within ``tol`` (relative)."""
+    try:
+        got = run()[0].float()
+        error = (got - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+        if not error <= tol:
+            return float("nan"), f"WRONG (rel error {error:.3g})"
+        return _bench(run) * 1e3 / T, "ok"
+    except Exception as exc:  # noqa: BLE001 (a sweep reports every failure and goes on)
+        return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+
+
+def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows):
+    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack
+
+    device, L = "cuda", layers
+    num_sms, shared = forward_plans._device_limits(0)
+    budget = num_sms // L
+    torch.manual_seed(0)
+    projected = torch.randn(T, B, 4 * H, device=device, dtype=dtype)
+    w_hh = (torch.randn(L, 4 * H, H, device=device) * H**-0.5).to(dtype)
+    w_ih = (torch.randn(L - 1, 4 * H, H, device=device) * H**-0.5).to(dtype)
+    bias = torch.randn(L - 1, 4 * H, device=device, dtype=dtype) * 0.1
+    h0 = torch.zeros(L, B, H, device=device, dtype=dtype)
+    c0 = torch.zeros(L, B, H, device=device, dtype=dtype)
+    default = forward_plans.plan_stack_fwd(T, B, H, L, projected.element_size(), num_sms, shared)
+    run_layers = lambda: fwd.lstm_fwd_persistent(projected, h0[0], c0[0], w_hh[0], None, None)  # noqa: E731
+    single_us = _bench(run_layers) * 1e3 / T
+    reference = torch.nn.LSTM(I, H, num_layers=L, device=device, dtype=dtype)
+    x = torch.randn(T, B, I, device=device, dtype=dtype)
+    with torch.no_grad():
+        cudnn_us = _bench(lambda: reference(x)) * 1e3 / T
+    print(f"stack fwd T{T} B{B} H{H} L{L} {dtype}: cuDNN nn.LSTM {cudnn_us:.2f} us/step, one layer alone (its own "
+          f"plan) {single_us:.2f} us/step; planner: {default}", flush=True)
+    expected = lstm_fwd_stack(projected, h0, c0, w_hh, w_ih, bias, None, default)[0].float() if default.persistent else None
+    candidates = [default] if default.persistent else []
+    k_pad = max(16, 1 << (H - 1).bit_length())
+    for bb, bh, warps in ((16, 16, 4), (32, 16, 4), (16, 32, 4)):  # resident W_ih and W_hh slices
+        if -(-H // bh) <= budget:
+            candidates.append(forward_plans.ForwardPlan(True, "resident", True, bb, bh, k_pad, -(-H // bh), 1, warps))
+    for bb, bh, bk, warps in ((64, 16, 32, 8), (64, 16, 64, 8), (64, 16, 128, 8), (32, 32, 64, 4), (32, 32, 64, 8),
+                              (32, 16, 64, 4), (16, 32, 64, 8), (64, 32, 64, 8)):
+        grid_h = min(-(-H // bh), budget)
+        if bb <= max(16, 1 << (B - 1).bit_length()):
+            grid_b = max(1, min(-(-B // bb), budget // grid_h))
+            candidates.append(forward_plans.ForwardPlan(True, "streamed", False, bb, bh, min(bk, k_pad), grid_h, grid_b, warps))
+    start = time.monotonic()
+    for plan in dict.fromkeys(candidates):
+        if time.monotonic() - start > budget_s:
+            print(f"  budget of {budget_s} s spent; remaining candidates skipped")
+            break
+        label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
+                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x{L}{' (default)' if plan == default else ''}")
+        run = lambda: lstm_fwd_stack(projected, h0, c0, w_hh, w_ih, bias, None, plan)  # noqa: E731
+        us, status = _timed_if_right(run, expected, 3e-2, T) if expected is not None else (float("nan"), "no default")
+        _report(rows, f"stack{L} fwd", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
+
+
+def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows):
+    from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads
+
+    device, L = "cuda", layers
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    torch.manual_seed(0)
+    gates = torch.rand(L, T, B, 4 * H, device=device).to(dtype)
+    gates[..., 2 * H:3 * H] = gates[..., 2 * H:3 * H] * 2 - 1  # g in (-1, 1)
+    c_all = torch.randn(L, T + 1, B, H, device=device)
+    w_hh = (torch.randn(L, 4 * H, H, device=device) * H**-0.5).to(dtype)
+    w_ih = (torch.randn(L - 1, 4 * H, H, device=device) * H**-0.5).to(dtype)
+    grad_out = torch.randn(T, B, H, device=device, dtype=dtype)
+    grad_h = torch.randn(L, B, H, device=device, dtype=dtype)
+    grad_c = torch.randn(L, B, H, device=device, dtype=dtype)
+
+    def run(tiling=None):
+        return lstm_bwd_stack_gate_grads(grad_out, grad_h, grad_c, w_hh, w_ih, None, gates, c_all, tiling)
+
+    planned = run()
+    if planned is None:
+        print(f"stack bwd T{T} B{B} H{H} L{L}: the planner's stacked backward does not run here")
+        return
+    expected = planned[0].float()
+    print(f"stack bwd T{T} B{B} H{H} L{L} {dtype}: planner {_bench(run) * 1e3 / T:.2f} us/step", flush=True)
+    budget = num_sms // L
+    start = time.monotonic()
+    for bb in (16, 32, 64):
+        for bh in (16, 32, 64):
+            for bk in (32, 64, 128):
+                for warps in (4, 8):
+                    if bb > max(16, 1 << (B - 1).bit_length()) or -(-B // bb) * -(-H // bh) > budget:
+                        continue
+                    if time.monotonic() - start > budget_s:
+                        print(f"  budget of {budget_s} s spent; remaining candidates skipped")
+                        return
+                    tiling = (bb, bh, bk, warps)
+                    us, status = _timed_if_right(lambda: run(tiling) or (None,), expected, 3e-2, T)
+                    _report(rows, f"stack{L} bwd", dtype, T, B, I, H, f"bb{bb} bh{bh} bk{bk} w{warps}", status, us)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", nargs=4, type=int, metavar=("T", "B", "I", "H"), action="append", default=[])
     parser.add_argument("--anchors", action="store_true", help="the benchmark's five anchor shapes")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"])
     parser.add_argument("--mode", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"])
+    parser.add_argument("--layers", type=int, default=1, help="> 1: sweep the stacked kernels of this many layers")
     parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)
@@ -211,7 +319,11 @@ def main(argv=None) -> int:
             for T, B, I, H in shapes:
                 T = min(T, args.max_T)
                 for mode in args.mode:
-                    (tune_forward if mode == "fwd" else tune_backward)(T, B, I, H, DTYPES[dtype], args.budget_s, rows)
+                    if args.layers > 1:
+                        sweep = tune_stack_forward if mode == "fwd" else tune_stack_backward
+                        sweep(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows)
+                    else:
+                        (tune_forward if mode == "fwd" else tune_backward)(T, B, I, H, DTYPES[dtype], args.budget_s, rows)
     finally:
         if args.csv and rows:
             with open(args.csv, "w", newline="") as handle:

@@ -8,12 +8,13 @@ import functools
 
 import pytest
 import torch
+import triton
 from helpers import HAS_CUDA, KERNEL_DEVICE, check_double_backward, count_calls, requires_cuda
 from test_modules import Case, check_against_nn
 
 import triton_lstm
 from triton_lstm import stack as stack_module
-from triton_lstm.kernels.forward_plans import plan_stack_fwd
+from triton_lstm.kernels.forward_plans import ForwardPlan, plan_stack_fwd
 
 # The stacked kernel runs 16-bit on a GPU (fp32 stacks spill on sm_90: layer by layer), any kernel dtype
 # under the interpreter (where bf16 arithmetic is wrong).
@@ -42,6 +43,18 @@ def launches(monkeypatch):
 def test_stack_matches_nn_lstm(case, launches):
     check_against_nn(case, DTYPE)
     # check_against_nn runs one forward of ours and its backward: one stacked launch each, no per-layer one.
+    assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
+
+
+@pytest.mark.parametrize("name", ["L3-state", "L4-packed", "L3-odd-H17", "L2-no-bias-batch-first"])
+def test_stack_with_resident_weights_matches_nn_lstm(name, launches, monkeypatch):
+    """The resident variant: each program loads its slices of a layer's W_ih and W_hh once, before the
+    layer's time loop. One program per layer here (its hidden block the whole H), as the interpreter runs it."""
+    case = STACKS[name]
+    width = max(16, triton.next_power_of_2(case.H))
+    plan = ForwardPlan(True, "resident (test)", True, 16, width, width, 1, 1, 4)
+    monkeypatch.setattr(stack_module, "plan_stack_for", lambda x, hidden_size, num_layers: plan)
+    check_against_nn(case, DTYPE)
     assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
 
 

@@ -162,16 +162,26 @@ def recurrent_product_resident(h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, 
     """h_{t-1}·W_hhᵀ for one tile, per gate, from the program's resident W_hh slice (``w_*``: K × BLOCK_H,
     ``offs_k`` the whole K padded). Rows past B and columns past K load as zeros: that is how tl.dot's
     16-wide minimum pads. h_{t-1} was written by other programs: ".cg" loads skip L1."""
+    zero = tl.zeros((rows.shape[0], w_i.shape[1]), dtype=tl.float32)
+    return accumulate_product_resident(zero, zero, zero, zero, h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, w_o,
+                                       K, DOT_PRECISION)
+
+
+@triton.jit
+def accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, w_o,
+                                K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``recurrent_product_resident`` added onto the accumulators ``acc_*`` (a stack's layer adds its input
+    product and its recurrent product onto its gate inputs)."""
     h_blk = tl.load(
         h_prev_ptr + rows[:, None] * K + offs_k[None, :],
         mask=mask_b[:, None] & (offs_k < K)[None, :],
         other=0.0,
         cache_modifier=".cg",
     )
-    acc_i = tl.dot(h_blk, w_i, input_precision=DOT_PRECISION)
-    acc_f = tl.dot(h_blk, w_f, input_precision=DOT_PRECISION)
-    acc_g = tl.dot(h_blk, w_g, input_precision=DOT_PRECISION)
-    acc_o = tl.dot(h_blk, w_o, input_precision=DOT_PRECISION)
+    acc_i = tl.dot(h_blk, w_i, acc_i, input_precision=DOT_PRECISION)
+    acc_f = tl.dot(h_blk, w_f, acc_f, input_precision=DOT_PRECISION)
+    acc_g = tl.dot(h_blk, w_g, acc_g, input_precision=DOT_PRECISION)
+    acc_o = tl.dot(h_blk, w_o, acc_o, input_precision=DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o
 
 

@@ -242,10 +242,12 @@ def plan_stack_fwd(
         base = plan_persistent_fwd(T, B, H, H, element_size, False, 1, shared_memory, True, fp32_tensor_cores,
                                    allow_resident=False)
         return ForwardPlan(True, reason, False, base.block_b, base.block_h, min(base.block_k, 64), 1, 1, base.num_warps)
-    # Tiles of 16 × 32 (64-wide K chunks) or 64 × 16 (32-wide) on 8 warps: what compiles without spills
-    # for the stack's two products on sm_90 under Triton 3.6 and 3.9 (benchmarks/compile_check.py
-    # --kernel stack). 32-row tiles spilled 40-72 bytes with 4 or 8 warps, 128-wide chunks up to 56,
-    # 64 × 16 tiles over 64-wide chunks 56-72 under Triton 3.6 (H = 512 and 768, 3-4 layers).
+    # Tiles of 16 × 32 or 64 × 16 on 8 warps, 64-wide K chunks: what compiles without spills for the
+    # stack's two products on sm_90 under Triton 3.6 and 3.9 (benchmarks/compile_check.py --kernel
+    # stack). 32-row tiles spilled 40-72 bytes with 4 or 8 warps, 128-wide chunks up to 688; 64 × 16
+    # tiles take 32-wide chunks where H is not a power of two (64-wide: 72 bytes under Triton 3.6 at
+    # H = 768, 4 layers). Measured on an H200 (tune.py --layers 4, (T, B, H) = (128, 64, 512), bf16):
+    # 64-wide chunks 11.9 µs per step, 32-wide 14.5, 128-wide 11.1 but spilling 88 bytes under 3.6.
     budget = num_sms // layers
     block_b = 16 if B <= 32 else 64
     block_h = 32 if block_b == 16 else 16
@@ -258,7 +260,8 @@ def plan_stack_fwd(
         return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program on "
                                   f"{budget} SMs per layer; layer by layer")
     grid_b = max(1, min(triton.cdiv(B, block_b), budget // grid_h))
-    return ForwardPlan(True, reason, False, block_b, block_h, min(32 if block_b == 64 else 64, k_pad), grid_h, grid_b, 8)
+    block_k = 32 if block_b == 64 and H & (H - 1) else 64
+    return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, 8)
 
 
 def plan_bidirectional_fwd(T: int, B: int, H: int, element_size: int, num_sms: int, shared_memory: int,

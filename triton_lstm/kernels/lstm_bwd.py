@@ -301,10 +301,10 @@ def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str, max_tile: int =
 
 def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2, whole_module: bool = False) -> dict:
     """BLOCK_K and num_warps of the gate-gradient kernel for a tile of BLOCK_B × BLOCK_H. ``whole_module``:
-    the stacked and the bidirectional launches (tiles of at most 1024 elements), which need 8 warps and
-    64-wide chunks from 1024-element tiles: with 4 warps 64 × 16 tiles spilled 280 bytes under Triton 3.6
-    (stack, H = 256), with 128-wide chunks 32 × 32 tiles 32-40 bytes under Triton 3.9 (stack), and fp32
-    64 × 16 tiles 40 bytes with 4 warps (both directions, H = 64)."""
+    the stacked and the bidirectional launches (tiles of at most 1024 elements), which below H = 512 (and
+    in fp32) need 8 warps and 64-wide chunks from 1024-element tiles: with 4 warps 64 × 16 tiles spilled
+    280 bytes under Triton 3.6 (stack, H = 256), with 128-wide chunks 32 × 32 tiles 24-40 bytes (stack,
+    H = 256), and fp32 64 × 16 tiles 40 bytes with 4 warps (both directions, H = 64)."""
     # 128-wide chunks of the 4H gate columns in 16-bit: faster than 64 at all five anchor shapes on an
     # H200 (tune.py, bf16: 7.6 against 8.5 µs/step at H = 256, 22.0 against 29.7 at H = 2048); 64 in
     # fp32 (FMA dots), where 128 spills under Triton 3.4 (64-row tiles). Eight warps from 64 × 32 tiles,
@@ -313,6 +313,11 @@ def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2
     large = block_b * block_h >= (1024 if whole_module else 2048)
     widest = 128 if element_size < 4 else 64 if 4 * H >= 256 else 32
     if whole_module and large:
+        if element_size < 4 and H >= 512:
+            # 128-wide chunks on four warps, as a single layer's tiles of this size: a 4-layer stack's
+            # chain at (T, B, H) = (128, 64, 512) took 17.8 µs per step against 23.5 with 64-wide chunks
+            # on eight (H200, bf16, tune.py --layers 4); both compile without spills from H = 512 up.
+            return dict(BLOCK_K=128, num_warps=4)
         widest = min(widest, 64)
     return dict(BLOCK_K=max(16, min(widest, triton.next_power_of_2(4 * H))), num_warps=8 if large else 4)
 
@@ -406,7 +411,14 @@ def _grad_h0(grad_gates: torch.Tensor, w_hh: torch.Tensor, dh: torch.Tensor, len
     recurrent products accumulate. ``grad_gates`` (T, B, 4H) with ``w_hh`` (4H, H), or with a leading axis
     of layers or directions on both (and on ``dh``)."""
     acc = accumulate_dtype(w_hh.dtype)
-    recurrent0 = torch.matmul(grad_gates[..., 0, :, :].to(acc), w_hh.to(acc)).to(torch.float32)
+    first = grad_gates[..., 0, :, :].to(acc)
+    if w_hh.dim() == 2:
+        recurrent0 = torch.matmul(first, w_hh.to(acc))
+    else:
+        # One plain product per layer or direction: on an H200 the batched fp32 one, (2, 17, 4096)·(2, 4096,
+        # 1024), was 7× less accurate than two plain ones (2.6e-6 against 3.5e-7, past PyTorch's own error).
+        recurrent0 = torch.stack([torch.matmul(g, w.to(acc)) for g, w in zip(first, w_hh)])
+    recurrent0 = recurrent0.to(torch.float32)
     if lengths is None:
         return recurrent0
     return torch.where((lengths > 0).unsqueeze(1), recurrent0, dh)
@@ -421,6 +433,7 @@ def lstm_bwd_stack_gate_grads(
     lengths: torch.Tensor | None,
     gates: torch.Tensor,
     c_all: torch.Tensor,
+    tiling: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The sequential part of a stack's backward in one persistent launch (a reverse wavefront: the top
     layer leads, layer l takes its gradient of h_t from dG^{l+1}_t·W_ih^{l+1} in the kernel).
@@ -429,10 +442,11 @@ def lstm_bwd_stack_gate_grads(
     ``gates``, ``c_all``: per layer, stacked (L, …), as the stacked forward saved them; ``w_ih_above``
     (L - 1, 4H, H). Returns ``(grad_gates (L, T, B, 4H), grad_h0 (L, B, H) fp32, grad_c0 (L, B, H) fp32)``,
     or None when the layers' tiles do not fit the SMs at once, the kernel does not fit the device or the
-    driver refuses the cooperative launch (nothing ran: the caller goes layer by layer).
+    driver refuses the cooperative launch (nothing ran: the caller goes layer by layer). ``tiling`` =
+    (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's (``benchmarks/tune.py --layers``).
     """
     return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all,
-                               layers=gates.shape[0], what="the stacked backward kernel")
+                               layers=gates.shape[0], what="the stacked backward kernel", tiling=tiling)
 
 
 def lstm_bwd_bidirectional_gate_grads(
@@ -458,7 +472,7 @@ def lstm_bwd_bidirectional_gate_grads(
 
 
 def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all, *, layers=1,
-                        directions=1, what):
+                        directions=1, what, tiling=None):
     """The chain kernel over a leading axis of ``layers`` (a stack, ``LAYERS``) or ``directions`` (both
     directions of a layer, ``DIRECTIONS``), in one persistent launch; None where it cannot run."""
     groups, T, B, four_h = gates.shape
@@ -467,13 +481,17 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count // groups if device.type == "cuda" else None
     if num_sms is not None and num_sms < 1:
         return None
-    try:
-        # Tiles of at most 1024 elements: with the product from the layer above, 64 × 32 and 64 × 64 tiles
-        # spilled 96-280 bytes on sm_90 (bf16, H = 256, a stack); see also bwd_launch_options.
-        _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent", max_tile=1024)
-    except ValueError:
-        return None
-    options = bwd_launch_options(H, block_b, block_h, w_hh.element_size(), whole_module=True)
+    if tiling is not None:
+        block_b, block_h, block_k, num_warps = tiling
+        options = dict(BLOCK_K=block_k, num_warps=num_warps)
+    else:
+        try:
+            # Tiles of at most 1024 elements: with the product from the layer above, 64 × 32 and 64 × 64
+            # tiles spilled 96-280 bytes on sm_90 (bf16, H = 256, a stack); see also bwd_launch_options.
+            _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent", max_tile=1024)
+        except ValueError:
+            return None
+        options = bwd_launch_options(H, block_b, block_h, w_hh.element_size(), whole_module=True)
     grad_gates = torch.empty(groups, T, B, four_h, dtype=dtype, device=device)
     dh = grad_h_n.to(torch.float32, copy=True).contiguous()
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()

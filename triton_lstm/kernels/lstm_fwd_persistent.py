@@ -60,6 +60,7 @@ from triton.runtime.errors import OutOfResources
 
 from triton_lstm.kernels import common
 from triton_lstm.kernels.common import (
+    accumulate_product_resident,
     accumulate_product_streamed,
     barrier_watch,
     dot_precision,
@@ -138,7 +139,7 @@ def _lstm_persistent_fwd_kernel(
     # Set once a barrier gave up: from then on this program stops waiting and its h is NaN.
     failed = tl.program_id(0) < 0  # False (built this way: older interpreters lack tl.full of int1)
 
-    if RESIDENT:
+    if RESIDENT and LAYERS == 1:
         # One hidden block per program (GRID_H == NUM_H_BLOCKS): its W_hh slice, loaded once, as the
         # transposed (K × BLOCK_H) right operand of the four gate products.
         res_offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -146,10 +147,7 @@ def _lstm_persistent_fwd_kernel(
         res_offs_k = tl.arange(0, BLOCK_K)
         w_ptrs = w_hh_ptr + res_offs_h.to(tl.int64)[None, :] * K + res_offs_k[:, None]
         w_mask = (res_offs_k < K)[:, None] & res_mask_h[None, :]
-        w_i = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        w_f = tl.load(w_ptrs + H * K, mask=w_mask, other=0.0)
-        w_g = tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0)
-        w_o = tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0)
+        w_i, w_f, w_g, w_o = _load_four_gate_slices(w_ptrs, w_mask, H * K)
 
     if LAYERS > 1:
         # The stack: the grid's third axis is the layer (a single program under the interpreter, which
@@ -158,7 +156,7 @@ def _lstm_persistent_fwd_kernel(
             failed = _stack_layer(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
-                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS,
+                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -226,8 +224,11 @@ def _lstm_persistent_fwd_kernel(
 def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                  T, B, grid_b, pid_h, pid_b, failed, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr):
-    """All T steps of one layer of a stack, W streamed, this program's tiles (a wavefront across layers).
+                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
+                 RESIDENT: tl.constexpr):
+    """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
+    in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
+    slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
 
     Layer 0 reads its input projection from ``projected``; layer l > 0 forms it here, from the layer
     below's h_t (in that layer's h_all) and its own W_ih, next to the recurrent product. Before step t,
@@ -252,6 +253,15 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
     bias_layer = bias_ptr + (lay - 1) * 4 * H
     counter_ptr = counters_ptr + layer * grid_b + pid_b
     failed_ptr = counters_ptr + LAYERS * grid_b
+    if RESIDENT:
+        # The transposed (K × BLOCK_H) right operands of the eight gate products; layer 0 has no W_ih here
+        # (its input product is in ``projected``): masked off, never read.
+        offs_k = tl.arange(0, BLOCK_K)
+        res_offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        w_offsets = res_offs_h.to(tl.int64)[None, :] * H + offs_k[:, None]
+        w_mask = (offs_k < H)[:, None] & (res_offs_h < H)[None, :]
+        hh_i, hh_f, hh_g, hh_o = _load_four_gate_slices(w_hh_layer + w_offsets, w_mask, H * H)
+        ih_i, ih_f, ih_g, ih_o = _load_four_gate_slices(w_ih_layer + w_offsets, w_mask & (layer > 0), H * H)
     for t in range(T):
         step = tl.full((), t, tl.int64)
         if layer > 0:
@@ -283,16 +293,28 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                         acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                         acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                         acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
-                        acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, rows, mask_b, offs_h,
-                        mask_h, H, H, DOT_PRECISION, BLOCK_K
-                    )
+                    if RESIDENT:
+                        acc_i, acc_f, acc_g, acc_o = accumulate_product_resident(
+                            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, rows, mask_b, offs_k,
+                            ih_i, ih_f, ih_g, ih_o, H, DOT_PRECISION
+                        )
+                    else:
+                        acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
+                            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, rows, mask_b,
+                            offs_h, mask_h, H, H, DOT_PRECISION, BLOCK_K
+                        )
                 else:
                     acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
-                acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
-                    acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, rows, mask_b, offs_h, mask_h, H,
-                    H, DOT_PRECISION, BLOCK_K
-                )
+                if RESIDENT:
+                    acc_i, acc_f, acc_g, acc_o = accumulate_product_resident(
+                        acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, rows, mask_b, offs_k, hh_i, hh_f, hh_g,
+                        hh_o, H, DOT_PRECISION
+                    )
+                else:
+                    acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
+                        acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, rows, mask_b, offs_h, mask_h,
+                        H, H, DOT_PRECISION, BLOCK_K
+                    )
                 zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # the gate inputs are in the accumulators
                 h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
                 _update_and_store_h(
@@ -303,6 +325,17 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
         if not failed:
             failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
     return failed
+
+
+@triton.jit
+def _load_four_gate_slices(ptrs, mask, GATE_STRIDE: tl.constexpr):
+    """A program's resident slices of the four gates' rows of a (4H, K) weight: at ``ptrs`` (gate i's)
+    and GATE_STRIDE (H·K), 2·GATE_STRIDE, 3·GATE_STRIDE elements after them."""
+    w_i = tl.load(ptrs, mask=mask, other=0.0)
+    w_f = tl.load(ptrs + GATE_STRIDE, mask=mask, other=0.0)
+    w_g = tl.load(ptrs + 2 * GATE_STRIDE, mask=mask, other=0.0)
+    w_o = tl.load(ptrs + 3 * GATE_STRIDE, mask=mask, other=0.0)
+    return w_i, w_f, w_g, w_o
 
 
 @triton.jit
