@@ -85,12 +85,15 @@ fi
 if [ "${PROFILE:-0}" = "1" ]; then
   # Per-kernel device time of a training step at the shapes that miss a target, ours and cuDNN's; then
   # Nsight Compute on one persistent-forward launch at H = 1024 (throughputs, stall reasons).
-  stage "profile" "${PROFILE_LIMIT:-60}" profile.log "$PY" benchmarks/profile_step.py
+  # PROFILE_ARGS / NCU_ARGS choose the shapes (e.g. "--shape 512 64 512 512 --layers 4": a stack).
+  # shellcheck disable=SC2086 (the arguments are meant to split)
+  stage "profile" "${PROFILE_LIMIT:-60}" profile.log "$PY" benchmarks/profile_step.py ${PROFILE_ARGS:-}
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [ -n "$NCU" ]; then
+    # shellcheck disable=SC2086
     stage "ncu" "${PROFILE_LIMIT:-60}" ncu.log "$NCU" --clock-control none -k regex:persistent --launch-skip 3 \
       --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section LaunchStats "$PY" benchmarks/profile_step.py --ncu --shape 256 64 1024 1024
+      --section LaunchStats "$PY" benchmarks/profile_step.py --ncu ${NCU_ARGS:---shape 256 64 1024 1024}
   fi
 fi
 

@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py                           # the anchor shapes that miss a target
     python benchmarks/profile_step.py --shape 256 64 1024 1024  # one shape
+    python benchmarks/profile_step.py --shape 512 64 512 512 --layers 4   # a 4-layer stack
     ncu --clock-control none -k regex:persistent --launch-skip 3 --launch-count 1 \\
         python benchmarks/profile_step.py --shape 256 64 1024 1024 --ncu   # forward only, few launches
 
@@ -31,10 +32,10 @@ from triton_lstm.benchmark import DTYPES  # noqa: E402
 MISSED = [(256, 64, 1024, 1024), (128, 256, 512, 512), (256, 16, 2048, 2048)]
 
 
-def models(I, H, dtype):
+def models(I, H, dtype, layers=1):
     torch.manual_seed(0)
-    theirs = nn.LSTM(I, H, device="cuda", dtype=dtype)
-    ours = triton_lstm.LSTM(I, H, device="cuda", dtype=dtype)
+    theirs = nn.LSTM(I, H, num_layers=layers, device="cuda", dtype=dtype)
+    ours = triton_lstm.LSTM(I, H, num_layers=layers, device="cuda", dtype=dtype)
     ours.load_state_dict(theirs.state_dict())
     return {"triton_lstm": ours, "cudnn": theirs}
 
@@ -59,11 +60,11 @@ def kernel_table(model, x, grad, calls):
     return totals, counts
 
 
-def profile_shape(T, B, I, H, dtype, calls):
+def profile_shape(T, B, I, H, dtype, calls, layers=1):
     x = torch.randn(T, B, I, device="cuda", dtype=dtype)
     grad = torch.randn(T, B, H, device="cuda", dtype=dtype)
-    print(f"\n## T {T}, B {B}, I {I}, H {H}, {dtype}: forward+backward, device time in µs per time step")
-    for name, model in models(I, H, dtype).items():
+    print(f"\n## T {T}, B {B}, I {I}, H {H}, {layers} layer(s), {dtype}: forward+backward, device time in µs per time step")
+    for name, model in models(I, H, dtype, layers).items():
         totals, counts = kernel_table(model, x, grad, calls)
         whole = sum(totals.values()) / calls / T
         print(f"{name}: {whole:.2f} µs/step of kernels in all")
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", nargs=4, type=int, metavar=("T", "B", "I", "H"), action="append")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--ncu", action="store_true", help="only run a few forwards (under Nsight Compute)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -85,14 +87,14 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     for T, B, I, H in args.shape or MISSED:
         if args.ncu:
-            model = models(I, H, dtype)["triton_lstm"]
+            model = models(I, H, dtype, args.layers)["triton_lstm"]
             x = torch.randn(T, B, I, device="cuda", dtype=dtype)
             with torch.no_grad():
                 for _ in range(5):
                     model(x)
             torch.cuda.synchronize()
         else:
-            profile_shape(T, B, I, H, dtype, args.calls)
+            profile_shape(T, B, I, H, dtype, args.calls, args.layers)
     return 0
 
 

@@ -245,9 +245,10 @@ def plan_stack_fwd(
     # Tiles of 16 × 32 or 64 × 16 on 8 warps, 64-wide K chunks: what compiles without spills for the
     # stack's two products on sm_90 under Triton 3.6 and 3.9 (benchmarks/compile_check.py --kernel
     # stack). 32-row tiles spilled 40-72 bytes with 4 or 8 warps, 128-wide chunks up to 688; 64 × 16
-    # tiles take 32-wide chunks where H is not a power of two (64-wide: 72 bytes under Triton 3.6 at
-    # H = 768, 4 layers). Measured on an H200 (tune.py --layers 4, (T, B, H) = (128, 64, 512), bf16):
-    # 64-wide chunks 11.9 µs per step, 32-wide 14.5, 128-wide 11.1 but spilling 88 bytes under 3.6.
+    # tiles take 32-wide chunks where H is not a power of two or a program owns several hidden blocks
+    # (64-wide ones spilled 56-72 bytes under Triton 3.6: H = 768, and H = 512 on 28 SMs per layer).
+    # Measured on an H200 (tune.py --layers 4, (T, B, H) = (128, 64, 512), bf16): 64-wide chunks 11.9 µs
+    # per step, 32-wide 14.5, 128-wide 11.1 but spilling 88 bytes under Triton 3.6.
     budget = num_sms // layers
     block_b = 16 if B <= 32 else 64
     block_h = 32 if block_b == 16 else 16
@@ -260,7 +261,8 @@ def plan_stack_fwd(
         return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program on "
                                   f"{budget} SMs per layer; layer by layer")
     grid_b = max(1, min(triton.cdiv(B, block_b), budget // grid_h))
-    block_k = 32 if block_b == 64 and H & (H - 1) else 64
+    one_block_each = grid_h == num_h_blocks
+    block_k = 64 if block_b < 64 or (one_block_each and not H & (H - 1)) else 32
     return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, 8)
 
 
