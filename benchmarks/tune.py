@@ -127,21 +127,10 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows):
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
                  f"w{plan.num_warps} s{plan.num_stages} grid {plan.grid_h}x{plan.grid_b}"
                  f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{' (default)' if plan.reason == 'default' else ''}")
-        try:
-            h_all, c_all, gates = fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)
-            torch.cuda.synchronize()
-            error = (h_all.float() - expected).abs().max().item()
-            if not error <= tol:
-                status, us = f"WRONG (max error {error:.3g})", float("nan")
-            else:
-                us = _bench(lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)) * 1e3 / T
-                status = "ok"
-        except Exception as exc:  # noqa: BLE001 (a sweep reports every failure and goes on)
-            status, us = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}", float("nan")
+        run = lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)  # noqa: E731
+        us, status = _timed_if_right(run, expected, tol, T)
         results.append((us, label, status))
-        rows.append(dict(mode="fwd", dtype=str(dtype).removeprefix("torch."), T=T, B=B, I=I, H=H, candidate=label,
-                         status=status, us_per_step=f"{us:.4g}", cudnn_us_per_step=f"{cudnn_us:.4g}"))
-        print(f"  {label:55} {us:8.2f} us/step  {status}", flush=True)
+        _report(rows, "fwd", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
     timed = sorted(r for r in results if r[0] == r[0])
     if timed:
         print(f"  best: {timed[0][1]} {timed[0][0]:.2f} us/step = {cudnn_us / timed[0][0]:.2f}x cuDNN", flush=True)
@@ -179,19 +168,9 @@ def tune_backward(T, B, I, H, dtype, budget_s, rows):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
-        try:
-            got = run(tiling, "persistent")[0].float()
-            error = (got - expected).abs().max().item() / max(1.0, expected.abs().max().item())
-            if not error <= (3e-2 if dtype != torch.float32 else 1e-4):
-                status, us = f"WRONG (rel error {error:.3g})", float("nan")
-            else:
-                status, us = "ok", _bench(lambda: run(tiling, "persistent")) * 1e3 / T
-        except Exception as exc:  # noqa: BLE001
-            status, us = f"{type(exc).__name__}", float("nan")
+        us, status = _timed_if_right(lambda: run(tiling, "persistent"), expected, 3e-2 if dtype != torch.float32 else 1e-4, T)
         label = f"bb{tiling[0]} bh{tiling[1]} bk{tiling[2]} w{tiling[3]}{' (default)' if tiling == default else ''}"
-        rows.append(dict(mode="bwd", dtype=str(dtype).removeprefix("torch."), T=T, B=B, I=I, H=H, candidate=label,
-                         status=status, us_per_step=f"{us:.4g}", cudnn_us_per_step=""))
-        print(f"  {label:40} {us:8.2f} us/step  {status}", flush=True)
+        _report(rows, "bwd", dtype, T, B, I, H, label, status, us)
 
 
 def _report(rows, mode, dtype, T, B, I, H, label, status, us, cudnn_us=""):

@@ -8,8 +8,9 @@ The kernel is the persistent forward's (``lstm_fwd_persistent.py``), with ``LAYE
 a third axis, the layer, and each layer's programs run ``_stack_layer`` there. Layer 0 reads the input
 projection x·W_ih⁰ᵀ + b⁰ computed for all steps beforehand (one GEMM, as for a single layer); a layer
 above forms its input product h^{l-1}_t·W_ihˡᵀ in the kernel, since h^{l-1}_t does not exist before the
-launch. W is streamed from L2 (both products), never resident: each program runs one layer on the GPU,
-but under Triton's interpreter the single program runs every layer. The outputs are every layer's
+launch. The planner streams W from L2 (both products); a resident variant (each program's W_ih and W_hh
+slices loaded once per layer) is there for ``benchmarks/tune.py --layers``, and was no faster on an H200
+(run 8 in benchmarks/NOTES.md). The outputs are every layer's
 ``(h_all, c_all, gates)`` stacked, each layer's exactly as the single-layer forward lays it out, so the
 backward runs layer by layer on them (``triton_lstm/ops.py``).
 
