@@ -53,33 +53,35 @@ def _kernel_and_signature(config: dict):
 
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
                      "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32",
-                     "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "T": "i32", "B": "i32",
-                     "grid_b": "i32"}
+                     "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "w_ch_ptr": f"*{dtype}",
+                     "T": "i32", "B": "i32", "grid_b": "i32"}
         constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
                          ONE_TILE=int(config.get("one_tile", False)), SAVE=int(config.get("save", True)),
                          DOT_PRECISION=config.get("precision", "ieee"),
                          GRID_H=config["grid_h"], BLOCK_B=config["block_b"],
                          BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], SPIN_LIMIT=BARRIER_SPIN_LIMIT,
                          LAYERS=config.get("layers", 1), HAS_BIAS=int(config.get("layers", 1) > 1),
-                         DIRECTIONS=config.get("directions", 1))
+                         DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
-                     "gates_ptr": f"*{dtype}", "m_ptr": f"*{dtype}", "lengths_ptr": "*i32", "t": "i32", "B": "i32"}
+                     "gates_ptr": f"*{dtype}", "m_ptr": f"*{dtype}", "lengths_ptr": "*i32", "w_ch_ptr": f"*{dtype}",
+                     "t": "i32", "B": "i32"}
         constants = dict(H=config["H"], K=config["K"], HAS_LENGTHS=1, PROJECT=int(config["K"] != config["H"]), SAVE=1,
-                         DOT_PRECISION=config.get("precision", "ieee"), BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"])
+                         DOT_PRECISION=config.get("precision", "ieee"), BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
+                         PEEPHOLE=int(config.get("peephole", False)))
     else:
         from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel as kernel
 
         signature = {"grad_out_ptr": f"*{dtype}", "gates_ptr": f"*{dtype}", "c_ptr": "*fp32", "w_hh_ptr": f"*{dtype}",
                      "lengths_ptr": "*i32", "grad_gates_ptr": f"*{dtype}", "dh_ptr": "*fp32", "dc_ptr": "*fp32",
-                     "counter_ptr": "*i32", "w_ih_above_ptr": f"*{dtype}", "T": "i32", "B": "i32", "t_start": "i32",
+                     "counter_ptr": "*i32", "w_ih_above_ptr": f"*{dtype}", "w_ch_ptr": f"*{dtype}", "T": "i32", "B": "i32", "t_start": "i32",
                      "n_steps": "i32", "seg_start": "i32"}
         constants = dict(H=config["H"], HAS_LENGTHS=1, USE_BARRIER=int(config["resident"]), DOT_PRECISION="ieee",
                          BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
                          SPIN_LIMIT=BARRIER_SPIN_LIMIT, LAYERS=config.get("layers", 1),
-                         DIRECTIONS=config.get("directions", 1))
+                         DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)))
     signature.update({name: "constexpr" for name in constants})
     return kernel, signature, constants
 

@@ -150,12 +150,12 @@ def test_resident_out_of_resources_retries_streamed(monkeypatch):
     launched, buffers = [], []
     real_launch = persistent.launch_persistent
 
-    def launch(plan, projected, w_hh, h_all, *args):
+    def launch(plan, projected, w_hh, h_all, *args, **options):
         launched.append(plan.resident)
         buffers.append(h_all.data_ptr())
         if plan.resident:
             raise OutOfResources(300_000, 232_448, "shared memory")
-        return real_launch(plan, projected, w_hh, h_all, *args)
+        return real_launch(plan, projected, w_hh, h_all, *args, **options)
 
     monkeypatch.setattr(persistent, "launch_persistent", launch)
     monkeypatch.setattr(persistent, "_downgrades", {})
@@ -176,7 +176,7 @@ def test_refused_cooperative_launch_falls_back_to_per_step(monkeypatch):
 
     calls, refused = [], []
     real = persistent.lstm_fwd
-    monkeypatch.setattr(persistent, "launch_persistent", lambda *args: refused.append(1) or refuse())
+    monkeypatch.setattr(persistent, "launch_persistent", lambda *args, **kwargs: refused.append(1) or refuse())
     monkeypatch.setattr(persistent, "lstm_fwd", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     monkeypatch.setattr(persistent, "_downgrades", {})
     inputs, lengths = _problem(3, 2, 3, 5, torch.float32, with_lengths=True)
@@ -186,7 +186,7 @@ def test_refused_cooperative_launch_falls_back_to_per_step(monkeypatch):
     _run(inputs, lengths, torch.float32, None)
     assert calls == [1, 1] and refused == [1], "a refused plan is not launched again"
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise RuntimeError("some other launch error")
 
     monkeypatch.setattr(persistent, "launch_persistent", fail)

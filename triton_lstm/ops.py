@@ -99,11 +99,12 @@ def recurrence_fwd(
     w_hr: Tensor | None,
     lengths: Tensor | None,
     save: int = 1,
+    w_ch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward of one layer and direction: returns ``(h_all, c_all, gates)`` (layout in reference.py).
 
     ``save`` 0: an inference forward, whose outputs the backward cannot use: no per-step state is
-    kept, c_all is (1, B, H) holding c_T and gates is (0, B, 4H).
+    kept, c_all is (1, B, H) holding c_T and gates is (0, B, 4H). ``w_ch`` (3H,): peephole weights.
     """
     if uses_kernels(x):
         projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
@@ -117,15 +118,16 @@ def recurrence_fwd(
                 None if w_hr is None else w_hr.contiguous(),
                 None if lengths is None else lengths.to(torch.int32),
                 save=bool(save),
+                w_ch=None if w_ch is None else w_ch.contiguous(),
             )
-    h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch)
     if not save:
         return h_all, c_all[-1:].clone(), gates[:0].clone()
     return h_all, c_all, gates
 
 
 @recurrence_fwd.register_fake
-def _recurrence_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save=1):
+def _recurrence_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save=1, w_ch=None):
     T, B = x.shape[0], x.shape[1]
     H = w_hh.shape[0] // 4
     h_all = x.new_empty(T + 1, B, w_hh.shape[1])
@@ -148,22 +150,25 @@ def recurrence_bwd(
     c_all: Tensor,
     lengths: Tensor | None,
     use_reference: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward of one layer and direction: gradients of x, h0, c0, W_ih, W_hh, the bias and W_hr.
+    w_ch: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of one layer and direction: gradients of x, h0, c0, W_ih, W_hh, the bias, W_hr and the
+    peephole weights w_ch.
 
-    Without a projection the W_hr gradient is an empty tensor (custom ops cannot return None).
+    Without a projection the W_hr gradient is an empty tensor (custom ops cannot return None), and so is
+    the w_ch gradient without peepholes.
     Where the kernels run, the fused backward (kernels/lstm_bwd.py) unless ``use_reference`` is 1
     (``backward="reference"``).
     """
     backward = lstm_bwd if uses_kernels(x) and not use_reference else lstm_recurrence_backward_reference
     with kernel_device(x):
-        grads = backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths)
-    grad_w_hr = grads[6] if grads[6] is not None else x.new_empty(0)
-    return (*grads[:6], grad_w_hr)
+        grads = backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, w_ch)
+    return (*grads[:6], *(grad if grad is not None else x.new_empty(0) for grad in grads[6:]))
 
 
-def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr):
-    """Shapes of the backward ops' outputs (this op's and the recompute one's): contiguous, as every
+def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, w_ch=None):
+    """Shapes of the backward ops' outputs (this op's and the recompute one's, which has no w_ch
+    gradient: ``w_ch`` False): contiguous, as every
     implementation returns them whatever the inputs' strides (a batch_first x is a transposed view;
     Inductor checks the real strides against these)."""
     return (
@@ -174,12 +179,14 @@ def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr):
         w_hh.new_empty(w_hh.shape),
         w_ih.new_empty(w_ih.shape[0]),
         w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty(0),
+        *([] if w_ch is False else [w_ch.new_empty(w_ch.shape) if w_ch is not None else x.new_empty(0)]),
     )
 
 
 @recurrence_bwd.register_fake
-def _recurrence_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, use_reference=0):
-    return backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr)
+def _recurrence_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, use_reference=0,
+                         w_ch=None):
+    return backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, w_ch)
 
 
 _autocast_library = torch.library.Library("triton_lstm", "FRAGMENT")
@@ -213,27 +220,29 @@ class LSTMRecurrence(torch.autograd.Function):
     """out, h_n, c_n = LSTM(x) for one layer and direction, with the input projection inside."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, use_reference=0):
-        h_all, c_all, gates = torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, gates, h_all, c_all)
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, use_reference=0, w_ch=None):
+        h_all, c_all, gates = torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                                                   1, w_ch)
+        # The inputs first (_differentiable_backward reads the first ten), then the activations.
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch, gates, h_all, c_all)
         ctx.use_reference = use_reference
         return h_all[1:], h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, gates, h_all, c_all = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch, gates, h_all, c_all = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: a second derivative will be taken, so differentiate the reference.
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
-        grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = torch.ops.triton_lstm.recurrence_bwd(
-            grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, ctx.use_reference
+        grads = torch.ops.triton_lstm.recurrence_bwd(
+            grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, ctx.use_reference, w_ch
         )
-        grads = (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr)
-        return (*input_gradients(grads, b_ih is not None, w_hr is not None), None, None)
+        return (*input_gradients(grads[:7], b_ih is not None, w_hr is not None), None, None,
+                grads[7] if w_ch is not None else None)
 
 
 def input_gradients(grads, has_bias: bool, has_projection: bool) -> tuple:
-    """The backward ops' seven outputs as gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)."""
+    """The backward ops' first seven outputs as gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)."""
     grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
     return (
         grad_x,
@@ -248,16 +257,22 @@ def input_gradients(grads, has_bias: bool, has_projection: bool) -> tuple:
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
-    # The first nine saved tensors are the inputs (triton_lstm/recompute.py's Function saves them too).
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths = ctx.saved_tensors[:9]
+    # The first ten saved tensors are the inputs (triton_lstm/recompute.py's Function saves them too, with
+    # no w_ch); the Function's arguments after them are lengths, one or two options, then (here) w_ch.
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch = ctx.saved_tensors[:10]
 
     def outputs():
-        h_all, c_all, _ = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+        h_all, c_all, _ = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch)
         return h_all[1:], h_all[-1], c_all[-1].to(x.dtype)
 
     inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    grads = differentiate(outputs, inputs, ctx.needs_input_grad, (grad_out, grad_h_n, grad_c_n))
-    return (*grads, *[None] * (len(ctx.needs_input_grad) - len(inputs)))
+    needed = ctx.needs_input_grad
+    grads = differentiate(outputs, (*inputs, w_ch), (*needed[:len(inputs)], w_ch is not None and needed[-1]),
+                          (grad_out, grad_h_n, grad_c_n))
+    result = [*grads[:len(inputs)], *[None] * (len(needed) - len(inputs))]
+    if w_ch is not None:
+        result[-1] = grads[-1]
+    return tuple(result)
 
 
 def differentiate(outputs, inputs, needed, grad_outputs) -> list:
@@ -286,6 +301,7 @@ def lstm_layer(
     *,
     backward: str = "fused",
     recompute_interval: int = 0,
+    w_ch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, over time-major ``x`` (T, B, I).
 
@@ -295,19 +311,22 @@ def lstm_layer(
 
     ``backward``: "fused" (the fused Triton backward where the kernels run) or "reference" (the
     plain-PyTorch backward). ``recompute_interval`` k > 0 saves only (h, c) every k steps for the
-    backward, which recomputes the rest segment by segment (triton_lstm/recompute.py).
+    backward, which recomputes the rest segment by segment (triton_lstm/recompute.py). ``w_ch`` (3H,):
+    peephole weights (w_ci, w_cf, w_co), without a projection or recompute.
     """
     check_backward_options(backward, recompute_interval)
+    if w_ch is not None and (w_hr is not None or recompute_interval > 0):
+        raise ValueError("peephole weights work without proj_size and recompute_interval only")
     use_reference = int(backward == "reference")
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         # torch.func (grad, vjp, jacrev, vmap): the plain-PyTorch recurrence, which those transforms
         # differentiate and batch like any PyTorch code (our autograd.Function and custom ops are opaque).
-        h_all, c_all, _ = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+        h_all, c_all, _ = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch)
         return h_all[1:], h_all[-1], c_all[-1].to(x.dtype)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))):
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch))):
         # Nothing will be differentiated (no_grad, inference_mode, or no input requiring grad): an
         # inference forward keeps no per-step gates or c, only the output and the final state.
-        h_all, c_all, _ = torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 0)
+        h_all, c_all, _ = torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 0, w_ch)
         return h_all[1:], h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)
     if recompute_interval > 0:
         from triton_lstm.recompute import LSTMRecurrenceRecompute  # imports this module
@@ -315,7 +334,7 @@ def lstm_layer(
         return LSTMRecurrenceRecompute.apply(
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, recompute_interval, use_reference
         )
-    return LSTMRecurrence.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, use_reference)
+    return LSTMRecurrence.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, use_reference, w_ch)
 
 
 BACKWARDS = ("fused", "reference")

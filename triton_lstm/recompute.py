@@ -110,7 +110,7 @@ def recurrence_bwd_recompute(
         dh, dc = grads[1], grads[2]
         weight_grads = [None if g is None else g.to(acc) for g in grads[3:]]
         sums = weight_grads if sums is None else [None if s is None else s + g for s, g in zip(sums, weight_grads)]
-    grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = sums
+    grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = sums[:4]  # no peepholes here (the modules refuse them)
     return (
         grad_x,
         dh,
@@ -126,7 +126,7 @@ def recurrence_bwd_recompute(
 def _recurrence_bwd_recompute_fake(
     grad_out, grad_h_n, grad_c_n, x, h_checkpoints, c_checkpoints, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, interval, use_reference
 ):
-    return backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr)
+    return backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, w_ch=False)
 
 
 run_without_autocast("recurrence_bwd_recompute")
@@ -142,8 +142,9 @@ class LSTMRecurrenceRecompute(torch.autograd.Function):
         # Copies, so that c_all and gates are freed when the forward returns (h_all lives on as the output).
         h_checkpoints = h_all[0:T:interval].clone()
         c_checkpoints = c_all[0:T:interval].clone()
-        # The inputs first, in ops.LSTMRecurrence's order: ops._differentiable_backward reads them.
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h_checkpoints, c_checkpoints)
+        # The inputs first, in ops.LSTMRecurrence's order (no peephole weights: None in w_ch's place):
+        # ops._differentiable_backward reads them.
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, None, h_checkpoints, c_checkpoints)
         ctx.interval = interval
         ctx.use_reference = use_reference
         return h_all[1:], h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)
@@ -153,7 +154,7 @@ class LSTMRecurrenceRecompute(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: a second derivative will be taken, so differentiate the reference.
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h_checkpoints, c_checkpoints = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _, h_checkpoints, c_checkpoints = ctx.saved_tensors
         grads = torch.ops.triton_lstm.recurrence_bwd_recompute(
             grad_out, grad_h_n, grad_c_n, x, h_checkpoints, c_checkpoints,
             w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.interval, ctx.use_reference,

@@ -6,6 +6,9 @@ One layer, one direction. Every function here works on the same saved layout as 
 - ``c_all``  (T + 1, B, H): c0 followed by c_1 … c_T, in fp32 (fp64 for fp64 inputs);
 - ``gates``  (T, B, 4H): the gate activations sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), in the input dtype.
 
+``w_ch`` (3H,), optional: peephole weights (i, f, o) — i and f also see w_ci ⊙ c_{t-1} and w_cf ⊙ c_{t-1},
+o sees w_co ⊙ c_t (Gers, Schraudolph & Schmidhuber 2002).
+
 ``lengths`` (B,), optional, gives each sequence's length: past its end a sequence's state is carried
 unchanged and its gates are stored as zero, which is how packed sequences run.
 """
@@ -44,6 +47,7 @@ def lstm_recurrence_reference(
     b_hh: Tensor | None,
     w_hr: Tensor | None = None,
     lengths: Tensor | None = None,
+    w_ch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Runs the recurrence step by step; returns ``(h_all, c_all, gates)``.
 
@@ -54,13 +58,17 @@ def lstm_recurrence_reference(
     projected = input_projection(x, w_ih, b_ih, b_hh).to(acc)
     w_hh = w_hh.to(acc)
     w_hr = None if w_hr is None else w_hr.to(acc)
+    w_ci, w_cf, w_co = (None, None, None) if w_ch is None else w_ch.to(acc).chunk(3)
     h_prev, c_prev = h0, c0.to(acc)
     hs, cs, acts = [h0], [c_prev], []
     for t in range(x.shape[0]):
         pre = projected[t] + h_prev.to(acc) @ w_hh.t()
         i, f, g, o = pre.chunk(4, dim=1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        if w_ch is not None:
+            i, f = i + w_ci * c_prev, f + w_cf * c_prev
+        i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
         c = f * c_prev + i * g
+        o = torch.sigmoid(o if w_ch is None else o + w_co * c)
         m = o * torch.tanh(c)
         h = (m if w_hr is None else m @ w_hr.t()).to(dtype)
         act = torch.cat([i, f, g, o], dim=1)
@@ -88,12 +96,13 @@ def lstm_recurrence_backward_reference(
     h_all: Tensor,
     c_all: Tensor,
     lengths: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    w_ch: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Backpropagation through time from the saved activations.
 
     ``grad_out`` is the gradient of ``h_all[1:]``, ``grad_h_n`` / ``grad_c_n`` those of the final states.
-    Returns the gradients of x, h0, c0, W_ih, W_hh, the bias (b_ih and b_hh get the same one) and W_hr
-    (None without a projection). Only the per-step chain is a loop; the weight and input gradients are
+    Returns the gradients of x, h0, c0, W_ih, W_hh, the bias (b_ih and b_hh get the same one), W_hr
+    (None without a projection) and the peephole weights w_ch (None without them). Only the per-step chain is a loop; the weight and input gradients are
     single GEMMs over all time steps.
     """
     dtype = x.dtype
@@ -106,6 +115,7 @@ def lstm_recurrence_backward_reference(
     grad_h_steps = torch.empty(T, B, h_all.shape[2], dtype=acc, device=x.device) if w_hr is not None else None
     dh = grad_h_n.to(acc)
     dc = grad_c_n.to(acc)
+    w_ci, w_cf, w_co = (None, None, None) if w_ch is None else w_ch.to(acc).chunk(3)
     for t in reversed(range(T)):
         dh = dh + grad_out[t].to(acc)
         i, f, g, o = gates[t].to(acc).chunk(4, dim=1)
@@ -116,18 +126,17 @@ def lstm_recurrence_backward_reference(
         else:
             grad_h_steps[t] = dh
             dm = dh @ w_hr_acc
+        d_o = dm * tanh_c * o * (1 - o)
         dc_cell = dc + dm * o * (1 - tanh_c * tanh_c)
-        d_pre = torch.cat(
-            [
-                dc_cell * g * i * (1 - i),
-                dc_cell * c_prev * f * (1 - f),
-                dc_cell * i * (1 - g * g),
-                dm * tanh_c * o * (1 - o),
-            ],
-            dim=1,
-        )
+        if w_ch is not None:
+            dc_cell = dc_cell + d_o * w_co  # o saw w_co ⊙ c_t
+        d_i = dc_cell * g * i * (1 - i)
+        d_f = dc_cell * c_prev * f * (1 - f)
+        d_pre = torch.cat([d_i, d_f, dc_cell * i * (1 - g * g), d_o], dim=1)
         dh_prev = d_pre @ w_hh_acc
         dc_prev = dc_cell * f
+        if w_ch is not None:
+            dc_prev = dc_prev + d_i * w_ci + d_f * w_cf  # i and f saw c_{t-1}
         if lengths is not None:
             # Past a sequence's end its state was carried unchanged: the gradient passes straight through.
             valid = (t < lengths).unsqueeze(1)
@@ -150,6 +159,7 @@ def lstm_recurrence_backward_reference(
         m_all = o_all * torch.tanh(c_all[1:].to(acc))
         grad_w_hr = grad_h_steps.reshape(T * B, h_all.shape[2]).t() @ m_all.reshape(T * B, H)
         grad_w_hr = grad_w_hr.to(w_hr.dtype)
+    grad_w_ch = None if w_ch is None else peephole_grad(grad_pre, c_all.to(acc)).to(w_ch.dtype)
     return (
         grad_x.to(dtype),
         dh.to(dtype),
@@ -158,4 +168,15 @@ def lstm_recurrence_backward_reference(
         grad_w_hh.to(w_hh.dtype),
         grad_bias.to(w_ih.dtype),
         grad_w_hr,
+        grad_w_ch,
     )
+
+
+def peephole_grad(grad_gates: Tensor, c_all: Tensor) -> Tensor:
+    """The gradient of the peephole weights (3H,) from the pre-activation gate gradients ``grad_gates``
+    (T, B, 4H) and the cell states ``c_all`` (T + 1, B, H): Σ dI ⊙ c_{t-1}, Σ dF ⊙ c_{t-1}, Σ dO ⊙ c_t
+    over steps and rows, in c_all's dtype. Past a sequence's end the gate gradients are zero already."""
+    H = c_all.shape[-1]
+    d_i, d_f, _, d_o = grad_gates.to(c_all.dtype).split(H, dim=-1)
+    c_prev, c = c_all[:-1], c_all[1:]
+    return torch.cat([(d_i * c_prev).sum((0, 1)), (d_f * c_prev).sum((0, 1)), (d_o * c).sum((0, 1))])

@@ -304,6 +304,8 @@ def lstm_cell_update(
     HAS_LENGTHS: tl.constexpr,
     CARRY_H: tl.constexpr,
     SAVE: tl.constexpr,
+    w_ch_ptr,
+    PEEPHOLE: tl.constexpr,
 ):
     """Gates, cell update and their stores for one (batch block × hidden block) tile of step ``step``.
 
@@ -312,14 +314,24 @@ def lstm_cell_update(
     returns (o⊙tanh(c_t), c_t) in fp32 for the caller to store (as h_t, or as m_t before a projection).
     Past a sequence's end the state is carried: c_t = c_{t-1}, gates zero, and with CARRY_H the returned
     value is h_{t-1} (without it the caller carries h itself, after its projection). Without SAVE (an
-    inference forward) the gates are not stored and c goes to one of two slots (``c_slot``).
+    inference forward) the gates are not stored and c goes to one of two slots (``c_slot``). With PEEPHOLE,
+    ``w_ch_ptr`` holds the peephole weights (w_ci, w_cf, w_co), each H long: i and f also see c_{t-1}, o
+    sees c_t.
     """
     mask_bh = mask_b[:, None] & mask_h[None, :]
-    i = sigmoid(acc_i + x_i)
-    f = sigmoid(acc_f + x_f)
+    pre_i = acc_i + x_i
+    pre_f = acc_f + x_f
+    if PEEPHOLE:
+        pre_i += tl.load(w_ch_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :] * c_prev
+        pre_f += tl.load(w_ch_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :] * c_prev
+    i = sigmoid(pre_i)
+    f = sigmoid(pre_f)
     g = tanh(acc_g + x_g)
-    o = sigmoid(acc_o + x_o)
     c = f * c_prev + i * g
+    pre_o = acc_o + x_o
+    if PEEPHOLE:
+        pre_o += tl.load(w_ch_ptr + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :] * c
+    o = sigmoid(pre_o)
     h = o * tanh(c)
     if HAS_LENGTHS:
         valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]

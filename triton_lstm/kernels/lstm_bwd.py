@@ -66,7 +66,7 @@ from triton_lstm.kernels.common import (
     unless_refused,
     wait_for,
 )
-from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
+from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference, peephole_grad
 
 SCHEDULES = ("auto", "persistent", "per_step")
 
@@ -83,6 +83,7 @@ def _lstm_bwd_kernel(
     dc_ptr,  # (B, H) fp32 in/out: the same for c (both per layer for a stack)
     counter_ptr,  # (LAYERS + 1,) int32 zeros at launch: a barrier counter per layer, then the failure flag
     w_ih_above_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, …
+    w_ch_ptr,  # PEEPHOLE: (3H,) the peephole weights (w_ci, w_cf, w_co); one layer and direction only
     T,
     B,
     t_start,  # first (latest) step this launch runs; it runs t_start, t_start-1, … for n_steps steps
@@ -98,7 +99,9 @@ def _lstm_bwd_kernel(
     SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up (grid_barrier)
     LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers, the grid's second axis (a reverse wavefront)
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's second axis
+    PEEPHOLE: tl.constexpr = False,
 ):
+    tl.static_assert(not PEEPHOLE or (LAYERS == 1 and DIRECTIONS == 1), "peepholes: one layer and direction")
     if DIRECTIONS > 1:
         # Each direction's chain on its own buffers (stacked per direction, step-indexed) with its own
         # barrier counter; the reverse direction reads its output gradient walking time backwards.
@@ -108,7 +111,7 @@ def _lstm_bwd_kernel(
                lengths_ptr, grad_gates_ptr + d * T * B * 4 * H, dh_ptr + d * B * H, dc_ptr + d * B * H,
                counter_ptr + direction, counter_ptr + 2, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start,
                n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT,
-               False, direction, 2)
+               False, direction, 2, w_ch_ptr, False)
     elif LAYERS > 1:
         # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
         # step for the same t. Under the interpreter one program runs the layers top to bottom.
@@ -120,11 +123,12 @@ def _lstm_bwd_kernel(
                    counter_ptr + layer, counter_ptr + LAYERS, grad_gates_ptr + (lay + 1) * T * B * 4 * H,
                    w_ih_above_ptr + lay * 4 * H * H, counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start,
                    n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
-                   SPIN_LIMIT, True, 0, 1)
+                   SPIN_LIMIT, True, 0, 1, w_ch_ptr, False)
     else:
         _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr,
                counter_ptr + 1, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start, n_steps, seg_start, H,
-               HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, False, 0, 1)
+               HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, False, 0, 1, w_ch_ptr,
+               PEEPHOLE)
 
 
 @triton.jit
@@ -149,12 +153,14 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
            above_grad_gates_ptr, w_ih_above_ptr, above_counter_ptr, from_above, T, B, t_start, n_steps, seg_start,
            H: tl.constexpr, HAS_LENGTHS: tl.constexpr, USE_BARRIER: tl.constexpr, DOT_PRECISION: tl.constexpr,
            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr,
-           STACKED: tl.constexpr, direction, DIRECTIONS: tl.constexpr):
+           STACKED: tl.constexpr, direction, DIRECTIONS: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr):
     """The reverse-time chain of one layer on this program's tile. With STACKED and ``from_above`` (a
     layer under the top of a stack) the gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, formed here once the
     layer above has passed its barrier of the same step, instead of read from ``grad_out``. With
     DIRECTIONS = 2 ``grad_out`` is the bidirectional layer's (T, B, 2H), read at this direction's columns
-    and, for the reverse direction, at time len_b − 1 − t in step t."""
+    and, for the reverse direction, at time len_b − 1 − t in step t. With PEEPHOLE the cell gradient also
+    flows through the peepholes (``w_ch_ptr``: w_ci, w_cf, w_co): dc_t gets dO·w_co, dc_{t-1} dI·w_ci +
+    dF·w_cf."""
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
     offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -174,6 +180,10 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     # Set once a barrier gave up: from then on this program stops waiting and writes NaN.
     failed = tl.program_id(0) < 0  # False (built this way: older interpreters lack tl.full of int1)
     dc = tl.load(dc_ptr + state_offs, mask=mask_bh, other=0.0)
+    if PEEPHOLE:
+        w_ci = tl.load(w_ch_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        w_cf = tl.load(w_ch_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        w_co = tl.load(w_ch_ptr + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
     for s in range(n_steps):
         t = t_start - s
         step = t.to(tl.int64)
@@ -218,20 +228,25 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
         c = tl.load(c_ptr + (local + 1) * B * H + state_offs, mask=mask_bh, other=0.0)
         c_prev = tl.load(c_ptr + local * B * H + state_offs, mask=mask_bh, other=0.0)
         tanh_c = tanh(c)
+        d_o = dh * tanh_c * o * (1.0 - o)
         dc_cell = dc + dh * o * (1.0 - tanh_c * tanh_c)
+        if PEEPHOLE:
+            dc_cell += d_o * w_co
         d_i = dc_cell * g * i * (1.0 - i)
         d_f = dc_cell * c_prev * f * (1.0 - f)
         d_g = dc_cell * i * (1.0 - g * g)
-        d_o = dh * tanh_c * o * (1.0 - o)
+        dc_prev = dc_cell * f
+        if PEEPHOLE:
+            dc_prev += d_i * w_ci + d_f * w_cf
         if HAS_LENGTHS:
             ran = step < lengths
             d_i = tl.where(ran, d_i, 0.0)
             d_f = tl.where(ran, d_f, 0.0)
             d_g = tl.where(ran, d_g, 0.0)
             d_o = tl.where(ran, d_o, 0.0)
-            dc = tl.where(ran, dc_cell * f, dc)
+            dc = tl.where(ran, dc_prev, dc)
         else:
-            dc = dc_cell * f
+            dc = dc_prev
         d_i = tl.where(failed, float("nan"), d_i)
         d_f = tl.where(failed, float("nan"), d_f)
         d_g = tl.where(failed, float("nan"), d_g)
@@ -331,6 +346,7 @@ def lstm_bwd_gate_grads(
     segments: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
     schedule: str = "auto",
     tiling: tuple[int, int, int, int] | None = None,
+    w_ch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sequential part of the backward (no projection): returns ``(grad_gates, grad_h0, grad_c0)``.
 
@@ -344,7 +360,8 @@ def lstm_bwd_gate_grads(
     ``grad_gates`` (T, B, 4H) holds the pre-activation gate gradients in the input dtype (zero past a
     sequence's end); ``grad_h0`` / ``grad_c0`` are fp32. ``lengths`` is int32 on the device or None.
     ``tiling`` = (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's tile (``benchmarks/tune.py``);
-    a persistent schedule with it must keep the tiles within the SM count.
+    a persistent schedule with it must keep the tiles within the SM count. ``w_ch`` (3H,): the layer's
+    peephole weights.
     """
     T, B, H = grad_out.shape
     dtype, device = w_hh.dtype, w_hh.device
@@ -373,12 +390,14 @@ def lstm_bwd_gate_grads(
         BLOCK_B=block_b,
         BLOCK_H=block_h,
         SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
+        PEEPHOLE=w_ch is not None,
         **options,
     )
     lengths_arg = lengths if lengths is not None else counter
     for t0, gates, c in segments:
         L = gates.shape[0]
-        args = (grad_out, gates.contiguous(), c.contiguous(), w_hh, lengths_arg, grad_gates, dh, dc, counter, w_hh, T, B)
+        args = (grad_out, gates.contiguous(), c.contiguous(), w_hh, lengths_arg, grad_gates, dh, dc, counter, w_hh,
+                w_ch if w_ch is not None else w_hh, T, B)
         if schedule == "persistent":
             barrier_watch.check()  # an earlier launch whose barrier gave up raises here
             counter.zero_()  # the barrier's targets count from zero in every launch
@@ -504,7 +523,7 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
     def launch():
         _lstm_bwd_kernel[grid](
             grad_out.contiguous(), gates, c_all, w_hh, lengths if lengths is not None else counters, grad_gates, dh, dc,
-            counters, w_ih_above, T, B, T - 1, T, 0, H=H, HAS_LENGTHS=lengths is not None, USE_BARRIER=True,
+            counters, w_ih_above, w_hh, T, B, T - 1, T, 0, H=H, HAS_LENGTHS=lengths is not None, USE_BARRIER=True,
             DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b, BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
             LAYERS=layers, DIRECTIONS=directions, launch_cooperative_grid=True, **options,
         )
@@ -528,10 +547,12 @@ def lstm_bwd(
     h_all: torch.Tensor,
     c_all: torch.Tensor,
     lengths: torch.Tensor | None,
+    w_ch: torch.Tensor | None = None,
     schedule: str = "auto",
 ):
     """Fused backward of one layer and direction; same arguments and outputs as
-    ``lstm_recurrence_backward_reference``: gradients of x, h0, c0, W_ih, W_hh, the bias and W_hr.
+    ``lstm_recurrence_backward_reference``: gradients of x, h0, c0, W_ih, W_hh, the bias, W_hr and the
+    peephole weights w_ch.
 
     With a projection (``w_hr`` not None) it runs the reference backward: the fused kernel has no W_hr.
     ``schedule``: "auto" (persistent where the tiles fit the SMs, else one launch per step),
@@ -540,16 +561,18 @@ def lstm_bwd(
     if w_hr is not None or gates.numel() == 0:
         # An empty batch or hidden size leaves nothing to launch over.
         return lstm_recurrence_backward_reference(
-            grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths
+            grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, w_ch
         )
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int32)
     grad_gates, grad_h0, grad_c0 = lstm_bwd_gate_grads(
-        grad_out, grad_h_n, grad_c_n, w_hh, lengths, [(0, gates, c_all)], schedule
+        grad_out, grad_h_n, grad_c_n, w_hh, lengths, [(0, gates, c_all)], schedule, w_ch=w_ch
     )
     grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih)
+    grad_w_ch = None if w_ch is None else peephole_grad(grad_gates, c_all).to(w_ch.dtype)
     dtype = x.dtype
-    return grad_x, grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_bias, None
+    return (grad_x, grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_bias, None,
+            grad_w_ch)
 
 
 def weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: torch.Tensor, w_ih: torch.Tensor,

@@ -33,6 +33,7 @@ def _lstm_step_fwd_kernel(
     gates_ptr,  # (T, B, 4H)
     m_ptr,  # (B, H) scratch for o⊙tanh(c) when PROJECT, before h = m·W_hrᵀ
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
+    w_ch_ptr,  # (3H,) peephole weights (w_ci, w_cf, w_co), read when PEEPHOLE
     t,
     B,
     H: tl.constexpr,
@@ -44,6 +45,7 @@ def _lstm_step_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PEEPHOLE: tl.constexpr = False,
 ):
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -62,7 +64,7 @@ def _lstm_step_fwd_kernel(
     h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS and not PROJECT, SAVE)
     m, _ = lstm_cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, not PROJECT, SAVE,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, not PROJECT, SAVE, w_ch_ptr, PEEPHOLE,
     )
     state_offs = rows[:, None] * H + offs_h[None, :]
     if PROJECT:
@@ -131,12 +133,14 @@ def lstm_fwd(
     lengths: torch.Tensor | None,
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     save: bool = True,
+    w_ch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)``.
 
     All tensors are contiguous and on one device; ``lengths`` is int32 on that device. ``outputs``:
     buffers from ``allocate_forward_outputs`` to fill (a persistent launch that fell back hands over its
-    own), else new ones. Without ``save``: an inference forward (see ``finished_outputs``).
+    own), else new ones. Without ``save``: an inference forward (see ``finished_outputs``). ``w_ch`` (3H,):
+    peephole weights (no projection then).
     """
     T, B, four_h = projected.shape
     H = four_h // 4
@@ -161,6 +165,7 @@ def lstm_fwd(
             gates,
             m,
             lengths if lengths is not None else h_all,
+            w_ch if w_ch is not None else h_all,
             t,
             B,
             H=H,
@@ -172,6 +177,7 @@ def lstm_fwd(
             BLOCK_B=block_b,
             BLOCK_H=block_h,
             BLOCK_K=block_k,
+            PEEPHOLE=w_ch is not None,
         )
         if project:
             h_new = torch.matmul(m, w_hr.t())

@@ -96,6 +96,7 @@ def _lstm_persistent_fwd_kernel(
     w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``)
     bias_ptr,  # LAYERS > 1 and HAS_BIAS: (LAYERS - 1, 4H), b_ih + b_hh of layers 1, 2, …
     out_ptr,  # DIRECTIONS == 2: (T, B, 2H), the layer's output, both directions in time order
+    w_ch_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co); one layer and direction only
     T,
     B,
     grid_b,  # batch groups (the grid's second axis); not a constexpr, so a new batch size does not recompile
@@ -114,7 +115,9 @@ def _lstm_persistent_fwd_kernel(
     LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers in one launch (a wavefront, see _stack_layer)
     HAS_BIAS: tl.constexpr = False,  # LAYERS > 1: bias_ptr holds the biases of layers 1, 2, …
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
+    PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
 ):
+    tl.static_assert(not PEEPHOLE or (LAYERS == 1 and DIRECTIONS == 1), "peepholes: one layer and direction")
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
@@ -180,7 +183,7 @@ def _lstm_persistent_fwd_kernel(
             h_own, c_own = _update_and_store_h(
                 acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                 step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
-                out_ptr, times, direction, DIRECTIONS,
+                out_ptr, times, direction, DIRECTIONS, w_ch_ptr, PEEPHOLE,
             )
             # (The last step reloads its own inputs rather than read past the end.)
             next_step = tl.minimum(step + 1, T - 1)
@@ -205,7 +208,7 @@ def _lstm_persistent_fwd_kernel(
                     )
                     _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
-                               out_ptr, T, direction, DIRECTIONS)
+                               out_ptr, T, direction, DIRECTIONS, w_ch_ptr, PEEPHOLE)
                 else:
                     for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
                         offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -215,7 +218,7 @@ def _lstm_persistent_fwd_kernel(
                         )
                         _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                                    step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed,
-                                   out_ptr, T, direction, DIRECTIONS)
+                                   out_ptr, T, direction, DIRECTIONS, w_ch_ptr, PEEPHOLE)
             if not failed:
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
 
@@ -320,7 +323,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                 _update_and_store_h(
                     acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer, gates_layer,
                     lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE, failed,
-                    h_layer, step, 0, 1,
+                    h_layer, step, 0, 1, w_hh_layer, False,
                 )
         if not failed:
             failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
@@ -341,7 +344,8 @@ def _load_four_gate_slices(ptrs, mask, GATE_STRIDE: tl.constexpr):
 @triton.jit
 def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-               SAVE: tl.constexpr, failed, out_ptr, T, direction, DIRECTIONS: tl.constexpr):
+               SAVE: tl.constexpr, failed, out_ptr, T, direction, DIRECTIONS: tl.constexpr, w_ch_ptr,
+               PEEPHOLE: tl.constexpr):
     """The cell update of one tile with its inputs and state read from memory, and its h_t store."""
     mask_bh = mask_b[:, None] & mask_h[None, :]
     times = _time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
@@ -350,7 +354,7 @@ def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_pt
     _update_and_store_h(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr, lengths_ptr,
         step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed, out_ptr, times, direction,
-        DIRECTIONS,
+        DIRECTIONS, w_ch_ptr, PEEPHOLE,
     )
 
 
@@ -385,13 +389,13 @@ def _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: t
 def _update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr,
                         lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr,
                         HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, failed, out_ptr, times, direction,
-                        DIRECTIONS: tl.constexpr):
+                        DIRECTIONS: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr):
     """The cell update of one tile (gates and c stored by ``lstm_cell_update``) and its h_t store, NaN
     once the program's barrier gave up; returns (h_t, c_t) in fp32. A bidirectional layer also stores
     h_t into its output at ``times`` (rows that ran this step only: the rest stays zero)."""
     h, c = lstm_cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE, w_ch_ptr, PEEPHOLE,
     )
     h = tl.where(failed, float("nan"), h)
     h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
@@ -445,9 +449,10 @@ def lstm_fwd_persistent(
     lengths: torch.Tensor | None,
     plan: ForwardPlan | None = None,
     save: bool = True,
+    w_ch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)`` exactly as
-    ``lstm_fwd`` does. Persistent when ``plan`` (by default ``plan_for`` the tensors) says so, else, and
+    ``lstm_fwd`` does (``w_ch``: peephole weights, as there). Persistent when ``plan`` (by default ``plan_for`` the tensors) says so, else, and
     whenever the persistent kernel does not compile within the device's resources, ``lstm_fwd``.
     Without ``save``, an inference forward: no per-step gates or c (``finished_outputs``).
 
@@ -457,7 +462,7 @@ def lstm_fwd_persistent(
     if plan is None:
         plan = plan_for(projected, w_hh, w_hr)
     if not plan.persistent or projected.numel() == 0:
-        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, save=save)
+        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, save=save, w_ch=w_ch)
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
     key = (plan, projected.dtype, projected.device)
@@ -465,7 +470,7 @@ def lstm_fwd_persistent(
     outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save)
     while plan.persistent:
         try:
-            launch_persistent(plan, projected, w_hh, *outputs, lengths, save)
+            launch_persistent(plan, projected, w_hh, *outputs, lengths, save, w_ch=w_ch)
             return finished_outputs(outputs, save)
         except OutOfResources:
             # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
@@ -474,7 +479,7 @@ def lstm_fwd_persistent(
             if not refused_cooperative_launch(error):
                 raise
             plan = _downgrades[key] = _downgraded(plan, out_of_resources=False)
-    return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, outputs, save)
+    return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, outputs, save, w_ch)
 
 
 def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengths=None, save=True):
@@ -487,10 +492,11 @@ def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengt
 
 
 def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True, *, layers=1, directions=1,
-                      w_ih_above=None, bias_above=None, out=None, what="the persistent forward kernel"):
+                      w_ih_above=None, bias_above=None, out=None, w_ch=None, what="the persistent forward kernel"):
     """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
     one layer and direction, a stack of ``layers`` (with ``w_ih_above``, ``bias_above``: lstm_fwd_stack.py)
-    or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py). Raises OutOfResources or
+    or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: one layer's
+    peephole weights (3H,). Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
     T, B = projected.shape[:2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
@@ -512,6 +518,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         w_ih_above if w_ih_above is not None else w_hh,  # w_ih_ptr, bias_ptr, out_ptr: read only where given
         bias_above if bias_above is not None else w_hh,
         out if out is not None else w_hh,
+        w_ch if w_ch is not None else w_hh,
         T,
         B,
         plan.grid_b,
@@ -530,6 +537,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         LAYERS=layers,
         HAS_BIAS=bias_above is not None,
         DIRECTIONS=directions,
+        PEEPHOLE=w_ch is not None,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver
