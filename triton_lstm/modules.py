@@ -111,6 +111,23 @@ def _check_input_tensor(x: Tensor, weight: Tensor, input_size: int, cls: str) ->
         raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {x.shape[-1]}")
 
 
+def _check_peephole(peephole, proj_size: int, recompute_interval: int) -> None:
+    """Validates ``peephole=`` (ValueError naming the argument), as nn validates its own arguments."""
+    if not isinstance(peephole, bool):
+        raise ValueError(f"peephole must be a bool, got {peephole!r}")
+    if peephole and proj_size > 0:
+        raise ValueError("peephole=True is not supported with proj_size > 0")
+    if peephole and recompute_interval:
+        raise ValueError("peephole=True is not supported with recompute_interval > 0")
+
+
+def _init_like_lstm(weight: Tensor, hidden_size: int) -> None:
+    """nn.LSTM's initialization of every parameter: U(-1/√hidden_size, 1/√hidden_size)."""
+    bound = 1.0 / hidden_size**0.5 if hidden_size > 0 else 0.0
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+
+
 def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
@@ -155,6 +172,11 @@ class LSTM(nn.RNNBase):
         recompute_interval (keyword only, ours): k > 0 saves (h, c) every k steps only and recomputes
             the gates segment by segment in the backward (less memory, one more forward); 0 (default)
             saves every activation. Neither applies on the CPU path (ATen's own backward).
+        peephole (keyword only, ours): if True, peephole connections (Gers, Schraudolph & Schmidhuber
+            2002): i_t and f_t also see w_ci ⊙ c_{t-1} and w_cf ⊙ c_{t-1}, o_t sees w_co ⊙ c_t, with one
+            parameter ``weight_ch_l[k]`` (3·hidden_size: w_ci, w_cf, w_co) per layer and direction.
+            Not with proj_size > 0 or recompute_interval. Default: False (nn.LSTM's parameters and
+            state_dict exactly). On the CPU a peephole LSTM runs the plain-PyTorch recurrence.
 
     Inputs: input, (h_0, c_0)
         - **input**: (L, N, H_in), (N, L, H_in) with ``batch_first``, (L, H_in) unbatched, or a
@@ -174,7 +196,9 @@ class LSTM(nn.RNNBase):
     Attributes:
         weight_ih_l[k], weight_hh_l[k], bias_ih_l[k], bias_hh_l[k], weight_hr_l[k] (and the
         ``_reverse`` ones): exactly nn.LSTM's, initialized from U(-√k, √k) with k = 1/hidden_size.
-        backward_mode, recompute_interval: our two options, plain attributes outside the state_dict.
+        weight_ch_l[k] (and ``_reverse``), with ``peephole=True`` only: (3·hidden_size), the same
+        initialization, drawn after nn.LSTM's parameters (so those match nn.LSTM's for the same seed).
+        backward_mode, recompute_interval, peephole: our options, plain attributes outside the state_dict.
 
     Without a gradient to take (``torch.no_grad``, ``inference_mode``, nothing requiring grad) the
     forward keeps no per-step activations. ``torch.compile(fullgraph=True)``, autocast, CUDA graphs,
@@ -205,8 +229,10 @@ class LSTM(nn.RNNBase):
         *,
         backward: str = "fused",
         recompute_interval: int = 0,
+        peephole: bool = False,
     ) -> None:
         check_backward_options(backward, recompute_interval)
+        _check_peephole(peephole, proj_size, recompute_interval)
         super().__init__(
             "LSTM",
             input_size,
@@ -222,6 +248,18 @@ class LSTM(nn.RNNBase):
         )
         self.backward_mode = backward
         self.recompute_interval = recompute_interval
+        self.peephole = peephole
+        if peephole:
+            for layer in range(num_layers):
+                for suffix in ("", "_reverse")[: 2 if bidirectional else 1]:
+                    name = f"weight_ch_l{layer}{suffix}"
+                    self.register_parameter(name, nn.Parameter(torch.empty(3 * hidden_size, device=device, dtype=dtype)))
+                    _init_like_lstm(getattr(self, name), hidden_size)
+
+    def _peephole_weights(self, layer: int, direction: int) -> Tensor | None:
+        if not getattr(self, "peephole", False):
+            return None
+        return getattr(self, f"weight_ch_l{layer}" + ("_reverse" if direction == 1 else ""))
 
     def _layer_weights(self, layer: int, direction: int):
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
@@ -280,13 +318,15 @@ class LSTM(nn.RNNBase):
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
 
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
+        peepholes = [[self._peephole_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
         autocast_dtype = _autocast_dtype(x.device.type)
         if autocast_dtype is not None:
             # As nn.LSTM under autocast: compute in the autocast dtype; the fp32 weights get fp32 gradients.
             x, h0, c0 = x.to(autocast_dtype), h0.to(autocast_dtype), c0.to(autocast_dtype)
             weights = [[[None if w is None else w.to(autocast_dtype) for w in ws] for ws in layer] for layer in weights]
+            peepholes = [[None if w is None else w.to(autocast_dtype) for w in layer] for layer in peepholes]
 
-        if _runs_aten(x):
+        if _runs_aten(x) and not getattr(self, "peephole", False):
             # The CPU without Triton's interpreter: the very ATen LSTM that nn.LSTM runs (its oneDNN
             # kernels, its backward), all layers and directions in one call.
             flat_weights = [w for layer in weights for direction in layer for w in direction if w is not None]
@@ -341,7 +381,7 @@ class LSTM(nn.RNNBase):
                 out, h, c = lstm_layer(
                     layer_x, h0[index], c0[index], *weights[layer][direction], lengths_on_device,
                     backward=getattr(self, "backward_mode", "fused"),  # getattr: modules pickled before the option
-                    recompute_interval=getattr(self, "recompute_interval", 0),
+                    recompute_interval=getattr(self, "recompute_interval", 0), w_ch=peepholes[layer][direction],
                 )
                 outputs.append(out if direction == 0 else reverse_time(out, time_reversal))
                 h_n.append(h)
@@ -354,15 +394,17 @@ class LSTM(nn.RNNBase):
 
     def _runs_both_directions_at_once(self, x: Tensor) -> bool:
         """Whether each bidirectional layer runs both directions in one launch: no projection, no recompute
-        option, and a plan for the input's device."""
-        if self.proj_size > 0 or getattr(self, "recompute_interval", 0):
+        option, no peepholes, and a plan for the input's device."""
+        if self.proj_size > 0 or getattr(self, "recompute_interval", 0) or getattr(self, "peephole", False):
             return False
         return bidirectional_plan(x, self.hidden_size) is not None
 
     def _runs_as_stack(self, x: Tensor) -> bool:
         """Whether this forward runs all layers in one launch: unidirectional, no projection, no dropout
-        between layers in training, no recompute option, and a stack plan for the input's device."""
+        between layers in training, no recompute option, no peepholes, and a stack plan for the input's device."""
         if self.num_layers < 2 or self.bidirectional or self.proj_size > 0 or getattr(self, "recompute_interval", 0):
+            return False
+        if getattr(self, "peephole", False):
             return False
         if self.dropout > 0 and self.training:
             return False  # dropout between layers: layer by layer, with F.dropout in between
@@ -385,6 +427,8 @@ class LSTM(nn.RNNBase):
             text += f", backward={self.backward_mode!r}"
         if getattr(self, "recompute_interval", 0):
             text += f", recompute_interval={self.recompute_interval}"
+        if getattr(self, "peephole", False):
+            text += ", peephole=True"
         return text
 
     def _finish(self, output, hidden, is_batched: bool):
@@ -412,6 +456,8 @@ class LSTMCell(nn.LSTMCell):
         bias: if False, no b_ih and b_hh. Default: True.
         device, dtype: where and in which dtype the parameters are created.
         backward (keyword only, ours): "fused" (default) or "reference", as for :class:`LSTM`.
+        peephole (keyword only, ours): if True, peephole connections as in :class:`LSTM`, with one
+            parameter ``weight_ch`` (3·hidden_size: w_ci, w_cf, w_co). Default: False.
 
     Inputs: input, (h_0, c_0)
         - **input**: (N, input_size) or (input_size) unbatched.
@@ -421,7 +467,8 @@ class LSTMCell(nn.LSTMCell):
 
     Attributes:
         weight_ih (4·hidden_size, input_size), weight_hh (4·hidden_size, hidden_size), bias_ih, bias_hh
-        (4·hidden_size): exactly nn.LSTMCell's. backward_mode: our option.
+        (4·hidden_size): exactly nn.LSTMCell's. weight_ch (3·hidden_size) with ``peephole=True``.
+        backward_mode, peephole: our options.
 
     Example::
 
@@ -432,10 +479,16 @@ class LSTMCell(nn.LSTMCell):
         ...     h, c = cell(x_t, (h, c))
     """
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, backward: str = "fused") -> None:
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backward: str = "fused", peephole: bool = False) -> None:
         check_backward_options(backward, 0)
+        _check_peephole(peephole, 0, 0)
         super().__init__(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
         self.backward_mode = backward
+        self.peephole = peephole
+        if peephole:
+            self.weight_ch = nn.Parameter(torch.empty(3 * hidden_size, device=device, dtype=dtype))
+            _init_like_lstm(self.weight_ch, hidden_size)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if not isinstance(input, Tensor):
@@ -460,16 +513,19 @@ class LSTMCell(nn.LSTMCell):
             _check_cell_state(0, h0, x, self.hidden_size)
             _check_cell_state(1, c0, x, self.hidden_size)
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        w_ch = self.weight_ch if getattr(self, "peephole", False) else None
         autocast_dtype = _autocast_dtype(x.device.type)
         if autocast_dtype is not None:
             x, h0, c0 = x.to(autocast_dtype), h0.to(autocast_dtype), c0.to(autocast_dtype)
             weights = tuple(None if w is None else w.to(autocast_dtype) for w in weights)
-        if _runs_aten(x):
+            w_ch = None if w_ch is None else w_ch.to(autocast_dtype)
+        if _runs_aten(x) and w_ch is None:
             # The CPU without Triton's interpreter: nn.LSTMCell's own ATen cell.
             with torch.autocast("cpu", enabled=False):
                 h, c = torch._VF.lstm_cell(x, (h0, c0), *weights)
         else:
-            _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, *weights, backward=getattr(self, "backward_mode", "fused"))
+            _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, *weights, backward=getattr(self, "backward_mode", "fused"),
+                                 w_ch=w_ch)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
@@ -478,6 +534,8 @@ class LSTMCell(nn.LSTMCell):
         text = super().extra_repr()
         if getattr(self, "backward_mode", "fused") != "fused":
             text += f", backward={self.backward_mode!r}"
+        if getattr(self, "peephole", False):
+            text += ", peephole=True"
         return text
 
     def __prepare_scriptable__(self):
