@@ -15,6 +15,7 @@ with triton) and this script checks what can be checked without running it:
     python benchmarks/compile_check.py            # all planned persistent-forward configurations (minutes)
     python benchmarks/compile_check.py --quick    # the five anchor shapes, H100 preset
     python benchmarks/compile_check.py --kernel bwd --quick
+    python benchmarks/compile_check.py --kernel persistent --peephole   # the same plans with peepholes
 
 It says nothing about speed, and the GPU machine may run another Triton version than this one.
 """
@@ -273,6 +274,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", choices=["persistent", "step", "bwd", "stack", "bidir"], default="persistent",
                         help="persistent forward, per-step forward, the backward's gate-gradient kernel, the "
                              "stacked forward and backward (all layers in one launch), or the bidirectional forward")
+    parser.add_argument("--peephole", action="store_true",
+                        help="the kernels with peephole connections (persistent, step and bwd: one layer and direction)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -282,6 +285,10 @@ def main(argv=None) -> int:
             print(json.dumps(_compile_one(config)), flush=True)
         return 0
     configs = _configs(args.quick, args.arch, args.kernel)
+    if args.peephole:
+        if args.kernel in ("stack", "bidir"):
+            parser.error("--peephole: the whole-module kernels have no peepholes (persistent, step or bwd)")
+        configs = [dict(config, peephole=True) for config in configs]
     print(f"{len(configs)} planned configurations, compiled for sm_{args.arch}")
     failures = 0
     batches = [configs[index::max(1, args.jobs)] for index in range(max(1, args.jobs))]
@@ -292,7 +299,7 @@ def main(argv=None) -> int:
         mode = {"persistent": resident, "bidir": "both directions, " + (resident if config.get("kernel") != "bwd" else "bwd"),
                 "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step",
                 "stack": f"{config.get('layers')} layers {config.get('kernel', 'forward')}"}[args.kernel]
-        name = (f"{config['dtype']} H={config['H']} {mode} "
+        name = (f"{config['dtype']} H={config['H']} {mode}{' peephole' if config.get('peephole') else ''} "
                 f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")
         if isinstance(outcome, str):
             failures += 1

@@ -180,10 +180,6 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     # Set once a barrier gave up: from then on this program stops waiting and writes NaN.
     failed = tl.program_id(0) < 0  # False (built this way: older interpreters lack tl.full of int1)
     dc = tl.load(dc_ptr + state_offs, mask=mask_bh, other=0.0)
-    if PEEPHOLE:
-        w_ci = tl.load(w_ch_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        w_cf = tl.load(w_ch_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        w_co = tl.load(w_ch_ptr + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
     for s in range(n_steps):
         t = t_start - s
         step = t.to(tl.int64)
@@ -231,13 +227,15 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
         d_o = dh * tanh_c * o * (1.0 - o)
         dc_cell = dc + dh * o * (1.0 - tanh_c * tanh_c)
         if PEEPHOLE:
-            dc_cell += d_o * w_co
+            # Loaded where used, every step (L1 hits): held across the loop they spilled (Triton 3.6, 64 × 64).
+            dc_cell += d_o * tl.load(w_ch_ptr + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         d_i = dc_cell * g * i * (1.0 - i)
         d_f = dc_cell * c_prev * f * (1.0 - f)
         d_g = dc_cell * i * (1.0 - g * g)
         dc_prev = dc_cell * f
         if PEEPHOLE:
-            dc_prev += d_i * w_ci + d_f * w_cf
+            dc_prev += (d_i * tl.load(w_ch_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                        + d_f * tl.load(w_ch_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :])
         if HAS_LENGTHS:
             ran = step < lengths
             d_i = tl.where(ran, d_i, 0.0)
