@@ -69,7 +69,8 @@ if ! stage "stack smoke" "${STACK_SMOKE_LIMIT:-60}" stack_smoke.log "$PY" benchm
   export TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0
 fi
 
-stage "benchmark --quick" "${BENCH_LIMIT:-150}" bench_quick.log "$PY" benchmarks/bench.py --quick --plan --out "$RESULTS"
+stage "benchmark --quick" "${BENCH_LIMIT:-150}" bench_quick.log "$PY" benchmarks/bench.py --quick --plan --out "$RESULTS" \
+  --provider triton_lstm cudnn cell_loop triton_peephole
 # The stacks again with every layer and direction launched on its own (TRITON_LSTM_STACK=0,
 # TRITON_LSTM_BIDIRECTIONAL=0): what one launch per stack / per bidirectional layer gains, same run.
 stage "stacks layer by layer" "${BENCH_LIMIT:-150}" bench_layer_by_layer.log \
@@ -103,7 +104,8 @@ PYTEST_EXTRA=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
 stage "GPU tests" "${TEST_LIMIT:-150}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
   tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
-  tests/test_stack.py tests/test_bidirectional.py tests/test_examples.py::test_examples_run_on_cuda --durations=10
+  tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_examples.py::test_examples_run_on_cuda \
+  --durations=10
 
 if [ "${EXAMPLES:-0}" = "1" ]; then
   # char_lm's GPU preset (2 layers of 512, bf16 autocast), shortened: tokens/s of both modules side by side.

@@ -28,6 +28,21 @@ def test_benchmark_dry_run_writes_the_csv(tmp_path):
     assert (csv_path.parent / "versions.txt").exists()
 
 
+def test_benchmark_times_the_peephole_lstm_when_asked(tmp_path, capsys):
+    from triton_lstm import benchmark
+
+    argv = ["--dry-run", "--out", str(tmp_path), "--no-plots", "--provider", "triton_lstm", "triton_peephole"]
+    assert benchmark.main(argv) == 0
+    (csv_path,) = tmp_path.rglob("results.csv")
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["provider"] for row in rows} == {"triton_lstm", "triton_peephole"}
+    assert "| triton_lstm | cudnn | cell_loop | triton_peephole |" in (csv_path.parent / "summary.md").read_text()
+    quick = benchmark._plan(benchmark._parse_args(["--quick", "--provider", "triton_lstm", "cudnn", "triton_peephole"]))
+    assert {(m, d) for m, d, _, providers in quick if "triton_peephole" in providers} == {("fwd", "bf16"), ("fwdbwd", "bf16")}
+    assert all(providers for *_, providers in quick)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the refusal is for machines without CUDA")
 def test_benchmark_refuses_without_cuda(capsys):
     from triton_lstm import benchmark

@@ -33,7 +33,10 @@ import torch
 from torch import nn
 
 COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional", "ms", "peak_mb"]
-PROVIDERS = ("triton_lstm", "cudnn", "cell_loop")
+PROVIDERS = ("triton_lstm", "cudnn", "cell_loop", "triton_peephole")
+# What runs unless --provider says otherwise; triton_peephole (triton_lstm.LSTM with peephole=True, the same
+# weights plus the peephole ones) is asked for by name, to measure what the peepholes cost.
+DEFAULT_PROVIDERS = PROVIDERS[:3]
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Relative to the working directory: from a checkout the repository's results folder, from an installed
@@ -79,8 +82,9 @@ DESCRIPTION = "Time triton_lstm against cuDNN nn.LSTM and an nn.LSTMCell loop; w
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench options, for ``triton-lstm bench`` and ``benchmarks/bench.py`` alike."""
     parser.add_argument("--quick", action="store_true",
-                        help="the five anchor shapes and the stacks: bf16 fwd (all providers), "
-                             "bf16 fwdbwd and fp32 fwd (triton_lstm, cudnn); meant to fit a short GPU lease")
+                        help="the five anchor shapes and the stacks: bf16 fwd (the default providers), "
+                             "bf16 fwdbwd and fp32 fwd (triton_lstm, cudnn), and with --provider … triton_peephole "
+                             "the peephole LSTM at the five shapes; meant to fit a short GPU lease")
     parser.add_argument("--cases", choices=["anchor", "stacked", "sweeps", "all"], default="all",
                         help="anchor: the five issue shapes + the stacks; stacked: the stacks alone; sweeps: T, B and "
                              "H sweeps; all: anchor and sweeps")
@@ -88,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print which path triton_lstm takes for each case (kernel, plan, launches)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=None, help="fwd (no grad) and/or fwdbwd")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(DEFAULT_PROVIDERS),
+                        help="triton_peephole (not run by default): triton_lstm.LSTM(..., peephole=True)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results root (default ./{DEFAULT_OUT} in the current directory; a dry run: a temporary folder)")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
@@ -167,11 +172,14 @@ def _plan(args) -> list[tuple[str, str, Case, tuple[str, ...]]]:
     if args.quick:
         # The nn.LSTMCell loop is slow and its speed is known (launch-bound): bf16 forward only.
         cases = ANCHOR_CASES + STACKED_CASES
-        plan = [("fwd", "bf16", c, PROVIDERS) for c in cases]
+        plan = [("fwd", "bf16", c, DEFAULT_PROVIDERS) for c in cases]
         plan += [("fwdbwd", "bf16", c, ("triton_lstm", "cudnn")) for c in cases]
         plan += [("fwd", "fp32", c, ("triton_lstm", "cudnn")) for c in ANCHOR_CASES]
+        # The peepholes' cost (with --provider … triton_peephole): bf16 at the five shapes, both modes.
+        plan += [(m, "bf16", c, ("triton_peephole",)) for m in MODES for c in ANCHOR_CASES]
         plan = [(m, d, c, tuple(p for p in providers if p in chosen)) for m, d, c, providers in plan]
-        return [(m, d, c, p) for m, d, c, p in plan if (not args.mode or m in args.mode) and (not args.dtype or d in args.dtype)]
+        return [(m, d, c, p) for m, d, c, p in plan
+                if p and (not args.mode or m in args.mode) and (not args.dtype or d in args.dtype)]
     cases = {"anchor": ANCHOR_CASES + STACKED_CASES, "stacked": STACKED_CASES, "sweeps": SWEEP_CASES,
              "all": ANCHOR_CASES + STACKED_CASES + SWEEP_CASES}[args.cases]
     cases = list(dict.fromkeys(cases))
@@ -229,8 +237,9 @@ def _model(provider: str, reference: nn.LSTM) -> nn.Module:
     from triton_lstm.modules import LSTM
 
     model = LSTM(reference.input_size, reference.hidden_size, num_layers=reference.num_layers,
-                 bidirectional=reference.bidirectional, device=reference.weight_ih_l0.device, dtype=reference.weight_ih_l0.dtype)
-    model.load_state_dict(reference.state_dict())
+                 bidirectional=reference.bidirectional, device=reference.weight_ih_l0.device, dtype=reference.weight_ih_l0.dtype,
+                 peephole=provider == "triton_peephole")
+    model.load_state_dict(reference.state_dict(), strict=provider != "triton_peephole")  # the peepholes keep their init
     return model
 
 
@@ -343,14 +352,21 @@ def _summary(rows, timing: str) -> str:
         key = (row["mode"], row["dtype"], row["T"], row["B"], row["I"], row["H"], row["layers"], row["bidirectional"])
         by_key.setdefault(key, {})[row["provider"]] = _per_step_us(row)
     device = rows[0]["device"] if rows else "?"
+    providers = _providers_in(rows)
     lines = [f"Device: {device}. µs per time step ({timing}); speedup = cuDNN time / triton_lstm time.", "",
-             "| mode | dtype | T | B | I | H | layers | bidir | triton_lstm | cudnn | cell_loop | speedup vs cuDNN |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | dtype | T | B | I | H | layers | bidir | " + " | ".join(providers) + " | speedup vs cuDNN |",
+             "|" + "---|" * (9 + len(providers))]
     for key, values in by_key.items():
-        cells = [f"{values[p]:.1f}" if p in values else "-" for p in PROVIDERS]
+        cells = [f"{values[p]:.1f}" if p in values else "-" for p in providers]
         speedup = f"{values['cudnn'] / values['triton_lstm']:.2f}x" if "cudnn" in values and "triton_lstm" in values else "-"
         lines.append("| " + " | ".join([*map(str, key), *cells, speedup]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _providers_in(rows) -> list[str]:
+    """The default providers, and any other that has rows, in PROVIDERS' order."""
+    present = {row["provider"] for row in rows}
+    return [p for p in PROVIDERS if p in DEFAULT_PROVIDERS or p in present]
 
 
 def read_rows(csv_path: Path) -> list[dict]:
@@ -398,14 +414,15 @@ def _plot(rows, folder: Path) -> list[Path]:
     for mode, dtype in dict.fromkeys((row["mode"], row["dtype"]) for row in rows):
         subset = [row for row in rows if row["mode"] == mode and row["dtype"] == dtype]
         labels = list(dict.fromkeys(Case(int(r["T"]), int(r["B"]), int(r["I"]), int(r["H"]), int(r["layers"]), r["bidirectional"] == "True").label for r in subset))
-        per_provider = {p: {} for p in PROVIDERS}
+        providers = _providers_in(rows)
+        per_provider = {p: {} for p in providers}
         for row in subset:
             case = Case(int(row["T"]), int(row["B"]), int(row["I"]), int(row["H"]), int(row["layers"]), row["bidirectional"] == "True")
             per_provider[row["provider"]][case.label] = _per_step_us(row)
         figure, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.7 * len(labels) + 6), 5))
-        width = 0.8 / len(PROVIDERS)
+        width = 0.8 / len(providers)
         positions = range(len(labels))
-        for index, provider in enumerate(PROVIDERS):
+        for index, provider in enumerate(providers):
             values = [per_provider[provider].get(label, float("nan")) for label in labels]
             left.bar([p + index * width for p in positions], values, width, label=provider)
         left.set_yscale("log")
