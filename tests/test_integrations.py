@@ -133,6 +133,27 @@ def test_compile_fullgraph_one_graph_same_outputs_and_gradients(road, recompute_
 
 
 @pytest.mark.no_poison
+def test_compile_fullgraph_with_peepholes():
+    """A peephole LSTM compiles to one graph too, the peephole weights an input of each recurrence op."""
+    torch.manual_seed(0)
+    model = triton_lstm.LSTM(5, 6, num_layers=2, batch_first=True, bidirectional=True, peephole=True).to(KERNEL_DEVICE)
+    x = torch.randn(3, 4, 5, device=KERNEL_DEVICE, requires_grad=True)
+    backend = GraphCounter()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+
+    def flat(run):
+        return lambda inp: (lambda out: (out[0], *out[1]))(run(inp))
+
+    compiled_outputs, compiled_grads = _outputs_and_grads(model, flat(compiled), x)
+    eager_outputs, eager_grads = _outputs_and_grads(model, flat(model), x)
+    assert len(backend.dynamo_graphs) == 1
+    assert GraphCounter.count(backend.forward_graphs, torch.ops.triton_lstm.recurrence_fwd.default) == 4
+    assert GraphCounter.count(backend.backward_graphs, torch.ops.triton_lstm.recurrence_bwd.default) == 4
+    _assert_all_close("outputs", compiled_outputs, eager_outputs)
+    _assert_all_close("gradients", compiled_grads, eager_grads)
+
+
+@pytest.mark.no_poison
 def test_compile_fullgraph_under_cpu_autocast(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the reference: bf16 is wrong in the interpreter
     # Eager on the CPU would run ATen's LSTM (as nn.LSTM does); this test compares our op compiled and eager.
