@@ -175,8 +175,9 @@ def lstm_recurrence_backward_reference(
 def peephole_grad(grad_gates: Tensor, c_all: Tensor) -> Tensor:
     """The gradient of the peephole weights (3H,) from the pre-activation gate gradients ``grad_gates``
     (T, B, 4H) and the cell states ``c_all`` (T + 1, B, H): Σ dI ⊙ c_{t-1}, Σ dF ⊙ c_{t-1}, Σ dO ⊙ c_t
-    over steps and rows, in c_all's dtype. Past a sequence's end the gate gradients are zero already."""
+    over steps and rows, in c_all's dtype. Past a sequence's end the gate gradients are zero already.
+    One gate at a time, as a contraction: the only temporary is one gate's dG in c's dtype (T·B·H)."""
     H = c_all.shape[-1]
-    d_i, d_f, _, d_o = grad_gates.to(c_all.dtype).split(H, dim=-1)
     c_prev, c = c_all[:-1], c_all[1:]
-    return torch.cat([(d_i * c_prev).sum((0, 1)), (d_f * c_prev).sum((0, 1)), (d_o * c).sum((0, 1))])
+    return torch.cat([torch.einsum("tbh,tbh->h", grad_gates[..., gate * H:(gate + 1) * H].to(c_all.dtype), state)
+                      for gate, state in ((0, c_prev), (1, c_prev), (3, c))])
