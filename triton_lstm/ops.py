@@ -166,9 +166,9 @@ def recurrence_bwd(
     return (*grads[:6], *(grad if grad is not None else x.new_empty(0) for grad in grads[6:]))
 
 
-def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, w_ch=None):
-    """Shapes of the backward ops' outputs (this op's and the recompute one's, which has no w_ch
-    gradient: ``w_ch`` False): contiguous, as every
+def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, w_ch=None, *, peephole_output=True):
+    """Shapes of the backward ops' outputs (this op's, and without ``peephole_output`` the recompute op's,
+    which has no w_ch gradient): contiguous, as every
     implementation returns them whatever the inputs' strides (a batch_first x is a transposed view;
     Inductor checks the real strides against these)."""
     return (
@@ -179,7 +179,7 @@ def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, w_ch=None):
         w_hh.new_empty(w_hh.shape),
         w_ih.new_empty(w_ih.shape[0]),
         w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty(0),
-        *([] if w_ch is False else [w_ch.new_empty(w_ch.shape) if w_ch is not None else x.new_empty(0)]),
+        *([w_ch.new_empty(w_ch.shape) if w_ch is not None else x.new_empty(0)] if peephole_output else []),
     )
 
 

@@ -126,7 +126,7 @@ def recurrence_bwd_recompute(
 def _recurrence_bwd_recompute_fake(
     grad_out, grad_h_n, grad_c_n, x, h_checkpoints, c_checkpoints, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, interval, use_reference
 ):
-    return backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, w_ch=False)
+    return backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, peephole_output=False)
 
 
 run_without_autocast("recurrence_bwd_recompute")
