@@ -134,7 +134,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return (int(registers.group(1)) if registers else -1), (int(stack.group(1)) if stack else -1)
 
 
-def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
+def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool = False) -> list[dict]:
     from triton_lstm.kernels.forward_plans import plan_bidirectional_fwd, plan_persistent_fwd, resident_bytes
 
     devices = DEVICES[:1] if quick else DEVICES
@@ -145,7 +145,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
     if kernel == "bwd":
         return _bwd_configs(shapes, devices, arch)
     if kernel == "stack":
-        return _stack_configs(shapes, devices, arch, quick)
+        return _stack_configs(shapes, devices, arch, quick, peephole)
     directions = 2 if kernel == "bidir" else 1
     dtypes = {"bf16": 2} if quick and directions == 2 else DTYPES  # CI's time: the bidirectional kernels in bf16
     seen = {}
@@ -182,7 +182,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent") -> list[dict]:
     return list(seen.values())
 
 
-def _stack_configs(shapes, devices, arch: int, quick: bool) -> list[dict]:
+def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False) -> list[dict]:
     """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
     stacked backward's."""
     from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
@@ -194,7 +194,7 @@ def _stack_configs(shapes, devices, arch: int, quick: bool) -> list[dict]:
         for dtype, size in dtypes.items():
             for B, H in shapes:
                 for layers in (4,) if quick else (2, 3, 4):
-                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared)
+                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole)
                     if not plan.persistent:
                         continue
                     key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h)
@@ -274,8 +274,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", choices=["persistent", "step", "bwd", "stack", "bidir"], default="persistent",
                         help="persistent forward, per-step forward, the backward's gate-gradient kernel, the "
                              "stacked forward and backward (all layers in one launch), or the bidirectional forward")
-    parser.add_argument("--peephole", action="store_true",
-                        help="the kernels with peephole connections (persistent, step and bwd: one layer and direction)")
+    parser.add_argument("--peephole", action="store_true", help="the same kernels with peephole connections")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -284,10 +283,8 @@ def main(argv=None) -> int:
         for config in json.loads(args.batch):
             print(json.dumps(_compile_one(config)), flush=True)
         return 0
-    configs = _configs(args.quick, args.arch, args.kernel)
+    configs = _configs(args.quick, args.arch, args.kernel, args.peephole)
     if args.peephole:
-        if args.kernel in ("stack", "bidir"):
-            parser.error("--peephole: the whole-module kernels have no peepholes (persistent, step or bwd)")
         configs = [dict(config, peephole=True) for config in configs]
     print(f"{len(configs)} planned configurations, compiled for sm_{args.arch}")
     failures = 0

@@ -29,7 +29,7 @@ def _compile_check():
 
 
 @pytest.mark.parametrize("kernel", ["persistent", "step", "bwd", "stack", "bidir", "persistent --peephole",
-                                    "bwd --peephole"])
+                                    "bwd --peephole", "stack --peephole"])
 def test_planned_kernels_compile_for_sm90(kernel, capsys):
     status = _compile_check().main(["--quick", "--kernel", *kernel.split(), "--jobs", "2"])
     report = capsys.readouterr().out

@@ -133,10 +133,11 @@ def test_peephole_per_step_kernels_and_reference_backward(path, monkeypatch):
     _check_against_oracle(CASES["packed-bidir-layers2"], torch.float32, **options)
 
 
-def test_zero_peepholes_give_the_plain_lstm_exactly(monkeypatch):
+@pytest.mark.parametrize("stack", ["1", "0"], ids=["stacked", "layer-by-layer"])
+def test_zero_peepholes_give_the_plain_lstm_exactly(stack, monkeypatch):
     """With w_ch = 0 the peephole terms add exact zeros: the very numbers of the plain LSTM, through the
-    same kernels (the plain stack forced layer by layer, as a peephole stack runs)."""
-    monkeypatch.setenv("TRITON_LSTM_STACK", "0")
+    same kernels (the stacked one, or one launch per layer)."""
+    monkeypatch.setenv("TRITON_LSTM_STACK", stack)
     torch.manual_seed(0)
     plain = triton_lstm.LSTM(4, 6, num_layers=2, device=KERNEL_DEVICE)
     peephole = triton_lstm.LSTM(4, 6, num_layers=2, device=KERNEL_DEVICE, peephole=True)
@@ -196,15 +197,26 @@ def test_peephole_cell_matches_its_equations():
     assert "peephole=True" in repr(cell)
 
 
-def test_peephole_runs_one_layer_and_direction_per_launch(monkeypatch):
-    """Peephole stacks and bidirectional layers run layer by layer and direction by direction (the
-    whole-module kernels have no peepholes)."""
+def test_peephole_stacks_and_bidirectional_layers_run_the_whole_module_kernels(monkeypatch):
+    """A peephole stack runs in one launch each way and a bidirectional layer both directions at once, as
+    without peepholes (the kernels take each layer's or direction's w_ch)."""
     from triton_lstm import modules
 
     calls = count_calls(monkeypatch, modules, {"layer": "lstm_layer", "stack": "lstm_stack", "both": "lstm_bidirectional"})
-    model = triton_lstm.LSTM(3, 4, num_layers=2, bidirectional=True, peephole=True, device=KERNEL_DEVICE)
-    model(torch.randn(5, 2, 3, device=KERNEL_DEVICE))
-    assert calls == {"layer": 4, "stack": 0, "both": 0}
+    x = torch.randn(5, 2, 3, device=KERNEL_DEVICE)
+    triton_lstm.LSTM(3, 4, num_layers=2, bidirectional=True, peephole=True, device=KERNEL_DEVICE)(x)
+    triton_lstm.LSTM(3, 4, num_layers=3, peephole=True, device=KERNEL_DEVICE)(x)
+    kernels = KERNEL_DEVICE == "cuda" or ops.interpreting()
+    assert calls == ({"layer": 0, "stack": 1, "both": 2} if kernels else {"layer": 7, "stack": 0, "both": 0})
+
+
+def test_stack_plan_with_peepholes_takes_narrower_chunks_for_16_row_tiles():
+    from triton_lstm.kernels.forward_plans import plan_stack_fwd
+
+    plain = plan_stack_fwd(512, 16, 1024, 2, 2, 132, 232448)
+    peephole = plan_stack_fwd(512, 16, 1024, 2, 2, 132, 232448, peephole=True)
+    assert (plain.block_b, plain.block_k, peephole.block_k) == (16, 64, 32), "64-wide chunks spilled with peepholes"
+    assert plan_stack_fwd(512, 64, 512, 4, 2, 132, 232448, peephole=True) == plan_stack_fwd(512, 64, 512, 4, 2, 132, 232448)
 
 
 def test_double_backward_through_peepholes():

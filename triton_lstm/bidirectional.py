@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
-from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference
+from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference, peephole_grad
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
@@ -59,7 +59,7 @@ def bidirectional_plan(x: Tensor, hidden_size: int):
     return plan if plan.persistent else None
 
 
-def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
+def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None):
     """What the kernel computes, one direction after the other: with ``kernels`` the one-direction Triton
     forward (the kernel's fallback), else the plain-PyTorch recurrence (the reference path, differentiable:
     the double backward differentiates it)."""
@@ -69,13 +69,15 @@ def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool)
     for direction in range(2):
         layer_x = x if direction == 0 else reverse_time(x, index)
         bias = (b_ih[direction], b_hh[direction]) if b_ih else (None, None)
+        peepholes = None if w_ch is None else w_ch[direction]
         if kernels:
             projected = input_projection(layer_x, w_ih[direction], *bias).contiguous()
             results.append(lstm_fwd_persistent(projected, h0[direction].contiguous(), c0[direction].contiguous(),
-                                               w_hh[direction].contiguous(), None, lengths, save=bool(save)))
+                                               w_hh[direction].contiguous(), None, lengths, save=bool(save),
+                                               w_ch=None if peepholes is None else peepholes.contiguous()))
         else:
             h_all, c_all, gates = lstm_recurrence_reference(layer_x, h0[direction], c0[direction], w_ih[direction],
-                                                            w_hh[direction], *bias, None, lengths)
+                                                            w_hh[direction], *bias, None, lengths, peepholes)
             results.append((h_all, c_all[-1:], gates[:0]) if not save else (h_all, c_all, gates))
     out = torch.cat([results[0][0][1:], reverse_time(results[1][0][1:], index)], dim=2)
     valid = _valid_steps(lengths, T, x.device)
@@ -95,13 +97,15 @@ def bidirectional_fwd(
     b_hh: list[Tensor],
     lengths: Tensor | None,
     save: int = 1,
+    w_ch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of both directions of a layer: ``(out, h_all, c_all, gates)``, out (T, B, 2H) in time order
     (zero past each sequence's end), the rest per direction and step-indexed: (2, T+1, B, H),
     (2, T+1, B, H) and (2, T, B, 4H); ``save`` 0: c_all (2, 1, B, H), gates (2, 0, B, 4H). ``h0``/``c0``
-    are (2, B, H); ``w_*``/``b_*`` (forward, reverse), the biases empty lists without them."""
+    are (2, B, H); ``w_*``/``b_*`` (forward, reverse), the biases empty lists without them; ``w_ch`` (2, 3H)
+    the peephole weights or None."""
     if not uses_kernels(x):
-        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False)
+        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False, w_ch=w_ch)
     lengths = None if lengths is None else lengths.to(torch.int32)
     plan = plan_bidirectional_for(x, w_hh[0].shape[1])
     with kernel_device(x):
@@ -109,14 +113,15 @@ def bidirectional_fwd(
             bias = (torch.cat(b_ih), torch.cat(b_hh)) if b_ih else (None, None)
             projected = input_projection(x, torch.cat(w_ih), *bias).contiguous()  # one GEMM, both directions
             outputs = unless_refused(lambda: lstm_fwd_bidirectional(projected, h0.contiguous(), c0.contiguous(),
-                                                                    torch.stack(w_hh), lengths, plan, bool(save)))
+                                                                    torch.stack(w_hh), lengths, plan, bool(save),
+                                                                    None if w_ch is None else w_ch.contiguous()))
             if outputs is not None:
                 return outputs
-        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True)
+        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True, w_ch=w_ch)
 
 
 @bidirectional_fwd.register_fake
-def _bidirectional_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1):
+def _bidirectional_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1, w_ch=None):
     T, B = x.shape[0], x.shape[1]
     H = w_hh[0].shape[1]
     out = x.new_empty(T, B, 2 * H)
@@ -139,19 +144,21 @@ def _split(has_bias: bool, weights):
 
 
 class LSTMBidirectional(torch.autograd.Function):
-    """out, h_n, c_n of a bidirectional layer; ``weights`` are (w_ih, w_hh[, b_ih, b_hh]) per direction."""
+    """out, h_n, c_n of a bidirectional layer; ``weights`` are (w_ih, w_hh[, b_ih, b_hh]) per direction,
+    ``w_ch`` the (2, 3H) peephole weights or None."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, lengths, use_reference, has_bias, *weights):
+    def forward(ctx, x, h0, c0, lengths, use_reference, has_bias, w_ch, *weights):
         w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
-        out, h_all, c_all, gates = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
-        ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, *weights)
+        out, h_all, c_all, gates = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths,
+                                                                           1, w_ch)
+        ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, w_ch, *weights)
         ctx.use_reference, ctx.has_bias = use_reference, has_bias
         return out, h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
-        x, h0, c0, lengths, h_all, c_all, gates, *weights = ctx.saved_tensors
+        x, h0, c0, lengths, h_all, c_all, gates, w_ch, *weights = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
         w_ih, w_hh, _, _ = _split(ctx.has_bias, weights)
@@ -163,11 +170,11 @@ class LSTMBidirectional(torch.autograd.Function):
         if uses_kernels(x) and not ctx.use_reference:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
-                                        grad_h_n, grad_c_n)
+                                        grad_h_n, grad_c_n, w_ch)
             if grads is not None:
-                return (grads[0], grads[1], grads[2], None, None, None, *grads[3:])
+                return (grads[0], grads[1], grads[2], None, None, None, grads[3], *grads[4:])
         grad_x = None
-        grads_h0, grads_c0, grad_weights = [], [], []
+        grads_h0, grads_c0, grads_w_ch, grad_weights = [], [], [], []
         for direction in range(2):
             layer_x = x if direction == 0 else reverse_time(x, index)
             layer_grad = grad_out[..., direction * H:(direction + 1) * H]
@@ -175,24 +182,29 @@ class LSTMBidirectional(torch.autograd.Function):
             grads = torch.ops.triton_lstm.recurrence_bwd(
                 layer_grad.contiguous(), grad_h_n[direction], grad_c_n[direction], layer_x, w_ih[direction],
                 w_hh[direction], None, gates[direction], h_all[direction], c_all[direction], lengths, ctx.use_reference,
+                None if w_ch is None else w_ch[direction],
             )
             direction_grad_x = grads[0] if direction == 0 else reverse_time(grads[0], index)
             grad_x = direction_grad_x if grad_x is None else grad_x + direction_grad_x
             grads_h0.append(grads[1])
             grads_c0.append(grads[2])
+            grads_w_ch.append(grads[7])
             grad_weights += [grads[3], grads[4]]
             if ctx.has_bias:
                 grad_weights += [grads[5], grads[5].clone()]  # each bias owns its gradient tensor
-        return (grad_x, torch.stack(grads_h0), torch.stack(grads_c0), None, None, None, *grad_weights)
+        grad_w_ch = None if w_ch is None else torch.stack(grads_w_ch)
+        return (grad_x, torch.stack(grads_h0), torch.stack(grads_c0), None, None, None, grad_w_ch, *grad_weights)
 
 
-def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n):
+def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n,
+                    w_ch=None):
     """Both directions' gate gradients in one launch (``lstm_bwd_bidirectional_gate_grads``), then each
     direction's GEMMs; the reverse direction's dG (step-indexed) back in time order for the GEMMs against
-    x. None where the launch cannot run (the caller goes direction by direction)."""
+    x. None where the launch cannot run (the caller goes direction by direction). Returns the gradients of
+    x, h0, c0, the peephole weights (None without) and the directions' weights."""
     lengths32 = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain = lstm_bwd_bidirectional_gate_grads(grad_out, grad_h_n, grad_c_n, torch.stack(w_hh).contiguous(), lengths32,
-                                              gates, c_all)
+                                              gates, c_all, None if w_ch is None else w_ch.contiguous())
     if chain is None:
         return None
     grad_gates, grad_h0, grad_c0 = chain
@@ -207,32 +219,38 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
         grad_weights += [grad_w_ih, grad_w_hh.to(w_hh[direction].dtype)]
         if has_bias:
             grad_weights += [grad_bias, grad_bias.clone()]  # each bias owns its gradient tensor
-    return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), *grad_weights)
+    grad_w_ch = None
+    if w_ch is not None:
+        # Step-indexed dG and c of each direction pair up as they are: no reordering needed.
+        grad_w_ch = torch.stack([peephole_grad(grad_gates[d], c_all[d]) for d in range(2)]).to(w_ch.dtype)
+    return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), grad_w_ch, *grad_weights)
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
-    x, h0, c0, lengths, _, _, _, *weights = ctx.saved_tensors
+    x, h0, c0, lengths, _, _, _, w_ch, *weights = ctx.saved_tensors
 
     def outputs():
         w_ih, w_hh, b_ih, b_hh = _split(ctx.has_bias, weights)
-        out, h_all, c_all, _ = _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False)
+        out, h_all, c_all, _ = _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False, w_ch=w_ch)
         return out, h_all[:, -1], c_all[:, -1].to(x.dtype)
 
     needed = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[6:])
-    grads = differentiate(outputs, (x, h0, c0, *weights), needed, (grad_out, grad_h_n, grad_c_n))
+    grads = differentiate(outputs, (x, h0, c0, w_ch, *weights), needed, (grad_out, grad_h_n, grad_c_n))
     return (*grads[:3], None, None, None, *grads[3:])
 
 
 def lstm_bidirectional(x: Tensor, h0: Tensor, c0: Tensor, forward_weights, reverse_weights, lengths: Tensor | None, *,
-                       backward: str = "fused"):
+                       backward: str = "fused", w_ch: Tensor | None = None):
     """A bidirectional layer over time-major ``x``: returns (out (T, B, 2H), h_n (2, B, H), c_n (2, B, H)).
-    ``*_weights``: (w_ih, w_hh, b_ih, b_hh) per direction, biases None or both set."""
+    ``*_weights``: (w_ih, w_hh, b_ih, b_hh) per direction, biases None or both set; ``w_ch``: the
+    directions' peephole weights stacked, (2, 3H), or None."""
     has_bias = forward_weights[2] is not None
     weights = [w for ws in (forward_weights, reverse_weights) for w in (ws if has_bias else ws[:2])]
-    grad_wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *weights))
+    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, w_ch, *weights))
     if not grad_wanted:
         # An inference forward: no per-step gates or c are kept.
         w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
-        out, h_all, c_all, _ = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0)
+        out, h_all, c_all, _ = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0,
+                                                                       w_ch)
         return out, h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
-    return LSTMBidirectional.apply(x, h0, c0, lengths, int(backward == "reference"), has_bias, *weights)
+    return LSTMBidirectional.apply(x, h0, c0, lengths, int(backward == "reference"), has_bias, w_ch, *weights)

@@ -128,6 +128,15 @@ def _init_like_lstm(weight: Tensor, hidden_size: int) -> None:
         weight.uniform_(-bound, bound)
 
 
+def _stacked(peepholes, direction: int | None) -> Tensor | None:
+    """The peephole weights of a whole-module launch as one tensor: per layer of ``peepholes`` (a list
+    per layer of the directions' weights) the given direction's, or with ``direction`` None both
+    directions of its one layer; None without peepholes."""
+    if peepholes[0][0] is None:
+        return None
+    return torch.stack([layer[direction] for layer in peepholes] if direction is not None else list(peepholes[0]))
+
+
 def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
@@ -350,7 +359,7 @@ class LSTM(nn.RNNBase):
             # All layers in one persistent launch (a wavefront across layers; triton_lstm/stack.py).
             output, h_n, c_n = lstm_stack(
                 x, h0, c0, [weights[layer][0][:4] for layer in range(self.num_layers)], lengths_on_device,
-                backward=getattr(self, "backward_mode", "fused"),
+                backward=getattr(self, "backward_mode", "fused"), w_ch=_stacked(peepholes, 0),
             )
             return self._finish_from_time_major(output, (h_n, c_n), packed, lengths, batch_sizes, sorted_indices,
                                                 unsorted_indices, is_batched)
@@ -368,6 +377,7 @@ class LSTM(nn.RNNBase):
                 layer_input, h, c = lstm_bidirectional(
                     layer_input, h0[index:index + 2], c0[index:index + 2], weights[layer][0][:4], weights[layer][1][:4],
                     lengths_on_device, backward=getattr(self, "backward_mode", "fused"),
+                    w_ch=_stacked([peepholes[layer]], None),
                 )
                 h_n += [h[0], h[1]]
                 c_n += [c[0], c[1]]
@@ -394,21 +404,19 @@ class LSTM(nn.RNNBase):
 
     def _runs_both_directions_at_once(self, x: Tensor) -> bool:
         """Whether each bidirectional layer runs both directions in one launch: no projection, no recompute
-        option, no peepholes, and a plan for the input's device."""
-        if self.proj_size > 0 or getattr(self, "recompute_interval", 0) or getattr(self, "peephole", False):
+        option, and a plan for the input's device."""
+        if self.proj_size > 0 or getattr(self, "recompute_interval", 0):
             return False
         return bidirectional_plan(x, self.hidden_size) is not None
 
     def _runs_as_stack(self, x: Tensor) -> bool:
         """Whether this forward runs all layers in one launch: unidirectional, no projection, no dropout
-        between layers in training, no recompute option, no peepholes, and a stack plan for the input's device."""
+        between layers in training, no recompute option, and a stack plan for the input's device."""
         if self.num_layers < 2 or self.bidirectional or self.proj_size > 0 or getattr(self, "recompute_interval", 0):
-            return False
-        if getattr(self, "peephole", False):
             return False
         if self.dropout > 0 and self.training:
             return False  # dropout between layers: layer by layer, with F.dropout in between
-        return stack_plan(x, self.hidden_size, self.num_layers) is not None
+        return stack_plan(x, self.hidden_size, self.num_layers, getattr(self, "peephole", False)) is not None
 
     def _finish_from_time_major(self, output, hidden, packed, lengths, batch_sizes, sorted_indices, unsorted_indices,
                                 is_batched):

@@ -7,6 +7,7 @@ kernel applies; otherwise the module runs ``lstm_layer`` per layer as before. Th
 layer's ``(h_all, c_all, gates)``, laid out per layer as the single-layer op's; where the stacked
 backward cannot run (the reference backward, or a grid that does not fit), the backward is
 ``recurrence_bwd`` per layer from the top: the gradient of layer l's output is layer l + 1's input gradient.
+Peephole weights, when given, are one (L, 3H) tensor, the layers' ``weight_ch`` stacked.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
-from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference
+from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference, peephole_grad
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
@@ -24,7 +25,7 @@ if HAS_TRITON:
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
 
 
-def stack_plan(x: Tensor, hidden_size: int, num_layers: int):
+def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = False):
     """The stacked kernel's plan for this input, or None where the kernels do not run (the CPU path,
     torch.compile and torch.func, whose graphs keep one node per layer). "meta" tensors (shape inference,
     ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it."""
@@ -32,24 +33,26 @@ def stack_plan(x: Tensor, hidden_size: int, num_layers: int):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
-    plan = plan_stack_for(x, hidden_size, num_layers)
+    plan = plan_stack_for(x, hidden_size, num_layers, peephole)
     return plan if plan.persistent else None
 
 
-def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
+def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None):
     """What the stacked kernel computes, one layer after another: with ``kernels`` the single-layer Triton
     forward (the kernel's fallback), else the plain-PyTorch recurrence (the reference path, differentiable:
     the double backward differentiates it)."""
     outputs, layer_input = [], x
     for layer in range(len(w_hh)):
         bias = (b_ih[layer], b_hh[layer]) if b_ih else (None, None)
+        peepholes = None if w_ch is None else w_ch[layer]
         if kernels:
             projected = input_projection(layer_input, w_ih[layer], *bias).contiguous()
             h_all, c_all, gates = lstm_fwd_persistent(projected, h0[layer].contiguous(), c0[layer].contiguous(),
-                                                      w_hh[layer].contiguous(), None, lengths, save=bool(save))
+                                                      w_hh[layer].contiguous(), None, lengths, save=bool(save),
+                                                      w_ch=None if peepholes is None else peepholes.contiguous())
         else:
             h_all, c_all, gates = lstm_recurrence_reference(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer],
-                                                            *bias, None, lengths)
+                                                            *bias, None, lengths, peepholes)
             if not save:
                 c_all, gates = c_all[-1:], gates[:0]
         outputs.append((h_all, c_all, gates))
@@ -68,29 +71,31 @@ def stack_fwd(
     b_hh: list[Tensor],
     lengths: Tensor | None,
     save: int = 1,
+    w_ch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward of L unidirectional layers: ``(h_all, c_all, gates)`` stacked over layers, (L, T+1, B, H),
     (L, T+1, B, H) and (L, T, B, 4H); ``save`` 0 (inference): c_all (L, 1, B, H), gates (L, 0, B, 4H).
-    ``h0``/``c0`` are (L, B, H); ``b_ih``/``b_hh`` empty lists without biases."""
+    ``h0``/``c0`` are (L, B, H); ``b_ih``/``b_hh`` empty lists without biases; ``w_ch`` (L, 3H) or None."""
     if not uses_kernels(x):
-        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False)
+        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False, w_ch=w_ch)
     lengths = None if lengths is None else lengths.to(torch.int32)
-    plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh))
+    plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh), w_ch is not None)
     if plan.persistent:
         projected = input_projection(x, w_ih[0], *((b_ih[0], b_hh[0]) if b_ih else (None, None))).contiguous()
         bias_above = torch.stack([b_ih[i] + b_hh[i] for i in range(1, len(b_ih))]) if b_ih else None
         with kernel_device(x):
             outputs = unless_refused(lambda: lstm_fwd_stack(projected, h0.contiguous(), c0.contiguous(),
                                                             torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
-                                                            lengths, plan, bool(save)))
+                                                            lengths, plan, bool(save),
+                                                            None if w_ch is None else w_ch.contiguous()))
         if outputs is not None:
             return outputs
     with kernel_device(x):  # no plan, or it did not run: the layers one by one
-        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True)
+        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True, w_ch=w_ch)
 
 
 @stack_fwd.register_fake
-def _stack_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1):
+def _stack_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1, w_ch=None):
     T, B = x.shape[0], x.shape[1]
     layers, H = len(w_hh), w_hh[0].shape[1]
     h_all = x.new_empty(layers, T + 1, B, H)
@@ -112,30 +117,32 @@ def _split_weights(layers: int, has_bias: bool, weights):
 
 
 class LSTMStack(torch.autograd.Function):
-    """out, h_n, c_n of L unidirectional layers; ``weights`` are (w_ih, w_hh[, b_ih, b_hh]) per layer."""
+    """out, h_n, c_n of L unidirectional layers; ``weights`` are (w_ih, w_hh[, b_ih, b_hh]) per layer,
+    ``w_ch`` the (L, 3H) peephole weights or None."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, lengths, use_reference, layers, has_bias, *weights):
+    def forward(ctx, x, h0, c0, lengths, use_reference, layers, has_bias, w_ch, *weights):
         w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
-        h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
-        ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, *weights)
+        h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, w_ch)
+        ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, w_ch, *weights)
         ctx.use_reference, ctx.layers, ctx.has_bias = use_reference, layers, has_bias
         return h_all[-1, 1:], h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
-        x, h0, c0, lengths, h_all, c_all, gates, *weights = ctx.saved_tensors
+        x, h0, c0, lengths, h_all, c_all, gates, w_ch, *weights = ctx.saved_tensors
         w_ih, w_hh, _, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
         if uses_kernels(x) and not ctx.use_reference:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out, grad_h_n,
-                                          grad_c_n)
+                                          grad_c_n, w_ch)
             if grads is not None:
-                return (grads[0], grads[1], grads[2], None, None, None, None, *grads[3:])
+                return (grads[0], grads[1], grads[2], None, None, None, None, grads[3], *grads[4:])
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
         grad_weights = [None] * len(weights)
+        grad_w_ch = None if w_ch is None else torch.empty_like(w_ch)
         per_layer = 4 if ctx.has_bias else 2
         grad_layer_out = grad_out
         for layer in reversed(range(ctx.layers)):
@@ -143,6 +150,7 @@ class LSTMStack(torch.autograd.Function):
             grads = torch.ops.triton_lstm.recurrence_bwd(
                 grad_layer_out, grad_h_n[layer], grad_c_n[layer], layer_x, w_ih[layer], w_hh[layer], None,
                 gates[layer], h_all[layer], c_all[layer], lengths, ctx.use_reference,
+                None if w_ch is None else w_ch[layer],
             )
             grad_layer_out, grad_h0[layer], grad_c0[layer] = grads[0], grads[1], grads[2]
             grad_weights[layer * per_layer] = grads[3]
@@ -150,17 +158,20 @@ class LSTMStack(torch.autograd.Function):
             if ctx.has_bias:
                 grad_weights[layer * per_layer + 2] = grads[5]
                 grad_weights[layer * per_layer + 3] = grads[5].clone()  # each bias owns its gradient tensor
-        return (grad_layer_out, grad_h0, grad_c0, None, None, None, None, *grad_weights)
+            if w_ch is not None:
+                grad_w_ch[layer] = grads[7]
+        return (grad_layer_out, grad_h0, grad_c0, None, None, None, None, grad_w_ch, *grad_weights)
 
 
-def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n):
+def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n, w_ch=None):
     """The fused backward of the whole stack: the gate gradients of every layer in one launch (a reverse
     wavefront), then each layer's weight GEMMs; the input gradient of layer 0 only (the layers above
-    took theirs in the kernel). None where the launch cannot run (the caller goes layer by layer)."""
+    took theirs in the kernel). None where the launch cannot run (the caller goes layer by layer).
+    Returns the gradients of x, h0, c0, the peephole weights (None without) and the layers' weights."""
     lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     w_ih_above = torch.stack(w_ih[1:]).contiguous()
     chain = lstm_bwd_stack_gate_grads(grad_out, grad_h_n, grad_c_n, torch.stack(w_hh).contiguous(), w_ih_above, lengths,
-                                      gates, c_all)
+                                      gates, c_all, w_ch=None if w_ch is None else w_ch.contiguous())
     if chain is None:
         return None
     grad_gates, grad_h0, grad_c0 = chain
@@ -173,33 +184,38 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
         grad_weights += [grad_w_ih, grad_w_hh.to(w_hh[layer].dtype)]
         if has_bias:
             grad_weights += [grad_bias, grad_bias.clone()]  # each bias owns its gradient tensor
-    return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), *grad_weights)
+    grad_w_ch = None
+    if w_ch is not None:
+        grad_w_ch = torch.stack([peephole_grad(grad_gates[layer], c_all[layer]) for layer in range(len(w_hh))]).to(w_ch.dtype)
+    return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), grad_w_ch, *grad_weights)
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
-    x, h0, c0, lengths, _, _, _, *weights = ctx.saved_tensors
+    x, h0, c0, lengths, _, _, _, w_ch, *weights = ctx.saved_tensors
 
     def outputs():
         w_ih, w_hh, b_ih, b_hh = _split_weights(ctx.layers, ctx.has_bias, weights)
-        h_all, c_all, _ = _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False)
+        h_all, c_all, _ = _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False, w_ch=w_ch)
         return h_all[-1, 1:], h_all[:, -1], c_all[:, -1].to(x.dtype)
 
     needed = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[7:])
-    grads = differentiate(outputs, (x, h0, c0, *weights), needed, (grad_out, grad_h_n, grad_c_n))
+    grads = differentiate(outputs, (x, h0, c0, w_ch, *weights), needed, (grad_out, grad_h_n, grad_c_n))
     return (*grads[:3], None, None, None, None, *grads[3:])
 
 
-def lstm_stack(x: Tensor, h0: Tensor, c0: Tensor, layer_weights, lengths: Tensor | None, *, backward: str = "fused"):
+def lstm_stack(x: Tensor, h0: Tensor, c0: Tensor, layer_weights, lengths: Tensor | None, *, backward: str = "fused",
+               w_ch: Tensor | None = None):
     """L unidirectional layers over time-major ``x``: returns (output of the top layer, h_n, c_n), h_n and
-    c_n of shape (L, B, H). ``layer_weights``: per layer (w_ih, w_hh, b_ih, b_hh), biases None or both set."""
+    c_n of shape (L, B, H). ``layer_weights``: per layer (w_ih, w_hh, b_ih, b_hh), biases None or both set;
+    ``w_ch``: the layers' peephole weights stacked, (L, 3H), or None."""
     layers = len(layer_weights)
     has_bias = layer_weights[0][2] is not None
     weights = [w for ws in layer_weights for w in (ws if has_bias else ws[:2])]
-    grad_wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *weights))
+    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, w_ch, *weights))
     if not grad_wanted:
         # An inference forward: no per-step gates or c are kept (c_all holds c_T only).
         w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
-        h_all, c_all, _ = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0)
+        h_all, c_all, _ = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0, w_ch)
         return h_all[-1, 1:], h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
-    return LSTMStack.apply(x, h0, c0, lengths, int(backward == "reference"), layers, has_bias, *weights)
+    return LSTMStack.apply(x, h0, c0, lengths, int(backward == "reference"), layers, has_bias, w_ch, *weights)
 

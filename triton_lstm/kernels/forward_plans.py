@@ -216,9 +216,11 @@ def plan_stack_fwd(
     shared_memory: int,
     interpret: bool = False,
     fp32_tensor_cores: bool = True,
+    peephole: bool = False,
 ) -> ForwardPlan:
     """The plan of one layer of the stack (every layer runs the same one), or not persistent: then the
-    stack runs layer by layer. A pure function of the shapes and the device limits.
+    stack runs layer by layer. A pure function of the shapes, the device limits and ``peephole`` (the
+    layers have peephole weights).
 
     On a GPU each layer gets ``num_sms // layers`` SMs, tiled as the comment below says; under the
     interpreter one program runs everything.
@@ -263,6 +265,8 @@ def plan_stack_fwd(
     grid_b = max(1, min(triton.cdiv(B, block_b), budget // grid_h))
     one_block_each = grid_h == num_h_blocks
     block_k = 64 if block_b < 64 or (one_block_each and not H & (H - 1)) else 32
+    if peephole and block_b == 16:
+        block_k = 32  # 64-wide chunks spilled 128 bytes with peepholes (Triton 3.6, H = 1024, 2 layers)
     return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, 8)
 
 

@@ -83,7 +83,7 @@ def _lstm_bwd_kernel(
     dc_ptr,  # (B, H) fp32 in/out: the same for c (both per layer for a stack)
     counter_ptr,  # (LAYERS + 1,) int32 zeros at launch: a barrier counter per layer, then the failure flag
     w_ih_above_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, …
-    w_ch_ptr,  # PEEPHOLE: (3H,) the peephole weights (w_ci, w_cf, w_co); one layer and direction only
+    w_ch_ptr,  # PEEPHOLE: (3H,) the peephole weights (w_ci, w_cf, w_co); stacked per layer or direction
     T,
     B,
     t_start,  # first (latest) step this launch runs; it runs t_start, t_start-1, … for n_steps steps
@@ -101,7 +101,6 @@ def _lstm_bwd_kernel(
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's second axis
     PEEPHOLE: tl.constexpr = False,
 ):
-    tl.static_assert(not PEEPHOLE or (LAYERS == 1 and DIRECTIONS == 1), "peepholes: one layer and direction")
     if DIRECTIONS > 1:
         # Each direction's chain on its own buffers (stacked per direction, step-indexed) with its own
         # barrier counter; the reverse direction reads its output gradient walking time backwards.
@@ -111,7 +110,7 @@ def _lstm_bwd_kernel(
                lengths_ptr, grad_gates_ptr + d * T * B * 4 * H, dh_ptr + d * B * H, dc_ptr + d * B * H,
                counter_ptr + direction, counter_ptr + 2, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start,
                n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT,
-               False, direction, 2, w_ch_ptr, False)
+               False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE)
     elif LAYERS > 1:
         # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
         # step for the same t. Under the interpreter one program runs the layers top to bottom.
@@ -123,7 +122,7 @@ def _lstm_bwd_kernel(
                    counter_ptr + layer, counter_ptr + LAYERS, grad_gates_ptr + (lay + 1) * T * B * 4 * H,
                    w_ih_above_ptr + lay * 4 * H * H, counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start,
                    n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
-                   SPIN_LIMIT, True, 0, 1, w_ch_ptr, False)
+                   SPIN_LIMIT, True, 0, 1, w_ch_ptr + lay * 3 * H, PEEPHOLE)
     else:
         _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr,
                counter_ptr + 1, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start, n_steps, seg_start, H,
@@ -451,6 +450,7 @@ def lstm_bwd_stack_gate_grads(
     gates: torch.Tensor,
     c_all: torch.Tensor,
     tiling: tuple[int, int, int, int] | None = None,
+    w_ch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The sequential part of a stack's backward in one persistent launch (a reverse wavefront: the top
     layer leads, layer l takes its gradient of h_t from dG^{l+1}_t·W_ih^{l+1} in the kernel).
@@ -460,10 +460,11 @@ def lstm_bwd_stack_gate_grads(
     (L - 1, 4H, H). Returns ``(grad_gates (L, T, B, 4H), grad_h0 (L, B, H) fp32, grad_c0 (L, B, H) fp32)``,
     or None when the layers' tiles do not fit the SMs at once, the kernel does not fit the device or the
     driver refuses the cooperative launch (nothing ran: the caller goes layer by layer). ``tiling`` =
-    (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's (``benchmarks/tune.py --layers``).
+    (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's (``benchmarks/tune.py --layers``);
+    ``w_ch`` (L, 3H): the layers' peephole weights.
     """
     return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all,
-                               layers=gates.shape[0], what="the stacked backward kernel", tiling=tiling)
+                               layers=gates.shape[0], what="the stacked backward kernel", tiling=tiling, w_ch=w_ch)
 
 
 def lstm_bwd_bidirectional_gate_grads(
@@ -474,6 +475,7 @@ def lstm_bwd_bidirectional_gate_grads(
     lengths: torch.Tensor | None,
     gates: torch.Tensor,
     c_all: torch.Tensor,
+    w_ch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The sequential part of a bidirectional layer's backward, both directions in one persistent launch.
 
@@ -483,13 +485,14 @@ def lstm_bwd_bidirectional_gate_grads(
     len_b − 1 − s). Returns ``(grad_gates (2, T, B, 4H) step-indexed, grad_h0 (2, B, H) fp32, grad_c0)``,
     or None when half the SMs cannot hold a direction's tiles, the kernel does not fit the device or the
     driver refuses the cooperative launch (nothing ran: the caller runs the directions one by one).
+    ``w_ch`` (2, 3H): the directions' peephole weights.
     """
     return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_hh, lengths, gates, c_all, directions=2,
-                               what="the bidirectional backward kernel")
+                               what="the bidirectional backward kernel", w_ch=w_ch)
 
 
 def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all, *, layers=1,
-                        directions=1, what, tiling=None):
+                        directions=1, what, tiling=None, w_ch=None):
     """The chain kernel over a leading axis of ``layers`` (a stack, ``LAYERS``) or ``directions`` (both
     directions of a layer, ``DIRECTIONS``), in one persistent launch; None where it cannot run."""
     groups, T, B, four_h = gates.shape
@@ -521,9 +524,10 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
     def launch():
         _lstm_bwd_kernel[grid](
             grad_out.contiguous(), gates, c_all, w_hh, lengths if lengths is not None else counters, grad_gates, dh, dc,
-            counters, w_ih_above, w_hh, T, B, T - 1, T, 0, H=H, HAS_LENGTHS=lengths is not None, USE_BARRIER=True,
-            DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b, BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
-            LAYERS=layers, DIRECTIONS=directions, launch_cooperative_grid=True, **options,
+            counters, w_ih_above, w_ch if w_ch is not None else w_hh, T, B, T - 1, T, 0, H=H,
+            HAS_LENGTHS=lengths is not None, USE_BARRIER=True, DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b,
+            BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT, LAYERS=layers, DIRECTIONS=directions,
+            PEEPHOLE=w_ch is not None, launch_cooperative_grid=True, **options,
         )
         return True
 

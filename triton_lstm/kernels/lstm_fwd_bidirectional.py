@@ -52,8 +52,10 @@ def lstm_fwd_bidirectional(
     lengths: torch.Tensor | None,
     plan: ForwardPlan,
     save: bool = True,
+    w_ch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs ``plan`` (persistent) over both directions of a layer.
+    """Runs ``plan`` (persistent) over both directions of a layer; ``w_ch`` (2, 3H): the directions'
+    peephole weights.
 
     ``projected`` (T, B, 8H): x·W_ihᵀ + biases of the forward direction (columns 0…4H) and of the reverse
     one (4H…8H), in time order; ``h0``, ``c0`` (2, B, H); ``w_hh`` (2, 4H, H); all contiguous, on one
@@ -71,6 +73,6 @@ def lstm_fwd_bidirectional(
     # Zeros: with lengths, the positions past a sequence's end are never written (pad_packed_sequence's 0).
     out = (torch.zeros if lengths is not None else torch.empty)(T, B, 2 * H, dtype=projected.dtype,
                                                                  device=projected.device)
-    launch_persistent(plan, projected, w_hh, *outputs, lengths, save, directions=2, out=out,
+    launch_persistent(plan, projected, w_hh, *outputs, lengths, save, directions=2, out=out, w_ch=w_ch,
                       what="the bidirectional forward kernel")
     return (out, *finished_outputs(outputs, save))

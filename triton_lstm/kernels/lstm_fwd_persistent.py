@@ -96,7 +96,7 @@ def _lstm_persistent_fwd_kernel(
     w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``)
     bias_ptr,  # LAYERS > 1 and HAS_BIAS: (LAYERS - 1, 4H), b_ih + b_hh of layers 1, 2, …
     out_ptr,  # DIRECTIONS == 2: (T, B, 2H), the layer's output, both directions in time order
-    w_ch_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co); one layer and direction only
+    w_ch_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co); stacked per layer or direction
     T,
     B,
     grid_b,  # batch groups (the grid's second axis); not a constexpr, so a new batch size does not recompile
@@ -117,7 +117,6 @@ def _lstm_persistent_fwd_kernel(
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
 ):
-    tl.static_assert(not PEEPHOLE or (LAYERS == 1 and DIRECTIONS == 1), "peepholes: one layer and direction")
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
@@ -129,6 +128,7 @@ def _lstm_persistent_fwd_kernel(
         direction = tl.program_id(2)
         d = direction.to(tl.int64)
         w_hh_ptr += d * 4 * H * K
+        w_ch_ptr += d * 3 * H
         h_ptr += d * (T + 1) * B * K
         if SAVE:
             c_ptr += d * (T + 1) * B * H
@@ -159,7 +159,7 @@ def _lstm_persistent_fwd_kernel(
             failed = _stack_layer(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
-                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT,
+                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, w_ch_ptr, PEEPHOLE,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -228,7 +228,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                  T, B, grid_b, pid_h, pid_b, failed, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
-                 RESIDENT: tl.constexpr):
+                 RESIDENT: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
@@ -252,6 +252,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
         c_layer = c_ptr + lay * (T + 1) * B * H
         gates_layer = gates_ptr + lay * T * B * 4 * H
     w_hh_layer = w_hh_ptr + lay * 4 * H * H
+    w_ch_layer = w_ch_ptr + lay * 3 * H
     w_ih_layer = w_ih_ptr + (lay - 1) * 4 * H * H
     bias_layer = bias_ptr + (lay - 1) * 4 * H
     counter_ptr = counters_ptr + layer * grid_b + pid_b
@@ -323,7 +324,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                 _update_and_store_h(
                     acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer, gates_layer,
                     lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE, failed,
-                    h_layer, step, 0, 1, w_hh_layer, False,
+                    h_layer, step, 0, 1, w_ch_layer, PEEPHOLE,
                 )
         if not failed:
             failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
@@ -495,8 +496,8 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
                       w_ih_above=None, bias_above=None, out=None, w_ch=None, what="the persistent forward kernel"):
     """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
     one layer and direction, a stack of ``layers`` (with ``w_ih_above``, ``bias_above``: lstm_fwd_stack.py)
-    or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: one layer's
-    peephole weights (3H,). Raises OutOfResources or
+    or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
+    weights, (3H,) or stacked per layer or direction. Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
     T, B = projected.shape[:2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
