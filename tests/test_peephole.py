@@ -204,10 +204,15 @@ def test_peephole_stacks_and_bidirectional_layers_run_the_whole_module_kernels(m
 
     calls = count_calls(monkeypatch, modules, {"layer": "lstm_layer", "stack": "lstm_stack", "both": "lstm_bidirectional"})
     x = torch.randn(5, 2, 3, device=KERNEL_DEVICE)
-    triton_lstm.LSTM(3, 4, num_layers=2, bidirectional=True, peephole=True, device=KERNEL_DEVICE)(x)
-    triton_lstm.LSTM(3, 4, num_layers=3, peephole=True, device=KERNEL_DEVICE)(x)
+    models = [triton_lstm.LSTM(3, 4, num_layers=2, bidirectional=True, peephole=True, device=KERNEL_DEVICE),
+              triton_lstm.LSTM(3, 4, num_layers=3, peephole=True, device=KERNEL_DEVICE)]
+    trained = [model(x) for model in models]
     kernels = KERNEL_DEVICE == "cuda" or ops.interpreting()
     assert calls == ({"layer": 0, "stack": 1, "both": 2} if kernels else {"layer": 7, "stack": 0, "both": 0})
+    with torch.no_grad():  # the inference forward (no per-step state kept) gives the same numbers
+        for model, (out, (h_n, c_n)) in zip(models, trained):
+            inferred, (h_inferred, c_inferred) = model(x)
+            assert torch.equal(inferred, out) and torch.equal(h_inferred, h_n) and torch.equal(c_inferred, c_n)
 
 
 def test_stack_plan_with_peepholes_takes_narrower_chunks_for_16_row_tiles():
