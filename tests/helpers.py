@@ -58,6 +58,20 @@ def count_calls(monkeypatch, module, names: dict[str, str]) -> dict[str, int]:
     return counts
 
 
+def break_fused_backward(monkeypatch, how: str, module, whole_module_chain: str) -> None:
+    """Makes the modules skip a whole-module fused backward: ``how`` "reference" (backward="reference")
+    or "no-fit" (``module.whole_module_chain`` reports that its launch cannot run)."""
+    import functools
+
+    import triton_lstm
+
+    if how == "reference":
+        monkeypatch.setattr(triton_lstm.LSTM, "__init__", functools.partialmethod(triton_lstm.LSTM.__init__,
+                                                                                  backward="reference"))
+    else:
+        monkeypatch.setattr(module, whole_module_chain, lambda *args, **kwargs: None)
+
+
 def check_double_backward(**module_kwargs):
     """A second derivative through ``triton_lstm.LSTM(3, 4, **module_kwargs)`` (create_graph=True, then a
     backward of the gradient's norm) against nn.LSTM's in float64."""

@@ -6,11 +6,10 @@ direction."""
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, check_double_backward, count_calls, requires_cuda
+from helpers import KERNEL_DEVICE, break_fused_backward, check_double_backward, count_calls, requires_cuda
 from test_modules import Case, check_against_nn
 
 import triton_lstm
@@ -51,11 +50,7 @@ def test_backward_direction_by_direction_where_the_fused_one_does_not_run(fallba
     """backward="reference", or a fused backward that cannot launch: each direction's backward on its own
     (on reversed views for the reverse one), with the same gradients."""
     case = CASES["L2-packed"]
-    if fallback == "reference":
-        monkeypatch.setattr(triton_lstm.LSTM, "__init__", functools.partialmethod(triton_lstm.LSTM.__init__,
-                                                                                  backward="reference"))
-    else:
-        monkeypatch.setattr(bidirectional_module, "lstm_bwd_bidirectional_gate_grads", lambda *args, **kwargs: None)
+    break_fused_backward(monkeypatch, fallback, bidirectional_module, "lstm_bwd_bidirectional_gate_grads")
     check_against_nn(case, torch.float32)
     assert launches["both"] == 2 and launches["both_bwd"] == 0
 

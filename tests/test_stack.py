@@ -4,12 +4,11 @@ the inference forward, the plan, and the cases that stay layer by layer."""
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 import triton
-from helpers import HAS_CUDA, KERNEL_DEVICE, check_double_backward, count_calls, requires_cuda
+from helpers import HAS_CUDA, KERNEL_DEVICE, break_fused_backward, check_double_backward, count_calls, requires_cuda
 from test_modules import Case, check_against_nn
 
 import triton_lstm
@@ -63,11 +62,7 @@ def test_backward_layer_by_layer_where_the_stacked_one_does_not_run(fallback, la
     """backward="reference", or a stacked backward that cannot launch (its tiles do not fit the SMs): the
     per-layer backward from the top, with the same gradients."""
     case = STACKS["L3-state"]
-    if fallback == "reference":
-        monkeypatch.setattr(triton_lstm.LSTM, "__init__", functools.partialmethod(triton_lstm.LSTM.__init__,
-                                                                                  backward="reference"))
-    else:
-        monkeypatch.setattr(stack_module, "lstm_bwd_stack_gate_grads", lambda *args, **kwargs: None)
+    break_fused_backward(monkeypatch, fallback, stack_module, "lstm_bwd_stack_gate_grads")
     check_against_nn(case, DTYPE)
     assert launches["stack"] == 1 and launches["stack_bwd"] == 0
 

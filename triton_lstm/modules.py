@@ -128,13 +128,10 @@ def _init_like_lstm(weight: Tensor, hidden_size: int) -> None:
         weight.uniform_(-bound, bound)
 
 
-def _stacked(peepholes, direction: int | None) -> Tensor | None:
-    """The peephole weights of a whole-module launch as one tensor: per layer of ``peepholes`` (a list
-    per layer of the directions' weights) the given direction's, or with ``direction`` None both
-    directions of its one layer; None without peepholes."""
-    if peepholes[0][0] is None:
-        return None
-    return torch.stack([layer[direction] for layer in peepholes] if direction is not None else list(peepholes[0]))
+def _stacked(peepholes: list) -> Tensor | None:
+    """The peephole weights of a whole-module launch (a stack's layers, or a layer's two directions) as
+    one tensor; None without peepholes."""
+    return None if peepholes[0] is None else torch.stack(peepholes)
 
 
 def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
@@ -359,7 +356,7 @@ class LSTM(nn.RNNBase):
             # All layers in one persistent launch (a wavefront across layers; triton_lstm/stack.py).
             output, h_n, c_n = lstm_stack(
                 x, h0, c0, [weights[layer][0][:4] for layer in range(self.num_layers)], lengths_on_device,
-                backward=getattr(self, "backward_mode", "fused"), w_ch=_stacked(peepholes, 0),
+                backward=getattr(self, "backward_mode", "fused"), w_ch=_stacked([directions[0] for directions in peepholes]),
             )
             return self._finish_from_time_major(output, (h_n, c_n), packed, lengths, batch_sizes, sorted_indices,
                                                 unsorted_indices, is_batched)
@@ -377,7 +374,7 @@ class LSTM(nn.RNNBase):
                 layer_input, h, c = lstm_bidirectional(
                     layer_input, h0[index:index + 2], c0[index:index + 2], weights[layer][0][:4], weights[layer][1][:4],
                     lengths_on_device, backward=getattr(self, "backward_mode", "fused"),
-                    w_ch=_stacked([peepholes[layer]], None),
+                    w_ch=_stacked(peepholes[layer]),
                 )
                 h_n += [h[0], h[1]]
                 c_n += [c[0], c[1]]
