@@ -1,4 +1,4 @@
-"""The plain-PyTorch LSTM recurrence: the oracle of every test and the path CPU tensors take.
+"""The plain-PyTorch LSTM and GRU recurrences: the oracle of every test and the path CPU tensors take.
 
 One layer, one direction. Every function here works on the same saved layout as the Triton kernels:
 
@@ -181,3 +181,119 @@ def peephole_grad(grad_gates: Tensor, c_all: Tensor) -> Tensor:
     c_prev, c = c_all[:-1], c_all[1:]
     return torch.cat([torch.einsum("tbh,tbh->h", grad_gates[..., gate * H:(gate + 1) * H].to(c_all.dtype), state)
                       for gate, state in ((0, c_prev), (1, c_prev), (3, c))])
+
+
+# The GRU (PyTorch's equations, gates in its order r, z, n), on the same saved layout as the LSTM:
+#
+# - ``h_all``  (T + 1, B, H): h0 followed by h_1 … h_T, in the input dtype (what the recurrent product reads);
+# - ``state_all`` (T + 1, B, H): the same states in fp32 (fp64 for fp64 inputs), where the LSTM keeps c:
+#   the pointwise update z ⊙ h + (1 − z) ⊙ n runs on them, as the LSTM's runs on c;
+# - ``gates`` (T, B, 4H): r, z, n and hn = h·W_hnᵀ + b_hn (what the reset gate multiplies), in the input dtype.
+
+
+def gru_input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
+    """x·W_ihᵀ + b_ih + (b_hr, b_hz, 0): (T, B, I) -> (T, B, 3H). b_hn stays out, inside r ⊙ (W_hn·h + b_hn)."""
+    if b_hh is None:
+        return input_projection(x, w_ih, None, None)
+    H = b_hh.shape[0] // 3
+    return input_projection(x, w_ih, b_ih, torch.cat((b_hh[: 2 * H], b_hh.new_zeros(H))))
+
+
+def gru_recurrence_reference(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs the GRU recurrence step by step; returns ``(h_all, state_all, gates)``:
+
+        r = σ(W_ir x + b_ir + W_hr h + b_hr),  z = σ(W_iz x + b_iz + W_hz h + b_hz),
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),  h' = (1 − z) ⊙ n + z ⊙ h.
+
+    Differentiable under autograd, so in float64 it is the gradient oracle of the tests (with nn.GRU)."""
+    dtype = x.dtype
+    acc = accumulate_dtype(dtype)
+    H = w_hh.shape[1]
+    projected = gru_input_projection(x, w_ih, b_ih, b_hh).to(acc)
+    w_hh = w_hh.to(acc)
+    b_hn = 0.0 if b_hh is None else b_hh[2 * H:].to(acc)
+    h_prev, state_prev = h0, h0.to(acc)
+    hs, states, acts = [h0], [state_prev], []
+    for t in range(x.shape[0]):
+        x_r, x_z, x_n = projected[t].chunk(3, dim=1)
+        h_r, h_z, h_n = (h_prev.to(acc) @ w_hh.t()).chunk(3, dim=1)
+        hn = h_n + b_hn
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * hn)
+        state = n + z * (state_prev - n)
+        act = torch.cat([r, z, n, hn], dim=1)
+        if lengths is not None:
+            valid = (t < lengths).unsqueeze(1)
+            state = torch.where(valid, state, state_prev)
+            act = torch.where(valid, act, torch.zeros_like(act))
+        h = state.to(dtype)
+        hs.append(h)
+        states.append(state)
+        acts.append(act.to(dtype))
+        h_prev, state_prev = h, state
+    return torch.stack(hs), torch.stack(states), torch.stack(acts)
+
+
+def gru_recurrence_backward_reference(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    gates: Tensor,
+    h_all: Tensor,
+    state_all: Tensor,
+    lengths: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backpropagation through time of the GRU from its saved activations. Returns the gradients of x, h0,
+    W_ih, W_hh, b_ih and b_hh (unlike the LSTM's, the two biases differ: b_hn sits behind the reset gate).
+
+    Per step the pre-activation gradients are kept as four columns, (dR, dZ, dN, dN ⊙ r): the first
+    three are what x's side (W_ih, b_ih) sees, (dR, dZ, dN ⊙ r) what h's side (W_hh, b_hh) sees — the fused
+    backward's layout (``kernels/gru.py``)."""
+    dtype = x.dtype
+    acc = accumulate_dtype(dtype)
+    T, B = x.shape[0], x.shape[1]
+    H = w_hh.shape[1]
+    w_hh_acc = w_hh.to(acc)
+    grad_pre = torch.empty(T, B, 4 * H, dtype=acc, device=x.device)
+    dh = grad_h_n.to(acc)
+    for t in reversed(range(T)):
+        dh = dh + grad_out[t].to(acc)
+        r, z, n, hn = gates[t].to(acc).chunk(4, dim=1)
+        h_prev = state_all[t].to(acc)
+        d_n = dh * (1 - z) * (1 - n * n)
+        d_z = dh * (h_prev - n) * z * (1 - z)
+        d_r = d_n * hn * r * (1 - r)
+        d_pre = torch.cat([d_r, d_z, d_n, d_n * r], dim=1)
+        dh_prev = torch.cat([d_r, d_z, d_n * r], dim=1) @ w_hh_acc + dh * z
+        if lengths is not None:
+            # Past a sequence's end its state was carried unchanged: the gradient passes straight through.
+            valid = (t < lengths).unsqueeze(1)
+            d_pre = torch.where(valid, d_pre, torch.zeros_like(d_pre))
+            dh_prev = torch.where(valid, dh_prev, dh)
+        grad_pre[t] = d_pre
+        dh = dh_prev
+
+    rows = grad_pre.reshape(T * B, 4 * H)
+    input_side = rows[:, : 3 * H]
+    hidden_side = torch.cat((rows[:, : 2 * H], rows[:, 3 * H:]), dim=1)
+    grad_x = (input_side @ w_ih.to(acc)).reshape(T, B, x.shape[2])
+    grad_w_ih = input_side.t() @ x.reshape(T * B, x.shape[2]).to(acc)
+    grad_w_hh = hidden_side.t() @ h_all[:-1].reshape(T * B, H).to(acc)
+    return (
+        grad_x.to(dtype),
+        dh.to(dtype),
+        grad_w_ih.to(w_ih.dtype),
+        grad_w_hh.to(w_hh.dtype),
+        input_side.sum(0).to(w_ih.dtype),
+        hidden_side.sum(0).to(w_hh.dtype),
+    )

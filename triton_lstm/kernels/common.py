@@ -158,18 +158,19 @@ barrier_watch = BarrierWatch()
 
 @triton.jit
 def recurrent_product_resident(h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, w_o, K: tl.constexpr,
-                               DOT_PRECISION: tl.constexpr):
+                               DOT_PRECISION: tl.constexpr, GATES: tl.constexpr):
     """h_{t-1}·W_hhᵀ for one tile, per gate, from the program's resident W_hh slice (``w_*``: K × BLOCK_H,
     ``offs_k`` the whole K padded). Rows past B and columns past K load as zeros: that is how tl.dot's
-    16-wide minimum pads. h_{t-1} was written by other programs: ".cg" loads skip L1."""
+    16-wide minimum pads. h_{t-1} was written by other programs: ".cg" loads skip L1. ``GATES``: 4 (the
+    LSTM's i, f, g, o) or 3 (the GRU's r, z, n; the fourth accumulator stays zero and ``w_o`` is unread)."""
     zero = tl.zeros((rows.shape[0], w_i.shape[1]), dtype=tl.float32)
     return accumulate_product_resident(zero, zero, zero, zero, h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, w_o,
-                                       K, DOT_PRECISION)
+                                       K, DOT_PRECISION, GATES)
 
 
 @triton.jit
 def accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, w_o,
-                                K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                K: tl.constexpr, DOT_PRECISION: tl.constexpr, GATES: tl.constexpr):
     """``recurrent_product_resident`` added onto the accumulators ``acc_*`` (a stack's layer adds its input
     product and its recurrent product onto its gate inputs)."""
     h_blk = tl.load(
@@ -181,7 +182,8 @@ def accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, ma
     acc_i = tl.dot(h_blk, w_i, acc_i, input_precision=DOT_PRECISION)
     acc_f = tl.dot(h_blk, w_f, acc_f, input_precision=DOT_PRECISION)
     acc_g = tl.dot(h_blk, w_g, acc_g, input_precision=DOT_PRECISION)
-    acc_o = tl.dot(h_blk, w_o, acc_o, input_precision=DOT_PRECISION)
+    if GATES == 4:
+        acc_o = tl.dot(h_blk, w_o, acc_o, input_precision=DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -199,21 +201,24 @@ def recurrent_product_streamed(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GATES: tl.constexpr,
 ):
     """h_{t-1}·W_hhᵀ for one (batch block × hidden block) tile, per gate, reading W_hh in BLOCK_K chunks.
 
     ``h_prev_ptr`` points at h_{t-1} (B, K). Rows past B and columns past K load as zeros, so tl.dot's
     16-wide minimum pads B and K. h_{t-1} was written by other programs: ".cg" loads skip L1, which is
-    not coherent across SMs. Returns the four fp32 accumulators (i, f, g, o).
+    not coherent across SMs. Returns the four fp32 accumulators (i, f, g, o); with ``GATES`` = 3 (a GRU's
+    (3H, K) W_hh: r, z, n) the fourth stays zero.
     """
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     return accumulate_product_streamed(zero, zero, zero, zero, h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K,
-                                       DOT_PRECISION, BLOCK_K)
+                                       DOT_PRECISION, BLOCK_K, GATES)
 
 
 @triton.jit
 def accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, rows, mask_b, offs_h, mask_h,
-                                H: tl.constexpr, K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+                                H: tl.constexpr, K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                                GATES: tl.constexpr):
     """``recurrent_product_streamed`` added onto the accumulators ``acc_*``: h·Wᵀ for any (B, K) h and
     (4H, K) W (a stack's layer adds its input product and its recurrent product onto its gate inputs)."""
     w_cols = offs_h.to(tl.int64)[None, :] * K  # W row j is gate unit j; the dot needs its transpose
@@ -232,16 +237,25 @@ def accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, r
         acc_i = tl.dot(h_blk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
         acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
         acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
-        acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o, input_precision=DOT_PRECISION)
+        if GATES == 4:
+            acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o,
+                           input_precision=DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o
 
 
 @triton.jit
-def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.constexpr):
+def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.constexpr, GATES: tl.constexpr):
     """This tile's slice of the input projection at ``step`` (x_t·W_ihᵀ + biases), per gate, in fp32.
-    It does not depend on h, so the persistent kernel loads step t+1's before it waits at the barrier."""
-    x_ptrs = projected_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
-    return load_four_gates(x_ptrs, mask_bh, H)
+    It does not depend on h, so the persistent kernel loads step t+1's before it waits at the barrier.
+    ``GATES`` = 3: a GRU's (T, B, 3H) projection (r, z, n), the fourth value zero."""
+    x_ptrs = projected_ptr + step * B * GATES * H + rows[:, None] * (GATES * H) + offs_h[None, :]
+    if GATES == 4:
+        return load_four_gates(x_ptrs, mask_bh, H)
+    else:
+        x_r = tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32)
+        x_z = tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32)
+        x_n = tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32)
+        return x_r, x_z, x_n, tl.zeros_like(x_n)
 
 
 @triton.jit
@@ -352,6 +366,59 @@ def lstm_cell_update(
         tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
     tl.store(c_ptr + c_slot(step + 1, SAVE) * B * H + rows[:, None] * H + offs_h[None, :], c, mask=mask_bh)
     return h, c
+
+
+@triton.jit
+def gru_cell_update(acc_r, acc_z, acc_n, x_r, x_z, x_n, h_prev, state_ptr, gates_ptr, lengths_ptr, step, B, rows, offs_b,
+                    mask_b, offs_h, mask_h, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, b_hn_ptr):
+    """PyTorch's GRU step for one (batch block × hidden block) tile of step ``step``:
+    r = σ(x_r + h·W_hrᵀ), z = σ(x_z + h·W_hzᵀ), n = tanh(x_n + r ⊙ (h·W_hnᵀ + b_hn)), h' = (1 − z) ⊙ n + z ⊙ h.
+
+    ``acc_*`` hold the tile's h_{t-1}·W_hhᵀ per gate, ``x_*`` its input projection (with b_ir + b_hr,
+    b_iz + b_hz and b_in: b_hn stays inside the reset gate's product, so it is read here from
+    ``b_hn_ptr``), ``h_prev`` the state of step t-1 in fp32. The GRU's fp32 state lives where the LSTM
+    keeps c (``state_ptr``, the same slots), so that the update and the backward use h at full precision.
+    Stores (r, z, n, h·W_hnᵀ + b_hn) as the step's four gate vectors — the LSTM's gates layout, everything
+    the backward needs — and returns (h_t, h_t) in fp32. Past a sequence's end h is carried and the gate
+    vectors are zero."""
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    hn = acc_n + tl.load(b_hn_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    r = sigmoid(acc_r + x_r)
+    z = sigmoid(acc_z + x_z)
+    n = tanh(x_n + r * hn)
+    h = n + z * (h_prev - n)
+    if HAS_LENGTHS:
+        valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]
+        h = tl.where(valid, h, h_prev)
+        r = tl.where(valid, r, 0.0)
+        z = tl.where(valid, z, 0.0)
+        n = tl.where(valid, n, 0.0)
+        hn = tl.where(valid, hn, 0.0)
+    if SAVE:
+        gates_ptrs = gates_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
+        out_dtype = gates_ptr.dtype.element_ty
+        tl.store(gates_ptrs, r.to(out_dtype), mask=mask_bh)
+        tl.store(gates_ptrs + H, z.to(out_dtype), mask=mask_bh)
+        tl.store(gates_ptrs + 2 * H, n.to(out_dtype), mask=mask_bh)
+        tl.store(gates_ptrs + 3 * H, hn.to(out_dtype), mask=mask_bh)
+    tl.store(state_ptr + c_slot(step + 1, SAVE) * B * H + rows[:, None] * H + offs_h[None, :], h, mask=mask_bh)
+    return h, h
+
+
+@triton.jit
+def cell_update(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr, step, B,
+                rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, CARRY_H: tl.constexpr,
+                SAVE: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
+    """The update of the drivers' ``CELL``: "lstm" (``lstm_cell_update``; ``cell_params_ptr``: the peephole
+    weights with PEEPHOLE) or "gru" (``gru_cell_update``: the first three gates, ``c_prev``/``c_ptr`` its fp32
+    state, ``cell_params_ptr`` its b_hn). Returns (h or m, the fp32 state) of the tile."""
+    if CELL == "gru":
+        return gru_cell_update(acc_i, acc_f, acc_g, x_i, x_f, x_g, c_prev, c_ptr, gates_ptr, lengths_ptr, step, B, rows,
+                               offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, SAVE, cell_params_ptr)
+    else:
+        return lstm_cell_update(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr,
+                                lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, CARRY_H, SAVE,
+                                cell_params_ptr, PEEPHOLE)
 
 
 def refused_cooperative_launch(error: RuntimeError) -> bool:

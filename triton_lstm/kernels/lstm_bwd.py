@@ -100,6 +100,7 @@ def _lstm_bwd_kernel(
     LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers, the grid's second axis (a reverse wavefront)
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's second axis
     PEEPHOLE: tl.constexpr = False,
+    CELL: tl.constexpr = "lstm",  # "gru": one layer and direction; w_hh (3H, H), gates (r, z, n, W_hn·h + b_hn), c its fp32 h
 ):
     if DIRECTIONS > 1:
         # Each direction's chain on its own buffers (stacked per direction, step-indexed) with its own
@@ -110,7 +111,7 @@ def _lstm_bwd_kernel(
                lengths_ptr, grad_gates_ptr + d * T * B * 4 * H, dh_ptr + d * B * H, dc_ptr + d * B * H,
                counter_ptr + direction, counter_ptr + 2, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start,
                n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT,
-               False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE)
+               False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE, "lstm")
     elif LAYERS > 1:
         # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
         # step for the same t. Under the interpreter one program runs the layers top to bottom.
@@ -122,24 +123,29 @@ def _lstm_bwd_kernel(
                    counter_ptr + layer, counter_ptr + LAYERS, grad_gates_ptr + (lay + 1) * T * B * 4 * H,
                    w_ih_above_ptr + lay * 4 * H * H, counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start,
                    n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
-                   SPIN_LIMIT, True, 0, 1, w_ch_ptr + lay * 3 * H, PEEPHOLE)
+                   SPIN_LIMIT, True, 0, 1, w_ch_ptr + lay * 3 * H, PEEPHOLE, "lstm")
     else:
         _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr,
                counter_ptr + 1, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start, n_steps, seg_start, H,
                HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, False, 0, 1, w_ch_ptr,
-               PEEPHOLE)
+               PEEPHOLE, CELL)
 
 
 @triton.jit
 def _gate_product(acc, dg_ptrs, mask_b, w_ptr, offs_h, mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_K: tl.constexpr, columns):
+                  BLOCK_K: tl.constexpr, columns, CELL: tl.constexpr):
     """acc + dG·W on this tile's units: a row block of dG (``dg_ptrs``: its rows, at column 0) times the
-    tile's columns of a (4H, H) weight, over the 4H gate columns in BLOCK_K chunks; dG columns at or past
-    ``columns`` load as zeros. dG was written by other programs: .cg loads skip L1."""
-    for k0 in range(0, 4 * H, BLOCK_K):
+    tile's columns of a (4H, H) weight, over the 4H gate columns in BLOCK_K chunks; W rows at or past
+    ``columns`` count as zeros. dG was written by other programs: .cg loads skip L1. A GRU's W_hh is (3H, H)
+    (r, z, n) and its dG row (dR, dZ, dN, dN ⊙ r): W row k meets dG column k, past 2H column k + H."""
+    GATE_ROWS: tl.constexpr = 3 * H if CELL == "gru" else 4 * H
+    for k0 in range(0, GATE_ROWS, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < 4 * H
-        dg_blk = tl.load(dg_ptrs + offs_k[None, :], mask=mask_b[:, None] & (offs_k < columns)[None, :], other=0.0,
+        mask_k = offs_k < GATE_ROWS
+        dg_cols = offs_k
+        if CELL == "gru":
+            dg_cols = tl.where(offs_k < 2 * H, offs_k, offs_k + H)
+        dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (offs_k < columns)[None, :], other=0.0,
                          cache_modifier=".cg")
         w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
                         other=0.0)
@@ -152,14 +158,16 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
            above_grad_gates_ptr, w_ih_above_ptr, above_counter_ptr, from_above, T, B, t_start, n_steps, seg_start,
            H: tl.constexpr, HAS_LENGTHS: tl.constexpr, USE_BARRIER: tl.constexpr, DOT_PRECISION: tl.constexpr,
            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr,
-           STACKED: tl.constexpr, direction, DIRECTIONS: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr):
+           STACKED: tl.constexpr, direction, DIRECTIONS: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr,
+           CELL: tl.constexpr):
     """The reverse-time chain of one layer on this program's tile. With STACKED and ``from_above`` (a
     layer under the top of a stack) the gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, formed here once the
     layer above has passed its barrier of the same step, instead of read from ``grad_out``. With
     DIRECTIONS = 2 ``grad_out`` is the bidirectional layer's (T, B, 2H), read at this direction's columns
     and, for the reverse direction, at time len_b − 1 − t in step t. With PEEPHOLE the cell gradient also
     flows through the peepholes (``w_ch_ptr``: w_ci, w_cf, w_co): dc_t gets dO·w_co, dc_{t-1} dI·w_ci +
-    dF·w_cf."""
+    dF·w_cf. With CELL "gru" the register ``dc`` carries the gradient reaching h_{t-1} directly, z ⊙ dh
+    (``_gru_step_grads``), and the four dG columns are (dR, dZ, dN, dN ⊙ r)."""
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
     offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -189,7 +197,7 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
         later_ok = later < T
         recurrent = _gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
                                   grad_gates_ptr + later * B * 4 * H + gate_row_offs, mask_b, w_hh_ptr, offs_h, mask_h,
-                                  H, DOT_PRECISION, BLOCK_K, tl.where(later_ok, 4 * H, 0))
+                                  H, DOT_PRECISION, BLOCK_K, tl.where(later_ok, 4 * H, 0), CELL)
         # Where step t+1 did not run (past a sequence's end, or t = T-1) h_t was carried into h_{t+1}
         # unchanged: its gradient passes straight through.
         if HAS_LENGTHS:
@@ -211,7 +219,7 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
                 if not failed:
                     failed = wait_for(above_counter_ptr, (s + 1) * tl.num_programs(0), failed_ptr, SPIN_LIMIT)
                 dh = _gate_product(dh, above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b, w_ih_above_ptr,
-                                   offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H)
+                                   offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H, "lstm")
             else:
                 dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
         else:
@@ -219,29 +227,23 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
 
         local = step - seg_start
         gate_ptrs = gates_ptr + local * B * 4 * H + gate_row_offs + offs_h[None, :]
-        i, f, g, o = load_four_gates(gate_ptrs, mask_bh, H)
-        c = tl.load(c_ptr + (local + 1) * B * H + state_offs, mask=mask_bh, other=0.0)
-        c_prev = tl.load(c_ptr + local * B * H + state_offs, mask=mask_bh, other=0.0)
-        tanh_c = tanh(c)
-        d_o = dh * tanh_c * o * (1.0 - o)
-        dc_cell = dc + dh * o * (1.0 - tanh_c * tanh_c)
-        if PEEPHOLE:
-            # Loaded where used, every step (L1 hits): held across the loop they spilled (Triton 3.6, 64 × 64).
-            dc_cell += d_o * tl.load(w_ch_ptr + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        d_i = dc_cell * g * i * (1.0 - i)
-        d_f = dc_cell * c_prev * f * (1.0 - f)
-        d_g = dc_cell * i * (1.0 - g * g)
-        dc_prev = dc_cell * f
-        if PEEPHOLE:
-            dc_prev += (d_i * tl.load(w_ch_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                        + d_f * tl.load(w_ch_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :])
+        state_ptrs = c_ptr + local * B * H + state_offs  # c_{t-1} (a GRU's fp32 h_{t-1}); c_t one step on
+        if CELL == "gru":
+            dh += dc  # the direct path from step t+1, z_{t+1} ⊙ dh_{t+1} (zero where step t+1 did not run)
+            d_i, d_f, d_g, d_o, dc_prev = _gru_step_grads(dh, gate_ptrs, state_ptrs, mask_bh, H)
+            # Past a sequence's end the whole gradient of h passes through in dh (dh_carry), nothing directly.
+            dc_not_ran = tl.zeros_like(dc)
+        else:
+            d_i, d_f, d_g, d_o, dc_prev = _lstm_step_grads(dh, dc, gate_ptrs, state_ptrs, w_ch_ptr, offs_h, mask_h,
+                                                           mask_bh, B, H, PEEPHOLE)
+            dc_not_ran = dc
         if HAS_LENGTHS:
             ran = step < lengths
             d_i = tl.where(ran, d_i, 0.0)
             d_f = tl.where(ran, d_f, 0.0)
             d_g = tl.where(ran, d_g, 0.0)
             d_o = tl.where(ran, d_o, 0.0)
-            dc = tl.where(ran, dc_prev, dc)
+            dc = tl.where(ran, dc_prev, dc_not_ran)
         else:
             dc = dc_prev
         d_i = tl.where(failed, float("nan"), d_i)
@@ -262,6 +264,45 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     # they hold the gradient at step 0 (for h still to be pushed through dG_0·W_hh by the launcher).
     tl.store(dh_ptr + state_offs, dh_carry, mask=mask_bh)
     tl.store(dc_ptr + state_offs, dc, mask=mask_bh)
+
+
+@triton.jit
+def _lstm_step_grads(dh, dc, gate_ptrs, state_ptrs, w_ch_ptr, offs_h, mask_h, mask_bh, B, H: tl.constexpr,
+                     PEEPHOLE: tl.constexpr):
+    """The LSTM cell's step backward on one tile: from dh_t and the carried dc_t, the pre-activation gate
+    gradients (dI, dF, dG, dO) and dc_{t-1}. ``gate_ptrs``: the step's saved activations (i, f, g, o);
+    ``state_ptrs``: c_{t-1}, with c_t B·H after it."""
+    i, f, g, o = load_four_gates(gate_ptrs, mask_bh, H)
+    c = tl.load(state_ptrs + B * H, mask=mask_bh, other=0.0)
+    c_prev = tl.load(state_ptrs, mask=mask_bh, other=0.0)
+    tanh_c = tanh(c)
+    d_o = dh * tanh_c * o * (1.0 - o)
+    dc_cell = dc + dh * o * (1.0 - tanh_c * tanh_c)
+    if PEEPHOLE:
+        # Loaded where used, every step (L1 hits): held across the loop they spilled (Triton 3.6, 64 × 64).
+        dc_cell += d_o * tl.load(w_ch_ptr + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    d_i = dc_cell * g * i * (1.0 - i)
+    d_f = dc_cell * c_prev * f * (1.0 - f)
+    d_g = dc_cell * i * (1.0 - g * g)
+    dc_prev = dc_cell * f
+    if PEEPHOLE:
+        dc_prev += (d_i * tl.load(w_ch_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                    + d_f * tl.load(w_ch_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :])
+    return d_i, d_f, d_g, d_o, dc_prev
+
+
+@triton.jit
+def _gru_step_grads(dh, gate_ptrs, state_ptrs, mask_bh, H: tl.constexpr):
+    """The GRU cell's step backward on one tile, h' = n + z ⊙ (h − n) with n = tanh(x_n + r ⊙ hn): from the
+    whole gradient dh of h_t, the four dG columns (dR, dZ, dN, dN ⊙ r) — pre-activation gradients, the
+    last one the n gate's on the recurrent side (what W_hn and b_hn see) — and z ⊙ dh, the gradient
+    reaching h_{t-1} directly. ``gate_ptrs``: the step's saved (r, z, n, hn); ``state_ptrs``: fp32 h_{t-1}."""
+    r, z, n, hn = load_four_gates(gate_ptrs, mask_bh, H)
+    h_prev = tl.load(state_ptrs, mask=mask_bh, other=0.0)
+    d_n = dh * (1.0 - z) * (1.0 - n * n)
+    d_z = dh * (h_prev - n) * z * (1.0 - z)
+    d_r = d_n * hn * r * (1.0 - r)
+    return d_r, d_z, d_n, d_n * r, dh * z
 
 
 # Persistent launches that did not fit the device (OutOfResources) or were refused as a cooperative grid,
@@ -344,6 +385,7 @@ def lstm_bwd_gate_grads(
     schedule: str = "auto",
     tiling: tuple[int, int, int, int] | None = None,
     w_ch: torch.Tensor | None = None,
+    cell: str = "lstm",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sequential part of the backward (no projection): returns ``(grad_gates, grad_h0, grad_c0)``.
 
@@ -358,7 +400,9 @@ def lstm_bwd_gate_grads(
     sequence's end); ``grad_h0`` / ``grad_c0`` are fp32. ``lengths`` is int32 on the device or None.
     ``tiling`` = (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's tile (``benchmarks/tune.py``);
     a persistent schedule with it must keep the tiles within the SM count. ``w_ch`` (3H,): the layer's
-    peephole weights.
+    peephole weights. ``cell`` "gru": a GRU layer (``kernels/gru.py``): ``w_hh`` (3H, H), ``gates`` its
+    saved (r, z, n, hn), ``c`` its fp32 h, ``grad_c_n`` zeros; grad_gates holds (dR, dZ, dN, dN ⊙ r)
+    and grad_c0 is None (grad_h0 includes the direct path).
     """
     T, B, H = grad_out.shape
     dtype, device = w_hh.dtype, w_hh.device
@@ -388,6 +432,7 @@ def lstm_bwd_gate_grads(
         BLOCK_H=block_h,
         SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
         PEEPHOLE=w_ch is not None,
+        CELL=cell,
         **options,
     )
     lengths_arg = lengths if lengths is not None else counter
@@ -418,6 +463,11 @@ def lstm_bwd_gate_grads(
         for t in reversed(range(t0, t0 + L)):
             _lstm_bwd_kernel[grid](*args, t, 1, t0, USE_BARRIER=False, **launch)
 
+    if cell == "gru":
+        # Through step 0's gates (the hidden side of dG: dR, dZ, dN ⊙ r against W_hh's r, z, n rows), plus
+        # the direct path z_0 ⊙ dh_0 that the chain left in dc (zero where step 0 did not run).
+        hidden_side = torch.cat((grad_gates[:1, :, :2 * H], grad_gates[:1, :, 3 * H:]), dim=-1)  # step 0 only
+        return grad_gates, _grad_h0(hidden_side, w_hh, dh, lengths) + dc, None
     return grad_gates, _grad_h0(grad_gates, w_hh, dh, lengths), dc
 
 

@@ -19,7 +19,7 @@ from triton_lstm.kernels.common import (
     dot_precision,
     load_gate_inputs,
     load_own_state,
-    lstm_cell_update,
+    cell_update,
     recurrent_product_streamed,
 )
 
@@ -33,7 +33,7 @@ def _lstm_step_fwd_kernel(
     gates_ptr,  # (T, B, 4H)
     m_ptr,  # (B, H) scratch for o⊙tanh(c) when PROJECT, before h = m·W_hrᵀ
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
-    w_ch_ptr,  # (3H,) peephole weights (w_ci, w_cf, w_co), read when PEEPHOLE
+    cell_params_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co); CELL "gru": (H,) b_hn
     t,
     B,
     H: tl.constexpr,
@@ -46,7 +46,9 @@ def _lstm_step_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PEEPHOLE: tl.constexpr = False,
+    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (common.cell_update)
 ):
+    GATES: tl.constexpr = 3 if CELL == "gru" else 4
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_b = offs_b < B
@@ -58,13 +60,14 @@ def _lstm_step_fwd_kernel(
     h_prev_ptr = h_ptr + step * B * K
 
     acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
-        h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+        h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, GATES
     )
-    x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
+    x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES)
     h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS and not PROJECT, SAVE)
-    m, _ = lstm_cell_update(
+    m, _ = cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, not PROJECT, SAVE, w_ch_ptr, PEEPHOLE,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, not PROJECT, SAVE, cell_params_ptr, PEEPHOLE,
+        CELL,
     )
     state_offs = rows[:, None] * H + offs_h[None, :]
     if PROJECT:
@@ -134,16 +137,18 @@ def lstm_fwd(
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     save: bool = True,
     w_ch: torch.Tensor | None = None,
+    b_hn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)``.
 
     All tensors are contiguous and on one device; ``lengths`` is int32 on that device. ``outputs``:
     buffers from ``allocate_forward_outputs`` to fill (a persistent launch that fell back hands over its
     own), else new ones. Without ``save``: an inference forward (see ``finished_outputs``). ``w_ch`` (3H,):
-    peephole weights (no projection then).
+    peephole weights (no projection then). ``b_hn`` (H,): a GRU (``kernels/gru.py``): ``projected`` is
+    (T, B, 3H), ``w_hh`` (3H, H), ``c0`` and ``c_all`` its state in fp32.
     """
-    T, B, four_h = projected.shape
-    H = four_h // 4
+    T, B = projected.shape[:2]
+    H = c0.shape[-1]
     K = w_hh.shape[1]
     dtype = projected.dtype
     if outputs is None:
@@ -165,7 +170,7 @@ def lstm_fwd(
             gates,
             m,
             lengths if lengths is not None else h_all,
-            w_ch if w_ch is not None else h_all,
+            w_ch if w_ch is not None else b_hn if b_hn is not None else h_all,
             t,
             B,
             H=H,
@@ -178,6 +183,7 @@ def lstm_fwd(
             BLOCK_H=block_h,
             BLOCK_K=block_k,
             PEEPHOLE=w_ch is not None,
+            CELL="gru" if b_hn is not None else "lstm",
         )
         if project:
             h_new = torch.matmul(m, w_hr.t())

@@ -67,8 +67,8 @@ from triton_lstm.kernels.common import (
     grid_barrier,
     load_four_gates,
     load_gate_inputs,
+    cell_update,
     load_own_state,
-    lstm_cell_update,
     recurrent_product_resident,
     recurrent_product_streamed,
     refused_cooperative_launch,
@@ -96,7 +96,7 @@ def _lstm_persistent_fwd_kernel(
     w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``)
     bias_ptr,  # LAYERS > 1 and HAS_BIAS: (LAYERS - 1, 4H), b_ih + b_hh of layers 1, 2, …
     out_ptr,  # DIRECTIONS == 2: (T, B, 2H), the layer's output, both directions in time order
-    w_ch_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co); stacked per layer or direction
+    cell_params_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co), stacked per layer or direction; CELL "gru": (H,) b_hn
     T,
     B,
     grid_b,  # batch groups (the grid's second axis); not a constexpr, so a new batch size does not recompile
@@ -116,7 +116,9 @@ def _lstm_persistent_fwd_kernel(
     HAS_BIAS: tl.constexpr = False,  # LAYERS > 1: bias_ptr holds the biases of layers 1, 2, …
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
+    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (one layer, one direction)
 ):
+    GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
@@ -128,7 +130,7 @@ def _lstm_persistent_fwd_kernel(
         direction = tl.program_id(2)
         d = direction.to(tl.int64)
         w_hh_ptr += d * 4 * H * K
-        w_ch_ptr += d * 3 * H
+        cell_params_ptr += d * 3 * H
         h_ptr += d * (T + 1) * B * K
         if SAVE:
             c_ptr += d * (T + 1) * B * H
@@ -150,7 +152,7 @@ def _lstm_persistent_fwd_kernel(
         res_offs_k = tl.arange(0, BLOCK_K)
         w_ptrs = w_hh_ptr + res_offs_h.to(tl.int64)[None, :] * K + res_offs_k[:, None]
         w_mask = (res_offs_k < K)[:, None] & res_mask_h[None, :]
-        w_i, w_f, w_g, w_o = _load_four_gate_slices(w_ptrs, w_mask, H * K)
+        w_i, w_f, w_g, w_o = _load_four_gate_slices(w_ptrs, w_mask, H * K, GATES)
 
     if LAYERS > 1:
         # The stack: the grid's third axis is the layer (a single program under the interpreter, which
@@ -159,7 +161,7 @@ def _lstm_persistent_fwd_kernel(
             failed = _stack_layer(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
-                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, w_ch_ptr, PEEPHOLE,
+                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -173,22 +175,24 @@ def _lstm_persistent_fwd_kernel(
         h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, res_offs_h, mask_bh, H, K, True, SAVE)
         first = tl.full((), 0, tl.int64)  # T >= 1 here
         times = _time_rows(first, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-        x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H, DIRECTIONS)
+        x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H, DIRECTIONS,
+                                          GATES)
         for t in range(T):
             # int64: T·B·4H can pass 2³¹ elements.
             step = tl.full((), t, tl.int64)
             acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
-                h_ptr + step * B * K, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION
+                h_ptr + step * B * K, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES
             )
             h_own, c_own = _update_and_store_h(
                 acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                 step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
-                out_ptr, times, direction, DIRECTIONS, w_ch_ptr, PEEPHOLE,
+                out_ptr, times, direction, DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL,
             )
             # (The last step reloads its own inputs rather than read past the end.)
             next_step = tl.minimum(step + 1, T - 1)
             times = _time_rows(next_step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-            x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H, DIRECTIONS)
+            x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H,
+                                              DIRECTIONS, GATES)
             # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
             if not failed:
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
@@ -204,21 +208,22 @@ def _lstm_persistent_fwd_kernel(
                 rows = offs_b.to(tl.int64)
                 if RESIDENT:
                     acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
-                        h_prev_ptr, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION
+                        h_prev_ptr, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES
                     )
                     _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
-                               out_ptr, T, direction, DIRECTIONS, w_ch_ptr, PEEPHOLE)
+                               out_ptr, T, direction, DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL)
                 else:
                     for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
                         offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
                         mask_h = offs_h < H
                         acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
-                            h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+                            h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                            GATES
                         )
                         _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                                    step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed,
-                                   out_ptr, T, direction, DIRECTIONS, w_ch_ptr, PEEPHOLE)
+                                   out_ptr, T, direction, DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL)
             if not failed:
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
 
@@ -228,7 +233,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                  T, B, grid_b, pid_h, pid_b, failed, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
-                 RESIDENT: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr):
+                 RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
@@ -252,7 +257,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
         c_layer = c_ptr + lay * (T + 1) * B * H
         gates_layer = gates_ptr + lay * T * B * 4 * H
     w_hh_layer = w_hh_ptr + lay * 4 * H * H
-    w_ch_layer = w_ch_ptr + lay * 3 * H
+    w_ch_layer = cell_params_ptr + lay * 3 * H
     w_ih_layer = w_ih_ptr + (lay - 1) * 4 * H * H
     bias_layer = bias_ptr + (lay - 1) * 4 * H
     counter_ptr = counters_ptr + layer * grid_b + pid_b
@@ -264,8 +269,8 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
         res_offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         w_offsets = res_offs_h.to(tl.int64)[None, :] * H + offs_k[:, None]
         w_mask = (offs_k < H)[:, None] & (res_offs_h < H)[None, :]
-        hh_i, hh_f, hh_g, hh_o = _load_four_gate_slices(w_hh_layer + w_offsets, w_mask, H * H)
-        ih_i, ih_f, ih_g, ih_o = _load_four_gate_slices(w_ih_layer + w_offsets, w_mask & (layer > 0), H * H)
+        hh_i, hh_f, hh_g, hh_o = _load_four_gate_slices(w_hh_layer + w_offsets, w_mask, H * H, 4)
+        ih_i, ih_f, ih_g, ih_o = _load_four_gate_slices(w_ih_layer + w_offsets, w_mask & (layer > 0), H * H, 4)
     for t in range(T):
         step = tl.full((), t, tl.int64)
         if layer > 0:
@@ -300,31 +305,31 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                     if RESIDENT:
                         acc_i, acc_f, acc_g, acc_o = accumulate_product_resident(
                             acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, rows, mask_b, offs_k,
-                            ih_i, ih_f, ih_g, ih_o, H, DOT_PRECISION
+                            ih_i, ih_f, ih_g, ih_o, H, DOT_PRECISION, 4
                         )
                     else:
                         acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
                             acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, rows, mask_b,
-                            offs_h, mask_h, H, H, DOT_PRECISION, BLOCK_K
+                            offs_h, mask_h, H, H, DOT_PRECISION, BLOCK_K, 4
                         )
                 else:
-                    acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H)
+                    acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, 4)
                 if RESIDENT:
                     acc_i, acc_f, acc_g, acc_o = accumulate_product_resident(
                         acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, rows, mask_b, offs_k, hh_i, hh_f, hh_g,
-                        hh_o, H, DOT_PRECISION
+                        hh_o, H, DOT_PRECISION, 4
                     )
                 else:
                     acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
                         acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, rows, mask_b, offs_h, mask_h,
-                        H, H, DOT_PRECISION, BLOCK_K
+                        H, H, DOT_PRECISION, BLOCK_K, 4
                     )
                 zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # the gate inputs are in the accumulators
                 h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
                 _update_and_store_h(
                     acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer, gates_layer,
                     lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE, failed,
-                    h_layer, step, 0, 1, w_ch_layer, PEEPHOLE,
+                    h_layer, step, 0, 1, w_ch_layer, PEEPHOLE, "lstm",
                 )
         if not failed:
             failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
@@ -332,30 +337,35 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
 
 
 @triton.jit
-def _load_four_gate_slices(ptrs, mask, GATE_STRIDE: tl.constexpr):
+def _load_four_gate_slices(ptrs, mask, GATE_STRIDE: tl.constexpr, GATES: tl.constexpr):
     """A program's resident slices of the four gates' rows of a (4H, K) weight: at ``ptrs`` (gate i's)
-    and GATE_STRIDE (H·K), 2·GATE_STRIDE, 3·GATE_STRIDE elements after them."""
+    and GATE_STRIDE (H·K), 2·GATE_STRIDE, 3·GATE_STRIDE elements after them. ``GATES`` = 3: a GRU's
+    (3H, K) weight; the fourth slice is the third again, never used (the products skip it)."""
     w_i = tl.load(ptrs, mask=mask, other=0.0)
     w_f = tl.load(ptrs + GATE_STRIDE, mask=mask, other=0.0)
     w_g = tl.load(ptrs + 2 * GATE_STRIDE, mask=mask, other=0.0)
-    w_o = tl.load(ptrs + 3 * GATE_STRIDE, mask=mask, other=0.0)
+    if GATES == 4:
+        w_o = tl.load(ptrs + 3 * GATE_STRIDE, mask=mask, other=0.0)
+    else:
+        w_o = w_g
     return w_i, w_f, w_g, w_o
 
 
 @triton.jit
 def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-               SAVE: tl.constexpr, failed, out_ptr, T, direction, DIRECTIONS: tl.constexpr, w_ch_ptr,
-               PEEPHOLE: tl.constexpr):
+               SAVE: tl.constexpr, failed, out_ptr, T, direction, DIRECTIONS: tl.constexpr, cell_params_ptr,
+               PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
     """The cell update of one tile with its inputs and state read from memory, and its h_t store."""
+    GATES: tl.constexpr = 3 if CELL == "gru" else 4
     mask_bh = mask_b[:, None] & mask_h[None, :]
     times = _time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-    x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H, DIRECTIONS)
+    x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H, DIRECTIONS, GATES)
     h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS, SAVE)
     _update_and_store_h(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr, lengths_ptr,
         step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed, out_ptr, times, direction,
-        DIRECTIONS, w_ch_ptr, PEEPHOLE,
+        DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL,
     )
 
 
@@ -375,11 +385,12 @@ def _time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS: tl.
 
 
 @triton.jit
-def _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: tl.constexpr, DIRECTIONS: tl.constexpr):
-    """This tile's input projection at ``times`` (``_time_rows``), per gate, in fp32. A bidirectional
-    layer's projection holds both directions, (T, B, 8H), direction d at columns 4H·d."""
+def _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: tl.constexpr, DIRECTIONS: tl.constexpr,
+                 GATES: tl.constexpr):
+    """This tile's input projection at ``times`` (``_time_rows``), per gate, in fp32 (``load_gate_inputs``).
+    A bidirectional layer's projection holds both directions, (T, B, 8H), direction d at columns 4H·d."""
     if DIRECTIONS == 1:
-        return load_gate_inputs(projected_ptr, times, B, rows, offs_h, mask_bh, H)
+        return load_gate_inputs(projected_ptr, times, B, rows, offs_h, mask_bh, H, GATES)
     else:
         x_ptrs = (projected_ptr + (times[:, None] * B + rows[:, None]) * (8 * H) + direction.to(tl.int64) * 4 * H
                   + offs_h[None, :])
@@ -390,13 +401,14 @@ def _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: t
 def _update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr,
                         lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr,
                         HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, failed, out_ptr, times, direction,
-                        DIRECTIONS: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr):
-    """The cell update of one tile (gates and c stored by ``lstm_cell_update``) and its h_t store, NaN
-    once the program's barrier gave up; returns (h_t, c_t) in fp32. A bidirectional layer also stores
-    h_t into its output at ``times`` (rows that ran this step only: the rest stays zero)."""
-    h, c = lstm_cell_update(
+                        DIRECTIONS: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
+    """The cell update of one tile (gates and c stored by ``common.cell_update``) and its h_t store, NaN
+    once the program's barrier gave up; returns (h_t, c_t) in fp32 (a GRU's c is its fp32 h). A
+    bidirectional layer also stores h_t into its output at ``times`` (rows that ran this step only: the
+    rest stays zero)."""
+    h, c = cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE, w_ch_ptr, PEEPHOLE,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE, cell_params_ptr, PEEPHOLE, CELL,
     )
     h = tl.where(failed, float("nan"), h)
     h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
@@ -414,8 +426,9 @@ def plan_for(projected: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | N
     """The plan for these tensors on their device (the interpreter when they are on the CPU)."""
     if persistent_disabled():
         return ForwardPlan(False, "TRITON_LSTM_PERSISTENT=0")
-    T, B, four_h = projected.shape
-    H, K = four_h // 4, w_hh.shape[1]
+    T, B, gate_columns = projected.shape
+    # Without a projection K == H, for the LSTM's (T, B, 4H) projection and the GRU's (T, B, 3H) alike.
+    H, K = (w_hh.shape[1] if w_hr is None else gate_columns // 4), w_hh.shape[1]
     if projected.device.type == "cuda":
         index = projected.device.index if projected.device.index is not None else torch.cuda.current_device()
         num_sms, shared = _device_limits(index)
@@ -451,9 +464,10 @@ def lstm_fwd_persistent(
     plan: ForwardPlan | None = None,
     save: bool = True,
     w_ch: torch.Tensor | None = None,
+    b_hn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)`` exactly as
-    ``lstm_fwd`` does (``w_ch``: peephole weights, as there). Persistent when ``plan`` (by default ``plan_for`` the tensors) says so, else, and
+    ``lstm_fwd`` does (``w_ch``: peephole weights; ``b_hn``: a GRU's, ``kernels/gru.py``; as there). Persistent when ``plan`` (by default ``plan_for`` the tensors) says so, else, and
     whenever the persistent kernel does not compile within the device's resources, ``lstm_fwd``.
     Without ``save``, an inference forward: no per-step gates or c (``finished_outputs``).
 
@@ -463,7 +477,7 @@ def lstm_fwd_persistent(
     if plan is None:
         plan = plan_for(projected, w_hh, w_hr)
     if not plan.persistent or projected.numel() == 0:
-        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, save=save, w_ch=w_ch)
+        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, save=save, w_ch=w_ch, b_hn=b_hn)
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
     key = (plan, projected.dtype, projected.device)
@@ -471,7 +485,7 @@ def lstm_fwd_persistent(
     outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save)
     while plan.persistent:
         try:
-            launch_persistent(plan, projected, w_hh, *outputs, lengths, save, w_ch=w_ch)
+            launch_persistent(plan, projected, w_hh, *outputs, lengths, save, w_ch=w_ch, b_hn=b_hn)
             return finished_outputs(outputs, save)
         except OutOfResources:
             # Raised while loading the compiled kernel, before anything ran: the buffers are untouched.
@@ -480,27 +494,31 @@ def lstm_fwd_persistent(
             if not refused_cooperative_launch(error):
                 raise
             plan = _downgrades[key] = _downgraded(plan, out_of_resources=False)
-    return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, outputs, save, w_ch)
+    return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, outputs, save, w_ch, b_hn)
 
 
-def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengths=None, save=True):
+def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengths=None, save=True, b_hn=None):
     """Runs exactly ``plan`` (persistent, no projection), without fallbacks: raises ``OutOfResources`` when
     it does not fit and the driver's RuntimeError when the cooperative launch is refused (before anything
     ran, in both cases). For ``lstm_fwd_persistent`` and the tuning sweep (``benchmarks/tune.py``)."""
     outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save)
-    launch_persistent(plan, projected, w_hh, *outputs, lengths, save)
+    launch_persistent(plan, projected, w_hh, *outputs, lengths, save, b_hn=b_hn)
     return finished_outputs(outputs, save)
 
 
 def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True, *, layers=1, directions=1,
-                      w_ih_above=None, bias_above=None, out=None, w_ch=None, what="the persistent forward kernel"):
+                      w_ih_above=None, bias_above=None, out=None, w_ch=None, b_hn=None,
+                      what="the persistent forward kernel"):
     """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
     one layer and direction, a stack of ``layers`` (with ``w_ih_above``, ``bias_above``: lstm_fwd_stack.py)
     or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
-    weights, (3H,) or stacked per layer or direction. Raises OutOfResources or
+    weights, (3H,) or stacked per layer or direction; ``b_hn`` (H,): one GRU layer and direction instead
+    (``kernels/gru.py``). Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
     T, B = projected.shape[:2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
+    if b_hn is not None and (layers > 1 or directions > 1):
+        raise ValueError("the GRU cell runs one layer and one direction per launch")
     barrier_watch.check()  # an earlier launch whose barrier gave up raises here
     # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
     # One per layer (or direction) and batch group; the last element is the launch's failure flag.
@@ -519,7 +537,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         w_ih_above if w_ih_above is not None else w_hh,  # w_ih_ptr, bias_ptr, out_ptr: read only where given
         bias_above if bias_above is not None else w_hh,
         out if out is not None else w_hh,
-        w_ch if w_ch is not None else w_hh,
+        w_ch if w_ch is not None else b_hn if b_hn is not None else w_hh,
         T,
         B,
         plan.grid_b,
@@ -539,6 +557,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         HAS_BIAS=bias_above is not None,
         DIRECTIONS=directions,
         PEEPHOLE=w_ch is not None,
+        CELL="gru" if b_hn is not None else "lstm",
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver
