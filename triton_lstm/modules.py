@@ -5,18 +5,17 @@ the parameters (names, shapes, order), their initialization and RNG draws, ``sta
 ``flatten_parameters`` are nn.LSTM's own. It does not derive from ``nn.LSTM`` itself: torch.compile
 refuses to trace any instance of that class. ``LSTMCell`` derives from ``nn.LSTMCell``.
 Only ``forward`` is ours: every layer and direction runs ``triton_lstm.ops.lstm_layer``, except on the
-CPU without Triton's interpreter, where the modules run ATen's LSTM exactly as nn.LSTM does.
+CPU without Triton's interpreter, where the modules run ATen's LSTM exactly as nn.LSTM does. The GRU's
+modules are in ``gru_modules.py``; ``convert`` (``convert.py``) swaps nn's for ours.
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from triton_lstm.bidirectional import bidirectional_plan, lstm_bidirectional, reverse_index, reverse_time
@@ -50,8 +49,6 @@ def _runs_aten(x: Tensor) -> bool:
     return not torch._C._are_functorch_transforms_active()
 
 
-_log = logging.getLogger(__name__)
-
 # PyTorch's names of the dtypes, as in its own "mat1 and mat2 must have the same dtype" message.
 _SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16"}
 
@@ -76,16 +73,17 @@ def _check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[in
         )
 
 
-def _check_cell_state(index: int, value, x: Tensor, hidden_size: int) -> None:
-    """nn.LSTMCell's hx checks, in its words: hidden size, then batch size; then ours (device, dtype)."""
+def _check_cell_state(index: int, value, x: Tensor, hidden_size: int, cls: str = "LSTMCell") -> None:
+    """nn.LSTMCell's / nn.GRUCell's hx checks, in their words: hidden size, then batch size; then ours
+    (device, dtype)."""
     name = f"hidden{index}"
     if not isinstance(value, Tensor):
-        raise RuntimeError(f"LSTMCell: hx[{index}] must be a Tensor, got {type(value).__name__}")
+        raise RuntimeError(f"{cls}: hx[{index}] must be a Tensor, got {type(value).__name__}")
     if value.shape[-1] != hidden_size:
         raise RuntimeError(f"{name} has inconsistent hidden_size: got {value.shape[-1]}, expected {hidden_size}")
     if value.shape[0] != x.shape[0]:
         raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match {name} batch size {value.shape[0]}")
-    _check_state_tensor(("h_0", "c_0")[index], value, x, (x.shape[0], hidden_size), "LSTMCell", name)
+    _check_state_tensor(("h_0", "c_0")[index], value, x, (x.shape[0], hidden_size), cls, name)
 
 
 def _check_input_tensor(x: Tensor, weight: Tensor, input_size: int, cls: str) -> None:
@@ -95,18 +93,18 @@ def _check_input_tensor(x: Tensor, weight: Tensor, input_size: int, cls: str) ->
         raise ValueError(f"{cls}: expected a floating-point input, got dtype {x.dtype}")
     if x.dtype != weight.dtype and _autocast_dtype(x.device.type) is None:
         advice = f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
-        if cls == "LSTMCell":
-            # nn.LSTMCell fails in its matrix product, with a RuntimeError naming mat1 and mat2.
+        if cls.endswith("Cell"):
+            # nn.LSTMCell / nn.GRUCell fail in their matrix product, with a RuntimeError naming mat1 and mat2.
             raise RuntimeError(
                 f"mat1 and mat2 must have the same dtype, but got {_SCALAR_NAMES.get(x.dtype, x.dtype)} and "
-                f"{_SCALAR_NAMES.get(weight.dtype, weight.dtype)} (LSTMCell: input dtype {x.dtype}, weight dtype "
+                f"{_SCALAR_NAMES.get(weight.dtype, weight.dtype)} ({cls}: input dtype {x.dtype}, weight dtype "
                 f"{weight.dtype}. {advice})"
             )
         raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). {advice}")
     if x.device != weight.device:
         raise RuntimeError(f"{cls}: input is on {x.device} but the parameters are on {weight.device}")
     if x.shape[-1] != input_size:
-        if cls == "LSTMCell":
+        if cls.endswith("Cell"):
             raise RuntimeError(f"input has inconsistent input_size: got {x.shape[-1]} expected {input_size}")
         raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {x.shape[-1]}")
 
@@ -132,6 +130,47 @@ def _stacked(peepholes: list) -> Tensor | None:
     """The peephole weights of a whole-module launch (a stack's layers, or a layer's two directions) as
     one tensor; None without peepholes."""
     return None if peepholes[0] is None else torch.stack(peepholes)
+
+
+class _SequenceInput(NamedTuple):
+    x: Tensor  # (T, B, I), time-major
+    packed: bool
+    data: Tensor | None  # a PackedSequence's own data
+    lengths: Tensor | None  # on the CPU, as pad_packed_sequence gives them
+    batch_sizes: Tensor | None
+    sorted_indices: Tensor | None
+    unsorted_indices: Tensor | None
+    is_batched: bool
+
+
+def _time_major_input(input, weight: Tensor, input_size: int, batch_first: bool, cls: str) -> _SequenceInput:
+    """The checks nn.LSTM / nn.GRU make of their input (their exception types, their words where clear)
+    and the input as a time-major (T, B, I) tensor: a PackedSequence padded (each sequence then runs to
+    its own length), an unbatched one given a batch of one."""
+    packed = isinstance(input, PackedSequence)
+    if packed:
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if data.dim() != 2:
+            raise RuntimeError(f"{cls}: a PackedSequence's data must be 2-D, got {data.dim()}-D")
+        _check_input_tensor(data, weight, input_size, cls)
+        # Run padded, each sequence to its own length (batch_sizes lives on the CPU: no device sync).
+        x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        is_batched = True
+    else:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{cls}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{cls}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        _check_input_tensor(input, weight, input_size, cls)
+        is_batched = input.dim() == 3
+        if not is_batched:
+            x = input.unsqueeze(1)
+        else:
+            x = input.transpose(0, 1) if batch_first else input
+        data = lengths = batch_sizes = sorted_indices = unsorted_indices = None
+    if x.shape[0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    return _SequenceInput(x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched)
 
 
 def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
@@ -280,30 +319,9 @@ class LSTM(nn.RNNBase):
         num_directions = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         weight = self.weight_ih_l0
-        packed = isinstance(input, PackedSequence)
-        if packed:
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            if data.dim() != 2:
-                raise RuntimeError(f"LSTM: a PackedSequence's data must be 2-D, got {data.dim()}-D")
-            _check_input_tensor(data, weight, self.input_size, "LSTM")
-            # Run padded, each sequence to its own length (batch_sizes lives on the CPU: no device sync).
-            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
-            is_batched = True
-        else:
-            if not isinstance(input, Tensor):
-                raise TypeError(f"LSTM: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
-            if input.dim() not in (2, 3):
-                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            _check_input_tensor(input, weight, self.input_size, "LSTM")
-            is_batched = input.dim() == 3
-            if not is_batched:
-                x = input.unsqueeze(1)
-            else:
-                x = input.transpose(0, 1) if self.batch_first else input
-            lengths = batch_sizes = sorted_indices = unsorted_indices = None
-        T, B = x.shape[0], x.shape[1]
-        if T == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched = _time_major_input(
+            input, weight, self.input_size, self.batch_first, "LSTM")
+        B = x.shape[1]
 
         state_shape = (self.num_layers * num_directions, B)
         if hx is None:
@@ -366,7 +384,7 @@ class LSTM(nn.RNNBase):
         both_at_once = num_directions == 2 and self._runs_both_directions_at_once(x)
         time_reversal = None  # for the reverse direction run on its own: each sequence reversed in its length
         if num_directions == 2 and not both_at_once and lengths_on_device is not None:
-            time_reversal = reverse_index(lengths_on_device, T)
+            time_reversal = reverse_index(lengths_on_device, x.shape[0])
         for layer in range(self.num_layers):
             if both_at_once:
                 # Both directions in one persistent launch (triton_lstm/bidirectional.py).
@@ -545,106 +563,3 @@ class LSTMCell(nn.LSTMCell):
 
     def __prepare_scriptable__(self):
         raise RuntimeError(_NOT_SCRIPTABLE.format(cls="LSTMCell"))
-
-
-def _plain_class(module: nn.Module) -> type:
-    """The module's class, seen through torch.nn.utils.parametrize's injected subclass."""
-    cls = type(module)
-    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
-
-
-def _adopt_parametrized(module: nn.Module, ours: type, **extras) -> nn.Module:
-    """Turns a parametrized nn.LSTM / nn.LSTMCell into ours in place: the same object, Parameters and
-    parametrizations, with our class under parametrize's injected properties (the way parametrize itself
-    changes a module's class). nn.LSTM and our LSTM share every attribute but our keyword options."""
-    injected = {key: value for key, value in vars(type(module)).items() if key not in ("__dict__", "__weakref__", "__module__")}
-    module.__class__ = type(f"Parametrized{ours.__name__}", (ours,), injected)
-    for name, value in extras.items():
-        setattr(module, name, value)
-    return module
-
-
-def _replacement(module: nn.Module) -> nn.Module | None:
-    """Ours holding ``module``'s very Parameter objects (and parametrizations), or None if it is not an
-    nn.LSTM / nn.LSTMCell."""
-    cls = _plain_class(module)
-    if cls not in (nn.LSTM, nn.LSTMCell):
-        return None
-    if parametrize.is_parametrized(module):
-        if cls is nn.LSTM:
-            return _adopt_parametrized(module, LSTM, backward_mode="fused", recompute_interval=0)
-        return _adopt_parametrized(module, LSTMCell, backward_mode="fused")
-    if cls is nn.LSTM:
-        with torch.device("meta"):
-            new = LSTM(
-                module.input_size,
-                module.hidden_size,
-                num_layers=module.num_layers,
-                bias=module.bias,
-                batch_first=module.batch_first,
-                dropout=module.dropout,
-                bidirectional=module.bidirectional,
-                proj_size=module.proj_size,
-            )
-    else:
-        with torch.device("meta"):
-            new = LSTMCell(module.input_size, module.hidden_size, bias=module.bias)
-    # assign=True hands over the Parameter objects themselves: device, dtype, requires_grad and any
-    # optimizer built on them are kept.
-    new.load_state_dict(module.state_dict(keep_vars=True), strict=True, assign=True)
-    new.train(module.training)
-    return new
-
-
-def convert(model: nn.Module) -> nn.Module:
-    """Replaces every ``nn.LSTM`` / ``nn.LSTMCell`` inside ``model`` with ``triton_lstm.LSTM`` /
-    ``LSTMCell`` holding the very same Parameter objects (an optimizer built before keeps training them).
-
-    LSTMs with parametrizations (``torch.nn.utils.parametrize``, e.g. weight drop on ``weight_hh_l0``)
-    are converted in place, parametrizations included. Subclasses of nn.LSTM / nn.LSTMCell are left
-    alone (their own forward may differ from nn's): a warning names each one skipped; the ones swapped
-    are logged (``logging``, logger "triton_lstm.modules", level INFO).
-
-    Args:
-        model: any module; an nn.LSTM / nn.LSTMCell itself is replaced too.
-
-    Returns:
-        ``model`` with its LSTMs replaced (a new module when ``model`` itself is a plain nn.LSTM /
-        nn.LSTMCell).
-
-    Example::
-
-        >>> model = nn.Sequential(nn.Embedding(100, 32), nn.LSTM(32, 64, batch_first=True))
-        >>> model = triton_lstm.convert(model)
-        >>> type(model[1]).__name__
-        'LSTM'
-    """
-    swapped: list[str] = []
-    skipped: list[str] = []
-    converted = _convert(model, "", swapped, skipped)
-    if swapped:
-        _log.info("triton_lstm.convert swapped: %s", ", ".join(swapped))
-    if skipped:
-        warnings.warn(
-            "triton_lstm.convert left these subclasses of nn.LSTM / nn.LSTMCell as they are (their own code "
-            f"may differ from nn's): {', '.join(skipped)}",
-            UserWarning,
-            stacklevel=2,
-        )
-    return converted
-
-
-def _convert(model: nn.Module, path: str, swapped: list[str], skipped: list[str]) -> nn.Module:
-    replacement = _replacement(model)
-    if replacement is not None:
-        swapped.append(path or "<model>")
-        return replacement
-    cls = _plain_class(model)
-    if isinstance(model, (nn.LSTM, nn.LSTMCell)) and cls not in (LSTM, LSTMCell):
-        skipped.append(f"{path or '<model>'} ({cls.__name__})")
-        return model
-    for name, child in list(model.named_children()):
-        new_child = _convert(child, f"{path}.{name}" if path else name, swapped, skipped)
-        if new_child is not child:
-            setattr(model, name, new_child)
-    return model
