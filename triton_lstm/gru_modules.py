@@ -64,7 +64,9 @@ class GRU(nn.RNNBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, backward: str = "fused") -> None:
         check_backward_options(backward, 0)
-        # proj_size: nn.GRU takes RNNBase's arguments in RNNBase's order, and RNNBase refuses it for a GRU.
+        # proj_size: nn.GRU takes RNNBase's arguments in RNNBase's order and refuses this one, in these words.
+        if proj_size:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
                          dropout=dropout, bidirectional=bidirectional, proj_size=proj_size, device=device, dtype=dtype)
         self.backward_mode = backward

@@ -145,8 +145,8 @@ def _gate_product(acc, dg_ptrs, mask_b, w_ptr, offs_h, mask_h, H: tl.constexpr, 
         dg_cols = offs_k
         if CELL == "gru":
             dg_cols = tl.where(offs_k < 2 * H, offs_k, offs_k + H)
-        dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (offs_k < columns)[None, :], other=0.0,
-                         cache_modifier=".cg")
+        dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (mask_k & (offs_k < columns))[None, :],
+                         other=0.0, cache_modifier=".cg")
         w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
                         other=0.0)
         acc = tl.dot(dg_blk, w_blk, acc, input_precision=DOT_PRECISION)

@@ -1,0 +1,385 @@
+"""triton_lstm.GRU / GRUCell against torch.nn.GRU / GRUCell: every output and every gradient, the kernels'
+paths, parameters, state_dict, errors, convert, compile and double backward.
+
+The oracle is nn.GRU itself in float64 on the CPU; our module runs in the tested dtype on the kernel
+device (the GPU, or the CPU through Triton's interpreter) and must stay within twice nn.GRU's own error
+in that dtype on that device (helpers.assert_error_within_pytorch). torch.empty is NaN-poisoned
+(conftest.py), so an element a kernel leaves unwritten fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, count_calls
+from test_integrations import GraphCounter, _assert_all_close, _outputs_and_grads
+from test_modules import Case
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+import triton_lstm
+from triton_lstm import gru_ops
+from triton_lstm.kernels import gru as gru_kernels
+from triton_lstm.reference import gru_input_projection, gru_recurrence_backward_reference, gru_recurrence_reference
+
+
+def _kwargs(case: Case) -> dict:
+    return dict(input_size=case.I, hidden_size=case.H, num_layers=case.num_layers, bias=case.bias,
+                batch_first=case.batch_first, bidirectional=case.bidirectional)
+
+
+def _inputs(case: Case, generator: torch.Generator):
+    """float64 inputs: x (a list of sequences when packed) and h0 or None."""
+    directions = 2 if case.bidirectional else 1
+    if case.packed:
+        lengths = torch.randint(1, case.T + 1, (case.B,), generator=generator)
+        lengths[0] = case.T
+        x = [torch.randn(int(n), case.I, generator=generator, dtype=torch.float64) for n in lengths]
+    elif case.unbatched:
+        x = torch.randn(case.T, case.I, generator=generator, dtype=torch.float64)
+    else:
+        shape = (case.B, case.T, case.I) if case.batch_first else (case.T, case.B, case.I)
+        x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    h0 = None
+    if case.with_state:
+        batch = () if case.unbatched else (case.B,)
+        h0 = torch.randn(case.num_layers * directions, *batch, case.H, generator=generator, dtype=torch.float64)
+    return x, h0
+
+
+def _run(module, x, h0, dtype, device, grad_seed: int) -> dict:
+    """Outputs and gradients (random output gradients from ``grad_seed``) in float64 on the CPU."""
+    module = module.to(device=device, dtype=dtype)
+    if isinstance(x, list):
+        leaves = [s.detach().to(device=device, dtype=dtype).requires_grad_() for s in x]
+        model_input = pack_sequence(leaves, enforce_sorted=False)
+    else:
+        leaves = [x.detach().to(device=device, dtype=dtype).requires_grad_()]
+        model_input = leaves[0]
+    h0_leaf = None if h0 is None else h0.detach().to(device=device, dtype=dtype).requires_grad_()
+    output, h_n = module(model_input, h0_leaf)
+    out_tensor = output.data if isinstance(output, PackedSequence) else output
+    assert out_tensor.dtype == dtype
+    generator = torch.Generator().manual_seed(grad_seed)
+    outs = {"output": out_tensor, "h_n": h_n}
+    grads = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+             for t in outs.values()]
+    torch.autograd.backward(list(outs.values()), grads)
+    result = {name: t.detach().double().cpu() for name, t in outs.items()}
+    result["grad_input"] = torch.cat([leaf.grad.double().cpu().flatten() for leaf in leaves])
+    if h0_leaf is not None:
+        result["grad_h0"] = h0_leaf.grad.double().cpu()
+    for name, parameter in module.named_parameters():
+        result["grad_" + name] = parameter.grad.double().cpu()
+    return result
+
+
+def check_gru_against_nn(case: Case, dtype: torch.dtype, seed: int = 0, **ours_kwargs) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    oracle = nn.GRU(**_kwargs(case)).double()
+    x, h0 = _inputs(case, generator)
+    expected = _run(oracle, x, h0, torch.float64, "cpu", seed + 1)
+    theirs_module = nn.GRU(**_kwargs(case))
+    theirs_module.load_state_dict(oracle.state_dict())
+    theirs = _run(theirs_module, x, h0, dtype, KERNEL_DEVICE, seed + 1)
+    ours_module = triton_lstm.GRU(**_kwargs(case), **ours_kwargs)
+    ours_module.load_state_dict(oracle.state_dict())
+    ours = _run(ours_module, x, h0, dtype, KERNEL_DEVICE, seed + 1)
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        summed = case.T * case.B if name.startswith("grad_weight") or name.startswith("grad_bias") else 1
+        assert_error_within_pytorch(name, ours[name], theirs[name], expected[name], dtype, summed_terms=summed)
+
+
+CASES = {
+    "single": Case(),
+    "layers2": Case(num_layers=2),
+    "layers3-bidir": Case(num_layers=3, bidirectional=True),
+    "bidir-state": Case(bidirectional=True, with_state=True),
+    "batch_first": Case(batch_first=True, with_state=True),
+    "no_bias": Case(bias=False, num_layers=2, with_state=True),
+    "unbatched": Case(unbatched=True, with_state=True, num_layers=2),
+    "packed": Case(packed=True, B=4, T=6, with_state=True),
+    "packed-bidir-state": Case(packed=True, bidirectional=True, with_state=True, B=5, T=6, num_layers=2),
+    "B1-T1": Case(B=1, T=1, with_state=True),
+    "B17-H33-T7": Case(B=17, H=33, T=7, I=9, with_state=True),
+    "H1": Case(H=1, B=3, T=7),
+}
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_gru_matches_nn_gru(case, dtype):
+    check_gru_against_nn(case, dtype)
+
+
+@pytest.mark.parametrize("case", [CASES["packed-bidir-state"], CASES["B17-H33-T7"]], ids=["packed-bidir", "B17-H33"])
+def test_gru_reference_backward_matches_nn_gru(case):
+    check_gru_against_nn(case, torch.float32, backward="reference")
+
+
+def _layer_tensors(T, B, I, H, dtype, generator, lengths=None):
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale)
+
+    x, h0 = randn(T, B, I), randn(B, H)
+    w_ih, w_hh, b_ih, b_hh = randn(3 * H, I, scale=0.5), randn(3 * H, H, scale=0.5), randn(3 * H), randn(3 * H)
+    return x, h0, w_ih, w_hh, b_ih, b_hh
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per_step"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gru_kernels_against_reference(persistent, with_lengths, dtype, monkeypatch):
+    """The forward kernels (persistent and per-step) and the backward chain (the same schedule) against
+    the reference, which runs the same saved layout: every saved tensor and every gradient."""
+    if not persistent:
+        monkeypatch.setenv("TRITON_LSTM_PERSISTENT", "0")
+    generator = torch.Generator().manual_seed(3)
+    T, B, I, H = 6, 5, 7, 33
+    x, h0, w_ih, w_hh, b_ih, b_hh = _layer_tensors(T, B, I, H, dtype, generator)
+    lengths = torch.tensor([6, 1, 4, 6, 2]) if with_lengths else None
+    expected = gru_recurrence_reference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
+    theirs = gru_recurrence_reference(*(t.to(dtype) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)), lengths)
+    cast = [t.to(dtype) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    projected = gru_input_projection(cast[0], cast[2], cast[4], cast[5]).contiguous()
+    int_lengths = None if lengths is None else lengths.to(torch.int32)
+    ours = gru_kernels.gru_fwd(projected, cast[1], cast[3], gru_kernels.hidden_bias_n(cast[5], cast[3]), int_lengths)
+    for name, o, t, e in zip(("h_all", "state_all", "gates"), ours, theirs, expected):
+        assert_error_within_pytorch(name, o, t, e, dtype)
+
+    grad_out = torch.randn(T, B, H, generator=generator, dtype=torch.float64)
+    grad_h_n = torch.randn(B, H, generator=generator, dtype=torch.float64)
+    expected_grads = gru_recurrence_backward_reference(grad_out, grad_h_n, x, w_ih, w_hh, expected[2], expected[0],
+                                                       expected[1], lengths)
+    theirs_grads = gru_recurrence_backward_reference(grad_out.to(dtype), grad_h_n.to(dtype), cast[0], cast[2], cast[3],
+                                                     theirs[2], theirs[0], theirs[1], lengths)
+    ours_grads = gru_kernels.gru_bwd(grad_out.to(dtype), grad_h_n.to(dtype), cast[0], cast[2], cast[3], ours[2], ours[0],
+                                     ours[1], int_lengths, schedule="persistent" if persistent else "per_step")
+    names = ("grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh")
+    for name, o, t, e in zip(names, ours_grads, theirs_grads, expected_grads):
+        assert_error_within_pytorch(name, o, t, e, dtype, summed_terms=T * B if "_w_" in name or "_b_" in name else 1)
+
+
+def test_gru_reference_is_nn_gru():
+    """The reference forward, and its backward from the saved activations, are nn.GRU's in float64."""
+    generator = torch.Generator().manual_seed(5)
+    x, h0, w_ih, w_hh, b_ih, b_hh = _layer_tensors(5, 3, 4, 6, torch.float64, generator)
+    leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    gru = nn.GRU(4, 6).double()
+    with torch.no_grad():
+        for parameter, value in zip(gru.parameters(), leaves[2:]):
+            parameter.copy_(value)
+    x_nn, h0_nn = x.clone().requires_grad_(), h0.clone().requires_grad_()
+    out, h_n = gru(x_nn, h0_nn[None])
+    h_all, state_all, gates = gru_recurrence_reference(*leaves)
+    torch.testing.assert_close(h_all[1:], out, rtol=0, atol=1e-14)
+    grad_out, grad_h_n = torch.randn_like(out), torch.randn_like(h0)
+    torch.autograd.backward([out, h_n[0]], [grad_out, grad_h_n])
+    grads = gru_recurrence_backward_reference(grad_out, grad_h_n, x, w_ih, w_hh, gates, h_all, state_all, None)
+    for got, want in zip(grads, (x_nn.grad, h0_nn.grad, *(p.grad for p in gru.parameters()))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("unbatched, with_state, bias", [(False, True, True), (True, True, False), (False, False, True)],
+                         ids=["batched", "unbatched-no_bias", "no_state"])
+def test_gru_cell_matches_nn(dtype, unbatched, with_state, bias):
+    torch.manual_seed(0)
+    oracle = nn.GRUCell(5, 7, bias=bias).double()
+    ours = triton_lstm.GRUCell(5, 7, bias=bias)
+    ours.load_state_dict(oracle.state_dict())
+    theirs = nn.GRUCell(5, 7, bias=bias)
+    theirs.load_state_dict(oracle.state_dict())
+    batch = () if unbatched else (3,)
+    x = torch.randn(*batch, 5, dtype=torch.float64)
+    h = torch.randn(*batch, 7, dtype=torch.float64) if with_state else None
+    grad = torch.randn(*batch, 7, dtype=torch.float64)
+    results = []
+    for module, run_dtype, device in ((oracle, torch.float64, "cpu"), (theirs, dtype, KERNEL_DEVICE), (ours, dtype, KERNEL_DEVICE)):
+        module.to(device=device, dtype=run_dtype)
+        xs = x.detach().to(device=device, dtype=run_dtype).requires_grad_()
+        hs = None if h is None else h.detach().to(device=device, dtype=run_dtype).requires_grad_()
+        out = module(xs, hs)
+        out.backward(grad.to(device=device, dtype=run_dtype))
+        found = {"h1": out, "grad_x": xs.grad, **{f"grad_{n}": p.grad for n, p in module.named_parameters()}}
+        if hs is not None:
+            found["grad_h0"] = hs.grad
+        results.append({name: t.detach().double().cpu() for name, t in found.items()})
+    expected, theirs_result, ours_result = results
+    for name in expected:
+        assert_error_within_pytorch(name, ours_result[name], theirs_result[name], expected[name], dtype)
+
+
+def test_gru_parameters_init_and_state_dict_are_nn_grus():
+    kwargs = dict(num_layers=2, bidirectional=True)
+    torch.manual_seed(7)
+    theirs = nn.GRU(4, 5, **kwargs)
+    torch.manual_seed(7)
+    ours = triton_lstm.GRU(4, 5, **kwargs)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    for (_, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.equal(a, b)  # the same random draws
+    nn.GRU(4, 5, **kwargs).load_state_dict(ours.state_dict())  # strict, both ways
+    triton_lstm.GRU(4, 5, **kwargs).load_state_dict(theirs.state_dict())
+    torch.manual_seed(3)
+    cell_theirs = nn.GRUCell(4, 5)
+    torch.manual_seed(3)
+    cell_ours = triton_lstm.GRUCell(4, 5)
+    assert cell_ours.state_dict().keys() == cell_theirs.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(cell_ours.parameters(), cell_theirs.parameters()))
+
+
+def _error(call):
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the type is what is compared
+        return type(error)
+    return None
+
+
+@pytest.mark.parametrize("bad", ["input-4d", "input-size", "hx-2d", "hx-shape", "hx-dtype", "input-dtype", "hx-tuple",
+                                 "empty-T"])
+def test_gru_errors_have_nn_grus_types(bad):
+    ours, theirs = triton_lstm.GRU(4, 6), nn.GRU(4, 6)
+    x, h = torch.randn(5, 3, 4), torch.randn(1, 3, 6)
+    args = {
+        "input-4d": (torch.randn(5, 3, 4, 1),),
+        "input-size": (torch.randn(5, 3, 5),),
+        "hx-2d": (x, torch.randn(3, 6)),
+        "hx-shape": (x, torch.randn(1, 2, 6)),
+        "hx-dtype": (x, h.double()),
+        "input-dtype": (x.double(),),
+        "hx-tuple": (x, (h,)),
+        "empty-T": (torch.randn(0, 3, 4),),
+    }[bad]
+    expected = _error(lambda: theirs(*args))
+    assert expected is not None
+    assert _error(lambda: ours(*args)) is expected
+
+
+@pytest.mark.parametrize("bad", ["input-3d", "hx-3d", "input-size", "hx-size", "hx-batch", "input-dtype"])
+def test_gru_cell_errors_have_nn_grus_types(bad):
+    ours, theirs = triton_lstm.GRUCell(4, 6), nn.GRUCell(4, 6)
+    x = torch.randn(3, 4)
+    args = {
+        "input-3d": (torch.randn(2, 3, 4),),
+        "hx-3d": (x, torch.randn(1, 3, 6)),
+        "input-size": (torch.randn(3, 5),),
+        "hx-size": (x, torch.randn(3, 7)),
+        "hx-batch": (x, torch.randn(2, 6)),
+        "input-dtype": (x.double(),),
+    }[bad]
+    expected = _error(lambda: theirs(*args))
+    assert expected is not None
+    assert _error(lambda: ours(*args)) is expected
+
+
+def test_gru_constructor_errors_are_nn_grus():
+    for kwargs in (dict(proj_size=2), dict(dropout=1.5), dict(num_layers=0)):
+        expected = _error(lambda: nn.GRU(4, 6, **kwargs))
+        assert expected is not None and _error(lambda: triton_lstm.GRU(4, 6, **kwargs)) is expected
+    with pytest.raises(ValueError, match="backward"):
+        triton_lstm.GRU(4, 6, backward="nope")
+
+
+def test_convert_swaps_grus_keeping_parameters():
+    model = nn.Sequential(nn.GRU(3, 4, num_layers=2), nn.Linear(4, 4), nn.GRUCell(4, 5))
+    parameters = list(model.parameters())
+    converted = triton_lstm.convert(model)
+    assert type(converted[0]) is triton_lstm.GRU and type(converted[2]) is triton_lstm.GRUCell
+    assert all(a is b for a, b in zip(converted.parameters(), parameters))
+    assert type(triton_lstm.convert(nn.GRU(2, 3))) is triton_lstm.GRU
+
+
+def test_gru_inference_forward_keeps_no_gates(monkeypatch):
+    """Without a gradient to take, the kernels run with save=False (no per-step gates or states)."""
+    saves = []
+    original = gru_kernels.gru_fwd
+    monkeypatch.setattr(gru_ops, "gru_fwd", lambda *args, save=True: saves.append(save) or original(*args, save=save))
+    model = triton_lstm.GRU(3, 5, num_layers=2).to(KERNEL_DEVICE)
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE)
+    with torch.no_grad():
+        out, h_n = model(x)
+    assert saves == [False, False]
+    expected, expected_h = model(x)  # a training forward: the same numbers
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(h_n, expected_h.detach(), rtol=0, atol=0)
+
+
+def test_gru_runs_one_recurrence_per_layer_and_direction(monkeypatch):
+    counts = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd", "backward": "gru_bwd"})
+    model = triton_lstm.GRU(3, 5, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)
+    out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True))
+    out.sum().backward()
+    assert counts == {"forward": 4, "backward": 4}
+
+
+def test_gru_double_backward_matches_nn():
+    torch.manual_seed(0)
+    model = triton_lstm.GRU(3, 4, num_layers=2, device=KERNEL_DEVICE)
+    reference = nn.GRU(3, 4, num_layers=2).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True)
+    x64 = x.detach().cpu().double().requires_grad_()
+    for module, inp in ((model, x), (reference, x64)):
+        out, _ = module(inp)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), inp, create_graph=True)
+        grad.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_gru_dropout_between_layers_in_training_only():
+    torch.manual_seed(0)
+    model = triton_lstm.GRU(3, 8, num_layers=2, dropout=0.5).to(KERNEL_DEVICE)
+    x = torch.randn(5, 4, 3, device=KERNEL_DEVICE)
+    model.eval()
+    first, second = model(x)[0], model(x)[0]
+    assert torch.equal(first, second)
+    model.train()
+    torch.manual_seed(1)
+    a = model(x)[0]
+    torch.manual_seed(1)
+    b = model(x)[0]
+    torch.manual_seed(2)
+    c = model(x)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)  # torch's generator drives the masks
+
+
+@pytest.mark.no_poison
+def test_gru_compile_fullgraph_one_node_per_recurrence():
+    torch.manual_seed(0)
+    model = triton_lstm.GRU(5, 6, num_layers=2, batch_first=True, bidirectional=True).to(KERNEL_DEVICE)
+    x = torch.randn(3, 4, 5, device=KERNEL_DEVICE, requires_grad=True)
+    backend = GraphCounter()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled_outputs, compiled_grads = _outputs_and_grads(model, compiled, x)
+    eager_outputs, eager_grads = _outputs_and_grads(model, model, x)
+    assert len(backend.dynamo_graphs) == 1
+    assert GraphCounter.count(backend.forward_graphs, torch.ops.triton_lstm.gru_recurrence_fwd.default) == 4
+    assert GraphCounter.count(backend.backward_graphs, torch.ops.triton_lstm.gru_recurrence_bwd.default) == 4
+    _assert_all_close("outputs", compiled_outputs, eager_outputs)
+    _assert_all_close("gradients", compiled_grads, eager_grads)
+
+
+def test_gru_opcheck_custom_ops():
+    generator = torch.Generator().manual_seed(0)
+    x, h0, w_ih, w_hh, b_ih, b_hh = (t.float().to(KERNEL_DEVICE) for t in _layer_tensors(4, 3, 5, 6, torch.float32, generator))
+    lengths = torch.tensor([4, 2, 3], device=KERNEL_DEVICE)
+    forward_args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
+    torch.library.opcheck(torch.ops.triton_lstm.gru_recurrence_fwd.default, forward_args)
+    h_all, state_all, gates = torch.ops.triton_lstm.gru_recurrence_fwd(*forward_args)
+    backward_args = (torch.randn_like(h_all[1:]), torch.randn_like(h0), x, w_ih, w_hh, gates, h_all, state_all, lengths)
+    torch.library.opcheck(torch.ops.triton_lstm.gru_recurrence_bwd.default, backward_args)
+
+
+def test_gru_cpu_without_interpreter_runs_aten(monkeypatch):
+    """On the CPU without the interpreter the module runs ATen's GRU, as nn.GRU does: the same numbers."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    ours, theirs = triton_lstm.GRU(3, 4, bidirectional=True), nn.GRU(3, 4, bidirectional=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = pack_sequence([torch.randn(5, 3), torch.randn(2, 3)])
+    (out, h), (out_nn, h_nn) = ours(x), theirs(x)
+    assert torch.equal(out.data, out_nn.data) and torch.equal(h, h_nn)
