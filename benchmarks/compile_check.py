@@ -16,6 +16,7 @@ with triton) and this script checks what can be checked without running it:
     python benchmarks/compile_check.py --quick    # the five anchor shapes, H100 preset
     python benchmarks/compile_check.py --kernel bwd --quick
     python benchmarks/compile_check.py --kernel persistent --peephole   # the same plans with peepholes
+    python benchmarks/compile_check.py --kernel bwd --cell gru          # the GRU cell on the same drivers
 
 It says nothing about speed, and the GPU machine may run another Triton version than this one.
 """
@@ -54,7 +55,7 @@ def _kernel_and_signature(config: dict):
 
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
                      "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32",
-                     "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "w_ch_ptr": f"*{dtype}",
+                     "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "cell_params_ptr": f"*{dtype}",
                      "T": "i32", "B": "i32", "grid_b": "i32"}
         constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
                          ONE_TILE=int(config.get("one_tile", False)), SAVE=int(config.get("save", True)),
@@ -62,16 +63,17 @@ def _kernel_and_signature(config: dict):
                          GRID_H=config["grid_h"], BLOCK_B=config["block_b"],
                          BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], SPIN_LIMIT=BARRIER_SPIN_LIMIT,
                          LAYERS=config.get("layers", 1), HAS_BIAS=int(config.get("layers", 1) > 1),
-                         DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)))
+                         DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
+                         CELL=config.get("cell", "lstm"))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
-                     "gates_ptr": f"*{dtype}", "m_ptr": f"*{dtype}", "lengths_ptr": "*i32", "w_ch_ptr": f"*{dtype}",
-                     "t": "i32", "B": "i32"}
+                     "gates_ptr": f"*{dtype}", "m_ptr": f"*{dtype}", "lengths_ptr": "*i32",
+                     "cell_params_ptr": f"*{dtype}", "t": "i32", "B": "i32"}
         constants = dict(H=config["H"], K=config["K"], HAS_LENGTHS=1, PROJECT=int(config["K"] != config["H"]), SAVE=1,
                          DOT_PRECISION=config.get("precision", "ieee"), BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
-                         PEEPHOLE=int(config.get("peephole", False)))
+                         PEEPHOLE=int(config.get("peephole", False)), CELL=config.get("cell", "lstm"))
     else:
         from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel as kernel
 
@@ -82,7 +84,8 @@ def _kernel_and_signature(config: dict):
         constants = dict(H=config["H"], HAS_LENGTHS=1, USE_BARRIER=int(config["resident"]), DOT_PRECISION="ieee",
                          BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
                          SPIN_LIMIT=BARRIER_SPIN_LIMIT, LAYERS=config.get("layers", 1),
-                         DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)))
+                         DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
+                         CELL=config.get("cell", "lstm"))
     signature.update({name: "constexpr" for name in constants})
     return kernel, signature, constants
 
@@ -134,14 +137,14 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return (int(registers.group(1)) if registers else -1), (int(stack.group(1)) if stack else -1)
 
 
-def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool = False) -> list[dict]:
+def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool = False, cell: str = "lstm") -> list[dict]:
     from triton_lstm.kernels.forward_plans import plan_bidirectional_fwd, plan_persistent_fwd, resident_bytes
 
     devices = DEVICES[:1] if quick else DEVICES
     shapes = ANCHORS if quick else [(B, H) for H in (1, 16, 17, 33, 64, 100, 128, 256, 512, 768, 1024, 2048, 4096)
                                     for B in (1, 3, 8, 16, 17, 64, 256, 512)]
     if kernel == "step":
-        return _step_configs(shapes, arch)
+        return _step_configs(shapes, arch, projections=cell == "lstm")
     if kernel == "bwd":
         return _bwd_configs(shapes, devices, arch)
     if kernel == "stack":
@@ -215,13 +218,13 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
     return list(seen.values())
 
 
-def _step_configs(shapes, arch: int) -> list[dict]:
+def _step_configs(shapes, arch: int, projections: bool = True) -> list[dict]:
     from triton_lstm.kernels.lstm_fwd import step_blocks
 
     seen = {}
     for dtype, size in DTYPES.items():
         for B, H in shapes:
-            for K in sorted({H, max(1, H // 2)}):  # K < H: with a projection
+            for K in sorted({H, max(1, H // 2)} if projections else {H}):  # K < H: with a projection
                 block_b, block_h, block_k, precision = step_blocks(B, H, K, size, arch >= 80)
                 key = (dtype, H, K, block_b, block_h, block_k, precision)
                 seen.setdefault(key, dict(kernel="step", dtype=dtype, H=H, K=K, resident=False, block_b=block_b,
@@ -275,6 +278,8 @@ def main(argv=None) -> int:
                         help="persistent forward, per-step forward, the backward's gate-gradient kernel, the "
                              "stacked forward and backward (all layers in one launch), or the bidirectional forward")
     parser.add_argument("--peephole", action="store_true", help="the same kernels with peephole connections")
+    parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
+                        help="the cell the drivers run (gru: persistent, step and bwd; one layer and direction)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -283,9 +288,13 @@ def main(argv=None) -> int:
         for config in json.loads(args.batch):
             print(json.dumps(_compile_one(config)), flush=True)
         return 0
-    configs = _configs(args.quick, args.arch, args.kernel, args.peephole)
+    if args.cell == "gru" and (args.peephole or args.kernel in ("stack", "bidir")):
+        parser.error("--cell gru takes --kernel persistent, step or bwd, without --peephole")
+    configs = _configs(args.quick, args.arch, args.kernel, args.peephole, args.cell)
     if args.peephole:
         configs = [dict(config, peephole=True) for config in configs]
+    if args.cell == "gru":
+        configs = [dict(config, cell="gru") for config in configs]
     print(f"{len(configs)} planned configurations, compiled for sm_{args.arch}")
     failures = 0
     batches = [configs[index::max(1, args.jobs)] for index in range(max(1, args.jobs))]
@@ -296,7 +305,8 @@ def main(argv=None) -> int:
         mode = {"persistent": resident, "bidir": "both directions, " + (resident if config.get("kernel") != "bwd" else "bwd"),
                 "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step",
                 "stack": f"{config.get('layers')} layers {config.get('kernel', 'forward')}"}[args.kernel]
-        name = (f"{config['dtype']} H={config['H']} {mode}{' peephole' if config.get('peephole') else ''} "
+        variant = (" peephole" if config.get("peephole") else "") + (" gru" if config.get("cell") == "gru" else "")
+        name = (f"{config['dtype']} H={config['H']} {mode}{variant} "
                 f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")
         if isinstance(outcome, str):
             failures += 1

@@ -69,11 +69,11 @@ if ! stage "stack smoke" "${STACK_SMOKE_LIMIT:-60}" stack_smoke.log "$PY" benchm
   export TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0
 fi
 
-stage "benchmark --quick" "${BENCH_LIMIT:-150}" bench_quick.log "$PY" benchmarks/bench.py --quick --plan --out "$RESULTS" \
-  --provider triton_lstm cudnn cell_loop triton_peephole
+stage "benchmark --quick" "${BENCH_LIMIT:-210}" bench_quick.log "$PY" benchmarks/bench.py --quick --plan --out "$RESULTS" \
+  --provider triton_lstm cudnn cell_loop triton_peephole triton_gru cudnn_gru
 # The stacks again with every layer and direction launched on its own (TRITON_LSTM_STACK=0,
 # TRITON_LSTM_BIDIRECTIONAL=0): what one launch per stack / per bidirectional layer gains, same run.
-stage "stacks layer by layer" "${BENCH_LIMIT:-150}" bench_layer_by_layer.log \
+stage "stacks layer by layer" "${BENCH_LIMIT:-210}" bench_layer_by_layer.log \
   env TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0 "$PY" \
   benchmarks/bench.py --cases stacked --dtype bf16 --provider triton_lstm --plan --no-plots --out "$LOGS/layer_by_layer"
 
@@ -104,7 +104,7 @@ PYTEST_EXTRA=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
 stage "GPU tests" "${TEST_LIMIT:-150}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
   tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
-  tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_examples.py::test_examples_run_on_cuda \
+  tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_examples.py::test_examples_run_on_cuda \
   --durations=10
 
 if [ "${EXAMPLES:-0}" = "1" ]; then

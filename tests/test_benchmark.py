@@ -43,6 +43,24 @@ def test_benchmark_times_the_peephole_lstm_when_asked(tmp_path, capsys):
     assert all(providers for *_, providers in quick)
 
 
+def test_benchmark_times_the_gru_against_cudnns_when_asked(tmp_path, capsys):
+    from triton_lstm import benchmark
+
+    argv = ["--dry-run", "--out", str(tmp_path), "--no-plots", "--mode", "fwdbwd", "--provider", "triton_gru", "cudnn_gru"]
+    assert benchmark.main(argv) == 0
+    (csv_path,) = tmp_path.rglob("results.csv")
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["provider"] for row in rows} == {"triton_gru", "cudnn_gru"}
+    summary = (csv_path.parent / "summary.md").read_text()
+    assert "| triton_lstm | cudnn | cell_loop | triton_gru | cudnn_gru |" in summary
+    assert all(line.rstrip(" |").endswith("x") for line in summary.splitlines() if line.startswith("| fwdbwd"))
+    quick = benchmark._plan(benchmark._parse_args(["--quick", "--provider", "triton_gru", "cudnn_gru"]))
+    assert {(m, d, providers) for m, d, _, providers in quick} == {("fwd", "bf16", ("triton_gru", "cudnn_gru")),
+                                                                  ("fwdbwd", "bf16", ("triton_gru", "cudnn_gru"))}
+    assert len(quick) == 2 * len(benchmark.ANCHOR_CASES)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the refusal is for machines without CUDA")
 def test_benchmark_refuses_without_cuda(capsys):
     from triton_lstm import benchmark

@@ -33,10 +33,14 @@ import torch
 from torch import nn
 
 COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional", "ms", "peak_mb"]
-PROVIDERS = ("triton_lstm", "cudnn", "cell_loop", "triton_peephole")
+PROVIDERS = ("triton_lstm", "cudnn", "cell_loop", "triton_peephole", "triton_gru", "cudnn_gru")
 # What runs unless --provider says otherwise; triton_peephole (triton_lstm.LSTM with peephole=True, the same
-# weights plus the peephole ones) is asked for by name, to measure what the peepholes cost.
+# weights plus the peephole ones) is asked for by name, to measure what the peepholes cost, and so are the
+# GRU's: triton_gru (triton_lstm.GRU) against cudnn_gru (nn.GRU, cuDNN's), the same weights.
 DEFAULT_PROVIDERS = PROVIDERS[:3]
+GRU_PROVIDERS = ("triton_gru", "cudnn_gru")
+# (ours, cuDNN's): the pairs whose ratio is a speedup.
+SPEEDUP_PAIRS = (("triton_lstm", "cudnn"), ("triton_gru", "cudnn_gru"))
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Relative to the working directory: from a checkout the repository's results folder, from an installed
@@ -93,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", nargs="+", choices=MODES, default=None, help="fwd (no grad) and/or fwdbwd")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(DEFAULT_PROVIDERS),
-                        help="triton_peephole (not run by default): triton_lstm.LSTM(..., peephole=True)")
+                        help="not run by default: triton_peephole (triton_lstm.LSTM(..., peephole=True)), triton_gru "
+                             "(triton_lstm.GRU) and cudnn_gru (nn.GRU)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results root (default ./{DEFAULT_OUT} in the current directory; a dry run: a temporary folder)")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
@@ -175,8 +180,10 @@ def _plan(args) -> list[tuple[str, str, Case, tuple[str, ...]]]:
         plan = [("fwd", "bf16", c, DEFAULT_PROVIDERS) for c in cases]
         plan += [("fwdbwd", "bf16", c, ("triton_lstm", "cudnn")) for c in cases]
         plan += [("fwd", "fp32", c, ("triton_lstm", "cudnn")) for c in ANCHOR_CASES]
-        # The peepholes' cost (with --provider … triton_peephole): bf16 at the five shapes, both modes.
+        # The peepholes' cost (with --provider … triton_peephole) and the GRU against cuDNN's (with --provider …
+        # triton_gru cudnn_gru): bf16 at the five shapes, both modes.
         plan += [(m, "bf16", c, ("triton_peephole",)) for m in MODES for c in ANCHOR_CASES]
+        plan += [(m, "bf16", c, GRU_PROVIDERS) for m in MODES for c in ANCHOR_CASES]
         plan = [(m, d, c, tuple(p for p in providers if p in chosen)) for m, d, c, providers in plan]
         return [(m, d, c, p) for m, d, c, p in plan
                 if p and (not args.mode or m in args.mode) and (not args.dtype or d in args.dtype)]
@@ -229,16 +236,21 @@ class _CellLoop(nn.Module):
         return layer_input, (torch.stack(h_n), torch.stack(c_n))
 
 
-def _model(provider: str, reference: nn.LSTM) -> nn.Module:
-    if provider == "cudnn":
+def _model(provider: str, reference: nn.Module) -> nn.Module:
+    """The provider's module with ``reference``'s weights (an nn.LSTM, or an nn.GRU for the GRU providers)."""
+    if provider in ("cudnn", "cudnn_gru"):
         return reference
     if provider == "cell_loop":
         return _CellLoop(reference)
+    from triton_lstm.gru_modules import GRU
     from triton_lstm.modules import LSTM
 
-    model = LSTM(reference.input_size, reference.hidden_size, num_layers=reference.num_layers,
-                 bidirectional=reference.bidirectional, device=reference.weight_ih_l0.device, dtype=reference.weight_ih_l0.dtype,
-                 peephole=provider == "triton_peephole")
+    options = dict(num_layers=reference.num_layers, bidirectional=reference.bidirectional,
+                   device=reference.weight_ih_l0.device, dtype=reference.weight_ih_l0.dtype)
+    if provider == "triton_gru":
+        model = GRU(reference.input_size, reference.hidden_size, **options)
+    else:
+        model = LSTM(reference.input_size, reference.hidden_size, peephole=provider == "triton_peephole", **options)
     model.load_state_dict(reference.state_dict(), strict=provider != "triton_peephole")  # the peepholes keep their init
     return model
 
@@ -247,7 +259,9 @@ def _workload(provider: str, mode: str, dtype: torch.dtype, case: Case, device: 
     """Returns (fn, tensors whose .grad do_bench resets)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     torch.manual_seed(0)
-    reference = nn.LSTM(case.I, case.H, num_layers=case.layers, bidirectional=case.bidirectional, device=device, dtype=dtype)
+    gru = provider in GRU_PROVIDERS
+    reference = (nn.GRU if gru else nn.LSTM)(case.I, case.H, num_layers=case.layers, bidirectional=case.bidirectional,
+                                              device=device, dtype=dtype)
     model = _model(provider, reference)
     directions = 2 if case.bidirectional else 1
 
@@ -257,12 +271,13 @@ def _workload(provider: str, mode: str, dtype: torch.dtype, case: Case, device: 
     x = randn(case.T, case.B, case.I)
     h0 = randn(case.layers * directions, case.B, case.H)
     c0 = randn(case.layers * directions, case.B, case.H)
+    state = h0 if gru else (h0, c0)
     if mode == "fwd":
         model.eval()
 
         def forward():
             with torch.no_grad():
-                model(x, (h0, c0))
+                model(x, state)
 
         return forward, None
     model.train()  # cuDNN's RNN backward runs in training mode only (dropout is 0 here)
@@ -271,11 +286,14 @@ def _workload(provider: str, mode: str, dtype: torch.dtype, case: Case, device: 
     grad_out = randn(case.T, case.B, directions * case.H)
     grad_h = randn(case.layers * directions, case.B, case.H)
     grad_c = randn(case.layers * directions, case.B, case.H)
-    leaves = [x, h0, c0, *model.parameters()]
+    leaves = [x, h0, *([] if gru else [c0]), *model.parameters()]
 
     def forward_backward():
-        out, (h_n, c_n) = model(x, (h0, c0))
-        torch.autograd.backward([out, h_n, c_n], [grad_out, grad_h, grad_c])
+        out, hidden = model(x, state)
+        if gru:
+            torch.autograd.backward([out, hidden], [grad_out, grad_h])
+        else:
+            torch.autograd.backward([out, *hidden], [grad_out, grad_h, grad_c])
 
     return forward_backward, leaves
 
@@ -353,12 +371,14 @@ def _summary(rows, timing: str) -> str:
         by_key.setdefault(key, {})[row["provider"]] = _per_step_us(row)
     device = rows[0]["device"] if rows else "?"
     providers = _providers_in(rows)
-    lines = [f"Device: {device}. µs per time step ({timing}); speedup = cuDNN time / triton_lstm time.", "",
+    lines = [f"Device: {device}. µs per time step ({timing}); speedup = cuDNN time / triton_lstm time (for the GRU "
+             "rows: cudnn_gru / triton_gru).", "",
              "| mode | dtype | T | B | I | H | layers | bidir | " + " | ".join(providers) + " | speedup vs cuDNN |",
              "|" + "---|" * (9 + len(providers))]
     for key, values in by_key.items():
         cells = [f"{values[p]:.1f}" if p in values else "-" for p in providers]
-        speedup = f"{values['cudnn'] / values['triton_lstm']:.2f}x" if "cudnn" in values and "triton_lstm" in values else "-"
+        speedups = [f"{values[theirs] / values[ours]:.2f}x" for ours, theirs in SPEEDUP_PAIRS if ours in values and theirs in values]
+        speedup = " / ".join(speedups) or "-"
         lines.append("| " + " | ".join([*map(str, key), *cells, speedup]) + " |")
     return "\n".join(lines) + "\n"
 
