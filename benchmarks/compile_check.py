@@ -158,7 +158,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
                 if directions == 2:
                     plan = plan_bidirectional_fwd(100, B, H, size, num_sms, shared)
                 else:
-                    plan = plan_persistent_fwd(100, B, H, H, size, False, num_sms, shared)
+                    plan = plan_persistent_fwd(100, B, H, H, size, False, num_sms, shared, gates=3 if cell == "gru" else 4)
                 if not plan.persistent:
                     continue
                 one_tile = plan.resident and plan.grid_b == -(-B // plan.block_b)

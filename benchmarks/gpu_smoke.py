@@ -7,7 +7,7 @@
 For each anchor shape (bf16, fp32): the forward plan, whether that exact plan compiles within the device's
 resources and is accepted as a cooperative grid (no silent fallback), the recurrence's agreement with the
 per-step kernel, and triton_lstm.LSTM against cuDNN nn.LSTM on the same weights (output and, in bf16, the
-weight gradient). Then the single-step call (T = 1, B = 8, H = 512: an RL rollout) timed as wall clock
+weight gradient; triton_lstm.GRU against nn.GRU likewise). Then the single-step call (T = 1, B = 8, H = 512: an RL rollout) timed as wall clock
 per call against nn.LSTM, host overhead included. Also warms Triton's cache for the benchmark that follows.
 """
 
@@ -51,10 +51,12 @@ def check_plan(T, B, H, dtype):
     return f"{line} -> runs; vs per-step kernel rel err {relative_error(ours, steps):.2e}"
 
 
-def against_cudnn(case, dtype):
+def against_cudnn(case, dtype, cell="lstm"):
+    """triton_lstm.LSTM (or GRU) against cuDNN's nn.LSTM (or nn.GRU) on the same weights."""
     torch.manual_seed(0)
-    theirs = nn.LSTM(case.I, case.H, device="cuda", dtype=dtype)
-    ours = triton_lstm.LSTM(case.I, case.H, device="cuda", dtype=dtype)
+    theirs_class, ours_class = (nn.GRU, triton_lstm.GRU) if cell == "gru" else (nn.LSTM, triton_lstm.LSTM)
+    theirs = theirs_class(case.I, case.H, device="cuda", dtype=dtype)
+    ours = ours_class(case.I, case.H, device="cuda", dtype=dtype)
     ours.load_state_dict(theirs.state_dict())
     T = min(case.T, 128)
     x = torch.randn(T, case.B, case.I, device="cuda", dtype=dtype)
@@ -63,7 +65,7 @@ def against_cudnn(case, dtype):
     grad = torch.randn_like(out_ours)
     out_theirs.backward(grad)
     out_ours.backward(grad)
-    return (f"vs cuDNN (T={T}): out rel err {relative_error(out_ours, out_theirs):.2e}, "
+    return (f"{cell} vs cuDNN (T={T}): out rel err {relative_error(out_ours, out_theirs):.2e}, "
             f"dW_hh rel err {relative_error(ours.weight_hh_l0.grad, theirs.weight_hh_l0.grad):.2e}")
 
 
@@ -152,6 +154,7 @@ def main() -> int:
             print(f"{label}: {check_plan(min(case.T, 64), case.B, case.H, dtype)}", flush=True)
             if dtype == torch.bfloat16:
                 print(f"{label}: {against_cudnn(case, dtype)} ({time.monotonic() - start:.1f} s)", flush=True)
+                print(f"{label}: {against_cudnn(case, dtype, 'gru')}", flush=True)
     print(single_step(), flush=True)
     return 0
 

@@ -383,3 +383,42 @@ def test_gru_cpu_without_interpreter_runs_aten(monkeypatch):
     x = pack_sequence([torch.randn(5, 3), torch.randn(2, 3)])
     (out, h), (out_nn, h_nn) = ours(x), theirs(x)
     assert torch.equal(out.data, out_nn.data) and torch.equal(h, h_nn)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gru_autocast_runs_in_autocast_dtype(dtype, monkeypatch):
+    """Under CPU autocast the GRU computes in the autocast dtype, as the same module cast to it does (the
+    ops keep autocast off inside; the fp32 weights get fp32 gradients). Our op's own road (the reference:
+    bf16 is wrong in the interpreter), not ATen's."""
+    from triton_lstm import gru_modules
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(gru_modules, "_runs_aten", lambda x: False)
+    torch.manual_seed(0)
+    ours = triton_lstm.GRU(5, 6, num_layers=2, bidirectional=True)
+    cast = triton_lstm.GRU(5, 6, num_layers=2, bidirectional=True).to(dtype)
+    cast.load_state_dict(ours.state_dict())
+    x, grad = torch.randn(4, 3, 5), torch.randn(4, 3, 12)
+    with torch.autocast("cpu", dtype=dtype):
+        out, h = ours(x)
+        (out.float() * grad).sum().backward()
+    cast_out, cast_h = cast(x.to(dtype))
+    (cast_out.float() * grad).sum().backward()
+    assert (out.dtype, h.dtype) == (dtype, dtype)
+    assert torch.equal(out, cast_out) and torch.equal(h, cast_h), "autocast changed the arithmetic inside the recurrence"
+    for (name, param), cast_param in zip(ours.named_parameters(), cast.parameters()):
+        assert param.grad.dtype == torch.float32 and torch.equal(param.grad, cast_param.grad.float()), name
+
+
+def test_gru_fp32_plan_takes_narrower_chunks_where_they_spill():
+    """The GRU's fp32 32-row tiles take 32-wide K chunks above K = 1024 (64-wide spilled 48 bytes on sm_90);
+    the LSTM's keep 64; plan_for reads the cell from the projection's width."""
+    from triton_lstm.kernels.forward_plans import plan_persistent_fwd
+    from triton_lstm.kernels.lstm_fwd_persistent import plan_for
+
+    lstm = plan_persistent_fwd(256, 32, 2048, 2048, 4, False, 132, 232448)
+    gru = plan_persistent_fwd(256, 32, 2048, 2048, 4, False, 132, 232448, gates=3)
+    assert (lstm.block_b, lstm.block_k) == (32, 64) and (gru.block_b, gru.block_k) == (32, 32)
+    assert plan_persistent_fwd(256, 32, 1024, 1024, 4, False, 132, 232448, gates=3).block_k == 64
+    projected, w_hh = torch.empty(3, 2, 3 * 6), torch.empty(3 * 6, 6)
+    assert plan_for(projected, w_hh, None) == plan_for(torch.empty(3, 2, 4 * 6), torch.empty(4 * 6, 6), None)

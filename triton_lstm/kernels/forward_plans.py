@@ -81,6 +81,7 @@ def plan_persistent_fwd(
     interpret: bool = False,
     fp32_tensor_cores: bool = True,
     allow_resident: bool = True,
+    gates: int = 4,
 ) -> ForwardPlan:
     """Chooses persistent (resident or streamed W_hh) or per-step for one layer's forward.
 
@@ -90,7 +91,8 @@ def plan_persistent_fwd(
     estimate: a compile that does not fit raises OutOfResources, and the launcher then streams).
     ``fp32_tensor_cores``: the device runs TF32 dots (sm_80 and later), so exact fp32 can run as
     three TF32 products ("tf32x3") instead of on the FMA units. ``allow_resident`` False: streamed
-    plans only (a stack's programs, lstm_fwd_stack.py).
+    plans only (a stack's programs, lstm_fwd_stack.py). ``gates``: 4 for the LSTM, 3 for the GRU cell
+    (``kernels/gru.py``; its resident slice is sized as the LSTM's, a quarter too large).
 
     The choices below were measured on an H200 with ``benchmarks/tune.py`` (bf16 and fp32, the five
     anchor shapes; figures in benchmarks/NOTES.md); other shapes and cards get the same rules untested.
@@ -168,8 +170,11 @@ def plan_persistent_fwd(
     # Narrower chunks where the sm_90 compiles (Triton 3.6 and 3.9, benchmarks/compile_check.py) of
     # wider ones spill or overflow shared memory: 64-row tiles (16-bit 64, fp32 32 above K = 512) and
     # fp32 below K = 256 (64-wide chunks past K spilled 448 bytes at H = 33).
+    # The GRU cell in fp32: 32-row tiles with 64-wide chunks spilled 48 bytes above K = 1024 (the LSTM's
+    # 16-24), so 32 there.
     if fp32:
-        block_k = 64 if 256 <= K and (block_b < 64 or K <= 512) else 32
+        gru_spills = gates == 3 and block_b == 32 and K > 1024
+        block_k = 64 if 256 <= K and (block_b < 64 or K <= 512) and not gru_spills else 32
     elif block_b == 64:
         block_k = 64
     else:

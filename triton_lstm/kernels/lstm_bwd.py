@@ -229,21 +229,21 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
         gate_ptrs = gates_ptr + local * B * 4 * H + gate_row_offs + offs_h[None, :]
         state_ptrs = c_ptr + local * B * H + state_offs  # c_{t-1} (a GRU's fp32 h_{t-1}); c_t one step on
         if CELL == "gru":
-            dh += dc  # the direct path from step t+1, z_{t+1} ⊙ dh_{t+1} (zero where step t+1 did not run)
+            # The direct path from step t+1, z_{t+1} ⊙ dh_{t+1}. Zero where step t+1 did not run: the steps
+            # that run are a prefix, so after one that did not (or at the start: grad_c_n is zero for a GRU)
+            # the carried dc stays zero, and the whole gradient of h passes through in dh (dh_carry).
+            dh += dc
             d_i, d_f, d_g, d_o, dc_prev = _gru_step_grads(dh, gate_ptrs, state_ptrs, mask_bh, H)
-            # Past a sequence's end the whole gradient of h passes through in dh (dh_carry), nothing directly.
-            dc_not_ran = tl.zeros_like(dc)
         else:
             d_i, d_f, d_g, d_o, dc_prev = _lstm_step_grads(dh, dc, gate_ptrs, state_ptrs, w_ch_ptr, offs_h, mask_h,
                                                            mask_bh, B, H, PEEPHOLE)
-            dc_not_ran = dc
         if HAS_LENGTHS:
             ran = step < lengths
             d_i = tl.where(ran, d_i, 0.0)
             d_f = tl.where(ran, d_f, 0.0)
             d_g = tl.where(ran, d_g, 0.0)
             d_o = tl.where(ran, d_o, 0.0)
-            dc = tl.where(ran, dc_prev, dc_not_ran)
+            dc = tl.where(ran, dc_prev, dc)
         else:
             dc = dc_prev
         d_i = tl.where(failed, float("nan"), d_i)

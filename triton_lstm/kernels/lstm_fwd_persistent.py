@@ -436,7 +436,7 @@ def plan_for(projected: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | N
     else:
         num_sms, shared, interpret, tensor_cores = 1, INTERPRETER_SHARED_MEMORY, True, False
     return plan_persistent_fwd(T, B, H, K, projected.element_size(), w_hr is not None, num_sms, shared, interpret,
-                               tensor_cores)
+                               tensor_cores, gates=gate_columns // H if w_hr is None and H else 4)
 
 
 # Plans whose kernel turned out not to fit the device (OutOfResources at load, or a cooperative launch
