@@ -422,3 +422,39 @@ def test_gru_fp32_plan_takes_narrower_chunks_where_they_spill():
     assert plan_persistent_fwd(256, 32, 1024, 1024, 4, False, 132, 232448, gates=3).block_k == 64
     projected, w_hh = torch.empty(3, 2, 3 * 6), torch.empty(3 * 6, 6)
     assert plan_for(projected, w_hh, None) == plan_for(torch.empty(3, 2, 4 * 6), torch.empty(4 * 6, 6), None)
+
+
+def test_gru_torch_func_grad_and_vmap_like_nn_gru():
+    """torch.func transforms run the plain-PyTorch recurrence: their gradients are nn.GRU's."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    theirs = nn.GRU(3, 4, num_layers=2).double()
+    ours = triton_lstm.GRU(3, 4, num_layers=2).to(KERNEL_DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    results = {}
+    for name, module, inp in (("nn", theirs, x), ("ours", ours, x.to(KERNEL_DEVICE, torch.float32))):
+        params = dict(module.named_parameters())
+        results[name] = grad(lambda p: functional_call(module, p, (inp,))[0].pow(2).sum())(params)
+    for param, value in results["nn"].items():
+        torch.testing.assert_close(results["ours"][param].cpu().double(), value, rtol=1e-4, atol=1e-5, msg=param)
+    batch = torch.randn(3, 5, 2, 3, device=KERNEL_DEVICE)
+    torch.testing.assert_close(vmap(lambda inp: ours(inp)[0])(batch), torch.stack([ours(inp)[0] for inp in batch]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_gru_torch_save_loads_with_weights_only():
+    import io
+
+    torch.manual_seed(0)
+    saved = {"gru": triton_lstm.GRU(5, 6, bidirectional=True, backward="reference"), "cell": triton_lstm.GRUCell(5, 6)}
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    with torch.serialization.safe_globals(triton_lstm.SAFE_GLOBALS):
+        loaded = torch.load(buffer, weights_only=True)
+    assert type(loaded["gru"]) is triton_lstm.GRU and loaded["gru"].backward_mode == "reference"
+    x = torch.randn(4, 3, 5)
+    torch.testing.assert_close(loaded["gru"](x), saved["gru"](x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded["cell"](x[0]), saved["cell"](x[0]), rtol=0, atol=0)
