@@ -310,10 +310,57 @@ def test_gru_inference_forward_keeps_no_gates(monkeypatch):
 
 def test_gru_runs_one_recurrence_per_layer_and_direction(monkeypatch):
     counts = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd", "backward": "gru_bwd"})
+    model = triton_lstm.GRU(3, 5, num_layers=2).to(KERNEL_DEVICE)
+    out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True))
+    out.sum().backward()
+    assert counts == {"forward": 2, "backward": 2}
+
+
+def test_bidirectional_gru_runs_both_directions_in_one_launch_each_way(monkeypatch):
+    from triton_lstm import gru_bidirectional
+
+    counts = count_calls(monkeypatch, gru_bidirectional, {"forward": "lstm_fwd_bidirectional",
+                                                          "backward": "lstm_bwd_bidirectional_gate_grads",
+                                                          "one direction": "gru_fwd"})
     model = triton_lstm.GRU(3, 5, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)
     out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True))
     out.sum().backward()
-    assert counts == {"forward": 4, "backward": 4}
+    assert counts == {"forward": 2, "backward": 2, "one direction": 0}
+
+
+@pytest.mark.parametrize("fallback", ["one-direction-forward", "no-fit-backward", "reference-backward"])
+def test_bidirectional_gru_fallbacks_match_nn_gru(fallback, monkeypatch):
+    """Where the both-directions launches cannot run, the directions run one after the other (forward, or
+    backward through the one-direction ops), and backward="reference" differentiates nothing fused."""
+    from triton_lstm import gru_bidirectional
+
+    kwargs = {}
+    if fallback == "one-direction-forward":
+        monkeypatch.setenv("TRITON_LSTM_BIDIRECTIONAL", "0")
+    elif fallback == "no-fit-backward":
+        monkeypatch.setattr(gru_bidirectional, "lstm_bwd_bidirectional_gate_grads", lambda *args, **kw: None)
+    else:
+        kwargs["backward"] = "reference"
+    check_gru_against_nn(CASES["packed-bidir-state"], torch.float32, **kwargs)
+    check_gru_against_nn(Case(bidirectional=True, bias=False, with_state=True, H=17, B=3, T=7), torch.float16,
+                         **kwargs)
+
+
+def test_bidirectional_gru_inference_forward_keeps_no_gates(monkeypatch):
+    from triton_lstm import gru_bidirectional
+
+    saves = []
+    original = gru_bidirectional.lstm_fwd_bidirectional
+    monkeypatch.setattr(gru_bidirectional, "lstm_fwd_bidirectional",
+                        lambda *args, **kw: saves.append(args[6]) or original(*args, **kw))
+    model = triton_lstm.GRU(3, 5, bidirectional=True).to(KERNEL_DEVICE)
+    x = pack_sequence([torch.randn(4, 3), torch.randn(2, 3)]).to(KERNEL_DEVICE)
+    with torch.no_grad():
+        out, h_n = model(x)
+    expected, expected_h = model(x)
+    assert saves == [False, True]
+    torch.testing.assert_close(out.data, expected.data.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(h_n, expected_h.detach(), rtol=0, atol=0)
 
 
 def test_gru_double_backward_matches_nn():

@@ -47,43 +47,52 @@ def _valid_steps(lengths: Tensor | None, T: int, device) -> Tensor | None:
     return (torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :])[:, :, None]
 
 
-def bidirectional_plan(x: Tensor, hidden_size: int):
+def bidirectional_plan(x: Tensor, hidden_size: int, gates: int = 4):
     """The bidirectional kernel's plan for this input, or None where the kernels do not run (the CPU
     path, torch.compile and torch.func, whose graphs keep one node per direction). "meta" tensors (shape
-    inference, ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it."""
+    inference, ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it.
+    ``gates`` 3: a GRU layer (``gru_bidirectional.py``)."""
     if not HAS_TRITON or not (uses_kernels(x) or x.device.type == "meta"):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
-    plan = plan_bidirectional_for(x, hidden_size)
+    plan = plan_bidirectional_for(x, hidden_size, gates)
     return plan if plan.persistent else None
+
+
+def one_direction_at_a_time(x: Tensor, lengths: Tensor | None, run_direction):
+    """A bidirectional layer's forward op run one direction after the other: ``run_direction(direction,
+    layer_x)`` returns that direction's (h_all, state, gates) over ``layer_x`` (the reverse direction's
+    input reversed within each sequence's length). Returns the op's outputs: the layer's output (T, B, 2H)
+    in time order, zero past each sequence's end as the kernel leaves it, and the directions' stacked."""
+    T = x.shape[0]
+    index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
+    results = [run_direction(direction, x if direction == 0 else reverse_time(x, index)) for direction in range(2)]
+    out = torch.cat([results[0][0][1:], reverse_time(results[1][0][1:], index)], dim=2)
+    valid = _valid_steps(lengths, T, x.device)
+    if valid is not None:
+        out = out * valid
+    return (out, *(torch.stack(parts) for parts in zip(*results)))
 
 
 def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None):
     """What the kernel computes, one direction after the other: with ``kernels`` the one-direction Triton
     forward (the kernel's fallback), else the plain-PyTorch recurrence (the reference path, differentiable:
     the double backward differentiates it)."""
-    T = x.shape[0]
-    index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
-    results = []
-    for direction in range(2):
-        layer_x = x if direction == 0 else reverse_time(x, index)
+
+    def run_direction(direction, layer_x):
         bias = (b_ih[direction], b_hh[direction]) if b_ih else (None, None)
         peepholes = None if w_ch is None else w_ch[direction]
         if kernels:
             projected = input_projection(layer_x, w_ih[direction], *bias).contiguous()
-            results.append(lstm_fwd_persistent(projected, h0[direction].contiguous(), c0[direction].contiguous(),
-                                               w_hh[direction].contiguous(), None, lengths, save=bool(save),
-                                               w_ch=None if peepholes is None else peepholes.contiguous()))
-        else:
-            h_all, c_all, gates = lstm_recurrence_reference(layer_x, h0[direction], c0[direction], w_ih[direction],
-                                                            w_hh[direction], *bias, None, lengths, peepholes)
-            results.append((h_all, c_all[-1:], gates[:0]) if not save else (h_all, c_all, gates))
-    out = torch.cat([results[0][0][1:], reverse_time(results[1][0][1:], index)], dim=2)
-    valid = _valid_steps(lengths, T, x.device)
-    if valid is not None:
-        out = out * valid  # zero past each sequence's end, as the kernel leaves it
-    return (out, *(torch.stack(parts) for parts in zip(*results)))
+            return lstm_fwd_persistent(projected, h0[direction].contiguous(), c0[direction].contiguous(),
+                                       w_hh[direction].contiguous(), None, lengths, save=bool(save),
+                                       w_ch=None if peepholes is None else peepholes.contiguous())
+        h_all, c_all, gates = lstm_recurrence_reference(layer_x, h0[direction], c0[direction], w_ih[direction],
+                                                        w_hh[direction], *bias, None, lengths, peepholes)
+        return (h_all, c_all[-1:], gates[:0]) if not save else (h_all, c_all, gates)
+
+    return one_direction_at_a_time(x, lengths, run_direction)
 
 
 @torch.library.custom_op("triton_lstm::bidirectional_fwd", mutates_args=())
@@ -173,27 +182,40 @@ class LSTMBidirectional(torch.autograd.Function):
                                         grad_h_n, grad_c_n, w_ch)
             if grads is not None:
                 return (grads[0], grads[1], grads[2], None, None, None, grads[3], *grads[4:])
-        grad_x = None
-        grads_h0, grads_c0, grads_w_ch, grad_weights = [], [], [], []
-        for direction in range(2):
-            layer_x = x if direction == 0 else reverse_time(x, index)
-            layer_grad = grad_out[..., direction * H:(direction + 1) * H]
-            layer_grad = layer_grad if direction == 0 else reverse_time(layer_grad, index)
-            grads = torch.ops.triton_lstm.recurrence_bwd(
-                layer_grad.contiguous(), grad_h_n[direction], grad_c_n[direction], layer_x, w_ih[direction],
-                w_hh[direction], None, gates[direction], h_all[direction], c_all[direction], lengths, ctx.use_reference,
+
+        def backward_direction(direction, layer_x, layer_grad):
+            return torch.ops.triton_lstm.recurrence_bwd(
+                layer_grad, grad_h_n[direction], grad_c_n[direction], layer_x, w_ih[direction], w_hh[direction], None,
+                gates[direction], h_all[direction], c_all[direction], lengths, ctx.use_reference,
                 None if w_ch is None else w_ch[direction],
             )
-            direction_grad_x = grads[0] if direction == 0 else reverse_time(grads[0], index)
-            grad_x = direction_grad_x if grad_x is None else grad_x + direction_grad_x
-            grads_h0.append(grads[1])
-            grads_c0.append(grads[2])
-            grads_w_ch.append(grads[7])
+
+        grad_x, per_direction = each_direction_backward(x, grad_out, index, H, backward_direction)
+        grad_weights = []
+        for grads in per_direction:
             grad_weights += [grads[3], grads[4]]
             if ctx.has_bias:
                 grad_weights += [grads[5], grads[5].clone()]  # each bias owns its gradient tensor
-        grad_w_ch = None if w_ch is None else torch.stack(grads_w_ch)
-        return (grad_x, torch.stack(grads_h0), torch.stack(grads_c0), None, None, None, grad_w_ch, *grad_weights)
+        grad_h0, grad_c0, grad_w_ch = (torch.stack([grads[i] for grads in per_direction]) for i in (1, 2, 7))
+        return (grad_x, grad_h0, grad_c0, None, None, None, grad_w_ch if w_ch is not None else None, *grad_weights)
+
+
+def each_direction_backward(x: Tensor, grad_out: Tensor, index: Tensor | None, H: int, backward_direction):
+    """A bidirectional layer's backward one direction after the other, on reversed views:
+    ``backward_direction(direction, layer_x, layer_grad)`` returns that direction's gradients, grad_x first,
+    as a one-direction layer's backward does over ``layer_x`` (the reverse direction's input reversed within
+    each sequence's length) for its output gradient ``layer_grad``. Returns (grad_x in time order, summed
+    over the directions, and each direction's gradients)."""
+    grad_x, per_direction = None, []
+    for direction in range(2):
+        layer_x = x if direction == 0 else reverse_time(x, index)
+        layer_grad = grad_out[..., direction * H:(direction + 1) * H]
+        layer_grad = layer_grad if direction == 0 else reverse_time(layer_grad, index)
+        grads = backward_direction(direction, layer_x, layer_grad.contiguous())
+        direction_grad_x = grads[0] if direction == 0 else reverse_time(grads[0], index)
+        grad_x = direction_grad_x if grad_x is None else grad_x + direction_grad_x
+        per_direction.append(grads)
+    return grad_x, per_direction
 
 
 def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n,
@@ -210,9 +232,7 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
     grad_gates, grad_h0, grad_c0 = chain
     grad_x, grad_weights = None, []
     for direction in range(2):
-        direction_grad_gates, h_prev = grad_gates[direction], h_all[direction, :-1]
-        if direction == 1:  # time order, as x: rows past a sequence's end hold dG = 0 either way
-            direction_grad_gates, h_prev = reverse_time(direction_grad_gates, index), reverse_time(h_prev, index)
+        direction_grad_gates, h_prev = in_time_order(grad_gates, h_all, direction, index)
         direction_grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(direction_grad_gates, x, h_prev,
                                                                                    w_ih[direction])
         grad_x = direction_grad_x if grad_x is None else grad_x + direction_grad_x
@@ -224,6 +244,16 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
         # Step-indexed dG and c of each direction pair up as they are: no reordering needed.
         grad_w_ch = torch.stack([peephole_grad(grad_gates[d], c_all[d]) for d in range(2)]).to(w_ch.dtype)
     return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), grad_w_ch, *grad_weights)
+
+
+def in_time_order(grad_gates: Tensor, h_all: Tensor, direction: int, index: Tensor | None):
+    """A direction's dG and h_0 … h_{T-1} (both step-indexed, stacked per direction) in time order, as x,
+    for the GEMMs against it: the reverse direction's reversed within each sequence (rows past a sequence's
+    end hold dG = 0 either way)."""
+    direction_grad_gates, h_prev = grad_gates[direction], h_all[direction, :-1]
+    if direction == 1:
+        return reverse_time(direction_grad_gates, index), reverse_time(h_prev, index)
+    return direction_grad_gates, h_prev
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):

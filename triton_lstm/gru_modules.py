@@ -4,8 +4,9 @@ LSTM and LSTMCell are for theirs.
 ``GRU`` derives from ``nn.RNNBase`` in mode "GRU" exactly as ``nn.GRU`` does (so the constructor, its
 validation, the parameters, their initialization and RNG draws and ``state_dict`` are nn.GRU's own);
 ``GRUCell`` derives from ``nn.GRUCell``. Only ``forward`` is ours: every layer and direction runs
-``triton_lstm.gru_ops.gru_layer`` (the LSTM's fused kernels with the GRU cell), except on the CPU without
-Triton's interpreter, where ATen's GRU runs exactly as in nn.GRU.
+``triton_lstm.gru_ops.gru_layer`` (the LSTM's fused kernels with the GRU cell; both directions of a
+bidirectional layer at once: ``gru_bidirectional.py``), except on the CPU without Triton's interpreter,
+where ATen's GRU runs exactly as in nn.GRU.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from triton_lstm.bidirectional import reverse_index, reverse_time
+from triton_lstm.bidirectional import bidirectional_plan, reverse_index, reverse_time
+from triton_lstm.gru_bidirectional import gru_bidirectional
 from triton_lstm.gru_ops import gru_layer
 from triton_lstm.modules import (
     _NOT_SCRIPTABLE,
@@ -43,7 +45,7 @@ class GRU(nn.RNNBase):
     and initialization (the same random draws), ``state_dict`` (load either into the other), inputs
     (``input``, ``h_0``; packed, batch_first, unbatched), outputs (``output``, ``h_n``) and exception types.
     Where it runs: the Triton kernels for CUDA tensors (fp32, fp16, bf16; one persistent launch per
-    layer and direction, the fused backward); on the CPU, ATen's GRU as nn.GRU does (the kernels through
+    layer, both directions at once when bidirectional, the fused backward likewise); on the CPU, ATen's GRU as nn.GRU does (the kernels through
     Triton's interpreter when ``TRITON_INTERPRET=1``); float64 runs the plain-PyTorch reference.
 
     Args:
@@ -117,17 +119,26 @@ class GRU(nn.RNNBase):
             return self._finish(output, h_n, is_batched)
 
         lengths_on_device = None if lengths is None else lengths.to(x.device, non_blocking=True)
-        time_reversal = None  # the reverse direction: each sequence reversed within its own length
-        if num_directions == 2 and lengths_on_device is not None:
+        both_at_once = num_directions == 2 and bidirectional_plan(x, self.hidden_size, gates=3) is not None
+        time_reversal = None  # the reverse direction on its own: each sequence reversed within its own length
+        if num_directions == 2 and not both_at_once and lengths_on_device is not None:
             time_reversal = reverse_index(lengths_on_device, x.shape[0])
+        backward = getattr(self, "backward_mode", "fused")
         layer_input, h_n = x, []
         for layer in range(self.num_layers):
+            if both_at_once:
+                # Both directions in one persistent launch each way (triton_lstm/gru_bidirectional.py).
+                layer_input, h = gru_bidirectional(layer_input, h0[2 * layer:2 * layer + 2], *weights[layer],
+                                                   lengths_on_device, backward=backward)
+                h_n += [h[0], h[1]]
+                if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                    layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+                continue
             outputs = []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
                 layer_x = layer_input if direction == 0 else reverse_time(layer_input, time_reversal)
-                out, h = gru_layer(layer_x, h0[index], *weights[layer][direction], lengths_on_device,
-                                   backward=getattr(self, "backward_mode", "fused"))
+                out, h = gru_layer(layer_x, h0[index], *weights[layer][direction], lengths_on_device, backward=backward)
                 outputs.append(out if direction == 0 else reverse_time(out, time_reversal))
                 h_n.append(h)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)

@@ -25,7 +25,8 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
-    """x·W_ihᵀ + b_ih + b_hh for all time steps at once: (T, B, I) -> (T, B, 4H), in x's dtype.
+    """x·W_ihᵀ + b_ih + b_hh for all time steps at once: (T, B, I) -> (T, B, 4H), in x's dtype (``b_hh``
+    None with ``b_ih`` given: b_ih alone).
 
     One GEMM with the bias in its epilogue (addmm), not a GEMM and then a pass over T·B·4H to add it."""
     T, B, I = x.shape
@@ -33,7 +34,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor 
     if b_ih is None:
         projected = torch.matmul(rows, w_ih.t())
     else:
-        projected = torch.addmm(b_ih + b_hh, rows, w_ih.t())
+        projected = torch.addmm(b_ih if b_hh is None else b_ih + b_hh, rows, w_ih.t())
     return projected.reshape(T, B, w_ih.shape[0])
 
 
@@ -193,10 +194,13 @@ def peephole_grad(grad_gates: Tensor, c_all: Tensor) -> Tensor:
 
 def gru_input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
     """x·W_ihᵀ + b_ih + (b_hr, b_hz, 0): (T, B, I) -> (T, B, 3H). b_hn stays out, inside r ⊙ (W_hn·h + b_hn)."""
-    if b_hh is None:
-        return input_projection(x, w_ih, None, None)
+    return input_projection(x, w_ih, None if b_hh is None else gru_projection_bias(b_ih, b_hh), None)
+
+
+def gru_projection_bias(b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """The biases the GRU's input projection takes: b_ih + (b_hr, b_hz, 0)."""
     H = b_hh.shape[0] // 3
-    return input_projection(x, w_ih, b_ih, torch.cat((b_hh[: 2 * H], b_hh.new_zeros(H))))
+    return b_ih + torch.cat((b_hh[: 2 * H], b_hh.new_zeros(H)))
 
 
 def gru_recurrence_reference(

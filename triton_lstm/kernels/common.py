@@ -249,12 +249,18 @@ def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.conste
     It does not depend on h, so the persistent kernel loads step t+1's before it waits at the barrier.
     ``GATES`` = 3: a GRU's (T, B, 3H) projection (r, z, n), the fourth value zero."""
     x_ptrs = projected_ptr + step * B * GATES * H + rows[:, None] * (GATES * H) + offs_h[None, :]
+    return load_gates(x_ptrs, mask_bh, H, GATES)
+
+
+@triton.jit
+def load_gates(ptrs, mask, H: tl.constexpr, GATES: tl.constexpr):
+    """``load_four_gates``, or with ``GATES`` = 3 (a GRU's r, z, n) the three and a zero fourth."""
     if GATES == 4:
-        return load_four_gates(x_ptrs, mask_bh, H)
+        return load_four_gates(ptrs, mask, H)
     else:
-        x_r = tl.load(x_ptrs, mask=mask_bh, other=0.0).to(tl.float32)
-        x_z = tl.load(x_ptrs + H, mask=mask_bh, other=0.0).to(tl.float32)
-        x_n = tl.load(x_ptrs + 2 * H, mask=mask_bh, other=0.0).to(tl.float32)
+        x_r = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x_z = tl.load(ptrs + H, mask=mask, other=0.0).to(tl.float32)
+        x_n = tl.load(ptrs + 2 * H, mask=mask, other=0.0).to(tl.float32)
         return x_r, x_z, x_n, tl.zeros_like(x_n)
 
 

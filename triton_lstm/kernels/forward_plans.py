@@ -276,14 +276,16 @@ def plan_stack_fwd(
 
 
 def plan_bidirectional_fwd(T: int, B: int, H: int, element_size: int, num_sms: int, shared_memory: int,
-                           interpret: bool = False, fp32_tensor_cores: bool = True) -> ForwardPlan:
+                           interpret: bool = False, fp32_tensor_cores: bool = True, gates: int = 4) -> ForwardPlan:
     """The plan of each direction (both run the same one), or not persistent (then the directions run one
     after the other). A pure function of the shapes and the device limits: the single-layer plan for half
-    the SMs; under the interpreter one program per direction (the directions never wait for each other)."""
+    the SMs; under the interpreter one program per direction (the directions never wait for each other).
+    ``gates`` 3: a GRU layer (as ``plan_persistent_fwd``)."""
     if not interpret and num_sms < 2:
         return ForwardPlan(False, "fewer than 2 SMs: one direction after the other")
     budget = max(1, num_sms // 2)
-    base = plan_persistent_fwd(T, B, H, H, element_size, False, budget, shared_memory, interpret, fp32_tensor_cores)
+    base = plan_persistent_fwd(T, B, H, H, element_size, False, budget, shared_memory, interpret, fp32_tensor_cores,
+                               gates=gates)
     if not base.persistent:
         return base
     block_b, block_h, grid_h, grid_b = base.block_b, base.block_h, base.grid_h, base.grid_b

@@ -13,7 +13,8 @@ What the GRU changes, and what it keeps:
   the first three, h's side (W_hh, b_hh) sees dR, dZ and dN ⊙ r; the chain's register that carries the
   LSTM's dc carries z ⊙ dh, the gradient reaching h_{t-1} directly.
 - Planning, the persistent schedule, the barrier, the per-step fallback and the launch checks are the
-  LSTM's, unchanged. A GRU runs one launch per layer and direction (no whole-module launches yet).
+  LSTM's, unchanged. A bidirectional GRU layer runs both directions in one launch each way, as the LSTM's
+  (``gru_bidirectional.py``); a stack of GRU layers runs one launch per layer (no wavefront kernel yet).
 """
 
 from __future__ import annotations
@@ -64,11 +65,21 @@ def gru_bwd(
     grad_gates, grad_h0, _ = lstm_bwd_gate_grads(
         grad_out, grad_h_n, torch.zeros_like(grad_h_n), w_hh, lengths, [(0, gates, state_all)], schedule, cell="gru"
     )
+    grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = gru_weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih,
+                                                                                    w_hh)
+    return grad_x, grad_h0.to(x.dtype), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+def gru_weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: torch.Tensor, w_ih: torch.Tensor,
+                               w_hh: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """grad_x, grad_W_ih, grad_W_hh, grad_b_ih and grad_b_hh from a GRU's dG (T, B, 4H) — (dR, dZ, dN, dN ⊙ r)
+    per row — as GEMMs over all T·B rows in the input dtype with fp32 accumulation (bias sums in fp32).
+    ``h_prev`` (T, B, H) is h_0 … h_{T-1}."""
     T, B, four_h = grad_gates.shape
     H = four_h // 4
     rows = grad_gates.reshape(T * B, four_h)
     input_side = rows[:, : 3 * H]  # (dR, dZ, dN): a strided view, read in place by the GEMMs
-    h_prev = h_all[:-1].reshape(T * B, H)
+    h_prev = h_prev.reshape(T * B, H)
     grad_x = torch.matmul(input_side, w_ih).reshape(T, B, -1)
     grad_w_ih = torch.matmul(input_side.t(), x.reshape(T * B, -1))
     # h's side is (dR, dZ, dN ⊙ r): two GEMMs over the column blocks, no copy of dG.
@@ -76,4 +87,4 @@ def gru_bwd(
     sums = rows.sum(0, dtype=accumulate_dtype(rows.dtype))
     grad_b_ih = sums[: 3 * H].to(w_ih.dtype)
     grad_b_hh = torch.cat((sums[: 2 * H], sums[3 * H:])).to(w_hh.dtype)
-    return grad_x, grad_h0.to(x.dtype), grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_b_ih, grad_b_hh
+    return grad_x, grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_b_ih, grad_b_hh

@@ -100,18 +100,19 @@ def _lstm_bwd_kernel(
     LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers, the grid's second axis (a reverse wavefront)
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's second axis
     PEEPHOLE: tl.constexpr = False,
-    CELL: tl.constexpr = "lstm",  # "gru": one layer and direction; w_hh (3H, H), gates (r, z, n, W_hn·h + b_hn), c its fp32 h
+    CELL: tl.constexpr = "lstm",  # "gru" (LAYERS = 1): w_hh (3H, H), gates (r, z, n, W_hn·h + b_hn), c its fp32 h
 ):
     if DIRECTIONS > 1:
         # Each direction's chain on its own buffers (stacked per direction, step-indexed) with its own
         # barrier counter; the reverse direction reads its output gradient walking time backwards.
         direction = tl.program_id(1)
         d = direction.to(tl.int64)
-        _chain(grad_out_ptr, gates_ptr + d * T * B * 4 * H, c_ptr + d * (T + 1) * B * H, w_hh_ptr + d * 4 * H * H,
+        GATES: tl.constexpr = 3 if CELL == "gru" else 4
+        _chain(grad_out_ptr, gates_ptr + d * T * B * 4 * H, c_ptr + d * (T + 1) * B * H, w_hh_ptr + d * GATES * H * H,
                lengths_ptr, grad_gates_ptr + d * T * B * 4 * H, dh_ptr + d * B * H, dc_ptr + d * B * H,
                counter_ptr + direction, counter_ptr + 2, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start,
                n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT,
-               False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE, "lstm")
+               False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE, CELL)
     elif LAYERS > 1:
         # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
         # step for the same t. Under the interpreter one program runs the layers top to bottom.
@@ -463,12 +464,20 @@ def lstm_bwd_gate_grads(
         for t in reversed(range(t0, t0 + L)):
             _lstm_bwd_kernel[grid](*args, t, 1, t0, USE_BARRIER=False, **launch)
 
-    if cell == "gru":
-        # Through step 0's gates (the hidden side of dG: dR, dZ, dN ⊙ r against W_hh's r, z, n rows), plus
-        # the direct path z_0 ⊙ dh_0 that the chain left in dc (zero where step 0 did not run).
-        hidden_side = torch.cat((grad_gates[:1, :, :2 * H], grad_gates[:1, :, 3 * H:]), dim=-1)  # step 0 only
-        return grad_gates, _grad_h0(hidden_side, w_hh, dh, lengths) + dc, None
-    return grad_gates, _grad_h0(grad_gates, w_hh, dh, lengths), dc
+    return _chain_results(grad_gates, w_hh, dh, dc, lengths, cell)
+
+
+def _chain_results(grad_gates, w_hh, dh, dc, lengths, cell: str):
+    """(grad_gates, grad_h0, grad_c0) from the chain's buffers: the LSTM's grad_c0 is dc; a GRU has none
+    (None), and its grad_h0 adds the direct path z_0 ⊙ dh_0 that the chain left in dc (zero where step 0
+    did not run) to the path through step 0's gates — the hidden side of dG (dR, dZ, dN ⊙ r) against
+    W_hh's (r, z, n) rows. A leading axis of layers or directions on everything but ``lengths``."""
+    if cell != "gru":
+        return grad_gates, _grad_h0(grad_gates, w_hh, dh, lengths), dc
+    H = dh.shape[-1]
+    first = grad_gates[..., :1, :, :]  # step 0 only
+    hidden_side = torch.cat((first[..., :2 * H], first[..., 3 * H:]), dim=-1)
+    return grad_gates, _grad_h0(hidden_side, w_hh, dh, lengths) + dc, None
 
 
 def _grad_h0(grad_gates: torch.Tensor, w_hh: torch.Tensor, dh: torch.Tensor, lengths: torch.Tensor | None):
@@ -526,6 +535,7 @@ def lstm_bwd_bidirectional_gate_grads(
     gates: torch.Tensor,
     c_all: torch.Tensor,
     w_ch: torch.Tensor | None = None,
+    cell: str = "lstm",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The sequential part of a bidirectional layer's backward, both directions in one persistent launch.
 
@@ -535,14 +545,15 @@ def lstm_bwd_bidirectional_gate_grads(
     len_b − 1 − s). Returns ``(grad_gates (2, T, B, 4H) step-indexed, grad_h0 (2, B, H) fp32, grad_c0)``,
     or None when half the SMs cannot hold a direction's tiles, the kernel does not fit the device or the
     driver refuses the cooperative launch (nothing ran: the caller runs the directions one by one).
-    ``w_ch`` (2, 3H): the directions' peephole weights.
+    ``w_ch`` (2, 3H): the directions' peephole weights. ``cell`` "gru": a GRU layer (``w_hh`` (2, 3H, H),
+    ``c_all`` its fp32 h, ``grad_c_n`` zeros; grad_c0 None, as ``lstm_bwd_gate_grads``).
     """
     return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_hh, lengths, gates, c_all, directions=2,
-                               what="the bidirectional backward kernel", w_ch=w_ch)
+                               what="the bidirectional backward kernel", w_ch=w_ch, cell=cell)
 
 
 def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all, *, layers=1,
-                        directions=1, what, tiling=None, w_ch=None):
+                        directions=1, what, tiling=None, w_ch=None, cell="lstm"):
     """The chain kernel over a leading axis of ``layers`` (a stack, ``LAYERS``) or ``directions`` (both
     directions of a layer, ``DIRECTIONS``), in one persistent launch; None where it cannot run."""
     groups, T, B, four_h = gates.shape
@@ -577,14 +588,14 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
             counters, w_ih_above, w_ch if w_ch is not None else w_hh, T, B, T - 1, T, 0, H=H,
             HAS_LENGTHS=lengths is not None, USE_BARRIER=True, DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b,
             BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT, LAYERS=layers, DIRECTIONS=directions,
-            PEEPHOLE=w_ch is not None, launch_cooperative_grid=True, **options,
+            PEEPHOLE=w_ch is not None, CELL=cell, launch_cooperative_grid=True, **options,
         )
         return True
 
     if unless_refused(launch) is None:
         return None
     barrier_watch.watch(counters[groups:], f"{what} (tile {block_b}×{block_h}, {grid} programs)")
-    return grad_gates, _grad_h0(grad_gates, w_hh, dh, lengths), dc
+    return _chain_results(grad_gates, w_hh, dh, dc, lengths, cell)
 
 
 def lstm_bwd(

@@ -31,8 +31,8 @@ from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outp
 from triton_lstm.kernels.lstm_fwd_persistent import launch_persistent
 
 
-def plan_bidirectional_for(x: torch.Tensor, H: int) -> ForwardPlan:
-    """The plan for an input on its device (the interpreter when it is on the CPU).
+def plan_bidirectional_for(x: torch.Tensor, H: int, gates: int = 4) -> ForwardPlan:
+    """The plan for an input on its device (the interpreter when it is on the CPU); ``gates`` 3: a GRU.
     ``TRITON_LSTM_BIDIRECTIONAL=0`` (or ``TRITON_LSTM_PERSISTENT=0``) runs one direction after the other."""
     if persistent_disabled() or os.environ.get("TRITON_LSTM_BIDIRECTIONAL", "1") == "0":
         return ForwardPlan(False, "TRITON_LSTM_BIDIRECTIONAL=0 or TRITON_LSTM_PERSISTENT=0: one direction after the other")
@@ -40,8 +40,9 @@ def plan_bidirectional_for(x: torch.Tensor, H: int) -> ForwardPlan:
     if x.device.type == "cuda":
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         num_sms, shared = _device_limits(index)
-        return plan_bidirectional_fwd(T, B, H, x.element_size(), num_sms, shared, False, fp32_tensor_cores(x.device))
-    return plan_bidirectional_fwd(T, B, H, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False)
+        return plan_bidirectional_fwd(T, B, H, x.element_size(), num_sms, shared, False, fp32_tensor_cores(x.device),
+                                      gates)
+    return plan_bidirectional_fwd(T, B, H, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False, gates)
 
 
 def lstm_fwd_bidirectional(
@@ -53,9 +54,11 @@ def lstm_fwd_bidirectional(
     plan: ForwardPlan,
     save: bool = True,
     w_ch: torch.Tensor | None = None,
+    b_hn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs ``plan`` (persistent) over both directions of a layer; ``w_ch`` (2, 3H): the directions'
-    peephole weights.
+    peephole weights; ``b_hn`` (2, H): a GRU layer's (``kernels/gru.py``: ``projected`` (T, B, 6H),
+    ``w_hh`` (2, 3H, H), ``c0`` its h0, c_all its fp32 h).
 
     ``projected`` (T, B, 8H): x·W_ihᵀ + biases of the forward direction (columns 0…4H) and of the reverse
     one (4H…8H), in time order; ``h0``, ``c0`` (2, B, H); ``w_hh`` (2, 4H, H); all contiguous, on one
@@ -73,6 +76,6 @@ def lstm_fwd_bidirectional(
     # Zeros: with lengths, the positions past a sequence's end are never written (pad_packed_sequence's 0).
     out = (torch.zeros if lengths is not None else torch.empty)(T, B, 2 * H, dtype=projected.dtype,
                                                                  device=projected.device)
-    launch_persistent(plan, projected, w_hh, *outputs, lengths, save, directions=2, out=out, w_ch=w_ch,
+    launch_persistent(plan, projected, w_hh, *outputs, lengths, save, directions=2, out=out, w_ch=w_ch, b_hn=b_hn,
                       what="the bidirectional forward kernel")
     return (out, *finished_outputs(outputs, save))

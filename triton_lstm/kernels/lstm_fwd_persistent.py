@@ -65,8 +65,8 @@ from triton_lstm.kernels.common import (
     barrier_watch,
     dot_precision,
     grid_barrier,
-    load_four_gates,
     load_gate_inputs,
+    load_gates,
     cell_update,
     load_own_state,
     recurrent_product_resident,
@@ -116,7 +116,7 @@ def _lstm_persistent_fwd_kernel(
     HAS_BIAS: tl.constexpr = False,  # LAYERS > 1: bias_ptr holds the biases of layers 1, 2, …
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
-    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (one layer, one direction)
+    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (LAYERS = 1)
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
@@ -129,8 +129,8 @@ def _lstm_persistent_fwd_kernel(
         # direction reads its inputs and writes its outputs walking time backwards (_time_rows).
         direction = tl.program_id(2)
         d = direction.to(tl.int64)
-        w_hh_ptr += d * 4 * H * K
-        cell_params_ptr += d * 3 * H
+        w_hh_ptr += d * GATES * H * K
+        cell_params_ptr += d * (H if CELL == "gru" else 3 * H)  # b_hn, or the peephole weights
         h_ptr += d * (T + 1) * B * K
         if SAVE:
             c_ptr += d * (T + 1) * B * H
@@ -388,13 +388,14 @@ def _time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS: tl.
 def _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: tl.constexpr, DIRECTIONS: tl.constexpr,
                  GATES: tl.constexpr):
     """This tile's input projection at ``times`` (``_time_rows``), per gate, in fp32 (``load_gate_inputs``).
-    A bidirectional layer's projection holds both directions, (T, B, 8H), direction d at columns 4H·d."""
+    A bidirectional layer's projection holds both directions, (T, B, 2·GATES·H), direction d at columns
+    GATES·H·d."""
     if DIRECTIONS == 1:
         return load_gate_inputs(projected_ptr, times, B, rows, offs_h, mask_bh, H, GATES)
     else:
-        x_ptrs = (projected_ptr + (times[:, None] * B + rows[:, None]) * (8 * H) + direction.to(tl.int64) * 4 * H
-                  + offs_h[None, :])
-        return load_four_gates(x_ptrs, mask_bh & (times >= 0)[:, None], H)
+        x_ptrs = (projected_ptr + (times[:, None] * B + rows[:, None]) * (2 * GATES * H)
+                  + direction.to(tl.int64) * GATES * H + offs_h[None, :])
+        return load_gates(x_ptrs, mask_bh & (times >= 0)[:, None], H, GATES)
 
 
 @triton.jit
@@ -512,13 +513,13 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
     """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
     one layer and direction, a stack of ``layers`` (with ``w_ih_above``, ``bias_above``: lstm_fwd_stack.py)
     or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
-    weights, (3H,) or stacked per layer or direction; ``b_hn`` (H,): one GRU layer and direction instead
-    (``kernels/gru.py``). Raises OutOfResources or
+    weights, (3H,) or stacked per layer or direction; ``b_hn`` (H,), or (2, H) for both directions: a GRU
+    layer instead (``kernels/gru.py``; no stacks). Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
     T, B = projected.shape[:2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
-    if b_hn is not None and (layers > 1 or directions > 1):
-        raise ValueError("the GRU cell runs one layer and one direction per launch")
+    if b_hn is not None and layers > 1:
+        raise ValueError("the GRU cell has no stacked launch: one launch per layer")
     barrier_watch.check()  # an earlier launch whose barrier gave up raises here
     # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
     # One per layer (or direction) and batch group; the last element is the launch's failure flag.
