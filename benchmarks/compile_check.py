@@ -156,7 +156,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
         for dtype, size in dtypes.items():
             for B, H in shapes:
                 if directions == 2:
-                    plan = plan_bidirectional_fwd(100, B, H, size, num_sms, shared)
+                    plan = plan_bidirectional_fwd(100, B, H, size, num_sms, shared, gates=3 if cell == "gru" else 4)
                 else:
                     plan = plan_persistent_fwd(100, B, H, H, size, False, num_sms, shared, gates=3 if cell == "gru" else 4)
                 if not plan.persistent:
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
                              "stacked forward and backward (all layers in one launch), or the bidirectional forward")
     parser.add_argument("--peephole", action="store_true", help="the same kernels with peephole connections")
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
-                        help="the cell the drivers run (gru: persistent, step and bwd; one layer and direction)")
+                        help="the cell the drivers run (gru: persistent, step, bwd and bidir; no stacks)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -288,8 +288,8 @@ def main(argv=None) -> int:
         for config in json.loads(args.batch):
             print(json.dumps(_compile_one(config)), flush=True)
         return 0
-    if args.cell == "gru" and (args.peephole or args.kernel in ("stack", "bidir")):
-        parser.error("--cell gru takes --kernel persistent, step or bwd, without --peephole")
+    if args.cell == "gru" and (args.peephole or args.kernel == "stack"):
+        parser.error("--cell gru takes --kernel persistent, step, bwd or bidir, without --peephole")
     configs = _configs(args.quick, args.arch, args.kernel, args.peephole, args.cell)
     if args.peephole:
         configs = [dict(config, peephole=True) for config in configs]

@@ -58,7 +58,7 @@ def test_benchmark_times_the_gru_against_cudnns_when_asked(tmp_path, capsys):
     quick = benchmark._plan(benchmark._parse_args(["--quick", "--provider", "triton_gru", "cudnn_gru"]))
     assert {(m, d, providers) for m, d, _, providers in quick} == {("fwd", "bf16", ("triton_gru", "cudnn_gru")),
                                                                   ("fwdbwd", "bf16", ("triton_gru", "cudnn_gru"))}
-    assert len(quick) == 2 * len(benchmark.ANCHOR_CASES)
+    assert len(quick) == 2 * (len(benchmark.ANCHOR_CASES) + 1)  # and a 2-layer bidirectional GRU
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the refusal is for machines without CUDA")

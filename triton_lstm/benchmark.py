@@ -181,9 +181,10 @@ def _plan(args) -> list[tuple[str, str, Case, tuple[str, ...]]]:
         plan += [("fwdbwd", "bf16", c, ("triton_lstm", "cudnn")) for c in cases]
         plan += [("fwd", "fp32", c, ("triton_lstm", "cudnn")) for c in ANCHOR_CASES]
         # The peepholes' cost (with --provider … triton_peephole) and the GRU against cuDNN's (with --provider …
-        # triton_gru cudnn_gru): bf16 at the five shapes, both modes.
+        # triton_gru cudnn_gru): bf16 at the five shapes, both modes (the GRU also as a 2-layer bidirectional
+        # model).
         plan += [(m, "bf16", c, ("triton_peephole",)) for m in MODES for c in ANCHOR_CASES]
-        plan += [(m, "bf16", c, GRU_PROVIDERS) for m in MODES for c in ANCHOR_CASES]
+        plan += [(m, "bf16", c, GRU_PROVIDERS) for m in MODES for c in ANCHOR_CASES + STACKED_CASES[2:]]
         plan = [(m, d, c, tuple(p for p in providers if p in chosen)) for m, d, c, providers in plan]
         return [(m, d, c, p) for m, d, c, p in plan
                 if p and (not args.mode or m in args.mode) and (not args.dtype or d in args.dtype)]
