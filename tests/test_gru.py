@@ -293,39 +293,89 @@ def test_convert_swaps_grus_keeping_parameters():
     assert type(triton_lstm.convert(nn.GRU(2, 3))) is triton_lstm.GRU
 
 
-def test_gru_inference_forward_keeps_no_gates(monkeypatch):
+@pytest.mark.parametrize("layers", [1, 2], ids=["one-layer", "stack"])
+def test_gru_inference_forward_keeps_no_gates(layers, monkeypatch):
     """Without a gradient to take, the kernels run with save=False (no per-step gates or states)."""
+    from triton_lstm import gru_stack
+
     saves = []
-    original = gru_kernels.gru_fwd
-    monkeypatch.setattr(gru_ops, "gru_fwd", lambda *args, save=True: saves.append(save) or original(*args, save=save))
-    model = triton_lstm.GRU(3, 5, num_layers=2).to(KERNEL_DEVICE)
+    if layers == 1:
+        original = gru_kernels.gru_fwd
+        monkeypatch.setattr(gru_ops, "gru_fwd", lambda *args, save=True: saves.append(save) or original(*args, save=save))
+    else:
+        original = gru_stack.lstm_fwd_stack
+        monkeypatch.setattr(gru_stack, "lstm_fwd_stack", lambda *args, **kw: saves.append(args[8]) or original(*args, **kw))
+    model = triton_lstm.GRU(3, 5, num_layers=layers).to(KERNEL_DEVICE)
     x = torch.randn(4, 2, 3, device=KERNEL_DEVICE)
     with torch.no_grad():
         out, h_n = model(x)
-    assert saves == [False, False]
     expected, expected_h = model(x)  # a training forward: the same numbers
+    assert saves == [False, True]
     torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
     torch.testing.assert_close(h_n, expected_h.detach(), rtol=0, atol=0)
 
 
-def test_gru_runs_one_recurrence_per_layer_and_direction(monkeypatch):
-    counts = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd", "backward": "gru_bwd"})
-    model = triton_lstm.GRU(3, 5, num_layers=2).to(KERNEL_DEVICE)
+def test_gru_stack_runs_in_one_launch_each_way(monkeypatch):
+    from triton_lstm import gru_stack
+
+    counts = count_calls(monkeypatch, gru_stack, {"forward": "lstm_fwd_stack", "backward": "lstm_bwd_stack_gate_grads"})
+    per_layer = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd", "backward": "gru_bwd"})
+    model = triton_lstm.GRU(3, 5, num_layers=3).to(KERNEL_DEVICE)
     out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True))
     out.sum().backward()
-    assert counts == {"forward": 2, "backward": 2}
+    assert counts == {"forward": 1, "backward": 1} and per_layer == {"forward": 0, "backward": 0}
+    # Dropout between layers in training: layer by layer, F.dropout in between.
+    model = triton_lstm.GRU(3, 5, num_layers=3, dropout=0.5).to(KERNEL_DEVICE)
+    out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True))
+    out.sum().backward()
+    assert counts == {"forward": 1, "backward": 1} and per_layer == {"forward": 3, "backward": 3}
+
+
+@pytest.mark.parametrize("fallback", ["layer-by-layer-forward", "no-fit-backward", "reference-backward"])
+def test_gru_stack_fallbacks_match_nn_gru(fallback, monkeypatch):
+    """Where the stacked launches cannot run, the layers run one after the other (forward, or backward from
+    the top through the one-layer ops), and backward="reference" differentiates nothing fused."""
+    from triton_lstm import gru_stack
+
+    kwargs = {}
+    if fallback == "layer-by-layer-forward":
+        monkeypatch.setenv("TRITON_LSTM_STACK", "0")
+    elif fallback == "no-fit-backward":
+        monkeypatch.setattr(gru_stack, "lstm_bwd_stack_gate_grads", lambda *args, **kw: None)
+    else:
+        kwargs["backward"] = "reference"
+    check_gru_against_nn(Case(num_layers=3, packed=True, with_state=True, B=5, T=6), torch.float32, **kwargs)
+    check_gru_against_nn(Case(num_layers=2, bias=False, with_state=True, H=17, B=3, T=7), torch.float16, **kwargs)
+
+
+@pytest.mark.parametrize("case", [Case(num_layers=2, H=20, I=7, T=6, B=3, with_state=True),
+                                  Case(num_layers=4, packed=True, B=4, T=5)], ids=["L2", "L4-packed"])
+def test_gru_stack_with_resident_weights_matches_nn_gru(case, monkeypatch):
+    """The stack's resident variant (each program holds its slices of a layer's W_ih and W_hh): one
+    program per layer, its hidden block the whole H, as the interpreter runs it."""
+    import triton
+
+    from triton_lstm import gru_stack
+    from triton_lstm.kernels.forward_plans import ForwardPlan
+
+    width = max(16, triton.next_power_of_2(case.H))
+    plan = ForwardPlan(True, "resident (test)", True, 16, width, width, 1, 1, 4)
+    monkeypatch.setattr(gru_stack, "plan_stack_for", lambda *args, **kwargs: plan)
+    counts = count_calls(monkeypatch, gru_stack, {"forward": "lstm_fwd_stack"})
+    check_gru_against_nn(case, torch.float32)
+    assert counts == {"forward": 1}
 
 
 def test_bidirectional_gru_runs_both_directions_in_one_launch_each_way(monkeypatch):
     from triton_lstm import gru_bidirectional
 
     counts = count_calls(monkeypatch, gru_bidirectional, {"forward": "lstm_fwd_bidirectional",
-                                                          "backward": "lstm_bwd_bidirectional_gate_grads",
-                                                          "one direction": "gru_fwd"})
+                                                          "backward": "lstm_bwd_bidirectional_gate_grads"})
+    one_direction = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd", "backward": "gru_bwd"})
     model = triton_lstm.GRU(3, 5, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)
     out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True))
     out.sum().backward()
-    assert counts == {"forward": 2, "backward": 2, "one direction": 0}
+    assert counts == {"forward": 2, "backward": 2} and one_direction == {"forward": 0, "backward": 0}
 
 
 @pytest.mark.parametrize("fallback", ["one-direction-forward", "no-fit-backward", "reference-backward"])

@@ -18,12 +18,13 @@ from triton_lstm.bidirectional import (
     one_direction_at_a_time,
     reverse_index,
 )
+from triton_lstm.gru_ops import run_gru_layer
 from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
-from triton_lstm.reference import accumulate_dtype, gru_projection_bias, gru_recurrence_reference, input_projection
+from triton_lstm.reference import accumulate_dtype, gru_projection_bias, input_projection
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
-    from triton_lstm.kernels.gru import gru_fwd, gru_weight_and_input_grads, hidden_bias_n
+    from triton_lstm.kernels.gru import gru_weight_and_input_grads, hidden_bias_n
     from triton_lstm.kernels.lstm_bwd import lstm_bwd_bidirectional_gate_grads
     from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
 
@@ -34,14 +35,7 @@ def _one_by_one(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
 
     def run_direction(direction, layer_x):
         bias = (b_ih[direction], b_hh[direction]) if b_ih else (None, None)
-        if kernels:
-            projected = input_projection(layer_x, w_ih[direction], None if bias[0] is None else gru_projection_bias(*bias),
-                                         None).contiguous()
-            return gru_fwd(projected, h0[direction].contiguous(), w_hh[direction].contiguous(),
-                           hidden_bias_n(bias[1], w_hh[direction]), lengths, save=bool(save))
-        h_all, state_all, gates = gru_recurrence_reference(layer_x, h0[direction], w_ih[direction], w_hh[direction],
-                                                           *bias, lengths)
-        return (h_all, state_all[-1:], gates[:0]) if not save else (h_all, state_all, gates)
+        return run_gru_layer(layer_x, h0[direction], w_ih[direction], w_hh[direction], *bias, lengths, save, kernels)
 
     return one_direction_at_a_time(x, lengths, run_direction)
 

@@ -4,9 +4,9 @@ LSTM and LSTMCell are for theirs.
 ``GRU`` derives from ``nn.RNNBase`` in mode "GRU" exactly as ``nn.GRU`` does (so the constructor, its
 validation, the parameters, their initialization and RNG draws and ``state_dict`` are nn.GRU's own);
 ``GRUCell`` derives from ``nn.GRUCell``. Only ``forward`` is ours: every layer and direction runs
-``triton_lstm.gru_ops.gru_layer`` (the LSTM's fused kernels with the GRU cell; both directions of a
-bidirectional layer at once: ``gru_bidirectional.py``), except on the CPU without Triton's interpreter,
-where ATen's GRU runs exactly as in nn.GRU.
+``triton_lstm.gru_ops.gru_layer`` (the LSTM's fused kernels with the GRU cell), or all layers at once
+(``gru_stack.py``), or both directions of a bidirectional layer at once (``gru_bidirectional.py``), except
+on the CPU without Triton's interpreter, where ATen's GRU runs exactly as in nn.GRU.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from triton_lstm.bidirectional import bidirectional_plan, reverse_index, reverse_time
 from triton_lstm.gru_bidirectional import gru_bidirectional
 from triton_lstm.gru_ops import gru_layer
+from triton_lstm.gru_stack import gru_stack
 from triton_lstm.modules import (
     _NOT_SCRIPTABLE,
     _autocast_dtype,
@@ -29,6 +30,7 @@ from triton_lstm.modules import (
     _time_major_input,
 )
 from triton_lstm.ops import check_backward_options
+from triton_lstm.stack import stack_plan
 
 
 class GRU(nn.RNNBase):
@@ -45,7 +47,7 @@ class GRU(nn.RNNBase):
     and initialization (the same random draws), ``state_dict`` (load either into the other), inputs
     (``input``, ``h_0``; packed, batch_first, unbatched), outputs (``output``, ``h_n``) and exception types.
     Where it runs: the Triton kernels for CUDA tensors (fp32, fp16, bf16; one persistent launch per
-    layer, both directions at once when bidirectional, the fused backward likewise); on the CPU, ATen's GRU as nn.GRU does (the kernels through
+    stack or per bidirectional layer, as :class:`triton_lstm.LSTM`, the fused backward likewise); on the CPU, ATen's GRU as nn.GRU does (the kernels through
     Triton's interpreter when ``TRITON_INTERPRET=1``); float64 runs the plain-PyTorch reference.
 
     Args:
@@ -124,6 +126,14 @@ class GRU(nn.RNNBase):
         if num_directions == 2 and not both_at_once and lengths_on_device is not None:
             time_reversal = reverse_index(lengths_on_device, x.shape[0])
         backward = getattr(self, "backward_mode", "fused")
+        if self._runs_as_stack(x):
+            # All layers in one persistent launch each way (a wavefront across layers; triton_lstm/gru_stack.py).
+            output, h_n = gru_stack(x, h0, [weights[layer][0] for layer in range(self.num_layers)], lengths_on_device,
+                                    backward=backward)
+            if packed:
+                return self._finish_packed(pack_padded_sequence(output, lengths).data, h_n, batch_sizes,
+                                           sorted_indices, unsorted_indices)
+            return self._finish(output, h_n, is_batched)
         layer_input, h_n = x, []
         for layer in range(self.num_layers):
             if both_at_once:
@@ -149,6 +159,13 @@ class GRU(nn.RNNBase):
             return self._finish_packed(pack_padded_sequence(layer_input, lengths).data, h_n, batch_sizes,
                                        sorted_indices, unsorted_indices)
         return self._finish(layer_input, h_n, is_batched)
+
+    def _runs_as_stack(self, x: Tensor) -> bool:
+        """Whether this forward runs all layers in one launch: unidirectional, no dropout between layers in
+        training (F.dropout runs between per-layer launches), and a stack plan for the input's device."""
+        if self.num_layers < 2 or self.bidirectional or (self.dropout > 0 and self.training):
+            return False
+        return stack_plan(x, self.hidden_size, self.num_layers, gates=3) is not None
 
     @staticmethod
     def _finish_packed(data, h_n, batch_sizes, sorted_indices, unsorted_indices):

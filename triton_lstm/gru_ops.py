@@ -126,6 +126,18 @@ class GRURecurrence(torch.autograd.Function):
         return (*grads[:4], grads[4] if has_bias else None, grads[5] if has_bias else None, None, None)
 
 
+def run_gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
+    """One layer and direction's forward outside the ops, for the whole-module ops' fallbacks (a stack layer
+    by layer, a bidirectional layer direction by direction): ``(h_all, state_all, gates)``, or without
+    ``save`` the inference forward's. With ``kernels`` the Triton forward (``lengths`` int32), else the
+    plain-PyTorch recurrence (differentiable: the double backward differentiates it)."""
+    if kernels:
+        projected = gru_input_projection(x, w_ih, b_ih, b_hh).contiguous()
+        return gru_fwd(projected, h0.contiguous(), w_hh.contiguous(), hidden_bias_n(b_hh, w_hh), lengths, save=bool(save))
+    h_all, state_all, gates = gru_recurrence_reference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
+    return (h_all, state_all, gates) if save else (h_all, state_all[-1:], gates[:0])
+
+
 def _reference_outputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths):
     h_all, _, _ = gru_recurrence_reference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
     return h_all[1:], h_all[-1]

@@ -25,39 +25,58 @@ if HAS_TRITON:
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
 
 
-def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = False):
+def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = False, gates: int = 4):
     """The stacked kernel's plan for this input, or None where the kernels do not run (the CPU path,
     torch.compile and torch.func, whose graphs keep one node per layer). "meta" tensors (shape inference,
-    ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it."""
+    ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it. ``gates`` 3: a
+    GRU stack (``gru_stack.py``)."""
     if not HAS_TRITON or num_layers < 2 or not (uses_kernels(x) or x.device.type == "meta"):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
-    plan = plan_stack_for(x, hidden_size, num_layers, peephole)
+    plan = plan_stack_for(x, hidden_size, num_layers, peephole, gates)
     return plan if plan.persistent else None
+
+
+def one_layer_at_a_time(x: Tensor, layers: int, run_layer):
+    """A stack's forward op run layer after layer: ``run_layer(layer, layer_input)`` returns that layer's
+    (h_all, state, gates); each layer's input is the output of the one below. Returns them stacked."""
+    outputs, layer_input = [], x
+    for layer in range(layers):
+        outputs.append(run_layer(layer, layer_input))
+        layer_input = outputs[-1][0][1:]
+    return tuple(torch.stack(parts) for parts in zip(*outputs))
+
+
+def each_layer_backward(x: Tensor, h_all: Tensor, grad_out: Tensor, layers: int, backward_layer):
+    """A stack's backward layer after layer from the top: ``backward_layer(layer, layer_x, grad_layer_out)``
+    returns that layer's gradients, its input's first, which is the output gradient of the layer below.
+    Returns (grad_x, each layer's gradients in layer order)."""
+    per_layer, grad = [None] * layers, grad_out
+    for layer in reversed(range(layers)):
+        per_layer[layer] = backward_layer(layer, x if layer == 0 else h_all[layer - 1, 1:], grad)
+        grad = per_layer[layer][0]
+    return grad, per_layer
 
 
 def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None):
     """What the stacked kernel computes, one layer after another: with ``kernels`` the single-layer Triton
     forward (the kernel's fallback), else the plain-PyTorch recurrence (the reference path, differentiable:
     the double backward differentiates it)."""
-    outputs, layer_input = [], x
-    for layer in range(len(w_hh)):
+
+    def run_layer(layer, layer_input):
         bias = (b_ih[layer], b_hh[layer]) if b_ih else (None, None)
         peepholes = None if w_ch is None else w_ch[layer]
         if kernels:
             projected = input_projection(layer_input, w_ih[layer], *bias).contiguous()
-            h_all, c_all, gates = lstm_fwd_persistent(projected, h0[layer].contiguous(), c0[layer].contiguous(),
-                                                      w_hh[layer].contiguous(), None, lengths, save=bool(save),
-                                                      w_ch=None if peepholes is None else peepholes.contiguous())
-        else:
-            h_all, c_all, gates = lstm_recurrence_reference(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer],
-                                                            *bias, None, lengths, peepholes)
-            if not save:
-                c_all, gates = c_all[-1:], gates[:0]
-        outputs.append((h_all, c_all, gates))
-        layer_input = h_all[1:]
-    return tuple(torch.stack(parts) for parts in zip(*outputs))
+            return lstm_fwd_persistent(projected, h0[layer].contiguous(), c0[layer].contiguous(),
+                                       w_hh[layer].contiguous(), None, lengths, save=bool(save),
+                                       w_ch=None if peepholes is None else peepholes.contiguous())
+        h_all, c_all, gates = lstm_recurrence_reference(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer],
+                                                        *bias, None, lengths, peepholes)
+        return (h_all, c_all[-1:], gates[:0]) if not save else (h_all, c_all, gates)
+
+    return one_layer_at_a_time(x, len(w_hh), run_layer)
 
 
 @torch.library.custom_op("triton_lstm::stack_fwd", mutates_args=())
@@ -140,27 +159,23 @@ class LSTMStack(torch.autograd.Function):
                                           grad_c_n, w_ch)
             if grads is not None:
                 return (grads[0], grads[1], grads[2], None, None, None, None, grads[3], *grads[4:])
-        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
-        grad_weights = [None] * len(weights)
-        grad_w_ch = None if w_ch is None else torch.empty_like(w_ch)
-        per_layer = 4 if ctx.has_bias else 2
-        grad_layer_out = grad_out
-        for layer in reversed(range(ctx.layers)):
-            layer_x = x if layer == 0 else h_all[layer - 1, 1:]
-            grads = torch.ops.triton_lstm.recurrence_bwd(
+
+        def backward_layer(layer, layer_x, grad_layer_out):
+            return torch.ops.triton_lstm.recurrence_bwd(
                 grad_layer_out, grad_h_n[layer], grad_c_n[layer], layer_x, w_ih[layer], w_hh[layer], None,
                 gates[layer], h_all[layer], c_all[layer], lengths, ctx.use_reference,
                 None if w_ch is None else w_ch[layer],
             )
-            grad_layer_out, grad_h0[layer], grad_c0[layer] = grads[0], grads[1], grads[2]
-            grad_weights[layer * per_layer] = grads[3]
-            grad_weights[layer * per_layer + 1] = grads[4]
+
+        grad_x, per_layer = each_layer_backward(x, h_all, grad_out, ctx.layers, backward_layer)
+        grad_weights = []
+        for grads in per_layer:
+            grad_weights += [grads[3], grads[4]]
             if ctx.has_bias:
-                grad_weights[layer * per_layer + 2] = grads[5]
-                grad_weights[layer * per_layer + 3] = grads[5].clone()  # each bias owns its gradient tensor
-            if w_ch is not None:
-                grad_w_ch[layer] = grads[7]
-        return (grad_layer_out, grad_h0, grad_c0, None, None, None, None, grad_w_ch, *grad_weights)
+                grad_weights += [grads[5], grads[5].clone()]  # each bias owns its gradient tensor
+        grad_h0, grad_c0, grad_w_ch = (torch.stack([grads[i] for grads in per_layer]) for i in (1, 2, 7))
+        return (grad_x, grad_h0, grad_c0, None, None, None, None, grad_w_ch if w_ch is not None else None,
+                *grad_weights)
 
 
 def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n, w_ch=None):

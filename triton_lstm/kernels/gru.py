@@ -13,8 +13,8 @@ What the GRU changes, and what it keeps:
   the first three, h's side (W_hh, b_hh) sees dR, dZ and dN ⊙ r; the chain's register that carries the
   LSTM's dc carries z ⊙ dh, the gradient reaching h_{t-1} directly.
 - Planning, the persistent schedule, the barrier, the per-step fallback and the launch checks are the
-  LSTM's, unchanged. A bidirectional GRU layer runs both directions in one launch each way, as the LSTM's
-  (``gru_bidirectional.py``); a stack of GRU layers runs one launch per layer (no wavefront kernel yet).
+  LSTM's, unchanged; so are the whole-module launches: a stack of GRU layers runs in one launch each way
+  (``gru_stack.py``), a bidirectional layer both directions at once (``gru_bidirectional.py``).
 """
 
 from __future__ import annotations
@@ -71,16 +71,17 @@ def gru_bwd(
 
 
 def gru_weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: torch.Tensor, w_ih: torch.Tensor,
-                               w_hh: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                               w_hh: torch.Tensor, input_grad: bool = True) -> tuple[torch.Tensor, ...]:
     """grad_x, grad_W_ih, grad_W_hh, grad_b_ih and grad_b_hh from a GRU's dG (T, B, 4H) — (dR, dZ, dN, dN ⊙ r)
     per row — as GEMMs over all T·B rows in the input dtype with fp32 accumulation (bias sums in fp32).
-    ``h_prev`` (T, B, H) is h_0 … h_{T-1}."""
+    ``h_prev`` (T, B, H) is h_0 … h_{T-1}. Without ``input_grad`` grad_x is None (a stack's upper layers:
+    the stacked backward formed it in the kernel)."""
     T, B, four_h = grad_gates.shape
     H = four_h // 4
     rows = grad_gates.reshape(T * B, four_h)
     input_side = rows[:, : 3 * H]  # (dR, dZ, dN): a strided view, read in place by the GEMMs
     h_prev = h_prev.reshape(T * B, H)
-    grad_x = torch.matmul(input_side, w_ih).reshape(T, B, -1)
+    grad_x = torch.matmul(input_side, w_ih).reshape(T, B, -1) if input_grad else None
     grad_w_ih = torch.matmul(input_side.t(), x.reshape(T * B, -1))
     # h's side is (dR, dZ, dN ⊙ r): two GEMMs over the column blocks, no copy of dG.
     grad_w_hh = torch.cat((torch.matmul(rows[:, : 2 * H].t(), h_prev), torch.matmul(rows[:, 3 * H:].t(), h_prev)))

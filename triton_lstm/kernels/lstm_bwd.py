@@ -100,7 +100,7 @@ def _lstm_bwd_kernel(
     LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers, the grid's second axis (a reverse wavefront)
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's second axis
     PEEPHOLE: tl.constexpr = False,
-    CELL: tl.constexpr = "lstm",  # "gru" (LAYERS = 1): w_hh (3H, H), gates (r, z, n, W_hn·h + b_hn), c its fp32 h
+    CELL: tl.constexpr = "lstm",  # "gru": w_hh (3H, H) (and w_ih_above), gates (r, z, n, W_hn·h + b_hn), c its fp32 h
 ):
     if DIRECTIONS > 1:
         # Each direction's chain on its own buffers (stacked per direction, step-indexed) with its own
@@ -116,15 +116,17 @@ def _lstm_bwd_kernel(
     elif LAYERS > 1:
         # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
         # step for the same t. Under the interpreter one program runs the layers top to bottom.
+        GATES: tl.constexpr = 3 if CELL == "gru" else 4
         for index in range(tl.program_id(1), LAYERS, tl.num_programs(1)):
             layer = LAYERS - 1 - index
             lay = tl.full((), layer, tl.int64)
-            _chain(grad_out_ptr, gates_ptr + lay * T * B * 4 * H, c_ptr + lay * (T + 1) * B * H, w_hh_ptr + lay * 4 * H * H,
-                   lengths_ptr, grad_gates_ptr + lay * T * B * 4 * H, dh_ptr + lay * B * H, dc_ptr + lay * B * H,
-                   counter_ptr + layer, counter_ptr + LAYERS, grad_gates_ptr + (lay + 1) * T * B * 4 * H,
-                   w_ih_above_ptr + lay * 4 * H * H, counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start,
-                   n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
-                   SPIN_LIMIT, True, 0, 1, w_ch_ptr + lay * 3 * H, PEEPHOLE, "lstm")
+            _chain(grad_out_ptr, gates_ptr + lay * T * B * 4 * H, c_ptr + lay * (T + 1) * B * H,
+                   w_hh_ptr + lay * GATES * H * H, lengths_ptr, grad_gates_ptr + lay * T * B * 4 * H, dh_ptr + lay * B * H,
+                   dc_ptr + lay * B * H, counter_ptr + layer, counter_ptr + LAYERS,
+                   grad_gates_ptr + (lay + 1) * T * B * 4 * H, w_ih_above_ptr + lay * GATES * H * H,
+                   counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start, n_steps, seg_start, H, HAS_LENGTHS,
+                   USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, True, 0, 1, w_ch_ptr + lay * 3 * H,
+                   PEEPHOLE, CELL)
     else:
         _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr,
                counter_ptr + 1, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start, n_steps, seg_start, H,
@@ -134,17 +136,18 @@ def _lstm_bwd_kernel(
 
 @triton.jit
 def _gate_product(acc, dg_ptrs, mask_b, w_ptr, offs_h, mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_K: tl.constexpr, columns, CELL: tl.constexpr):
+                  BLOCK_K: tl.constexpr, columns, SIDE: tl.constexpr):
     """acc + dG·W on this tile's units: a row block of dG (``dg_ptrs``: its rows, at column 0) times the
     tile's columns of a (4H, H) weight, over the 4H gate columns in BLOCK_K chunks; W rows at or past
-    ``columns`` count as zeros. dG was written by other programs: .cg loads skip L1. A GRU's W_hh is (3H, H)
-    (r, z, n) and its dG row (dR, dZ, dN, dN ⊙ r): W row k meets dG column k, past 2H column k + H."""
-    GATE_ROWS: tl.constexpr = 3 * H if CELL == "gru" else 4 * H
+    ``columns`` count as zeros. dG was written by other programs: .cg loads skip L1. ``SIDE``: "lstm", or
+    a GRU's (3H, H) weight (r, z, n) against its dG row (dR, dZ, dN, dN ⊙ r): "gru_hidden" (W_hh: row k meets
+    dG column k, past 2H column k + H) or "gru_input" (W_ih: the first 3H columns)."""
+    GATE_ROWS: tl.constexpr = 4 * H if SIDE == "lstm" else 3 * H
     for k0 in range(0, GATE_ROWS, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < GATE_ROWS
         dg_cols = offs_k
-        if CELL == "gru":
+        if SIDE == "gru_hidden":
             dg_cols = tl.where(offs_k < 2 * H, offs_k, offs_k + H)
         dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (mask_k & (offs_k < columns))[None, :],
                          other=0.0, cache_modifier=".cg")
@@ -198,7 +201,8 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
         later_ok = later < T
         recurrent = _gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
                                   grad_gates_ptr + later * B * 4 * H + gate_row_offs, mask_b, w_hh_ptr, offs_h, mask_h,
-                                  H, DOT_PRECISION, BLOCK_K, tl.where(later_ok, 4 * H, 0), CELL)
+                                  H, DOT_PRECISION, BLOCK_K, tl.where(later_ok, 4 * H, 0),
+                                  "gru_hidden" if CELL == "gru" else "lstm")
         # Where step t+1 did not run (past a sequence's end, or t = T-1) h_t was carried into h_{t+1}
         # unchanged: its gradient passes straight through.
         if HAS_LENGTHS:
@@ -220,7 +224,8 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
                 if not failed:
                     failed = wait_for(above_counter_ptr, (s + 1) * tl.num_programs(0), failed_ptr, SPIN_LIMIT)
                 dh = _gate_product(dh, above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b, w_ih_above_ptr,
-                                   offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H, "lstm")
+                                   offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H,
+                                   "gru_input" if CELL == "gru" else "lstm")
             else:
                 dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
         else:
@@ -510,6 +515,7 @@ def lstm_bwd_stack_gate_grads(
     c_all: torch.Tensor,
     tiling: tuple[int, int, int, int] | None = None,
     w_ch: torch.Tensor | None = None,
+    cell: str = "lstm",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The sequential part of a stack's backward in one persistent launch (a reverse wavefront: the top
     layer leads, layer l takes its gradient of h_t from dG^{l+1}_t·W_ih^{l+1} in the kernel).
@@ -520,10 +526,12 @@ def lstm_bwd_stack_gate_grads(
     or None when the layers' tiles do not fit the SMs at once, the kernel does not fit the device or the
     driver refuses the cooperative launch (nothing ran: the caller goes layer by layer). ``tiling`` =
     (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's (``benchmarks/tune.py --layers``);
-    ``w_ch`` (L, 3H): the layers' peephole weights.
+    ``w_ch`` (L, 3H): the layers' peephole weights. ``cell`` "gru": a GRU stack (``w_hh`` (L, 3H, H),
+    ``w_ih_above`` (L - 1, 3H, H), ``c_all`` its fp32 h, ``grad_c_n`` zeros; grad_c0 None).
     """
     return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all,
-                               layers=gates.shape[0], what="the stacked backward kernel", tiling=tiling, w_ch=w_ch)
+                               layers=gates.shape[0], what="the stacked backward kernel", tiling=tiling, w_ch=w_ch,
+                               cell=cell)
 
 
 def lstm_bwd_bidirectional_gate_grads(

@@ -116,7 +116,7 @@ def _lstm_persistent_fwd_kernel(
     HAS_BIAS: tl.constexpr = False,  # LAYERS > 1: bias_ptr holds the biases of layers 1, 2, …
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
-    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (LAYERS = 1)
+    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (common.cell_update)
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
@@ -161,7 +161,7 @@ def _lstm_persistent_fwd_kernel(
             failed = _stack_layer(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
-                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE,
+                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -233,7 +233,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                  T, B, grid_b, pid_h, pid_b, failed, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
-                 RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr):
+                 RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
@@ -244,7 +244,13 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
     step t; within the layer the per-step barrier is the single-layer kernel's. So layer l runs step t
     while the layer below runs step t + 1: T + L - 1 step latencies for the stack instead of L·T. Each
     layer's buffers (h_all, c_all, gates) are its slice of the stacked ones, indexed as one layer's.
-    Returns the program's failure state (a barrier or wait that gave up)."""
+    Returns the program's failure state (a barrier or wait that gave up).
+
+    A GRU stack (CELL "gru"): three gates per weight, b_hn per layer in ``cell_params_ptr``, and the n
+    gate's input and recurrent products kept apart (the reset gate multiplies only the second): the
+    input side accumulates into (acc_i, acc_f, acc_g) = (r, z, x_n), the recurrent side into
+    (acc_i, acc_f, acc_o) = (r, z, h_n) — still four accumulators."""
+    GATES: tl.constexpr = 3 if CELL == "gru" else 4
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     num_b_blocks = tl.cdiv(B, BLOCK_B)
     lay = tl.full((), layer, tl.int64)
@@ -256,10 +262,10 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
     if SAVE:
         c_layer = c_ptr + lay * (T + 1) * B * H
         gates_layer = gates_ptr + lay * T * B * 4 * H
-    w_hh_layer = w_hh_ptr + lay * 4 * H * H
-    w_ch_layer = cell_params_ptr + lay * 3 * H
-    w_ih_layer = w_ih_ptr + (lay - 1) * 4 * H * H
-    bias_layer = bias_ptr + (lay - 1) * 4 * H
+    w_hh_layer = w_hh_ptr + lay * GATES * H * H
+    cell_params_layer = cell_params_ptr + lay * (H if CELL == "gru" else 3 * H)  # b_hn, or the peephole weights
+    w_ih_layer = w_ih_ptr + (lay - 1) * GATES * H * H
+    bias_layer = bias_ptr + (lay - 1) * GATES * H
     counter_ptr = counters_ptr + layer * grid_b + pid_b
     failed_ptr = counters_ptr + LAYERS * grid_b
     if RESIDENT:
@@ -269,8 +275,11 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
         res_offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         w_offsets = res_offs_h.to(tl.int64)[None, :] * H + offs_k[:, None]
         w_mask = (offs_k < H)[:, None] & (res_offs_h < H)[None, :]
-        hh_i, hh_f, hh_g, hh_o = _load_four_gate_slices(w_hh_layer + w_offsets, w_mask, H * H, 4)
-        ih_i, ih_f, ih_g, ih_o = _load_four_gate_slices(w_ih_layer + w_offsets, w_mask & (layer > 0), H * H, 4)
+        hh_i, hh_f, hh_g, hh_o = _load_four_gate_slices(w_hh_layer + w_offsets, w_mask, H * H, GATES)
+        ih_i, ih_f, ih_g, ih_o = _load_four_gate_slices(w_ih_layer + w_offsets, w_mask & (layer > 0), H * H, GATES)
+    else:
+        offs_k = 0  # streamed: no resident slices (``_layer_product`` reads W at its pointer instead)
+        hh_i, hh_f, hh_g, hh_o, ih_i, ih_f, ih_g, ih_o = 0, 0, 0, 0, 0, 0, 0, 0
     for t in range(T):
         step = tl.full((), t, tl.int64)
         if layer > 0:
@@ -288,52 +297,64 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                 # The accumulators start from the gate inputs and take both products on top: one set of
                 # four live across the K loops (two sets spilled on sm_90).
                 if layer > 0:
+                    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                     if HAS_BIAS:
-                        acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + tl.load(
-                            bias_layer + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                        acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + tl.load(
-                            bias_layer + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                        acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + tl.load(
-                            bias_layer + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                        acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + tl.load(
-                            bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                    else:
-                        acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                        acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                        acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                        acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    if RESIDENT:
-                        acc_i, acc_f, acc_g, acc_o = accumulate_product_resident(
-                            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, rows, mask_b, offs_k,
-                            ih_i, ih_f, ih_g, ih_o, H, DOT_PRECISION, 4
-                        )
-                    else:
-                        acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
-                            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, rows, mask_b,
-                            offs_h, mask_h, H, H, DOT_PRECISION, BLOCK_K, 4
-                        )
-                else:
-                    acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, 4)
-                if RESIDENT:
-                    acc_i, acc_f, acc_g, acc_o = accumulate_product_resident(
-                        acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, rows, mask_b, offs_k, hh_i, hh_f, hh_g,
-                        hh_o, H, DOT_PRECISION, 4
+                        acc_i += tl.load(bias_layer + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                        acc_f += tl.load(bias_layer + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                        acc_g += tl.load(bias_layer + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                        if GATES == 4:
+                            acc_o += tl.load(bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                    acc_i, acc_f, acc_g, acc_o = _layer_product(
+                        acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
+                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES
                     )
                 else:
-                    acc_i, acc_f, acc_g, acc_o = accumulate_product_streamed(
-                        acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, rows, mask_b, offs_h, mask_h,
-                        H, H, DOT_PRECISION, BLOCK_K, 4
-                    )
+                    acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H,
+                                                                  GATES)
                 zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # the gate inputs are in the accumulators
                 h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
-                _update_and_store_h(
-                    acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer, gates_layer,
-                    lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE, failed,
-                    h_layer, step, 0, 1, w_ch_layer, PEEPHOLE, "lstm",
-                )
+                if CELL == "gru":
+                    # The n gate's recurrent product accumulates apart, in acc_o: the reset gate multiplies it
+                    # alone, not x_n (in acc_g).
+                    acc_i, acc_f, acc_o, acc_g = _layer_product(
+                        acc_i, acc_f, acc_o, acc_g, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES
+                    )
+                    _update_and_store_h(
+                        acc_i, acc_f, acc_o, zero, zero, zero, acc_g, zero, h_prev, c_prev, h_layer, c_layer,
+                        gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
+                        failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
+                    )
+                else:
+                    acc_i, acc_f, acc_g, acc_o = _layer_product(
+                        acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES
+                    )
+                    _update_and_store_h(
+                        acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer,
+                        gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
+                        failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
+                    )
         if not failed:
             failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
     return failed
+
+
+@triton.jit
+def _layer_product(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, res_i, res_f, res_g, res_o, rows, mask_b, offs_k, offs_h,
+                   mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
+                   GATES: tl.constexpr):
+    """A stack layer's h·Wᵀ (H × H per gate) added onto the accumulators: from the resident slices
+    ``res_*`` (RESIDENT) or streaming W at ``w_ptr`` in BLOCK_K chunks. With GATES = 3 ``acc_o`` is untouched."""
+    if RESIDENT:
+        return accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, mask_b, offs_k, res_i, res_f,
+                                           res_g, res_o, H, DOT_PRECISION, GATES)
+    else:
+        return accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, rows, mask_b, offs_h, mask_h,
+                                           H, H, DOT_PRECISION, BLOCK_K, GATES)
 
 
 @triton.jit
@@ -513,13 +534,11 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
     """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
     one layer and direction, a stack of ``layers`` (with ``w_ih_above``, ``bias_above``: lstm_fwd_stack.py)
     or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
-    weights, (3H,) or stacked per layer or direction; ``b_hn`` (H,), or (2, H) for both directions: a GRU
-    layer instead (``kernels/gru.py``; no stacks). Raises OutOfResources or
+    weights, (3H,) or stacked per layer or direction; ``b_hn`` (H,), or stacked per layer or direction: a
+    GRU instead (``kernels/gru.py``). Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
     T, B = projected.shape[:2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
-    if b_hn is not None and layers > 1:
-        raise ValueError("the GRU cell has no stacked launch: one launch per layer")
     barrier_watch.check()  # an earlier launch whose barrier gave up raises here
     # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
     # One per layer (or direction) and batch group; the last element is the launch's failure flag.

@@ -35,8 +35,9 @@ from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outp
 from triton_lstm.kernels.lstm_fwd_persistent import launch_persistent
 
 
-def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False) -> ForwardPlan:
-    """The stack plan for an input on its device (the interpreter when it is on the CPU)."""
+def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False, gates: int = 4) -> ForwardPlan:
+    """The stack plan for an input on its device (the interpreter when it is on the CPU); ``gates`` 3: a GRU
+    stack."""
     if stack_disabled():
         return ForwardPlan(False, "TRITON_LSTM_STACK=0 (or TRITON_LSTM_PERSISTENT=0): layer by layer")
     T, B = x.shape[0], x.shape[1]
@@ -44,8 +45,8 @@ def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False)
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         num_sms, shared = _device_limits(index)
         return plan_stack_fwd(T, B, H, layers, x.element_size(), num_sms, shared, False, fp32_tensor_cores(x.device),
-                              peephole)
-    return plan_stack_fwd(T, B, H, layers, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False, peephole)
+                              peephole, gates)
+    return plan_stack_fwd(T, B, H, layers, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False, peephole, gates)
 
 
 def lstm_fwd_stack(
@@ -59,9 +60,11 @@ def lstm_fwd_stack(
     plan: ForwardPlan,
     save: bool = True,
     w_ch: torch.Tensor | None = None,
+    b_hn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs ``plan`` (from ``plan_stack_fwd``, persistent) over a stack of L layers; ``w_ch`` (L, 3H): the
-    layers' peephole weights.
+    layers' peephole weights; ``b_hn`` (L, H): a GRU stack's (``projected`` (T, B, 3H), ``w_hh``, ``w_ih_above``
+    (·, 3H, H), ``bias_above`` (L - 1, 3H: b_ih + (b_hr, b_hz, 0)), ``c0`` its h0, c_all its fp32 h).
 
     ``projected`` (T, B, 4H): layer 0's input projection with its biases; ``h0``, ``c0`` (L, B, H);
     ``w_hh`` (L, 4H, H); ``w_ih_above`` (L - 1, 4H, H) and ``bias_above`` (L - 1, 4H, b_ih + b_hh, or None):
@@ -76,5 +79,5 @@ def lstm_fwd_stack(
         raise ValueError(f"under the interpreter a stack plan must have one program, got {plan.num_programs}")
     outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[-1], save)
     launch_persistent(plan, projected, w_hh, *outputs, lengths, save, layers=w_hh.shape[0], w_ih_above=w_ih_above,
-                      bias_above=bias_above, w_ch=w_ch, what="the stacked forward kernel")
+                      bias_above=bias_above, w_ch=w_ch, b_hn=b_hn, what="the stacked forward kernel")
     return finished_outputs(outputs, save)

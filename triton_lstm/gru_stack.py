@@ -1,0 +1,157 @@
+"""A stack of unidirectional GRU layers as one op: ``stack.py``'s design with the GRU cell. The forward in
+one persistent launch (the wavefront kernel with ``CELL="gru"``: layer l > 0 forms its input product in the
+kernel, keeping the n gate's input and recurrent products apart), the backward's chain in one launch too
+(``lstm_bwd_stack_gate_grads`` with ``cell="gru"``: layer l's gradient of h_t is dG^{l+1}_t's x side times
+W_ih^{l+1}), then each layer's weight GEMMs. Where the launches cannot run (no plan, a grid that does not
+fit, the reference backward) the layers run one after another through the one-layer GRU ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from triton_lstm.gru_ops import run_gru_layer
+from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
+from triton_lstm.reference import accumulate_dtype, gru_input_projection, gru_projection_bias
+from triton_lstm.stack import _split_weights, each_layer_backward, one_layer_at_a_time
+
+if HAS_TRITON:
+    from triton_lstm.kernels.common import unless_refused
+    from triton_lstm.kernels.gru import gru_weight_and_input_grads, hidden_bias_n
+    from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads
+    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
+
+
+def _layer_by_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
+    """What the stacked kernel computes, one layer after another (``run_gru_layer``)."""
+
+    def run_layer(layer, layer_input):
+        bias = (b_ih[layer], b_hh[layer]) if b_ih else (None, None)
+        return run_gru_layer(layer_input, h0[layer], w_ih[layer], w_hh[layer], *bias, lengths, save, kernels)
+
+    return one_layer_at_a_time(x, len(w_hh), run_layer)
+
+
+@torch.library.custom_op("triton_lstm::gru_stack_fwd", mutates_args=())
+def gru_stack_fwd(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: list[Tensor],
+    w_hh: list[Tensor],
+    b_ih: list[Tensor],
+    b_hh: list[Tensor],
+    lengths: Tensor | None,
+    save: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward of L unidirectional GRU layers: ``(h_all, state_all, gates)`` stacked over layers,
+    (L, T+1, B, H), (L, T+1, B, H) fp32 and (L, T, B, 4H); ``save`` 0 (inference): state_all (L, 1, B, H),
+    gates (L, 0, B, 4H). ``h0`` is (L, B, H); ``b_ih``/``b_hh`` empty lists without biases."""
+    if not uses_kernels(x):
+        return _layer_by_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False)
+    lengths = None if lengths is None else lengths.to(torch.int32)
+    plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh), gates=3)
+    if plan.persistent:
+        projected = gru_input_projection(x, w_ih[0], *((b_ih[0], b_hh[0]) if b_ih else (None, None))).contiguous()
+        bias_above = torch.stack([gru_projection_bias(b_ih[i], b_hh[i]) for i in range(1, len(b_ih))]) if b_ih else None
+        b_hn = torch.stack([hidden_bias_n(b_hh[layer] if b_hh else None, w_hh[layer]) for layer in range(len(w_hh))])
+        with kernel_device(x):
+            outputs = unless_refused(lambda: lstm_fwd_stack(projected, h0.contiguous(), h0.contiguous(),
+                                                            torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
+                                                            lengths, plan, bool(save), b_hn=b_hn))
+        if outputs is not None:
+            return outputs
+    with kernel_device(x):  # no plan, or it did not run: the layers one by one
+        return _layer_by_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True)
+
+
+@gru_stack_fwd.register_fake
+def _gru_stack_fwd_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save=1):
+    T, B = x.shape[0], x.shape[1]
+    layers, H = len(w_hh), w_hh[0].shape[1]
+    state_all = x.new_empty(layers, T + 1 if save else 1, B, H, dtype=accumulate_dtype(x.dtype))
+    return x.new_empty(layers, T + 1, B, H), state_all, x.new_empty(layers, T if save else 0, B, 4 * H)
+
+
+run_without_autocast("gru_stack_fwd")
+
+
+class GRUStack(torch.autograd.Function):
+    """out, h_n of L unidirectional GRU layers; ``weights`` are (w_ih, w_hh[, b_ih, b_hh]) per layer."""
+
+    @staticmethod
+    def forward(ctx, x, h0, lengths, use_reference, layers, has_bias, *weights):
+        w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
+        h_all, state_all, gates = torch.ops.triton_lstm.gru_stack_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1)
+        ctx.save_for_backward(x, h0, lengths, h_all, state_all, gates, *weights)
+        ctx.use_reference, ctx.layers, ctx.has_bias = use_reference, layers, has_bias
+        return h_all[-1, 1:], h_all[:, -1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n):
+        x, h0, lengths, h_all, state_all, gates, *weights = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_out, grad_h_n)
+        w_ih, w_hh, _, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
+        if uses_kernels(x) and not ctx.use_reference:
+            with kernel_device(x), torch.autocast(x.device.type, enabled=False):
+                grads = _stacked_backward(x, lengths, h_all, state_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
+                                          grad_h_n)
+            if grads is not None:
+                return (grads[0], grads[1], None, None, None, None, *grads[2:])
+
+        def backward_layer(layer, layer_x, grad_layer_out):
+            return torch.ops.triton_lstm.gru_recurrence_bwd(grad_layer_out, grad_h_n[layer], layer_x, w_ih[layer],
+                                                             w_hh[layer], gates[layer], h_all[layer], state_all[layer],
+                                                             lengths, ctx.use_reference)
+
+        grad_x, per_layer = each_layer_backward(x, h_all, grad_out, ctx.layers, backward_layer)
+        grad_weights = [grad for grads in per_layer for grad in (grads[2:] if ctx.has_bias else grads[2:4])]
+        return (grad_x, torch.stack([grads[1] for grads in per_layer]), None, None, None, None, *grad_weights)
+
+
+def _stacked_backward(x, lengths, h_all, state_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n):
+    """Every layer's chain in one launch (a reverse wavefront), then each layer's weight GEMMs; the input
+    gradient of layer 0 only (the layers above took theirs in the kernel). None where the launch cannot
+    run. Returns the gradients of x, h0 and the layers' weights."""
+    lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
+    chain = lstm_bwd_stack_gate_grads(grad_out, grad_h_n, torch.zeros_like(grad_h_n), torch.stack(w_hh).contiguous(),
+                                      torch.stack(w_ih[1:]).contiguous(), lengths, gates, state_all, cell="gru")
+    if chain is None:
+        return None
+    grad_gates, grad_h0, _ = chain
+    grad_x, grad_weights = None, []
+    for layer in range(len(w_hh)):
+        layer_x = x if layer == 0 else h_all[layer - 1, 1:]
+        layer_grad_x, *weight_grads = gru_weight_and_input_grads(grad_gates[layer], layer_x, h_all[layer, :-1],
+                                                                 w_ih[layer], w_hh[layer], input_grad=layer == 0)
+        grad_x = layer_grad_x if layer == 0 else grad_x
+        grad_weights += weight_grads if has_bias else weight_grads[:2]
+    return (grad_x, grad_h0.to(x.dtype), *grad_weights)
+
+
+def _differentiable_backward(ctx, grad_out, grad_h_n):
+    x, h0, lengths, _, _, _, *weights = ctx.saved_tensors
+
+    def outputs():
+        w_ih, w_hh, b_ih, b_hh = _split_weights(ctx.layers, ctx.has_bias, weights)
+        h_all, _, _ = _layer_by_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False)
+        return h_all[-1, 1:], h_all[:, -1]
+
+    needed = (*ctx.needs_input_grad[:2], *ctx.needs_input_grad[6:])
+    grads = differentiate(outputs, (x, h0, *weights), needed, (grad_out, grad_h_n))
+    return (*grads[:2], None, None, None, None, *grads[2:])
+
+
+def gru_stack(x: Tensor, h0: Tensor, layer_weights, lengths: Tensor | None, *, backward: str = "fused"):
+    """L unidirectional GRU layers over time-major ``x``: returns (output of the top layer, h_n (L, B, H)).
+    ``layer_weights``: per layer (w_ih, w_hh, b_ih, b_hh), biases None or both set."""
+    layers = len(layer_weights)
+    has_bias = layer_weights[0][2] is not None
+    weights = [w for ws in layer_weights for w in (ws if has_bias else ws[:2])]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, *weights))):
+        # An inference forward: no per-step gates or states are kept.
+        w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
+        h_all, _, _ = torch.ops.triton_lstm.gru_stack_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 0)
+        return h_all[-1, 1:], h_all[:, -1].clone()
+    return GRUStack.apply(x, h0, lengths, int(backward == "reference"), layers, has_bias, *weights)
