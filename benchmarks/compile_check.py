@@ -148,7 +148,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
     if kernel == "bwd":
         return _bwd_configs(shapes, devices, arch)
     if kernel == "stack":
-        return _stack_configs(shapes, devices, arch, quick, peephole)
+        return _stack_configs(shapes, devices, arch, quick, peephole, gates=3 if cell == "gru" else 4)
     directions = 2 if kernel == "bidir" else 1
     dtypes = {"bf16": 2} if quick and directions == 2 else DTYPES  # CI's time: the bidirectional kernels in bf16
     seen = {}
@@ -185,7 +185,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
     return list(seen.values())
 
 
-def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False) -> list[dict]:
+def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False, gates: int = 4) -> list[dict]:
     """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
     stacked backward's."""
     from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
@@ -197,7 +197,7 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
         for dtype, size in dtypes.items():
             for B, H in shapes:
                 for layers in (4,) if quick else (2, 3, 4):
-                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole)
+                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole, gates=gates)
                     if not plan.persistent:
                         continue
                     key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h)
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
                              "stacked forward and backward (all layers in one launch), or the bidirectional forward")
     parser.add_argument("--peephole", action="store_true", help="the same kernels with peephole connections")
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
-                        help="the cell the drivers run (gru: persistent, step, bwd and bidir; no stacks)")
+                        help="the cell the drivers run")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -288,8 +288,8 @@ def main(argv=None) -> int:
         for config in json.loads(args.batch):
             print(json.dumps(_compile_one(config)), flush=True)
         return 0
-    if args.cell == "gru" and (args.peephole or args.kernel == "stack"):
-        parser.error("--cell gru takes --kernel persistent, step, bwd or bidir, without --peephole")
+    if args.cell == "gru" and args.peephole:
+        parser.error("--cell gru takes no --peephole (peepholes are the LSTM's)")
     configs = _configs(args.quick, args.arch, args.kernel, args.peephole, args.cell)
     if args.peephole:
         configs = [dict(config, peephole=True) for config in configs]
