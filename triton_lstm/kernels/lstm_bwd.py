@@ -371,6 +371,11 @@ def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2
     # fp32 below 4H = 256 takes 32: a 64-wide chunk spilled at H = 33 (sm_90, 64 × 16 tiles).
     large = block_b * block_h >= (1024 if whole_module else 2048)
     widest = 128 if element_size < 4 else 64 if 4 * H >= 256 else 32
+    if block_b * block_h >= 4096:
+        # 64 × 64 tiles (large batches: B ≳ 512 at H ≥ 512) in 16-bit: 128-wide chunks sat at 255 registers
+        # with 16-40-byte stack frames under Triton 3.6 (40 at H = 768, bf16), 64-wide ones at 198-255 with
+        # none (24 bytes at H = 768, bf16). Not timed: no anchor shape takes these tiles.
+        widest = min(widest, 64)
     if whole_module and large:
         if element_size < 4 and H >= 512:
             # 128-wide chunks on four warps, as a single layer's tiles of this size: a 4-layer stack's
