@@ -148,7 +148,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
     if kernel == "bwd":
         return _bwd_configs(shapes, devices, arch)
     if kernel == "stack":
-        return _stack_configs(shapes, devices, arch, quick, peephole, gates=3 if cell == "gru" else 4)
+        return _stack_configs(shapes, devices, arch, quick, peephole)
     directions = 2 if kernel == "bidir" else 1
     dtypes = {"bf16": 2} if quick and directions == 2 else DTYPES  # CI's time: the bidirectional kernels in bf16
     seen = {}
@@ -185,7 +185,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
     return list(seen.values())
 
 
-def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False, gates: int = 4) -> list[dict]:
+def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False) -> list[dict]:
     """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
     stacked backward's."""
     from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
@@ -197,7 +197,7 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
         for dtype, size in dtypes.items():
             for B, H in shapes:
                 for layers in (4,) if quick else (2, 3, 4):
-                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole, gates=gates)
+                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole)
                     if not plan.persistent:
                         continue
                     key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h)

@@ -52,7 +52,7 @@ def test_stack_with_resident_weights_matches_nn_lstm(name, launches, monkeypatch
     case = STACKS[name]
     width = max(16, triton.next_power_of_2(case.H))
     plan = ForwardPlan(True, "resident (test)", True, 16, width, width, 1, 1, 4)
-    monkeypatch.setattr(stack_module, "plan_stack_for", lambda x, hidden_size, num_layers, peephole=False, gates=4: plan)
+    monkeypatch.setattr(stack_module, "plan_stack_for", lambda x, hidden_size, num_layers, peephole=False: plan)
     check_against_nn(case, DTYPE)
     assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
 

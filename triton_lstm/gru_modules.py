@@ -165,7 +165,7 @@ class GRU(nn.RNNBase):
         training (F.dropout runs between per-layer launches), and a stack plan for the input's device."""
         if self.num_layers < 2 or self.bidirectional or (self.dropout > 0 and self.training):
             return False
-        return stack_plan(x, self.hidden_size, self.num_layers, gates=3) is not None
+        return stack_plan(x, self.hidden_size, self.num_layers) is not None
 
     @staticmethod
     def _finish_packed(data, h_n, batch_sizes, sorted_indices, unsorted_indices):

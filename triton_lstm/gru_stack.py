@@ -50,7 +50,7 @@ def gru_stack_fwd(
     if not uses_kernels(x):
         return _layer_by_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False)
     lengths = None if lengths is None else lengths.to(torch.int32)
-    plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh), gates=3)
+    plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh))
     if plan.persistent:
         projected = gru_input_projection(x, w_ih[0], *((b_ih[0], b_hh[0]) if b_ih else (None, None))).contiguous()
         bias_above = torch.stack([gru_projection_bias(b_ih[i], b_hh[i]) for i in range(1, len(b_ih))]) if b_ih else None

@@ -25,16 +25,16 @@ if HAS_TRITON:
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
 
 
-def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = False, gates: int = 4):
-    """The stacked kernel's plan for this input, or None where the kernels do not run (the CPU path,
-    torch.compile and torch.func, whose graphs keep one node per layer). "meta" tensors (shape inference,
-    ``saved_activation_bytes``) take the kernels' path, as the interpreter would plan it. ``gates`` 3: a
-    GRU stack (``gru_stack.py``)."""
+def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = False):
+    """The stacked kernel's plan for this input (an LSTM's or a GRU's stack, ``gru_stack.py``), or None
+    where the kernels do not run (the CPU path, torch.compile and torch.func, whose graphs keep one node per
+    layer). "meta" tensors (shape inference, ``saved_activation_bytes``) take the kernels' path, as the
+    interpreter would plan it."""
     if not HAS_TRITON or num_layers < 2 or not (uses_kernels(x) or x.device.type == "meta"):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
-    plan = plan_stack_for(x, hidden_size, num_layers, peephole, gates)
+    plan = plan_stack_for(x, hidden_size, num_layers, peephole)
     return plan if plan.persistent else None
 
 

@@ -222,11 +222,11 @@ def plan_stack_fwd(
     interpret: bool = False,
     fp32_tensor_cores: bool = True,
     peephole: bool = False,
-    gates: int = 4,
 ) -> ForwardPlan:
     """The plan of one layer of the stack (every layer runs the same one), or not persistent: then the
-    stack runs layer by layer. A pure function of the shapes, the device limits, ``peephole`` (the
-    layers have peephole weights) and ``gates`` (3: a GRU stack).
+    stack runs layer by layer. A pure function of the shapes, the device limits and ``peephole`` (the
+    layers have peephole weights). A GRU stack takes the same plan (its planned configurations compile
+    as cleanly: ``compile_check.py --kernel stack --cell gru``).
 
     On a GPU each layer gets ``num_sms // layers`` SMs, tiled as the comment below says; under the
     interpreter one program runs everything.

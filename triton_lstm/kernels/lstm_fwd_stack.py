@@ -35,9 +35,8 @@ from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outp
 from triton_lstm.kernels.lstm_fwd_persistent import launch_persistent
 
 
-def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False, gates: int = 4) -> ForwardPlan:
-    """The stack plan for an input on its device (the interpreter when it is on the CPU); ``gates`` 3: a GRU
-    stack."""
+def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False) -> ForwardPlan:
+    """The stack plan for an input on its device (the interpreter when it is on the CPU)."""
     if stack_disabled():
         return ForwardPlan(False, "TRITON_LSTM_STACK=0 (or TRITON_LSTM_PERSISTENT=0): layer by layer")
     T, B = x.shape[0], x.shape[1]
@@ -45,8 +44,8 @@ def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False,
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         num_sms, shared = _device_limits(index)
         return plan_stack_fwd(T, B, H, layers, x.element_size(), num_sms, shared, False, fp32_tensor_cores(x.device),
-                              peephole, gates)
-    return plan_stack_fwd(T, B, H, layers, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False, peephole, gates)
+                              peephole)
+    return plan_stack_fwd(T, B, H, layers, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False, peephole)
 
 
 def lstm_fwd_stack(
