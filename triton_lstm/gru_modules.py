@@ -121,10 +121,6 @@ class GRU(nn.RNNBase):
             return self._finish(output, h_n, is_batched)
 
         lengths_on_device = None if lengths is None else lengths.to(x.device, non_blocking=True)
-        both_at_once = num_directions == 2 and bidirectional_plan(x, self.hidden_size, gates=3) is not None
-        time_reversal = None  # the reverse direction on its own: each sequence reversed within its own length
-        if num_directions == 2 and not both_at_once and lengths_on_device is not None:
-            time_reversal = reverse_index(lengths_on_device, x.shape[0])
         backward = getattr(self, "backward_mode", "fused")
         if self._runs_as_stack(x):
             # All layers in one persistent launch each way (a wavefront across layers; triton_lstm/gru_stack.py).
@@ -134,6 +130,10 @@ class GRU(nn.RNNBase):
                 return self._finish_packed(pack_padded_sequence(output, lengths).data, h_n, batch_sizes,
                                            sorted_indices, unsorted_indices)
             return self._finish(output, h_n, is_batched)
+        both_at_once = num_directions == 2 and bidirectional_plan(x, self.hidden_size, gates=3) is not None
+        time_reversal = None  # the reverse direction on its own: each sequence reversed within its own length
+        if num_directions == 2 and not both_at_once and lengths_on_device is not None:
+            time_reversal = reverse_index(lengths_on_device, x.shape[0])
         layer_input, h_n = x, []
         for layer in range(self.num_layers):
             if both_at_once:
