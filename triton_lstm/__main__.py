@@ -1,7 +1,8 @@
-"""``python -m triton_lstm`` / ``triton-lstm``: check triton_lstm against nn.LSTM on this machine.
+"""``python -m triton_lstm`` / ``triton-lstm``: check triton_lstm against nn.LSTM (and nn.GRU) on this machine.
 
 ``triton-lstm`` (no argument, or ``check``) runs a few shapes through both modules, compares them with
-nn.LSTM in float64 and prints a table: shape, dtype, max error of each, time of each.
+nn.LSTM (nn.GRU for the GRU rows) in float64 and prints a table: shape, dtype, max error of each, time of
+each.
 ``triton-lstm bench ...`` runs the benchmark suite (``triton_lstm.benchmark``; ``--help`` lists its options).
 """
 
@@ -49,12 +50,17 @@ def _time_ms(fn, device: str) -> float:
     return torch_benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.1).median * 1e3
 
 
-def check(shapes, dtypes, device: str) -> list[dict]:
+MODULES = {"LSTM": (nn.LSTM, triton_lstm.LSTM), "GRU": (nn.GRU, triton_lstm.GRU)}
+
+
+def check(shapes, dtypes, device: str, module: str = "LSTM") -> list[dict]:
+    """One row per shape and dtype: ``module`` ("LSTM" or "GRU"), ours and nn's, against nn's in float64."""
+    theirs_class, ours_class = MODULES[module]
     rows = []
     for T, B, I, H, layers, bidirectional in shapes:  # noqa: E741
         torch.manual_seed(0)
-        theirs = nn.LSTM(I, H, num_layers=layers, bidirectional=bidirectional)
-        ours = triton_lstm.LSTM(I, H, num_layers=layers, bidirectional=bidirectional)
+        theirs = theirs_class(I, H, num_layers=layers, bidirectional=bidirectional)
+        ours = ours_class(I, H, num_layers=layers, bidirectional=bidirectional)
         ours.load_state_dict(theirs.state_dict())
         x = torch.randn(T, B, I)
         expected = theirs.double()(x.double())[0]
@@ -66,7 +72,8 @@ def check(shapes, dtypes, device: str) -> list[dict]:
                 out_ours, out_theirs = ours(x_dev)[0], theirs(x_dev)[0]
                 rows.append(
                     dict(
-                        shape=f"T={T} B={B} I={I} H={H}" + (f" L={layers}" if layers > 1 else "") + (" bidir" if bidirectional else ""),
+                        shape=(f"{module} T={T} B={B} I={I} H={H}" + (f" L={layers}" if layers > 1 else "")
+                               + (" bidir" if bidirectional else "")),
                         dtype=str(dtype).removeprefix("torch."),
                         err_ours=(out_ours.double().cpu() - expected).abs().max().item(),
                         err_theirs=(out_theirs.double().cpu() - expected).abs().max().item(),
@@ -78,12 +85,12 @@ def check(shapes, dtypes, device: str) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'shape':<32} {'dtype':<9} {'max err ours':>12} {'max err nn':>12} {'ms ours':>10} {'ms nn':>10}"
+    header = f"{'shape':<38} {'dtype':<9} {'max err ours':>12} {'max err nn':>12} {'ms ours':>10} {'ms nn':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['shape']:<32} {r['dtype']:<9} {r['err_ours']:>12.2e} {r['err_theirs']:>12.2e} "
+            f"{r['shape']:<38} {r['dtype']:<9} {r['err_ours']:>12.2e} {r['err_theirs']:>12.2e} "
             f"{r['ms_ours']:>10.3f} {r['ms_theirs']:>10.3f}"
         )
 
@@ -119,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         shapes, dtypes = INTERPRETER_SHAPES, [torch.float32, torch.float16]
     else:
         shapes, dtypes = CPU_SHAPES, [torch.float32, torch.bfloat16]
-    print("Forward output of triton_lstm.LSTM and torch.nn.LSTM, errors against nn.LSTM in float64:\n")
-    print_table(check(shapes, dtypes, device))
+    print("Forward output of triton_lstm.LSTM / GRU and torch.nn.LSTM / GRU, errors against nn's in float64:\n")
+    # The GRU at the first (one layer) and the last (a bidirectional stack) shape.
+    print_table(check(shapes, dtypes, device) + check([shapes[0], shapes[-1]], dtypes, device, "GRU"))
     return 0
 
 
