@@ -111,6 +111,10 @@ if [ "${EXAMPLES:-0}" = "1" ]; then
   # char_lm's GPU preset (2 layers of 512, bf16 autocast), shortened: tokens/s of both modules side by side.
   stage "char_lm --impl both" "${EXAMPLES_LIMIT:-90}" char_lm.log env PYTHONPATH=".:${PYTHONPATH:-}" "$PY" examples/char_lm.py --device cuda \
     --impl both --steps "${EXAMPLE_STEPS:-300}" --no-progress --log-every 100 --out-dir "$LOGS/char_lm_out"
+  # The same model with GRUs: triton_lstm.GRU (its stack in one launch) against cuDNN's nn.GRU.
+  stage "char_lm --impl both --cell gru" "${EXAMPLES_LIMIT:-90}" char_lm_gru.log env PYTHONPATH=".:${PYTHONPATH:-}" "$PY" \
+    examples/char_lm.py --device cuda --impl both --cell gru --steps "${EXAMPLE_STEPS:-300}" --no-progress --log-every 100 \
+    --out-dir "$LOGS/char_lm_gru_out"
 fi
 
 if [ "${SUITE:-0}" = "1" ]; then

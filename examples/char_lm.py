@@ -10,12 +10,14 @@ sample of generated text to ``<out-dir>/sample_<impl>.txt`` and its numbers to `
 
 ``--impl nn`` trains the same model with torch.nn.LSTM (the same initial weights and batches: both modules
 draw their parameters the same way), and ``--impl both`` runs the two one after the other and prints their
-losses and tokens per second side by side. On CPU, triton_lstm runs ATen's LSTM (as nn.LSTM does), so its
-CPU speed says nothing about the kernels: compare speed on a GPU.
+losses and tokens per second side by side. ``--cell gru`` does all of it with triton_lstm.GRU and nn.GRU
+instead. On CPU, triton_lstm runs ATen's LSTM (as nn.LSTM does), so its CPU speed says nothing about the
+kernels: compare speed on a GPU.
 
 Runs:
     python examples/char_lm.py                                   # CPU: a few minutes
     python examples/char_lm.py --device cuda --impl both         # GPU, bf16: triton_lstm vs cuDNN
+    python examples/char_lm.py --device cuda --impl both --cell gru   # the same with GRUs
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ PRESETS = {
     "cpu": dict(embed=64, hidden=256, layers=1, seq_len=100, batch=32, steps=300, lr=3e-3, dtype="fp32"),
     "cuda": dict(embed=128, hidden=512, layers=2, seq_len=256, batch=64, steps=2000, lr=2e-3, dtype="bf16"),
 }
-IMPLS = {"triton": triton_lstm.LSTM, "nn": nn.LSTM}
+# (implementation, cell) -> the recurrent module
+MODULES = {("triton", "lstm"): triton_lstm.LSTM, ("nn", "lstm"): nn.LSTM,
+           ("triton", "gru"): triton_lstm.GRU, ("nn", "gru"): nn.GRU}
 
 
 def load_text(path: Path) -> str:
@@ -65,14 +69,14 @@ class Vocabulary:
 
 
 class CharLM(nn.Module):
-    def __init__(self, lstm_class, vocab_size: int, embed: int, hidden: int, layers: int):
+    def __init__(self, rnn_class, vocab_size: int, embed: int, hidden: int, layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed)
-        self.lstm = lstm_class(embed, hidden, num_layers=layers, batch_first=True)
+        self.rnn = rnn_class(embed, hidden, num_layers=layers, batch_first=True)  # an LSTM's or a GRU's
         self.head = nn.Linear(hidden, vocab_size)
 
     def forward(self, ids: Tensor, state=None):
-        out, state = self.lstm(self.embed(ids), state)
+        out, state = self.rnn(self.embed(ids), state)
         return self.head(out), state
 
 
@@ -112,7 +116,7 @@ def evaluate(model: CharLM, data: Tensor, args, device: torch.device) -> float:
 
 @torch.no_grad()
 def generate(model: CharLM, vocab: Vocabulary, prompt: str, length: int, args, device: torch.device) -> str:
-    """Samples ``length`` characters after ``prompt``, one LSTM step per character, carrying the state."""
+    """Samples ``length`` characters after ``prompt``, one recurrent step per character, carrying the state."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = vocab.encode(prompt).to(device)[None]
@@ -147,7 +151,8 @@ def train_one(impl: str, args, text: str, vocab: Vocabulary, device: torch.devic
     train_data, val_data = data[:split], data[split:]
 
     torch.manual_seed(args.seed)
-    model = CharLM(IMPLS[impl], len(vocab), args.embed, args.hidden, args.layers).to(device)
+    rnn_class = MODULES[impl, args.cell]
+    model = CharLM(rnn_class, len(vocab), args.embed, args.hidden, args.layers).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -193,7 +198,7 @@ def train_one(impl: str, args, text: str, vocab: Vocabulary, device: torch.devic
     tail = losses[-max(1, args.steps // 10) :]
     summary = {
         "impl": impl,
-        "lstm": f"{IMPLS[impl].__module__}.{IMPLS[impl].__name__}",
+        "module": f"{rnn_class.__module__}.{rnn_class.__name__}",
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": versions(),
@@ -218,20 +223,21 @@ def train_one(impl: str, args, text: str, vocab: Vocabulary, device: torch.devic
 
 def compare(summaries: dict) -> str:
     lines = [
-        f"{'impl':8s} {'LSTM module':28s} {'train loss':>10s} {'val loss':>9s} {'bits/char':>9s} {'tokens/s':>12s}",
+        f"{'impl':8s} {'module':28s} {'train loss':>10s} {'val loss':>9s} {'bits/char':>9s} {'tokens/s':>12s}",
     ]
     for s in summaries.values():
         lines.append(
-            f"{s['impl']:8s} {s['lstm']:28s} {s['final_train_loss']:10.4f} {s['val_loss']:9.4f} "
+            f"{s['impl']:8s} {s['module']:28s} {s['final_train_loss']:10.4f} {s['val_loss']:9.4f} "
             f"{s['val_bits_per_char']:9.3f} {s['tokens_per_s']:12,.0f}"
         )
     if len(summaries) == 2:
         a, b = summaries["triton"], summaries["nn"]
         gap = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
         lines.append(f"largest per-step loss difference: {gap:.2e}")
-        lines.append(f"speed: triton_lstm / nn.LSTM = {a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+        cls = b["module"].rsplit(".", 1)[1]
+        lines.append(f"speed: triton_lstm / nn.{cls} = {a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
         if a["device"] == "cpu":
-            lines.append("(on CPU triton_lstm runs ATen's LSTM, as nn.LSTM does, not the kernels: compare speed on a GPU)")
+            lines.append(f"(on CPU triton_lstm runs ATen's {cls}, as nn.{cls} does, not the kernels: compare speed on a GPU)")
     return "\n".join(lines)
 
 
@@ -239,6 +245,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impl", choices=["triton", "nn", "both"], default="triton",
                         help="triton: triton_lstm.LSTM; nn: torch.nn.LSTM; both: one after the other, compared")
+    parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
+                        help="gru: triton_lstm.GRU and torch.nn.GRU instead of the LSTMs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: autocast (preset: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--embed", type=int)

@@ -72,11 +72,14 @@ def example_runs(tmp_path_factory):
     """Starts both examples at once, so that on a 2-core machine they run side by side; each test waits for
     its own."""
     vanishing_out, char_lm_out = tmp_path_factory.mktemp("vanishing"), tmp_path_factory.mktemp("char_lm")
+    char_gru_out = tmp_path_factory.mktemp("char_lm_gru")
     runs = {
         "vanishing": ExampleRun(
             "vanishing_gradients.py", [*VANISHING_ARGS, "--out", str(vanishing_out / "vanishing.png")], vanishing_out
         ),
         "char_lm": ExampleRun("char_lm.py", [*CHAR_LM_ARGS, "--out-dir", str(char_lm_out)], char_lm_out),
+        "char_lm_gru": ExampleRun("char_lm.py", [*CHAR_LM_ARGS, "--cell", "gru", "--out-dir", str(char_gru_out)],
+                                  char_gru_out),
     }
     yield runs
     for run in runs.values():
@@ -117,8 +120,9 @@ def test_vanishing_gradients_tiny(example_runs):
     assert lstm_after > 10 * rnn_after, f"after training, at step 1: LSTM {lstm_after:.2e}, RNN {rnn_after:.2e}"
 
 
-def test_char_lm_tiny(example_runs):
-    run = example_runs["char_lm"]
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_char_lm_tiny(example_runs, cell):
+    run = example_runs["char_lm" if cell == "lstm" else "char_lm_gru"]
     stdout, stderr = run.result()
     out_dir = run.out
     steps = CHAR_LM_STEPS
@@ -134,9 +138,12 @@ def test_char_lm_tiny(example_runs):
         assert sample.startswith("Alice ") and len(sample) == len("Alice ") + 60 + 1
         summaries[impl] = json.loads((out_dir / f"summary_{impl}.json").read_text())
         assert summaries[impl]["final_train_loss"] < summaries[impl]["first_loss"] - 0.1, "the loss did not go down"
+        expected_module = {"triton": "triton_lstm", "nn": "torch.nn"}[impl]
+        assert summaries[impl]["module"].startswith(expected_module)
+        assert summaries[impl]["module"].endswith(cell.upper()), summaries[impl]["module"]
     assert "tokens/s" in (out_dir / "comparison.txt").read_text()
-    # Same initial weights, same batches, fp32: triton_lstm.LSTM (its CPU reference here) and nn.LSTM train
-    # the same model, step for step.
+    # Same initial weights, same batches, fp32: triton_lstm's module (ATen's CPU path here) and nn's train the
+    # same model, step for step.
     gaps = [abs(a - b) for a, b in zip(summaries["triton"]["losses"], summaries["nn"]["losses"])]
     assert max(gaps) < 1e-4, f"per-step losses of triton_lstm and nn.LSTM differ by up to {max(gaps):.2e}"
     assert summaries["triton"]["val_loss"] == pytest.approx(summaries["nn"]["val_loss"], abs=1e-4)
