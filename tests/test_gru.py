@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, count_calls
+from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, count_calls, requires_cuda
 from test_integrations import GraphCounter, _assert_all_close, _outputs_and_grads
 from test_modules import Case
 from torch import nn
@@ -74,12 +74,14 @@ def _run(module, x, h0, dtype, device, grad_seed: int) -> dict:
     return result
 
 
-def check_gru_against_nn(case: Case, dtype: torch.dtype, seed: int = 0, **ours_kwargs) -> None:
+def check_gru_against_nn(case: Case, dtype: torch.dtype, seed: int = 0, oracle_device: str = "cpu",
+                         **ours_kwargs) -> None:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     oracle = nn.GRU(**_kwargs(case)).double()
     x, h0 = _inputs(case, generator)
-    expected = _run(oracle, x, h0, torch.float64, "cpu", seed + 1)
+    expected = _run(oracle, x, h0, torch.float64, oracle_device, seed + 1)
+    oracle.cpu()
     theirs_module = nn.GRU(**_kwargs(case))
     theirs_module.load_state_dict(oracle.state_dict())
     theirs = _run(theirs_module, x, h0, dtype, KERNEL_DEVICE, seed + 1)
@@ -112,6 +114,24 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_gru_matches_nn_gru(case, dtype):
     check_gru_against_nn(case, dtype)
+
+
+LARGE = {
+    "T512-B64-H256": Case(T=512, B=64, I=256, H=256),
+    "T128-B16-H1024": Case(T=128, B=16, I=1024, H=1024, with_state=True),
+    "T96-B32-H512-layers3": Case(T=96, B=32, I=256, H=512, num_layers=3),
+    "T64-B3-H1024-bidir-layers2": Case(T=64, B=3, I=512, H=1024, num_layers=2, bidirectional=True),
+    "T256-B17-H513-packed": Case(T=256, B=17, I=64, H=513, packed=True),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LARGE.values(), ids=LARGE.keys())
+def test_gru_large_shapes_on_the_gpu(case, dtype):
+    """The GPU's own plans (many programs, real barriers, resident and streamed W_hh, the whole-module
+    launches) against cuDNN's nn.GRU in float64 on the same card."""
+    check_gru_against_nn(case, dtype, oracle_device="cuda")
 
 
 @pytest.mark.parametrize("case", [CASES["packed-bidir-state"], CASES["B17-H33-T7"]], ids=["packed-bidir", "B17-H33"])
