@@ -1,5 +1,5 @@
-"""The GRU on the LSTM's kernels: the same drivers with the cell ``CELL="gru"`` (``common.gru_cell_update``
-in the forward, ``lstm_bwd._gru_step_grads`` in the backward chain).
+"""The GRU on the LSTM's kernels: the same drivers with the cell ``CELL="gru"`` (``cells.gru_cell_update``
+in the forward, ``cells.gru_step_grads`` in the backward chain).
 
 What the GRU changes, and what it keeps:
 

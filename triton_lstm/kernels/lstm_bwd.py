@@ -56,13 +56,12 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from triton_lstm.kernels import common
+from triton_lstm.kernels.cells import gru_step_grads, lstm_step_grads
 from triton_lstm.kernels.common import (
     barrier_watch,
     dot_precision,
     grid_barrier,
-    load_four_gates,
     refused_cooperative_launch,
-    tanh,
     unless_refused,
     wait_for,
 )
@@ -171,7 +170,7 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     and, for the reverse direction, at time len_b − 1 − t in step t. With PEEPHOLE the cell gradient also
     flows through the peepholes (``w_ch_ptr``: w_ci, w_cf, w_co): dc_t gets dO·w_co, dc_{t-1} dI·w_ci +
     dF·w_cf. With CELL "gru" the register ``dc`` carries the gradient reaching h_{t-1} directly, z ⊙ dh
-    (``_gru_step_grads``), and the four dG columns are (dR, dZ, dN, dN ⊙ r)."""
+    (``gru_step_grads``), and the four dG columns are (dR, dZ, dN, dN ⊙ r)."""
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
     offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -239,9 +238,9 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
             # that run are a prefix, so after one that did not (or at the start: grad_c_n is zero for a GRU)
             # the carried dc stays zero, and the whole gradient of h passes through in dh (dh_carry).
             dh += dc
-            d_i, d_f, d_g, d_o, dc_prev = _gru_step_grads(dh, gate_ptrs, state_ptrs, mask_bh, H)
+            d_i, d_f, d_g, d_o, dc_prev = gru_step_grads(dh, gate_ptrs, state_ptrs, mask_bh, H)
         else:
-            d_i, d_f, d_g, d_o, dc_prev = _lstm_step_grads(dh, dc, gate_ptrs, state_ptrs, w_ch_ptr, offs_h, mask_h,
+            d_i, d_f, d_g, d_o, dc_prev = lstm_step_grads(dh, dc, gate_ptrs, state_ptrs, w_ch_ptr, offs_h, mask_h,
                                                            mask_bh, B, H, PEEPHOLE)
         if HAS_LENGTHS:
             ran = step < lengths
@@ -270,45 +269,6 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     # they hold the gradient at step 0 (for h still to be pushed through dG_0·W_hh by the launcher).
     tl.store(dh_ptr + state_offs, dh_carry, mask=mask_bh)
     tl.store(dc_ptr + state_offs, dc, mask=mask_bh)
-
-
-@triton.jit
-def _lstm_step_grads(dh, dc, gate_ptrs, state_ptrs, w_ch_ptr, offs_h, mask_h, mask_bh, B, H: tl.constexpr,
-                     PEEPHOLE: tl.constexpr):
-    """The LSTM cell's step backward on one tile: from dh_t and the carried dc_t, the pre-activation gate
-    gradients (dI, dF, dG, dO) and dc_{t-1}. ``gate_ptrs``: the step's saved activations (i, f, g, o);
-    ``state_ptrs``: c_{t-1}, with c_t B·H after it."""
-    i, f, g, o = load_four_gates(gate_ptrs, mask_bh, H)
-    c = tl.load(state_ptrs + B * H, mask=mask_bh, other=0.0)
-    c_prev = tl.load(state_ptrs, mask=mask_bh, other=0.0)
-    tanh_c = tanh(c)
-    d_o = dh * tanh_c * o * (1.0 - o)
-    dc_cell = dc + dh * o * (1.0 - tanh_c * tanh_c)
-    if PEEPHOLE:
-        # Loaded where used, every step (L1 hits): held across the loop they spilled (Triton 3.6, 64 × 64).
-        dc_cell += d_o * tl.load(w_ch_ptr + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-    d_i = dc_cell * g * i * (1.0 - i)
-    d_f = dc_cell * c_prev * f * (1.0 - f)
-    d_g = dc_cell * i * (1.0 - g * g)
-    dc_prev = dc_cell * f
-    if PEEPHOLE:
-        dc_prev += (d_i * tl.load(w_ch_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                    + d_f * tl.load(w_ch_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :])
-    return d_i, d_f, d_g, d_o, dc_prev
-
-
-@triton.jit
-def _gru_step_grads(dh, gate_ptrs, state_ptrs, mask_bh, H: tl.constexpr):
-    """The GRU cell's step backward on one tile, h' = n + z ⊙ (h − n) with n = tanh(x_n + r ⊙ hn): from the
-    whole gradient dh of h_t, the four dG columns (dR, dZ, dN, dN ⊙ r) — pre-activation gradients, the
-    last one the n gate's on the recurrent side (what W_hn and b_hn see) — and z ⊙ dh, the gradient
-    reaching h_{t-1} directly. ``gate_ptrs``: the step's saved (r, z, n, hn); ``state_ptrs``: fp32 h_{t-1}."""
-    r, z, n, hn = load_four_gates(gate_ptrs, mask_bh, H)
-    h_prev = tl.load(state_ptrs, mask=mask_bh, other=0.0)
-    d_n = dh * (1.0 - z) * (1.0 - n * n)
-    d_z = dh * (h_prev - n) * z * (1.0 - z)
-    d_r = d_n * hn * r * (1.0 - r)
-    return d_r, d_z, d_n, d_n * r, dh * z
 
 
 # Persistent launches that did not fit the device (OutOfResources) or were refused as a cooperative grid,

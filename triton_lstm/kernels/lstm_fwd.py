@@ -15,11 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_lstm.kernels.cells import cell_update
 from triton_lstm.kernels.common import (
     dot_precision,
     load_gate_inputs,
     load_own_state,
-    cell_update,
     recurrent_product_streamed,
 )
 
@@ -46,7 +46,7 @@ def _lstm_step_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PEEPHOLE: tl.constexpr = False,
-    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (common.cell_update)
+    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (cells.cell_update)
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)

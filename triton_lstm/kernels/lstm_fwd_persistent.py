@@ -59,6 +59,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from triton_lstm.kernels import common
+from triton_lstm.kernels.cells import cell_update
 from triton_lstm.kernels.common import (
     accumulate_product_resident,
     accumulate_product_streamed,
@@ -67,7 +68,6 @@ from triton_lstm.kernels.common import (
     grid_barrier,
     load_gate_inputs,
     load_gates,
-    cell_update,
     load_own_state,
     recurrent_product_resident,
     recurrent_product_streamed,
@@ -116,7 +116,7 @@ def _lstm_persistent_fwd_kernel(
     HAS_BIAS: tl.constexpr = False,  # LAYERS > 1: bias_ptr holds the biases of layers 1, 2, …
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
-    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (common.cell_update)
+    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (cells.cell_update)
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
@@ -427,7 +427,7 @@ def _update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, 
                         lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr,
                         HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, failed, out_ptr, times, direction,
                         DIRECTIONS: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
-    """The cell update of one tile (gates and c stored by ``common.cell_update``) and its h_t store, NaN
+    """The cell update of one tile (gates and c stored by ``cells.cell_update``) and its h_t store, NaN
     once the program's barrier gave up; returns (h_t, c_t) in fp32 (a GRU's c is its fp32 h). A
     bidirectional layer also stores h_t into its output at ``times`` (rows that ran this step only: the
     rest stays zero)."""
