@@ -1,4 +1,6 @@
 """Fused backward: a reverse-time persistent kernel for the gate gradients, then GEMMs over all steps.
+(Written for the LSTM below; the GRU runs the same chain with its own step, ``cells.gru_step_grads``,
+and dG row, ``gru.py``.)
 
 Backpropagation through one layer and direction splits in two:
 

@@ -1,6 +1,7 @@
 """Forward kernel, persistent: one launch per layer and direction runs all T time steps (the same driver
 runs a whole stack of layers, ``LAYERS > 1``, or both directions of a layer, ``DIRECTIONS = 2``, in one
-launch: ``lstm_fwd_stack.py``, ``lstm_fwd_bidirectional.py``).
+launch: ``lstm_fwd_stack.py``, ``lstm_fwd_bidirectional.py``). The cell is the ``CELL`` constexpr's
+(``cells.py``): the LSTM's, with or without peepholes, or the GRU's (``gru.py``).
 
 Why: the per-step kernel (``lstm_fwd.py``) pays one launch per time step, which at LSTM sizes costs
 more than the step's arithmetic. Here the grid stays resident for the whole sequence and the steps are
