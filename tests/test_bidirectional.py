@@ -34,7 +34,7 @@ CASES = {
 def launches(monkeypatch):
     """Counts the bidirectional kernels' launches (forward, backward) and the one-direction-at-a-time
     forward fallback's."""
-    return count_calls(monkeypatch, bidirectional_module, {"both": "lstm_fwd_bidirectional", "one": "lstm_fwd_persistent",
+    return count_calls(monkeypatch, bidirectional_module, {"both": "lstm_fwd_bidirectional", "one": "run_lstm_layer",
                                                            "both_bwd": "lstm_bwd_bidirectional_gate_grads"})
 
 

@@ -34,7 +34,7 @@ STACKS = {
 @pytest.fixture
 def launches(monkeypatch):
     """Counts the stacked kernels' launches (forward and backward) and the layer-by-layer fallback's."""
-    return count_calls(monkeypatch, stack_module, {"stack": "lstm_fwd_stack", "layer": "lstm_fwd_persistent",
+    return count_calls(monkeypatch, stack_module, {"stack": "lstm_fwd_stack", "layer": "run_lstm_layer",
                                                    "stack_bwd": "lstm_bwd_stack_gate_grads"})
 
 

@@ -16,14 +16,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
-from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference, peephole_grad
+from triton_lstm.ops import (
+    HAS_TRITON,
+    differentiate,
+    kernel_device,
+    run_lstm_layer,
+    run_without_autocast,
+    uses_kernels,
+)
+from triton_lstm.reference import accumulate_dtype, input_projection, peephole_grad
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
     from triton_lstm.kernels.lstm_bwd import lstm_bwd_bidirectional_gate_grads, weight_and_input_grads
     from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
-    from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
 
 
 def reverse_time(x: Tensor, reverse_index: Tensor | None) -> Tensor:
@@ -82,15 +88,8 @@ def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool,
 
     def run_direction(direction, layer_x):
         bias = (b_ih[direction], b_hh[direction]) if b_ih else (None, None)
-        peepholes = None if w_ch is None else w_ch[direction]
-        if kernels:
-            projected = input_projection(layer_x, w_ih[direction], *bias).contiguous()
-            return lstm_fwd_persistent(projected, h0[direction].contiguous(), c0[direction].contiguous(),
-                                       w_hh[direction].contiguous(), None, lengths, save=bool(save),
-                                       w_ch=None if peepholes is None else peepholes.contiguous())
-        h_all, c_all, gates = lstm_recurrence_reference(layer_x, h0[direction], c0[direction], w_ih[direction],
-                                                        w_hh[direction], *bias, None, lengths, peepholes)
-        return (h_all, c_all[-1:], gates[:0]) if not save else (h_all, c_all, gates)
+        return run_lstm_layer(layer_x, h0[direction], c0[direction], w_ih[direction], w_hh[direction], *bias, lengths,
+                              save, kernels, None if w_ch is None else w_ch[direction])
 
     return one_direction_at_a_time(x, lengths, run_direction)
 

@@ -288,6 +288,19 @@ def differentiate(outputs, inputs, needed, grad_outputs) -> list:
     return result
 
 
+def run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None):
+    """One layer and direction's forward outside the ops, for the whole-module ops' fallbacks (a stack layer
+    by layer, a bidirectional layer direction by direction): ``(h_all, c_all, gates)``, or without ``save``
+    the inference forward's. With ``kernels`` the Triton forward (``lengths`` int32), else the plain-PyTorch
+    recurrence (differentiable: the double backward differentiates it). ``gru_ops.run_gru_layer``'s twin."""
+    if kernels:
+        projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
+        return lstm_fwd_persistent(projected, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), None, lengths,
+                                   save=bool(save), w_ch=None if w_ch is None else w_ch.contiguous())
+    h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, w_ch)
+    return (h_all, c_all, gates) if save else (h_all, c_all[-1:], gates[:0])
+
+
 def lstm_layer(
     x: Tensor,
     h0: Tensor,

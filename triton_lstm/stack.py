@@ -15,12 +15,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
-from triton_lstm.reference import accumulate_dtype, input_projection, lstm_recurrence_reference, peephole_grad
+from triton_lstm.ops import (
+    HAS_TRITON,
+    differentiate,
+    kernel_device,
+    run_lstm_layer,
+    run_without_autocast,
+    uses_kernels,
+)
+from triton_lstm.reference import accumulate_dtype, input_projection, peephole_grad
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
-    from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
     from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads, weight_and_input_grads
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
 
@@ -66,15 +72,8 @@ def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: b
 
     def run_layer(layer, layer_input):
         bias = (b_ih[layer], b_hh[layer]) if b_ih else (None, None)
-        peepholes = None if w_ch is None else w_ch[layer]
-        if kernels:
-            projected = input_projection(layer_input, w_ih[layer], *bias).contiguous()
-            return lstm_fwd_persistent(projected, h0[layer].contiguous(), c0[layer].contiguous(),
-                                       w_hh[layer].contiguous(), None, lengths, save=bool(save),
-                                       w_ch=None if peepholes is None else peepholes.contiguous())
-        h_all, c_all, gates = lstm_recurrence_reference(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer],
-                                                        *bias, None, lengths, peepholes)
-        return (h_all, c_all[-1:], gates[:0]) if not save else (h_all, c_all, gates)
+        return run_lstm_layer(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer], *bias, lengths, save,
+                              kernels, None if w_ch is None else w_ch[layer])
 
     return one_layer_at_a_time(x, len(w_hh), run_layer)
 
