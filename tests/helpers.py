@@ -72,14 +72,14 @@ def break_fused_backward(monkeypatch, how: str, module, whole_module_chain: str)
         monkeypatch.setattr(module, whole_module_chain, lambda *args, **kwargs: None)
 
 
-def check_double_backward(**module_kwargs):
-    """A second derivative through ``triton_lstm.LSTM(3, 4, **module_kwargs)`` (create_graph=True, then a
-    backward of the gradient's norm) against nn.LSTM's in float64."""
+def check_double_backward(cell: str = "LSTM", **module_kwargs):
+    """A second derivative through ``triton_lstm.LSTM(3, 4, **module_kwargs)`` (or ``GRU`` with ``cell``;
+    create_graph=True, then a backward of the gradient's norm) against nn.LSTM's (nn.GRU's) in float64."""
     import triton_lstm
 
     torch.manual_seed(0)
-    model = triton_lstm.LSTM(3, 4, device=KERNEL_DEVICE, **module_kwargs)
-    reference = torch.nn.LSTM(3, 4, **module_kwargs).double()
+    model = getattr(triton_lstm, cell)(3, 4, device=KERNEL_DEVICE, **module_kwargs)
+    reference = getattr(torch.nn, cell)(3, 4, **module_kwargs).double()
     reference.load_state_dict(model.state_dict())
     x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True)
     x64 = x.detach().cpu().double().requires_grad_()

@@ -11,87 +11,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, count_calls, requires_cuda
+from helpers import (
+    KERNEL_DEVICE,
+    KERNEL_DTYPES,
+    assert_error_within_pytorch,
+    check_double_backward,
+    count_calls,
+    requires_cuda,
+)
 from test_integrations import GraphCounter, _assert_all_close, _outputs_and_grads
-from test_modules import Case
+from test_modules import Case, check_against_nn
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_sequence
+from torch.nn.utils.rnn import pack_sequence
 
 import triton_lstm
 from triton_lstm import gru_ops
 from triton_lstm.kernels import gru as gru_kernels
 from triton_lstm.reference import gru_input_projection, gru_recurrence_backward_reference, gru_recurrence_reference
-
-
-def _kwargs(case: Case) -> dict:
-    return dict(input_size=case.I, hidden_size=case.H, num_layers=case.num_layers, bias=case.bias,
-                batch_first=case.batch_first, bidirectional=case.bidirectional)
-
-
-def _inputs(case: Case, generator: torch.Generator):
-    """float64 inputs: x (a list of sequences when packed) and h0 or None."""
-    directions = 2 if case.bidirectional else 1
-    if case.packed:
-        lengths = torch.randint(1, case.T + 1, (case.B,), generator=generator)
-        lengths[0] = case.T
-        x = [torch.randn(int(n), case.I, generator=generator, dtype=torch.float64) for n in lengths]
-    elif case.unbatched:
-        x = torch.randn(case.T, case.I, generator=generator, dtype=torch.float64)
-    else:
-        shape = (case.B, case.T, case.I) if case.batch_first else (case.T, case.B, case.I)
-        x = torch.randn(*shape, generator=generator, dtype=torch.float64)
-    h0 = None
-    if case.with_state:
-        batch = () if case.unbatched else (case.B,)
-        h0 = torch.randn(case.num_layers * directions, *batch, case.H, generator=generator, dtype=torch.float64)
-    return x, h0
-
-
-def _run(module, x, h0, dtype, device, grad_seed: int) -> dict:
-    """Outputs and gradients (random output gradients from ``grad_seed``) in float64 on the CPU."""
-    module = module.to(device=device, dtype=dtype)
-    if isinstance(x, list):
-        leaves = [s.detach().to(device=device, dtype=dtype).requires_grad_() for s in x]
-        model_input = pack_sequence(leaves, enforce_sorted=False)
-    else:
-        leaves = [x.detach().to(device=device, dtype=dtype).requires_grad_()]
-        model_input = leaves[0]
-    h0_leaf = None if h0 is None else h0.detach().to(device=device, dtype=dtype).requires_grad_()
-    output, h_n = module(model_input, h0_leaf)
-    out_tensor = output.data if isinstance(output, PackedSequence) else output
-    assert out_tensor.dtype == dtype
-    generator = torch.Generator().manual_seed(grad_seed)
-    outs = {"output": out_tensor, "h_n": h_n}
-    grads = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-             for t in outs.values()]
-    torch.autograd.backward(list(outs.values()), grads)
-    result = {name: t.detach().double().cpu() for name, t in outs.items()}
-    result["grad_input"] = torch.cat([leaf.grad.double().cpu().flatten() for leaf in leaves])
-    if h0_leaf is not None:
-        result["grad_h0"] = h0_leaf.grad.double().cpu()
-    for name, parameter in module.named_parameters():
-        result["grad_" + name] = parameter.grad.double().cpu()
-    return result
-
-
-def check_gru_against_nn(case: Case, dtype: torch.dtype, seed: int = 0, oracle_device: str = "cpu",
-                         **ours_kwargs) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    oracle = nn.GRU(**_kwargs(case)).double()
-    x, h0 = _inputs(case, generator)
-    expected = _run(oracle, x, h0, torch.float64, oracle_device, seed + 1)
-    oracle.cpu()
-    theirs_module = nn.GRU(**_kwargs(case))
-    theirs_module.load_state_dict(oracle.state_dict())
-    theirs = _run(theirs_module, x, h0, dtype, KERNEL_DEVICE, seed + 1)
-    ours_module = triton_lstm.GRU(**_kwargs(case), **ours_kwargs)
-    ours_module.load_state_dict(oracle.state_dict())
-    ours = _run(ours_module, x, h0, dtype, KERNEL_DEVICE, seed + 1)
-    assert ours.keys() == expected.keys()
-    for name in expected:
-        summed = case.T * case.B if name.startswith("grad_weight") or name.startswith("grad_bias") else 1
-        assert_error_within_pytorch(name, ours[name], theirs[name], expected[name], dtype, summed_terms=summed)
 
 
 CASES = {
@@ -113,7 +49,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_gru_matches_nn_gru(case, dtype):
-    check_gru_against_nn(case, dtype)
+    check_against_nn(case, dtype, cell="GRU")
 
 
 LARGE = {
@@ -131,12 +67,12 @@ LARGE = {
 def test_gru_large_shapes_on_the_gpu(case, dtype):
     """The GPU's own plans (many programs, real barriers, resident and streamed W_hh, the whole-module
     launches) against cuDNN's nn.GRU in float64 on the same card."""
-    check_gru_against_nn(case, dtype, oracle_device="cuda")
+    check_against_nn(case, dtype, oracle_device="cuda", cell="GRU")
 
 
 @pytest.mark.parametrize("case", [CASES["packed-bidir-state"], CASES["B17-H33-T7"]], ids=["packed-bidir", "B17-H33"])
 def test_gru_reference_backward_matches_nn_gru(case):
-    check_gru_against_nn(case, torch.float32, backward="reference")
+    check_against_nn(case, torch.float32, backward="reference", cell="GRU")
 
 
 def _layer_tensors(T, B, I, H, dtype, generator, lengths=None):
@@ -364,8 +300,9 @@ def test_gru_stack_fallbacks_match_nn_gru(fallback, monkeypatch):
         monkeypatch.setattr(gru_stack, "lstm_bwd_stack_gate_grads", lambda *args, **kw: None)
     else:
         kwargs["backward"] = "reference"
-    check_gru_against_nn(Case(num_layers=3, packed=True, with_state=True, B=5, T=6), torch.float32, **kwargs)
-    check_gru_against_nn(Case(num_layers=2, bias=False, with_state=True, H=17, B=3, T=7), torch.float16, **kwargs)
+    check_against_nn(Case(num_layers=3, packed=True, with_state=True, B=5, T=6), torch.float32, cell="GRU", **kwargs)
+    check_against_nn(Case(num_layers=2, bias=False, with_state=True, H=17, B=3, T=7), torch.float16, cell="GRU",
+                     **kwargs)
 
 
 @pytest.mark.parametrize("case", [Case(num_layers=2, H=20, I=7, T=6, B=3, with_state=True),
@@ -382,7 +319,7 @@ def test_gru_stack_with_resident_weights_matches_nn_gru(case, monkeypatch):
     plan = ForwardPlan(True, "resident (test)", True, 16, width, width, 1, 1, 4)
     monkeypatch.setattr(gru_stack, "plan_stack_for", lambda *args, **kwargs: plan)
     counts = count_calls(monkeypatch, gru_stack, {"forward": "lstm_fwd_stack"})
-    check_gru_against_nn(case, torch.float32)
+    check_against_nn(case, torch.float32, cell="GRU")
     assert counts == {"forward": 1}
 
 
@@ -411,9 +348,9 @@ def test_bidirectional_gru_fallbacks_match_nn_gru(fallback, monkeypatch):
         monkeypatch.setattr(gru_bidirectional, "lstm_bwd_bidirectional_gate_grads", lambda *args, **kw: None)
     else:
         kwargs["backward"] = "reference"
-    check_gru_against_nn(CASES["packed-bidir-state"], torch.float32, **kwargs)
-    check_gru_against_nn(Case(bidirectional=True, bias=False, with_state=True, H=17, B=3, T=7), torch.float16,
-                         **kwargs)
+    check_against_nn(CASES["packed-bidir-state"], torch.float32, cell="GRU", **kwargs)
+    check_against_nn(Case(bidirectional=True, bias=False, with_state=True, H=17, B=3, T=7), torch.float16,
+                     cell="GRU", **kwargs)
 
 
 def test_bidirectional_gru_inference_forward_keeps_no_gates(monkeypatch):
@@ -434,17 +371,7 @@ def test_bidirectional_gru_inference_forward_keeps_no_gates(monkeypatch):
 
 
 def test_gru_double_backward_matches_nn():
-    torch.manual_seed(0)
-    model = triton_lstm.GRU(3, 4, num_layers=2, device=KERNEL_DEVICE)
-    reference = nn.GRU(3, 4, num_layers=2).double()
-    reference.load_state_dict(model.state_dict())
-    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True)
-    x64 = x.detach().cpu().double().requires_grad_()
-    for module, inp in ((model, x), (reference, x64)):
-        out, _ = module(inp)
-        (grad,) = torch.autograd.grad(out.pow(2).sum(), inp, create_graph=True)
-        grad.pow(2).sum().backward()
-    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-4, atol=1e-5)
+    check_double_backward("GRU", num_layers=2)
 
 
 def test_gru_dropout_between_layers_in_training_only():

@@ -94,7 +94,8 @@ def _make_inputs(case: Case, generator: torch.Generator):
 def _run(module, x, state, dtype, device, grad_seed: int):
     """Runs ``module`` on copies of the inputs in ``dtype`` on ``device``; backprops random output
     gradients (the same for every run: drawn from ``grad_seed`` in float64, then cast) and returns
-    {name: tensor} of outputs and gradients, in float64 on the CPU."""
+    {name: tensor} of outputs and gradients, in float64 on the CPU. ``state`` is (h0, c0), or h0 alone for
+    a GRU (whose hidden output is h_n alone)."""
     module = module.to(device=device, dtype=dtype)
     if isinstance(x, list):
         leaves = [s.detach().to(device=device, dtype=dtype).requires_grad_() for s in x]
@@ -102,38 +103,47 @@ def _run(module, x, state, dtype, device, grad_seed: int):
     else:
         leaves = [x.detach().to(device=device, dtype=dtype).requires_grad_()]
         model_input = leaves[0]
-    state_leaves = None
+    state_leaves = model_state = None
     if state is not None:
-        state_leaves = tuple(s.detach().to(device=device, dtype=dtype).requires_grad_() for s in state)
-    output, (h_n, c_n) = module(model_input, state_leaves)
+        state_leaves = tuple(s.detach().to(device=device, dtype=dtype).requires_grad_()
+                             for s in (state if isinstance(state, tuple) else (state,)))
+        model_state = state_leaves if isinstance(state, tuple) else state_leaves[0]
+    output, hidden = module(model_input, model_state)
     out_tensor = output.data if isinstance(output, PackedSequence) else output
     generator = torch.Generator().manual_seed(grad_seed)
-    outs = {"output": out_tensor, "h_n": h_n, "c_n": c_n}
+    outs = {"output": out_tensor, **dict(zip(("h_n", "c_n"), hidden if isinstance(hidden, tuple) else (hidden,)))}
     grads = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype) for t in outs.values()]
     torch.autograd.backward(list(outs.values()), grads)
     result = {name: t.detach().double().cpu() for name, t in outs.items()}
     result["grad_input"] = torch.cat([leaf.grad.double().cpu().flatten() for leaf in leaves])
-    if state_leaves is not None:
-        result["grad_h0"] = state_leaves[0].grad.double().cpu()
-        result["grad_c0"] = state_leaves[1].grad.double().cpu()
+    for name, leaf in zip(("grad_h0", "grad_c0"), state_leaves or ()):
+        result[name] = leaf.grad.double().cpu()
     for name, parameter in module.named_parameters():
         result["grad_" + name] = parameter.grad.double().cpu()
     return result, out_tensor
 
 
-def check_against_nn(case: Case, dtype: torch.dtype, seed: int = 0, oracle_device: str = "cpu"):
+def check_against_nn(case: Case, dtype: torch.dtype, seed: int = 0, oracle_device: str = "cpu", cell: str = "LSTM",
+                     **ours_kwargs):
+    """Ours (``triton_lstm.<cell>``, with ``ours_kwargs``) against nn's ``cell`` ("LSTM" or "GRU"): every
+    output and gradient within twice nn's own error in ``dtype`` against nn in float64."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    oracle = nn.LSTM(**case.module_kwargs()).double()
+    kwargs = case.module_kwargs()
+    if cell == "GRU":
+        kwargs.pop("proj_size")  # nn.GRU refuses the argument itself
+    oracle = getattr(nn, cell)(**kwargs).double()
     x, state = _make_inputs(case, generator)
+    if cell == "GRU" and state is not None:
+        state = state[0]  # h0 alone
     expected, _ = _run(oracle, x, state, torch.float64, oracle_device, grad_seed=seed + 1)
     oracle.cpu()
 
-    theirs_module = nn.LSTM(**case.module_kwargs())
+    theirs_module = getattr(nn, cell)(**kwargs)
     theirs_module.load_state_dict(oracle.state_dict())
     theirs, _ = _run(theirs_module, x, state, dtype, KERNEL_DEVICE, grad_seed=seed + 1)
 
-    ours_module = triton_lstm.LSTM(**case.module_kwargs())
+    ours_module = getattr(triton_lstm, cell)(**kwargs, **ours_kwargs)
     ours_module.load_state_dict(oracle.state_dict())
     ours, ours_output = _run(ours_module, x, state, dtype, KERNEL_DEVICE, grad_seed=seed + 1)
     assert ours_output.dtype == dtype
