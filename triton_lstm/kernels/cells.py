@@ -78,14 +78,7 @@ def lstm_cell_update(
         if CARRY_H:
             h = tl.where(valid, h, h_prev)
 
-    if SAVE:
-        gates_ptrs = gates_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
-        out_dtype = gates_ptr.dtype.element_ty
-        tl.store(gates_ptrs, i.to(out_dtype), mask=mask_bh)
-        tl.store(gates_ptrs + H, f.to(out_dtype), mask=mask_bh)
-        tl.store(gates_ptrs + 2 * H, g.to(out_dtype), mask=mask_bh)
-        tl.store(gates_ptrs + 3 * H, o.to(out_dtype), mask=mask_bh)
-    tl.store(c_ptr + c_slot(step + 1, SAVE) * B * H + rows[:, None] * H + offs_h[None, :], c, mask=mask_bh)
+    _store_step(i, f, g, o, c, gates_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, SAVE)
     return h, c
 
 
@@ -115,15 +108,24 @@ def gru_cell_update(acc_r, acc_z, acc_n, x_r, x_z, x_n, h_prev, state_ptr, gates
         z = tl.where(valid, z, 0.0)
         n = tl.where(valid, n, 0.0)
         hn = tl.where(valid, hn, 0.0)
+    _store_step(r, z, n, hn, h, gates_ptr, state_ptr, step, B, rows, offs_h, mask_bh, H, SAVE)
+    return h, h
+
+
+@triton.jit
+def _store_step(a, b, c, d, state, gates_ptr, state_ptr, step, B, rows, offs_h, mask_bh, H: tl.constexpr,
+                SAVE: tl.constexpr):
+    """A cell's stores for one tile of step ``step``: its four saved H-vectors (the LSTM's i, f, g, o, the
+    GRU's r, z, n, hn) into the step's gates, in the gates' dtype, with SAVE; its fp32 state (c, or the GRU's
+    h) into the state's slot after the step (``c_slot``)."""
     if SAVE:
         gates_ptrs = gates_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + offs_h[None, :]
         out_dtype = gates_ptr.dtype.element_ty
-        tl.store(gates_ptrs, r.to(out_dtype), mask=mask_bh)
-        tl.store(gates_ptrs + H, z.to(out_dtype), mask=mask_bh)
-        tl.store(gates_ptrs + 2 * H, n.to(out_dtype), mask=mask_bh)
-        tl.store(gates_ptrs + 3 * H, hn.to(out_dtype), mask=mask_bh)
-    tl.store(state_ptr + c_slot(step + 1, SAVE) * B * H + rows[:, None] * H + offs_h[None, :], h, mask=mask_bh)
-    return h, h
+        tl.store(gates_ptrs, a.to(out_dtype), mask=mask_bh)
+        tl.store(gates_ptrs + H, b.to(out_dtype), mask=mask_bh)
+        tl.store(gates_ptrs + 2 * H, c.to(out_dtype), mask=mask_bh)
+        tl.store(gates_ptrs + 3 * H, d.to(out_dtype), mask=mask_bh)
+    tl.store(state_ptr + c_slot(step + 1, SAVE) * B * H + rows[:, None] * H + offs_h[None, :], state, mask=mask_bh)
 
 
 @triton.jit
