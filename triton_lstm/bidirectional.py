@@ -170,11 +170,8 @@ class LSTMBidirectional(torch.autograd.Function):
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
         w_ih, w_hh, _, _ = _split(ctx.has_bias, weights)
-        T, H = x.shape[0], w_hh[0].shape[1]
-        valid = _valid_steps(lengths, T, x.device)
-        if valid is not None:
-            grad_out = grad_out * valid  # the output is 0 past each sequence's end: no gradient flows there
-        index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
+        H = w_hh[0].shape[1]
+        grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
@@ -197,6 +194,17 @@ class LSTMBidirectional(torch.autograd.Function):
                 grad_weights += [grads[5], grads[5].clone()]  # each bias owns its gradient tensor
         grad_h0, grad_c0, grad_w_ch = (torch.stack([grads[i] for grads in per_direction]) for i in (1, 2, 7))
         return (grad_x, grad_h0, grad_c0, None, None, None, grad_w_ch if w_ch is not None else None, *grad_weights)
+
+
+def backward_inputs(x: Tensor, lengths: Tensor | None, grad_out: Tensor) -> tuple[Tensor, Tensor | None]:
+    """What a bidirectional layer's backward starts from: the output gradient zeroed past each sequence's
+    end (the output is 0 there: no gradient flows), and ``reverse_index`` for the reverse direction (None
+    without lengths)."""
+    T = x.shape[0]
+    valid = _valid_steps(lengths, T, x.device)
+    if valid is not None:
+        grad_out = grad_out * valid
+    return grad_out, None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
 
 
 def each_direction_backward(x: Tensor, grad_out: Tensor, index: Tensor | None, H: int, backward_direction):

@@ -12,11 +12,10 @@ from torch import Tensor
 
 from triton_lstm.bidirectional import (
     _split,
-    _valid_steps,
+    backward_inputs,
     each_direction_backward,
     in_time_order,
     one_direction_at_a_time,
-    reverse_index,
 )
 from triton_lstm.gru_ops import run_gru_layer
 from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
@@ -101,11 +100,8 @@ class GRUBidirectional(torch.autograd.Function):
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n)
         w_ih, w_hh, _, _ = _split(ctx.has_bias, weights)
-        T, H = x.shape[0], w_hh[0].shape[1]
-        valid = _valid_steps(lengths, T, x.device)
-        if valid is not None:
-            grad_out = grad_out * valid  # the output is 0 past each sequence's end: no gradient flows there
-        index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
+        H = w_hh[0].shape[1]
+        grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _fused_backward(x, lengths, index, h_all, state_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
