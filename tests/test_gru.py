@@ -502,3 +502,10 @@ def test_gru_torch_save_loads_with_weights_only():
     x = torch.randn(4, 3, 5)
     torch.testing.assert_close(loaded["gru"](x), saved["gru"](x), rtol=0, atol=0)
     torch.testing.assert_close(loaded["cell"](x[0]), saved["cell"](x[0]), rtol=0, atol=0)
+
+
+def test_gru_repr_is_nn_grus_plus_our_non_default_option():
+    assert repr(triton_lstm.GRU(3, 4, num_layers=2)) == repr(nn.GRU(3, 4, num_layers=2))
+    assert repr(triton_lstm.GRUCell(3, 4)) == repr(nn.GRUCell(3, 4))
+    assert repr(triton_lstm.GRU(3, 4, backward="reference")) == "GRU(3, 4, backward='reference')"
+    assert repr(triton_lstm.GRUCell(3, 4, backward="reference")) == "GRUCell(3, 4, backward='reference')"

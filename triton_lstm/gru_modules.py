@@ -12,7 +12,6 @@ on the CPU without Triton's interpreter, where ATen's GRU runs exactly as in nn.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
@@ -28,6 +27,8 @@ from triton_lstm.modules import (
     _check_state_tensor,
     _runs_aten,
     _time_major_input,
+    dropout_between_layers,
+    options_repr,
 )
 from triton_lstm.ops import check_backward_options
 from triton_lstm.stack import stack_plan
@@ -141,8 +142,7 @@ class GRU(nn.RNNBase):
                 layer_input, h = gru_bidirectional(layer_input, h0[2 * layer:2 * layer + 2], *weights[layer],
                                                    lengths_on_device, backward=backward)
                 h_n += [h[0], h[1]]
-                if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                    layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+                layer_input = dropout_between_layers(self, layer_input, layer)
                 continue
             outputs = []
             for direction in range(num_directions):
@@ -152,8 +152,7 @@ class GRU(nn.RNNBase):
                 outputs.append(out if direction == 0 else reverse_time(out, time_reversal))
                 h_n.append(h)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+            layer_input = dropout_between_layers(self, layer_input, layer)
         h_n = torch.stack(h_n)
         if packed:
             return self._finish_packed(pack_padded_sequence(layer_input, lengths).data, h_n, batch_sizes,
@@ -180,10 +179,7 @@ class GRU(nn.RNNBase):
         return (output.transpose(0, 1) if self.batch_first else output), h_n
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if getattr(self, "backward_mode", "fused") != "fused":
-            text += f", backward={self.backward_mode!r}"
-        return text
+        return super().extra_repr() + options_repr(self)
 
     def __prepare_scriptable__(self):
         raise RuntimeError(_NOT_SCRIPTABLE.format(cls="GRU"))
@@ -244,10 +240,7 @@ class GRUCell(nn.GRUCell):
         return h if is_batched else h.squeeze(0)
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if getattr(self, "backward_mode", "fused") != "fused":
-            text += f", backward={self.backward_mode!r}"
-        return text
+        return super().extra_repr() + options_repr(self)
 
     def __prepare_scriptable__(self):
         raise RuntimeError(_NOT_SCRIPTABLE.format(cls="GRUCell"))

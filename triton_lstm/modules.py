@@ -180,6 +180,26 @@ def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
     return hx[0], hx[1]
 
 
+def dropout_between_layers(module: nn.RNNBase, layer_input: Tensor, layer: int) -> Tensor:
+    """nn.LSTM's / nn.GRU's dropout on the output of every layer but the last, in training."""
+    if module.dropout > 0 and module.training and layer < module.num_layers - 1:
+        return F.dropout(layer_input, p=module.dropout, training=True)
+    return layer_input
+
+
+def options_repr(module: nn.Module) -> str:
+    """Our keyword options that differ from their defaults, for the modules' ``extra_repr`` (getattr: modules
+    pickled before an option existed, and the GRU's, which has only ``backward``)."""
+    text = ""
+    if getattr(module, "backward_mode", "fused") != "fused":
+        text += f", backward={module.backward_mode!r}"
+    if getattr(module, "recompute_interval", 0):
+        text += f", recompute_interval={module.recompute_interval}"
+    if getattr(module, "peephole", False):
+        text += ", peephole=True"
+    return text
+
+
 class LSTM(nn.RNNBase):
     r"""A multi-layer LSTM, a drop-in replacement for :class:`torch.nn.LSTM` whose recurrence runs fused
     Triton kernels on NVIDIA GPUs.
@@ -396,8 +416,7 @@ class LSTM(nn.RNNBase):
                 )
                 h_n += [h[0], h[1]]
                 c_n += [c[0], c[1]]
-                if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                    layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+                layer_input = dropout_between_layers(self, layer_input, layer)
                 continue
             outputs = []
             for direction in range(num_directions):
@@ -412,8 +431,7 @@ class LSTM(nn.RNNBase):
                 h_n.append(h)
                 c_n.append(c)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+            layer_input = dropout_between_layers(self, layer_input, layer)
         return self._finish_from_time_major(layer_input, (torch.stack(h_n), torch.stack(c_n)), packed, lengths,
                                             batch_sizes, sorted_indices, unsorted_indices, is_batched)
 
@@ -445,14 +463,7 @@ class LSTM(nn.RNNBase):
         return self._finish(output, hidden, is_batched)
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if getattr(self, "backward_mode", "fused") != "fused":
-            text += f", backward={self.backward_mode!r}"
-        if getattr(self, "recompute_interval", 0):
-            text += f", recompute_interval={self.recompute_interval}"
-        if getattr(self, "peephole", False):
-            text += ", peephole=True"
-        return text
+        return super().extra_repr() + options_repr(self)
 
     def _finish(self, output, hidden, is_batched: bool):
         """The time-major (T, B, ·) output and (h_n, c_n) in the layout of the input."""
@@ -554,12 +565,7 @@ class LSTMCell(nn.LSTMCell):
         return h, c
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if getattr(self, "backward_mode", "fused") != "fused":
-            text += f", backward={self.backward_mode!r}"
-        if getattr(self, "peephole", False):
-            text += ", peephole=True"
-        return text
+        return super().extra_repr() + options_repr(self)
 
     def __prepare_scriptable__(self):
         raise RuntimeError(_NOT_SCRIPTABLE.format(cls="LSTMCell"))
