@@ -19,6 +19,7 @@ from torch import Tensor
 from triton_lstm.ops import (
     HAS_TRITON,
     differentiate,
+    grad_wanted,
     kernel_device,
     run_lstm_layer,
     run_without_autocast,
@@ -283,8 +284,7 @@ def lstm_bidirectional(x: Tensor, h0: Tensor, c0: Tensor, forward_weights, rever
     directions' peephole weights stacked, (2, 3H), or None."""
     has_bias = forward_weights[2] is not None
     weights = [w for ws in (forward_weights, reverse_weights) for w in (ws if has_bias else ws[:2])]
-    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, w_ch, *weights))
-    if not grad_wanted:
+    if not grad_wanted(x, h0, c0, w_ch, *weights):
         # An inference forward: no per-step gates or c are kept.
         w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
         out, h_all, c_all, _ = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0,

@@ -18,7 +18,7 @@ from triton_lstm.bidirectional import (
     one_direction_at_a_time,
 )
 from triton_lstm.gru_ops import run_gru_layer
-from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
+from triton_lstm.ops import HAS_TRITON, differentiate, grad_wanted, kernel_device, run_without_autocast, uses_kernels
 from triton_lstm.reference import accumulate_dtype, gru_projection_bias, input_projection
 
 if HAS_TRITON:
@@ -157,7 +157,7 @@ def gru_bidirectional(x: Tensor, h0: Tensor, forward_weights, reverse_weights, l
     ``*_weights``: (w_ih, w_hh, b_ih, b_hh) per direction, biases None or both set."""
     has_bias = forward_weights[2] is not None
     weights = [w for ws in (forward_weights, reverse_weights) for w in (ws if has_bias else ws[:2])]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, *weights))):
+    if not grad_wanted(x, h0, *weights):
         # An inference forward: no per-step gates or states are kept.
         w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
         out, h_all, _, _ = torch.ops.triton_lstm.gru_bidirectional_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 0)

@@ -14,6 +14,7 @@ from triton_lstm.ops import (
     HAS_TRITON,
     check_backward_options,
     differentiate,
+    grad_wanted,
     kernel_device,
     run_without_autocast,
     uses_kernels,
@@ -162,7 +163,7 @@ def gru_layer(
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         # torch.func: the plain-PyTorch recurrence, which those transforms differentiate and batch.
         return _reference_outputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))):
+    if not grad_wanted(x, h0, w_ih, w_hh, b_ih, b_hh):
         # Nothing will be differentiated: an inference forward keeps no per-step gates or states.
         h_all, _, _ = torch.ops.triton_lstm.gru_recurrence_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 0)
         return h_all[1:], h_all[-1].clone()

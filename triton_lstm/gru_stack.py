@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from triton_lstm.gru_ops import run_gru_layer
-from triton_lstm.ops import HAS_TRITON, differentiate, kernel_device, run_without_autocast, uses_kernels
+from triton_lstm.ops import HAS_TRITON, differentiate, grad_wanted, kernel_device, run_without_autocast, uses_kernels
 from triton_lstm.reference import accumulate_dtype, gru_input_projection, gru_projection_bias
 from triton_lstm.stack import _split_weights, each_layer_backward, one_layer_at_a_time
 
@@ -149,7 +149,7 @@ def gru_stack(x: Tensor, h0: Tensor, layer_weights, lengths: Tensor | None, *, b
     layers = len(layer_weights)
     has_bias = layer_weights[0][2] is not None
     weights = [w for ws in layer_weights for w in (ws if has_bias else ws[:2])]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, *weights))):
+    if not grad_wanted(x, h0, *weights):
         # An inference forward: no per-step gates or states are kept.
         w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
         h_all, _, _ = torch.ops.triton_lstm.gru_stack_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 0)

@@ -288,6 +288,12 @@ def differentiate(outputs, inputs, needed, grad_outputs) -> list:
     return result
 
 
+def grad_wanted(*tensors) -> bool:
+    """Whether a backward can follow: grad mode on and one of ``tensors`` (None allowed) requiring grad.
+    Where not (no_grad, inference_mode, nothing requiring grad), the ops run their inference forward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None):
     """One layer and direction's forward outside the ops, for the whole-module ops' fallbacks (a stack layer
     by layer, a bidirectional layer direction by direction): ``(h_all, c_all, gates)``, or without ``save``
@@ -336,7 +342,7 @@ def lstm_layer(
         # differentiate and batch like any PyTorch code (our autograd.Function and custom ops are opaque).
         h_all, c_all, _ = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch)
         return h_all[1:], h_all[-1], c_all[-1].to(x.dtype)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch))):
+    if not grad_wanted(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch):
         # Nothing will be differentiated (no_grad, inference_mode, or no input requiring grad): an
         # inference forward keeps no per-step gates or c, only the output and the final state.
         h_all, c_all, _ = torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 0, w_ch)

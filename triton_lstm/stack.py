@@ -18,6 +18,7 @@ from torch import Tensor
 from triton_lstm.ops import (
     HAS_TRITON,
     differentiate,
+    grad_wanted,
     kernel_device,
     run_lstm_layer,
     run_without_autocast,
@@ -225,8 +226,7 @@ def lstm_stack(x: Tensor, h0: Tensor, c0: Tensor, layer_weights, lengths: Tensor
     layers = len(layer_weights)
     has_bias = layer_weights[0][2] is not None
     weights = [w for ws in layer_weights for w in (ws if has_bias else ws[:2])]
-    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, w_ch, *weights))
-    if not grad_wanted:
+    if not grad_wanted(x, h0, c0, w_ch, *weights):
         # An inference forward: no per-step gates or c are kept (c_all holds c_T only).
         w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
         h_all, c_all, _ = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0, w_ch)
