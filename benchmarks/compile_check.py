@@ -74,6 +74,12 @@ def _kernel_and_signature(config: dict):
         constants = dict(H=config["H"], K=config["K"], HAS_LENGTHS=1, PROJECT=int(config["K"] != config["H"]), SAVE=1,
                          DOT_PRECISION=config.get("precision", "ieee"), BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
                          PEEPHOLE=int(config.get("peephole", False)), CELL=config.get("cell", "lstm"))
+    elif kind == "peephole_grad":  # the peephole weights' reduction (not planned: its one tile per dtype)
+        from triton_lstm.kernels.lstm_bwd import _peephole_grad_kernel as kernel
+
+        signature = {"grad_gates_ptr": f"*{dtype}", "c_ptr": "*fp32", "partial_ptr": "*fp32", "rows": "i32", "B": "i32",
+                     "rows_per_split": "i32"}
+        constants = dict(H=config["H"], BLOCK_R=config["block_b"], BLOCK_H=config["block_h"])
     else:
         from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel as kernel
 
@@ -97,7 +103,7 @@ def _compile_one(config: dict) -> dict:
 
     kernel, signature, constants = _kernel_and_signature(config)
     options = {"num_warps": config["num_warps"], "num_stages": config.get("num_stages", 3)}
-    if config.get("kernel", "persistent") != "step":
+    if config.get("kernel", "persistent") not in ("step", "peephole_grad"):
         options["launch_cooperative_grid"] = True
     # The JIT marks pointers to 16-byte-aligned tensors (every torch allocation) as such; without these
     # attributes the compiler sees unaligned pointers and builds another kernel (scalar loads, other

@@ -16,6 +16,9 @@ assert HAS_CUDA or interpreting(), "tests on a machine without CUDA must run wit
 
 # bf16 arithmetic and bf16 tl.dot are wrong under the interpreter: bf16 is tested on the GPU only.
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+# The whole-module (stacked) kernels run 16-bit on a GPU (fp32 stacks spill on sm_90: layer by layer), any
+# kernel dtype under the interpreter (where bf16 arithmetic is wrong).
+STACK_DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 
 
 def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:

@@ -34,3 +34,13 @@ def test_planned_kernels_compile_for_sm90(kernel, capsys):
     status = _compile_check().main(["--quick", "--kernel", *kernel.split(), "--jobs", "2"])
     report = capsys.readouterr().out
     assert status == 0, report
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("H", [33, 512])
+def test_peephole_weight_grads_kernel_compiles_without_spills(dtype, H):
+    """The peephole weights' reduction (kernels/lstm_bwd.py) at the tile ``peephole_weight_grads`` takes on a GPU."""
+    config = dict(kernel="peephole_grad", dtype=dtype, H=H, block_b=32, block_h=64, num_warps=4, arch=90)
+    [(_, outcome)] = _compile_check()._run_batch([config])
+    assert isinstance(outcome, dict), outcome
+    assert 0 < outcome["registers"] <= 255 and outcome["spills"] == 0, outcome

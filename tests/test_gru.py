@@ -14,6 +14,7 @@ import torch
 from helpers import (
     KERNEL_DEVICE,
     KERNEL_DTYPES,
+    STACK_DTYPE,
     assert_error_within_pytorch,
     check_double_backward,
     count_calls,
@@ -98,24 +99,27 @@ def test_gru_kernels_against_reference(persistent, with_lengths, dtype, monkeypa
     lengths = torch.tensor([6, 1, 4, 6, 2]) if with_lengths else None
     expected = gru_recurrence_reference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
     theirs = gru_recurrence_reference(*(t.to(dtype) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)), lengths)
-    cast = [t.to(dtype) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    cast = [t.to(KERNEL_DEVICE, dtype) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
     projected = gru_input_projection(cast[0], cast[2], cast[4], cast[5]).contiguous()
-    int_lengths = None if lengths is None else lengths.to(torch.int32)
+    int_lengths = None if lengths is None else lengths.to(KERNEL_DEVICE, torch.int32)
     ours = gru_kernels.gru_fwd(projected, cast[1], cast[3], gru_kernels.hidden_bias_n(cast[5], cast[3]), int_lengths)
     for name, o, t, e in zip(("h_all", "state_all", "gates"), ours, theirs, expected):
-        assert_error_within_pytorch(name, o, t, e, dtype)
+        assert_error_within_pytorch(name, o.cpu(), t, e, dtype)
 
     grad_out = torch.randn(T, B, H, generator=generator, dtype=torch.float64)
     grad_h_n = torch.randn(B, H, generator=generator, dtype=torch.float64)
     expected_grads = gru_recurrence_backward_reference(grad_out, grad_h_n, x, w_ih, w_hh, expected[2], expected[0],
                                                        expected[1], lengths)
-    theirs_grads = gru_recurrence_backward_reference(grad_out.to(dtype), grad_h_n.to(dtype), cast[0], cast[2], cast[3],
-                                                     theirs[2], theirs[0], theirs[1], lengths)
-    ours_grads = gru_kernels.gru_bwd(grad_out.to(dtype), grad_h_n.to(dtype), cast[0], cast[2], cast[3], ours[2], ours[0],
-                                     ours[1], int_lengths, schedule="persistent" if persistent else "per_step")
+    on_cpu = [t.cpu() for t in cast]
+    theirs_grads = gru_recurrence_backward_reference(grad_out.to(dtype), grad_h_n.to(dtype), on_cpu[0], on_cpu[2],
+                                                     on_cpu[3], theirs[2], theirs[0], theirs[1], lengths)
+    ours_grads = gru_kernels.gru_bwd(grad_out.to(KERNEL_DEVICE, dtype), grad_h_n.to(KERNEL_DEVICE, dtype), cast[0],
+                                     cast[2], cast[3], ours[2], ours[0], ours[1], int_lengths,
+                                     schedule="persistent" if persistent else "per_step")
     names = ("grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh")
     for name, o, t, e in zip(names, ours_grads, theirs_grads, expected_grads):
-        assert_error_within_pytorch(name, o, t, e, dtype, summed_terms=T * B if "_w_" in name or "_b_" in name else 1)
+        assert_error_within_pytorch(name, o.cpu(), t, e, dtype,
+                                    summed_terms=T * B if "_w_" in name or "_b_" in name else 1)
 
 
 def test_gru_reference_is_nn_gru():
@@ -261,8 +265,8 @@ def test_gru_inference_forward_keeps_no_gates(layers, monkeypatch):
     else:
         original = gru_stack.lstm_fwd_stack
         monkeypatch.setattr(gru_stack, "lstm_fwd_stack", lambda *args, **kw: saves.append(args[8]) or original(*args, **kw))
-    model = triton_lstm.GRU(3, 5, num_layers=layers).to(KERNEL_DEVICE)
-    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE)
+    model = triton_lstm.GRU(3, 5, num_layers=layers).to(KERNEL_DEVICE, STACK_DTYPE)
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     with torch.no_grad():
         out, h_n = model(x)
     expected, expected_h = model(x)  # a training forward: the same numbers
@@ -276,8 +280,8 @@ def test_gru_stack_runs_in_one_launch_each_way(monkeypatch):
 
     counts = count_calls(monkeypatch, gru_stack, {"forward": "lstm_fwd_stack", "backward": "lstm_bwd_stack_gate_grads"})
     per_layer = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd", "backward": "gru_bwd"})
-    model = triton_lstm.GRU(3, 5, num_layers=3).to(KERNEL_DEVICE)
-    out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True))
+    model = triton_lstm.GRU(3, 5, num_layers=3).to(KERNEL_DEVICE, STACK_DTYPE)
+    out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=STACK_DTYPE, requires_grad=True))
     out.sum().backward()
     assert counts == {"forward": 1, "backward": 1} and per_layer == {"forward": 0, "backward": 0}
     # Dropout between layers in training: layer by layer, F.dropout in between.
@@ -312,14 +316,15 @@ def test_gru_stack_with_resident_weights_matches_nn_gru(case, monkeypatch):
     program per layer, its hidden block the whole H, as the interpreter runs it."""
     import triton
 
-    from triton_lstm import gru_stack
+    from triton_lstm import gru_stack, stack
     from triton_lstm.kernels.forward_plans import ForwardPlan
 
     width = max(16, triton.next_power_of_2(case.H))
     plan = ForwardPlan(True, "resident (test)", True, 16, width, width, 1, 1, 4)
-    monkeypatch.setattr(gru_stack, "plan_stack_for", lambda *args, **kwargs: plan)
+    for module in (stack, gru_stack):  # the module's choice of the stack op, and the op's plan
+        monkeypatch.setattr(module, "plan_stack_for", lambda *args, **kwargs: plan)
     counts = count_calls(monkeypatch, gru_stack, {"forward": "lstm_fwd_stack"})
-    check_against_nn(case, torch.float32, cell="GRU")
+    check_against_nn(case, STACK_DTYPE, cell="GRU")
     assert counts == {"forward": 1}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, count_calls
+from helpers import KERNEL_DEVICE, KERNEL_DTYPES, STACK_DTYPE, assert_error_within_pytorch, count_calls
 from test_modules import Case, _make_inputs, _run
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -203,9 +203,9 @@ def test_peephole_stacks_and_bidirectional_layers_run_the_whole_module_kernels(m
     from triton_lstm import modules
 
     calls = count_calls(monkeypatch, modules, {"layer": "lstm_layer", "stack": "lstm_stack", "both": "lstm_bidirectional"})
-    x = torch.randn(5, 2, 3, device=KERNEL_DEVICE)
-    models = [triton_lstm.LSTM(3, 4, num_layers=2, bidirectional=True, peephole=True, device=KERNEL_DEVICE),
-              triton_lstm.LSTM(3, 4, num_layers=3, peephole=True, device=KERNEL_DEVICE)]
+    x = torch.randn(5, 2, 3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    models = [triton_lstm.LSTM(3, 4, num_layers=2, bidirectional=True, peephole=True, device=KERNEL_DEVICE, dtype=STACK_DTYPE),
+              triton_lstm.LSTM(3, 4, num_layers=3, peephole=True, device=KERNEL_DEVICE, dtype=STACK_DTYPE)]
     trained = [model(x) for model in models]
     kernels = KERNEL_DEVICE == "cuda" or ops.interpreting()
     assert calls == ({"layer": 0, "stack": 1, "both": 2} if kernels else {"layer": 7, "stack": 0, "both": 0})
@@ -222,6 +222,24 @@ def test_stack_plan_with_peepholes_takes_narrower_chunks_for_16_row_tiles():
     peephole = plan_stack_fwd(512, 16, 1024, 2, 2, 132, 232448, peephole=True)
     assert (plain.block_b, plain.block_k, peephole.block_k) == (16, 64, 32), "64-wide chunks spilled with peepholes"
     assert plan_stack_fwd(512, 64, 512, 4, 2, 132, 232448, peephole=True) == plan_stack_fwd(512, 64, 512, 4, 2, 132, 232448)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("G, T, B, H", [(1, 7, 3, 5), (2, 5, 9, 40), (3, 2, 1, 17)])
+def test_peephole_weight_grads_kernel_is_the_reference_contraction(G, T, B, H, dtype):
+    """The one-pass reduction of dG and c (split rows, each split's sums added after) against
+    ``reference.peephole_grad`` in float64, per layer or direction, on fresh random inputs."""
+    from triton_lstm.kernels.lstm_bwd import peephole_weight_grads
+    from triton_lstm.reference import peephole_grad
+
+    generator = torch.Generator().manual_seed(G * 100 + H)
+    grad_gates = torch.randn(G, T, B, 4 * H, generator=generator).to(dtype)
+    c_all = torch.randn(G, T + 1, B, H, generator=generator)
+    ours = peephole_weight_grads(grad_gates.to(KERNEL_DEVICE), c_all.to(KERNEL_DEVICE)).cpu()
+    for g in range(G):
+        expected = peephole_grad(grad_gates[g].double(), c_all[g].double())
+        theirs = peephole_grad(grad_gates[g], c_all[g])  # PyTorch's fp32 contraction
+        assert_error_within_pytorch(f"grad_w_ch[{g}]", ours[g], theirs, expected, torch.float32, summed_terms=T * B)
 
 
 def test_double_backward_through_peepholes():

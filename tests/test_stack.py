@@ -8,16 +8,20 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from helpers import HAS_CUDA, KERNEL_DEVICE, break_fused_backward, check_double_backward, count_calls, requires_cuda
+from helpers import (
+    KERNEL_DEVICE,
+    STACK_DTYPE,
+    break_fused_backward,
+    check_double_backward,
+    count_calls,
+    requires_cuda,
+)
 from test_modules import Case, check_against_nn
 
 import triton_lstm
 from triton_lstm import stack as stack_module
 from triton_lstm.kernels.forward_plans import ForwardPlan, plan_stack_fwd
 
-# The stacked kernel runs 16-bit on a GPU (fp32 stacks spill on sm_90: layer by layer), any kernel dtype
-# under the interpreter (where bf16 arithmetic is wrong).
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 
 STACKS = {
     "L2": Case(T=5, B=3, I=4, H=6, num_layers=2),
@@ -40,7 +44,7 @@ def launches(monkeypatch):
 
 @pytest.mark.parametrize("case", STACKS.values(), ids=STACKS.keys())
 def test_stack_matches_nn_lstm(case, launches):
-    check_against_nn(case, DTYPE)
+    check_against_nn(case, STACK_DTYPE)
     # check_against_nn runs one forward of ours and its backward: one stacked launch each, no per-layer one.
     assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
 
@@ -53,7 +57,7 @@ def test_stack_with_resident_weights_matches_nn_lstm(name, launches, monkeypatch
     width = max(16, triton.next_power_of_2(case.H))
     plan = ForwardPlan(True, "resident (test)", True, 16, width, width, 1, 1, 4)
     monkeypatch.setattr(stack_module, "plan_stack_for", lambda x, hidden_size, num_layers, peephole=False: plan)
-    check_against_nn(case, DTYPE)
+    check_against_nn(case, STACK_DTYPE)
     assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
 
 
@@ -63,17 +67,17 @@ def test_backward_layer_by_layer_where_the_stacked_one_does_not_run(fallback, la
     per-layer backward from the top, with the same gradients."""
     case = STACKS["L3-state"]
     break_fused_backward(monkeypatch, fallback, stack_module, "lstm_bwd_stack_gate_grads")
-    check_against_nn(case, DTYPE)
+    check_against_nn(case, STACK_DTYPE)
     assert launches["stack"] == 1 and launches["stack_bwd"] == 0
 
 
 def test_inference_forward_keeps_no_per_step_state():
     torch.manual_seed(0)
     T, B, I, H, L = 6, 3, 4, 5, 3
-    model = triton_lstm.LSTM(I, H, num_layers=L, device=KERNEL_DEVICE, dtype=DTYPE)
-    x = torch.randn(T, B, I, device=KERNEL_DEVICE, dtype=DTYPE)
+    model = triton_lstm.LSTM(I, H, num_layers=L, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    x = torch.randn(T, B, I, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     weights = [model._layer_weights(layer, 0) for layer in range(L)]
-    h0 = c0 = torch.zeros(L, B, H, device=KERNEL_DEVICE, dtype=DTYPE)
+    h0 = c0 = torch.zeros(L, B, H, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     w_ih, w_hh, b_ih, b_hh = ([w[i] for w in weights] for i in range(4))
     with torch.no_grad():
         h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 0)
@@ -82,12 +86,12 @@ def test_inference_forward_keeps_no_per_step_state():
     assert c_all.shape == (L, 1, B, H) and gates.shape == (L, 0, B, 4 * H)
     assert torch.equal(h_all, trained[0]) and torch.equal(c_all[:, 0], trained[1][:, -1])
     # The module returns c_n in the input dtype (the kernels keep c in fp32).
-    assert torch.equal(out, trained[0][-1, 1:]) and torch.equal(c_n, trained[1][:, -1].to(DTYPE))
+    assert torch.equal(out, trained[0][-1, 1:]) and torch.equal(c_n, trained[1][:, -1].to(STACK_DTYPE))
 
 
 def test_stays_layer_by_layer_where_the_kernel_does_not_apply():
-    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=DTYPE)
-    kwargs = dict(input_size=3, hidden_size=5, device=KERNEL_DEVICE, dtype=DTYPE)
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    kwargs = dict(input_size=3, hidden_size=5, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     assert triton_lstm.LSTM(num_layers=2, **kwargs)._runs_as_stack(x)
     assert not triton_lstm.LSTM(num_layers=1, **kwargs)._runs_as_stack(x)
     assert not triton_lstm.LSTM(num_layers=2, bidirectional=True, **kwargs)._runs_as_stack(x)
@@ -102,8 +106,8 @@ def test_stays_layer_by_layer_where_the_kernel_does_not_apply():
 
 def test_dropout_training_runs_layer_by_layer(launches):
     torch.manual_seed(0)
-    model = triton_lstm.LSTM(3, 5, num_layers=2, dropout=0.5, device=KERNEL_DEVICE, dtype=DTYPE)
-    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=DTYPE)
+    model = triton_lstm.LSTM(3, 5, num_layers=2, dropout=0.5, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     model(x)
     assert launches["stack"] == 0
     model.eval()(x)
@@ -126,8 +130,8 @@ def test_dropout_between_layers_masks_and_reproduces(monkeypatch):
         return out
 
     monkeypatch.setattr(triton_lstm.modules.F, "dropout", spy)
-    model = triton_lstm.LSTM(4, 64, num_layers=3, dropout=0.3, device=KERNEL_DEVICE, dtype=DTYPE)
-    x = torch.randn(8, 16, 4, device=KERNEL_DEVICE, dtype=DTYPE)
+    model = triton_lstm.LSTM(4, 64, num_layers=3, dropout=0.3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    x = torch.randn(8, 16, 4, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     outputs = []
     for seed in (5, 5, 6):
         torch.manual_seed(seed)
@@ -143,8 +147,8 @@ def test_dropout_between_layers_masks_and_reproduces(monkeypatch):
 
 def test_stack_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("TRITON_LSTM_STACK", "0")
-    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=DTYPE)
-    assert not triton_lstm.LSTM(3, 5, num_layers=2, device=KERNEL_DEVICE, dtype=DTYPE)._runs_as_stack(x)
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    assert not triton_lstm.LSTM(3, 5, num_layers=2, device=KERNEL_DEVICE, dtype=STACK_DTYPE)._runs_as_stack(x)
 
 
 def test_plan_gives_each_layer_its_share_of_the_sms():

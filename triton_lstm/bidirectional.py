@@ -25,11 +25,11 @@ from triton_lstm.ops import (
     run_without_autocast,
     uses_kernels,
 )
-from triton_lstm.reference import accumulate_dtype, input_projection, peephole_grad
+from triton_lstm.reference import accumulate_dtype, input_projection
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
-    from triton_lstm.kernels.lstm_bwd import lstm_bwd_bidirectional_gate_grads, weight_and_input_grads
+    from triton_lstm.kernels.lstm_bwd import lstm_bwd_bidirectional_gate_grads, peephole_weight_grads, weight_and_input_grads
     from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
 
 
@@ -250,7 +250,7 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
     grad_w_ch = None
     if w_ch is not None:
         # Step-indexed dG and c of each direction pair up as they are: no reordering needed.
-        grad_w_ch = torch.stack([peephole_grad(grad_gates[d], c_all[d]) for d in range(2)]).to(w_ch.dtype)
+        grad_w_ch = peephole_weight_grads(grad_gates, c_all).to(w_ch.dtype)
     return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), grad_w_ch, *grad_weights)
 
 

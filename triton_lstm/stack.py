@@ -24,11 +24,11 @@ from triton_lstm.ops import (
     run_without_autocast,
     uses_kernels,
 )
-from triton_lstm.reference import accumulate_dtype, input_projection, peephole_grad
+from triton_lstm.reference import accumulate_dtype, input_projection
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
-    from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads, weight_and_input_grads
+    from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads, peephole_weight_grads, weight_and_input_grads
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
 
 
@@ -201,7 +201,7 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
             grad_weights += [grad_bias, grad_bias.clone()]  # each bias owns its gradient tensor
     grad_w_ch = None
     if w_ch is not None:
-        grad_w_ch = torch.stack([peephole_grad(grad_gates[layer], c_all[layer]) for layer in range(len(w_hh))]).to(w_ch.dtype)
+        grad_w_ch = peephole_weight_grads(grad_gates, c_all).to(w_ch.dtype)
     return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), grad_w_ch, *grad_weights)
 
 
