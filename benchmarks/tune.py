@@ -3,6 +3,7 @@
     python benchmarks/tune.py --shape 512 64 256 256 --dtype bf16            # forward and backward
     python benchmarks/tune.py --anchors --mode fwd --budget-s 20 --csv out.csv
     python benchmarks/tune.py --shape 512 64 512 512 --layers 4          # a stack in one launch
+    python benchmarks/tune.py --shape 128 256 512 512 --mode fwd --cell gru   # the GRU's forward plans
 
 Forward: resident vs streamed W_hh, BLOCK_B, BLOCK_H, BLOCK_K, warps and the batch split (grid_b), each
 candidate run through ``lstm_fwd_persistent`` with an explicit ``ForwardPlan`` and checked against the
@@ -20,8 +21,10 @@ layers run one by one; the backward chain's tile, checked against the planner's)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,14 +37,16 @@ from triton_lstm.benchmark import ANCHOR_CASES, DTYPES  # noqa: E402
 from triton_lstm.kernels import forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.lstm_bwd import bwd_launch_options, lstm_bwd_gate_grads, plan_bwd  # noqa: E402
+from triton_lstm.kernels.gru import gru_fwd  # noqa: E402
 from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
 
 
-def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list[forward_plans.ForwardPlan]:
+def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: int = 4) -> list[forward_plans.ForwardPlan]:
     """Plans around the planner's own: resident and streamed W_hh, tile sizes, warps, the batch split;
-    in fp32 also tensor-core dots in three TF32 passes ("tf32x3", fp32-level accuracy)."""
+    in fp32 also tensor-core dots in three TF32 passes ("tf32x3", fp32-level accuracy). ``gates`` 3: a
+    GRU's plans (the planner's for three gates, and resident tiles its three-gate W_hh slice may fit)."""
     shared = forward_plans._device_limits(0)[1]
-    default = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, False, num_sms, shared)
+    default = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, False, num_sms, shared, gates=gates)
     plans = [default] if default.persistent else []
     if default.persistent and not default.resident:
         # Deeper pipelining of the streamed K chunks (Nsight Compute, run 4: the H = 1024 step waits on L2
@@ -69,7 +74,9 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list
                     for warps in ((4, 8) if fma or block_b * block_h > 512 else (2, 4, 8)):
                         plans.append(forward_plans.ForwardPlan(True, "streamed", False, block_b, block_h, min(block_k, k_pad), grid_h,
                                                      most_b, warps, exact_fp32_dot=precision))
-    plans = [p for p in plans if not p.resident or forward_plans.resident_bytes(p.block_b, p.block_h, H, element_size) <= shared]
+    # A GRU's W_hh slice is 3/4 of the LSTM's: its resident candidates are kept up to 4/3 of the budget.
+    budget = shared * 4 // gates
+    plans = [p for p in plans if not p.resident or forward_plans.resident_bytes(p.block_b, p.block_h, H, element_size) <= budget]
     knobs = lambda p: (p.resident, p.block_b, p.block_h, p.block_k, p.num_warps, p.grid_h, p.grid_b, p.exact_fp32_dot,  # noqa: E731
                        p.num_stages)
     unique = list({knobs(p): dataclasses.replace(p, reason="default" if knobs(p) == knobs(default) else p.reason)
@@ -84,6 +91,21 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int) -> list
         rest = [p for p in unique if p.exact_fp32_dot == "ieee" and p.reason != "default"]
         return first + _nearest_first(tensor_core, pivot, knobs) + _nearest_first(rest, default, knobs)
     return _nearest_first(unique, default, knobs)
+
+
+@contextlib.contextmanager
+def _environment(**values):
+    """Environment variables set for the block (the kernels read their switches at each call)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _nearest_first(candidates, default, knobs):
@@ -101,36 +123,46 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def tune_forward(T, B, I, H, dtype, budget_s, rows):
+def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm"):
     device = "cuda"
     num_sms, shared = forward_plans._device_limits(0)
     torch.manual_seed(0)
-    projected = torch.randn(T, B, 4 * H, device=device, dtype=dtype)
-    w_hh = (torch.randn(4 * H, H, device=device) * H**-0.5).to(dtype)
+    gates = 3 if cell == "gru" else 4
+    projected = torch.randn(T, B, gates * H, device=device, dtype=dtype)
+    w_hh = (torch.randn(gates * H, H, device=device) * H**-0.5).to(dtype)
     h0 = torch.randn(B, H, device=device, dtype=dtype)
-    c0 = torch.randn(B, H, device=device, dtype=dtype)
-    expected = lstm_fwd(projected, h0, c0, w_hh, None, None)[0].float()
+    c0 = torch.randn(B, H, device=device, dtype=dtype) if cell == "lstm" else h0  # a GRU's state is h alone
+    b_hn = (torch.randn(H, device=device) * 0.1).to(dtype) if cell == "gru" else None
+
+    def per_step():  # the per-step kernel: the yardstick each candidate's result is checked against
+        if cell == "lstm":
+            return lstm_fwd(projected, h0, c0, w_hh, None, None)
+        with _environment(TRITON_LSTM_PERSISTENT="0"):
+            return gru_fwd(projected, h0, w_hh, b_hn, None)
+
+    expected = per_step()[0].float()
     tol = 3e-2 if dtype != torch.float32 else 1e-4
 
-    reference = torch.nn.LSTM(I, H, device=device, dtype=dtype)
+    reference = (torch.nn.GRU if cell == "gru" else torch.nn.LSTM)(I, H, device=device, dtype=dtype)
     x = torch.randn(T, B, I, device=device, dtype=dtype)
     with torch.no_grad():
         cudnn_us = _bench(lambda: reference(x)) * 1e3 / T
-    per_step_us = _bench(lambda: lstm_fwd(projected, h0, c0, w_hh, None, None)) * 1e3 / T
-    print(f"fwd T{T} B{B} I{I} H{H} {dtype}: cuDNN nn.LSTM {cudnn_us:.2f} us/step, per-step kernel {per_step_us:.2f} us/step", flush=True)
+    per_step_us = _bench(per_step) * 1e3 / T
+    print(f"fwd {cell} T{T} B{B} I{I} H{H} {dtype}: cuDNN nn.{cell.upper()} {cudnn_us:.2f} us/step, per-step kernel "
+          f"{per_step_us:.2f} us/step", flush=True)
     start = time.monotonic()
     results = []
-    for plan in _forward_candidates(B, H, projected.element_size(), num_sms):
+    for plan in _forward_candidates(B, H, projected.element_size(), num_sms, gates):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
                  f"w{plan.num_warps} s{plan.num_stages} grid {plan.grid_h}x{plan.grid_b}"
                  f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{' (default)' if plan.reason == 'default' else ''}")
-        run = lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)  # noqa: E731
+        run = lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan, b_hn=b_hn)  # noqa: E731
         us, status = _timed_if_right(run, expected, tol, T)
         results.append((us, label, status))
-        _report(rows, "fwd", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
+        _report(rows, "fwd" if cell == "lstm" else "fwd gru", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
     timed = sorted(r for r in results if r[0] == r[0])
     if timed:
         print(f"  best: {timed[0][1]} {timed[0][0]:.2f} us/step = {cudnn_us / timed[0][0]:.2f}x cuDNN", flush=True)
@@ -284,10 +316,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"])
     parser.add_argument("--mode", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"])
     parser.add_argument("--layers", type=int, default=1, help="> 1: sweep the stacked kernels of this many layers")
+    parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
+                        help="gru: the GRU's forward plans against nn.GRU (one layer, forward only)")
     parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.cell == "gru" and (args.layers > 1 or args.mode != ["fwd"]):
+        parser.error("--cell gru sweeps one layer's forward: give --mode fwd and no --layers")
     if not torch.cuda.is_available():
         parser.exit(2, "tune.py needs a CUDA GPU\n")
     shapes = [tuple(s) for s in args.shape] + ([(c.T, c.B, c.I, c.H) for c in ANCHOR_CASES] if args.anchors else [])
@@ -301,8 +337,10 @@ def main(argv=None) -> int:
                     if args.layers > 1:
                         sweep = tune_stack_forward if mode == "fwd" else tune_stack_backward
                         sweep(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows)
+                    elif mode == "fwd":
+                        tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell)
                     else:
-                        (tune_forward if mode == "fwd" else tune_backward)(T, B, I, H, DTYPES[dtype], args.budget_s, rows)
+                        tune_backward(T, B, I, H, DTYPES[dtype], args.budget_s, rows)
     finally:
         if args.csv and rows:
             with open(args.csv, "w", newline="") as handle:
