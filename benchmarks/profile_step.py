@@ -3,14 +3,18 @@
     python benchmarks/profile_step.py                           # the anchor shapes that miss a target
     python benchmarks/profile_step.py --shape 256 64 1024 1024  # one shape
     python benchmarks/profile_step.py --shape 512 64 512 512 --layers 4   # a 4-layer stack
+    python benchmarks/profile_step.py --shape 128 256 512 512 --cell gru --forward   # a GRU's no_grad forward
     ncu --clock-control none -k regex:persistent --launch-skip 3 --launch-count 1 \\
         python benchmarks/profile_step.py --shape 256 64 1024 1024 --ncu   # forward only, few launches
 
 The PyTorch profiler records every kernel of a few forward+backward calls of ``triton_lstm.LSTM`` and of
 ``nn.LSTM`` (bf16, same weights and inputs), and prints each kernel's device time divided by calls × T:
 µs per time step, so the recurrence, the projection GEMMs and the weight-gradient GEMMs can be read
-against each other and against cuDNN's kernels. ``--ncu`` only runs a few plain forwards, for Nsight
-Compute to pick one launch of the persistent kernel.
+against each other and against cuDNN's kernels; then the same calls' elapsed time between two CUDA events,
+unprofiled: where it exceeds the kernels' sum, the GPU sat idle between kernels (waiting on the host).
+``--cell gru``: ``triton_lstm.GRU`` against ``nn.GRU``; ``--forward``: a ``no_grad`` forward alone (what
+the benchmark's fwd rows time). ``--ncu`` only runs a few plain forwards, for Nsight Compute to pick one
+launch of the persistent kernel.
 """
 
 from __future__ import annotations
@@ -32,18 +36,24 @@ from triton_lstm.benchmark import DTYPES  # noqa: E402
 MISSED = [(256, 64, 1024, 1024), (128, 256, 512, 512), (256, 16, 2048, 2048)]
 
 
-def models(I, H, dtype, layers=1):
+def models(I, H, dtype, layers=1, cell="lstm"):
     torch.manual_seed(0)
-    theirs = nn.LSTM(I, H, num_layers=layers, device="cuda", dtype=dtype)
-    ours = triton_lstm.LSTM(I, H, num_layers=layers, device="cuda", dtype=dtype)
+    name = cell.upper()
+    theirs = getattr(nn, name)(I, H, num_layers=layers, device="cuda", dtype=dtype)
+    ours = getattr(triton_lstm, name)(I, H, num_layers=layers, device="cuda", dtype=dtype)
     ours.load_state_dict(theirs.state_dict())
     return {"triton_lstm": ours, "cudnn": theirs}
 
 
-def kernel_table(model, x, grad, calls):
+def kernel_table(model, x, grad, calls, forward_only=False):
+    """(device time per kernel name, launches per kernel name, elapsed µs of ``calls`` unprofiled calls)."""
     def step():
-        out, _ = model(x)
-        out.backward(grad)
+        if forward_only:
+            with torch.no_grad():
+                model(x)
+        else:
+            out, _ = model(x)
+            out.backward(grad)
 
     for _ in range(3):  # compile, autotune and warm the caches outside the profile
         step()
@@ -57,17 +67,25 @@ def kernel_table(model, x, grad, calls):
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.time_range.elapsed_us()
             counts[event.name] += 1
-    return totals, counts
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        step()
+    end.record()
+    end.synchronize()
+    return totals, counts, start.elapsed_time(end) * 1e3
 
 
-def profile_shape(T, B, I, H, dtype, calls, layers=1):
+def profile_shape(T, B, I, H, dtype, calls, layers=1, cell="lstm", forward_only=False):
     x = torch.randn(T, B, I, device="cuda", dtype=dtype)
     grad = torch.randn(T, B, H, device="cuda", dtype=dtype)
-    print(f"\n## T {T}, B {B}, I {I}, H {H}, {layers} layer(s), {dtype}: forward+backward, device time in µs per time step")
-    for name, model in models(I, H, dtype, layers).items():
-        totals, counts = kernel_table(model, x, grad, calls)
+    what = "no_grad forward" if forward_only else "forward+backward"
+    print(f"\n## {cell.upper()} T {T}, B {B}, I {I}, H {H}, {layers} layer(s), {dtype}: {what}, device time in µs per "
+          f"time step")
+    for name, model in models(I, H, dtype, layers, cell).items():
+        totals, counts, elapsed = kernel_table(model, x, grad, calls, forward_only)
         whole = sum(totals.values()) / calls / T
-        print(f"{name}: {whole:.2f} µs/step of kernels in all")
+        print(f"{name}: {whole:.2f} µs/step of kernels in all; {elapsed / calls / T:.2f} µs/step elapsed unprofiled")
         for kernel, total in sorted(totals.items(), key=lambda item: -item[1])[:8]:
             share = total / calls / T
             print(f"  {share:7.2f}  {counts[kernel] // calls:3d}x/call  {kernel[:110]}")
@@ -79,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
+    parser.add_argument("--forward", action="store_true", help="a no_grad forward alone, not forward+backward")
     parser.add_argument("--ncu", action="store_true", help="only run a few forwards (under Nsight Compute)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -87,14 +107,14 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     for T, B, I, H in args.shape or MISSED:
         if args.ncu:
-            model = models(I, H, dtype, args.layers)["triton_lstm"]
+            model = models(I, H, dtype, args.layers, args.cell)["triton_lstm"]
             x = torch.randn(T, B, I, device="cuda", dtype=dtype)
             with torch.no_grad():
                 for _ in range(5):
                     model(x)
             torch.cuda.synchronize()
         else:
-            profile_shape(T, B, I, H, dtype, args.calls, args.layers)
+            profile_shape(T, B, I, H, dtype, args.calls, args.layers, args.cell, args.forward)
     return 0
 
 
