@@ -21,10 +21,8 @@ layers run one by one; the backward chain's tile, checked against the planner's)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,6 @@ from triton_lstm.benchmark import ANCHOR_CASES, DTYPES  # noqa: E402
 from triton_lstm.kernels import forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.lstm_bwd import bwd_launch_options, lstm_bwd_gate_grads, plan_bwd  # noqa: E402
-from triton_lstm.kernels.gru import gru_fwd  # noqa: E402
 from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
 
 
@@ -93,21 +90,6 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: 
     return _nearest_first(unique, default, knobs)
 
 
-@contextlib.contextmanager
-def _environment(**values):
-    """Environment variables set for the block (the kernels read their switches at each call)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _nearest_first(candidates, default, knobs):
     """The default, then candidates that change one knob of it, then two, …: a short budget still sees
     the effect of every single knob."""
@@ -134,12 +116,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm"):
     c0 = torch.randn(B, H, device=device, dtype=dtype) if cell == "lstm" else h0  # a GRU's state is h alone
     b_hn = (torch.randn(H, device=device) * 0.1).to(dtype) if cell == "gru" else None
 
-    def per_step():  # the per-step kernel: the yardstick each candidate's result is checked against
-        if cell == "lstm":
-            return lstm_fwd(projected, h0, c0, w_hh, None, None)
-        with _environment(TRITON_LSTM_PERSISTENT="0"):
-            return gru_fwd(projected, h0, w_hh, b_hn, None)
-
+    per_step = lambda: lstm_fwd(projected, h0, c0, w_hh, None, None, b_hn=b_hn)  # noqa: E731 (the yardstick)
     expected = per_step()[0].float()
     tol = 3e-2 if dtype != torch.float32 else 1e-4
 
