@@ -430,6 +430,23 @@ def test_barrier_watch_does_not_query_events_during_graph_capture(monkeypatch):
     assert Finished.queries == 1
 
 
+def test_barrier_watch_describes_a_launch_only_when_it_failed():
+    """The launch's description (a plan's repr: microseconds of host time) is formatted for the error
+    message alone: a launch whose flag is clear never asks for it."""
+    described = []
+
+    def describe():
+        described.append(True)
+        return "the test's launch"
+
+    watch = common.BarrierWatch()
+    watch.watch(torch.zeros(1, dtype=torch.int32), describe)  # a CPU flag: read at once, as the interpreter's
+    assert described == []
+    with pytest.raises(RuntimeError, match="the test's launch gave up"):
+        watch.watch(torch.ones(1, dtype=torch.int32), describe)
+    assert described == [True]
+
+
 def test_barrier_that_is_never_reached_raises_instead_of_hanging(monkeypatch):
     # A spin limit of 0 gives up at the first barrier, as a grid that is not all resident would after
     # BARRIER_SPIN_LIMIT polls: the launch finishes, its h is NaN, and the launcher raises.

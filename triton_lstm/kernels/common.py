@@ -1,6 +1,7 @@
 """Pieces shared by the kernels: the products, the loads, the grid barrier and its watch, launch helpers."""
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -112,13 +113,15 @@ class BarrierWatch:
     have finished and raises for any that failed. So a failure surfaces at the next launch (its own
     outputs already hold NaN). Under the interpreter the flag is read at once. During CUDA graph capture
     nothing is watched (the captured launches' flags are not read). The pinned copy is read with
-    ``.numpy()`` once its event has completed: a plain CPU read, no device sync.
+    ``.numpy()`` once its event has completed: a plain CPU read, no device sync. ``what`` describes the
+    launch for the error message: a string, or a function returning one, called only if it failed (a
+    plan's repr costs microseconds of host time on every launch otherwise).
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[object, torch.Tensor, str]] = []
+        self._pending: list[tuple[object, torch.Tensor, str | Callable[[], str]]] = []
 
-    def watch(self, failed: torch.Tensor, what: str) -> None:
+    def watch(self, failed: torch.Tensor, what: str | Callable[[], str]) -> None:
         if failed.device.type != "cuda":
             # The interpreter: the launch ran synchronously on the CPU, nothing to wait for.
             if failed.numpy()[0]:
@@ -144,7 +147,8 @@ class BarrierWatch:
                 raise RuntimeError(self._message(what))
 
     @staticmethod
-    def _message(what: str) -> str:
+    def _message(what: str | Callable[[], str]) -> str:
+        what = what if isinstance(what, str) else what()
         return (
             f"triton_lstm: a grid barrier of {what} gave up waiting: the programs of a persistent launch were "
             "not all running at once (a GPU shared through MPS, a virtualized GPU, a debugger?). That "

@@ -34,6 +34,12 @@ INTERPRETER_SHARED_MEMORY = 96 * 1024
 DEFAULT_SHARED_MEMORY = 99 * 1024
 
 
+# The planners below are pure functions of ints and bools, called on every forward: cached, since each
+# evaluation costs tens of µs of host time (triton.cdiv and next_power_of_2 are ~2 µs each from Python),
+# which a launch-bound call (one step, short sequences) pays in full.
+_cached_plan = functools.lru_cache(maxsize=1024)
+
+
 @dataclasses.dataclass(frozen=True)
 class ForwardPlan:
     """How the forward of one layer and direction runs: ``persistent`` or per-step, and if persistent
@@ -69,6 +75,7 @@ def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int
     return (4 * k_pad * block_h + block_b * k_pad) * element_size + 4 * block_b * block_h * 4
 
 
+@_cached_plan
 def plan_persistent_fwd(
     T: int,
     B: int,
@@ -211,6 +218,7 @@ def stack_disabled() -> bool:
     return os.environ.get("TRITON_LSTM_STACK", "1") == "0" or persistent_disabled()
 
 
+@_cached_plan
 def plan_stack_fwd(
     T: int,
     B: int,
@@ -276,6 +284,7 @@ def plan_stack_fwd(
     return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, 8)
 
 
+@_cached_plan
 def plan_bidirectional_fwd(T: int, B: int, H: int, element_size: int, num_sms: int, shared_memory: int,
                            interpret: bool = False, fp32_tensor_cores: bool = True, gates: int = 4) -> ForwardPlan:
     """The plan of each direction (both run the same one), or not persistent (then the directions run one

@@ -589,4 +589,4 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         # spinning for programs that never get an SM. The interpreter ignores the option.
         launch_cooperative_grid=True,
     )
-    barrier_watch.watch(counters[layers * directions * plan.grid_b:], f"{what} ({plan})")
+    barrier_watch.watch(counters[layers * directions * plan.grid_b:], lambda: f"{what} ({plan})")
