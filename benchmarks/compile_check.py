@@ -64,7 +64,7 @@ def _kernel_and_signature(config: dict):
                          BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], SPIN_LIMIT=BARRIER_SPIN_LIMIT,
                          LAYERS=config.get("layers", 1), HAS_BIAS=int(config.get("layers", 1) > 1),
                          DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
-                         CELL=config.get("cell", "lstm"))
+                         CELL=config.get("cell", "lstm"), GATE_BIT=config.get("gate_bit", 0))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
@@ -122,6 +122,8 @@ def _compile_one(config: dict) -> dict:
         "ld_cg": len(re.findall(r"ld\.global\.cg", ptx)),
         "cp_async_ca": len(re.findall(r"cp\.async\.ca", ptx)),
         "cp_async_cg": len(re.findall(r"cp\.async\.cg", ptx)),
+        "mma": len(re.findall(r"wgmma\.mma_async|mma\.sync", ptx)),
+        "bar_sync": len(re.findall(r"bar\.sync", ptx)),
     }
 
 
@@ -256,6 +258,22 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
     return list(seen.values())
 
 
+def _gate_dot_configs(configs: list[dict]) -> list[dict]:
+    """The forward configurations in 16 bits with ``gate_bit`` set (``forward_plans.gate_bit``), each
+    followed by its four-dot build (``baseline``) for the comparison. fp32 stays on four dots: its
+    tf32x3 dots at H = 1024 spilled 64 bytes with one."""
+    from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit
+
+    paired = []
+    for config in configs:
+        if config.get("kernel") == "bwd" or config["dtype"] == "fp32":
+            continue
+        plan = ForwardPlan(True, "", config["resident"], config["block_b"], config["block_h"], config["block_k"],
+                           num_warps=config["num_warps"], gate_dot=True)
+        paired += [dict(config, gate_bit=gate_bit(plan)), dict(config, baseline=True)]
+    return paired
+
+
 def _subprocess(configs: list[dict]) -> subprocess.CompletedProcess:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
@@ -286,6 +304,9 @@ def main(argv=None) -> int:
     parser.add_argument("--peephole", action="store_true", help="the same kernels with peephole connections")
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
                         help="the cell the drivers run")
+    parser.add_argument("--gate-dot", action="store_true",
+                        help="the 16-bit forward plans with one dot for the four gates (ForwardPlan.gate_dot), "
+                             "each beside its four-dot build: fails where the gates' split adds CTA barriers")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -301,11 +322,24 @@ def main(argv=None) -> int:
         configs = [dict(config, peephole=True) for config in configs]
     if args.cell == "gru":
         configs = [dict(config, cell="gru") for config in configs]
+    if args.gate_dot:
+        if args.kernel not in ("persistent", "stack", "bidir"):
+            parser.error("--gate-dot is for the persistent forward kernels (persistent, stack, bidir)")
+        configs = _gate_dot_configs(configs)
     print(f"{len(configs)} planned configurations, compiled for sm_{args.arch}")
     failures = 0
     batches = [configs[index::max(1, args.jobs)] for index in range(max(1, args.jobs))]
     with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:
         outcomes = [pair for batch in pool.map(_run_batch, [b for b in batches if b]) for pair in batch]
+    if args.gate_dot:
+        # Each gate-dot build beside its four-dot build (the jobs interleave the batches: match by config).
+        def key(config):
+            return json.dumps(dict(config, gate_bit=None, baseline=None), sort_keys=True)
+
+        baselines = {key(config): outcome for config, outcome in outcomes if config.get("baseline")}
+        outcomes = [(dict(config, four_dots=baselines.get(key(config))), outcome)
+                    for config, outcome in outcomes if not config.get("baseline")]
+        configs = [config for config, _ in outcomes]
     for config, outcome in outcomes:
         resident = ("resident" + (" one-tile" if config.get("one_tile") else "")) if config["resident"] else "streamed"
         mode = {"persistent": resident, "bidir": "both directions, " + (resident if config.get("kernel") != "bwd" else "bwd"),
@@ -319,6 +353,11 @@ def main(argv=None) -> int:
             print(f"FAIL {name}: {outcome}")
             continue
         problems = []
+        if args.gate_dot and isinstance(config.get("four_dots"), dict):
+            four = config["four_dots"]
+            name += f" gate bit {config['gate_bit']}: tensor-core instructions {four['mma']} -> {outcome['mma']}"
+            if outcome["bar_sync"] > four["bar_sync"]:
+                problems.append(f"the gates' split added CTA barriers ({four['bar_sync']} -> {outcome['bar_sync']} bar.sync)")
         if outcome["shared"] > config["limit"]:
             problems.append(f"shared {outcome['shared']} > {config['limit']} ({config['device']})")
         if outcome["spills"] > SPILL_TOLERANCE:

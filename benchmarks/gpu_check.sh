@@ -16,7 +16,8 @@
 # results; a stage with under 30 s left is skipped): set it under the device call's own limit, so that
 # whatever ran comes back. LAYER_BY_LAYER=0 leaves out the stacks' layer-by-layer A/B;
 # TUNE=1 adds the sweep (TUNE_SHAPES, e.g. "--shape 256 64 1024 1024", else the anchors; TUNE_MODE,
-# TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); SUITE=1 also runs the whole suite.
+# TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); GATE_DOT=1 times each anchor's plan with four dots and
+# with the gate dot (GATE_DOT_LIMIT per stage, GATE_DOT_BUDGET per shape); SUITE=1 also runs the whole suite.
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
 set -u
 cd "$(dirname "$0")/.."
@@ -96,6 +97,18 @@ if [ "${TUNE:-0}" = "1" ]; then
     --mode ${TUNE_MODE:-fwd bwd} --dtype ${TUNE_DTYPES:-bf16} --budget-s "${TUNE_BUDGET:-6}" --csv "$LOGS/tune.csv"
 fi
 
+if [ "${GATE_DOT:-0}" = "1" ]; then
+  # The gate-interleaved product (ForwardPlan.gate_dot: one dot for the four gates) against four dots,
+  # kernel-only, each plan timed both ways in a row: the anchors, the 4-layer stack and the GRU at B = 256.
+  stage "gate dot: anchors" "${GATE_DOT_LIMIT:-90}" gate_dot.log "$PY" benchmarks/tune.py --anchors --mode fwd \
+    --gate-dot --max-T 128 --budget-s "${GATE_DOT_BUDGET:-10}" --csv "$LOGS/gate_dot.csv"
+  stage "gate dot: stack" "${GATE_DOT_LIMIT:-90}" gate_dot_stack.log "$PY" benchmarks/tune.py --shape 512 64 512 512 \
+    --layers 4 --mode fwd --gate-dot --max-T 128 --budget-s "${GATE_DOT_BUDGET:-10}" --csv "$LOGS/gate_dot_stack.csv"
+  stage "gate dot: GRU" "${GATE_DOT_LIMIT:-90}" gate_dot_gru.log "$PY" benchmarks/tune.py --shape 128 256 512 512 \
+    --shape 256 64 1024 1024 --cell gru --mode fwd --gate-dot --max-T 128 --budget-s "${GATE_DOT_BUDGET:-10}" \
+    --csv "$LOGS/gate_dot_gru.csv"
+fi
+
 if [ "${PROFILE:-0}" = "1" ]; then
   # Per-kernel device time of a training step at the shapes that miss a target, ours and cuDNN's; then
   # Nsight Compute on one persistent-forward launch at H = 1024 (throughputs, stall reasons).
@@ -117,7 +130,8 @@ PYTEST_EXTRA=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
 stage "GPU tests" "${TEST_LIMIT:-240}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
   tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
-  tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_examples.py::test_examples_run_on_cuda \
+  tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_gate_dot.py \
+  tests/test_examples.py::test_examples_run_on_cuda \
   --durations=10
 
 if [ "${EXAMPLES:-0}" = "1" ]; then

@@ -4,6 +4,7 @@
     python benchmarks/tune.py --anchors --mode fwd --budget-s 20 --csv out.csv
     python benchmarks/tune.py --shape 512 64 512 512 --layers 4          # a stack in one launch
     python benchmarks/tune.py --shape 128 256 512 512 --mode fwd --cell gru   # the GRU's forward plans
+    python benchmarks/tune.py --anchors --mode fwd --gate-dot        # each plan with and without the gate dot
 
 Forward: resident vs streamed W_hh, BLOCK_B, BLOCK_H, BLOCK_K, warps and the batch split (grid_b), each
 candidate run through ``lstm_fwd_persistent`` with an explicit ``ForwardPlan`` and checked against the
@@ -16,6 +17,8 @@ wrong result is listed as such, never timed. ``--layers L`` sweeps the stacked k
 layers in one launch: resident or streamed W, tiles, chunks, warps for the forward, checked against the
 layers run one by one; the backward chain's tile, checked against the planner's). ``--budget-s`` bounds the seconds spent per shape and mode
 (compiles dominate); candidates run in order of the planner's preference, so the default comes first.
+``--gate-dot`` times each 16-bit forward candidate twice in a row, with four dots per product and with one
+for the four gates (``ForwardPlan.gate_dot``), and prints the ratio of each pair.
 """
 
 from __future__ import annotations
@@ -90,6 +93,23 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: 
     return _nearest_first(unique, default, knobs)
 
 
+def _paired_with_gate_dot(plans, dtype, wanted: bool):
+    """``plans``, each followed by its gate-dot twin when ``wanted`` (16-bit only: fp32 keeps four dots)."""
+    if not wanted or dtype == torch.float32:
+        return list(plans)
+    return [variant for plan in plans for variant in (plan, dataclasses.replace(plan, gate_dot=True))]
+
+
+def _print_gate_dot_ratios(timed: dict) -> None:
+    """For each candidate timed both ways (``timed``: plan -> µs per step), gate dot / four dots."""
+    for plan, us in timed.items():
+        twin = timed.get(dataclasses.replace(plan, gate_dot=True)) if not plan.gate_dot else None
+        if twin is not None and us == us and twin == twin:
+            print(f"  gate dot / four dots: {twin:.2f} / {us:.2f} us/step = {twin / us:.3f}  "
+                  f"({'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
+                  f"w{plan.num_warps})", flush=True)
+
+
 def _nearest_first(candidates, default, knobs):
     """The default, then candidates that change one knob of it, then two, …: a short budget still sees
     the effect of every single knob."""
@@ -105,7 +125,7 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm"):
+def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", gate_dot=False):
     device = "cuda"
     num_sms, shared = forward_plans._device_limits(0)
     torch.manual_seed(0)
@@ -128,21 +148,24 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm"):
     print(f"fwd {cell} T{T} B{B} I{I} H{H} {dtype}: cuDNN nn.{cell.upper()} {cudnn_us:.2f} us/step, per-step kernel "
           f"{per_step_us:.2f} us/step", flush=True)
     start = time.monotonic()
-    results = []
-    for plan in _forward_candidates(B, H, projected.element_size(), num_sms, gates):
+    results, timed = [], {}
+    for plan in _paired_with_gate_dot(_forward_candidates(B, H, projected.element_size(), num_sms, gates), dtype, gate_dot):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
                  f"w{plan.num_warps} s{plan.num_stages} grid {plan.grid_h}x{plan.grid_b}"
-                 f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{' (default)' if plan.reason == 'default' else ''}")
+                 f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{' gate-dot' if plan.gate_dot else ''}"
+                 f"{' (default)' if plan.reason == 'default' else ''}")
         run = lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan, b_hn=b_hn)  # noqa: E731
         us, status = _timed_if_right(run, expected, tol, T)
         results.append((us, label, status))
+        timed[plan] = us
         _report(rows, "fwd" if cell == "lstm" else "fwd gru", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
-    timed = sorted(r for r in results if r[0] == r[0])
-    if timed:
-        print(f"  best: {timed[0][1]} {timed[0][0]:.2f} us/step = {cudnn_us / timed[0][0]:.2f}x cuDNN", flush=True)
+    ranked = sorted(r for r in results if r[0] == r[0])
+    if ranked:
+        print(f"  best: {ranked[0][1]} {ranked[0][0]:.2f} us/step = {cudnn_us / ranked[0][0]:.2f}x cuDNN", flush=True)
+    _print_gate_dot_ratios(timed)
 
 
 def tune_backward(T, B, I, H, dtype, budget_s, rows):
@@ -200,7 +223,7 @@ def _timed_if_right(run, expected, tol, T):
         return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
-def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows):
+def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, gate_dot=False):
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack
 
     device, L = "cuda", layers
@@ -235,15 +258,19 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows):
             grid_b = max(1, min(-(-B // bb), budget // grid_h))
             candidates.append(forward_plans.ForwardPlan(True, "streamed", False, bb, bh, min(bk, k_pad), grid_h, grid_b, warps))
     start = time.monotonic()
-    for plan in dict.fromkeys(candidates):
+    timed = {}
+    for plan in _paired_with_gate_dot(dict.fromkeys(candidates), dtype, gate_dot):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
-                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x{L}{' (default)' if plan == default else ''}")
+                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x{L}{' gate-dot' if plan.gate_dot else ''}"
+                 f"{' (default)' if plan == default else ''}")
         run = lambda: lstm_fwd_stack(projected, h0, c0, w_hh, w_ih, bias, None, plan)  # noqa: E731
         us, status = _timed_if_right(run, expected, 3e-2, T) if expected is not None else (float("nan"), "no default")
         _report(rows, f"stack{L} fwd", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
+        timed[plan] = us
+    _print_gate_dot_ratios(timed)
 
 
 def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows):
@@ -295,6 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=1, help="> 1: sweep the stacked kernels of this many layers")
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
                         help="gru: the GRU's forward plans against nn.GRU (one layer, forward only)")
+    parser.add_argument("--gate-dot", action="store_true",
+                        help="time each 16-bit forward candidate with four dots and with one for the four gates")
     parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)
@@ -312,10 +341,12 @@ def main(argv=None) -> int:
                 T = min(T, args.max_T)
                 for mode in args.mode:
                     if args.layers > 1:
-                        sweep = tune_stack_forward if mode == "fwd" else tune_stack_backward
-                        sweep(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows)
+                        if mode == "fwd":
+                            tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows, args.gate_dot)
+                        else:
+                            tune_stack_backward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows)
                     elif mode == "fwd":
-                        tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell)
+                        tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell, args.gate_dot)
                     else:
                         tune_backward(T, B, I, H, DTYPES[dtype], args.budget_s, rows)
     finally:

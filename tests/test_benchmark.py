@@ -112,3 +112,26 @@ def test_plan_flag_describes_each_path(monkeypatch):
     assert benchmark.describe_path(stacked, torch.bfloat16, "cuda").startswith("4 layer launch(es)")
     monkeypatch.setenv("TRITON_LSTM_BIDIRECTIONAL", "0")
     assert benchmark.describe_path(bidirectional, torch.bfloat16, "cuda").startswith("4 layer launch(es) of: persistent")
+
+
+def test_tune_times_each_16_bit_plan_with_its_gate_dot_twin(capsys):
+    """``tune.py --gate-dot``: each candidate followed by the same plan with one dot for the four gates
+    (16-bit only), and the ratio of each pair timed both ways."""
+    import dataclasses
+
+    import torch
+
+    from triton_lstm.kernels.forward_plans import ForwardPlan
+
+    spec = importlib.util.spec_from_file_location("tune", ROOT / "benchmarks" / "tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    plans = [ForwardPlan(True, "a", False, 64, 16, 64, 8, 1, 8), ForwardPlan(True, "b", True, 16, 32, 512, 8, 1, 4)]
+    paired = tune._paired_with_gate_dot(plans, torch.bfloat16, True)
+    assert paired == [plans[0], dataclasses.replace(plans[0], gate_dot=True),
+                      plans[1], dataclasses.replace(plans[1], gate_dot=True)]
+    assert tune._paired_with_gate_dot(plans, torch.float32, True) == plans, "fp32 keeps four dots"
+    assert tune._paired_with_gate_dot(plans, torch.bfloat16, False) == plans
+    tune._print_gate_dot_ratios({plans[0]: 10.0, paired[1]: 8.0, plans[1]: 5.0, paired[3]: float("nan")})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "8.00 / 10.00 us/step = 0.800" in lines[0], lines

@@ -44,3 +44,26 @@ def test_peephole_weight_grads_kernel_compiles_without_spills(dtype, H):
     [(_, outcome)] = _compile_check()._run_batch([config])
     assert isinstance(outcome, dict), outcome
     assert 0 < outcome["registers"] <= 255 and outcome["spills"] == 0, outcome
+
+
+@pytest.mark.parametrize("tile", ["stack 64x16 w8", "streamed 32x16 w4", "resident 64x16 w8"])
+def test_gate_dot_compiles_to_fewer_tensor_core_instructions(tile):
+    """The gate-interleaved product (ForwardPlan.gate_dot) at three anchor tiles, beside its four-dot build:
+    a quarter (64-row tiles: wgmma) or half (32-row tiles: no warp repeats another's rows) of the tensor-core
+    instructions, no added CTA barrier (the gates' split moves no data, ``forward_plans.gate_bit``), no spill."""
+    from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit
+
+    kind, shape, warps = tile.split()
+    block_b, block_h = (int(side) for side in shape.split("x"))
+    H = 1024 if kind == "streamed" else 512
+    config = dict(dtype="bf16", H=H, resident=kind == "resident", one_tile=kind == "resident", block_b=block_b,
+                  block_h=block_h, block_k={"stack": 64, "streamed": 128, "resident": 512}[kind],
+                  num_warps=int(warps[1:]), grid_h=H // block_h, arch=90, save=False, limit=232448,
+                  layers=4 if kind == "stack" else 1)
+    plan = ForwardPlan(True, "", config["resident"], block_b, block_h, config["block_k"], num_warps=config["num_warps"],
+                       gate_dot=True)
+    (_, four), (_, one) = _compile_check()._run_batch([config, dict(config, gate_bit=gate_bit(plan))])
+    assert isinstance(four, dict) and isinstance(one, dict), (four, one)
+    assert one["mma"] * (4 if block_b == 64 else 2) == four["mma"], (four["mma"], one["mma"])
+    assert one["bar_sync"] <= four["bar_sync"], (four["bar_sync"], one["bar_sync"])
+    assert one["spills"] == 0 and one["shared"] <= config["limit"], one

@@ -162,19 +162,23 @@ barrier_watch = BarrierWatch()
 
 @triton.jit
 def recurrent_product_resident(h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, w_o, K: tl.constexpr,
-                               DOT_PRECISION: tl.constexpr, GATES: tl.constexpr):
+                               DOT_PRECISION: tl.constexpr, GATES: tl.constexpr, GATE_BIT: tl.constexpr = 0):
     """h_{t-1}·W_hhᵀ for one tile, per gate, from the program's resident W_hh slice (``w_*``: K × BLOCK_H,
     ``offs_k`` the whole K padded). Rows past B and columns past K load as zeros: that is how tl.dot's
     16-wide minimum pads. h_{t-1} was written by other programs: ".cg" loads skip L1. ``GATES``: 4 (the
-    LSTM's i, f, g, o) or 3 (the GRU's r, z, n; the fourth accumulator stays zero and ``w_o`` is unread)."""
-    zero = tl.zeros((rows.shape[0], w_i.shape[1]), dtype=tl.float32)
+    LSTM's i, f, g, o) or 3 (the GRU's r, z, n; the fourth accumulator stays zero and ``w_o`` is unread).
+    ``GATE_BIT`` > 0: ``w_i`` is the four gates' interleaved K × 4·BLOCK_H slice (``interleaved_gate_rows``),
+    one dot for all of them; ``w_f``, ``w_g``, ``w_o`` are unread."""
+    BLOCK_H: tl.constexpr = w_i.shape[1] // 4 if GATE_BIT > 0 else w_i.shape[1]
+    zero = tl.zeros((rows.shape[0], BLOCK_H), dtype=tl.float32)
     return accumulate_product_resident(zero, zero, zero, zero, h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, w_o,
-                                       K, DOT_PRECISION, GATES)
+                                       K, DOT_PRECISION, GATES, GATE_BIT)
 
 
 @triton.jit
 def accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, mask_b, offs_k, w_i, w_f, w_g, w_o,
-                                K: tl.constexpr, DOT_PRECISION: tl.constexpr, GATES: tl.constexpr):
+                                K: tl.constexpr, DOT_PRECISION: tl.constexpr, GATES: tl.constexpr,
+                                GATE_BIT: tl.constexpr = 0):
     """``recurrent_product_resident`` added onto the accumulators ``acc_*`` (a stack's layer adds its input
     product and its recurrent product onto its gate inputs)."""
     h_blk = tl.load(
@@ -183,11 +187,16 @@ def accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, ma
         other=0.0,
         cache_modifier=".cg",
     )
-    acc_i = tl.dot(h_blk, w_i, acc_i, input_precision=DOT_PRECISION)
-    acc_f = tl.dot(h_blk, w_f, acc_f, input_precision=DOT_PRECISION)
-    acc_g = tl.dot(h_blk, w_g, acc_g, input_precision=DOT_PRECISION)
-    if GATES == 4:
-        acc_o = tl.dot(h_blk, w_o, acc_o, input_precision=DOT_PRECISION)
+    if GATE_BIT > 0:
+        product = tl.dot(h_blk, w_i, input_precision=DOT_PRECISION)
+        p_i, p_f, p_g, p_o = split_interleaved_gates(product, rows.shape[0], w_i.shape[1] // 4, GATE_BIT)
+        acc_i, acc_f, acc_g, acc_o = acc_i + p_i, acc_f + p_f, acc_g + p_g, acc_o + p_o
+    else:
+        acc_i = tl.dot(h_blk, w_i, acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(h_blk, w_f, acc_f, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(h_blk, w_g, acc_g, input_precision=DOT_PRECISION)
+        if GATES == 4:
+            acc_o = tl.dot(h_blk, w_o, acc_o, input_precision=DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -206,6 +215,7 @@ def recurrent_product_streamed(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GATES: tl.constexpr,
+    GATE_BIT: tl.constexpr = 0,
 ):
     """h_{t-1}·W_hhᵀ for one (batch block × hidden block) tile, per gate, reading W_hh in BLOCK_K chunks.
 
@@ -216,34 +226,84 @@ def recurrent_product_streamed(
     """
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     return accumulate_product_streamed(zero, zero, zero, zero, h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K,
-                                       DOT_PRECISION, BLOCK_K, GATES)
+                                       DOT_PRECISION, BLOCK_K, GATES, GATE_BIT)
 
 
 @triton.jit
 def accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, rows, mask_b, offs_h, mask_h,
                                 H: tl.constexpr, K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-                                GATES: tl.constexpr):
+                                GATES: tl.constexpr, GATE_BIT: tl.constexpr = 0):
     """``recurrent_product_streamed`` added onto the accumulators ``acc_*``: h·Wᵀ for any (B, K) h and
-    (4H, K) W (a stack's layer adds its input product and its recurrent product onto its gate inputs)."""
-    w_cols = offs_h.to(tl.int64)[None, :] * K  # W row j is gate unit j; the dot needs its transpose
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        h_blk = tl.load(
-            h_prev_ptr + rows[:, None] * K + offs_k[None, :],
-            mask=mask_b[:, None] & mask_k[None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        # W is read-only while the kernel runs: its loads may use L1.
-        w_ptrs = w_ptr + w_cols + offs_k[:, None]
-        w_mask = mask_k[:, None] & mask_h[None, :]
-        acc_i = tl.dot(h_blk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
-        acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
-        acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
-        if GATES == 4:
-            acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o,
-                           input_precision=DOT_PRECISION)
+    (4H, K) W (a stack's layer adds its input product and its recurrent product onto its gate inputs).
+    ``GATE_BIT`` > 0: one dot per K chunk for the four gates (``interleaved_gate_rows``), not four."""
+    if GATE_BIT > 0:
+        BLOCK_B: tl.constexpr = rows.shape[0]
+        BLOCK_H: tl.constexpr = offs_h.shape[0]
+        # offs_h is the hidden block's units in order: its first one places the block.
+        gate, unit = interleaved_gate_rows(tl.min(offs_h, axis=0), BLOCK_H, GATE_BIT)
+        w_rows = (gate * H + unit).to(tl.int64)[None, :] * K
+        mask_n = (unit < H) & (gate < GATES)  # a GRU's fourth gate: zero columns
+        acc = tl.zeros((BLOCK_B, 4 * BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            h_blk = tl.load(h_prev_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
+                            other=0.0, cache_modifier=".cg")
+            w_blk = tl.load(w_ptr + w_rows + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(h_blk, w_blk, acc, input_precision=DOT_PRECISION)
+        p_i, p_f, p_g, p_o = split_interleaved_gates(acc, BLOCK_B, BLOCK_H, GATE_BIT)
+        acc_i, acc_f, acc_g, acc_o = acc_i + p_i, acc_f + p_f, acc_g + p_g, acc_o + p_o
+    else:
+        w_cols = offs_h.to(tl.int64)[None, :] * K  # W row j is gate unit j; the dot needs its transpose
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            h_blk = tl.load(
+                h_prev_ptr + rows[:, None] * K + offs_k[None, :],
+                mask=mask_b[:, None] & mask_k[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            # W is read-only while the kernel runs: its loads may use L1.
+            w_ptrs = w_ptr + w_cols + offs_k[:, None]
+            w_mask = mask_k[:, None] & mask_h[None, :]
+            acc_i = tl.dot(h_blk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
+            acc_f = tl.dot(h_blk, tl.load(w_ptrs + H * K, mask=w_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
+            acc_g = tl.dot(h_blk, tl.load(w_ptrs + 2 * H * K, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+            if GATES == 4:
+                acc_o = tl.dot(h_blk, tl.load(w_ptrs + 3 * H * K, mask=w_mask, other=0.0), acc_o,
+                               input_precision=DOT_PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def interleaved_gate_rows(h_start, BLOCK_H: tl.constexpr, GATE_BIT: tl.constexpr):
+    """The (gate, hidden unit) of each column of a gate-interleaved product: one (BLOCK_B × 4·BLOCK_H)
+    dot for the four gates of hidden units h_start … h_start + BLOCK_H − 1, where separate dots would
+    be four narrow ones (N = BLOCK_H: a quarter of the tensor-core instructions per dot, and on sm_90 no
+    warp left to repeat another's rows). Column n's bit 0 and bit ``GATE_BIT`` are the gate's low and
+    high bits (i, f, g, o = 0, 1, 2, 3); its other bits, in order, the unit. Placing the gate bits where
+    the MMA layout keeps columns in one thread (bit 0: the two columns a thread holds; ``GATE_BIT``: a
+    register bit of the layout, ``forward_plans.gate_bit``) makes ``split_interleaved_gates`` free of
+    data movement. Any ``GATE_BIT`` in 1 … log2(4·BLOCK_H) − 1 computes the same product."""
+    n = tl.arange(0, 4 * BLOCK_H)
+    LOW: tl.constexpr = 1 << GATE_BIT
+    gate = ((n // LOW) % 2) * 2 + n % 2
+    unit = h_start + (n // (2 * LOW)) * (LOW // 2) + (n % LOW) // 2
+    return gate, unit
+
+
+@triton.jit
+def split_interleaved_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, GATE_BIT: tl.constexpr):
+    """The four (BLOCK_B × BLOCK_H) gate tiles (i, f, g, o) of a gate-interleaved product's accumulator
+    (columns as ``interleaved_gate_rows`` orders them)."""
+    LOW: tl.constexpr = 1 << GATE_BIT
+    # Column bits (high → low): unit's high bits, gate's high bit, unit's low bits, gate's low bit.
+    split = tl.reshape(acc, (BLOCK_B, 4 * BLOCK_H // (2 * LOW), 2, LOW // 2, 2))
+    split = tl.reshape(tl.permute(split, (0, 1, 3, 2, 4)), (BLOCK_B, BLOCK_H, 2, 2))
+    low_0, low_1 = tl.split(split)  # gate low bit 0: (i, g); 1: (f, o)
+    acc_i, acc_g = tl.split(low_0)
+    acc_f, acc_o = tl.split(low_1)
     return acc_i, acc_f, acc_g, acc_o
 
 

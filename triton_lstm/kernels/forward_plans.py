@@ -58,10 +58,34 @@ class ForwardPlan:
     exact_fp32_dot: str = "ieee"
     # Software-pipelining depth of the streamed K loop (Triton's default, 3: two chunks in flight).
     num_stages: int = 3
+    # One dot per product for the four gates (N = 4·block_h, common.interleaved_gate_rows; per K chunk
+    # when W streams) instead of four of N = block_h. Not planned yet: a candidate of benchmarks/tune.py
+    # until measured on a GPU.
+    gate_dot: bool = False
 
     @property
     def num_programs(self) -> int:
         return self.grid_h * self.grid_b
+
+
+def gate_bit(plan: ForwardPlan) -> int:
+    """The kernels' ``GATE_BIT`` for ``plan``: 0 (four dots per product) unless ``plan.gate_dot``, else
+    the column bit that carries the gate's high bit (``common.interleaved_gate_rows``), chosen
+    where Triton's MMA layout for the tile keeps it in a thread's registers, so that splitting the gates
+    apart moves no data (checked for sm_90 by ``benchmarks/compile_check.py --gate-dot``). Any bit gives
+    the same numbers; only the cost of the split depends on it.
+
+    - 64-row tiles on 4 or 8 warps run as wgmma (sm_90): each warpgroup holds a contiguous run of
+      columns, every thread two adjacent ones (bit 0) in each 8-column group: bit 3 stays in a thread.
+    - Narrower tiles run as mma.sync with the warps side by side along the columns, 8-column group j on
+      warp j mod num_warps: the top column bit stays in a thread.
+    """
+    if not plan.gate_dot:
+        return 0
+    top = (4 * plan.block_h).bit_length() - 2  # log2(4·block_h) − 1
+    if plan.block_b >= 64 and plan.num_warps % 4 == 0:
+        return min(3, top)
+    return top
 
 
 def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int:

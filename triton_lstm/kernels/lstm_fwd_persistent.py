@@ -67,6 +67,7 @@ from triton_lstm.kernels.common import (
     barrier_watch,
     dot_precision,
     grid_barrier,
+    interleaved_gate_rows,
     load_gate_inputs,
     load_gates,
     load_own_state,
@@ -79,6 +80,7 @@ from triton_lstm.kernels.forward_plans import (
     INTERPRETER_SHARED_MEMORY,
     ForwardPlan,
     _device_limits,
+    gate_bit,
     persistent_disabled,
     plan_persistent_fwd,
 )
@@ -118,6 +120,7 @@ def _lstm_persistent_fwd_kernel(
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
     CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (cells.cell_update)
+    GATE_BIT: tl.constexpr = 0,  # > 0: streamed W in one dot per K chunk for the four gates (common.interleaved_gate_rows)
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
@@ -151,9 +154,7 @@ def _lstm_persistent_fwd_kernel(
         res_offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         res_mask_h = res_offs_h < H
         res_offs_k = tl.arange(0, BLOCK_K)
-        w_ptrs = w_hh_ptr + res_offs_h.to(tl.int64)[None, :] * K + res_offs_k[:, None]
-        w_mask = (res_offs_k < K)[:, None] & res_mask_h[None, :]
-        w_i, w_f, w_g, w_o = _load_four_gate_slices(w_ptrs, w_mask, H * K, GATES)
+        w_i, w_f, w_g, w_o = _resident_slices(w_hh_ptr, pid_h * BLOCK_H, res_offs_k, True, H, K, GATES, BLOCK_H, GATE_BIT)
 
     if LAYERS > 1:
         # The stack: the grid's third axis is the layer (a single program under the interpreter, which
@@ -162,7 +163,7 @@ def _lstm_persistent_fwd_kernel(
             failed = _stack_layer(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
-                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL,
+                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL, GATE_BIT,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -182,7 +183,7 @@ def _lstm_persistent_fwd_kernel(
             # int64: T·B·4H can pass 2³¹ elements.
             step = tl.full((), t, tl.int64)
             acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
-                h_ptr + step * B * K, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES
+                h_ptr + step * B * K, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES, GATE_BIT
             )
             h_own, c_own = _update_and_store_h(
                 acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, h_ptr, c_ptr, gates_ptr, lengths_ptr,
@@ -209,7 +210,7 @@ def _lstm_persistent_fwd_kernel(
                 rows = offs_b.to(tl.int64)
                 if RESIDENT:
                     acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
-                        h_prev_ptr, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES
+                        h_prev_ptr, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES, GATE_BIT
                     )
                     _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
@@ -220,7 +221,7 @@ def _lstm_persistent_fwd_kernel(
                         mask_h = offs_h < H
                         acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
                             h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
-                            GATES
+                            GATES, GATE_BIT
                         )
                         _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                                    step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed,
@@ -234,7 +235,8 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                  T, B, grid_b, pid_h, pid_b, failed, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
-                 RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
+                 RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr,
+                 GATE_BIT: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
@@ -273,11 +275,10 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
         # The transposed (K × BLOCK_H) right operands of the eight gate products; layer 0 has no W_ih here
         # (its input product is in ``projected``): masked off, never read.
         offs_k = tl.arange(0, BLOCK_K)
-        res_offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        w_offsets = res_offs_h.to(tl.int64)[None, :] * H + offs_k[:, None]
-        w_mask = (offs_k < H)[:, None] & (res_offs_h < H)[None, :]
-        hh_i, hh_f, hh_g, hh_o = _load_four_gate_slices(w_hh_layer + w_offsets, w_mask, H * H, GATES)
-        ih_i, ih_f, ih_g, ih_o = _load_four_gate_slices(w_ih_layer + w_offsets, w_mask & (layer > 0), H * H, GATES)
+        hh_i, hh_f, hh_g, hh_o = _resident_slices(w_hh_layer, pid_h * BLOCK_H, offs_k, True, H, H, GATES, BLOCK_H,
+                                                  GATE_BIT)
+        ih_i, ih_f, ih_g, ih_o = _resident_slices(w_ih_layer, pid_h * BLOCK_H, offs_k, layer > 0, H, H, GATES, BLOCK_H,
+                                                  GATE_BIT)
     else:
         offs_k = 0  # streamed: no resident slices (``_layer_product`` reads W at its pointer instead)
         hh_i, hh_f, hh_g, hh_o, ih_i, ih_f, ih_g, ih_o = 0, 0, 0, 0, 0, 0, 0, 0
@@ -310,7 +311,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                             acc_o += tl.load(bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
                     acc_i, acc_f, acc_g, acc_o = _layer_product(
                         acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
-                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES
+                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
                     )
                 else:
                     acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H,
@@ -320,7 +321,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                     # alone, not x_n (in acc_g).
                     acc_i, acc_f, acc_o, acc_g = _layer_product(
                         acc_i, acc_f, acc_o, acc_g, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES
+                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
                     )
                     # The state is loaded after the products: live across their K loops it spilled on sm_90.
                     h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
@@ -333,7 +334,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                 else:
                     acc_i, acc_f, acc_g, acc_o = _layer_product(
                         acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES
+                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
                     )
                     h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
                     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -350,29 +351,41 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
 @triton.jit
 def _layer_product(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, res_i, res_f, res_g, res_o, rows, mask_b, offs_k, offs_h,
                    mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
-                   GATES: tl.constexpr):
+                   GATES: tl.constexpr, GATE_BIT: tl.constexpr):
     """A stack layer's h·Wᵀ (H × H per gate) added onto the accumulators: from the resident slices
     ``res_*`` (RESIDENT) or streaming W at ``w_ptr`` in BLOCK_K chunks. With GATES = 3 ``acc_o`` is untouched."""
     if RESIDENT:
         return accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, mask_b, offs_k, res_i, res_f,
-                                           res_g, res_o, H, DOT_PRECISION, GATES)
+                                           res_g, res_o, H, DOT_PRECISION, GATES, GATE_BIT)
     else:
         return accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, rows, mask_b, offs_h, mask_h,
-                                           H, H, DOT_PRECISION, BLOCK_K, GATES)
+                                           H, H, DOT_PRECISION, BLOCK_K, GATES, GATE_BIT)
 
 
 @triton.jit
-def _load_four_gate_slices(ptrs, mask, GATE_STRIDE: tl.constexpr, GATES: tl.constexpr):
-    """A program's resident slices of the four gates' rows of a (4H, K) weight: at ``ptrs`` (gate i's)
-    and GATE_STRIDE (H·K), 2·GATE_STRIDE, 3·GATE_STRIDE elements after them. ``GATES`` = 3: a GRU's
-    (3H, K) weight; the fourth slice is the third again, never used (the products skip it)."""
-    w_i = tl.load(ptrs, mask=mask, other=0.0)
-    w_f = tl.load(ptrs + GATE_STRIDE, mask=mask, other=0.0)
-    w_g = tl.load(ptrs + 2 * GATE_STRIDE, mask=mask, other=0.0)
-    if GATES == 4:
-        w_o = tl.load(ptrs + 3 * GATE_STRIDE, mask=mask, other=0.0)
+def _resident_slices(w_ptr, h_start, offs_k, use, H: tl.constexpr, K: tl.constexpr, GATES: tl.constexpr,
+                     BLOCK_H: tl.constexpr, GATE_BIT: tl.constexpr):
+    """A program's resident slices of a (GATES·H, K) weight for hidden units h_start … h_start + BLOCK_H − 1,
+    as the transposed right operands of the products (``offs_k`` the whole K padded; all zeros unless
+    ``use``): the four gates' K × BLOCK_H slices, or with ``GATE_BIT`` > 0 the one interleaved
+    K × 4·BLOCK_H slice (``common.interleaved_gate_rows``), returned in all four places. ``GATES`` = 3: a
+    GRU's (3H, K) weight; the fourth slice is the third again (or a zero gate), never used."""
+    if GATE_BIT > 0:
+        gate, unit = interleaved_gate_rows(h_start, BLOCK_H, GATE_BIT)
+        mask = use & (offs_k < K)[:, None] & ((unit < H) & (gate < GATES))[None, :]
+        w_i = tl.load(w_ptr + (gate * H + unit).to(tl.int64)[None, :] * K + offs_k[:, None], mask=mask, other=0.0)
+        w_f, w_g, w_o = w_i, w_i, w_i
     else:
-        w_o = w_g
+        offs_h = h_start + tl.arange(0, BLOCK_H)
+        ptrs = w_ptr + offs_h.to(tl.int64)[None, :] * K + offs_k[:, None]
+        mask = use & (offs_k < K)[:, None] & (offs_h < H)[None, :]
+        w_i = tl.load(ptrs, mask=mask, other=0.0)
+        w_f = tl.load(ptrs + H * K, mask=mask, other=0.0)
+        w_g = tl.load(ptrs + 2 * H * K, mask=mask, other=0.0)
+        if GATES == 4:
+            w_o = tl.load(ptrs + 3 * H * K, mask=mask, other=0.0)
+        else:
+            w_o = w_g
     return w_i, w_f, w_g, w_o
 
 
@@ -582,6 +595,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         DIRECTIONS=directions,
         PEEPHOLE=w_ch is not None,
         CELL="gru" if b_hn is not None else "lstm",
+        GATE_BIT=gate_bit(plan),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver
