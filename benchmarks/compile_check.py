@@ -64,7 +64,8 @@ def _kernel_and_signature(config: dict):
                          BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], SPIN_LIMIT=BARRIER_SPIN_LIMIT,
                          LAYERS=config.get("layers", 1), HAS_BIAS=int(config.get("layers", 1) > 1),
                          DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
-                         CELL=config.get("cell", "lstm"), GATE_BIT=config.get("gate_bit", 0))
+                         CELL=config.get("cell", "lstm"), GATE_BIT=config.get("gate_bit", 0),
+                         INPUT_AHEAD=int(config.get("input_ahead", False)))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
@@ -197,7 +198,7 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
     """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
     stacked backward's."""
     from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
-    from triton_lstm.kernels.forward_plans import plan_stack_fwd
+    from triton_lstm.kernels.forward_plans import one_tile_each, plan_stack_fwd
 
     seen = {}
     dtypes = {"bf16": 2} if quick else DTYPES
@@ -208,8 +209,10 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
                     plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole)
                     if not plan.persistent:
                         continue
-                    key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h)
+                    one_tile = one_tile_each(plan, B, H)
+                    key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h, one_tile)
                     seen.setdefault(key, dict(dtype=dtype, H=H, resident=False, block_b=plan.block_b, layers=layers,
+                                              one_tile=one_tile,
                                               block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                               grid_h=plan.grid_h, arch=arch, limit=shared, device=device, estimate=None,
                                               precision=plan.exact_fp32_dot))
@@ -307,6 +310,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gate-dot", action="store_true",
                         help="the 16-bit forward plans with one dot for the four gates (ForwardPlan.gate_dot), "
                              "each beside its four-dot build: fails where the gates' split adds CTA barriers")
+    parser.add_argument("--input-ahead", action="store_true",
+                        help="--kernel stack: the plans with one tile per program, with the next input product formed "
+                             "before the barrier wait (ForwardPlan.input_ahead), each beside its plain build")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -326,18 +332,23 @@ def main(argv=None) -> int:
         if args.kernel not in ("persistent", "stack", "bidir"):
             parser.error("--gate-dot is for the persistent forward kernels (persistent, stack, bidir)")
         configs = _gate_dot_configs(configs)
+    if args.input_ahead:
+        if args.kernel != "stack" or args.gate_dot:
+            parser.error("--input-ahead is for --kernel stack, without --gate-dot")
+        configs = [variant for config in configs if config.get("one_tile") and config.get("kernel") != "bwd"
+                   for variant in (dict(config, input_ahead=True), dict(config, baseline=True))]
     print(f"{len(configs)} planned configurations, compiled for sm_{args.arch}")
     failures = 0
     batches = [configs[index::max(1, args.jobs)] for index in range(max(1, args.jobs))]
     with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:
         outcomes = [pair for batch in pool.map(_run_batch, [b for b in batches if b]) for pair in batch]
-    if args.gate_dot:
-        # Each gate-dot build beside its four-dot build (the jobs interleave the batches: match by config).
+    if args.gate_dot or args.input_ahead:
+        # Each variant's build beside the plain one (the jobs interleave the batches: match by config).
         def key(config):
-            return json.dumps(dict(config, gate_bit=None, baseline=None), sort_keys=True)
+            return json.dumps(dict(config, gate_bit=None, baseline=None, input_ahead=None), sort_keys=True)
 
         baselines = {key(config): outcome for config, outcome in outcomes if config.get("baseline")}
-        outcomes = [(dict(config, four_dots=baselines.get(key(config))), outcome)
+        outcomes = [(dict(config, plain=baselines.get(key(config))), outcome)
                     for config, outcome in outcomes if not config.get("baseline")]
         configs = [config for config, _ in outcomes]
     for config, outcome in outcomes:
@@ -353,11 +364,13 @@ def main(argv=None) -> int:
             print(f"FAIL {name}: {outcome}")
             continue
         problems = []
-        if args.gate_dot and isinstance(config.get("four_dots"), dict):
-            four = config["four_dots"]
+        if args.gate_dot and isinstance(config.get("plain"), dict):
+            four = config["plain"]
             name += f" gate bit {config['gate_bit']}: tensor-core instructions {four['mma']} -> {outcome['mma']}"
             if outcome["bar_sync"] > four["bar_sync"]:
                 problems.append(f"the gates' split added CTA barriers ({four['bar_sync']} -> {outcome['bar_sync']} bar.sync)")
+        if args.input_ahead and isinstance(config.get("plain"), dict):
+            name += f" input ahead: registers {config['plain']['registers']} -> {outcome['registers']}"
         if outcome["shared"] > config["limit"]:
             problems.append(f"shared {outcome['shared']} > {config['limit']} ({config['device']})")
         if outcome["spills"] > SPILL_TOLERANCE:

@@ -16,8 +16,10 @@
 # results; a stage with under 30 s left is skipped): set it under the device call's own limit, so that
 # whatever ran comes back. LAYER_BY_LAYER=0 leaves out the stacks' layer-by-layer A/B;
 # TUNE=1 adds the sweep (TUNE_SHAPES, e.g. "--shape 256 64 1024 1024", else the anchors; TUNE_MODE,
-# TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); GATE_DOT=1 times each anchor's plan with four dots and
-# with the gate dot (GATE_DOT_LIMIT per stage, GATE_DOT_BUDGET per shape); SUITE=1 also runs the whole suite.
+# TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); VARIANTS=1 times the planned kernels against the variants
+# the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET and
+# VARIANTS_STACK_BUDGET per shape); SUITE=1 also runs the
+# whole suite.
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
 set -u
 cd "$(dirname "$0")/.."
@@ -97,16 +99,19 @@ if [ "${TUNE:-0}" = "1" ]; then
     --mode ${TUNE_MODE:-fwd bwd} --dtype ${TUNE_DTYPES:-bf16} --budget-s "${TUNE_BUDGET:-6}" --csv "$LOGS/tune.csv"
 fi
 
-if [ "${GATE_DOT:-0}" = "1" ]; then
-  # The gate-interleaved product (ForwardPlan.gate_dot: one dot for the four gates) against four dots,
-  # kernel-only, each plan timed both ways in a row: the anchors, the 4-layer stack and the GRU at B = 256.
-  stage "gate dot: anchors" "${GATE_DOT_LIMIT:-90}" gate_dot.log "$PY" benchmarks/tune.py --anchors --mode fwd \
-    --gate-dot --max-T 128 --budget-s "${GATE_DOT_BUDGET:-10}" --csv "$LOGS/gate_dot.csv"
-  stage "gate dot: stack" "${GATE_DOT_LIMIT:-90}" gate_dot_stack.log "$PY" benchmarks/tune.py --shape 512 64 512 512 \
-    --layers 4 --mode fwd --gate-dot --max-T 128 --budget-s "${GATE_DOT_BUDGET:-10}" --csv "$LOGS/gate_dot_stack.csv"
-  stage "gate dot: GRU" "${GATE_DOT_LIMIT:-90}" gate_dot_gru.log "$PY" benchmarks/tune.py --shape 128 256 512 512 \
-    --shape 256 64 1024 1024 --cell gru --mode fwd --gate-dot --max-T 128 --budget-s "${GATE_DOT_BUDGET:-10}" \
-    --csv "$LOGS/gate_dot_gru.csv"
+if [ "${VARIANTS:-0}" = "1" ]; then
+  # The kernel variants the planner does not pick yet, against the planned kernels, kernel-only, each plan
+  # timed both ways in a row: one dot for the four gates (ForwardPlan.gate_dot) at the anchors, the GRU
+  # at B = 256 and H = 1024, and the 4-layer stack, there also with the next input product formed before
+  # the barrier wait (ForwardPlan.input_ahead).
+  stage "variants: anchors" "${VARIANTS_LIMIT:-120}" variants.log "$PY" benchmarks/tune.py --anchors --mode fwd \
+    --gate-dot --max-T 128 --budget-s "${VARIANTS_BUDGET:-12}" --csv "$LOGS/variants.csv"
+  stage "variants: stack" "${VARIANTS_LIMIT:-120}" variants_stack.log "$PY" benchmarks/tune.py --shape 512 64 512 512 \
+    --layers 4 --mode fwd --gate-dot --input-ahead --max-T 128 --budget-s "${VARIANTS_STACK_BUDGET:-30}" \
+    --csv "$LOGS/variants_stack.csv"
+  stage "variants: GRU" "${VARIANTS_LIMIT:-120}" variants_gru.log "$PY" benchmarks/tune.py --shape 128 256 512 512 \
+    --shape 256 64 1024 1024 --cell gru --mode fwd --gate-dot --max-T 128 --budget-s "${VARIANTS_BUDGET:-12}" \
+    --csv "$LOGS/variants_gru.csv"
 fi
 
 if [ "${PROFILE:-0}" = "1" ]; then

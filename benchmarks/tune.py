@@ -18,7 +18,8 @@ layers in one launch: resident or streamed W, tiles, chunks, warps for the forwa
 layers run one by one; the backward chain's tile, checked against the planner's). ``--budget-s`` bounds the seconds spent per shape and mode
 (compiles dominate); candidates run in order of the planner's preference, so the default comes first.
 ``--gate-dot`` times each 16-bit forward candidate twice in a row, with four dots per product and with one
-for the four gates (``ForwardPlan.gate_dot``), and prints the ratio of each pair.
+for the four gates (``ForwardPlan.gate_dot``), and prints the ratio of each pair; ``--input-ahead`` (with
+``--layers``) likewise with the next input product formed before the barrier wait (``ForwardPlan.input_ahead``).
 """
 
 from __future__ import annotations
@@ -93,21 +94,29 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: 
     return _nearest_first(unique, default, knobs)
 
 
-def _paired_with_gate_dot(plans, dtype, wanted: bool):
-    """``plans``, each followed by its gate-dot twin when ``wanted`` (16-bit only: fp32 keeps four dots)."""
-    if not wanted or dtype == torch.float32:
-        return list(plans)
-    return [variant for plan in plans for variant in (plan, dataclasses.replace(plan, gate_dot=True))]
+def _with_variants(plans, dtype, gate_dot: bool, input_ahead: bool = False):
+    """``plans``, each followed by its variants: one dot for the four gates (``gate_dot``; 16-bit only,
+    fp32 keeps four dots), the next input product ahead of the barrier wait (``input_ahead``: stacks),
+    and both."""
+    gate_dot = gate_dot and dtype != torch.float32
+    flags = [(g, a) for g in (False, True) for a in (False, True) if (g, a) != (False, False)
+             and (gate_dot or not g) and (input_ahead or not a)]
+    return [variant for plan in plans
+            for variant in (plan, *(dataclasses.replace(plan, gate_dot=g, input_ahead=a) for g, a in flags))]
 
 
-def _print_gate_dot_ratios(timed: dict) -> None:
-    """For each candidate timed both ways (``timed``: plan -> µs per step), gate dot / four dots."""
+def _print_variant_ratios(timed: dict) -> None:
+    """For each plan timed with variants (``timed``: plan -> µs per step), variant / plain."""
     for plan, us in timed.items():
-        twin = timed.get(dataclasses.replace(plan, gate_dot=True)) if not plan.gate_dot else None
-        if twin is not None and us == us and twin == twin:
-            print(f"  gate dot / four dots: {twin:.2f} / {us:.2f} us/step = {twin / us:.3f}  "
-                  f"({'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
-                  f"w{plan.num_warps})", flush=True)
+        if plan.gate_dot or plan.input_ahead or us != us:
+            continue
+        for g, a in ((True, False), (False, True), (True, True)):
+            variant = timed.get(dataclasses.replace(plan, gate_dot=g, input_ahead=a))
+            if variant is not None and variant == variant:
+                what = " + ".join(name for name, on in (("gate dot", g), ("input ahead", a)) if on)
+                print(f"  {what} / plain: {variant:.2f} / {us:.2f} us/step = {variant / us:.3f}  "
+                      f"({'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} "
+                      f"bk{plan.block_k} w{plan.num_warps})", flush=True)
 
 
 def _nearest_first(candidates, default, knobs):
@@ -149,7 +158,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", gate_dot=False)
           f"{per_step_us:.2f} us/step", flush=True)
     start = time.monotonic()
     results, timed = [], {}
-    for plan in _paired_with_gate_dot(_forward_candidates(B, H, projected.element_size(), num_sms, gates), dtype, gate_dot):
+    for plan in _with_variants(_forward_candidates(B, H, projected.element_size(), num_sms, gates), dtype, gate_dot):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
@@ -165,7 +174,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", gate_dot=False)
     ranked = sorted(r for r in results if r[0] == r[0])
     if ranked:
         print(f"  best: {ranked[0][1]} {ranked[0][0]:.2f} us/step = {cudnn_us / ranked[0][0]:.2f}x cuDNN", flush=True)
-    _print_gate_dot_ratios(timed)
+    _print_variant_ratios(timed)
 
 
 def tune_backward(T, B, I, H, dtype, budget_s, rows):
@@ -223,7 +232,7 @@ def _timed_if_right(run, expected, tol, T):
         return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
-def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, gate_dot=False):
+def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, gate_dot=False, input_ahead=False):
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack
 
     device, L = "cuda", layers
@@ -259,18 +268,19 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, gate_dot=False
             candidates.append(forward_plans.ForwardPlan(True, "streamed", False, bb, bh, min(bk, k_pad), grid_h, grid_b, warps))
     start = time.monotonic()
     timed = {}
-    for plan in _paired_with_gate_dot(dict.fromkeys(candidates), dtype, gate_dot):
+    for plan in _with_variants(dict.fromkeys(candidates), dtype, gate_dot, input_ahead):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
                  f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x{L}{' gate-dot' if plan.gate_dot else ''}"
+                 f"{' input-ahead' if plan.input_ahead else ''}"
                  f"{' (default)' if plan == default else ''}")
         run = lambda: lstm_fwd_stack(projected, h0, c0, w_hh, w_ih, bias, None, plan)  # noqa: E731
         us, status = _timed_if_right(run, expected, 3e-2, T) if expected is not None else (float("nan"), "no default")
         _report(rows, f"stack{L} fwd", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
         timed[plan] = us
-    _print_gate_dot_ratios(timed)
+    _print_variant_ratios(timed)
 
 
 def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows):
@@ -324,6 +334,8 @@ def main(argv=None) -> int:
                         help="gru: the GRU's forward plans against nn.GRU (one layer, forward only)")
     parser.add_argument("--gate-dot", action="store_true",
                         help="time each 16-bit forward candidate with four dots and with one for the four gates")
+    parser.add_argument("--input-ahead", action="store_true",
+                        help="--layers: time each stack candidate also with the next input product ahead of the barrier wait")
     parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)
@@ -342,7 +354,8 @@ def main(argv=None) -> int:
                 for mode in args.mode:
                     if args.layers > 1:
                         if mode == "fwd":
-                            tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows, args.gate_dot)
+                            tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows, args.gate_dot,
+                                               args.input_ahead)
                         else:
                             tune_stack_backward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows)
                     elif mode == "fwd":

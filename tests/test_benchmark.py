@@ -114,9 +114,10 @@ def test_plan_flag_describes_each_path(monkeypatch):
     assert benchmark.describe_path(bidirectional, torch.bfloat16, "cuda").startswith("4 layer launch(es) of: persistent")
 
 
-def test_tune_times_each_16_bit_plan_with_its_gate_dot_twin(capsys):
-    """``tune.py --gate-dot``: each candidate followed by the same plan with one dot for the four gates
-    (16-bit only), and the ratio of each pair timed both ways."""
+def test_tune_times_each_plan_with_its_variants(capsys):
+    """``tune.py --gate-dot`` / ``--input-ahead``: each candidate followed by the same plan with one dot for
+    the four gates (16-bit only), with the input product ahead (stacks), and both; and each variant's
+    time over the plain plan's."""
     import dataclasses
 
     import torch
@@ -127,11 +128,14 @@ def test_tune_times_each_16_bit_plan_with_its_gate_dot_twin(capsys):
     tune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tune)
     plans = [ForwardPlan(True, "a", False, 64, 16, 64, 8, 1, 8), ForwardPlan(True, "b", True, 16, 32, 512, 8, 1, 4)]
-    paired = tune._paired_with_gate_dot(plans, torch.bfloat16, True)
-    assert paired == [plans[0], dataclasses.replace(plans[0], gate_dot=True),
-                      plans[1], dataclasses.replace(plans[1], gate_dot=True)]
-    assert tune._paired_with_gate_dot(plans, torch.float32, True) == plans, "fp32 keeps four dots"
-    assert tune._paired_with_gate_dot(plans, torch.bfloat16, False) == plans
-    tune._print_gate_dot_ratios({plans[0]: 10.0, paired[1]: 8.0, plans[1]: 5.0, paired[3]: float("nan")})
+    gate_dot = [dataclasses.replace(plan, gate_dot=True) for plan in plans]
+    assert tune._with_variants(plans, torch.bfloat16, True) == [plans[0], gate_dot[0], plans[1], gate_dot[1]]
+    assert tune._with_variants(plans, torch.float32, True) == plans, "fp32 keeps four dots"
+    assert tune._with_variants(plans, torch.bfloat16, False) == plans
+    both = tune._with_variants(plans[:1], torch.bfloat16, True, True)
+    assert [(p.gate_dot, p.input_ahead) for p in both] == [(False, False), (False, True), (True, False), (True, True)]
+    tune._print_variant_ratios({plans[0]: 10.0, gate_dot[0]: 8.0, both[1]: 9.0, plans[1]: 5.0,
+                                gate_dot[1]: float("nan")})
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and "8.00 / 10.00 us/step = 0.800" in lines[0], lines
+    assert len(lines) == 2 and "gate dot / plain: 8.00 / 10.00 us/step = 0.800" in lines[0], lines
+    assert "input ahead / plain: 9.00 / 10.00 us/step = 0.900" in lines[1], lines

@@ -89,13 +89,14 @@ def test_gate_bit_rule():
     assert gate_bit(ForwardPlan(True, "", False, 64, 16, 64, num_warps=2, gate_dot=True)) == 5
 
 
-def test_planner_leaves_the_gate_dot_off_until_measured():
+def test_planner_leaves_the_variants_off_until_measured():
+    """gate_dot and the stack's input_ahead wait for a GPU's measurement (benchmarks/NOTES.md)."""
     for H in (256, 512, 1024, 2048):
         for B in (8, 64, 256):
-            plan = forward_plans.plan_persistent_fwd(128, B, H, H, 2, False, 132, 232448)
-            assert not plan.gate_dot
-            assert not forward_plans.plan_stack_fwd(128, B, H, 4, 2, 132, 232448).gate_dot
-            assert not forward_plans.plan_bidirectional_fwd(128, B, H, 2, 132, 232448).gate_dot
+            for plan in (forward_plans.plan_persistent_fwd(128, B, H, H, 2, False, 132, 232448),
+                         forward_plans.plan_stack_fwd(128, B, H, 4, 2, 132, 232448),
+                         forward_plans.plan_bidirectional_fwd(128, B, H, 2, 132, 232448)):
+                assert not plan.gate_dot and not plan.input_ahead, plan
 
 
 GPU_CASES = {

@@ -81,9 +81,16 @@ def grid_barrier(counter_ptr, target, failed_ptr, SPIN_LIMIT: tl.constexpr):
     (L2 only) as a second guard, except where Triton stages fp32 dot operands through cp.async, which
     drops the cache modifier.
     """
+    barrier_arrive(counter_ptr)
+    return wait_for(counter_ptr, target, failed_ptr, SPIN_LIMIT)
+
+
+@triton.jit
+def barrier_arrive(counter_ptr):
+    """``grid_barrier``'s arrival alone (a program that has work to do before it waits): every thread's
+    stores so far are published with the counter's increment."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    return wait_for(counter_ptr, target, failed_ptr, SPIN_LIMIT)
 
 
 @triton.jit

@@ -62,6 +62,9 @@ class ForwardPlan:
     # when W streams) instead of four of N = block_h. Not planned yet: a candidate of benchmarks/tune.py
     # until measured on a GPU.
     gate_dot: bool = False
+    # A stack whose programs own one tile each: a layer forms its next step's input product before it
+    # waits at its own barrier (lstm_fwd_persistent._stack_layer). Not planned yet: to measure, as gate_dot.
+    input_ahead: bool = False
 
     @property
     def num_programs(self) -> int:
@@ -86,6 +89,11 @@ def gate_bit(plan: ForwardPlan) -> int:
     if plan.block_b >= 64 and plan.num_warps % 4 == 0:
         return min(3, top)
     return top
+
+
+def one_tile_each(plan: ForwardPlan, B: int, H: int) -> bool:
+    """Every program of ``plan`` owns exactly one (batch block × hidden block) tile at these sizes."""
+    return plan.grid_h == triton.cdiv(H, plan.block_h) and plan.grid_b == triton.cdiv(B, plan.block_b)
 
 
 def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int:

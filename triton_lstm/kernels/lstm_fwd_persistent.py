@@ -64,6 +64,7 @@ from triton_lstm.kernels.cells import cell_update
 from triton_lstm.kernels.common import (
     accumulate_product_resident,
     accumulate_product_streamed,
+    barrier_arrive,
     barrier_watch,
     dot_precision,
     grid_barrier,
@@ -81,6 +82,7 @@ from triton_lstm.kernels.forward_plans import (
     ForwardPlan,
     _device_limits,
     gate_bit,
+    one_tile_each,
     persistent_disabled,
     plan_persistent_fwd,
 )
@@ -120,7 +122,8 @@ def _lstm_persistent_fwd_kernel(
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
     CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (cells.cell_update)
-    GATE_BIT: tl.constexpr = 0,  # > 0: streamed W in one dot per K chunk for the four gates (common.interleaved_gate_rows)
+    GATE_BIT: tl.constexpr = 0,  # > 0: one dot for the four gates (common.interleaved_gate_rows)
+    INPUT_AHEAD: tl.constexpr = False,  # LAYERS > 1, one tile per program: the next input product before the barrier wait
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
@@ -163,7 +166,7 @@ def _lstm_persistent_fwd_kernel(
             failed = _stack_layer(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
-                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL, GATE_BIT,
+                BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL, GATE_BIT, INPUT_AHEAD,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -236,7 +239,7 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
                  SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
                  RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr,
-                 GATE_BIT: tl.constexpr):
+                 GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
@@ -248,6 +251,11 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
     while the layer below runs step t + 1: T + L - 1 step latencies for the stack instead of L·T. Each
     layer's buffers (h_all, c_all, gates) are its slice of the stacked ones, indexed as one layer's.
     Returns the program's failure state (a barrier or wait that gave up).
+
+    ``INPUT_AHEAD`` (each program owns one tile): after arriving at its barrier of step t, a program
+    waits for the layer below's h_{t+1} and forms step t + 1's input product, and only then waits for
+    the rest of its layer — the input product runs while the barrier completes, leaving the recurrent
+    product and the cell update on the critical path. No deadlock: a layer never waits on the one above.
 
     A GRU stack (CELL "gru"): three gates per weight, b_hn per layer in ``cell_params_ptr``, and the n
     gate's input and recurrent products kept apart (the reset gate multiplies only the second): the
@@ -282,70 +290,133 @@ def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_pt
     else:
         offs_k = 0  # streamed: no resident slices (``_layer_product`` reads W at its pointer instead)
         hh_i, hh_f, hh_g, hh_o, ih_i, ih_f, ih_g, ih_o = 0, 0, 0, 0, 0, 0, 0, 0
-    for t in range(T):
-        step = tl.full((), t, tl.int64)
+    if INPUT_AHEAD:
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        rows = offs_b.to(tl.int64)
+        offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        first = tl.full((), 0, tl.int64)  # T >= 1 here
         if layer > 0:
-            # h_t of the layer below (its step t) is complete once its batch group passed that barrier.
             if not failed:
-                failed = wait_for(counter_ptr - grid_b, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
-        for bb in tl.range(pid_b, num_b_blocks, grid_b, num_stages=1):
-            offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
-            mask_b = offs_b < B
-            rows = offs_b.to(tl.int64)
-            for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
-                offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-                mask_h = offs_h < H
-                mask_bh = mask_b[:, None] & mask_h[None, :]
-                # The accumulators start from the gate inputs and take both products on top: one set of
-                # four live across the K loops (two sets spilled on sm_90).
-                if layer > 0:
-                    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    if HAS_BIAS:
-                        acc_i += tl.load(bias_layer + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                        acc_f += tl.load(bias_layer + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                        acc_g += tl.load(bias_layer + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                        if GATES == 4:
-                            acc_o += tl.load(bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                    acc_i, acc_f, acc_g, acc_o = _layer_product(
-                        acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
-                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+                failed = wait_for(counter_ptr - grid_b, GRID_H, failed_ptr, SPIN_LIMIT)
+        acc_i, acc_f, acc_g, acc_o = _stack_input_product(
+            layer, first, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b, offs_k,
+            offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+        )
+        for t in range(T):
+            step = tl.full((), t, tl.int64)
+            _stack_step(
+                acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+                lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H, HAS_LENGTHS,
+                SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL,
+            )
+            if not failed:
+                barrier_arrive(counter_ptr)
+            # (The last step forms its own input product again rather than wait for a step past the end.)
+            next_step = tl.minimum(step + 1, T - 1)
+            if layer > 0:
+                if not failed:
+                    failed = wait_for(counter_ptr - grid_b, (next_step + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+            acc_i, acc_f, acc_g, acc_o = _stack_input_product(
+                layer, next_step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
+                offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+            )
+            if not failed:
+                failed = wait_for(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+    else:
+        for t in range(T):
+            step = tl.full((), t, tl.int64)
+            if layer > 0:
+                # h_t of the layer below (its step t) is complete once its batch group passed that barrier.
+                if not failed:
+                    failed = wait_for(counter_ptr - grid_b, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+            for bb in tl.range(pid_b, num_b_blocks, grid_b, num_stages=1):
+                offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+                mask_b = offs_b < B
+                rows = offs_b.to(tl.int64)
+                for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
+                    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+                    mask_h = offs_h < H
+                    acc_i, acc_f, acc_g, acc_o = _stack_input_product(
+                        layer, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
+                        mask_b, offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
                     )
-                else:
-                    acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H,
-                                                                  GATES)
-                if CELL == "gru":
-                    # The n gate's recurrent product accumulates apart, in acc_o: the reset gate multiplies it
-                    # alone, not x_n (in acc_g).
-                    acc_i, acc_f, acc_o, acc_g = _layer_product(
-                        acc_i, acc_f, acc_o, acc_g, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+                    _stack_step(
+                        acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g,
+                        hh_o, lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H,
+                        HAS_LENGTHS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL,
                     )
-                    # The state is loaded after the products: live across their K loops it spilled on sm_90.
-                    h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
-                    zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # the gate inputs are in the accumulators
-                    _update_and_store_h(
-                        acc_i, acc_f, acc_o, zero, zero, zero, acc_g, zero, h_prev, c_prev, h_layer, c_layer,
-                        gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
-                        failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
-                    )
-                else:
-                    acc_i, acc_f, acc_g, acc_o = _layer_product(
-                        acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-                        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
-                    )
-                    h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
-                    zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    _update_and_store_h(
-                        acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer,
-                        gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
-                        failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
-                    )
-        if not failed:
-            failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+            if not failed:
+                failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
     return failed
+
+
+@triton.jit
+def _stack_input_product(layer, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
+                         mask_b, offs_k, offs_h, mask_h, H: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
+                         GATE_BIT: tl.constexpr):
+    """A stack layer's gate inputs at ``step`` for one tile, in fp32: layer 0's from ``projected``, layer
+    l > 0's the bias plus h^{l-1}_t·W_ihᵀ (the layer below's h_t, which the caller waited for). The
+    accumulators the recurrent product then adds onto: one set of four live across both products' K
+    loops (two sets spilled on sm_90)."""
+    if layer > 0:
+        acc_i = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
+        acc_f = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
+        acc_g = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
+        acc_o = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
+        if HAS_BIAS:
+            acc_i += tl.load(bias_layer + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            acc_f += tl.load(bias_layer + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            acc_g += tl.load(bias_layer + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            if GATES == 4:
+                acc_o += tl.load(bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        acc_i, acc_f, acc_g, acc_o = _layer_product(
+            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
+            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+        )
+    else:
+        mask_bh = mask_b[:, None] & mask_h[None, :]
+        acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+                lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H: tl.constexpr,
+                HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                RESIDENT: tl.constexpr, GATES: tl.constexpr, GATE_BIT: tl.constexpr, PEEPHOLE: tl.constexpr,
+                CELL: tl.constexpr):
+    """The rest of a stack layer's step for one tile, on its gate inputs ``acc_*`` (``_stack_input_product``):
+    the recurrent product h_{t-1}·W_hhᵀ, the cell update and the h_t store."""
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    zero = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)  # the gate inputs are in the accumulators
+    if CELL == "gru":
+        # The n gate's recurrent product accumulates apart, in acc_o: the reset gate multiplies it alone,
+        # not x_n (in acc_g).
+        acc_i, acc_f, acc_o, acc_g = _layer_product(
+            acc_i, acc_f, acc_o, acc_g, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+        )
+        # The state is loaded after the products: live across their K loops it spilled on sm_90.
+        h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
+        _update_and_store_h(
+            acc_i, acc_f, acc_o, zero, zero, zero, acc_g, zero, h_prev, c_prev, h_layer, c_layer,
+            gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
+            failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
+        )
+    else:
+        acc_i, acc_f, acc_g, acc_o = _layer_product(
+            acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+        )
+        h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
+        _update_and_store_h(
+            acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer,
+            gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
+            failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
+        )
 
 
 @triton.jit
@@ -596,6 +667,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         PEEPHOLE=w_ch is not None,
         CELL="gru" if b_hn is not None else "lstm",
         GATE_BIT=gate_bit(plan),
+        INPUT_AHEAD=layers > 1 and plan.input_ahead and one_tile_each(plan, B, H),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver
