@@ -17,6 +17,9 @@ with triton) and this script checks what can be checked without running it:
     python benchmarks/compile_check.py --kernel bwd --quick
     python benchmarks/compile_check.py --kernel persistent --peephole   # the same plans with peepholes
     python benchmarks/compile_check.py --kernel bwd --cell gru          # the GRU cell on the same drivers
+    python benchmarks/compile_check.py --kernel stack --inference       # as a no-grad forward runs them
+    python benchmarks/compile_check.py --kernel persistent --gate-dot   # a variant beside the planned build
+    python benchmarks/compile_check.py --kernel stack --input-ahead
 
 It says nothing about speed, and the GPU machine may run another Triton version than this one.
 """
@@ -310,6 +313,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gate-dot", action="store_true",
                         help="the 16-bit forward plans with one dot for the four gates (ForwardPlan.gate_dot), "
                              "each beside its four-dot build: fails where the gates' split adds CTA barriers")
+    parser.add_argument("--inference", action="store_true",
+                        help="the forward kernels as an inference forward runs them (SAVE = 0: no per-step gates or c)")
     parser.add_argument("--input-ahead", action="store_true",
                         help="--kernel stack: the plans with one tile per program, with the next input product formed "
                              "before the barrier wait (ForwardPlan.input_ahead), each beside its plain build")
@@ -332,6 +337,10 @@ def main(argv=None) -> int:
         if args.kernel not in ("persistent", "stack", "bidir"):
             parser.error("--gate-dot is for the persistent forward kernels (persistent, stack, bidir)")
         configs = _gate_dot_configs(configs)
+    if args.inference:
+        if args.kernel not in ("persistent", "stack", "bidir"):
+            parser.error("--inference is for the persistent forward kernels (persistent, stack, bidir)")
+        configs = [dict(config, save=False) for config in configs if config.get("kernel") != "bwd"]
     if args.input_ahead:
         if args.kernel != "stack" or args.gate_dot:
             parser.error("--input-ahead is for --kernel stack, without --gate-dot")
@@ -356,7 +365,8 @@ def main(argv=None) -> int:
         mode = {"persistent": resident, "bidir": "both directions, " + (resident if config.get("kernel") != "bwd" else "bwd"),
                 "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step",
                 "stack": f"{config.get('layers')} layers {config.get('kernel', 'forward')}"}[args.kernel]
-        variant = (" peephole" if config.get("peephole") else "") + (" gru" if config.get("cell") == "gru" else "")
+        variant = ((" peephole" if config.get("peephole") else "") + (" gru" if config.get("cell") == "gru" else "")
+                   + (" inference" if config.get("save") is False else ""))
         name = (f"{config['dtype']} H={config['H']} {mode}{variant} "
                 f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")
         if isinstance(outcome, str):

@@ -63,7 +63,7 @@ class ForwardPlan:
     # until measured on a GPU.
     gate_dot: bool = False
     # A stack whose programs own one tile each: a layer forms its next step's input product before it
-    # waits at its own barrier (lstm_fwd_persistent._stack_layer). Not planned yet: to measure, as gate_dot.
+    # waits at its own barrier (kernels/stack_layer.py). Not planned yet: to measure, as gate_dot.
     input_ahead: bool = False
 
     @property

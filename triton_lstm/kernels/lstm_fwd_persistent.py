@@ -60,22 +60,14 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from triton_lstm.kernels import common
-from triton_lstm.kernels.cells import cell_update
 from triton_lstm.kernels.common import (
-    accumulate_product_resident,
-    accumulate_product_streamed,
-    barrier_arrive,
     barrier_watch,
     dot_precision,
     grid_barrier,
-    interleaved_gate_rows,
-    load_gate_inputs,
-    load_gates,
     load_own_state,
     recurrent_product_resident,
     recurrent_product_streamed,
     refused_cooperative_launch,
-    wait_for,
 )
 from triton_lstm.kernels.forward_plans import (
     INTERPRETER_SHARED_MEMORY,
@@ -87,6 +79,8 @@ from triton_lstm.kernels.forward_plans import (
     plan_persistent_fwd,
 )
 from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores, lstm_fwd
+from triton_lstm.kernels.persistent_tiles import cell_step, gate_inputs, resident_slices, time_rows, update_and_store_h
+from triton_lstm.kernels.stack_layer import stack_layer
 
 
 @triton.jit(do_not_specialize=["T", "B", "grid_b"])
@@ -117,7 +111,7 @@ def _lstm_persistent_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,  # the whole K padded to a power of two when RESIDENT
     SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up (grid_barrier)
-    LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers in one launch (a wavefront, see _stack_layer)
+    LAYERS: tl.constexpr = 1,  # > 1: a stack of unidirectional layers in one launch (a wavefront, see stack_layer)
     HAS_BIAS: tl.constexpr = False,  # LAYERS > 1: bias_ptr holds the biases of layers 1, 2, …
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
@@ -133,7 +127,7 @@ def _lstm_persistent_fwd_kernel(
     if DIRECTIONS > 1:
         # A bidirectional layer: direction d's programs run its recurrence on its own buffers (stacked
         # per direction, step-indexed as a one-direction layer's) with its own barrier counters; the reverse
-        # direction reads its inputs and writes its outputs walking time backwards (_time_rows).
+        # direction reads its inputs and writes its outputs walking time backwards (time_rows).
         direction = tl.program_id(2)
         d = direction.to(tl.int64)
         w_hh_ptr += d * GATES * H * K
@@ -157,13 +151,13 @@ def _lstm_persistent_fwd_kernel(
         res_offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         res_mask_h = res_offs_h < H
         res_offs_k = tl.arange(0, BLOCK_K)
-        w_i, w_f, w_g, w_o = _resident_slices(w_hh_ptr, pid_h * BLOCK_H, res_offs_k, True, H, K, GATES, BLOCK_H, GATE_BIT)
+        w_i, w_f, w_g, w_o = resident_slices(w_hh_ptr, pid_h * BLOCK_H, res_offs_k, True, H, K, GATES, BLOCK_H, GATE_BIT)
 
     if LAYERS > 1:
         # The stack: the grid's third axis is the layer (a single program under the interpreter, which
         # then runs the layers one after another).
         for layer in range(tl.program_id(2), LAYERS, tl.num_programs(2)):
-            failed = _stack_layer(
+            failed = stack_layer(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
                 BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL, GATE_BIT, INPUT_AHEAD,
@@ -179,8 +173,8 @@ def _lstm_persistent_fwd_kernel(
         mask_bh = mask_b[:, None] & res_mask_h[None, :]
         h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, res_offs_h, mask_bh, H, K, True, SAVE)
         first = tl.full((), 0, tl.int64)  # T >= 1 here
-        times = _time_rows(first, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-        x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H, DIRECTIONS,
+        times = time_rows(first, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
+        x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H, DIRECTIONS,
                                           GATES)
         for t in range(T):
             # int64: T·B·4H can pass 2³¹ elements.
@@ -188,15 +182,15 @@ def _lstm_persistent_fwd_kernel(
             acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
                 h_ptr + step * B * K, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES, GATE_BIT
             )
-            h_own, c_own = _update_and_store_h(
+            h_own, c_own = update_and_store_h(
                 acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                 step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
                 out_ptr, times, direction, DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL,
             )
             # (The last step reloads its own inputs rather than read past the end.)
             next_step = tl.minimum(step + 1, T - 1)
-            times = _time_rows(next_step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-            x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H,
+            times = time_rows(next_step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
+            x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H,
                                               DIRECTIONS, GATES)
             # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
             if not failed:
@@ -215,7 +209,7 @@ def _lstm_persistent_fwd_kernel(
                     acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
                         h_prev_ptr, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES, GATE_BIT
                     )
-                    _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+                    cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
                                out_ptr, T, direction, DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL)
                 else:
@@ -226,310 +220,11 @@ def _lstm_persistent_fwd_kernel(
                             h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                             GATES, GATE_BIT
                         )
-                        _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+                        cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
                                    step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed,
                                    out_ptr, T, direction, DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL)
             if not failed:
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
-
-
-@triton.jit
-def _stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
-                 T, B, grid_b, pid_h, pid_b, failed, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
-                 RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr,
-                 GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr):
-    """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
-    in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
-    slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
-
-    Layer 0 reads its input projection from ``projected``; layer l > 0 forms it here, from the layer
-    below's h_t (in that layer's h_all) and its own W_ih, next to the recurrent product. Before step t,
-    layer l > 0 waits (without arriving) until the layer below's batch group has passed its barrier of
-    step t; within the layer the per-step barrier is the single-layer kernel's. So layer l runs step t
-    while the layer below runs step t + 1: T + L - 1 step latencies for the stack instead of L·T. Each
-    layer's buffers (h_all, c_all, gates) are its slice of the stacked ones, indexed as one layer's.
-    Returns the program's failure state (a barrier or wait that gave up).
-
-    ``INPUT_AHEAD`` (each program owns one tile): after arriving at its barrier of step t, a program
-    waits for the layer below's h_{t+1} and forms step t + 1's input product, and only then waits for
-    the rest of its layer — the input product runs while the barrier completes, leaving the recurrent
-    product and the cell update on the critical path. No deadlock: a layer never waits on the one above.
-
-    A GRU stack (CELL "gru"): three gates per weight, b_hn per layer in ``cell_params_ptr``, and the n
-    gate's input and recurrent products kept apart (the reset gate multiplies only the second): the
-    input side accumulates into (acc_i, acc_f, acc_g) = (r, z, x_n), the recurrent side into
-    (acc_i, acc_f, acc_o) = (r, z, h_n) — still four accumulators."""
-    GATES: tl.constexpr = 3 if CELL == "gru" else 4
-    NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
-    num_b_blocks = tl.cdiv(B, BLOCK_B)
-    lay = tl.full((), layer, tl.int64)
-    h_layer = h_ptr + lay * (T + 1) * B * H
-    h_below = h_layer - (T + 1) * B * H  # read only when layer > 0
-    # c_all holds T + 1 steps per layer, or the two slots of an inference forward (c_slot); no gates then.
-    c_layer = c_ptr + lay * 2 * B * H
-    gates_layer = gates_ptr
-    if SAVE:
-        c_layer = c_ptr + lay * (T + 1) * B * H
-        gates_layer = gates_ptr + lay * T * B * 4 * H
-    w_hh_layer = w_hh_ptr + lay * GATES * H * H
-    cell_params_layer = cell_params_ptr + lay * (H if CELL == "gru" else 3 * H)  # b_hn, or the peephole weights
-    w_ih_layer = w_ih_ptr + (lay - 1) * GATES * H * H
-    bias_layer = bias_ptr + (lay - 1) * GATES * H
-    counter_ptr = counters_ptr + layer * grid_b + pid_b
-    failed_ptr = counters_ptr + LAYERS * grid_b
-    if RESIDENT:
-        # The transposed (K × BLOCK_H) right operands of the eight gate products; layer 0 has no W_ih here
-        # (its input product is in ``projected``): masked off, never read.
-        offs_k = tl.arange(0, BLOCK_K)
-        hh_i, hh_f, hh_g, hh_o = _resident_slices(w_hh_layer, pid_h * BLOCK_H, offs_k, True, H, H, GATES, BLOCK_H,
-                                                  GATE_BIT)
-        ih_i, ih_f, ih_g, ih_o = _resident_slices(w_ih_layer, pid_h * BLOCK_H, offs_k, layer > 0, H, H, GATES, BLOCK_H,
-                                                  GATE_BIT)
-    else:
-        offs_k = 0  # streamed: no resident slices (``_layer_product`` reads W at its pointer instead)
-        hh_i, hh_f, hh_g, hh_o, ih_i, ih_f, ih_g, ih_o = 0, 0, 0, 0, 0, 0, 0, 0
-    if INPUT_AHEAD:
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        rows = offs_b.to(tl.int64)
-        offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        first = tl.full((), 0, tl.int64)  # T >= 1 here
-        if layer > 0:
-            if not failed:
-                failed = wait_for(counter_ptr - grid_b, GRID_H, failed_ptr, SPIN_LIMIT)
-        acc_i, acc_f, acc_g, acc_o = _stack_input_product(
-            layer, first, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b, offs_k,
-            offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
-        )
-        for t in range(T):
-            step = tl.full((), t, tl.int64)
-            _stack_step(
-                acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-                lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H, HAS_LENGTHS,
-                SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL,
-            )
-            if not failed:
-                barrier_arrive(counter_ptr)
-            # (The last step forms its own input product again rather than wait for a step past the end.)
-            next_step = tl.minimum(step + 1, T - 1)
-            if layer > 0:
-                if not failed:
-                    failed = wait_for(counter_ptr - grid_b, (next_step + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
-            acc_i, acc_f, acc_g, acc_o = _stack_input_product(
-                layer, next_step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
-                offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
-            )
-            if not failed:
-                failed = wait_for(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
-    else:
-        for t in range(T):
-            step = tl.full((), t, tl.int64)
-            if layer > 0:
-                # h_t of the layer below (its step t) is complete once its batch group passed that barrier.
-                if not failed:
-                    failed = wait_for(counter_ptr - grid_b, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
-            for bb in tl.range(pid_b, num_b_blocks, grid_b, num_stages=1):
-                offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
-                mask_b = offs_b < B
-                rows = offs_b.to(tl.int64)
-                for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
-                    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-                    mask_h = offs_h < H
-                    acc_i, acc_f, acc_g, acc_o = _stack_input_product(
-                        layer, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
-                        mask_b, offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
-                    )
-                    _stack_step(
-                        acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g,
-                        hh_o, lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H,
-                        HAS_LENGTHS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL,
-                    )
-            if not failed:
-                failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
-    return failed
-
-
-@triton.jit
-def _stack_input_product(layer, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
-                         mask_b, offs_k, offs_h, mask_h, H: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
-                         GATE_BIT: tl.constexpr):
-    """A stack layer's gate inputs at ``step`` for one tile, in fp32: layer 0's from ``projected``, layer
-    l > 0's the bias plus h^{l-1}_t·W_ihᵀ (the layer below's h_t, which the caller waited for). The
-    accumulators the recurrent product then adds onto: one set of four live across both products' K
-    loops (two sets spilled on sm_90)."""
-    if layer > 0:
-        acc_i = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
-        acc_f = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
-        acc_g = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
-        acc_o = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
-        if HAS_BIAS:
-            acc_i += tl.load(bias_layer + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            acc_f += tl.load(bias_layer + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            acc_g += tl.load(bias_layer + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            if GATES == 4:
-                acc_o += tl.load(bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        acc_i, acc_f, acc_g, acc_o = _layer_product(
-            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
-            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
-        )
-    else:
-        mask_bh = mask_b[:, None] & mask_h[None, :]
-        acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES)
-    return acc_i, acc_f, acc_g, acc_o
-
-
-@triton.jit
-def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-                lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H: tl.constexpr,
-                HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-                RESIDENT: tl.constexpr, GATES: tl.constexpr, GATE_BIT: tl.constexpr, PEEPHOLE: tl.constexpr,
-                CELL: tl.constexpr):
-    """The rest of a stack layer's step for one tile, on its gate inputs ``acc_*`` (``_stack_input_product``):
-    the recurrent product h_{t-1}·W_hhᵀ, the cell update and the h_t store."""
-    mask_bh = mask_b[:, None] & mask_h[None, :]
-    zero = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)  # the gate inputs are in the accumulators
-    if CELL == "gru":
-        # The n gate's recurrent product accumulates apart, in acc_o: the reset gate multiplies it alone,
-        # not x_n (in acc_g).
-        acc_i, acc_f, acc_o, acc_g = _layer_product(
-            acc_i, acc_f, acc_o, acc_g, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
-        )
-        # The state is loaded after the products: live across their K loops it spilled on sm_90.
-        h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
-        _update_and_store_h(
-            acc_i, acc_f, acc_o, zero, zero, zero, acc_g, zero, h_prev, c_prev, h_layer, c_layer,
-            gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
-            failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
-        )
-    else:
-        acc_i, acc_f, acc_g, acc_o = _layer_product(
-            acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
-        )
-        h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
-        _update_and_store_h(
-            acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer,
-            gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
-            failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
-        )
-
-
-@triton.jit
-def _layer_product(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, res_i, res_f, res_g, res_o, rows, mask_b, offs_k, offs_h,
-                   mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
-                   GATES: tl.constexpr, GATE_BIT: tl.constexpr):
-    """A stack layer's h·Wᵀ (H × H per gate) added onto the accumulators: from the resident slices
-    ``res_*`` (RESIDENT) or streaming W at ``w_ptr`` in BLOCK_K chunks. With GATES = 3 ``acc_o`` is untouched."""
-    if RESIDENT:
-        return accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, mask_b, offs_k, res_i, res_f,
-                                           res_g, res_o, H, DOT_PRECISION, GATES, GATE_BIT)
-    else:
-        return accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, rows, mask_b, offs_h, mask_h,
-                                           H, H, DOT_PRECISION, BLOCK_K, GATES, GATE_BIT)
-
-
-@triton.jit
-def _resident_slices(w_ptr, h_start, offs_k, use, H: tl.constexpr, K: tl.constexpr, GATES: tl.constexpr,
-                     BLOCK_H: tl.constexpr, GATE_BIT: tl.constexpr):
-    """A program's resident slices of a (GATES·H, K) weight for hidden units h_start … h_start + BLOCK_H − 1,
-    as the transposed right operands of the products (``offs_k`` the whole K padded; all zeros unless
-    ``use``): the four gates' K × BLOCK_H slices, or with ``GATE_BIT`` > 0 the one interleaved
-    K × 4·BLOCK_H slice (``common.interleaved_gate_rows``), returned in all four places. ``GATES`` = 3: a
-    GRU's (3H, K) weight; the fourth slice is the third again (or a zero gate), never used."""
-    if GATE_BIT > 0:
-        gate, unit = interleaved_gate_rows(h_start, BLOCK_H, GATE_BIT)
-        mask = use & (offs_k < K)[:, None] & ((unit < H) & (gate < GATES))[None, :]
-        w_i = tl.load(w_ptr + (gate * H + unit).to(tl.int64)[None, :] * K + offs_k[:, None], mask=mask, other=0.0)
-        w_f, w_g, w_o = w_i, w_i, w_i
-    else:
-        offs_h = h_start + tl.arange(0, BLOCK_H)
-        ptrs = w_ptr + offs_h.to(tl.int64)[None, :] * K + offs_k[:, None]
-        mask = use & (offs_k < K)[:, None] & (offs_h < H)[None, :]
-        w_i = tl.load(ptrs, mask=mask, other=0.0)
-        w_f = tl.load(ptrs + H * K, mask=mask, other=0.0)
-        w_g = tl.load(ptrs + 2 * H * K, mask=mask, other=0.0)
-        if GATES == 4:
-            w_o = tl.load(ptrs + 3 * H * K, mask=mask, other=0.0)
-        else:
-            w_o = w_g
-    return w_i, w_f, w_g, w_o
-
-
-@triton.jit
-def _cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-               step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-               SAVE: tl.constexpr, failed, out_ptr, T, direction, DIRECTIONS: tl.constexpr, cell_params_ptr,
-               PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
-    """The cell update of one tile with its inputs and state read from memory, and its h_t store."""
-    GATES: tl.constexpr = 3 if CELL == "gru" else 4
-    mask_bh = mask_b[:, None] & mask_h[None, :]
-    times = _time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-    x_i, x_f, x_g, x_o = _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H, DIRECTIONS, GATES)
-    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS, SAVE)
-    _update_and_store_h(
-        acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed, out_ptr, times, direction,
-        DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL,
-    )
-
-
-@triton.jit
-def _time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS: tl.constexpr, DIRECTIONS: tl.constexpr):
-    """The time index each row of the tile is at in ``step`` (int64): the step itself, except for the
-    reverse direction of a bidirectional layer, which walks each sequence backwards from its own last
-    element (negative once a row is past its length). A scalar for one-direction layers."""
-    if DIRECTIONS == 1:
-        return step
-    else:
-        if HAS_LENGTHS:
-            last = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0).to(tl.int64) - 1
-        else:
-            last = tl.zeros_like(offs_b).to(tl.int64) + (T - 1)
-        return tl.where(direction == 1, last - step, tl.zeros_like(last) + step)
-
-
-@triton.jit
-def _gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: tl.constexpr, DIRECTIONS: tl.constexpr,
-                 GATES: tl.constexpr):
-    """This tile's input projection at ``times`` (``_time_rows``), per gate, in fp32 (``load_gate_inputs``).
-    A bidirectional layer's projection holds both directions, (T, B, 2·GATES·H), direction d at columns
-    GATES·H·d."""
-    if DIRECTIONS == 1:
-        return load_gate_inputs(projected_ptr, times, B, rows, offs_h, mask_bh, H, GATES)
-    else:
-        x_ptrs = (projected_ptr + (times[:, None] * B + rows[:, None]) * (2 * GATES * H)
-                  + direction.to(tl.int64) * GATES * H + offs_h[None, :])
-        return load_gates(x_ptrs, mask_bh & (times >= 0)[:, None], H, GATES)
-
-
-@triton.jit
-def _update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr,
-                        lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr,
-                        HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, failed, out_ptr, times, direction,
-                        DIRECTIONS: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
-    """The cell update of one tile (gates and c stored by ``cells.cell_update``) and its h_t store, NaN
-    once the program's barrier gave up; returns (h_t, c_t) in fp32 (a GRU's c is its fp32 h). A
-    bidirectional layer also stores h_t into its output at ``times`` (rows that ran this step only: the
-    rest stays zero)."""
-    h, c = cell_update(
-        acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE, cell_params_ptr, PEEPHOLE, CELL,
-    )
-    h = tl.where(failed, float("nan"), h)
-    h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
-    tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_h[None, :])
-    if DIRECTIONS == 2:
-        ran = mask_b
-        if HAS_LENGTHS:
-            ran = ran & (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))
-        out_offs = (times[:, None] * B + rows[:, None]) * (2 * H) + direction.to(tl.int64) * H + offs_h[None, :]
-        tl.store(out_ptr + out_offs, h.to(out_ptr.dtype.element_ty), mask=ran[:, None] & mask_h[None, :])
-    return h, c
 
 
 def plan_for(projected: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | None) -> ForwardPlan:

@@ -5,7 +5,7 @@ idle. In one launch, layer l runs time step t while layer l - 1 runs step t + 1,
 T + L - 1 step latencies, and the layers' programs share the SMs.
 
 The kernel is the persistent forward's (``lstm_fwd_persistent.py``), with ``LAYERS > 1``: its grid has
-a third axis, the layer, and each layer's programs run ``_stack_layer`` there. Layer 0 reads the input
+a third axis, the layer, and each layer's programs run ``stack_layer.stack_layer`` there. Layer 0 reads the input
 projection x·W_ih⁰ᵀ + b⁰ computed for all steps beforehand (one GEMM, as for a single layer); a layer
 above forms its input product h^{l-1}_t·W_ihˡᵀ in the kernel, since h^{l-1}_t does not exist before the
 launch. The planner streams W from L2 (both products); a resident variant (each program's W_ih and W_hh

@@ -1,0 +1,130 @@
+"""The persistent forward's work on one tile (batch block × hidden block) of one step, shared by its
+schedules — one layer, both directions of a layer (``lstm_fwd_persistent.py``) and a stack's layers
+(``stack_layer.py``): a layer's product onto the gate accumulators, the resident weight slices, the gate
+inputs at each row's time, and the cell update with its h_t store."""
+
+import triton
+import triton.language as tl
+
+from triton_lstm.kernels.cells import cell_update
+from triton_lstm.kernels.common import (
+    accumulate_product_resident,
+    accumulate_product_streamed,
+    interleaved_gate_rows,
+    load_gate_inputs,
+    load_gates,
+    load_own_state,
+)
+
+
+@triton.jit
+def layer_product(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, res_i, res_f, res_g, res_o, rows, mask_b, offs_k, offs_h,
+                   mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
+                   GATES: tl.constexpr, GATE_BIT: tl.constexpr):
+    """A stack layer's h·Wᵀ (H × H per gate) added onto the accumulators: from the resident slices
+    ``res_*`` (RESIDENT) or streaming W at ``w_ptr`` in BLOCK_K chunks. With GATES = 3 ``acc_o`` is untouched."""
+    if RESIDENT:
+        return accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, mask_b, offs_k, res_i, res_f,
+                                           res_g, res_o, H, DOT_PRECISION, GATES, GATE_BIT)
+    else:
+        return accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, rows, mask_b, offs_h, mask_h,
+                                           H, H, DOT_PRECISION, BLOCK_K, GATES, GATE_BIT)
+
+
+@triton.jit
+def resident_slices(w_ptr, h_start, offs_k, use, H: tl.constexpr, K: tl.constexpr, GATES: tl.constexpr,
+                     BLOCK_H: tl.constexpr, GATE_BIT: tl.constexpr):
+    """A program's resident slices of a (GATES·H, K) weight for hidden units h_start … h_start + BLOCK_H − 1,
+    as the transposed right operands of the products (``offs_k`` the whole K padded; all zeros unless
+    ``use``): the four gates' K × BLOCK_H slices, or with ``GATE_BIT`` > 0 the one interleaved
+    K × 4·BLOCK_H slice (``common.interleaved_gate_rows``), returned in all four places. ``GATES`` = 3: a
+    GRU's (3H, K) weight; the fourth slice is the third again (or a zero gate), never used."""
+    if GATE_BIT > 0:
+        gate, unit = interleaved_gate_rows(h_start, BLOCK_H, GATE_BIT)
+        mask = use & (offs_k < K)[:, None] & ((unit < H) & (gate < GATES))[None, :]
+        w_i = tl.load(w_ptr + (gate * H + unit).to(tl.int64)[None, :] * K + offs_k[:, None], mask=mask, other=0.0)
+        w_f, w_g, w_o = w_i, w_i, w_i
+    else:
+        offs_h = h_start + tl.arange(0, BLOCK_H)
+        ptrs = w_ptr + offs_h.to(tl.int64)[None, :] * K + offs_k[:, None]
+        mask = use & (offs_k < K)[:, None] & (offs_h < H)[None, :]
+        w_i = tl.load(ptrs, mask=mask, other=0.0)
+        w_f = tl.load(ptrs + H * K, mask=mask, other=0.0)
+        w_g = tl.load(ptrs + 2 * H * K, mask=mask, other=0.0)
+        if GATES == 4:
+            w_o = tl.load(ptrs + 3 * H * K, mask=mask, other=0.0)
+        else:
+            w_o = w_g
+    return w_i, w_f, w_g, w_o
+
+
+@triton.jit
+def cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+               step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+               SAVE: tl.constexpr, failed, out_ptr, T, direction, DIRECTIONS: tl.constexpr, cell_params_ptr,
+               PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
+    """The cell update of one tile with its inputs and state read from memory, and its h_t store."""
+    GATES: tl.constexpr = 3 if CELL == "gru" else 4
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    times = time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
+    x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H, DIRECTIONS, GATES)
+    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS, SAVE)
+    update_and_store_h(
+        acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr, lengths_ptr,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed, out_ptr, times, direction,
+        DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL,
+    )
+
+
+@triton.jit
+def time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS: tl.constexpr, DIRECTIONS: tl.constexpr):
+    """The time index each row of the tile is at in ``step`` (int64): the step itself, except for the
+    reverse direction of a bidirectional layer, which walks each sequence backwards from its own last
+    element (negative once a row is past its length). A scalar for one-direction layers."""
+    if DIRECTIONS == 1:
+        return step
+    else:
+        if HAS_LENGTHS:
+            last = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0).to(tl.int64) - 1
+        else:
+            last = tl.zeros_like(offs_b).to(tl.int64) + (T - 1)
+        return tl.where(direction == 1, last - step, tl.zeros_like(last) + step)
+
+
+@triton.jit
+def gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: tl.constexpr, DIRECTIONS: tl.constexpr,
+                 GATES: tl.constexpr):
+    """This tile's input projection at ``times`` (``time_rows``), per gate, in fp32 (``load_gate_inputs``).
+    A bidirectional layer's projection holds both directions, (T, B, 2·GATES·H), direction d at columns
+    GATES·H·d."""
+    if DIRECTIONS == 1:
+        return load_gate_inputs(projected_ptr, times, B, rows, offs_h, mask_bh, H, GATES)
+    else:
+        x_ptrs = (projected_ptr + (times[:, None] * B + rows[:, None]) * (2 * GATES * H)
+                  + direction.to(tl.int64) * GATES * H + offs_h[None, :])
+        return load_gates(x_ptrs, mask_bh & (times >= 0)[:, None], H, GATES)
+
+
+@triton.jit
+def update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr,
+                        lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, K: tl.constexpr,
+                        HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, failed, out_ptr, times, direction,
+                        DIRECTIONS: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
+    """The cell update of one tile (gates and c stored by ``cells.cell_update``) and its h_t store, NaN
+    once the program's barrier gave up; returns (h_t, c_t) in fp32 (a GRU's c is its fp32 h). A
+    bidirectional layer also stores h_t into its output at ``times`` (rows that ran this step only: the
+    rest stays zero)."""
+    h, c = cell_update(
+        acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE, cell_params_ptr, PEEPHOLE, CELL,
+    )
+    h = tl.where(failed, float("nan"), h)
+    h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
+    tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_h[None, :])
+    if DIRECTIONS == 2:
+        ran = mask_b
+        if HAS_LENGTHS:
+            ran = ran & (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))
+        out_offs = (times[:, None] * B + rows[:, None]) * (2 * H) + direction.to(tl.int64) * H + offs_h[None, :]
+        tl.store(out_ptr + out_offs, h.to(out_ptr.dtype.element_ty), mask=ran[:, None] & mask_h[None, :])
+    return h, c

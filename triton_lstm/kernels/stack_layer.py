@@ -1,0 +1,194 @@
+"""One layer of a stack in the persistent forward's launch (``lstm_fwd_stack.py``): its T steps on this
+program's tiles, a wavefront across layers — layer l runs step t while the layer below runs step t + 1."""
+
+import triton
+import triton.language as tl
+
+from triton_lstm.kernels.common import barrier_arrive, grid_barrier, load_gate_inputs, load_own_state, wait_for
+from triton_lstm.kernels.persistent_tiles import layer_product, resident_slices, update_and_store_h
+
+
+@triton.jit
+def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
+                 T, B, grid_b, pid_h, pid_b, failed, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
+                 RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr,
+                 GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr):
+    """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
+    in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
+    slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
+
+    Layer 0 reads its input projection from ``projected``; layer l > 0 forms it here, from the layer
+    below's h_t (in that layer's h_all) and its own W_ih, next to the recurrent product. Before step t,
+    layer l > 0 waits (without arriving) until the layer below's batch group has passed its barrier of
+    step t; within the layer the per-step barrier is the single-layer kernel's. So layer l runs step t
+    while the layer below runs step t + 1: T + L - 1 step latencies for the stack instead of L·T. Each
+    layer's buffers (h_all, c_all, gates) are its slice of the stacked ones, indexed as one layer's.
+    Returns the program's failure state (a barrier or wait that gave up).
+
+    ``INPUT_AHEAD`` (each program owns one tile): after arriving at its barrier of step t, a program
+    waits for the layer below's h_{t+1} and forms step t + 1's input product, and only then waits for
+    the rest of its layer — the input product runs while the barrier completes, leaving the recurrent
+    product and the cell update on the critical path. No deadlock: a layer never waits on the one above.
+
+    A GRU stack (CELL "gru"): three gates per weight, b_hn per layer in ``cell_params_ptr``, and the n
+    gate's input and recurrent products kept apart (the reset gate multiplies only the second): the
+    input side accumulates into (acc_i, acc_f, acc_g) = (r, z, x_n), the recurrent side into
+    (acc_i, acc_f, acc_o) = (r, z, h_n) — still four accumulators."""
+    GATES: tl.constexpr = 3 if CELL == "gru" else 4
+    NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    num_b_blocks = tl.cdiv(B, BLOCK_B)
+    lay = tl.full((), layer, tl.int64)
+    h_layer = h_ptr + lay * (T + 1) * B * H
+    h_below = h_layer - (T + 1) * B * H  # read only when layer > 0
+    # c_all holds T + 1 steps per layer, or the two slots of an inference forward (c_slot); no gates then.
+    c_layer = c_ptr + lay * 2 * B * H
+    gates_layer = gates_ptr
+    if SAVE:
+        c_layer = c_ptr + lay * (T + 1) * B * H
+        gates_layer = gates_ptr + lay * T * B * 4 * H
+    w_hh_layer = w_hh_ptr + lay * GATES * H * H
+    cell_params_layer = cell_params_ptr + lay * (H if CELL == "gru" else 3 * H)  # b_hn, or the peephole weights
+    w_ih_layer = w_ih_ptr + (lay - 1) * GATES * H * H
+    bias_layer = bias_ptr + (lay - 1) * GATES * H
+    counter_ptr = counters_ptr + layer * grid_b + pid_b
+    failed_ptr = counters_ptr + LAYERS * grid_b
+    if RESIDENT:
+        # The transposed (K × BLOCK_H) right operands of the eight gate products; layer 0 has no W_ih here
+        # (its input product is in ``projected``): masked off, never read.
+        offs_k = tl.arange(0, BLOCK_K)
+        hh_i, hh_f, hh_g, hh_o = resident_slices(w_hh_layer, pid_h * BLOCK_H, offs_k, True, H, H, GATES, BLOCK_H,
+                                                  GATE_BIT)
+        ih_i, ih_f, ih_g, ih_o = resident_slices(w_ih_layer, pid_h * BLOCK_H, offs_k, layer > 0, H, H, GATES, BLOCK_H,
+                                                  GATE_BIT)
+    else:
+        offs_k = 0  # streamed: no resident slices (``layer_product`` reads W at its pointer instead)
+        hh_i, hh_f, hh_g, hh_o, ih_i, ih_f, ih_g, ih_o = 0, 0, 0, 0, 0, 0, 0, 0
+    if INPUT_AHEAD:
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        rows = offs_b.to(tl.int64)
+        offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        first = tl.full((), 0, tl.int64)  # T >= 1 here
+        if layer > 0:
+            if not failed:
+                failed = wait_for(counter_ptr - grid_b, GRID_H, failed_ptr, SPIN_LIMIT)
+        acc_i, acc_f, acc_g, acc_o = _stack_input_product(
+            layer, first, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b, offs_k,
+            offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+        )
+        for t in range(T):
+            step = tl.full((), t, tl.int64)
+            _stack_step(
+                acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+                lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H, HAS_LENGTHS,
+                SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL,
+            )
+            if not failed:
+                barrier_arrive(counter_ptr)
+            # (The last step forms its own input product again rather than wait for a step past the end.)
+            next_step = tl.minimum(step + 1, T - 1)
+            if layer > 0:
+                if not failed:
+                    failed = wait_for(counter_ptr - grid_b, (next_step + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+            acc_i, acc_f, acc_g, acc_o = _stack_input_product(
+                layer, next_step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
+                offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+            )
+            if not failed:
+                failed = wait_for(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+    else:
+        for t in range(T):
+            step = tl.full((), t, tl.int64)
+            if layer > 0:
+                # h_t of the layer below (its step t) is complete once its batch group passed that barrier.
+                if not failed:
+                    failed = wait_for(counter_ptr - grid_b, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+            for bb in tl.range(pid_b, num_b_blocks, grid_b, num_stages=1):
+                offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+                mask_b = offs_b < B
+                rows = offs_b.to(tl.int64)
+                for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
+                    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+                    mask_h = offs_h < H
+                    acc_i, acc_f, acc_g, acc_o = _stack_input_product(
+                        layer, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
+                        mask_b, offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+                    )
+                    _stack_step(
+                        acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g,
+                        hh_o, lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H,
+                        HAS_LENGTHS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL,
+                    )
+            if not failed:
+                failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+    return failed
+
+
+@triton.jit
+def _stack_input_product(layer, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
+                         mask_b, offs_k, offs_h, mask_h, H: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
+                         GATE_BIT: tl.constexpr):
+    """A stack layer's gate inputs at ``step`` for one tile, in fp32: layer 0's from ``projected``, layer
+    l > 0's the bias plus h^{l-1}_t·W_ihᵀ (the layer below's h_t, which the caller waited for). The
+    accumulators the recurrent product then adds onto: one set of four live across both products' K
+    loops (two sets spilled on sm_90)."""
+    if layer > 0:
+        acc_i = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
+        acc_f = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
+        acc_g = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
+        acc_o = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
+        if HAS_BIAS:
+            acc_i += tl.load(bias_layer + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            acc_f += tl.load(bias_layer + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            acc_g += tl.load(bias_layer + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            if GATES == 4:
+                acc_o += tl.load(bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        acc_i, acc_f, acc_g, acc_o = layer_product(
+            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
+            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+        )
+    else:
+        mask_bh = mask_b[:, None] & mask_h[None, :]
+        acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+                lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H: tl.constexpr,
+                HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                RESIDENT: tl.constexpr, GATES: tl.constexpr, GATE_BIT: tl.constexpr, PEEPHOLE: tl.constexpr,
+                CELL: tl.constexpr):
+    """The rest of a stack layer's step for one tile, on its gate inputs ``acc_*`` (``_stack_input_product``):
+    the recurrent product h_{t-1}·W_hhᵀ, the cell update and the h_t store."""
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    zero = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)  # the gate inputs are in the accumulators
+    if CELL == "gru":
+        # The n gate's recurrent product accumulates apart, in acc_o: the reset gate multiplies it alone,
+        # not x_n (in acc_g).
+        acc_i, acc_f, acc_o, acc_g = layer_product(
+            acc_i, acc_f, acc_o, acc_g, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+        )
+        # The state is loaded after the products: live across their K loops it spilled on sm_90.
+        h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
+        update_and_store_h(
+            acc_i, acc_f, acc_o, zero, zero, zero, acc_g, zero, h_prev, c_prev, h_layer, c_layer,
+            gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
+            failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
+        )
+    else:
+        acc_i, acc_f, acc_g, acc_o = layer_product(
+            acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+        )
+        h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
+        update_and_store_h(
+            acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer,
+            gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
+            failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
+        )
