@@ -34,8 +34,8 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
 
     A GRU stack (CELL "gru"): three gates per weight, b_hn per layer in ``cell_params_ptr``, and the n
     gate's input and recurrent products kept apart (the reset gate multiplies only the second): the
-    input side accumulates into (acc_i, acc_f, acc_g) = (r, z, x_n), the recurrent side into
-    (acc_i, acc_f, acc_o) = (r, z, h_n) — still four accumulators."""
+    input side accumulates into (acc_i, acc_f, acc_g) = (r, z, x_n); x_n then moves aside and the
+    recurrent side adds (r, z, h_n) into the same three — still four tiles (``_stack_step``)."""
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     num_b_blocks = tl.cdiv(B, BLOCK_B)
@@ -168,27 +168,19 @@ def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer,
     mask_bh = mask_b[:, None] & mask_h[None, :]
     zero = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)  # the gate inputs are in the accumulators
     if CELL == "gru":
-        # The n gate's recurrent product accumulates apart, in acc_o: the reset gate multiplies it alone,
-        # not x_n (in acc_g).
-        acc_i, acc_f, acc_o, acc_g = layer_product(
-            acc_i, acc_f, acc_o, acc_g, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
-        )
-        # The state is loaded after the products: live across their K loops it spilled on sm_90.
-        h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
-        update_and_store_h(
-            acc_i, acc_f, acc_o, zero, zero, zero, acc_g, zero, h_prev, c_prev, h_layer, c_layer,
-            gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
-            failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
-        )
+        # The n gate's recurrent product accumulates apart from x_n (the reset gate multiplies it alone):
+        # the product adds into the third accumulator, so x_n moves out of it first.
+        acc_g, x_n = zero, acc_g
     else:
-        acc_i, acc_f, acc_g, acc_o = layer_product(
-            acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
-        )
-        h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
-        update_and_store_h(
-            acc_i, acc_f, acc_g, acc_o, zero, zero, zero, zero, h_prev, c_prev, h_layer, c_layer,
-            gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
-            failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
-        )
+        x_n = zero
+    acc_i, acc_f, acc_g, acc_o = layer_product(
+        acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+    )
+    # The state is loaded after the products: live across their K loops it spilled on sm_90.
+    h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
+    update_and_store_h(
+        acc_i, acc_f, acc_g, acc_o, zero, zero, x_n, zero, h_prev, c_prev, h_layer, c_layer,
+        gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
+        failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
+    )
