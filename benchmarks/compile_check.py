@@ -18,8 +18,8 @@ with triton) and this script checks what can be checked without running it:
     python benchmarks/compile_check.py --kernel persistent --peephole   # the same plans with peepholes
     python benchmarks/compile_check.py --kernel bwd --cell gru          # the GRU cell on the same drivers
     python benchmarks/compile_check.py --kernel stack --inference       # as a no-grad forward runs them
-    python benchmarks/compile_check.py --kernel persistent --gate-dot   # a variant beside the planned build
-    python benchmarks/compile_check.py --kernel stack --input-ahead
+    python benchmarks/compile_check.py --kernel persistent --variant gate-dot   # beside the planned build
+    python benchmarks/compile_check.py --kernel stack --variant input-ahead
 
 It says nothing about speed, and the GPU machine may run another Triton version than this one.
 """
@@ -150,7 +150,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool = False, cell: str = "lstm") -> list[dict]:
-    from triton_lstm.kernels.forward_plans import plan_bidirectional_fwd, plan_persistent_fwd, resident_bytes
+    from triton_lstm.kernels.forward_plans import one_tile_each, plan_bidirectional_fwd, plan_persistent_fwd, resident_bytes
 
     devices = DEVICES[:1] if quick else DEVICES
     shapes = ANCHORS if quick else [(B, H) for H in (1, 16, 17, 33, 64, 100, 128, 256, 512, 768, 1024, 2048, 4096)
@@ -173,11 +173,13 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
                     plan = plan_persistent_fwd(100, B, H, H, size, False, num_sms, shared, gates=3 if cell == "gru" else 4)
                 if not plan.persistent:
                     continue
-                one_tile = plan.resident and plan.grid_b == -(-B // plan.block_b)
-                key = (dtype, H, plan.resident, one_tile, plan.block_b, plan.block_h, plan.block_k, plan.num_warps,
+                owns_one_tile = one_tile_each(plan, B, H)
+                one_tile = plan.resident and owns_one_tile  # the launcher's ONE_TILE for a planned plan
+                key = (dtype, H, plan.resident, owns_one_tile, plan.block_b, plan.block_h, plan.block_k, plan.num_warps,
                        plan.grid_h, plan.exact_fp32_dot)
                 estimate = resident_bytes(plan.block_b, plan.block_h, H, size) if plan.resident else None
-                seen.setdefault(key, dict(dtype=dtype, H=H, resident=plan.resident, one_tile=one_tile, block_b=plan.block_b,
+                seen.setdefault(key, dict(dtype=dtype, H=H, resident=plan.resident, one_tile=one_tile,
+                                          owns_one_tile=owns_one_tile, block_b=plan.block_b,
                                           block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                           grid_h=plan.grid_h, arch=arch, limit=shared, device=device,
                                           estimate=estimate, precision=plan.exact_fp32_dot, directions=directions))
@@ -212,10 +214,11 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
                     plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole)
                     if not plan.persistent:
                         continue
-                    one_tile = one_tile_each(plan, B, H)
-                    key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h, one_tile)
+                    owns_one_tile = one_tile_each(plan, B, H)
+                    key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h,
+                           owns_one_tile)
                     seen.setdefault(key, dict(dtype=dtype, H=H, resident=False, block_b=plan.block_b, layers=layers,
-                                              one_tile=one_tile,
+                                              owns_one_tile=owns_one_tile,
                                               block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                               grid_h=plan.grid_h, arch=arch, limit=shared, device=device, estimate=None,
                                               precision=plan.exact_fp32_dot))
@@ -264,19 +267,33 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
     return list(seen.values())
 
 
-def _gate_dot_configs(configs: list[dict]) -> list[dict]:
-    """The forward configurations in 16 bits with ``gate_bit`` set (``forward_plans.gate_bit``), each
-    followed by its four-dot build (``baseline``) for the comparison. fp32 stays on four dots: its
-    tf32x3 dots at H = 1024 spilled 64 bytes with one."""
+# The kernel variants the planner does not pick yet (ForwardPlan's gate_dot, input_ahead, streamed_one_tile),
+# and the kernels they apply to.
+VARIANTS = {"gate-dot": ("persistent", "stack", "bidir"), "input-ahead": ("stack",),
+            "streamed-one-tile": ("persistent", "bidir")}
+
+
+def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
+    """The forward configurations ``variant`` applies to, each as the variant's build followed by its plain
+    build (``baseline``) for the comparison. The gate dot: 16-bit plans (fp32 keeps four dots: its tf32x3
+    dots at H = 1024 spilled 64 bytes with one), its column bit from ``forward_plans.gate_bit``. The
+    input ahead: stacks whose programs own one tile each. The streamed one-tile schedule: 16-bit streamed
+    plans whose programs own one tile each (fp32's spilled 80-136 bytes with it)."""
     from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit
 
     paired = []
     for config in configs:
-        if config.get("kernel") == "bwd" or config["dtype"] == "fp32":
+        if config.get("kernel") == "bwd":
             continue
-        plan = ForwardPlan(True, "", config["resident"], config["block_b"], config["block_h"], config["block_k"],
-                           num_warps=config["num_warps"], gate_dot=True)
-        paired += [dict(config, gate_bit=gate_bit(plan)), dict(config, baseline=True)]
+        if variant == "gate-dot" and config["dtype"] != "fp32":
+            plan = ForwardPlan(True, "", config["resident"], config["block_b"], config["block_h"], config["block_k"],
+                               num_warps=config["num_warps"], gate_dot=True)
+            paired += [dict(config, gate_bit=gate_bit(plan)), dict(config, baseline=True)]
+        elif variant == "input-ahead" and config.get("owns_one_tile"):
+            paired += [dict(config, input_ahead=True), dict(config, baseline=True)]
+        elif (variant == "streamed-one-tile" and not config["resident"] and config.get("owns_one_tile")
+              and config["dtype"] != "fp32"):
+            paired += [dict(config, one_tile=True), dict(config, baseline=True)]
     return paired
 
 
@@ -310,14 +327,12 @@ def main(argv=None) -> int:
     parser.add_argument("--peephole", action="store_true", help="the same kernels with peephole connections")
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
                         help="the cell the drivers run")
-    parser.add_argument("--gate-dot", action="store_true",
-                        help="the 16-bit forward plans with one dot for the four gates (ForwardPlan.gate_dot), "
-                             "each beside its four-dot build: fails where the gates' split adds CTA barriers")
     parser.add_argument("--inference", action="store_true",
                         help="the forward kernels as an inference forward runs them (SAVE = 0: no per-step gates or c)")
-    parser.add_argument("--input-ahead", action="store_true",
-                        help="--kernel stack: the plans with one tile per program, with the next input product formed "
-                             "before the barrier wait (ForwardPlan.input_ahead), each beside its plain build")
+    parser.add_argument("--variant", choices=sorted(VARIANTS),
+                        help="a kernel variant the planner does not pick yet (ForwardPlan's gate_dot, input_ahead, "
+                             "streamed_one_tile), on each planned configuration it applies to, beside its plain build; "
+                             "the gate dot fails where its split adds CTA barriers")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -333,28 +348,25 @@ def main(argv=None) -> int:
         configs = [dict(config, peephole=True) for config in configs]
     if args.cell == "gru":
         configs = [dict(config, cell="gru") for config in configs]
-    if args.gate_dot:
-        if args.kernel not in ("persistent", "stack", "bidir"):
-            parser.error("--gate-dot is for the persistent forward kernels (persistent, stack, bidir)")
-        configs = _gate_dot_configs(configs)
     if args.inference:
         if args.kernel not in ("persistent", "stack", "bidir"):
             parser.error("--inference is for the persistent forward kernels (persistent, stack, bidir)")
         configs = [dict(config, save=False) for config in configs if config.get("kernel") != "bwd"]
-    if args.input_ahead:
-        if args.kernel != "stack" or args.gate_dot:
-            parser.error("--input-ahead is for --kernel stack, without --gate-dot")
-        configs = [variant for config in configs if config.get("one_tile") and config.get("kernel") != "bwd"
-                   for variant in (dict(config, input_ahead=True), dict(config, baseline=True))]
+    if args.variant:
+        if args.kernel not in VARIANTS[args.variant]:
+            parser.error(f"--variant {args.variant} applies to --kernel {' / '.join(VARIANTS[args.variant])}")
+        configs = _variant_configs(configs, args.variant)
     print(f"{len(configs)} planned configurations, compiled for sm_{args.arch}")
     failures = 0
     batches = [configs[index::max(1, args.jobs)] for index in range(max(1, args.jobs))]
     with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:
         outcomes = [pair for batch in pool.map(_run_batch, [b for b in batches if b]) for pair in batch]
-    if args.gate_dot or args.input_ahead:
+    if args.variant:
         # Each variant's build beside the plain one (the jobs interleave the batches: match by config).
         def key(config):
-            return json.dumps(dict(config, gate_bit=None, baseline=None, input_ahead=None), sort_keys=True)
+            plain = dict(config, gate_bit=None, baseline=None, input_ahead=None)
+            plain["one_tile"] = config["resident"] and config.get("one_tile", False)
+            return json.dumps(plain, sort_keys=True)
 
         baselines = {key(config): outcome for config, outcome in outcomes if config.get("baseline")}
         outcomes = [(dict(config, plain=baselines.get(key(config))), outcome)
@@ -374,13 +386,12 @@ def main(argv=None) -> int:
             print(f"FAIL {name}: {outcome}")
             continue
         problems = []
-        if args.gate_dot and isinstance(config.get("plain"), dict):
-            four = config["plain"]
-            name += f" gate bit {config['gate_bit']}: tensor-core instructions {four['mma']} -> {outcome['mma']}"
-            if outcome["bar_sync"] > four["bar_sync"]:
-                problems.append(f"the gates' split added CTA barriers ({four['bar_sync']} -> {outcome['bar_sync']} bar.sync)")
-        if args.input_ahead and isinstance(config.get("plain"), dict):
-            name += f" input ahead: registers {config['plain']['registers']} -> {outcome['registers']}"
+        if args.variant and isinstance(config.get("plain"), dict):
+            plain = config["plain"]
+            name += (f" {args.variant}: tensor-core instructions {plain['mma']} -> {outcome['mma']}, "
+                     f"registers {plain['registers']} -> {outcome['registers']}")
+            if args.variant == "gate-dot" and outcome["bar_sync"] > plain["bar_sync"]:
+                problems.append(f"the gates' split added CTA barriers ({plain['bar_sync']} -> {outcome['bar_sync']} bar.sync)")
         if outcome["shared"] > config["limit"]:
             problems.append(f"shared {outcome['shared']} > {config['limit']} ({config['device']})")
         if outcome["spills"] > SPILL_TOLERANCE:

@@ -17,8 +17,7 @@
 # whatever ran comes back. LAYER_BY_LAYER=0 leaves out the stacks' layer-by-layer A/B;
 # TUNE=1 adds the sweep (TUNE_SHAPES, e.g. "--shape 256 64 1024 1024", else the anchors; TUNE_MODE,
 # TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); VARIANTS=1 times the planned kernels against the variants
-# the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET and
-# VARIANTS_STACK_BUDGET per shape); SUITE=1 also runs the
+# the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); SUITE=1 also runs the
 # whole suite.
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
 set -u
@@ -100,18 +99,18 @@ if [ "${TUNE:-0}" = "1" ]; then
 fi
 
 if [ "${VARIANTS:-0}" = "1" ]; then
-  # The kernel variants the planner does not pick yet, against the planned kernels, kernel-only, each plan
-  # timed both ways in a row: one dot for the four gates (ForwardPlan.gate_dot) at the anchors, the GRU
-  # at B = 256 and H = 1024, and the 4-layer stack, there also with the next input product formed before
-  # the barrier wait (ForwardPlan.input_ahead).
-  stage "variants: anchors" "${VARIANTS_LIMIT:-120}" variants.log "$PY" benchmarks/tune.py --anchors --mode fwd \
-    --gate-dot --max-T 128 --budget-s "${VARIANTS_BUDGET:-12}" --csv "$LOGS/variants.csv"
-  stage "variants: stack" "${VARIANTS_LIMIT:-120}" variants_stack.log "$PY" benchmarks/tune.py --shape 512 64 512 512 \
-    --layers 4 --mode fwd --gate-dot --input-ahead --max-T 128 --budget-s "${VARIANTS_STACK_BUDGET:-30}" \
+  # The kernel variants the planner does not pick yet against the planned kernels, kernel-only, each plan
+  # timed with every combination in a row (benchmarks/NOTES.md, "Since run 12"): one dot for the four
+  # gates and the streamed one-tile schedule at the anchors and for the GRU at B = 256 and H = 1024; the
+  # 4-layer stack with the gate dot and its next input product ahead of the barrier wait.
+  stage "variants: anchors" "${VARIANTS_LIMIT:-150}" variants.log "$PY" benchmarks/tune.py --anchors --mode fwd \
+    --variants gate_dot streamed_one_tile --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" --csv "$LOGS/variants.csv"
+  stage "variants: stack" "${VARIANTS_LIMIT:-150}" variants_stack.log "$PY" benchmarks/tune.py --shape 512 64 512 512 \
+    --layers 4 --mode fwd --variants gate_dot input_ahead --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" \
     --csv "$LOGS/variants_stack.csv"
-  stage "variants: GRU" "${VARIANTS_LIMIT:-120}" variants_gru.log "$PY" benchmarks/tune.py --shape 128 256 512 512 \
-    --shape 256 64 1024 1024 --cell gru --mode fwd --gate-dot --max-T 128 --budget-s "${VARIANTS_BUDGET:-12}" \
-    --csv "$LOGS/variants_gru.csv"
+  stage "variants: GRU" "${VARIANTS_LIMIT:-150}" variants_gru.log "$PY" benchmarks/tune.py --shape 128 256 512 512 \
+    --shape 256 64 1024 1024 --cell gru --mode fwd --variants gate_dot streamed_one_tile --max-T 128 \
+    --budget-s "${VARIANTS_BUDGET:-20}" --csv "$LOGS/variants_gru.csv"
 fi
 
 if [ "${PROFILE:-0}" = "1" ]; then
@@ -135,7 +134,7 @@ PYTEST_EXTRA=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
 stage "GPU tests" "${TEST_LIMIT:-240}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
   tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
-  tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_gate_dot.py \
+  tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_variants.py \
   tests/test_examples.py::test_examples_run_on_cuda \
   --durations=10
 

@@ -4,7 +4,7 @@
     python benchmarks/tune.py --anchors --mode fwd --budget-s 20 --csv out.csv
     python benchmarks/tune.py --shape 512 64 512 512 --layers 4          # a stack in one launch
     python benchmarks/tune.py --shape 128 256 512 512 --mode fwd --cell gru   # the GRU's forward plans
-    python benchmarks/tune.py --anchors --mode fwd --gate-dot        # each plan with and without the gate dot
+    python benchmarks/tune.py --anchors --mode fwd --variants gate_dot streamed_one_tile   # each plan with and without
 
 Forward: resident vs streamed W_hh, BLOCK_B, BLOCK_H, BLOCK_K, warps and the batch split (grid_b), each
 candidate run through ``lstm_fwd_persistent`` with an explicit ``ForwardPlan`` and checked against the
@@ -17,9 +17,10 @@ wrong result is listed as such, never timed. ``--layers L`` sweeps the stacked k
 layers in one launch: resident or streamed W, tiles, chunks, warps for the forward, checked against the
 layers run one by one; the backward chain's tile, checked against the planner's). ``--budget-s`` bounds the seconds spent per shape and mode
 (compiles dominate); candidates run in order of the planner's preference, so the default comes first.
-``--gate-dot`` times each 16-bit forward candidate twice in a row, with four dots per product and with one
-for the four gates (``ForwardPlan.gate_dot``), and prints the ratio of each pair; ``--input-ahead`` (with
-``--layers``) likewise with the next input product formed before the barrier wait (``ForwardPlan.input_ahead``).
+``--variants`` times each forward candidate also with kernel variants the planner does not pick yet
+(``ForwardPlan.gate_dot``: one dot for the four gates, 16-bit only; ``input_ahead``: a stack layer's next
+input product before its barrier wait; ``streamed_one_tile``: a streamed program owning one tile keeps its
+state in registers), every combination in a row, and prints each one's time over the plain plan's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -94,29 +96,39 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: 
     return _nearest_first(unique, default, knobs)
 
 
-def _with_variants(plans, dtype, gate_dot: bool, input_ahead: bool = False):
-    """``plans``, each followed by its variants: one dot for the four gates (``gate_dot``; 16-bit only,
-    fp32 keeps four dots), the next input product ahead of the barrier wait (``input_ahead``: stacks),
-    and both."""
-    gate_dot = gate_dot and dtype != torch.float32
-    flags = [(g, a) for g in (False, True) for a in (False, True) if (g, a) != (False, False)
-             and (gate_dot or not g) and (input_ahead or not a)]
-    return [variant for plan in plans
-            for variant in (plan, *(dataclasses.replace(plan, gate_dot=g, input_ahead=a) for g, a in flags))]
+# The kernel variants the planner does not pick yet (ForwardPlan fields), by their command-line names.
+VARIANTS = {"gate_dot": "gate dot", "input_ahead": "input ahead", "streamed_one_tile": "streamed one tile"}
+
+
+def _with_variants(plans, dtype, variants):
+    """``plans``, each followed by the same plan with every combination of ``variants`` (ForwardPlan
+    fields) that applies to it switched on: fp32 keeps four dots and the plain streamed schedule (both
+    spill there), resident plans run the one-tile schedule anyway (no ``streamed_one_tile``)."""
+    result = []
+    for plan in plans:
+        names = [name for name in variants if not (name in ("gate_dot", "streamed_one_tile") and dtype == torch.float32)
+                 and not (name == "streamed_one_tile" and plan.resident)]
+        combinations = [combo for size in range(1, len(names) + 1) for combo in itertools.combinations(names, size)]
+        result += [plan, *(dataclasses.replace(plan, **dict.fromkeys(combo, True)) for combo in combinations)]
+    return result
 
 
 def _print_variant_ratios(timed: dict) -> None:
     """For each plan timed with variants (``timed``: plan -> µs per step), variant / plain."""
     for plan, us in timed.items():
-        if plan.gate_dot or plan.input_ahead or us != us:
+        if any(getattr(plan, name) for name in VARIANTS) or us != us:
             continue
-        for g, a in ((True, False), (False, True), (True, True)):
-            variant = timed.get(dataclasses.replace(plan, gate_dot=g, input_ahead=a))
-            if variant is not None and variant == variant:
-                what = " + ".join(name for name, on in (("gate dot", g), ("input ahead", a)) if on)
-                print(f"  {what} / plain: {variant:.2f} / {us:.2f} us/step = {variant / us:.3f}  "
-                      f"({'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} "
-                      f"bk{plan.block_k} w{plan.num_warps})", flush=True)
+        for variant, variant_us in timed.items():
+            on = [name for name in VARIANTS if getattr(variant, name)]
+            if not on or variant_us != variant_us or dataclasses.replace(variant, **dict.fromkeys(on, False)) != plan:
+                continue
+            print(f"  {' + '.join(VARIANTS[name] for name in on)} / plain: {variant_us:.2f} / {us:.2f} us/step = "
+                  f"{variant_us / us:.3f}  ({'resident' if plan.resident else 'streamed'} bb{plan.block_b} "
+                  f"bh{plan.block_h} bk{plan.block_k} w{plan.num_warps})", flush=True)
+
+
+def _label_variants(plan) -> str:
+    return "".join(f" {VARIANTS[name].replace(' ', '-')}" for name in VARIANTS if getattr(plan, name))
 
 
 def _nearest_first(candidates, default, knobs):
@@ -134,7 +146,7 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", gate_dot=False):
+def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=()):
     device = "cuda"
     num_sms, shared = forward_plans._device_limits(0)
     torch.manual_seed(0)
@@ -158,13 +170,13 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", gate_dot=False)
           f"{per_step_us:.2f} us/step", flush=True)
     start = time.monotonic()
     results, timed = [], {}
-    for plan in _with_variants(_forward_candidates(B, H, projected.element_size(), num_sms, gates), dtype, gate_dot):
+    for plan in _with_variants(_forward_candidates(B, H, projected.element_size(), num_sms, gates), dtype, variants):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
                  f"w{plan.num_warps} s{plan.num_stages} grid {plan.grid_h}x{plan.grid_b}"
-                 f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{' gate-dot' if plan.gate_dot else ''}"
+                 f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{_label_variants(plan)}"
                  f"{' (default)' if plan.reason == 'default' else ''}")
         run = lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan, b_hn=b_hn)  # noqa: E731
         us, status = _timed_if_right(run, expected, tol, T)
@@ -232,7 +244,7 @@ def _timed_if_right(run, expected, tol, T):
         return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
-def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, gate_dot=False, input_ahead=False):
+def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=()):
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack
 
     device, L = "cuda", layers
@@ -268,13 +280,12 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, gate_dot=False
             candidates.append(forward_plans.ForwardPlan(True, "streamed", False, bb, bh, min(bk, k_pad), grid_h, grid_b, warps))
     start = time.monotonic()
     timed = {}
-    for plan in _with_variants(dict.fromkeys(candidates), dtype, gate_dot, input_ahead):
+    for plan in _with_variants(dict.fromkeys(candidates), dtype, variants):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
-                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x{L}{' gate-dot' if plan.gate_dot else ''}"
-                 f"{' input-ahead' if plan.input_ahead else ''}"
+                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x{L}{_label_variants(plan)}"
                  f"{' (default)' if plan == default else ''}")
         run = lambda: lstm_fwd_stack(projected, h0, c0, w_hh, w_ih, bias, None, plan)  # noqa: E731
         us, status = _timed_if_right(run, expected, 3e-2, T) if expected is not None else (float("nan"), "no default")
@@ -332,10 +343,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=1, help="> 1: sweep the stacked kernels of this many layers")
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
                         help="gru: the GRU's forward plans against nn.GRU (one layer, forward only)")
-    parser.add_argument("--gate-dot", action="store_true",
-                        help="time each 16-bit forward candidate with four dots and with one for the four gates")
-    parser.add_argument("--input-ahead", action="store_true",
-                        help="--layers: time each stack candidate also with the next input product ahead of the barrier wait")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=[],
+                        help="time each forward candidate also with these kernel variants (ForwardPlan fields the "
+                             "planner does not set yet), every combination, and print variant / plain")
     parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)
@@ -354,12 +364,11 @@ def main(argv=None) -> int:
                 for mode in args.mode:
                     if args.layers > 1:
                         if mode == "fwd":
-                            tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows, args.gate_dot,
-                                               args.input_ahead)
+                            tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows, args.variants)
                         else:
                             tune_stack_backward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows)
                     elif mode == "fwd":
-                        tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell, args.gate_dot)
+                        tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell, args.variants)
                     else:
                         tune_backward(T, B, I, H, DTYPES[dtype], args.budget_s, rows)
     finally:

@@ -115,9 +115,8 @@ def test_plan_flag_describes_each_path(monkeypatch):
 
 
 def test_tune_times_each_plan_with_its_variants(capsys):
-    """``tune.py --gate-dot`` / ``--input-ahead``: each candidate followed by the same plan with one dot for
-    the four gates (16-bit only), with the input product ahead (stacks), and both; and each variant's
-    time over the plain plan's."""
+    """``tune.py --variants``: each candidate followed by the same plan with every combination of the
+    variants asked for (no gate dot in fp32), and each variant's time over the plain plan's."""
     import dataclasses
 
     import torch
@@ -129,13 +128,17 @@ def test_tune_times_each_plan_with_its_variants(capsys):
     spec.loader.exec_module(tune)
     plans = [ForwardPlan(True, "a", False, 64, 16, 64, 8, 1, 8), ForwardPlan(True, "b", True, 16, 32, 512, 8, 1, 4)]
     gate_dot = [dataclasses.replace(plan, gate_dot=True) for plan in plans]
-    assert tune._with_variants(plans, torch.bfloat16, True) == [plans[0], gate_dot[0], plans[1], gate_dot[1]]
-    assert tune._with_variants(plans, torch.float32, True) == plans, "fp32 keeps four dots"
-    assert tune._with_variants(plans, torch.bfloat16, False) == plans
-    both = tune._with_variants(plans[:1], torch.bfloat16, True, True)
-    assert [(p.gate_dot, p.input_ahead) for p in both] == [(False, False), (False, True), (True, False), (True, True)]
-    tune._print_variant_ratios({plans[0]: 10.0, gate_dot[0]: 8.0, both[1]: 9.0, plans[1]: 5.0,
+    assert tune._with_variants(plans, torch.bfloat16, ["gate_dot"]) == [plans[0], gate_dot[0], plans[1], gate_dot[1]]
+    assert tune._with_variants(plans, torch.float32, ["gate_dot"]) == plans, "fp32 keeps four dots"
+    assert tune._with_variants(plans, torch.bfloat16, []) == plans
+    one_tile = tune._with_variants(plans, torch.bfloat16, ["streamed_one_tile"])
+    assert one_tile == [plans[0], dataclasses.replace(plans[0], streamed_one_tile=True), plans[1]], "resident: n/a"
+    both = tune._with_variants(plans[:1], torch.bfloat16, ["gate_dot", "input_ahead"])
+    assert [(p.gate_dot, p.input_ahead) for p in both] == [(False, False), (True, False), (False, True), (True, True)]
+    tune._print_variant_ratios({plans[0]: 10.0, gate_dot[0]: 8.0, both[2]: 9.0, both[3]: 7.0, plans[1]: 5.0,
                                 gate_dot[1]: float("nan")})
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and "gate dot / plain: 8.00 / 10.00 us/step = 0.800" in lines[0], lines
+    assert len(lines) == 3, lines
+    assert "gate dot / plain: 8.00 / 10.00 us/step = 0.800" in lines[0], lines
     assert "input ahead / plain: 9.00 / 10.00 us/step = 0.900" in lines[1], lines
+    assert "gate dot + input ahead / plain: 7.00 / 10.00 us/step = 0.700" in lines[2], lines

@@ -61,61 +61,6 @@ def test_stack_with_resident_weights_matches_nn_lstm(name, launches, monkeypatch
     assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
 
 
-def _spy_input_ahead(monkeypatch) -> list:
-    """Records the INPUT_AHEAD constexpr of every persistent forward launch."""
-    from triton_lstm.kernels import lstm_fwd_persistent as persistent
-
-    kernel, seen = persistent._lstm_persistent_fwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["INPUT_AHEAD"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(persistent, "_lstm_persistent_fwd_kernel", Spy())
-    return seen
-
-
-def _with_input_ahead(monkeypatch, plan_for):
-    """The stack ops plan with ``plan_for(x, H, layers)``'s plan and ``input_ahead`` on."""
-    import dataclasses
-
-    from triton_lstm import gru_stack
-
-    def planned(x, hidden_size, num_layers, *args, **kwargs):
-        return dataclasses.replace(plan_for(x, hidden_size, num_layers), input_ahead=True)
-
-    for module in (stack_module, gru_stack):
-        monkeypatch.setattr(module, "plan_stack_for", planned)
-
-
-@pytest.mark.parametrize("cell,name", [("LSTM", "L3-state"), ("LSTM", "L4-packed"), ("LSTM", "L2-no-bias-batch-first"),
-                                       ("LSTM", "L3-odd-H17"), ("GRU", "L3-state"), ("GRU", "L4-packed")])
-def test_stack_with_the_input_product_ahead_matches_nn(cell, name, launches, monkeypatch):
-    """``ForwardPlan.input_ahead``: with one tile per program, a layer forms step t + 1's input product
-    between its arrival at the barrier of step t and its wait there. One program per layer here, its
-    tile the whole batch and H."""
-    case = STACKS[name]
-    width = max(16, triton.next_power_of_2(case.H))
-    plan = ForwardPlan(True, "one tile (test)", False, max(16, triton.next_power_of_2(case.B)), width, 16, 1, 1, 4)
-    _with_input_ahead(monkeypatch, lambda x, hidden_size, num_layers: plan)
-    seen = _spy_input_ahead(monkeypatch)
-    check_against_nn(case, STACK_DTYPE, cell=cell)
-    assert seen == [True], f"one stacked forward launch with the input product ahead, got {seen}"
-
-
-def test_input_product_ahead_only_where_each_program_owns_one_tile(monkeypatch):
-    """Programs with several tiles keep the plain schedule (their accumulators cannot wait at a barrier)."""
-    case = STACKS["L2-B70-H40-packed"]  # two batch blocks and three hidden blocks in the one program
-    plan = ForwardPlan(True, "several tiles (test)", False, 64, 16, 16, 1, 1, 4)
-    _with_input_ahead(monkeypatch, lambda x, hidden_size, num_layers: plan)
-    seen = _spy_input_ahead(monkeypatch)
-    check_against_nn(case, STACK_DTYPE)
-    assert seen == [False]
-
-
 @pytest.mark.parametrize("fallback", ["reference", "no-fit"])
 def test_backward_layer_by_layer_where_the_stacked_one_does_not_run(fallback, launches, monkeypatch):
     """backward="reference", or a stacked backward that cannot launch (its tiles do not fit the SMs): the
@@ -235,18 +180,3 @@ def test_gpu_stack_matches_nn_lstm(case, dtype, launches):
     assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
 
 
-
-@requires_cuda
-@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
-@pytest.mark.parametrize("case", [Case(T=64, B=64, I=512, H=512, num_layers=4, packed=True),
-                                  Case(T=48, B=16, I=64, H=1024, num_layers=2, with_state=True)],
-                         ids=["T64-B64-H512-L4-packed", "T48-B16-H1024-L2"])
-def test_gpu_stack_with_the_input_product_ahead_matches_nn(case, cell, monkeypatch):
-    """The GPU's own stack plans with ``input_ahead`` (the cross-layer wait before the layer's own barrier
-    wait, on real barriers), against nn in float64 on the same card."""
-    from triton_lstm.kernels.lstm_fwd_stack import plan_stack_for
-
-    _with_input_ahead(monkeypatch, plan_stack_for)
-    seen = _spy_input_ahead(monkeypatch)
-    check_against_nn(case, torch.bfloat16, oracle_device="cuda", cell=cell)
-    assert seen and seen[0], f"the planned tiles should give one tile per program here: {seen}"

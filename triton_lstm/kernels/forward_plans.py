@@ -65,6 +65,9 @@ class ForwardPlan:
     # A stack whose programs own one tile each: a layer forms its next step's input product before it
     # waits at its own barrier (kernels/stack_layer.py). Not planned yet: to measure, as gate_dot.
     input_ahead: bool = False
+    # A streamed plan whose programs own one tile each runs the one-tile schedule that resident plans
+    # always do (h and c in registers, the next input loaded before the barrier wait). Not planned yet.
+    streamed_one_tile: bool = False
 
     @property
     def num_programs(self) -> int:

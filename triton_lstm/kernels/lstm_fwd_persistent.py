@@ -103,7 +103,7 @@ def _lstm_persistent_fwd_kernel(
     K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     RESIDENT: tl.constexpr,
-    ONE_TILE: tl.constexpr,  # RESIDENT and one batch block per program: state stays in registers
+    ONE_TILE: tl.constexpr,  # one tile per program (resident, or streamed where the plan asks): state stays in registers
     SAVE: tl.constexpr,  # store every step's gates and c for the backward (else an inference forward)
     DOT_PRECISION: tl.constexpr,
     GRID_H: tl.constexpr,
@@ -166,31 +166,39 @@ def _lstm_persistent_fwd_kernel(
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
         # every batch block), so its c and h stay in registers across steps, and the next step's input
         # projection, which does not depend on h, is loaded before the barrier wait: after the barrier
-        # only the h exchange, the product and the cell update remain on the critical path.
+        # only the h exchange, the product and the cell update remain on the critical path. Resident
+        # plans run this way wherever they own one tile; streamed ones when they ask (ForwardPlan).
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
         rows = offs_b.to(tl.int64)
-        mask_bh = mask_b[:, None] & res_mask_h[None, :]
-        h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, res_offs_h, mask_bh, H, K, True, SAVE)
+        offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        mask_bh = mask_b[:, None] & mask_h[None, :]
+        h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, offs_h, mask_bh, H, K, True, SAVE)
         first = tl.full((), 0, tl.int64)  # T >= 1 here
         times = time_rows(first, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-        x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H, DIRECTIONS,
-                                          GATES)
+        x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H, DIRECTIONS, GATES)
         for t in range(T):
             # int64: T·B·4H can pass 2³¹ elements.
             step = tl.full((), t, tl.int64)
-            acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
-                h_ptr + step * B * K, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES, GATE_BIT
-            )
+            if RESIDENT:
+                acc_i, acc_f, acc_g, acc_o = recurrent_product_resident(
+                    h_ptr + step * B * K, rows, mask_b, res_offs_k, w_i, w_f, w_g, w_o, K, DOT_PRECISION, GATES, GATE_BIT
+                )
+            else:
+                acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
+                    h_ptr + step * B * K, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H,
+                    BLOCK_K, GATES, GATE_BIT
+                )
             h_own, c_own = update_and_store_h(
                 acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_own, c_own, h_ptr, c_ptr, gates_ptr, lengths_ptr,
-                step, B, rows, offs_b, mask_b, res_offs_h, res_mask_h, H, K, HAS_LENGTHS, SAVE, failed,
+                step, B, rows, offs_b, mask_b, offs_h, mask_h, H, K, HAS_LENGTHS, SAVE, failed,
                 out_ptr, times, direction, DIRECTIONS, cell_params_ptr, PEEPHOLE, CELL,
             )
             # (The last step reloads its own inputs rather than read past the end.)
             next_step = tl.minimum(step + 1, T - 1)
             times = time_rows(next_step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-            x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, res_offs_h, mask_bh, H,
+            x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H,
                                               DIRECTIONS, GATES)
             # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
             if not failed:
@@ -348,7 +356,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         K=K,
         HAS_LENGTHS=lengths is not None,
         RESIDENT=plan.resident,
-        ONE_TILE=plan.resident and plan.grid_b == triton.cdiv(B, plan.block_b),
+        ONE_TILE=layers == 1 and (plan.resident or plan.streamed_one_tile) and one_tile_each(plan, B, H),
         SAVE=save,
         DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
         GRID_H=plan.grid_h,

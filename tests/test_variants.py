@@ -1,0 +1,251 @@
+"""The forward kernels' variants that the planner does not pick yet (benchmarks/NOTES.md, "Since run 12":
+each waits for a GPU to time it), against nn.LSTM and nn.GRU in float64 with every gradient on every path
+that runs it:
+
+- ``gate_dot``: one dot of N = 4·BLOCK_H for the four gates instead of four of N = BLOCK_H
+  (``common.interleaved_gate_rows``) — one layer (resident and streamed W), stacks (streamed and
+  resident), both directions of a layer; the column bit the planner picks and others (any bit must
+  compute the same product);
+- ``input_ahead``: a stack layer forms its next input product between its arrival at its barrier and
+  its wait there (``stack_layer.py``), where each program owns one tile;
+- ``streamed_one_tile``: a streamed plan whose programs own one tile each keeps h and c in registers and
+  loads the next input before the barrier wait, as resident plans do.
+
+The tests force each variant, and check from the launch's arguments that it ran."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import triton
+from helpers import STACK_DTYPE, requires_cuda
+from test_modules import Case, check_against_nn
+
+from triton_lstm import gru_stack, stack
+from triton_lstm.kernels import forward_plans
+from triton_lstm.kernels import lstm_fwd_persistent as persistent
+from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit
+
+
+def _spy_launches(monkeypatch, *names: str) -> list[dict]:
+    """Records the named constexprs of every persistent forward launch."""
+    kernel, seen = persistent._lstm_persistent_fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append({name: kwargs[name] for name in names})
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(persistent, "_lstm_persistent_fwd_kernel", Spy())
+    return seen
+
+
+def _force_gate_dot(monkeypatch, bit: str) -> list[int]:
+    """Every persistent forward launch runs the gate-interleaved product: with the planner's bit for its
+    tile (``bit`` "planned"), the lowest (1) or the highest the tile allows ("top"). Returns the list of
+    bits launched, so a test can check the variant ran."""
+    launched = []
+
+    def forced(plan: ForwardPlan) -> int:
+        if bit == "planned":
+            chosen = gate_bit(dataclasses.replace(plan, gate_dot=True))
+        else:
+            chosen = 1 if bit == "low" else (4 * plan.block_h).bit_length() - 2
+        launched.append(chosen)
+        return chosen
+
+    monkeypatch.setattr(persistent, "gate_bit", forced)
+    return launched
+
+
+def _plan_stacks(monkeypatch, plan_for, **variant):
+    """The stack ops plan with ``plan_for(x, H, layers)``'s plan, ``variant`` (ForwardPlan fields) set."""
+    def planned(x, hidden_size, num_layers, *args, **kwargs):
+        return dataclasses.replace(plan_for(x, hidden_size, num_layers), **variant)
+
+    for module in (stack, gru_stack):  # the module's choice of the stack op, and the op's plan
+        monkeypatch.setattr(module, "plan_stack_for", planned)
+
+
+def _one_tile_plan(case: Case, resident: bool = False) -> ForwardPlan:
+    """One program whose single tile is the whole batch and H (the interpreter runs one program)."""
+    width = max(16, triton.next_power_of_2(case.H))
+    return ForwardPlan(True, "one tile (test)", resident, max(16, triton.next_power_of_2(case.B)), width,
+                       width if resident else 16, 1, 1, 4)
+
+
+# --- gate_dot ---------------------------------------------------------------------------------------
+
+MODULES = {
+    # (case, cell, dtype): on the CPU fp32 plans stream W and 16-bit ones hold it resident (one program).
+    "LSTM-streamed-lengths": (Case(T=6, B=5, I=4, H=33, packed=True), "LSTM", torch.float32),
+    "LSTM-resident-B70": (Case(T=4, B=70, I=5, H=20, with_state=True), "LSTM", torch.float16),
+    "GRU-streamed": (Case(T=5, B=3, I=7, H=17), "GRU", torch.float32),
+    "GRU-resident": (Case(T=5, B=4, I=6, H=9, with_state=True), "GRU", torch.float16),
+    "LSTM-stack-L3": (Case(T=5, B=3, I=4, H=17, num_layers=3), "LSTM", STACK_DTYPE),
+    "GRU-stack-L2-packed": (Case(T=6, B=4, I=5, H=9, num_layers=2, packed=True), "GRU", STACK_DTYPE),
+    "LSTM-bidirectional-packed": (Case(T=6, B=3, I=4, H=7, bidirectional=True, packed=True), "LSTM", torch.float32),
+    "GRU-bidirectional": (Case(T=5, B=3, I=4, H=6, bidirectional=True, with_state=True), "GRU", torch.float32),
+}
+
+
+@pytest.mark.parametrize("bit", ["planned", "low", "top"])
+@pytest.mark.parametrize("name", MODULES, ids=str)
+def test_modules_with_the_gate_dot_match_nn(name, bit, monkeypatch):
+    if bit != "planned" and name not in ("LSTM-streamed-lengths", "LSTM-resident-B70", "LSTM-stack-L3"):
+        pytest.skip("other gate bits on one case per path (keeps the interpreter run short)")
+    case, cell, dtype = MODULES[name]
+    launched = _force_gate_dot(monkeypatch, bit)
+    check_against_nn(case, dtype, cell=cell)
+    assert launched and all(b > 0 for b in launched), f"the gate-dot kernels did not run: bits {launched}"
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_resident_stack_with_the_gate_dot_matches_nn(cell, monkeypatch):
+    """The stack's resident variant (its slices of W_ih and W_hh held as one interleaved slice each)."""
+    case = Case(T=5, B=3, I=4, H=20, num_layers=2, with_state=True)
+    _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: _one_tile_plan(case, resident=True))
+    launched = _force_gate_dot(monkeypatch, "planned")
+    check_against_nn(case, STACK_DTYPE, cell=cell)
+    assert launched and all(b > 0 for b in launched)
+
+
+def test_gate_bit_rule():
+    """The bit keeps the gates of one unit in a thread's registers for the sm_90 layouts of the planned
+    tiles (benchmarks/compile_check.py --variant gate-dot compares each with its four-dot build)."""
+    plan = ForwardPlan(True, "", False, 64, 16, 64, num_warps=8)
+    assert gate_bit(plan) == 0, "the four-dot product unless the plan asks for the gate dot"
+    assert gate_bit(dataclasses.replace(plan, gate_dot=True)) == 3  # wgmma: bit 3 of a warpgroup's columns
+    assert gate_bit(ForwardPlan(True, "", False, 32, 16, 128, num_warps=4, gate_dot=True)) == 5  # mma.sync: top
+    assert gate_bit(ForwardPlan(True, "", True, 16, 32, 512, num_warps=4, gate_dot=True)) == 6
+    assert gate_bit(ForwardPlan(True, "", False, 64, 16, 64, num_warps=2, gate_dot=True)) == 5
+
+
+# --- input_ahead --------------------------------------------------------------------------------------
+
+STACKS = {
+    "L3-state": Case(T=6, B=2, I=5, H=7, num_layers=3, with_state=True),
+    "L4-packed": Case(T=7, B=4, I=3, H=5, num_layers=4, packed=True),
+    "L2-no-bias-batch-first": Case(T=4, B=3, I=6, H=9, num_layers=2, bias=False, batch_first=True),
+    "L3-odd-H17": Case(T=3, B=5, I=16, H=17, num_layers=3),
+}
+
+
+@pytest.mark.parametrize("cell,name", [("LSTM", "L3-state"), ("LSTM", "L4-packed"), ("LSTM", "L2-no-bias-batch-first"),
+                                       ("LSTM", "L3-odd-H17"), ("GRU", "L3-state"), ("GRU", "L4-packed")])
+def test_stack_with_the_input_product_ahead_matches_nn(cell, name, monkeypatch):
+    case = STACKS[name]
+    _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: _one_tile_plan(case), input_ahead=True)
+    seen = _spy_launches(monkeypatch, "INPUT_AHEAD")
+    check_against_nn(case, STACK_DTYPE, cell=cell)
+    assert seen == [{"INPUT_AHEAD": True}], f"one stacked forward launch with the input product ahead, got {seen}"
+
+
+def test_input_product_ahead_only_where_each_program_owns_one_tile(monkeypatch):
+    """Programs with several tiles keep the plain schedule (their accumulators cannot wait at a barrier)."""
+    case = Case(T=4, B=70, I=5, H=40, num_layers=2, packed=True)  # two batch blocks, three hidden blocks
+    plan = ForwardPlan(True, "several tiles (test)", False, 64, 16, 16, 1, 1, 4)
+    _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: plan, input_ahead=True)
+    seen = _spy_launches(monkeypatch, "INPUT_AHEAD")
+    check_against_nn(case, STACK_DTYPE)
+    assert seen == [{"INPUT_AHEAD": False}]
+
+
+# --- streamed_one_tile -------------------------------------------------------------------------------
+
+ONE_TILE_CASES = {
+    "LSTM-lengths": (Case(T=6, B=5, I=4, H=33, packed=True), "LSTM"),
+    "LSTM-state-fp16": (Case(T=5, B=3, I=6, H=20, with_state=True), "LSTM"),
+    "GRU-state": (Case(T=5, B=4, I=6, H=17, with_state=True), "GRU"),
+    "LSTM-bidirectional-packed": (Case(T=6, B=3, I=4, H=7, bidirectional=True, packed=True), "LSTM"),
+}
+
+
+@pytest.mark.parametrize("gate_dot", [False, True], ids=["four-dots", "gate-dot"])
+@pytest.mark.parametrize("name", ONE_TILE_CASES, ids=str)
+def test_streamed_one_tile_schedule_matches_nn(name, gate_dot, monkeypatch):
+    """A streamed plan (W read in 16-wide K chunks) whose one program owns the whole batch and H."""
+    if gate_dot and name not in ("LSTM-lengths", "GRU-state"):
+        pytest.skip("with the gate dot on one LSTM and one GRU case (keeps the interpreter run short)")
+    case, cell = ONE_TILE_CASES[name]
+    plan = dataclasses.replace(_one_tile_plan(case), streamed_one_tile=True, gate_dot=gate_dot)
+    monkeypatch.setattr(persistent, "plan_for", lambda projected, w_hh, w_hr: plan)
+    from triton_lstm.kernels import lstm_fwd_bidirectional
+
+    monkeypatch.setattr(lstm_fwd_bidirectional, "plan_bidirectional_fwd", lambda *args, **kwargs: plan)
+    seen = _spy_launches(monkeypatch, "ONE_TILE", "RESIDENT", "GATE_BIT")
+    dtype = torch.float16 if name.endswith("fp16") else torch.float32
+    check_against_nn(case, dtype, cell=cell)
+    assert seen and all(launch["ONE_TILE"] and not launch["RESIDENT"] for launch in seen), seen
+    assert all((launch["GATE_BIT"] > 0) == gate_dot for launch in seen), seen
+
+
+def test_streamed_one_tile_only_where_each_program_owns_one_tile(monkeypatch):
+    case = Case(T=4, B=20, I=5, H=40)  # two batch blocks of 16, three hidden blocks of 16
+    plan = ForwardPlan(True, "several tiles (test)", False, 16, 16, 16, 1, 1, 4, streamed_one_tile=True)
+    monkeypatch.setattr(persistent, "plan_for", lambda projected, w_hh, w_hr: plan)
+    seen = _spy_launches(monkeypatch, "ONE_TILE")
+    check_against_nn(case, torch.float32)
+    assert seen == [{"ONE_TILE": False}]
+
+
+def test_planner_leaves_the_variants_off_until_measured():
+    for H in (256, 512, 1024, 2048):
+        for B in (8, 64, 256):
+            for plan in (forward_plans.plan_persistent_fwd(128, B, H, H, 2, False, 132, 232448),
+                         forward_plans.plan_stack_fwd(128, B, H, 4, 2, 132, 232448),
+                         forward_plans.plan_bidirectional_fwd(128, B, H, 2, 132, 232448)):
+                assert not (plan.gate_dot or plan.input_ahead or plan.streamed_one_tile), plan
+
+
+# --- on a GPU: the GPU's own plans with each variant ------------------------------------------------
+
+GPU_CASES = {
+    "LSTM-H1024-B64": (Case(T=64, B=64, I=256, H=1024), "LSTM"),
+    "LSTM-H512-B256": (Case(T=32, B=256, I=128, H=512, with_state=True), "LSTM"),
+    "LSTM-H2048-B16-packed": (Case(T=32, B=16, I=128, H=2048, packed=True), "LSTM"),
+    "LSTM-stack-L4-H512": (Case(T=48, B=64, I=512, H=512, num_layers=4), "LSTM"),
+    "LSTM-bidirectional-L2-packed": (Case(T=40, B=64, I=256, H=1024, num_layers=2, bidirectional=True, packed=True),
+                                     "LSTM"),
+    "GRU-H1024-B64-packed": (Case(T=48, B=64, I=256, H=1024, packed=True), "GRU"),
+    "GRU-stack-L2-H512": (Case(T=48, B=64, I=512, H=512, num_layers=2), "GRU"),
+}
+
+
+def _gpu_variants(monkeypatch):
+    """Every plan the GPU's planners make, with the three variants on where they apply."""
+    for name in ("plan_persistent_fwd", "plan_stack_fwd", "plan_bidirectional_fwd"):
+        planner = getattr(forward_plans, name)
+
+        def with_variants(*args, _planner=planner, **kwargs):
+            plan = _planner(*args, **kwargs)
+            return dataclasses.replace(plan, gate_dot=True, input_ahead=True, streamed_one_tile=True)
+
+        for module in (forward_plans, persistent, *_modules_importing(name)):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, with_variants)
+
+
+def _modules_importing(name):
+    from triton_lstm.kernels import lstm_fwd_bidirectional, lstm_fwd_stack
+
+    return [module for module in (lstm_fwd_bidirectional, lstm_fwd_stack) if hasattr(module, name)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", GPU_CASES, ids=str)
+def test_gpu_variants_match_nn(name, dtype, monkeypatch):
+    """The GPU's own plans with the variants (many programs, real barriers, the sm_90 MMA layouts the
+    gate bit is chosen for) against nn in float64 on the same card."""
+    case, cell = GPU_CASES[name]
+    _gpu_variants(monkeypatch)
+    seen = _spy_launches(monkeypatch, "GATE_BIT", "INPUT_AHEAD", "ONE_TILE")
+    check_against_nn(case, dtype, oracle_device="cuda", cell=cell)
+    assert seen and all(launch["GATE_BIT"] > 0 for launch in seen), seen
+    if case.num_layers > 1 and not case.bidirectional:
+        assert any(launch["INPUT_AHEAD"] for launch in seen), f"the stack's tiles should be one per program: {seen}"
