@@ -79,7 +79,14 @@ from triton_lstm.kernels.forward_plans import (
     plan_persistent_fwd,
 )
 from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores, lstm_fwd
-from triton_lstm.kernels.persistent_tiles import cell_step, gate_inputs, resident_slices, time_rows, update_and_store_h
+from triton_lstm.kernels.persistent_tiles import (
+    cell_step,
+    gate_inputs,
+    one_tile,
+    resident_slices,
+    time_rows,
+    update_and_store_h,
+)
 from triton_lstm.kernels.stack_layer import stack_layer
 
 
@@ -168,11 +175,7 @@ def _lstm_persistent_fwd_kernel(
         # projection, which does not depend on h, is loaded before the barrier wait: after the barrier
         # only the h exchange, the product and the cell update remain on the critical path. Resident
         # plans run this way wherever they own one tile; streamed ones when they ask (ForwardPlan).
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        rows = offs_b.to(tl.int64)
-        offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
+        offs_b, mask_b, rows, offs_h, mask_h = one_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
         mask_bh = mask_b[:, None] & mask_h[None, :]
         h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, offs_h, mask_bh, H, K, True, SAVE)
         first = tl.full((), 0, tl.int64)  # T >= 1 here

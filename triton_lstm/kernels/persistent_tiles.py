@@ -17,6 +17,15 @@ from triton_lstm.kernels.common import (
 )
 
 
+
+@triton.jit
+def one_tile(pid_b, pid_h, B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The batch rows and hidden units of the tile a program owns for the whole sequence (batch block
+    ``pid_b``, hidden block ``pid_h``): ``(offs_b, mask_b, rows, offs_h, mask_h)``, rows as int64 offsets."""
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    return offs_b, offs_b < B, offs_b.to(tl.int64), offs_h, offs_h < H
+
 @triton.jit
 def layer_product(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, res_i, res_f, res_g, res_o, rows, mask_b, offs_k, offs_h,
                    mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,

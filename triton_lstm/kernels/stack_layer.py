@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from triton_lstm.kernels.common import barrier_arrive, grid_barrier, load_gate_inputs, load_own_state, wait_for
-from triton_lstm.kernels.persistent_tiles import layer_product, resident_slices, update_and_store_h
+from triton_lstm.kernels.persistent_tiles import layer_product, one_tile, resident_slices, update_and_store_h
 
 
 @triton.jit
@@ -66,11 +66,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
         offs_k = 0  # streamed: no resident slices (``layer_product`` reads W at its pointer instead)
         hh_i, hh_f, hh_g, hh_o, ih_i, ih_f, ih_g, ih_o = 0, 0, 0, 0, 0, 0, 0, 0
     if INPUT_AHEAD:
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        rows = offs_b.to(tl.int64)
-        offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
+        offs_b, mask_b, rows, offs_h, mask_h = one_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
         first = tl.full((), 0, tl.int64)  # T >= 1 here
         if layer > 0:
             if not failed:
