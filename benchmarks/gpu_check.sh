@@ -14,7 +14,8 @@
 # SMOKE_LIMIT / BENCH_LIMIT / TUNE_LIMIT / PROFILE_LIMIT / TEST_LIMIT / EXAMPLES_LIMIT / SUITE_LIMIT, and
 # TOTAL_LIMIT for the whole script (a stage gets no more than what is left of it, less 20 s to pack the
 # results; a stage with under 30 s left is skipped): set it under the device call's own limit, so that
-# whatever ran comes back. LAYER_BY_LAYER=0 leaves out the stacks' layer-by-layer A/B;
+# whatever ran comes back. BENCH=0 leaves out the --quick benchmark; LAYER_BY_LAYER=0 leaves out the stacks'
+# layer-by-layer A/B (it runs only with the benchmark's stage anyway);
 # TUNE=1 adds the sweep (TUNE_SHAPES, e.g. "--shape 256 64 1024 1024", else the anchors; TUNE_MODE,
 # TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); VARIANTS=1 times the planned kernels against the variants
 # the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); SUITE=1 also runs the
@@ -82,11 +83,13 @@ if ! stage "stack smoke" "${STACK_SMOKE_LIMIT:-120}" stack_smoke.log "$PY" bench
   export TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0
 fi
 
-stage "benchmark --quick" "${BENCH_LIMIT:-210}" bench_quick.log "$PY" benchmarks/bench.py --quick --plan --out "$RESULTS" \
-  --provider triton_lstm cudnn cell_loop triton_peephole triton_gru cudnn_gru
+if [ "${BENCH:-1}" = "1" ]; then
+  stage "benchmark --quick" "${BENCH_LIMIT:-210}" bench_quick.log "$PY" benchmarks/bench.py --quick --plan --out "$RESULTS" \
+    --provider triton_lstm cudnn cell_loop triton_peephole triton_gru cudnn_gru
+fi
 # The stacks again with every layer and direction launched on its own (TRITON_LSTM_STACK=0,
 # TRITON_LSTM_BIDIRECTIONAL=0): what one launch per stack / per bidirectional layer gains, same run.
-if [ "${LAYER_BY_LAYER:-1}" = "1" ]; then
+if [ "${BENCH:-1}" = "1" ] && [ "${LAYER_BY_LAYER:-1}" = "1" ]; then
   stage "stacks layer by layer" "${BENCH_LIMIT:-210}" bench_layer_by_layer.log \
     env TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0 "$PY" \
     benchmarks/bench.py --cases stacked --dtype bf16 --provider triton_lstm --plan --no-plots --out "$LOGS/layer_by_layer"
