@@ -59,8 +59,8 @@ class ForwardPlan:
     # Software-pipelining depth of the streamed K loop (Triton's default, 3: two chunks in flight).
     num_stages: int = 3
     # One dot per product for the four gates (N = 4·block_h, common.interleaved_gate_rows; per K chunk
-    # when W streams) instead of four of N = block_h. Not planned yet: a candidate of benchmarks/tune.py
-    # until measured on a GPU.
+    # when W streams) instead of four of N = block_h. Not planned yet: a variant for benchmarks/tune.py
+    # (--variants) until a GPU has timed it (benchmarks/NOTES.md, "Since run 12").
     gate_dot: bool = False
     # A stack whose programs own one tile each: a layer forms its next step's input product before it
     # waits at its own barrier (kernels/stack_layer.py). Not planned yet: to measure, as gate_dot.
@@ -78,8 +78,8 @@ def gate_bit(plan: ForwardPlan) -> int:
     """The kernels' ``GATE_BIT`` for ``plan``: 0 (four dots per product) unless ``plan.gate_dot``, else
     the column bit that carries the gate's high bit (``common.interleaved_gate_rows``), chosen
     where Triton's MMA layout for the tile keeps it in a thread's registers, so that splitting the gates
-    apart moves no data (checked for sm_90 by ``benchmarks/compile_check.py --gate-dot``). Any bit gives
-    the same numbers; only the cost of the split depends on it.
+    apart moves no data (checked for sm_90 by ``benchmarks/compile_check.py --variant gate-dot``). Any
+    bit gives the same numbers; only the cost of the split depends on it.
 
     - 64-row tiles on 4 or 8 warps run as wgmma (sm_90): each warpgroup holds a contiguous run of
       columns, every thread two adjacent ones (bit 0) in each 8-column group: bit 3 stays in a thread.
