@@ -217,23 +217,19 @@ GPU_CASES = {
 
 
 def _gpu_variants(monkeypatch):
-    """Every plan the GPU's planners make, with the three variants on where they apply."""
+    """Every plan the GPU's planners make, with the three variants on where they apply: each planner
+    replaced in its own module and wherever it is imported."""
+    from triton_lstm.kernels import lstm_fwd_bidirectional, lstm_fwd_stack
+
     for name in ("plan_persistent_fwd", "plan_stack_fwd", "plan_bidirectional_fwd"):
         planner = getattr(forward_plans, name)
 
         def with_variants(*args, _planner=planner, **kwargs):
-            plan = _planner(*args, **kwargs)
-            return dataclasses.replace(plan, gate_dot=True, input_ahead=True, streamed_one_tile=True)
+            return dataclasses.replace(_planner(*args, **kwargs), gate_dot=True, input_ahead=True, streamed_one_tile=True)
 
-        for module in (forward_plans, persistent, *_modules_importing(name)):
+        for module in (forward_plans, persistent, lstm_fwd_bidirectional, lstm_fwd_stack):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, with_variants)
-
-
-def _modules_importing(name):
-    from triton_lstm.kernels import lstm_fwd_bidirectional, lstm_fwd_stack
-
-    return [module for module in (lstm_fwd_bidirectional, lstm_fwd_stack) if hasattr(module, name)]
 
 
 @requires_cuda

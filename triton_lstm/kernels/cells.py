@@ -71,10 +71,7 @@ def lstm_cell_update(
     if HAS_LENGTHS:
         valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]
         c = tl.where(valid, c, c_prev)
-        i = tl.where(valid, i, 0.0)
-        f = tl.where(valid, f, 0.0)
-        g = tl.where(valid, g, 0.0)
-        o = tl.where(valid, o, 0.0)
+        i, f, g, o = _zero_past_the_end(valid, i, f, g, o)
         if CARRY_H:
             h = tl.where(valid, h, h_prev)
 
@@ -104,12 +101,16 @@ def gru_cell_update(acc_r, acc_z, acc_n, x_r, x_z, x_n, h_prev, state_ptr, gates
     if HAS_LENGTHS:
         valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]
         h = tl.where(valid, h, h_prev)
-        r = tl.where(valid, r, 0.0)
-        z = tl.where(valid, z, 0.0)
-        n = tl.where(valid, n, 0.0)
-        hn = tl.where(valid, hn, 0.0)
+        r, z, n, hn = _zero_past_the_end(valid, r, z, n, hn)
     _store_step(r, z, n, hn, h, gates_ptr, state_ptr, step, B, rows, offs_h, mask_bh, H, SAVE)
     return h, h
+
+
+@triton.jit
+def _zero_past_the_end(valid, a, b, c, d):
+    """A step's four gate vectors with the rows past their sequence's end (``valid`` False) zeroed: what
+    the forward saves for those rows, for either cell."""
+    return tl.where(valid, a, 0.0), tl.where(valid, b, 0.0), tl.where(valid, c, 0.0), tl.where(valid, d, 0.0)
 
 
 @triton.jit

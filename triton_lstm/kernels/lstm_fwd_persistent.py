@@ -337,6 +337,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
     # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
     # One per layer (or direction) and batch group; the last element is the launch's failure flag.
     counters = torch.zeros(layers * directions * plan.grid_b + 1, dtype=torch.int32, device=projected.device)
+    one_tile = one_tile_each(plan, B, H)
     # The grid's third axis: the directions (independent, so one program each even under the interpreter),
     # or a stack's layers on a GPU (under the interpreter one program runs them one after another).
     groups = directions if directions > 1 else layers if projected.device.type == "cuda" else 1
@@ -359,7 +360,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         K=K,
         HAS_LENGTHS=lengths is not None,
         RESIDENT=plan.resident,
-        ONE_TILE=layers == 1 and (plan.resident or plan.streamed_one_tile) and one_tile_each(plan, B, H),
+        ONE_TILE=layers == 1 and (plan.resident or plan.streamed_one_tile) and one_tile,
         SAVE=save,
         DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
         GRID_H=plan.grid_h,
@@ -373,7 +374,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         PEEPHOLE=w_ch is not None,
         CELL="gru" if b_hn is not None else "lstm",
         GATE_BIT=gate_bit(plan),
-        INPUT_AHEAD=layers > 1 and plan.input_ahead and one_tile_each(plan, B, H),
+        INPUT_AHEAD=layers > 1 and plan.input_ahead and one_tile,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver
