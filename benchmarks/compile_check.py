@@ -79,7 +79,7 @@ def _kernel_and_signature(config: dict):
                          DOT_PRECISION=config.get("precision", "ieee"), BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
                          PEEPHOLE=int(config.get("peephole", False)), CELL=config.get("cell", "lstm"))
     elif kind == "peephole_grad":  # the peephole weights' reduction (not planned: its one tile per dtype)
-        from triton_lstm.kernels.lstm_bwd import _peephole_grad_kernel as kernel
+        from triton_lstm.kernels.weight_grads import _peephole_grad_kernel as kernel
 
         signature = {"grad_gates_ptr": f"*{dtype}", "c_ptr": "*fp32", "partial_ptr": "*fp32", "rows": "i32", "B": "i32",
                      "rows_per_split": "i32"}
@@ -185,7 +185,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
                                           estimate=estimate, precision=plan.exact_fp32_dot, directions=directions))
                 if directions == 2:
                     # The backward's chain, both directions in one launch (lstm_bwd_bidirectional_gate_grads).
-                    from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
+                    from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd
 
                     try:
                         _, block_b, block_h = plan_bwd(B, H, num_sms // 2, "persistent", max_tile=1024)
@@ -202,7 +202,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
 def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False) -> list[dict]:
     """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
     stacked backward's."""
-    from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
+    from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd
     from triton_lstm.kernels.forward_plans import one_tile_each, plan_stack_fwd
 
     seen = {}
@@ -251,7 +251,7 @@ def _step_configs(shapes, arch: int, projections: bool = True) -> list[dict]:
 
 
 def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
-    from triton_lstm.kernels.lstm_bwd import bwd_launch_options, plan_bwd
+    from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd
 
     seen = {}
     for device, num_sms, shared in devices:

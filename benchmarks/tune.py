@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from triton_lstm.benchmark import ANCHOR_CASES, DTYPES  # noqa: E402
 from triton_lstm.kernels import forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
-from triton_lstm.kernels.lstm_bwd import bwd_launch_options, lstm_bwd_gate_grads, plan_bwd  # noqa: E402
+from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd  # noqa: E402
+from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads  # noqa: E402
 from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
 
 
@@ -295,7 +296,7 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=()):
 
 
 def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows):
-    from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads
+    from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_stack_gate_grads
 
     device, L = "cuda", layers
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -39,7 +39,7 @@ def test_planned_kernels_compile_for_sm90(kernel, capsys):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("H", [33, 512])
 def test_peephole_weight_grads_kernel_compiles_without_spills(dtype, H):
-    """The peephole weights' reduction (kernels/lstm_bwd.py) at the tile ``peephole_weight_grads`` takes on a GPU."""
+    """The peephole weights' reduction (kernels/weight_grads.py) at the tile ``peephole_weight_grads`` takes on a GPU."""
     config = dict(kernel="peephole_grad", dtype=dtype, H=H, block_b=32, block_h=64, num_warps=4, arch=90)
     [(_, outcome)] = _compile_check()._run_batch([config])
     assert isinstance(outcome, dict), outcome

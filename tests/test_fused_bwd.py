@@ -19,6 +19,7 @@ import triton_lstm
 from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, max_error, requires_cuda
 from triton_lstm.kernels import common
 from triton_lstm.kernels import lstm_bwd as lstm_bwd_module
+from triton_lstm.kernels.backward_plans import plan_bwd, tile_count
 from triton_lstm.kernels.lstm_bwd import lstm_bwd
 from triton_lstm.ops import lstm_layer
 from triton_lstm.recompute import saved_activation_bytes, saved_tensor_bytes
@@ -366,16 +367,16 @@ def test_gpu_deterministic_bitwise(dtype, shape):
 
 def test_plan_is_persistent_within_the_sms_and_falls_back_beyond():
     sms = 132  # an H100 SXM / H200
-    schedule, block_b, block_h = lstm_bwd_module.plan_bwd(64, 512, sms, "auto")
-    assert schedule == "persistent" and lstm_bwd_module._tiles(64, 512, block_b, block_h) <= sms
-    assert lstm_bwd_module.plan_bwd(256, 8192, sms, "auto")[0] == "per_step"
+    schedule, block_b, block_h = plan_bwd(64, 512, sms, "auto")
+    assert schedule == "persistent" and tile_count(64, 512, block_b, block_h) <= sms
+    assert plan_bwd(256, 8192, sms, "auto")[0] == "per_step"
     with pytest.raises(ValueError, match="SMs"):
-        lstm_bwd_module.plan_bwd(256, 8192, sms, "persistent")
-    assert lstm_bwd_module.plan_bwd(5, 7, None, "auto")[0] == "persistent", "one program under the interpreter"
+        plan_bwd(256, 8192, sms, "persistent")
+    assert plan_bwd(5, 7, None, "auto")[0] == "persistent", "one program under the interpreter"
     # The tiles measured fastest on an H200 (benchmarks/NOTES.md, run 4).
-    assert lstm_bwd_module.plan_bwd(64, 1024, sms, "auto") == ("persistent", 16, 32)
-    assert lstm_bwd_module.plan_bwd(16, 2048, sms, "auto") == ("persistent", 16, 32)
-    assert lstm_bwd_module.plan_bwd(64, 256, sms, "auto") == ("persistent", 64, 16)
+    assert plan_bwd(64, 1024, sms, "auto") == ("persistent", 16, 32)
+    assert plan_bwd(16, 2048, sms, "auto") == ("persistent", 16, 32)
+    assert plan_bwd(64, 256, sms, "auto") == ("persistent", 64, 16)
 
 
 

@@ -229,7 +229,7 @@ def test_stack_plan_with_peepholes_takes_narrower_chunks_for_16_row_tiles():
 def test_peephole_weight_grads_kernel_is_the_reference_contraction(G, T, B, H, dtype):
     """The one-pass reduction of dG and c (split rows, each split's sums added after) against
     ``reference.peephole_grad`` in float64, per layer or direction, on fresh random inputs."""
-    from triton_lstm.kernels.lstm_bwd import peephole_weight_grads
+    from triton_lstm.kernels.weight_grads import peephole_weight_grads
     from triton_lstm.reference import peephole_grad
 
     generator = torch.Generator().manual_seed(G * 100 + H)

@@ -23,9 +23,10 @@ from triton_lstm.reference import accumulate_dtype, gru_projection_bias, input_p
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
-    from triton_lstm.kernels.gru import gru_weight_and_input_grads, hidden_bias_n
-    from triton_lstm.kernels.lstm_bwd import lstm_bwd_bidirectional_gate_grads
+    from triton_lstm.kernels.gru import hidden_bias_n
+    from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_bidirectional_gate_grads
     from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
+    from triton_lstm.kernels.weight_grads import gru_weight_and_input_grads
 
 
 def _one_by_one(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):

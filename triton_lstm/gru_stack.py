@@ -18,9 +18,10 @@ from triton_lstm.stack import _split_weights, each_layer_backward, one_layer_at_
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
-    from triton_lstm.kernels.gru import gru_weight_and_input_grads, hidden_bias_n
-    from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads
+    from triton_lstm.kernels.gru import hidden_bias_n
+    from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_stack_gate_grads
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
+    from triton_lstm.kernels.weight_grads import gru_weight_and_input_grads
 
 
 def _layer_by_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):

@@ -79,7 +79,8 @@ def recurrence_bwd_recompute(
     segments = list(enumerate(_segments(T, interval)))[::-1]
     recompute_args = (x, h_checkpoints, c_checkpoints, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     if uses_kernels(x) and not use_reference and w_hr is None and B * H > 0:
-        from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads, weight_and_input_grads
+        from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads
+        from triton_lstm.kernels.weight_grads import weight_and_input_grads
 
         h_prev = torch.empty(T, B, H, dtype=x.dtype, device=x.device)
 

@@ -28,8 +28,9 @@ from triton_lstm.reference import accumulate_dtype, input_projection
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
-    from triton_lstm.kernels.lstm_bwd import lstm_bwd_stack_gate_grads, peephole_weight_grads, weight_and_input_grads
+    from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_stack_gate_grads
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
+    from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
 
 
 def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = False):

@@ -23,7 +23,8 @@ import torch
 
 from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads
 from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
-from triton_lstm.reference import accumulate_dtype, gru_recurrence_backward_reference
+from triton_lstm.kernels.weight_grads import gru_weight_and_input_grads
+from triton_lstm.reference import gru_recurrence_backward_reference
 
 
 def hidden_bias_n(b_hh: torch.Tensor | None, w_hh: torch.Tensor) -> torch.Tensor:
@@ -68,24 +69,3 @@ def gru_bwd(
     grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = gru_weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih,
                                                                                     w_hh)
     return grad_x, grad_h0.to(x.dtype), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
-
-
-def gru_weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: torch.Tensor, w_ih: torch.Tensor,
-                               w_hh: torch.Tensor, input_grad: bool = True) -> tuple[torch.Tensor, ...]:
-    """grad_x, grad_W_ih, grad_W_hh, grad_b_ih and grad_b_hh from a GRU's dG (T, B, 4H) — (dR, dZ, dN, dN ⊙ r)
-    per row — as GEMMs over all T·B rows in the input dtype with fp32 accumulation (bias sums in fp32).
-    ``h_prev`` (T, B, H) is h_0 … h_{T-1}. Without ``input_grad`` grad_x is None (a stack's upper layers:
-    the stacked backward formed it in the kernel)."""
-    T, B, four_h = grad_gates.shape
-    H = four_h // 4
-    rows = grad_gates.reshape(T * B, four_h)
-    input_side = rows[:, : 3 * H]  # (dR, dZ, dN): a strided view, read in place by the GEMMs
-    h_prev = h_prev.reshape(T * B, H)
-    grad_x = torch.matmul(input_side, w_ih).reshape(T, B, -1) if input_grad else None
-    grad_w_ih = torch.matmul(input_side.t(), x.reshape(T * B, -1))
-    # h's side is (dR, dZ, dN ⊙ r): two GEMMs over the column blocks, no copy of dG.
-    grad_w_hh = torch.cat((torch.matmul(rows[:, : 2 * H].t(), h_prev), torch.matmul(rows[:, 3 * H:].t(), h_prev)))
-    sums = rows.sum(0, dtype=accumulate_dtype(rows.dtype))
-    grad_b_ih = sums[: 3 * H].to(w_ih.dtype)
-    grad_b_hh = torch.cat((sums[: 2 * H], sums[3 * H:])).to(w_hh.dtype)
-    return grad_x, grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_b_ih, grad_b_hh

@@ -15,7 +15,10 @@ Backpropagation through one layer and direction splits in two:
    is launched once per step instead (``schedule="per_step"``): the launch boundary is the barrier.
 2. Everything else is parallel over time: grad_x = dG·W_ih, grad_W_ih = dGᵀ·x, grad_W_hh = dGᵀ·h_{t-1} and
    the bias gradient (the sum of dG) are single GEMMs / a reduction over all T·B rows, as in
-   ``triton_lstm.reference.lstm_recurrence_backward_reference``.
+   ``triton_lstm.reference.lstm_recurrence_backward_reference`` (``weight_grads.py``).
+
+The chain's schedule and tiles are planned in ``backward_plans.py``; the launches that run a stack's
+layers or a bidirectional layer's directions in one go are in ``lstm_bwd_whole_module.py``.
 
 dG is stored in the input dtype (fp32 for fp32 inputs). Why not fp32 always: dG feeds two products, the
 recurrent ``dG_{t+1}·W_hh`` in the kernel and the three big GEMMs. In the input dtype both run on tensor
@@ -49,7 +52,6 @@ Its chain would need dm = dh·W_hr over all P columns inside each step, a second
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
@@ -58,19 +60,11 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from triton_lstm.kernels import common
+from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd, tile_count
 from triton_lstm.kernels.cells import gru_step_grads, lstm_step_grads
-from triton_lstm.kernels.common import (
-    barrier_watch,
-    dot_precision,
-    grid_barrier,
-    refused_cooperative_launch,
-    unless_refused,
-    wait_for,
-)
+from triton_lstm.kernels.common import barrier_watch, dot_precision, grid_barrier, refused_cooperative_launch, wait_for
+from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
-
-SCHEDULES = ("auto", "persistent", "per_step")
-
 
 @triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "seg_start"])
 def _lstm_bwd_kernel(
@@ -278,76 +272,6 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
 _per_step_after_failure: set[tuple] = set()
 
 
-def _tiles(B: int, H: int, block_b: int, block_h: int) -> int:
-    return triton.cdiv(B, block_b) * triton.cdiv(H, block_h)
-
-
-def plan_bwd(B: int, H: int, num_sms: int | None, schedule: str, max_tile: int = 4096) -> tuple[str, int, int]:
-    """Returns (schedule, BLOCK_B, BLOCK_H) for the gate-gradient kernel on a GPU of ``num_sms`` SMs
-    (None: Triton's interpreter). A pure function of the shapes, so it can be checked without a GPU.
-
-    tl.dot needs every dimension >= 16: smaller B and H are masked up to 16. ``max_tile`` bounds
-    BLOCK_B × BLOCK_H (the stacked backward's second product spills beyond 1024 on sm_90).
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"lstm_bwd: schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if num_sms is None:
-        # Triton's interpreter runs programs one after another: a program spinning on the barrier would
-        # wait forever for the next one. One program owning every batch row and hidden unit never waits.
-        block_b = max(16, triton.next_power_of_2(B))
-        block_h = max(16, triton.next_power_of_2(H))
-        if schedule == "per_step":
-            return "per_step", 16, 16  # several programs per launch: exercises the tiling
-        return "persistent", block_b, block_h
-    widest_b = max(16, min(64, triton.next_power_of_2(B)))
-    if schedule != "per_step" and os.environ.get("TRITON_LSTM_PERSISTENT_BWD", "1") != "0":
-        # Every program must be resident at once or the barrier deadlocks: at most one program per SM
-        # (each fits an SM on its own, whatever its register and shared-memory use). Smaller tiles spread
-        # the recurrent product over more SMs; wider batch tiles re-read W_hh fewer times.
-        if H >= 1024 and _tiles(B, H, 16, 32) <= num_sms:
-            # Where W_hh streams (H >= 1024), 16 × 32 tiles beat the widest batch tile on an H200 (tune.py,
-            # run 4, µs/step of the chain: 12.9 against 15.1 at B = 64, H = 1024; 22.6 against 23.5 at
-            # B = 16, H = 2048).
-            return "persistent", 16, 32
-        block_b = widest_b
-        while block_b >= 16:
-            for block_h in (16, 32, 64, 128, 256):
-                if block_b * block_h <= max_tile and _tiles(B, H, block_b, block_h) <= num_sms:
-                    return "persistent", block_b, block_h
-            block_b //= 2
-        if schedule == "persistent":
-            raise ValueError(f"lstm_bwd: B={B}, H={H} needs more tiles than the {num_sms} SMs can hold at once")
-    return "per_step", widest_b, 32
-
-
-def bwd_launch_options(H: int, block_b: int, block_h: int, element_size: int = 2, whole_module: bool = False) -> dict:
-    """BLOCK_K and num_warps of the gate-gradient kernel for a tile of BLOCK_B × BLOCK_H. ``whole_module``:
-    the stacked and the bidirectional launches (tiles of at most 1024 elements), which below H = 512 (and
-    in fp32) need 8 warps and 64-wide chunks from 1024-element tiles: with 4 warps 64 × 16 tiles spilled
-    280 bytes under Triton 3.6 (stack, H = 256), with 128-wide chunks 32 × 32 tiles 24-40 bytes (stack,
-    H = 256), and fp32 64 × 16 tiles 40 bytes with 4 warps (both directions, H = 64)."""
-    # 128-wide chunks of the 4H gate columns in 16-bit: faster than 64 at all five anchor shapes on an
-    # H200 (tune.py, bf16: 7.6 against 8.5 µs/step at H = 256, 22.0 against 29.7 at H = 2048); 64 in
-    # fp32 (FMA dots), where 128 spills under Triton 3.4 (64-row tiles). Eight warps from 64 × 32 tiles,
-    # which spill on sm_90 with four (fp32 and, under Triton 3.6, fp16).
-    # fp32 below 4H = 256 takes 32: a 64-wide chunk spilled at H = 33 (sm_90, 64 × 16 tiles).
-    large = block_b * block_h >= (1024 if whole_module else 2048)
-    widest = 128 if element_size < 4 else 64 if 4 * H >= 256 else 32
-    if block_b * block_h >= 4096:
-        # 64 × 64 tiles (large batches: B ≳ 512 at H ≥ 512) in 16-bit: 128-wide chunks sat at 255 registers
-        # with 16-40-byte stack frames under Triton 3.6 (40 at H = 768, bf16), 64-wide ones at 198-255 with
-        # none (24 bytes at H = 768, bf16). Not timed: no anchor shape takes these tiles.
-        widest = min(widest, 64)
-    if whole_module and large:
-        if element_size < 4 and H >= 512:
-            # 128-wide chunks on four warps, as a single layer's tiles of this size: a 4-layer stack's
-            # chain at (T, B, H) = (128, 64, 512) took 17.8 µs per step against 23.5 with 64-wide chunks
-            # on eight (H200, bf16, tune.py --layers 4); both compile without spills from H = 512 up.
-            return dict(BLOCK_K=128, num_warps=4)
-        widest = min(widest, 64)
-    return dict(BLOCK_K=max(16, min(widest, triton.next_power_of_2(4 * H))), num_warps=8 if large else 4)
-
-
 def lstm_bwd_gate_grads(
     grad_out: torch.Tensor,
     grad_h_n: torch.Tensor,
@@ -393,7 +317,7 @@ def lstm_bwd_gate_grads(
         block_b, block_h, block_k, num_warps = tiling
         schedule = "per_step" if schedule == "per_step" else "persistent"
         options = dict(BLOCK_K=block_k, num_warps=num_warps)
-    grid = (_tiles(B, H, block_b, block_h),)
+    grid = (tile_count(B, H, block_b, block_h),)
     downgrade_key = (H, block_b, block_h, grid[0], dtype, device)
     if schedule == "persistent" and downgrade_key in _per_step_after_failure:
         schedule = "per_step"
@@ -436,10 +360,10 @@ def lstm_bwd_gate_grads(
         for t in reversed(range(t0, t0 + L)):
             _lstm_bwd_kernel[grid](*args, t, 1, t0, USE_BARRIER=False, **launch)
 
-    return _chain_results(grad_gates, w_hh, dh, dc, lengths, cell)
+    return chain_results(grad_gates, w_hh, dh, dc, lengths, cell)
 
 
-def _chain_results(grad_gates, w_hh, dh, dc, lengths, cell: str):
+def chain_results(grad_gates, w_hh, dh, dc, lengths, cell: str):
     """(grad_gates, grad_h0, grad_c0) from the chain's buffers: the LSTM's grad_c0 is dc; a GRU has none
     (None), and its grad_h0 adds the direct path z_0 ⊙ dh_0 that the chain left in dc (zero where step 0
     did not run) to the path through step 0's gates — the hidden side of dG (dR, dZ, dN ⊙ r) against
@@ -469,108 +393,6 @@ def _grad_h0(grad_gates: torch.Tensor, w_hh: torch.Tensor, dh: torch.Tensor, len
     if lengths is None:
         return recurrent0
     return torch.where((lengths > 0).unsqueeze(1), recurrent0, dh)
-
-
-def lstm_bwd_stack_gate_grads(
-    grad_out: torch.Tensor,
-    grad_h_n: torch.Tensor,
-    grad_c_n: torch.Tensor,
-    w_hh: torch.Tensor,
-    w_ih_above: torch.Tensor,
-    lengths: torch.Tensor | None,
-    gates: torch.Tensor,
-    c_all: torch.Tensor,
-    tiling: tuple[int, int, int, int] | None = None,
-    w_ch: torch.Tensor | None = None,
-    cell: str = "lstm",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The sequential part of a stack's backward in one persistent launch (a reverse wavefront: the top
-    layer leads, layer l takes its gradient of h_t from dG^{l+1}_t·W_ih^{l+1} in the kernel).
-
-    ``grad_out`` (T, B, H): the top layer's output gradient; ``grad_h_n``/``grad_c_n``, ``w_hh``,
-    ``gates``, ``c_all``: per layer, stacked (L, …), as the stacked forward saved them; ``w_ih_above``
-    (L - 1, 4H, H). Returns ``(grad_gates (L, T, B, 4H), grad_h0 (L, B, H) fp32, grad_c0 (L, B, H) fp32)``,
-    or None when the layers' tiles do not fit the SMs at once, the kernel does not fit the device or the
-    driver refuses the cooperative launch (nothing ran: the caller goes layer by layer). ``tiling`` =
-    (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's (``benchmarks/tune.py --layers``);
-    ``w_ch`` (L, 3H): the layers' peephole weights. ``cell`` "gru": a GRU stack (``w_hh`` (L, 3H, H),
-    ``w_ih_above`` (L - 1, 3H, H), ``c_all`` its fp32 h, ``grad_c_n`` zeros; grad_c0 None).
-    """
-    return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all,
-                               layers=gates.shape[0], what="the stacked backward kernel", tiling=tiling, w_ch=w_ch,
-                               cell=cell)
-
-
-def lstm_bwd_bidirectional_gate_grads(
-    grad_out: torch.Tensor,
-    grad_h_n: torch.Tensor,
-    grad_c_n: torch.Tensor,
-    w_hh: torch.Tensor,
-    lengths: torch.Tensor | None,
-    gates: torch.Tensor,
-    c_all: torch.Tensor,
-    w_ch: torch.Tensor | None = None,
-    cell: str = "lstm",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The sequential part of a bidirectional layer's backward, both directions in one persistent launch.
-
-    ``grad_out`` (T, B, 2H): the gradient of the layer's output, in time order; ``grad_h_n``,
-    ``grad_c_n`` (2, B, H); ``w_hh`` (2, 4H, H); ``gates`` (2, T, B, 4H) and ``c_all`` (2, T + 1, B, H)
-    fp32 as ``lstm_fwd_bidirectional`` saved them (step-indexed: the reverse direction's step s is time
-    len_b − 1 − s). Returns ``(grad_gates (2, T, B, 4H) step-indexed, grad_h0 (2, B, H) fp32, grad_c0)``,
-    or None when half the SMs cannot hold a direction's tiles, the kernel does not fit the device or the
-    driver refuses the cooperative launch (nothing ran: the caller runs the directions one by one).
-    ``w_ch`` (2, 3H): the directions' peephole weights. ``cell`` "gru": a GRU layer (``w_hh`` (2, 3H, H),
-    ``c_all`` its fp32 h, ``grad_c_n`` zeros; grad_c0 None, as ``lstm_bwd_gate_grads``).
-    """
-    return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_hh, lengths, gates, c_all, directions=2,
-                               what="the bidirectional backward kernel", w_ch=w_ch, cell=cell)
-
-
-def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all, *, layers=1,
-                        directions=1, what, tiling=None, w_ch=None, cell="lstm"):
-    """The chain kernel over a leading axis of ``layers`` (a stack, ``LAYERS``) or ``directions`` (both
-    directions of a layer, ``DIRECTIONS``), in one persistent launch; None where it cannot run."""
-    groups, T, B, four_h = gates.shape
-    H = four_h // 4
-    dtype, device = w_hh.dtype, w_hh.device
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count // groups if device.type == "cuda" else None
-    if num_sms is not None and num_sms < 1:
-        return None
-    if tiling is not None:
-        block_b, block_h, block_k, num_warps = tiling
-        options = dict(BLOCK_K=block_k, num_warps=num_warps)
-    else:
-        try:
-            # Tiles of at most 1024 elements: with the product from the layer above, 64 × 32 and 64 × 64
-            # tiles spilled 96-280 bytes on sm_90 (bf16, H = 256, a stack); see also bwd_launch_options.
-            _, block_b, block_h = plan_bwd(B, H, num_sms, "persistent", max_tile=1024)
-        except ValueError:
-            return None
-        options = bwd_launch_options(H, block_b, block_h, w_hh.element_size(), whole_module=True)
-    grad_gates = torch.empty(groups, T, B, four_h, dtype=dtype, device=device)
-    dh = grad_h_n.to(torch.float32, copy=True).contiguous()
-    dc = grad_c_n.to(torch.float32, copy=True).contiguous()
-    counters = torch.zeros(groups + 1, dtype=torch.int32, device=device)  # a barrier counter per group, the flag
-    # The grid's second axis: the directions (independent, one program each even under the interpreter), or
-    # a stack's layers on a GPU (under the interpreter one program runs them top to bottom).
-    grid = (_tiles(B, H, block_b, block_h), directions if directions > 1 else layers if device.type == "cuda" else 1)
-    barrier_watch.check()
-
-    def launch():
-        _lstm_bwd_kernel[grid](
-            grad_out.contiguous(), gates, c_all, w_hh, lengths if lengths is not None else counters, grad_gates, dh, dc,
-            counters, w_ih_above, w_ch if w_ch is not None else w_hh, T, B, T - 1, T, 0, H=H,
-            HAS_LENGTHS=lengths is not None, USE_BARRIER=True, DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b,
-            BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT, LAYERS=layers, DIRECTIONS=directions,
-            PEEPHOLE=w_ch is not None, CELL=cell, launch_cooperative_grid=True, **options,
-        )
-        return True
-
-    if unless_refused(launch) is None:
-        return None
-    barrier_watch.watch(counters[groups:], f"{what} (tile {block_b}×{block_h}, {grid} programs)")
-    return _chain_results(grad_gates, w_hh, dh, dc, lengths, cell)
 
 
 def lstm_bwd(
@@ -611,87 +433,3 @@ def lstm_bwd(
     dtype = x.dtype
     return (grad_x, grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_bias, None,
             grad_w_ch)
-
-
-@triton.jit(do_not_specialize=["rows", "B", "rows_per_split"])
-def _peephole_grad_kernel(
-    grad_gates_ptr,  # (G, rows, 4H) contiguous: dG of G layers or directions, rows = T·B
-    c_ptr,  # (G, rows + B, H) fp32 contiguous: c_0 … c_T of each
-    partial_ptr,  # (splits, G, 3H) fp32: each split's sums
-    rows,
-    B,
-    rows_per_split,  # a multiple of BLOCK_R
-    H: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """One pass over dG's i, f, o columns and c: Σ dI ⊙ c_{t-1}, Σ dF ⊙ c_{t-1}, Σ dO ⊙ c_t over the
-    split's rows, for one block of hidden units of one layer or direction (row r = t·B + b: c_{t-1} is
-    c's row r, c_t its row r + B)."""
-    pid_h, split, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_h = offs_h < H
-    grad_base = grad_gates_ptr + g.to(tl.int64) * rows * 4 * H
-    c_base = c_ptr + g.to(tl.int64) * (rows + B) * H
-    acc_i = tl.zeros((BLOCK_R, BLOCK_H), tl.float32)
-    acc_f = tl.zeros((BLOCK_R, BLOCK_H), tl.float32)
-    acc_o = tl.zeros((BLOCK_R, BLOCK_H), tl.float32)
-    first = split * rows_per_split
-    for start in range(first, tl.minimum(first + rows_per_split, rows), BLOCK_R):
-        offs_r = start + tl.arange(0, BLOCK_R)
-        mask = (offs_r < rows)[:, None] & mask_h[None, :]
-        grad_row = grad_base + offs_r.to(tl.int64)[:, None] * 4 * H + offs_h[None, :]
-        c_row = c_base + offs_r.to(tl.int64)[:, None] * H + offs_h[None, :]
-        c_prev = tl.load(c_row, mask=mask, other=0.0)
-        c_next = tl.load(c_row + B * H, mask=mask, other=0.0)
-        acc_i += tl.load(grad_row, mask=mask, other=0.0).to(tl.float32) * c_prev
-        acc_f += tl.load(grad_row + H, mask=mask, other=0.0).to(tl.float32) * c_prev
-        acc_o += tl.load(grad_row + 3 * H, mask=mask, other=0.0).to(tl.float32) * c_next
-    out = partial_ptr + (split * tl.num_programs(2) + g) * 3 * H + offs_h
-    tl.store(out, tl.sum(acc_i, axis=0), mask=mask_h)
-    tl.store(out + H, tl.sum(acc_f, axis=0), mask=mask_h)
-    tl.store(out + 2 * H, tl.sum(acc_o, axis=0), mask=mask_h)
-
-
-def peephole_weight_grads(grad_gates: torch.Tensor, c_all: torch.Tensor) -> torch.Tensor:
-    """The peephole weights' gradients (G, 3H) in fp32, as ``reference.peephole_grad`` of each of G layers or
-    directions: ``grad_gates`` (G, T, B, 4H), ``c_all`` (G, T + 1, B, H) fp32. One pass over dG's three
-    gates and c (the contraction PyTorch would run transposes and casts each gate first: on an H200 that
-    cost a peephole LSTM's training step 1.07-1.47x a plain one's); the rows split so that the launch
-    fills the SMs, the splits summed after (deterministic: no atomics)."""
-    G, T, B, four_h = grad_gates.shape
-    H, rows = four_h // 4, T * B
-    block_h = min(64, max(16, triton.next_power_of_2(H)))
-    block_r = 32 if grad_gates.device.type == "cuda" else 16
-    h_blocks, row_blocks = triton.cdiv(H, block_h), max(1, triton.cdiv(rows, block_r))
-    if grad_gates.device.type == "cuda":
-        num_sms = torch.cuda.get_device_properties(grad_gates.device).multi_processor_count
-        splits = max(1, min(row_blocks, triton.cdiv(4 * num_sms, G * h_blocks)))
-    else:
-        splits = min(row_blocks, 3)  # the interpreter: a few splits, to exercise them
-    rows_per_split = triton.cdiv(row_blocks, splits) * block_r
-    splits = triton.cdiv(rows, rows_per_split) if rows else 1
-    # NaN where a program wrote nothing (a tiling bug shows in the gradient); no rows: the sums are zero.
-    partial = torch.full((splits, G, 3 * H), float("nan") if rows else 0.0, device=grad_gates.device,
-                         dtype=torch.float32)
-    if rows:
-        _peephole_grad_kernel[(h_blocks, splits, G)](grad_gates.contiguous(), c_all.contiguous(), partial, rows, B,
-                                                     rows_per_split, H=H, BLOCK_R=block_r, BLOCK_H=block_h)
-    return partial.sum(0)
-
-
-def weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: torch.Tensor, w_ih: torch.Tensor,
-                           input_grad: bool = True):
-    """grad_x, grad_W_ih, grad_W_hh and the bias gradient from dG (T, B, 4H), as GEMMs over all T·B rows.
-
-    ``h_prev`` (T, B, H) is h_0 … h_{T-1}. The GEMMs run in the input dtype with fp32 accumulation;
-    the bias gradient is summed in fp32. Without ``input_grad`` grad_x is None (a stack's upper layers:
-    the stacked backward formed it in the kernel).
-    """
-    T, B, four_h = grad_gates.shape
-    rows = grad_gates.reshape(T * B, four_h)
-    grad_x = torch.matmul(rows, w_ih).reshape(T, B, -1) if input_grad else None
-    grad_w_ih = torch.matmul(rows.t(), x.reshape(T * B, -1))
-    grad_w_hh = torch.matmul(rows.t(), h_prev.reshape(T * B, -1))
-    grad_bias = rows.sum(0, dtype=accumulate_dtype(rows.dtype)).to(w_ih.dtype)
-    return grad_x, grad_w_ih, grad_w_hh, grad_bias
