@@ -442,7 +442,7 @@ def test_gru_autocast_runs_in_autocast_dtype(dtype, monkeypatch):
     from triton_lstm import gru_modules
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(gru_modules, "_runs_aten", lambda x: False)
+    monkeypatch.setattr(gru_modules, "runs_aten", lambda x: False)
     torch.manual_seed(0)
     ours = triton_lstm.GRU(5, 6, num_layers=2, bidirectional=True)
     cast = triton_lstm.GRU(5, 6, num_layers=2, bidirectional=True).to(dtype)

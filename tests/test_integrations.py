@@ -157,7 +157,7 @@ def test_compile_fullgraph_with_peepholes():
 def test_compile_fullgraph_under_cpu_autocast(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the reference: bf16 is wrong in the interpreter
     # Eager on the CPU would run ATen's LSTM (as nn.LSTM does); this test compares our op compiled and eager.
-    monkeypatch.setattr(triton_lstm.modules, "_runs_aten", lambda x: False)
+    monkeypatch.setattr(triton_lstm.modules, "runs_aten", lambda x: False)
     model, x = _model_and_input("reference-float64")
     model, x = model.float(), x.detach().float().requires_grad_()
     assert not uses_kernels(x)
@@ -276,7 +276,7 @@ def test_autocast_state_carried_between_calls(cls, monkeypatch):
     """A state returned under autocast (bf16) fed back with a float32 input, as a sampling loop does:
     nn.LSTM casts both, so ours must too (the GPU run of char_lm's generation found this refused)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(triton_lstm.modules, "_runs_aten", lambda x: False)  # our op, not ATen's LSTM
+    monkeypatch.setattr(triton_lstm.modules, "runs_aten", lambda x: False)  # our op, not ATen's LSTM
     torch.manual_seed(0)
     ours = getattr(triton_lstm, cls)(5, 6)
     cast = getattr(triton_lstm, cls)(5, 6).to(torch.bfloat16)

@@ -19,16 +19,16 @@ from triton_lstm.bidirectional import bidirectional_plan, reverse_index, reverse
 from triton_lstm.gru_bidirectional import gru_bidirectional
 from triton_lstm.gru_ops import gru_layer
 from triton_lstm.gru_stack import gru_stack
-from triton_lstm.modules import (
-    _NOT_SCRIPTABLE,
-    _autocast_dtype,
-    _check_cell_state,
-    _check_input_tensor,
-    _check_state_tensor,
-    _runs_aten,
-    _time_major_input,
+from triton_lstm.module_inputs import (
+    NOT_SCRIPTABLE,
+    active_autocast_dtype,
+    check_cell_state,
+    check_input_tensor,
+    check_state_tensor,
     dropout_between_layers,
     options_repr,
+    runs_aten,
+    time_major_input,
 )
 from triton_lstm.ops import check_backward_options
 from triton_lstm.stack import stack_plan
@@ -83,7 +83,7 @@ class GRU(nn.RNNBase):
 
     def forward(self, input, hx=None):
         num_directions = 2 if self.bidirectional else 1
-        x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched = _time_major_input(
+        x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched = time_major_input(
             input, self.weight_ih_l0, self.input_size, self.batch_first, "GRU")
         B = x.shape[1]
         state_shape = (self.num_layers * num_directions, B, self.hidden_size)
@@ -98,18 +98,18 @@ class GRU(nn.RNNBase):
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
                 raise RuntimeError(f"For {kind} input, hx should also be {state_dims}-D but got {hx.dim()}-D tensor")
             h0 = hx if is_batched else hx.unsqueeze(1)
-            _check_state_tensor("h_0", h0, x, state_shape, "GRU", "hidden")
+            check_state_tensor("h_0", h0, x, state_shape, "GRU", "hidden")
             if sorted_indices is not None:
                 h0 = h0.index_select(1, sorted_indices)
 
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
-        autocast_dtype = _autocast_dtype(x.device.type)
+        autocast_dtype = active_autocast_dtype(x.device.type)
         if autocast_dtype is not None:
             # As nn.GRU under autocast: compute in the autocast dtype; the fp32 weights get fp32 gradients.
             x, h0 = x.to(autocast_dtype), h0.to(autocast_dtype)
             weights = [[[None if w is None else w.to(autocast_dtype) for w in ws] for ws in layer] for layer in weights]
 
-        if _runs_aten(x):
+        if runs_aten(x):
             # The CPU without Triton's interpreter: the very ATen GRU that nn.GRU runs.
             flat_weights = [w for layer in weights for direction in layer for w in direction if w is not None]
             with torch.autocast("cpu", enabled=False):
@@ -182,7 +182,7 @@ class GRU(nn.RNNBase):
         return super().extra_repr() + options_repr(self)
 
     def __prepare_scriptable__(self):
-        raise RuntimeError(_NOT_SCRIPTABLE.format(cls="GRU"))
+        raise RuntimeError(NOT_SCRIPTABLE.format(cls="GRU"))
 
 
 class GRUCell(nn.GRUCell):
@@ -219,20 +219,20 @@ class GRUCell(nn.GRUCell):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if isinstance(hx, Tensor) and hx.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        _check_input_tensor(input, self.weight_ih, self.input_size, "GRUCell")
+        check_input_tensor(input, self.weight_ih, self.input_size, "GRUCell")
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
         if hx is None:
             h0 = x.new_zeros(x.shape[0], self.hidden_size)
         else:
             h0 = hx if is_batched or not isinstance(hx, Tensor) else hx.unsqueeze(0)
-            _check_cell_state(0, h0, x, self.hidden_size, "GRUCell")
+            check_cell_state(0, h0, x, self.hidden_size, "GRUCell")
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        autocast_dtype = _autocast_dtype(x.device.type)
+        autocast_dtype = active_autocast_dtype(x.device.type)
         if autocast_dtype is not None:
             x, h0 = x.to(autocast_dtype), h0.to(autocast_dtype)
             weights = tuple(None if w is None else w.to(autocast_dtype) for w in weights)
-        if _runs_aten(x):
+        if runs_aten(x):
             with torch.autocast("cpu", enabled=False):
                 h = torch._VF.gru_cell(x, h0, *weights)
         else:
@@ -243,4 +243,4 @@ class GRUCell(nn.GRUCell):
         return super().extra_repr() + options_repr(self)
 
     def __prepare_scriptable__(self):
-        raise RuntimeError(_NOT_SCRIPTABLE.format(cls="GRUCell"))
+        raise RuntimeError(NOT_SCRIPTABLE.format(cls="GRUCell"))

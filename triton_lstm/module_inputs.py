@@ -1,0 +1,163 @@
+"""What the LSTM and GRU modules (``modules.py``, ``gru_modules.py``) share about their inputs: the checks
+nn.LSTM / nn.GRU and their cells make of the input and the state (their exception types, and their words
+where code may match on them), the input as a time-major tensor, the autocast dtype in force, whether
+ATen's own recurrence runs, dropout between layers, and the repr of our options."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from triton_lstm.ops import interpreting
+
+
+def active_autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force on ``device_type``, or None where autocast is off."""
+    # is_autocast_enabled raises for device types without autocast (meta: shape inference, deferred init).
+    # Dynamo in torch <= 2.11 cannot trace is_autocast_available (a graph break, an error under
+    # fullgraph); a traced module runs on real devices, so there the check is skipped.
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+NOT_SCRIPTABLE = (
+    "triton_lstm.{cls} cannot be compiled by torch.jit.script: its recurrence runs Triton kernels, which "
+    "TorchScript cannot call. Use torch.compile (fullgraph=True works) or torch.export instead; for a "
+    "TorchScript deployment, load its state_dict into a torch.nn.{cls} (the same parameters) and script that."
+)
+
+
+def runs_aten(x: Tensor) -> bool:
+    """Whether the modules run ATen's own LSTM, as nn.LSTM does: on the CPU without Triton's interpreter
+    (the kernels are for the GPU; the reference is a Python loop), and outside torch.compile and
+    torch.func transforms, where our ops keep one graph node per recurrence and the reference respectively."""
+    if x.device.type != "cpu" or interpreting() or torch.compiler.is_compiling():
+        return False
+    return not torch._C._are_functorch_transforms_active()
+
+
+# PyTorch's names of the dtypes, as in its own "mat1 and mat2 must have the same dtype" message.
+_SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
+def check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[int, ...], cls: str, nn_name: str) -> None:
+    """h0 / c0 checks shared by LSTM and LSTMCell: type, shape, device and dtype against the input.
+    ``nn_name`` is how nn.LSTM's messages call the state (hidden[0], hidden[1])."""
+    if not isinstance(value, Tensor):
+        raise RuntimeError(f"{cls}: {name} must be a Tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(expected_shape):
+        # nn.LSTM's own words, so that code matching on them keeps working.
+        raise RuntimeError(f"Expected {nn_name} size {tuple(expected_shape)}, got {list(value.shape)}")
+    if value.device != like.device:
+        raise RuntimeError(f"{cls}: {name} is on {value.device} but the input is on {like.device}")
+    # Under autocast nn.LSTM casts input and state alike, so a state returned by an earlier autocast call
+    # (already in the autocast dtype) goes with a float32 input.
+    autocast = value.is_floating_point() and active_autocast_dtype(like.device.type) is not None
+    if value.dtype != like.dtype and not autocast:
+        raise RuntimeError(
+            f"{cls}: {name} has dtype {value.dtype} but the input has dtype {like.dtype}; "
+            f"pass {name}.to({like.dtype})"
+        )
+
+
+def check_cell_state(index: int, value, x: Tensor, hidden_size: int, cls: str = "LSTMCell") -> None:
+    """nn.LSTMCell's / nn.GRUCell's hx checks, in their words: hidden size, then batch size; then ours
+    (device, dtype)."""
+    name = f"hidden{index}"
+    if not isinstance(value, Tensor):
+        raise RuntimeError(f"{cls}: hx[{index}] must be a Tensor, got {type(value).__name__}")
+    if value.shape[-1] != hidden_size:
+        raise RuntimeError(f"{name} has inconsistent hidden_size: got {value.shape[-1]}, expected {hidden_size}")
+    if value.shape[0] != x.shape[0]:
+        raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match {name} batch size {value.shape[0]}")
+    check_state_tensor(("h_0", "c_0")[index], value, x, (x.shape[0], hidden_size), cls, name)
+
+
+def check_input_tensor(x: Tensor, weight: Tensor, input_size: int, cls: str) -> None:
+    """Input checks shared by LSTM and LSTMCell: dtype, device, feature size, with nn's exception types
+    and, where nn's words are clear, nn's words."""
+    if not x.is_floating_point():
+        raise ValueError(f"{cls}: expected a floating-point input, got dtype {x.dtype}")
+    if x.dtype != weight.dtype and active_autocast_dtype(x.device.type) is None:
+        advice = f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
+        if cls.endswith("Cell"):
+            # nn.LSTMCell / nn.GRUCell fail in their matrix product, with a RuntimeError naming mat1 and mat2.
+            raise RuntimeError(
+                f"mat1 and mat2 must have the same dtype, but got {_SCALAR_NAMES.get(x.dtype, x.dtype)} and "
+                f"{_SCALAR_NAMES.get(weight.dtype, weight.dtype)} ({cls}: input dtype {x.dtype}, weight dtype "
+                f"{weight.dtype}. {advice})"
+            )
+        raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). {advice}")
+    if x.device != weight.device:
+        raise RuntimeError(f"{cls}: input is on {x.device} but the parameters are on {weight.device}")
+    if x.shape[-1] != input_size:
+        if cls.endswith("Cell"):
+            raise RuntimeError(f"input has inconsistent input_size: got {x.shape[-1]} expected {input_size}")
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {x.shape[-1]}")
+
+
+class SequenceInput(NamedTuple):
+    x: Tensor  # (T, B, I), time-major
+    packed: bool
+    data: Tensor | None  # a PackedSequence's own data
+    lengths: Tensor | None  # on the CPU, as pad_packed_sequence gives them
+    batch_sizes: Tensor | None
+    sorted_indices: Tensor | None
+    unsorted_indices: Tensor | None
+    is_batched: bool
+
+
+def time_major_input(input, weight: Tensor, input_size: int, batch_first: bool, cls: str) -> SequenceInput:
+    """The checks nn.LSTM / nn.GRU make of their input (their exception types, their words where clear)
+    and the input as a time-major (T, B, I) tensor: a PackedSequence padded (each sequence then runs to
+    its own length), an unbatched one given a batch of one."""
+    packed = isinstance(input, PackedSequence)
+    if packed:
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if data.dim() != 2:
+            raise RuntimeError(f"{cls}: a PackedSequence's data must be 2-D, got {data.dim()}-D")
+        check_input_tensor(data, weight, input_size, cls)
+        # Run padded, each sequence to its own length (batch_sizes lives on the CPU: no device sync).
+        x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        is_batched = True
+    else:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{cls}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{cls}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        check_input_tensor(input, weight, input_size, cls)
+        is_batched = input.dim() == 3
+        if not is_batched:
+            x = input.unsqueeze(1)
+        else:
+            x = input.transpose(0, 1) if batch_first else input
+        data = lengths = batch_sizes = sorted_indices = unsorted_indices = None
+    if x.shape[0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    return SequenceInput(x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched)
+
+
+def dropout_between_layers(module: nn.RNNBase, layer_input: Tensor, layer: int) -> Tensor:
+    """nn.LSTM's / nn.GRU's dropout on the output of every layer but the last, in training."""
+    if module.dropout > 0 and module.training and layer < module.num_layers - 1:
+        return F.dropout(layer_input, p=module.dropout, training=True)
+    return layer_input
+
+
+def options_repr(module: nn.Module) -> str:
+    """Our keyword options that differ from their defaults, for the modules' ``extra_repr`` (getattr: modules
+    pickled before an option existed, and the GRU's, which has only ``backward``)."""
+    text = ""
+    if getattr(module, "backward_mode", "fused") != "fused":
+        text += f", backward={module.backward_mode!r}"
+    if getattr(module, "recompute_interval", 0):
+        text += f", recompute_interval={module.recompute_interval}"
+    if getattr(module, "peephole", False):
+        text += ", peephole=True"
+    return text
