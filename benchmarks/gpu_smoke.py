@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import triton_lstm  # noqa: E402
-from triton_lstm.benchmark import ANCHOR_CASES  # noqa: E402
+from triton_lstm.benchmark_cases import ANCHOR_CASES  # noqa: E402
 from triton_lstm.kernels import common  # noqa: E402
 from triton_lstm.kernels import forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402

@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import triton_lstm  # noqa: E402
-from triton_lstm.benchmark import DTYPES  # noqa: E402
+from triton_lstm.benchmark_cases import DTYPES  # noqa: E402
 
 # The bf16 anchor shapes whose forward or forward+backward misses the target after run 3.
 MISSED = [(256, 64, 1024, 1024), (128, 256, 512, 512), (256, 16, 2048, 2048)]

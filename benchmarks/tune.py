@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from triton_lstm.benchmark import ANCHOR_CASES, DTYPES  # noqa: E402
+from triton_lstm.benchmark_cases import ANCHOR_CASES, DTYPES  # noqa: E402
 from triton_lstm.kernels import forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd  # noqa: E402

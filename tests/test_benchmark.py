@@ -84,11 +84,11 @@ def test_readme_speed_table_is_the_committed_csv():
 
 
 def test_cpu_benchmark_plans_the_cpu_cases():
-    from triton_lstm import benchmark
+    from triton_lstm import benchmark, benchmark_cases
 
     args = benchmark._parse_args(["--device", "cpu"])
     plan = benchmark._plan(args)
-    assert {case for _, _, case, _ in plan} == set(benchmark.CPU_CASES)
+    assert {case for _, _, case, _ in plan} == set(benchmark_cases.CPU_CASES)
     assert all(dtype == "fp32" and "cell_loop" not in providers for _, dtype, _, providers in plan)
 
 
@@ -97,14 +97,14 @@ def test_plan_flag_describes_each_path(monkeypatch):
     device limits of an H200, as a GPU machine would report them)."""
     import torch
 
-    from triton_lstm import benchmark
+    from triton_lstm import benchmark, benchmark_cases
     from triton_lstm.kernels import forward_plans
 
     monkeypatch.setattr(forward_plans, "_device_limits", lambda index: (132, 232448))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    stacked = benchmark.Case(512, 64, 512, 512, layers=4)
+    stacked = benchmark_cases.Case(512, 64, 512, 512, layers=4)
     assert benchmark.describe_path(stacked, torch.bfloat16, "cuda").startswith("forward: stack of 4 layers in one launch")
-    bidirectional = benchmark.Case(512, 64, 512, 512, layers=2, bidirectional=True)
+    bidirectional = benchmark_cases.Case(512, 64, 512, 512, layers=2, bidirectional=True)
     assert benchmark.describe_path(bidirectional, torch.bfloat16, "cuda").startswith(
         "forward: 2 launch(es) of both directions in one launch")
     assert "layer launch" in benchmark.describe_path(stacked, torch.float32, "cuda"), "fp32 stacks run layer by layer"

@@ -4,7 +4,7 @@ Run as ``python benchmarks/bench.py …`` or ``triton-lstm bench …``; ``--help
 Each measurement is the median of ``triton.testing.do_bench`` after its warm-up, all providers in the
 same run and process; TF32 is off for both sides. Results go to ``<out>/<gpu-name>/``:
 
-- ``results.csv`` with the columns of ``COLUMNS`` (``ms`` per call of the whole sequence, ``peak_mb`` the
+- ``results.csv`` with the columns of ``benchmark_cases.COLUMNS`` (``ms`` per call of the whole sequence, ``peak_mb`` the
   peak of ``torch.cuda.max_memory_allocated`` during one call, inputs and weights included);
 - ``versions.txt``: device, torch, triton, CUDA, cuDNN and driver versions and the command line;
 - ``summary.md``: µs per time step and speedup over cuDNN, per shape (the table the README shows);
@@ -13,13 +13,15 @@ same run and process; TF32 is off for both sides. Results go to ``<out>/<gpu-nam
 Without CUDA it refuses, except with ``--dry-run``: a seconds-long CPU run of the harness itself on
 tiny shapes (wall-clock medians, the plain-PyTorch path) that CI uses to test the CSV; its figures say
 nothing about speed and it writes to a temporary folder unless ``--out`` is given.
+
+The shapes and providers are in ``benchmark_cases.py``; the summary, the README's table and the plots
+in ``benchmark_report.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import os
 import platform
 import re
@@ -32,53 +34,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional", "ms", "peak_mb"]
-PROVIDERS = ("triton_lstm", "cudnn", "cell_loop", "triton_peephole", "triton_gru", "cudnn_gru")
-# What runs unless --provider says otherwise; triton_peephole (triton_lstm.LSTM with peephole=True, the same
-# weights plus the peephole ones) is asked for by name, to measure what the peepholes cost, and so are the
-# GRU's: triton_gru (triton_lstm.GRU) against cudnn_gru (nn.GRU, cuDNN's), the same weights.
-DEFAULT_PROVIDERS = PROVIDERS[:3]
-GRU_PROVIDERS = ("triton_gru", "cudnn_gru")
-# (ours, cuDNN's): the pairs whose ratio is a speedup.
-SPEEDUP_PAIRS = (("triton_lstm", "cudnn"), ("triton_gru", "cudnn_gru"))
-MODES = ("fwd", "fwdbwd")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Relative to the working directory: from a checkout the repository's results folder, from an installed
-# wheel a folder beside wherever the user runs it (never inside site-packages).
-DEFAULT_OUT = Path("benchmarks") / "results"
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    T: int
-    B: int
-    I: int  # noqa: E741 (the input size, named as in the CSV)
-    H: int
-    layers: int = 1
-    bidirectional: bool = False
-
-    @property
-    def label(self) -> str:
-        extra = f" L{self.layers}{' bi' if self.bidirectional else ''}" if self.layers > 1 or self.bidirectional else ""
-        return f"T{self.T} B{self.B} I{self.I} H{self.H}{extra}"
-
-
-# The five shapes measured in issue 3 (T, B, I, H), single layer.
-ANCHOR_CASES = [Case(512, 64, 256, 256), Case(256, 64, 1024, 1024), Case(1024, 8, 512, 512), Case(128, 256, 512, 512), Case(256, 16, 2048, 2048)]
-# Stacks: the 2-layer bidirectional shape measured since run 1, and the targets of issue "Whole-module
-# kernels" at (T, B, I = H) = (512, 64, 512): 4 layers (one stacked launch) and 2 layers bidirectional.
-STACKED_CASES = [Case(256, 64, 512, 512, layers=2, bidirectional=True), Case(512, 64, 512, 512, layers=4),
-                 Case(512, 64, 512, 512, layers=2, bidirectional=True)]
-SWEEP_CASES = (
-    [Case(T, 64, 512, 512) for T in (16, 64, 256, 1024, 4096)]
-    + [Case(256, B, 512, 512) for B in (1, 8, 32, 128, 512)]
-    + [Case(256, 64, H, H) for H in (64, 128, 256, 512, 1024, 2048, 4096)]
+from triton_lstm.benchmark_cases import (
+    ANCHOR_CASES,
+    COLUMNS,
+    CPU_CASES,
+    DEFAULT_OUT,
+    DEFAULT_PROVIDERS,
+    DRY_RUN_CASES,
+    DTYPES,
+    GRU_PROVIDERS,
+    MODES,
+    PROVIDERS,
+    STACKED_CASES,
+    SWEEP_CASES,
+    Case,
 )
-DRY_RUN_CASES = [Case(3, 2, 4, 8), Case(2, 3, 5, 4, layers=2, bidirectional=True), Case(3, 2, 4, 8, layers=3)]
-# --device cpu: the CPU path (ATen's LSTM, as nn.LSTM) against nn.LSTM, one thread: a small model, a
-# 2-layer language model (the PTB "medium" LSTM) and a single step (an RL rollout on the CPU).
-CPU_CASES = [Case(64, 8, 32, 64), Case(35, 20, 200, 200, layers=2), Case(1, 4, 32, 64)]
-
+from triton_lstm.benchmark_report import plot_results, summary_markdown
 
 DESCRIPTION = "Time triton_lstm against cuDNN nn.LSTM and an nn.LSTMCell loop; write CSV, plots and versions."
 
@@ -360,116 +331,6 @@ def _write_versions(folder: Path, device: str, argv) -> None:
     (folder / "versions.txt").write_text("\n".join(lines) + "\n")
 
 
-def _per_step_us(row) -> float:
-    return float(row["ms"]) * 1e3 / int(row["T"])
-
-
-def _summary(rows, timing: str) -> str:
-    """Markdown: µs per step of each provider and speedup of triton_lstm over cuDNN, per mode, dtype, shape."""
-    by_key = {}
-    for row in rows:
-        key = (row["mode"], row["dtype"], row["T"], row["B"], row["I"], row["H"], row["layers"], row["bidirectional"])
-        by_key.setdefault(key, {})[row["provider"]] = _per_step_us(row)
-    device = rows[0]["device"] if rows else "?"
-    providers = _providers_in(rows)
-    lines = [f"Device: {device}. µs per time step ({timing}); speedup = cuDNN time / triton_lstm time (for the GRU "
-             "rows: cudnn_gru / triton_gru).", "",
-             "| mode | dtype | T | B | I | H | layers | bidir | " + " | ".join(providers) + " | speedup vs cuDNN |",
-             "|" + "---|" * (9 + len(providers))]
-    for key, values in by_key.items():
-        cells = [f"{values[p]:.1f}" if p in values else "-" for p in providers]
-        speedups = [f"{values[theirs] / values[ours]:.2f}x" for ours, theirs in SPEEDUP_PAIRS if ours in values and theirs in values]
-        speedup = " / ".join(speedups) or "-"
-        lines.append("| " + " | ".join([*map(str, key), *cells, speedup]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _providers_in(rows) -> list[str]:
-    """The default providers, and any other that has rows, in PROVIDERS' order."""
-    present = {row["provider"] for row in rows}
-    return [p for p in PROVIDERS if p in DEFAULT_PROVIDERS or p in present]
-
-
-def read_rows(csv_path: Path) -> list[dict]:
-    with open(csv_path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def speed_table(rows) -> str:
-    """The README's speed table from a results CSV: per shape, µs per time step of triton_lstm and of
-    cuDNN measured in the same run, the speedup, and the peak memory of a bf16 forward+backward."""
-    by_key = {}
-    for row in rows:
-        case = (int(row["T"]), int(row["B"]), int(row["I"]), int(row["H"]), int(row["layers"]), row["bidirectional"] == "True")
-        by_key.setdefault(case, {})[(row["mode"], row["dtype"], row["provider"])] = row
-    columns = [("fwd", "bf16"), ("fwdbwd", "bf16"), ("fwd", "fp32")]
-    present = [c for c in columns if any((*c, "triton_lstm") in values for values in by_key.values())]
-    header = ["shape (T, B, I, H)"] + [f"{'fwd+bwd' if m == 'fwdbwd' else m} {d}: ours / cuDNN µs per step" for m, d in present]
-    header.append("peak MiB fwd+bwd bf16: ours / cuDNN")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (T, B, I, H, layers, bidirectional), values in by_key.items():
-        label = f"{T}, {B}, {I}, {H}" + (f", {layers} layers" if layers > 1 else "") + (", bidirectional" if bidirectional else "")
-        cells = [label]
-        for mode, dtype in present:
-            ours, theirs = values.get((mode, dtype, "triton_lstm")), values.get((mode, dtype, "cudnn"))
-            if ours and theirs:
-                cells.append(f"{_per_step_us(ours):.1f} / {_per_step_us(theirs):.1f} ({float(theirs['ms']) / float(ours['ms']):.2f}×)")
-            else:
-                cells.append("-")
-        ours, theirs = values.get(("fwdbwd", "bf16", "triton_lstm")), values.get(("fwdbwd", "bf16", "cudnn"))
-        cells.append(f"{float(ours['peak_mb']):.0f} / {float(theirs['peak_mb']):.0f}" if ours and theirs else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot(rows, folder: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'triton-lstm[bench]'): no plots, the CSV is written.")
-        return []
-    written = []
-    for mode, dtype in dict.fromkeys((row["mode"], row["dtype"]) for row in rows):
-        subset = [row for row in rows if row["mode"] == mode and row["dtype"] == dtype]
-        labels = list(dict.fromkeys(Case(int(r["T"]), int(r["B"]), int(r["I"]), int(r["H"]), int(r["layers"]), r["bidirectional"] == "True").label for r in subset))
-        providers = _providers_in(rows)
-        per_provider = {p: {} for p in providers}
-        for row in subset:
-            case = Case(int(row["T"]), int(row["B"]), int(row["I"]), int(row["H"]), int(row["layers"]), row["bidirectional"] == "True")
-            per_provider[row["provider"]][case.label] = _per_step_us(row)
-        figure, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.7 * len(labels) + 6), 5))
-        width = 0.8 / len(providers)
-        positions = range(len(labels))
-        for index, provider in enumerate(providers):
-            values = [per_provider[provider].get(label, float("nan")) for label in labels]
-            left.bar([p + index * width for p in positions], values, width, label=provider)
-        left.set_yscale("log")
-        left.set_ylabel("µs per time step")
-        left.set_title(f"{mode} {dtype}: time per step")
-        left.set_xticks([p + width for p in positions], labels, rotation=60, ha="right", fontsize=7)
-        left.legend()
-        for provider in ("triton_lstm", "cell_loop"):
-            speedups = [per_provider["cudnn"][label] / per_provider[provider][label]
-                        if label in per_provider["cudnn"] and label in per_provider[provider] else float("nan") for label in labels]
-            right.plot(list(positions), speedups, marker="o", label=provider)
-        right.axhline(1.0, color="gray", linewidth=0.8)
-        right.set_yscale("log")
-        right.set_ylabel("speedup over cuDNN (×)")
-        right.set_title(f"{mode} {dtype}: speedup over cuDNN")
-        right.set_xticks(list(positions), labels, rotation=60, ha="right", fontsize=7)
-        right.legend()
-        figure.suptitle(rows[0]["device"])
-        figure.tight_layout()
-        path = folder / f"{mode}_{dtype}.png"
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        written.append(path)
-    return written
-
-
 # --- Entry point ------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -536,11 +397,11 @@ def run(args, argv) -> int:
         timing = "CPU, one thread, torch.utils.benchmark medians; the cudnn column is nn.LSTM on the CPU"
     else:
         timing = "median of triton.testing.do_bench"
-    summary = _summary(rows, timing)
+    summary = summary_markdown(rows, timing)
     (folder / "summary.md").write_text(summary)
     print(summary)
     if not args.no_plots:
-        for path in _plot(rows, folder):
+        for path in plot_results(rows, folder):
             print(f"wrote {path}")
     print(f"wrote {folder / 'results.csv'}")
     return 0
