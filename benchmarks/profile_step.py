@@ -4,6 +4,7 @@
     python benchmarks/profile_step.py --shape 256 64 1024 1024  # one shape
     python benchmarks/profile_step.py --shape 512 64 512 512 --layers 4   # a 4-layer stack
     python benchmarks/profile_step.py --shape 128 256 512 512 --cell gru --forward   # a GRU's no_grad forward
+    python benchmarks/profile_step.py --shape 128 256 512 512 --peephole   # what the peepholes add, per kernel
     ncu --clock-control none -k regex:persistent --launch-skip 3 --launch-count 1 \\
         python benchmarks/profile_step.py --shape 256 64 1024 1024 --ncu   # forward only, few launches
 
@@ -13,8 +14,9 @@ The PyTorch profiler records every kernel of a few forward+backward calls of ``t
 against each other and against cuDNN's kernels; then the same calls' elapsed time between two CUDA events,
 unprofiled: where it exceeds the kernels' sum, the GPU sat idle between kernels (waiting on the host).
 ``--cell gru``: ``triton_lstm.GRU`` against ``nn.GRU``; ``--forward``: a ``no_grad`` forward alone (what
-the benchmark's fwd rows time). ``--ncu`` only runs a few plain forwards, for Nsight Compute to pick one
-launch of the persistent kernel.
+the benchmark's fwd rows time). ``--peephole``: ``triton_lstm.LSTM(peephole=True)`` against the plain
+``triton_lstm.LSTM`` with the same weights instead of cuDNN (what the peepholes cost, kernel by kernel).
+``--ncu`` only runs a few plain forwards, for Nsight Compute to pick one launch of the persistent kernel.
 """
 
 from __future__ import annotations
@@ -36,13 +38,19 @@ from triton_lstm.benchmark_cases import DTYPES  # noqa: E402
 MISSED = [(256, 64, 1024, 1024), (128, 256, 512, 512), (256, 16, 2048, 2048)]
 
 
-def models(I, H, dtype, layers=1, cell="lstm"):
+def models(I, H, dtype, layers=1, cell="lstm", peephole=False, device="cuda"):
+    """The two models to profile, by name, with the same weights: ours and cuDNN's, or with ``peephole``
+    our peephole LSTM and our plain one (the peephole weights on top, at their initialization)."""
     torch.manual_seed(0)
     name = cell.upper()
-    theirs = getattr(nn, name)(I, H, num_layers=layers, device="cuda", dtype=dtype)
-    ours = getattr(triton_lstm, name)(I, H, num_layers=layers, device="cuda", dtype=dtype)
+    theirs = getattr(nn, name)(I, H, num_layers=layers, device=device, dtype=dtype)
+    ours = getattr(triton_lstm, name)(I, H, num_layers=layers, device=device, dtype=dtype)
     ours.load_state_dict(theirs.state_dict())
-    return {"triton_lstm": ours, "cudnn": theirs}
+    if not peephole:
+        return {"triton_lstm": ours, "cudnn": theirs}
+    with_peepholes = triton_lstm.LSTM(I, H, num_layers=layers, device=device, dtype=dtype, peephole=True)
+    with_peepholes.load_state_dict(theirs.state_dict(), strict=False)  # nn.LSTM's state has no peephole weights
+    return {"triton_peephole": with_peepholes, "triton_lstm": ours}
 
 
 def kernel_table(model, x, grad, calls, forward_only=False):
@@ -76,13 +84,13 @@ def kernel_table(model, x, grad, calls, forward_only=False):
     return totals, counts, start.elapsed_time(end) * 1e3
 
 
-def profile_shape(T, B, I, H, dtype, calls, layers=1, cell="lstm", forward_only=False):
+def profile_shape(T, B, I, H, dtype, calls, layers=1, cell="lstm", forward_only=False, peephole=False):
     x = torch.randn(T, B, I, device="cuda", dtype=dtype)
     grad = torch.randn(T, B, H, device="cuda", dtype=dtype)
     what = "no_grad forward" if forward_only else "forward+backward"
     print(f"\n## {cell.upper()} T {T}, B {B}, I {I}, H {H}, {layers} layer(s), {dtype}: {what}, device time in µs per "
           f"time step")
-    for name, model in models(I, H, dtype, layers, cell).items():
+    for name, model in models(I, H, dtype, layers, cell, peephole).items():
         totals, counts, elapsed = kernel_table(model, x, grad, calls, forward_only)
         whole = sum(totals.values()) / calls / T
         print(f"{name}: {whole:.2f} µs/step of kernels in all; {elapsed / calls / T:.2f} µs/step elapsed unprofiled")
@@ -99,8 +107,12 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
     parser.add_argument("--forward", action="store_true", help="a no_grad forward alone, not forward+backward")
+    parser.add_argument("--peephole", action="store_true",
+                        help="the peephole LSTM against the plain triton_lstm.LSTM (same weights) instead of cuDNN")
     parser.add_argument("--ncu", action="store_true", help="only run a few forwards (under Nsight Compute)")
     args = parser.parse_args(argv)
+    if args.peephole and args.cell != "lstm":
+        parser.error("--peephole is an LSTM option (--cell lstm)")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
                     model(x)
             torch.cuda.synchronize()
         else:
-            profile_shape(T, B, I, H, dtype, args.calls, args.layers, args.cell, args.forward)
+            profile_shape(T, B, I, H, dtype, args.calls, args.layers, args.cell, args.forward, args.peephole)
     return 0
 
 

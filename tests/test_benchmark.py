@@ -142,3 +142,29 @@ def test_tune_times_each_plan_with_its_variants(capsys):
     assert "gate dot / plain: 8.00 / 10.00 us/step = 0.800" in lines[0], lines
     assert "input ahead / plain: 9.00 / 10.00 us/step = 0.900" in lines[1], lines
     assert "gate dot + input ahead / plain: 7.00 / 10.00 us/step = 0.700" in lines[2], lines
+
+
+def test_profile_step_pairs_the_peephole_lstm_with_the_plain_one():
+    """``profile_step.py --peephole`` times the peephole LSTM against our plain LSTM with the same weights, so
+    that the difference per kernel is the peepholes' (checked on the CPU: the same weights, and with zero
+    peepholes the same outputs)."""
+    import torch
+
+    path = ROOT / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    pair = profile_step.models(5, 6, torch.float64, layers=2, peephole=True, device="cpu")
+    assert list(pair) == ["triton_peephole", "triton_lstm"] and pair["triton_peephole"].peephole
+    plain = pair["triton_lstm"].state_dict()
+    with_peepholes = pair["triton_peephole"].state_dict()
+    assert set(with_peepholes) - set(plain) == {"weight_ch_l0", "weight_ch_l1"}
+    assert all(torch.equal(plain[name], with_peepholes[name]) for name in plain)
+    with torch.no_grad():
+        for name in ("weight_ch_l0", "weight_ch_l1"):
+            getattr(pair["triton_peephole"], name).zero_()
+        x = torch.randn(3, 2, 5, dtype=torch.float64)
+        torch.testing.assert_close(pair["triton_peephole"](x)[0], pair["triton_lstm"](x)[0], rtol=0, atol=0)
+    assert list(profile_step.models(5, 6, torch.float64, device="cpu")) == ["triton_lstm", "cudnn"]
+    with pytest.raises(SystemExit):
+        profile_step.main(["--peephole", "--cell", "gru"])
