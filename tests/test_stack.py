@@ -129,7 +129,7 @@ def test_dropout_between_layers_masks_and_reproduces(monkeypatch):
         dropped.append((x, out, p, training))
         return out
 
-    monkeypatch.setattr(triton_lstm.modules.F, "dropout", spy)
+    monkeypatch.setattr(F, "dropout", spy)  # the module dropout_between_layers calls
     model = triton_lstm.LSTM(4, 64, num_layers=3, dropout=0.3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     x = torch.randn(8, 16, 4, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     outputs = []
