@@ -9,6 +9,7 @@ README still matches the CSV it names.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -35,8 +36,10 @@ def rendered_section(csv_path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    csv_path = Path(args[0]) if args else DEFAULT_CSV
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv_path", nargs="?", type=Path, default=DEFAULT_CSV,
+                        help=f"a results CSV, relative to the repository (default {DEFAULT_CSV})")
+    csv_path = parser.parse_args(argv).csv_path
     readme = ROOT / "README.md"
     text = readme.read_text()
     start = START.search(text)
