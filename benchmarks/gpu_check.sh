@@ -105,11 +105,12 @@ if [ "${VARIANTS:-0}" = "1" ]; then
   # The kernel variants the planner does not pick yet against the planned kernels, kernel-only, each plan
   # timed with every combination in a row (benchmarks/NOTES.md, "Since run 12"): one dot for the four
   # gates and the streamed one-tile schedule at the anchors and for the GRU at B = 256 and H = 1024; the
-  # 4-layer stack with the gate dot and its next input product ahead of the barrier wait.
+  # 4-layer stack with the gate dot and its next input product ahead of the barrier wait, on the planned
+  # streamed tiles and on resident 64 × 16 ones (twice the budget: two plans of four combinations).
   stage "variants: anchors" "${VARIANTS_LIMIT:-150}" variants.log "$PY" benchmarks/tune.py --anchors --mode fwd \
     --variants gate_dot streamed_one_tile --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" --csv "$LOGS/variants.csv"
   stage "variants: stack" "${VARIANTS_LIMIT:-150}" variants_stack.log "$PY" benchmarks/tune.py --shape 512 64 512 512 \
-    --layers 4 --mode fwd --variants gate_dot input_ahead --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" \
+    --layers 4 --mode fwd --variants gate_dot input_ahead --max-T 128 --budget-s "$(( ${VARIANTS_BUDGET:-20} * 2 ))" \
     --csv "$LOGS/variants_stack.csv"
   stage "variants: GRU" "${VARIANTS_LIMIT:-150}" variants_gru.log "$PY" benchmarks/tune.py --shape 128 256 512 512 \
     --shape 256 64 1024 1024 --cell gru --mode fwd --variants gate_dot streamed_one_tile --max-T 128 \

@@ -145,6 +145,20 @@ def test_stack_with_the_input_product_ahead_matches_nn(cell, name, monkeypatch):
     assert seen == [{"INPUT_AHEAD": True}], f"one stacked forward launch with the input product ahead, got {seen}"
 
 
+@pytest.mark.parametrize("gate_dot", [False, True], ids=["four-dots", "gate-dot"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_resident_stack_with_the_input_product_ahead_matches_nn(cell, gate_dot, monkeypatch):
+    """W_ih's and W_hh's slices held on chip (the 64 × 16 candidate tune.py times on a GPU), the next input
+    product formed ahead of the barrier wait from the resident W_ih slice."""
+    case = Case(T=5, B=3, I=4, H=20, num_layers=3, with_state=True)
+    _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: _one_tile_plan(case, resident=True), input_ahead=True)
+    launched = _force_gate_dot(monkeypatch, "planned") if gate_dot else []
+    seen = _spy_launches(monkeypatch, "INPUT_AHEAD", "RESIDENT")
+    check_against_nn(case, STACK_DTYPE, cell=cell)
+    assert seen == [{"INPUT_AHEAD": True, "RESIDENT": True}], seen
+    assert all(b > 0 for b in launched) and bool(launched) == gate_dot
+
+
 def test_input_product_ahead_only_where_each_program_owns_one_tile(monkeypatch):
     """Programs with several tiles keep the plain schedule (their accumulators cannot wait at a barrier)."""
     case = Case(T=4, B=70, I=5, H=40, num_layers=2, packed=True)  # two batch blocks, three hidden blocks
