@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +22,16 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA e
 # The whole-module (stacked) kernels run 16-bit on a GPU (fp32 stacks spill on sm_90: layer by layer), any
 # kernel dtype under the interpreter (where bf16 arithmetic is wrong).
 STACK_DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the scripts live outside the package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:

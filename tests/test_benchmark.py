@@ -1,13 +1,10 @@
 """The benchmark harness on the CPU (dry run, refusal without CUDA) and the README's generated speed table."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
-from helpers import HAS_CUDA
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import HAS_CUDA, ROOT, benchmark_script
 
 EXPECTED_COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional", "ms", "peak_mb"]
 
@@ -71,9 +68,7 @@ def test_benchmark_refuses_without_cuda(capsys):
 
 def test_readme_speed_table_is_the_committed_csv():
     """The README's table is rendered from a results CSV (benchmarks/update_readme.py), never typed."""
-    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "benchmarks" / "update_readme.py")
-    update_readme = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(update_readme)
+    update_readme = benchmark_script("update_readme")
     readme = (ROOT / "README.md").read_text()
     start = update_readme.START.search(readme)
     assert start, "README.md lost its speed-table markers"
@@ -123,9 +118,7 @@ def test_tune_times_each_plan_with_its_variants(capsys):
 
     from triton_lstm.kernels.forward_plans import ForwardPlan
 
-    spec = importlib.util.spec_from_file_location("tune", ROOT / "benchmarks" / "tune.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = benchmark_script("tune")
     plans = [ForwardPlan(True, "a", False, 64, 16, 64, 8, 1, 8), ForwardPlan(True, "b", True, 16, 32, 512, 8, 1, 4)]
     gate_dot = [dataclasses.replace(plan, gate_dot=True) for plan in plans]
     assert tune._with_variants(plans, torch.bfloat16, ["gate_dot"]) == [plans[0], gate_dot[0], plans[1], gate_dot[1]]
@@ -150,10 +143,7 @@ def test_profile_step_pairs_the_peephole_lstm_with_the_plain_one():
     peepholes the same outputs)."""
     import torch
 
-    path = ROOT / "benchmarks" / "profile_step.py"
-    spec = importlib.util.spec_from_file_location("profile_step", path)
-    profile_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_step)
+    profile_step = benchmark_script("profile_step")
     pair = profile_step.models(5, 6, torch.float64, layers=2, peephole=True, device="cpu")
     assert list(pair) == ["triton_peephole", "triton_lstm"] and pair["triton_peephole"].peephole
     plain = pair["triton_lstm"].state_dict()

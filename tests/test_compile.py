@@ -4,15 +4,14 @@ spill beyond a few bytes, and their barrier compiles to a release add and an acq
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 from pathlib import Path
 
 import pytest
+from helpers import benchmark_script
 
 triton = pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 pytestmark = pytest.mark.skipif(
@@ -22,10 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _compile_check():
-    spec = importlib.util.spec_from_file_location("compile_check", ROOT / "benchmarks" / "compile_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("compile_check")
 
 
 @pytest.mark.parametrize("kernel", ["persistent", "step", "bwd", "stack", "bidir", "persistent --peephole",
