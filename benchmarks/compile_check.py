@@ -61,14 +61,16 @@ def _kernel_and_signature(config: dict):
                      "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "cell_params_ptr": f"*{dtype}",
                      "T": "i32", "B": "i32", "grid_b": "i32"}
         constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
-                         ONE_TILE=int(config.get("one_tile", False)), SAVE=int(config.get("save", True)),
+                         ONE_TILE=int(config.get("one_tile", False) and not config.get("fused_input", False)), SAVE=int(config.get("save", True)),
                          DOT_PRECISION=config.get("precision", "ieee"),
                          GRID_H=config["grid_h"], BLOCK_B=config["block_b"],
                          BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], SPIN_LIMIT=BARRIER_SPIN_LIMIT,
-                         LAYERS=config.get("layers", 1), HAS_BIAS=int(config.get("layers", 1) > 1),
+                         LAYERS=config.get("layers", 1),
+                         HAS_BIAS=int(config.get("layers", 1) > 1 or config.get("fused_input", False)),
                          DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
                          CELL=config.get("cell", "lstm"), GATE_BIT=config.get("gate_bit", 0),
-                         INPUT_AHEAD=int(config.get("input_ahead", False)))
+                         INPUT_AHEAD=int(config.get("input_ahead", False)),
+                         FUSED_INPUT=int(config.get("fused_input", False)))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
@@ -267,10 +269,10 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
     return list(seen.values())
 
 
-# The kernel variants the planner does not pick yet (ForwardPlan's gate_dot, input_ahead, streamed_one_tile),
-# and the kernels they apply to.
+# The kernel variants the planner does not pick yet (ForwardPlan's gate_dot, input_ahead, streamed_one_tile,
+# fused_input), and the kernels they apply to.
 VARIANTS = {"gate-dot": ("persistent", "stack", "bidir"), "input-ahead": ("stack",),
-            "streamed-one-tile": ("persistent", "bidir")}
+            "streamed-one-tile": ("persistent", "bidir"), "fused-input": ("persistent", "stack")}
 
 
 def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
@@ -278,7 +280,10 @@ def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
     build (``baseline``) for the comparison. The gate dot: 16-bit plans (fp32 keeps four dots: its tf32x3
     dots at H = 1024 spilled 64 bytes with one), its column bit from ``forward_plans.gate_bit``. The
     input ahead: stacks whose programs own one tile each. The streamed one-tile schedule: 16-bit streamed
-    plans whose programs own one tile each (fp32's spilled 80-136 bytes with it)."""
+    plans whose programs own one tile each (fp32's spilled 80-136 bytes with it). The input product in the
+    kernel: 16-bit plans of one layer or a stack, which then run as a stack (``stack_layer``), with the next
+    input product ahead of the barrier wait where the programs own one tile each (a resident W_ih slice
+    beside W_hh's fits shared memory only then)."""
     from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit
 
     paired = []
@@ -294,6 +299,9 @@ def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
         elif (variant == "streamed-one-tile" and not config["resident"] and config.get("owns_one_tile")
               and config["dtype"] != "fp32"):
             paired += [dict(config, one_tile=True), dict(config, baseline=True)]
+        elif variant == "fused-input" and config["dtype"] != "fp32":
+            fused = dict(config, fused_input=True, input_ahead=bool(config.get("owns_one_tile")))
+            paired += [fused, dict(config, baseline=True)]
     return paired
 
 
@@ -364,7 +372,7 @@ def main(argv=None) -> int:
     if args.variant:
         # Each variant's build beside the plain one (the jobs interleave the batches: match by config).
         def key(config):
-            plain = dict(config, gate_bit=None, baseline=None, input_ahead=None)
+            plain = dict(config, gate_bit=None, baseline=None, input_ahead=None, fused_input=None)
             plain["one_tile"] = config["resident"] and config.get("one_tile", False)
             return json.dumps(plain, sort_keys=True)
 

@@ -20,7 +20,11 @@ layers run one by one; the backward chain's tile, checked against the planner's)
 ``--variants`` times each forward candidate also with kernel variants the planner does not pick yet
 (``ForwardPlan.gate_dot``: one dot for the four gates, 16-bit only; ``input_ahead``: a stack layer's next
 input product before its barrier wait; ``streamed_one_tile``: a streamed program owning one tile keeps its
-state in registers), every combination in a row, and prints each one's time over the plain plan's.
+state in registers; ``fused_input``: layer 0's input product formed in the kernel from x, 16-bit and
+I == H only), every combination in a row, and prints each one's time over the plain plan's. A plan with
+``fused_input`` does the input projection's work in the kernel, so its time is set against the plain
+plan's plus the projection GEMM's (timed alone and printed), and the plain kernels then run on that GEMM's
+output rather than on random gate inputs.
 """
 
 from __future__ import annotations
@@ -43,13 +47,24 @@ from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd  # noqa: E402
 from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads  # noqa: E402
 from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
+from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_fused_input, lstm_fwd_stack  # noqa: E402
+from triton_lstm.reference import input_projection  # noqa: E402
 
 
-def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: int = 4) -> list[forward_plans.ForwardPlan]:
+def _device_limits(device: str, programs_per_group: int = 1) -> tuple[int, int]:
+    """(SMs, opt-in shared memory) of the GPU; on the CPU (the interpreter, for the tests) one program per
+    layer and the interpreter's assumed shared memory."""
+    if device == "cuda":
+        return forward_plans._device_limits(0)
+    return programs_per_group, forward_plans.INTERPRETER_SHARED_MEMORY
+
+
+def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: int = 4,
+                        shared: int | None = None) -> list[forward_plans.ForwardPlan]:
     """Plans around the planner's own: resident and streamed W_hh, tile sizes, warps, the batch split;
     in fp32 also tensor-core dots in three TF32 passes ("tf32x3", fp32-level accuracy). ``gates`` 3: a
     GRU's plans (the planner's for three gates, and resident tiles its three-gate W_hh slice may fit)."""
-    shared = forward_plans._device_limits(0)[1]
+    shared = forward_plans._device_limits(0)[1] if shared is None else shared
     default = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, False, num_sms, shared, gates=gates)
     plans = [default] if default.persistent else []
     if default.persistent and not default.resident:
@@ -98,24 +113,31 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: 
 
 
 # The kernel variants the planner does not pick yet (ForwardPlan fields), by their command-line names.
-VARIANTS = {"gate_dot": "gate dot", "input_ahead": "input ahead", "streamed_one_tile": "streamed one tile"}
+VARIANTS = {"gate_dot": "gate dot", "input_ahead": "input ahead", "streamed_one_tile": "streamed one tile",
+            "fused_input": "fused input"}
 
 
-def _with_variants(plans, dtype, variants):
+def _with_variants(plans, dtype, variants, single_layer=False):
     """``plans``, each followed by the same plan with every combination of ``variants`` (ForwardPlan
-    fields) that applies to it switched on: fp32 keeps four dots and the plain streamed schedule (both
-    spill there), resident plans run the one-tile schedule anyway (no ``streamed_one_tile``)."""
+    fields) that applies to it switched on: fp32 keeps four dots, the plain streamed schedule and the
+    projection GEMM (all spill there, or fall back), resident plans run the one-tile schedule anyway (no
+    ``streamed_one_tile``), and so does every plan with the input product in the kernel. For one layer
+    (``single_layer``) the input product ahead exists only with ``fused_input``."""
     result = []
     for plan in plans:
-        names = [name for name in variants if not (name in ("gate_dot", "streamed_one_tile") and dtype == torch.float32)
+        names = [name for name in variants
+                 if not (name in ("gate_dot", "streamed_one_tile", "fused_input") and dtype == torch.float32)
                  and not (name == "streamed_one_tile" and plan.resident)]
-        combinations = [combo for size in range(1, len(names) + 1) for combo in itertools.combinations(names, size)]
+        combinations = [combo for size in range(1, len(names) + 1) for combo in itertools.combinations(names, size)
+                        if not ("fused_input" in combo and "streamed_one_tile" in combo)
+                        and not (single_layer and "input_ahead" in combo and "fused_input" not in combo)]
         result += [plan, *(dataclasses.replace(plan, **dict.fromkeys(combo, True)) for combo in combinations)]
     return result
 
 
-def _print_variant_ratios(timed: dict) -> None:
-    """For each plan timed with variants (``timed``: plan -> µs per step), variant / plain."""
+def _print_variant_ratios(timed: dict, projection_us: float = 0.0) -> None:
+    """For each plan timed with variants (``timed``: plan -> µs per step), variant / plain; a variant with
+    the input product in the kernel against the plain plan plus the projection GEMM (``projection_us``)."""
     for plan, us in timed.items():
         if any(getattr(plan, name) for name in VARIANTS) or us != us:
             continue
@@ -123,8 +145,9 @@ def _print_variant_ratios(timed: dict) -> None:
             on = [name for name in VARIANTS if getattr(variant, name)]
             if not on or variant_us != variant_us or dataclasses.replace(variant, **dict.fromkeys(on, False)) != plan:
                 continue
-            print(f"  {' + '.join(VARIANTS[name] for name in on)} / plain: {variant_us:.2f} / {us:.2f} us/step = "
-                  f"{variant_us / us:.3f}  ({'resident' if plan.resident else 'streamed'} bb{plan.block_b} "
+            plain, against = (us + projection_us, "plain + projection GEMM") if variant.fused_input else (us, "plain")
+            print(f"  {' + '.join(VARIANTS[name] for name in on)} / {against}: {variant_us:.2f} / {plain:.2f} us/step = "
+                  f"{variant_us / plain:.3f}  ({'resident' if plan.resident else 'streamed'} bb{plan.block_b} "
                   f"bh{plan.block_h} bk{plan.block_k} w{plan.num_warps})", flush=True)
 
 
@@ -147,12 +170,12 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=()):
-    device = "cuda"
-    num_sms, shared = forward_plans._device_limits(0)
+def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), device="cuda"):
+    num_sms, shared = _device_limits(device)
     torch.manual_seed(0)
     gates = 3 if cell == "gru" else 4
-    projected = torch.randn(T, B, gates * H, device=device, dtype=dtype)
+    x = torch.randn(T, B, I, device=device, dtype=dtype)
+    projected, w_ih, bias, projection_us, variants = _gate_inputs(x, gates, H, dtype, variants)
     w_hh = (torch.randn(gates * H, H, device=device) * H**-0.5).to(dtype)
     h0 = torch.randn(B, H, device=device, dtype=dtype)
     c0 = torch.randn(B, H, device=device, dtype=dtype) if cell == "lstm" else h0  # a GRU's state is h alone
@@ -163,7 +186,6 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=()):
     tol = 3e-2 if dtype != torch.float32 else 1e-4
 
     reference = (torch.nn.GRU if cell == "gru" else torch.nn.LSTM)(I, H, device=device, dtype=dtype)
-    x = torch.randn(T, B, I, device=device, dtype=dtype)
     with torch.no_grad():
         cudnn_us = _bench(lambda: reference(x)) * 1e3 / T
     per_step_us = _bench(per_step) * 1e3 / T
@@ -171,7 +193,8 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=()):
           f"{per_step_us:.2f} us/step", flush=True)
     start = time.monotonic()
     results, timed = [], {}
-    for plan in _with_variants(_forward_candidates(B, H, projected.element_size(), num_sms, gates), dtype, variants):
+    candidates = _forward_candidates(B, H, projected.element_size(), num_sms, gates, shared)
+    for plan in _with_variants(candidates, dtype, variants, single_layer=True):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
@@ -179,7 +202,11 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=()):
                  f"w{plan.num_warps} s{plan.num_stages} grid {plan.grid_h}x{plan.grid_b}"
                  f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{_label_variants(plan)}"
                  f"{' (default)' if plan.reason == 'default' else ''}")
-        run = lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan, b_hn=b_hn)  # noqa: E731
+        if plan.fused_input:
+            run = lambda: lstm_fwd_fused_input(x, h0[None], c0[None], w_hh[None], w_ih[None], bias[None], None, plan,  # noqa: E731
+                                               b_hn=None if b_hn is None else b_hn[None])
+        else:
+            run = lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan, b_hn=b_hn)  # noqa: E731
         us, status = _timed_if_right(run, expected, tol, T)
         results.append((us, label, status))
         timed[plan] = us
@@ -187,7 +214,27 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=()):
     ranked = sorted(r for r in results if r[0] == r[0])
     if ranked:
         print(f"  best: {ranked[0][1]} {ranked[0][0]:.2f} us/step = {cudnn_us / ranked[0][0]:.2f}x cuDNN", flush=True)
-    _print_variant_ratios(timed)
+    _print_variant_ratios(timed, projection_us)
+
+
+def _gate_inputs(x, gates, H, dtype, variants):
+    """Layer 0's gate inputs for the candidates to run on, and what a plan with ``fused_input`` needs:
+    ``(projected, w_ih, bias, projection_us, variants)``, with layer 0's W_ih (gates·H, I) and bias. Where ``variants`` asks for ``fused_input`` (and it applies: I == H, 16-bit) ``projected`` is
+    x·W_ih⁰ᵀ + b⁰, that projection GEMM's µs per step is timed and printed; else ``projected`` is random,
+    the GEMM is not timed (0.0) and ``fused_input`` is dropped from the returned ``variants``."""
+    T, B, I = x.shape
+    w_ih = (torch.randn(gates * H, I, device=x.device) * I**-0.5).to(dtype)
+    bias = (torch.randn(gates * H, device=x.device) * 0.1).to(dtype)
+    if "fused_input" not in variants:
+        return torch.randn(T, B, gates * H, device=x.device, dtype=dtype), w_ih, bias, 0.0, variants
+    if I != H or dtype == torch.float32:
+        print(f"  fused input left out: it runs where I == H in 16-bit (here I = {I}, H = {H}, {dtype})", flush=True)
+        return (torch.randn(T, B, gates * H, device=x.device, dtype=dtype), w_ih, bias, 0.0,
+                [name for name in variants if name != "fused_input"])
+    projection = lambda: input_projection(x, w_ih, bias, None)  # noqa: E731
+    projection_us = _bench(projection) * 1e3 / T
+    print(f"  projection GEMM x·W_ihᵀ + b (what fused input does in the kernel): {projection_us:.2f} us/step", flush=True)
+    return projection().contiguous(), w_ih, bias, projection_us, variants
 
 
 def tune_backward(T, B, I, H, dtype, budget_s, rows):
@@ -245,24 +292,24 @@ def _timed_if_right(run, expected, tol, T):
         return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
-def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=()):
-    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack
-
-    device, L = "cuda", layers
-    num_sms, shared = forward_plans._device_limits(0)
+def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), device="cuda"):
+    L = layers
+    num_sms, shared = _device_limits(device, layers)
     budget = num_sms // L
     torch.manual_seed(0)
-    projected = torch.randn(T, B, 4 * H, device=device, dtype=dtype)
+    x = torch.randn(T, B, I, device=device, dtype=dtype)
+    projected, w_ih_0, bias_0, projection_us, variants = _gate_inputs(x, 4, H, dtype, variants)
     w_hh = (torch.randn(L, 4 * H, H, device=device) * H**-0.5).to(dtype)
     w_ih = (torch.randn(L - 1, 4 * H, H, device=device) * H**-0.5).to(dtype)
     bias = torch.randn(L - 1, 4 * H, device=device, dtype=dtype) * 0.1
+    if "fused_input" in variants:  # (I == H then) every layer's input weights, for the kernel to form them all
+        w_ih_all, bias_all = torch.cat((w_ih_0[None], w_ih)), torch.cat((bias_0[None], bias))
     h0 = torch.zeros(L, B, H, device=device, dtype=dtype)
     c0 = torch.zeros(L, B, H, device=device, dtype=dtype)
     default = forward_plans.plan_stack_fwd(T, B, H, L, projected.element_size(), num_sms, shared)
     run_layers = lambda: fwd.lstm_fwd_persistent(projected, h0[0], c0[0], w_hh[0], None, None)  # noqa: E731
     single_us = _bench(run_layers) * 1e3 / T
     reference = torch.nn.LSTM(I, H, num_layers=L, device=device, dtype=dtype)
-    x = torch.randn(T, B, I, device=device, dtype=dtype)
     with torch.no_grad():
         cudnn_us = _bench(lambda: reference(x)) * 1e3 / T
     print(f"stack fwd T{T} B{B} H{H} L{L} {dtype}: cuDNN nn.LSTM {cudnn_us:.2f} us/step, one layer alone (its own "
@@ -291,11 +338,14 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=()):
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
                  f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x{L}{_label_variants(plan)}"
                  f"{' (default)' if plan == default else ''}")
-        run = lambda: lstm_fwd_stack(projected, h0, c0, w_hh, w_ih, bias, None, plan)  # noqa: E731
+        if plan.fused_input:
+            run = lambda: lstm_fwd_fused_input(x, h0, c0, w_hh, w_ih_all, bias_all, None, plan)  # noqa: E731
+        else:
+            run = lambda: lstm_fwd_stack(projected, h0, c0, w_hh, w_ih, bias, None, plan)  # noqa: E731
         us, status = _timed_if_right(run, expected, 3e-2, T) if expected is not None else (float("nan"), "no default")
         _report(rows, f"stack{L} fwd", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
         timed[plan] = us
-    _print_variant_ratios(timed)
+    _print_variant_ratios(timed, projection_us)
 
 
 def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows):

@@ -137,6 +137,29 @@ def test_tune_times_each_plan_with_its_variants(capsys):
     assert "gate dot + input ahead / plain: 7.00 / 10.00 us/step = 0.700" in lines[2], lines
 
 
+@pytest.mark.parametrize("cell,layers", [("lstm", 1), ("gru", 1), ("lstm", 2)])
+def test_tune_sweeps_the_fused_input_variant_on_the_interpreter(cell, layers, monkeypatch, capsys):
+    """``tune.py --variants fused_input …`` end to end, through the interpreter (one program per layer,
+    ``do_bench`` replaced by a stub that still runs each candidate): the plans with the input product in
+    the kernel give the planned plan's numbers ("ok"), and are set against the plain plan plus the
+    projection GEMM. What a GPU session would otherwise find out by losing a stage."""
+    import torch
+
+    tune = benchmark_script("tune")
+    monkeypatch.setattr(tune, "_bench", lambda fn: (fn(), 1.0)[1])
+    rows = []
+    variants = ["gate_dot", "input_ahead", "fused_input"]
+    if layers == 1:
+        tune.tune_forward(3, 4, 16, 16, torch.float16, 60.0, rows, cell, variants, device="cpu")
+    else:
+        tune.tune_stack_forward(3, 4, 16, 16, layers, torch.float16, 60.0, rows, variants, device="cpu")
+    out = capsys.readouterr().out
+    fused = [row for row in rows if "fused-input" in row["candidate"]]
+    assert fused and all(row["status"] == "ok" for row in fused if "grid 1x1" in row["candidate"]), rows
+    assert any(row["status"] == "ok" and "input-ahead" in row["candidate"] for row in fused), rows
+    assert "projection GEMM x·W_ihᵀ + b" in out and "fused input / plain + projection GEMM: 333.33 / 666.67" in out, out  # T = 3: 1 ms a call
+
+
 def test_profile_step_pairs_the_peephole_lstm_with_the_plain_one():
     """``profile_step.py --peephole`` times the peephole LSTM against our plain LSTM with the same weights, so
     that the difference per kernel is the peepholes' (checked on the CPU: the same weights, and with zero

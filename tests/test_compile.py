@@ -78,3 +78,17 @@ def test_resident_stack_tile_fits_shared_memory_with_the_input_product_ahead():
     assert isinstance(plain, dict) and isinstance(ahead, dict), (plain, ahead)
     assert ahead["shared"] <= 232448 < plain["shared"], (plain["shared"], ahead["shared"])
     assert ahead["release"] and ahead["acquire"], ahead
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_input_tile_at_b256_fits_shared_memory_beside_the_plain_one(cell):
+    """The B = 256, H = 512 anchor's planned tile (resident 64 × 16 on 8 warps, one per program) with its
+    input product in the kernel (``ForwardPlan.fused_input``, the next one ahead of the barrier wait): the
+    W_ih slice joins W_hh's in shared memory and still fits an H100's (196-201 KiB under Triton 3.6 and 3.9,
+    no spill under either: benchmarks/NOTES.md), and the barrier's instructions are there."""
+    config = dict(dtype="bf16", H=512, resident=True, one_tile=True, block_b=64, block_h=16, block_k=512,
+                  num_warps=8, grid_h=32, arch=90, save=True, cell=cell)
+    (_, plain), (_, fused) = _compile_check()._run_batch([config, dict(config, fused_input=True, input_ahead=True)])
+    assert isinstance(plain, dict) and isinstance(fused, dict), (plain, fused)
+    assert plain["shared"] < fused["shared"] <= 232448, (plain["shared"], fused["shared"])
+    assert fused["release"] and fused["acquire"], fused

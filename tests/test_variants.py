@@ -9,7 +9,11 @@ that runs it:
 - ``input_ahead``: a stack layer forms its next input product between its arrival at its barrier and
   its wait there (``stack_layer.py``), where each program owns one tile;
 - ``streamed_one_tile``: a streamed plan whose programs own one tile each keeps h and c in registers and
-  loads the next input before the barrier wait, as resident plans do.
+  loads the next input before the barrier wait, as resident plans do;
+- ``fused_input``: layer 0 forms its input product from x in the kernel, as a stack's layers above do
+  (no projection GEMM before the launch). The modules do not run it yet (they will once a GPU has timed
+  it and the planner sets it), so it is checked at the launcher, ``lstm_fwd_fused_input``: every layer's
+  h, c and saved gates — all the backward reads — against the float64 reference.
 
 The tests force each variant, and check from the launch's arguments that it ran."""
 
@@ -20,7 +24,7 @@ import dataclasses
 import pytest
 import torch
 import triton
-from helpers import STACK_DTYPE, requires_cuda
+from helpers import STACK_DTYPE, assert_error_within_pytorch, requires_cuda
 from test_modules import Case, check_against_nn
 
 from triton_lstm import gru_stack, stack
@@ -213,7 +217,119 @@ def test_planner_leaves_the_variants_off_until_measured():
             for plan in (forward_plans.plan_persistent_fwd(128, B, H, H, 2, False, 132, 232448),
                          forward_plans.plan_stack_fwd(128, B, H, 4, 2, 132, 232448),
                          forward_plans.plan_bidirectional_fwd(128, B, H, 2, 132, 232448)):
-                assert not (plan.gate_dot or plan.input_ahead or plan.streamed_one_tile), plan
+                assert not (plan.gate_dot or plan.input_ahead or plan.streamed_one_tile or plan.fused_input), plan
+
+
+# --- fused_input -------------------------------------------------------------------------------------
+
+FUSED_INPUT_CASES = {
+    # name: (cell, layers, T, B, H, dtype, plan knobs, lengths, bias, peephole, save)
+    "LSTM-L1-resident-ahead-lengths": ("LSTM", 1, 6, 5, 20, torch.float32, dict(resident=True, input_ahead=True), True,
+                                       True, False, True),
+    "LSTM-L1-resident-ahead-fp16": ("LSTM", 1, 5, 3, 17, torch.float16, dict(resident=True, input_ahead=True), False,
+                                    True, False, True),
+    "LSTM-L3-streamed-several-tiles": ("LSTM", 3, 5, 20, 20, torch.float32, dict(block_b=16, block_h=16), False, True,
+                                       False, True),
+    "LSTM-L2-gate-dot-peephole-inference": ("LSTM", 2, 6, 4, 12, torch.float32, dict(input_ahead=True, gate_dot=True),
+                                            True, True, True, False),
+    "GRU-L1-streamed-ahead-gate-dot-lengths": ("GRU", 1, 6, 5, 9, torch.float32, dict(input_ahead=True, gate_dot=True),
+                                               True, True, False, True),
+    "GRU-L2-resident-ahead-no-bias": ("GRU", 2, 5, 3, 20, torch.float32, dict(resident=True, input_ahead=True), False,
+                                      False, False, True),
+}
+
+
+def _fused_input_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_ch, lengths):
+    """Every layer's (h_all, c_all, gates) from the plain-PyTorch recurrence, layer by layer."""
+    from triton_lstm.reference import gru_recurrence_reference, lstm_recurrence_reference
+
+    outputs, layer_input = [], x
+    for layer in range(w_hh.shape[0]):
+        biases = (b_ih[layer], b_hh[layer]) if b_ih is not None else (None, None)
+        if cell == "GRU":
+            out = gru_recurrence_reference(layer_input, h0[layer], w_ih[layer], w_hh[layer], *biases, lengths)
+        else:
+            out = lstm_recurrence_reference(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer], *biases, None,
+                                            lengths, None if w_ch is None else w_ch[layer])
+        outputs.append(out)
+        layer_input = out[0][1:]
+    return [torch.stack(parts) for parts in zip(*outputs)]
+
+
+def _run_fused_input(cell, layers, T, B, H, dtype, knobs, with_lengths, bias, peephole, save, seed=0):
+    """(ours, PyTorch's in ``dtype``, the float64 reference): each a list of every layer's h_all, c_all
+    and gates, ours from ``lstm_fwd_fused_input`` under a one-program plan with ``knobs``."""
+    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_fused_input
+    from triton_lstm.reference import gru_projection_bias
+
+    torch.manual_seed(seed)
+    gates = 3 if cell == "GRU" else 4
+    x = torch.randn(T, B, H)
+    h0, c0 = torch.randn(layers, B, H), torch.randn(layers, B, H)
+    w_ih, w_hh = torch.randn(layers, gates * H, H) * H**-0.5, torch.randn(layers, gates * H, H) * H**-0.5
+    b_ih, b_hh = (torch.randn(layers, gates * H) * 0.3, torch.randn(layers, gates * H) * 0.3) if bias else (None, None)
+    w_ch = torch.randn(layers, 3 * H) * 0.5 if peephole else None
+    lengths = torch.randint(1, T + 1, (B,), dtype=torch.int32) if with_lengths else None
+    if cell == "GRU":
+        c0 = h0
+    width = max(16, triton.next_power_of_2(H))
+    plan = dataclasses.replace(ForwardPlan(True, "fused input (test)", False, max(16, triton.next_power_of_2(B)), width,
+                                           16, 1, 1, 4), fused_input=True, **knobs)
+    if plan.resident:
+        plan = dataclasses.replace(plan, block_k=width)
+    cast = [t.to(dtype) if t is not None else None for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_ch)]
+    xd, h0d, c0d, w_ihd, w_hhd, b_ihd, b_hhd, w_chd = cast
+    if cell == "GRU":
+        fused_bias = None if b_ih is None else torch.stack([gru_projection_bias(b_ihd[i], b_hhd[i]) for i in range(layers)])
+        b_hn = b_hhd[:, 2 * H:].contiguous() if b_ih is not None else torch.zeros(layers, H, dtype=dtype)
+        ours = lstm_fwd_fused_input(xd, h0d, h0d, w_hhd, w_ihd, fused_bias, lengths, plan, save, b_hn=b_hn)
+    else:
+        fused_bias = None if b_ih is None else b_ihd + b_hhd
+        ours = lstm_fwd_fused_input(xd, h0d, c0d, w_hhd, w_ihd, fused_bias, lengths, plan, save, w_ch=w_chd)
+    lengths64 = None if lengths is None else lengths.long()
+    torchs = _fused_input_reference(cell, *cast, lengths64)
+    reference = _fused_input_reference(cell, *[t.double() if t is not None else None
+                                               for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_ch)], lengths64)
+    return ours, torchs, reference
+
+
+@pytest.mark.parametrize("name", FUSED_INPUT_CASES, ids=str)
+def test_fused_input_matches_the_reference(name, monkeypatch):
+    """Every layer's h_all, c_all and saved gates (a training forward) — or an inference forward's h_all
+    and c_n — from x in the kernel, against the float64 recurrence, within PyTorch's own error."""
+    cell, layers, T, B, H, dtype, knobs, with_lengths, bias, peephole, save = FUSED_INPUT_CASES[name]
+    seen = _spy_launches(monkeypatch, "FUSED_INPUT", "INPUT_AHEAD", "RESIDENT", "GATE_BIT")
+    ours, torchs, reference = _run_fused_input(cell, layers, T, B, H, dtype, knobs, with_lengths, bias, peephole, save)
+    assert seen == [{"FUSED_INPUT": True, "INPUT_AHEAD": knobs.get("input_ahead", False),
+                     "RESIDENT": knobs.get("resident", False), "GATE_BIT": seen[0]["GATE_BIT"]}], seen
+    assert (seen[0]["GATE_BIT"] > 0) == knobs.get("gate_dot", False)
+    for what, index in (("h_all", 0), ("c_all", 1), ("gates", 2)):
+        if save:
+            assert_error_within_pytorch(f"{name} {what}", ours[index], torchs[index], reference[index], dtype, H)
+    if not save:
+        assert ours[2].shape[1] == 0 and ours[1].shape[1] == 1, "an inference forward keeps no per-step gates or c"
+        assert_error_within_pytorch(f"{name} h_all", ours[0], torchs[0], reference[0], dtype, H)
+        assert_error_within_pytorch(f"{name} c_n", ours[1][:, -1], torchs[1][:, -1], reference[1][:, -1], dtype, H)
+
+
+def test_fused_input_is_refused_where_it_does_not_apply():
+    """The launcher refuses a plan without the variant, an input size other than H, and the stack's and
+    single layer's launchers (which take a projection) refuse a plan with it."""
+    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_fused_input, lstm_fwd_stack
+
+    T, B, H = 3, 2, 8
+    plan = ForwardPlan(True, "test", False, 16, 16, 16, 1, 1, 4)
+    fused = dataclasses.replace(plan, fused_input=True)
+    h0, w_hh, w_ih = torch.zeros(1, B, H), torch.randn(1, 4 * H, H), torch.randn(1, 4 * H, H)
+    with pytest.raises(ValueError, match="fused_input"):
+        lstm_fwd_fused_input(torch.randn(T, B, H), h0, h0, w_hh, w_ih, None, None, plan)
+    with pytest.raises(ValueError, match="input_size == hidden_size"):
+        lstm_fwd_fused_input(torch.randn(T, B, H + 1), h0, h0, w_hh, torch.randn(1, 4 * H, H + 1), None, None, fused)
+    with pytest.raises(ValueError, match="fused_input"):
+        persistent.lstm_fwd_persistent(torch.randn(T, B, 4 * H), h0[0], h0[0], w_hh[0], None, None, fused)
+    h0_2, w_hh_2 = torch.zeros(2, B, H), torch.randn(2, 4 * H, H)
+    with pytest.raises(ValueError, match="fused_input"):
+        lstm_fwd_stack(torch.randn(T, B, 4 * H), h0_2, h0_2, w_hh_2, w_ih, None, None, fused)
 
 
 # --- on a GPU: the GPU's own plans with each variant ------------------------------------------------

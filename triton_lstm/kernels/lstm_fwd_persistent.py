@@ -92,15 +92,15 @@ from triton_lstm.kernels.stack_layer import stack_layer
 
 @triton.jit(do_not_specialize=["T", "B", "grid_b"])
 def _lstm_persistent_fwd_kernel(
-    projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype
+    projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype; FUSED_INPUT: x itself, (T, B, H)
     w_hh_ptr,  # (4H, K), K == H (no projection on this path)
     h_ptr,  # (T+1, B, K), h0 already at step 0 (per layer or direction, stacked, for a stack or both directions)
     c_ptr,  # (T+1, B, H) fp32, c0 already at step 0 (two slots without SAVE); stacked likewise
     gates_ptr,  # (T, B, 4H); stacked likewise
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
     counters_ptr,  # (LAYERS · DIRECTIONS · grid_b + 1,) int32 zeros: a monotonic barrier counter per layer (or direction) and batch group, then the failure flag
-    w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``)
-    bias_ptr,  # LAYERS > 1 and HAS_BIAS: (LAYERS - 1, 4H), b_ih + b_hh of layers 1, 2, …
+    w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``); FUSED_INPUT: (LAYERS, 4H, H), layer 0's first
+    bias_ptr,  # HAS_BIAS: b_ih + b_hh of the layers in w_ih_ptr, (LAYERS - 1, 4H) or with FUSED_INPUT (LAYERS, 4H)
     out_ptr,  # DIRECTIONS == 2: (T, B, 2H), the layer's output, both directions in time order
     cell_params_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co), stacked per layer or direction; CELL "gru": (H,) b_hn
     T,
@@ -124,7 +124,8 @@ def _lstm_persistent_fwd_kernel(
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
     CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (cells.cell_update)
     GATE_BIT: tl.constexpr = 0,  # > 0: one dot for the four gates (common.interleaved_gate_rows)
-    INPUT_AHEAD: tl.constexpr = False,  # LAYERS > 1, one tile per program: the next input product before the barrier wait
+    INPUT_AHEAD: tl.constexpr = False,  # stack_layer (LAYERS > 1 or FUSED_INPUT), one tile per program: the next input product before the barrier wait
+    FUSED_INPUT: tl.constexpr = False,  # layer 0's input product formed in the kernel from x (stack_layer, any LAYERS)
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
@@ -152,7 +153,7 @@ def _lstm_persistent_fwd_kernel(
     # Set once a barrier gave up: from then on this program stops waiting and its h is NaN.
     failed = tl.program_id(0) < 0  # False (built this way: older interpreters lack tl.full of int1)
 
-    if RESIDENT and LAYERS == 1:
+    if RESIDENT and LAYERS == 1 and not FUSED_INPUT:
         # One hidden block per program (GRID_H == NUM_H_BLOCKS): its W_hh slice, loaded once, as the
         # transposed (K × BLOCK_H) right operand of the four gate products.
         res_offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -160,14 +161,16 @@ def _lstm_persistent_fwd_kernel(
         res_offs_k = tl.arange(0, BLOCK_K)
         w_i, w_f, w_g, w_o = resident_slices(w_hh_ptr, pid_h * BLOCK_H, res_offs_k, True, H, K, GATES, BLOCK_H, GATE_BIT)
 
-    if LAYERS > 1:
+    if LAYERS > 1 or FUSED_INPUT:
         # The stack: the grid's third axis is the layer (a single program under the interpreter, which
-        # then runs the layers one after another).
+        # then runs the layers one after another). A single layer whose input product is formed here runs
+        # as a stack of one.
         for layer in range(tl.program_id(2), LAYERS, tl.num_programs(2)):
             failed = stack_layer(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
                 BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL, GATE_BIT, INPUT_AHEAD,
+                FUSED_INPUT,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -323,16 +326,19 @@ def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengt
 
 
 def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True, *, layers=1, directions=1,
-                      w_ih_above=None, bias_above=None, out=None, w_ch=None, b_hn=None,
+                      w_ih=None, bias=None, out=None, w_ch=None, b_hn=None,
                       what="the persistent forward kernel"):
     """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
-    one layer and direction, a stack of ``layers`` (with ``w_ih_above``, ``bias_above``: lstm_fwd_stack.py)
-    or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
+    one layer and direction, a stack of ``layers`` (with ``w_ih``, ``bias``: the input weights and biases
+    of layers 1, 2, …, or with ``plan.fused_input`` of every layer, ``projected`` then being x:
+    lstm_fwd_stack.py) or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
     weights, (3H,) or stacked per layer or direction; ``b_hn`` (H,), or stacked per layer or direction: a
     GRU instead (``kernels/gru.py``). Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
     T, B = projected.shape[:2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
+    if plan.fused_input and (directions > 1 or w_ih is None or w_ih.shape[0] != layers):
+        raise ValueError("a plan with fused_input takes x and every layer's W_ih (lstm_fwd_stack.lstm_fwd_fused_input)")
     barrier_watch.check()  # an earlier launch whose barrier gave up raises here
     # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
     # One per layer (or direction) and batch group; the last element is the launch's failure flag.
@@ -349,8 +355,8 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         gates,
         lengths if lengths is not None else counters,
         counters,
-        w_ih_above if w_ih_above is not None else w_hh,  # w_ih_ptr, bias_ptr, out_ptr: read only where given
-        bias_above if bias_above is not None else w_hh,
+        w_ih if w_ih is not None else w_hh,  # w_ih_ptr, bias_ptr, out_ptr: read only where given
+        bias if bias is not None else w_hh,
         out if out is not None else w_hh,
         w_ch if w_ch is not None else b_hn if b_hn is not None else w_hh,
         T,
@@ -360,7 +366,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         K=K,
         HAS_LENGTHS=lengths is not None,
         RESIDENT=plan.resident,
-        ONE_TILE=layers == 1 and (plan.resident or plan.streamed_one_tile) and one_tile,
+        ONE_TILE=layers == 1 and not plan.fused_input and (plan.resident or plan.streamed_one_tile) and one_tile,
         SAVE=save,
         DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
         GRID_H=plan.grid_h,
@@ -369,12 +375,13 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         BLOCK_K=plan.block_k,
         SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
         LAYERS=layers,
-        HAS_BIAS=bias_above is not None,
+        HAS_BIAS=bias is not None,
         DIRECTIONS=directions,
         PEEPHOLE=w_ch is not None,
         CELL="gru" if b_hn is not None else "lstm",
         GATE_BIT=gate_bit(plan),
-        INPUT_AHEAD=layers > 1 and plan.input_ahead and one_tile,
+        INPUT_AHEAD=(layers > 1 or plan.fused_input) and plan.input_ahead and one_tile,
+        FUSED_INPUT=plan.fused_input,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver

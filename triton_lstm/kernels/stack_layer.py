@@ -14,13 +14,17 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                  SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
                  RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr,
-                 GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr):
+                 GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr, FUSED_INPUT: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
 
     Layer 0 reads its input projection from ``projected``; layer l > 0 forms it here, from the layer
-    below's h_t (in that layer's h_all) and its own W_ih, next to the recurrent product. Before step t,
+    below's h_t (in that layer's h_all) and its own W_ih, next to the recurrent product. With
+    ``FUSED_INPUT`` layer 0 forms its own the same way, from x (``projected_ptr`` then holds x, (T, B, H):
+    read as the rows of a layer below, whose h_all would hold x_t at step t + 1), and ``w_ih_ptr`` and
+    ``bias_ptr`` hold every layer's, layer 0's first: no projection GEMM before the launch, and with
+    ``INPUT_AHEAD`` layer 0's product too runs while its barrier completes. Before step t,
     layer l > 0 waits (without arriving) until the layer below's batch group has passed its barrier of
     step t; within the layer the per-step barrier is the single-layer kernel's. So layer l runs step t
     while the layer below runs step t + 1: T + L - 1 step latencies for the stack instead of L·T. Each
@@ -41,7 +45,16 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
     num_b_blocks = tl.cdiv(B, BLOCK_B)
     lay = tl.full((), layer, tl.int64)
     h_layer = h_ptr + lay * (T + 1) * B * H
-    h_below = h_layer - (T + 1) * B * H  # read only when layer > 0
+    h_below = h_layer - (T + 1) * B * H  # read only when layer > 0 (or FUSED_INPUT)
+    # w_ih_ptr and bias_ptr start at layer 1, or with FUSED_INPUT at layer 0; ``forms_input``: this layer
+    # forms its input product here (else it reads it from ``projected``).
+    ih_first_layer = 1
+    forms_input = layer > 0
+    if FUSED_INPUT:
+        ih_first_layer = 0
+        forms_input = True
+        if layer == 0:
+            h_below = projected_ptr - B * H  # x_t at h_below + (t + 1)·B·H, as a layer below's h_t
     # c_all holds T + 1 steps per layer, or the two slots of an inference forward (c_slot); no gates then.
     c_layer = c_ptr + lay * 2 * B * H
     gates_layer = gates_ptr
@@ -50,18 +63,18 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
         gates_layer = gates_ptr + lay * T * B * 4 * H
     w_hh_layer = w_hh_ptr + lay * GATES * H * H
     cell_params_layer = cell_params_ptr + lay * (H if CELL == "gru" else 3 * H)  # b_hn, or the peephole weights
-    w_ih_layer = w_ih_ptr + (lay - 1) * GATES * H * H
-    bias_layer = bias_ptr + (lay - 1) * GATES * H
+    w_ih_layer = w_ih_ptr + (lay - ih_first_layer) * GATES * H * H
+    bias_layer = bias_ptr + (lay - ih_first_layer) * GATES * H
     counter_ptr = counters_ptr + layer * grid_b + pid_b
     failed_ptr = counters_ptr + LAYERS * grid_b
     if RESIDENT:
         # The transposed (K × BLOCK_H) right operands of the eight gate products; layer 0 has no W_ih here
-        # (its input product is in ``projected``): masked off, never read.
+        # unless FUSED_INPUT (its input product is in ``projected``): masked off, never read.
         offs_k = tl.arange(0, BLOCK_K)
         hh_i, hh_f, hh_g, hh_o = resident_slices(w_hh_layer, pid_h * BLOCK_H, offs_k, True, H, H, GATES, BLOCK_H,
                                                   GATE_BIT)
-        ih_i, ih_f, ih_g, ih_o = resident_slices(w_ih_layer, pid_h * BLOCK_H, offs_k, layer > 0, H, H, GATES, BLOCK_H,
-                                                  GATE_BIT)
+        ih_i, ih_f, ih_g, ih_o = resident_slices(w_ih_layer, pid_h * BLOCK_H, offs_k, forms_input, H, H, GATES,
+                                                  BLOCK_H, GATE_BIT)
     else:
         offs_k = 0  # streamed: no resident slices (``layer_product`` reads W at its pointer instead)
         hh_i, hh_f, hh_g, hh_o, ih_i, ih_f, ih_g, ih_o = 0, 0, 0, 0, 0, 0, 0, 0
@@ -72,7 +85,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
             if not failed:
                 failed = wait_for(counter_ptr - grid_b, GRID_H, failed_ptr, SPIN_LIMIT)
         acc_i, acc_f, acc_g, acc_o = _stack_input_product(
-            layer, first, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b, offs_k,
+            forms_input, first, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b, offs_k,
             offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
         )
         for t in range(T):
@@ -90,7 +103,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                 if not failed:
                     failed = wait_for(counter_ptr - grid_b, (next_step + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
             acc_i, acc_f, acc_g, acc_o = _stack_input_product(
-                layer, next_step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
+                forms_input, next_step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
                 offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
             )
             if not failed:
@@ -110,7 +123,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
                     mask_h = offs_h < H
                     acc_i, acc_f, acc_g, acc_o = _stack_input_product(
-                        layer, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
+                        forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
                         mask_b, offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
                     )
                     _stack_step(
@@ -124,15 +137,15 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
 
 
 @triton.jit
-def _stack_input_product(layer, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
+def _stack_input_product(forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
                          mask_b, offs_k, offs_h, mask_h, H: tl.constexpr, HAS_BIAS: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
                          GATE_BIT: tl.constexpr):
-    """A stack layer's gate inputs at ``step`` for one tile, in fp32: layer 0's from ``projected``, layer
-    l > 0's the bias plus h^{l-1}_t·W_ihᵀ (the layer below's h_t, which the caller waited for). The
-    accumulators the recurrent product then adds onto: one set of four live across both products' K
-    loops (two sets spilled on sm_90)."""
-    if layer > 0:
+    """A stack layer's gate inputs at ``step`` for one tile, in fp32: unless ``forms_input`` (layer 0)
+    read from ``projected``, else the bias plus h^{l-1}_t·W_ihᵀ (the layer below's h_t, which the caller
+    waited for, or x_t for layer 0 with FUSED_INPUT). The accumulators the recurrent product then adds
+    onto: one set of four live across both products' K loops (two sets spilled on sm_90)."""
+    if forms_input:
         acc_i = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
         acc_f = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
         acc_g = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
