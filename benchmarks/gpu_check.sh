@@ -18,8 +18,9 @@
 # layer-by-layer A/B (it runs only with the benchmark's stage anyway);
 # TUNE=1 adds the sweep (TUNE_SHAPES, e.g. "--shape 256 64 1024 1024", else the anchors; TUNE_MODE,
 # TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); VARIANTS=1 times the planned kernels against the variants
-# the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); SUITE=1 also runs the
-# whole suite.
+# the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); FUSED=1 times the input
+# product formed in the kernel at B = 256 (the LSTM's and the GRU's plans with and without it); SUITE=1 also
+# runs the whole suite.
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
 set -u
 cd "$(dirname "$0")/.."
@@ -115,6 +116,18 @@ if [ "${VARIANTS:-0}" = "1" ]; then
   stage "variants: GRU" "${VARIANTS_LIMIT:-150}" variants_gru.log "$PY" benchmarks/tune.py --shape 128 256 512 512 \
     --shape 256 64 1024 1024 --cell gru --mode fwd --variants gate_dot streamed_one_tile --max-T 128 \
     --budget-s "${VARIANTS_BUDGET:-20}" --csv "$LOGS/variants_gru.csv"
+fi
+
+if [ "${FUSED:-0}" = "1" ]; then
+  # Layer 0's input product formed in the kernel (ForwardPlan.fused_input: no projection GEMM before the
+  # launch) at B = 256, I = H = 512, where the LSTM's whole call spends 0.8 and the GRU's 1.9 us per step
+  # outside the recurrence kernel: each plan alone, with it (and the input product ahead, which the resident
+  # tile needs to fit) and with the gate dot, against the plain plan plus the GEMM (NOTES, "Since run 12").
+  for cell in lstm gru; do
+    stage "variants: fused input, $cell" "${VARIANTS_LIMIT:-150}" "variants_fused_$cell.log" "$PY" benchmarks/tune.py \
+      --shape 128 256 512 512 --cell "$cell" --mode fwd --variants fused_input input_ahead gate_dot --max-T 128 \
+      --budget-s "$(( ${VARIANTS_BUDGET:-20} * 2 ))" --csv "$LOGS/variants_fused_$cell.csv"
+  done
 fi
 
 if [ "${PROFILE:-0}" = "1" ]; then

@@ -47,7 +47,8 @@ from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd  # noqa: E402
 from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads  # noqa: E402
 from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
-from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_fused_input, lstm_fwd_stack  # noqa: E402
+from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_fused_input  # noqa: E402
+from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack  # noqa: E402
 from triton_lstm.reference import input_projection  # noqa: E402
 
 

@@ -260,8 +260,9 @@ def test_gru_inference_forward_keeps_no_gates(layers, monkeypatch):
 
     saves = []
     if layers == 1:
-        original = gru_kernels.gru_fwd
-        monkeypatch.setattr(gru_ops, "gru_fwd", lambda *args, save=True: saves.append(save) or original(*args, save=save))
+        original = gru_kernels.gru_fwd_from_input
+        monkeypatch.setattr(gru_ops, "gru_fwd_from_input",
+                            lambda *args, save=True: saves.append(save) or original(*args, save=save))
     else:
         original = gru_stack.lstm_fwd_stack
         monkeypatch.setattr(gru_stack, "lstm_fwd_stack", lambda *args, **kw: saves.append(args[8]) or original(*args, **kw))
@@ -279,7 +280,7 @@ def test_gru_stack_runs_in_one_launch_each_way(monkeypatch):
     from triton_lstm import gru_stack
 
     counts = count_calls(monkeypatch, gru_stack, {"forward": "lstm_fwd_stack", "backward": "lstm_bwd_stack_gate_grads"})
-    per_layer = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd", "backward": "gru_bwd"})
+    per_layer = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd_from_input", "backward": "gru_bwd"})
     model = triton_lstm.GRU(3, 5, num_layers=3).to(KERNEL_DEVICE, STACK_DTYPE)
     out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=STACK_DTYPE, requires_grad=True))
     out.sum().backward()
@@ -333,7 +334,7 @@ def test_bidirectional_gru_runs_both_directions_in_one_launch_each_way(monkeypat
 
     counts = count_calls(monkeypatch, gru_bidirectional, {"forward": "lstm_fwd_bidirectional",
                                                           "backward": "lstm_bwd_bidirectional_gate_grads"})
-    one_direction = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd", "backward": "gru_bwd"})
+    one_direction = count_calls(monkeypatch, gru_ops, {"forward": "gru_fwd_from_input", "backward": "gru_bwd"})
     model = triton_lstm.GRU(3, 5, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)
     out, _ = model(torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True))
     out.sum().backward()

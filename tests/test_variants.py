@@ -259,7 +259,7 @@ def _fused_input_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_ch, length
 def _run_fused_input(cell, layers, T, B, H, dtype, knobs, with_lengths, bias, peephole, save, seed=0):
     """(ours, PyTorch's in ``dtype``, the float64 reference): each a list of every layer's h_all, c_all
     and gates, ours from ``lstm_fwd_fused_input`` under a one-program plan with ``knobs``."""
-    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_fused_input
+    from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_fused_input
     from triton_lstm.reference import gru_projection_bias
 
     torch.manual_seed(seed)
@@ -312,10 +312,47 @@ def test_fused_input_matches_the_reference(name, monkeypatch):
         assert_error_within_pytorch(f"{name} c_n", ours[1][:, -1], torchs[1][:, -1], reference[1][:, -1], dtype, H)
 
 
+FUSED_INPUT_MODULES = {
+    # name: (case, cell, resident, stack): every plan one program owning the whole batch and H.
+    "LSTM-resident-packed": (Case(T=6, B=5, I=20, H=20, packed=True), "LSTM", True),
+    "GRU-streamed-state": (Case(T=5, B=4, I=17, H=17, with_state=True), "GRU", False),
+    "LSTM-stack-L3-state": (Case(T=5, B=3, I=12, H=12, num_layers=3, with_state=True), "LSTM", True),
+    "GRU-stack-L2-packed": (Case(T=6, B=4, I=9, H=9, num_layers=2, packed=True), "GRU", False),
+    "LSTM-no-bias-batch-first": (Case(T=4, B=3, I=10, H=10, bias=False, batch_first=True), "LSTM", False),
+}
+
+
+@pytest.mark.parametrize("name", FUSED_INPUT_MODULES, ids=str)
+def test_modules_with_the_input_product_in_the_kernel_match_nn(name, monkeypatch):
+    """The modules where the plan asks for ``fused_input`` (one layer through the ops'
+    ``lstm_fwd_from_input``, stacks through their whole-stack op): nn's outputs and every gradient; the
+    backward is the plain one, on what the fused forward saved."""
+    case, cell, resident = FUSED_INPUT_MODULES[name]
+    plan = dataclasses.replace(_one_tile_plan(case, resident), fused_input=True, input_ahead=True)
+    monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh, w_hr: plan)
+    _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: plan)
+    seen = _spy_launches(monkeypatch, "FUSED_INPUT", "INPUT_AHEAD")
+    check_against_nn(case, STACK_DTYPE if case.num_layers > 1 else torch.float32, cell=cell)
+    assert seen and all(launch == {"FUSED_INPUT": True, "INPUT_AHEAD": True} for launch in seen), seen
+
+
+def test_modules_project_x_first_where_its_size_is_not_h(monkeypatch):
+    """A plan with ``fused_input`` where input_size != hidden_size: the projection GEMM runs first, and the
+    recurrence on it (the plain kernel), for one layer and for a stack's launch."""
+    for case in (Case(T=4, B=3, I=7, H=12), Case(T=4, B=3, I=7, H=12, num_layers=2)):
+        plan = dataclasses.replace(_one_tile_plan(case), fused_input=True)
+        monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh, w_hr: plan)
+        _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: plan)
+        seen = _spy_launches(monkeypatch, "FUSED_INPUT")
+        check_against_nn(case, torch.float32)
+        assert seen and not any(launch["FUSED_INPUT"] for launch in seen), seen
+
+
 def test_fused_input_is_refused_where_it_does_not_apply():
     """The launcher refuses a plan without the variant, an input size other than H, and the stack's and
     single layer's launchers (which take a projection) refuse a plan with it."""
-    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_fused_input, lstm_fwd_stack
+    from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_fused_input
+    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack
 
     T, B, H = 3, 2, 8
     plan = ForwardPlan(True, "test", False, 16, 16, 16, 1, 1, 4)
@@ -336,7 +373,8 @@ def test_fused_input_is_refused_where_it_does_not_apply():
 
 GPU_CASES = {
     "LSTM-H1024-B64": (Case(T=64, B=64, I=256, H=1024), "LSTM"),
-    "LSTM-H512-B256": (Case(T=32, B=256, I=128, H=512, with_state=True), "LSTM"),
+    "LSTM-H512-B256": (Case(T=32, B=256, I=512, H=512, with_state=True), "LSTM"),
+    "GRU-H512-B256-packed": (Case(T=32, B=256, I=512, H=512, packed=True), "GRU"),
     "LSTM-H2048-B16-packed": (Case(T=32, B=16, I=128, H=2048, packed=True), "LSTM"),
     "LSTM-stack-L4-H512": (Case(T=48, B=64, I=512, H=512, num_layers=4), "LSTM"),
     "LSTM-bidirectional-L2-packed": (Case(T=40, B=64, I=256, H=1024, num_layers=2, bidirectional=True, packed=True),
@@ -347,15 +385,17 @@ GPU_CASES = {
 
 
 def _gpu_variants(monkeypatch):
-    """Every plan the GPU's planners make, with the three variants on where they apply: each planner
-    replaced in its own module and wherever it is imported."""
+    """Every plan the GPU's planners make, with the four variants on where they apply (the input product in
+    the kernel: one layer and stacks, where I == H): each planner replaced in its own module and wherever
+    it is imported."""
     from triton_lstm.kernels import lstm_fwd_bidirectional, lstm_fwd_stack
 
     for name in ("plan_persistent_fwd", "plan_stack_fwd", "plan_bidirectional_fwd"):
         planner = getattr(forward_plans, name)
 
-        def with_variants(*args, _planner=planner, **kwargs):
-            return dataclasses.replace(_planner(*args, **kwargs), gate_dot=True, input_ahead=True, streamed_one_tile=True)
+        def with_variants(*args, _planner=planner, _fused=name != "plan_bidirectional_fwd", **kwargs):
+            return dataclasses.replace(_planner(*args, **kwargs), gate_dot=True, input_ahead=True, streamed_one_tile=True,
+                                       fused_input=_fused)
 
         for module in (forward_plans, persistent, lstm_fwd_bidirectional, lstm_fwd_stack):
             if hasattr(module, name):
@@ -370,8 +410,10 @@ def test_gpu_variants_match_nn(name, dtype, monkeypatch):
     gate bit is chosen for) against nn in float64 on the same card."""
     case, cell = GPU_CASES[name]
     _gpu_variants(monkeypatch)
-    seen = _spy_launches(monkeypatch, "GATE_BIT", "INPUT_AHEAD", "ONE_TILE")
+    seen = _spy_launches(monkeypatch, "GATE_BIT", "INPUT_AHEAD", "ONE_TILE", "FUSED_INPUT")
     check_against_nn(case, dtype, oracle_device="cuda", cell=cell)
     assert seen and all(launch["GATE_BIT"] > 0 for launch in seen), seen
     if case.num_layers > 1 and not case.bidirectional:
         assert any(launch["INPUT_AHEAD"] for launch in seen), f"the stack's tiles should be one per program: {seen}"
+    if case.I == case.H and not case.bidirectional:
+        assert any(launch["FUSED_INPUT"] for launch in seen), f"x's input product should be formed in the kernel: {seen}"

@@ -21,13 +21,13 @@ from triton_lstm.ops import (
 )
 from triton_lstm.reference import (
     accumulate_dtype,
-    gru_input_projection,
+    gru_projection_bias,
     gru_recurrence_backward_reference,
     gru_recurrence_reference,
 )
 
 if HAS_TRITON:
-    from triton_lstm.kernels.gru import gru_bwd, gru_fwd, hidden_bias_n
+    from triton_lstm.kernels.gru import gru_bwd, gru_fwd_from_input, hidden_bias_n
 
 
 @torch.library.custom_op("triton_lstm::gru_recurrence_fwd", mutates_args=())
@@ -45,16 +45,9 @@ def gru_recurrence_fwd(
     reference.py). ``save`` 0: an inference forward, whose outputs the backward cannot use: state_all is
     (1, B, H) holding h_T in fp32 and gates is (0, B, 4H)."""
     if uses_kernels(x):
-        projected = gru_input_projection(x, w_ih, b_ih, b_hh).contiguous()
         with kernel_device(x):
-            return gru_fwd(
-                projected,
-                h0.contiguous(),
-                w_hh.contiguous(),
-                hidden_bias_n(b_hh, w_hh),
-                None if lengths is None else lengths.to(torch.int32),
-                save=bool(save),
-            )
+            return run_gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, None if lengths is None else lengths.to(torch.int32), save,
+                                 True)
     h_all, state_all, gates = gru_recurrence_reference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
     if not save:
         return h_all, state_all[-1:].clone(), gates[:0].clone()
@@ -133,8 +126,9 @@ def run_gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
     ``save`` the inference forward's. With ``kernels`` the Triton forward (``lengths`` int32), else the
     plain-PyTorch recurrence (differentiable: the double backward differentiates it)."""
     if kernels:
-        projected = gru_input_projection(x, w_ih, b_ih, b_hh).contiguous()
-        return gru_fwd(projected, h0.contiguous(), w_hh.contiguous(), hidden_bias_n(b_hh, w_hh), lengths, save=bool(save))
+        bias = None if b_hh is None else gru_projection_bias(b_ih, b_hh)
+        return gru_fwd_from_input(x, h0.contiguous(), w_ih, w_hh.contiguous(), bias, hidden_bias_n(b_hh, w_hh), lengths,
+                                  save=bool(save))
     h_all, state_all, gates = gru_recurrence_reference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
     return (h_all, state_all, gates) if save else (h_all, state_all[-1:], gates[:0])
 

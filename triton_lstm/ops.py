@@ -28,9 +28,11 @@ from triton_lstm.reference import (
     input_projection,
     lstm_recurrence_backward_reference,
     lstm_recurrence_reference,
+    projection_bias,
 )
 
 try:
+    from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_from_input
     from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
     from triton_lstm.kernels.lstm_bwd import lstm_bwd
 
@@ -106,9 +108,15 @@ def recurrence_fwd(
     ``save`` 0: an inference forward, whose outputs the backward cannot use: no per-step state is
     kept, c_all is (1, B, H) holding c_T and gates is (0, B, 4H). ``w_ch`` (3H,): peephole weights.
     """
+    if uses_kernels(x) and w_hr is None:
+        # The input projection and the persistent kernel where its plan allows, else the per-step lstm_fwd
+        # (lstm_fwd_fused_input.py, lstm_fwd_persistent.py).
+        with kernel_device(x):
+            return run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                  None if lengths is None else lengths.to(torch.int32), save, True, w_ch)
     if uses_kernels(x):
+        # With a projection (proj_size > 0): the per-step kernel, which lstm_fwd_persistent falls back to.
         projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
-        # Persistent kernel where its plan allows, else the per-step lstm_fwd (see lstm_fwd_persistent.py).
         with kernel_device(x):
             return lstm_fwd_persistent(
                 projected,
@@ -300,9 +308,8 @@ def run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bo
     the inference forward's. With ``kernels`` the Triton forward (``lengths`` int32), else the plain-PyTorch
     recurrence (differentiable: the double backward differentiates it). ``gru_ops.run_gru_layer``'s twin."""
     if kernels:
-        projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
-        return lstm_fwd_persistent(projected, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), None, lengths,
-                                   save=bool(save), w_ch=None if w_ch is None else w_ch.contiguous())
+        return lstm_fwd_from_input(x, h0.contiguous(), c0.contiguous(), w_ih, w_hh.contiguous(), projection_bias(b_ih, b_hh),
+                                   lengths, bool(save), None if w_ch is None else w_ch.contiguous())
     h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, w_ch)
     return (h_all, c_all, gates) if save else (h_all, c_all[-1:], gates[:0])
 

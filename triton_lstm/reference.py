@@ -31,11 +31,16 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor 
     One GEMM with the bias in its epilogue (addmm), not a GEMM and then a pass over T·B·4H to add it."""
     T, B, I = x.shape
     rows = x.reshape(T * B, I)
-    if b_ih is None:
-        projected = torch.matmul(rows, w_ih.t())
-    else:
-        projected = torch.addmm(b_ih if b_hh is None else b_ih + b_hh, rows, w_ih.t())
+    bias = projection_bias(b_ih, b_hh)
+    projected = torch.matmul(rows, w_ih.t()) if bias is None else torch.addmm(bias, rows, w_ih.t())
     return projected.reshape(T, B, w_ih.shape[0])
+
+
+def projection_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
+    """The bias ``input_projection`` adds: b_ih + b_hh, b_ih alone without b_hh, none without b_ih."""
+    if b_ih is None:
+        return None
+    return b_ih if b_hh is None else b_ih + b_hh
 
 
 def lstm_recurrence_reference(

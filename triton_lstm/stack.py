@@ -12,6 +12,8 @@ Peephole weights, when given, are one (L, 3H) tensor, the layers' ``weight_ch`` 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,7 @@ from triton_lstm.reference import accumulate_dtype, input_projection
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
     from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_stack_gate_grads
+    from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_fused_input
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
     from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
 
@@ -44,6 +47,18 @@ def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = Fa
         return None
     plan = plan_stack_for(x, hidden_size, num_layers, peephole)
     return plan if plan.persistent else None
+
+
+def fused_input_stack(x, h0, c0, w_ih, w_hh, bias, lengths, plan, save, w_ch=None, b_hn=None):
+    """The stack's launch with every layer's input product in the kernel (``plan.fused_input``), an LSTM's
+    or a GRU's: its outputs, or None where x's size is not H or the launch did not fit (the caller then
+    projects x first)."""
+    if x.shape[-1] != w_hh[0].shape[1]:
+        return None
+    with kernel_device(x):
+        return unless_refused(lambda: lstm_fwd_fused_input(x.contiguous(), h0.contiguous(), c0.contiguous(),
+                                                           torch.stack(w_hh), torch.stack(w_ih), bias, lengths, plan,
+                                                           bool(save), w_ch, b_hn))
 
 
 def one_layer_at_a_time(x: Tensor, layers: int, run_layer):
@@ -101,6 +116,14 @@ def stack_fwd(
     lengths = None if lengths is None else lengths.to(torch.int32)
     plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh), w_ch is not None)
     if plan.persistent:
+        if plan.fused_input:
+            # Every layer's input product in the kernel, layer 0's from x (lstm_fwd_fused_input.py).
+            bias = torch.stack([b_ih[i] + b_hh[i] for i in range(len(b_ih))]) if b_ih else None
+            outputs = fused_input_stack(x, h0, c0, w_ih, w_hh, bias, lengths, plan, save,
+                                        w_ch=None if w_ch is None else w_ch.contiguous())
+            if outputs is not None:
+                return outputs
+            plan = dataclasses.replace(plan, fused_input=False)
         projected = input_projection(x, w_ih[0], *((b_ih[0], b_hh[0]) if b_ih else (None, None))).contiguous()
         bias_above = torch.stack([b_ih[i] + b_hh[i] for i in range(1, len(b_ih))]) if b_ih else None
         with kernel_device(x):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads
+from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_from_input
 from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
 from triton_lstm.kernels.weight_grads import gru_weight_and_input_grads
 from triton_lstm.reference import gru_recurrence_backward_reference
@@ -42,6 +43,14 @@ def gru_fwd(projected: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, b_hn:
     allows, else one launch per step, as ``lstm_fwd_persistent``. Without ``save`` an inference forward:
     state_all (1, B, H) holding h_T in fp32 and no gates. Tensors contiguous, ``lengths`` int32."""
     return lstm_fwd_persistent(projected, h0, h0, w_hh, None, lengths, save=save, b_hn=b_hn)
+
+
+def gru_fwd_from_input(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                       bias: torch.Tensor | None, b_hn: torch.Tensor, lengths: torch.Tensor | None,
+                       save: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gru_fwd`` from the layer's input ``x`` (T, B, I): its projection with ``bias`` (b_ih + (b_hr, b_hz,
+    0), or None) first, or formed in the kernel where the plan asks (``lstm_fwd_from_input``)."""
+    return lstm_fwd_from_input(x, h0, h0, w_ih, w_hh, bias, lengths, save, b_hn=b_hn)
 
 
 def gru_bwd(

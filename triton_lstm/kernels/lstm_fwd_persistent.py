@@ -241,21 +241,23 @@ def _lstm_persistent_fwd_kernel(
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
 
 
-def plan_for(projected: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | None) -> ForwardPlan:
-    """The plan for these tensors on their device (the interpreter when they are on the CPU)."""
+def plan_for(sequence: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | None) -> ForwardPlan:
+    """The plan for one layer and direction on the device of ``sequence`` (the interpreter when it is on
+    the CPU): a (T, B, ·) tensor of the run, x or its projection (only T, B, the dtype and the device
+    count), with W_hh (gates·H, K) and W_hr (K, H) or None."""
     if persistent_disabled():
         return ForwardPlan(False, "TRITON_LSTM_PERSISTENT=0")
-    T, B, gate_columns = projected.shape
-    # Without a projection K == H, for the LSTM's (T, B, 4H) projection and the GRU's (T, B, 3H) alike.
-    H, K = (w_hh.shape[1] if w_hr is None else gate_columns // 4), w_hh.shape[1]
-    if projected.device.type == "cuda":
-        index = projected.device.index if projected.device.index is not None else torch.cuda.current_device()
+    T, B = sequence.shape[:2]
+    # Without a projection K == H; the cell's gates (the LSTM's 4, the GRU's 3) are W_hh's rows over H.
+    H, K = (w_hh.shape[1] if w_hr is None else w_hr.shape[1]), w_hh.shape[1]
+    if sequence.device.type == "cuda":
+        index = sequence.device.index if sequence.device.index is not None else torch.cuda.current_device()
         num_sms, shared = _device_limits(index)
-        interpret, tensor_cores = False, fp32_tensor_cores(projected.device)
+        interpret, tensor_cores = False, fp32_tensor_cores(sequence.device)
     else:
         num_sms, shared, interpret, tensor_cores = 1, INTERPRETER_SHARED_MEMORY, True, False
-    return plan_persistent_fwd(T, B, H, K, projected.element_size(), w_hr is not None, num_sms, shared, interpret,
-                               tensor_cores, gates=gate_columns // H if w_hr is None and H else 4)
+    return plan_persistent_fwd(T, B, H, K, sequence.element_size(), w_hr is not None, num_sms, shared, interpret,
+                               tensor_cores, gates=w_hh.shape[0] // H if w_hr is None and H else 4)
 
 
 # Plans whose kernel turned out not to fit the device (OutOfResources at load, or a cooperative launch
@@ -338,7 +340,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
     T, B = projected.shape[:2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
     if plan.fused_input and (directions > 1 or w_ih is None or w_ih.shape[0] != layers):
-        raise ValueError("a plan with fused_input takes x and every layer's W_ih (lstm_fwd_stack.lstm_fwd_fused_input)")
+        raise ValueError("a plan with fused_input takes x and every layer's W_ih (lstm_fwd_fused_input.py)")
     barrier_watch.check()  # an earlier launch whose barrier gave up raises here
     # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
     # One per layer (or direction) and batch group; the last element is the launch's failure flag.

@@ -6,7 +6,8 @@ T + L - 1 step latencies, and the layers' programs share the SMs.
 
 The kernel is the persistent forward's (``lstm_fwd_persistent.py``), with ``LAYERS > 1``: its grid has
 a third axis, the layer, and each layer's programs run ``stack_layer.stack_layer`` there. Layer 0 reads the input
-projection x·W_ih⁰ᵀ + b⁰ computed for all steps beforehand (one GEMM, as for a single layer); a layer
+projection x·W_ih⁰ᵀ + b⁰ computed for all steps beforehand (one GEMM, as for a single layer; or forms it
+from x in the kernel where the plan has ``fused_input``: ``lstm_fwd_fused_input.py``); a layer
 above forms its input product h^{l-1}_t·W_ihˡᵀ in the kernel, since h^{l-1}_t does not exist before the
 launch. The planner streams W from L2 (both products); a resident variant (each program's W_ih and W_hh
 slices loaded once per layer) is there for ``benchmarks/tune.py --layers``, and was no faster on an H200
@@ -81,36 +82,3 @@ def lstm_fwd_stack(
                       bias=bias_above, w_ch=w_ch, b_hn=b_hn, what="the stacked forward kernel")
     return finished_outputs(outputs, save)
 
-
-def lstm_fwd_fused_input(
-    x: torch.Tensor,
-    h0: torch.Tensor,
-    c0: torch.Tensor,
-    w_hh: torch.Tensor,
-    w_ih: torch.Tensor,
-    bias: torch.Tensor | None,
-    lengths: torch.Tensor | None,
-    plan: ForwardPlan,
-    save: bool = True,
-    w_ch: torch.Tensor | None = None,
-    b_hn: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs ``plan`` (persistent, with ``fused_input``) over L ≥ 1 layers whose every input product,
-    layer 0's included, is formed in the kernel: from ``x`` (T, B, H) itself, with no projection GEMM
-    before the launch. ``w_ih`` (L, 4H, H) and ``bias`` (L, 4H, b_ih + b_hh, or None) of every layer, the
-    rest and the outputs as ``lstm_fwd_stack``'s (a GRU's: (L, 3H, H), b_ih + (b_hr, b_hz, 0) and ``b_hn``).
-
-    A variant the planner does not pick yet (``ForwardPlan.fused_input``): ``benchmarks/tune.py
-    --variants fused_input`` times it. Layer 0's input size must equal H (x is then read as a layer
-    below's h; another size would need a second K in the kernel)."""
-    if not plan.fused_input:
-        raise ValueError("lstm_fwd_fused_input runs plans with fused_input")
-    if x.shape[-1] != w_hh.shape[-1]:
-        raise ValueError(f"the input product is formed in the kernel only where input_size == hidden_size, "
-                         f"got {x.shape[-1]} and {w_hh.shape[-1]}")
-    if x.device.type != "cuda" and plan.num_programs != 1:
-        raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
-    outputs = allocate_forward_outputs(x, h0, c0, w_hh.shape[-1], save)
-    launch_persistent(plan, x, w_hh, *outputs, lengths, save, layers=w_hh.shape[0], w_ih=w_ih, bias=bias, w_ch=w_ch,
-                      b_hn=b_hn, what="the forward kernel with its input product")
-    return finished_outputs(outputs, save)
