@@ -157,6 +157,10 @@ def test_tune_sweeps_the_fused_input_variant_on_the_interpreter(cell, layers, mo
     fused = [row for row in rows if "fused-input" in row["candidate"]]
     assert fused and all(row["status"] == "ok" for row in fused if "grid 1x1" in row["candidate"]), rows
     assert any(row["status"] == "ok" and "input-ahead" in row["candidate"] for row in fused), rows
+    if layers == 1:
+        inference = [row for row in rows if row["candidate"].endswith("(default) inference")]
+        assert [row["status"] for row in inference] == ["ok"], rows
+        assert "our module's whole no_grad call" in out, out
     assert "projection GEMM x·W_ihᵀ + b" in out and "fused input / plain + projection GEMM: 333.33 / 666.67" in out, out  # T = 3: 1 ms a call
 
 
