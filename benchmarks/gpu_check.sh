@@ -20,7 +20,8 @@
 # TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); VARIANTS=1 times the planned kernels against the variants
 # the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); FUSED=1 times the input
 # product formed in the kernel at B = 256 (the LSTM's and the GRU's plans with and without it); SUITE=1 also
-# runs the whole suite.
+# runs the whole suite. DRY_RUN=1 prints each stage's command instead of running it (no GPU needed: the
+# tests check that every script accepts what this file passes it).
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
 set -u
 cd "$(dirname "$0")/.."
@@ -35,9 +36,10 @@ PY=${PYTHON:-python3}
 status=0
 exec > >(tee "$LOGS/gpu_check.log") 2>&1
 
+DRY_RUN=${DRY_RUN:-0}
 echo "== device"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$LOGS/nvidia-smi.txt"
-"$PY" - <<'PYEOF' 2>&1 | tee "$LOGS/versions.txt"
+[ "$DRY_RUN" = "1" ] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$LOGS/nvidia-smi.txt"
+[ "$DRY_RUN" = "1" ] || "$PY" - <<'PYEOF' 2>&1 | tee "$LOGS/versions.txt"
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
 assert torch.cuda.is_available(), "no CUDA device"
@@ -52,6 +54,7 @@ stage() {  # stage NAME LIMIT LOG command...: returns the command's status (124:
   local left=$(( DEADLINE - $(date +%s) - 20 ))
   if [ "$left" -lt 30 ]; then echo "== $name: skipped, ${left} s left of TOTAL_LIMIT"; status=1; return 125; fi
   [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$DRY_RUN" = "1" ]; then printf '== dry-run %s =>' "$name"; printf ' %q' "$@"; echo; return 0; fi
   echo "== $name (limit $limit s)"
   timeout -k 5 "$limit" "$@" 2>&1 | tee "$LOGS/$log"
   local rc=${PIPESTATUS[0]}

@@ -1,6 +1,7 @@
 """The benchmark harness on the CPU (dry run, refusal without CUDA) and the README's generated speed table."""
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,55 @@ def test_tune_sweeps_the_fused_input_variant_on_the_interpreter(cell, layers, mo
         assert [row["status"] for row in inference] == ["ok"], rows
         assert "our module's whole no_grad call" in out, out
     assert "projection GEMM x·W_ihᵀ + b" in out and "fused input / plain + projection GEMM: 333.33 / 666.67" in out, out  # T = 3: 1 ms a call
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the scripts would run, not stop at the missing CUDA")
+def test_gpu_check_passes_each_script_arguments_it_accepts(tmp_path, capsys):
+    """``DRY_RUN=1 bash benchmarks/gpu_check.sh`` with every stage switched on lists each stage's command:
+    each script must accept its arguments (it then stops at the missing CUDA, exit 2, not at argparse),
+    each test file named must exist: a typo would otherwise cost a stage of a GPU session's few minutes."""
+    import importlib.util
+    import shlex
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OUT=str(tmp_path), DRY_RUN="1", VARIANTS="1", FUSED="1", PROFILE="1", TUNE="1",
+               EXAMPLES="1", SUITE="1", PYTHON=sys.executable)
+    listing = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    commands = [shlex.split(line.split(" =>", 1)[1]) for line in listing.stdout.splitlines()
+                if line.startswith("== dry-run ")]
+    assert len(commands) >= 14, listing.stdout
+    scripts = {"tune.py": benchmark_script("tune").main, "profile_step.py": benchmark_script("profile_step").main}
+    from triton_lstm import benchmark
+
+    scripts["bench.py"] = benchmark.main
+    spec = importlib.util.spec_from_file_location("char_lm", ROOT / "examples" / "char_lm.py")
+    char_lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(char_lm)
+    capsys.readouterr()
+    for command in commands:
+        while command[0] == "env" or "=" in command[0]:
+            command = command[1:]  # the environment the stage sets
+        assert command[0] == sys.executable, command
+        if command[1:3] == ["-m", "pytest"]:
+            for path in (arg for arg in command[3:] if arg.startswith("tests/")):
+                file, _, test = path.partition("::")
+                assert (ROOT / file).exists() and (not test or f"def {test}(" in (ROOT / file).read_text()), path
+            continue
+        script, args = Path(command[1]).name, command[2:]
+        if script == "gpu_smoke.py":
+            assert args in ([], ["--stack"], ["--single-step"]), args
+        elif script == "char_lm.py":
+            char_lm.parse_args(args)  # argparse exits on what it does not accept
+        else:
+            try:
+                code = scripts[script](args)
+            except SystemExit as stop:
+                code = stop.code
+            err = capsys.readouterr().err
+            assert code == 2 and "CUDA" in err and "error:" not in err, (command, err)
 
 
 def test_profile_step_pairs_the_peephole_lstm_with_the_plain_one():
