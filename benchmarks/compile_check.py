@@ -70,7 +70,8 @@ def _kernel_and_signature(config: dict):
                          DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
                          CELL=config.get("cell", "lstm"), GATE_BIT=config.get("gate_bit", 0),
                          INPUT_AHEAD=int(config.get("input_ahead", False)),
-                         FUSED_INPUT=int(config.get("fused_input", False)))
+                         FUSED_INPUT=int(config.get("fused_input", False)), IN_K=config.get("in_k", 0),
+                         IN_BLOCK_K=config.get("in_block_k", 0))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 

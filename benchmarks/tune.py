@@ -21,8 +21,8 @@ layers run one by one; the backward chain's tile, checked against the planner's)
 ``--variants`` times each forward candidate also with kernel variants the planner does not pick yet
 (``ForwardPlan.gate_dot``: one dot for the four gates, 16-bit only; ``input_ahead``: a stack layer's next
 input product before its barrier wait; ``streamed_one_tile``: a streamed program owning one tile keeps its
-state in registers; ``fused_input``: layer 0's input product formed in the kernel from x, 16-bit and
-I == H only), every combination in a row, and prints each one's time over the plain plan's. A plan with
+state in registers; ``fused_input``: layer 0's input product formed in the kernel from x, 16-bit, in a
+stack where I == H), every combination in a row, and prints each one's time over the plain plan's. A plan with
 ``fused_input`` does the input projection's work in the kernel, so its time is set against the plain
 plan's plus the projection GEMM's (timed alone and printed), and the plain kernels then run on that GEMM's
 output rather than on random gate inputs.
@@ -179,7 +179,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
     torch.manual_seed(0)
     gates = 3 if cell == "gru" else 4
     x = torch.randn(T, B, I, device=device, dtype=dtype)
-    projected, w_ih, bias, projection_us, variants = _gate_inputs(x, gates, H, dtype, variants)
+    projected, w_ih, bias, projection_us, variants = _gate_inputs(x, gates, H, dtype, variants, stack=False)
     w_hh = (torch.randn(gates * H, H, device=device) * H**-0.5).to(dtype)
     h0 = torch.randn(B, H, device=device, dtype=dtype)
     c0 = torch.randn(B, H, device=device, dtype=dtype) if cell == "lstm" else h0  # a GRU's state is h alone
@@ -232,9 +232,10 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
     _print_variant_ratios(timed, projection_us)
 
 
-def _gate_inputs(x, gates, H, dtype, variants):
+def _gate_inputs(x, gates, H, dtype, variants, stack: bool):
     """Layer 0's gate inputs for the candidates to run on, and what a plan with ``fused_input`` needs:
-    ``(projected, w_ih, bias, projection_us, variants)``, with layer 0's W_ih (gates·H, I) and bias. Where ``variants`` asks for ``fused_input`` (and it applies: I == H, 16-bit) ``projected`` is
+    ``(projected, w_ih, bias, projection_us, variants)``, with layer 0's W_ih (gates·H, I) and bias. Where
+    ``variants`` asks for ``fused_input`` and it applies (16-bit; I == H in a ``stack``), ``projected`` is
     x·W_ih⁰ᵀ + b⁰, that projection GEMM's µs per step is timed and printed; else ``projected`` is random,
     the GEMM is not timed (0.0) and ``fused_input`` is dropped from the returned ``variants``."""
     T, B, I = x.shape
@@ -242,8 +243,9 @@ def _gate_inputs(x, gates, H, dtype, variants):
     bias = (torch.randn(gates * H, device=x.device) * 0.1).to(dtype)
     if "fused_input" not in variants:
         return torch.randn(T, B, gates * H, device=x.device, dtype=dtype), w_ih, bias, 0.0, variants
-    if I != H or dtype == torch.float32:
-        print(f"  fused input left out: it runs where I == H in 16-bit (here I = {I}, H = {H}, {dtype})", flush=True)
+    if (stack and I != H) or dtype == torch.float32:
+        print(f"  fused input left out: it runs in 16-bit, in a stack where I == H (here I = {I}, H = {H}, {dtype})",
+              flush=True)
         return (torch.randn(T, B, gates * H, device=x.device, dtype=dtype), w_ih, bias, 0.0,
                 [name for name in variants if name != "fused_input"])
     projection = lambda: input_projection(x, w_ih, bias, None)  # noqa: E731
@@ -313,7 +315,7 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), d
     budget = num_sms // L
     torch.manual_seed(0)
     x = torch.randn(T, B, I, device=device, dtype=dtype)
-    projected, w_ih_0, bias_0, projection_us, variants = _gate_inputs(x, 4, H, dtype, variants)
+    projected, w_ih_0, bias_0, projection_us, variants = _gate_inputs(x, 4, H, dtype, variants, stack=True)
     w_hh = (torch.randn(L, 4 * H, H, device=device) * H**-0.5).to(dtype)
     w_ih = (torch.randn(L - 1, 4 * H, H, device=device) * H**-0.5).to(dtype)
     bias = torch.randn(L - 1, 4 * H, device=device, dtype=dtype) * 0.1

@@ -223,19 +223,22 @@ def test_planner_leaves_the_variants_off_until_measured():
 # --- fused_input -------------------------------------------------------------------------------------
 
 FUSED_INPUT_CASES = {
-    # name: (cell, layers, T, B, H, dtype, plan knobs, lengths, bias, peephole, save)
-    "LSTM-L1-resident-ahead-lengths": ("LSTM", 1, 6, 5, 20, torch.float32, dict(resident=True, input_ahead=True), True,
+    # name: (cell, layers, T, B, I, H, dtype, plan knobs, lengths, bias, peephole, save)
+    "LSTM-L1-resident-ahead-lengths": ("LSTM", 1, 6, 5, 20, 20, torch.float32, dict(resident=True, input_ahead=True),
+                                       True, True, False, True),
+    "LSTM-L1-resident-ahead-fp16-narrow-x": ("LSTM", 1, 5, 3, 7, 17, torch.float16,
+                                             dict(resident=True, input_ahead=True), False, True, False, True),
+    "LSTM-L3-streamed-several-tiles": ("LSTM", 3, 5, 20, 20, 20, torch.float32, dict(block_b=16, block_h=16), False,
                                        True, False, True),
-    "LSTM-L1-resident-ahead-fp16": ("LSTM", 1, 5, 3, 17, torch.float16, dict(resident=True, input_ahead=True), False,
-                                    True, False, True),
-    "LSTM-L3-streamed-several-tiles": ("LSTM", 3, 5, 20, 20, torch.float32, dict(block_b=16, block_h=16), False, True,
-                                       False, True),
-    "LSTM-L2-gate-dot-peephole-inference": ("LSTM", 2, 6, 4, 12, torch.float32, dict(input_ahead=True, gate_dot=True),
-                                            True, True, True, False),
-    "GRU-L1-streamed-ahead-gate-dot-lengths": ("GRU", 1, 6, 5, 9, torch.float32, dict(input_ahead=True, gate_dot=True),
-                                               True, True, False, True),
-    "GRU-L2-resident-ahead-no-bias": ("GRU", 2, 5, 3, 20, torch.float32, dict(resident=True, input_ahead=True), False,
-                                      False, False, True),
+    "LSTM-L2-gate-dot-peephole-inference": ("LSTM", 2, 6, 4, 12, 12, torch.float32,
+                                            dict(input_ahead=True, gate_dot=True), True, True, True, False),
+    "GRU-L1-streamed-ahead-gate-dot-lengths-wide-x": ("GRU", 1, 6, 5, 30, 9, torch.float32,
+                                                      dict(input_ahead=True, gate_dot=True), True, True, False, True),
+    # (a resident plan holds one hidden block per program: its several tiles are batch blocks)
+    "GRU-L1-resident-two-batch-blocks-wide-x": ("GRU", 1, 4, 20, 40, 16, torch.float32,
+                                                dict(resident=True, block_b=16, block_h=16), False, True, False, True),
+    "GRU-L2-resident-ahead-no-bias": ("GRU", 2, 5, 3, 20, 20, torch.float32, dict(resident=True, input_ahead=True),
+                                      False, False, False, True),
 }
 
 
@@ -256,7 +259,7 @@ def _fused_input_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_ch, length
     return [torch.stack(parts) for parts in zip(*outputs)]
 
 
-def _run_fused_input(cell, layers, T, B, H, dtype, knobs, with_lengths, bias, peephole, save, seed=0):
+def _run_fused_input(cell, layers, T, B, I, H, dtype, knobs, with_lengths, bias, peephole, save, seed=0):
     """(ours, PyTorch's in ``dtype``, the float64 reference): each a list of every layer's h_all, c_all
     and gates, ours from ``lstm_fwd_fused_input`` under a one-program plan with ``knobs``."""
     from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_fused_input
@@ -264,9 +267,10 @@ def _run_fused_input(cell, layers, T, B, H, dtype, knobs, with_lengths, bias, pe
 
     torch.manual_seed(seed)
     gates = 3 if cell == "GRU" else 4
-    x = torch.randn(T, B, H)
+    x = torch.randn(T, B, I)
     h0, c0 = torch.randn(layers, B, H), torch.randn(layers, B, H)
-    w_ih, w_hh = torch.randn(layers, gates * H, H) * H**-0.5, torch.randn(layers, gates * H, H) * H**-0.5
+    w_ih = torch.randn(layers, gates * H, I) * I**-0.5 if layers == 1 else torch.randn(layers, gates * H, H) * H**-0.5
+    w_hh = torch.randn(layers, gates * H, H) * H**-0.5
     b_ih, b_hh = (torch.randn(layers, gates * H) * 0.3, torch.randn(layers, gates * H) * 0.3) if bias else (None, None)
     w_ch = torch.randn(layers, 3 * H) * 0.5 if peephole else None
     lengths = torch.randint(1, T + 1, (B,), dtype=torch.int32) if with_lengths else None
@@ -276,7 +280,7 @@ def _run_fused_input(cell, layers, T, B, H, dtype, knobs, with_lengths, bias, pe
     plan = dataclasses.replace(ForwardPlan(True, "fused input (test)", False, max(16, triton.next_power_of_2(B)), width,
                                            16, 1, 1, 4), fused_input=True, **knobs)
     if plan.resident:
-        plan = dataclasses.replace(plan, block_k=width)
+        plan = dataclasses.replace(plan, block_k=max(16, triton.next_power_of_2(H)))
     cast = [t.to(dtype) if t is not None else None for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_ch)]
     xd, h0d, c0d, w_ihd, w_hhd, b_ihd, b_hhd, w_chd = cast
     if cell == "GRU":
@@ -297,9 +301,10 @@ def _run_fused_input(cell, layers, T, B, H, dtype, knobs, with_lengths, bias, pe
 def test_fused_input_matches_the_reference(name, monkeypatch):
     """Every layer's h_all, c_all and saved gates (a training forward) — or an inference forward's h_all
     and c_n — from x in the kernel, against the float64 recurrence, within PyTorch's own error."""
-    cell, layers, T, B, H, dtype, knobs, with_lengths, bias, peephole, save = FUSED_INPUT_CASES[name]
+    cell, layers, T, B, I, H, dtype, knobs, with_lengths, bias, peephole, save = FUSED_INPUT_CASES[name]
     seen = _spy_launches(monkeypatch, "FUSED_INPUT", "INPUT_AHEAD", "RESIDENT", "GATE_BIT")
-    ours, torchs, reference = _run_fused_input(cell, layers, T, B, H, dtype, knobs, with_lengths, bias, peephole, save)
+    ours, torchs, reference = _run_fused_input(cell, layers, T, B, I, H, dtype, knobs, with_lengths, bias, peephole,
+                                               save)
     assert seen == [{"FUSED_INPUT": True, "INPUT_AHEAD": knobs.get("input_ahead", False),
                      "RESIDENT": knobs.get("resident", False), "GATE_BIT": seen[0]["GATE_BIT"]}], seen
     assert (seen[0]["GATE_BIT"] > 0) == knobs.get("gate_dot", False)
@@ -319,6 +324,8 @@ FUSED_INPUT_MODULES = {
     "LSTM-stack-L3-state": (Case(T=5, B=3, I=12, H=12, num_layers=3, with_state=True), "LSTM", True),
     "GRU-stack-L2-packed": (Case(T=6, B=4, I=9, H=9, num_layers=2, packed=True), "GRU", False),
     "LSTM-no-bias-batch-first": (Case(T=4, B=3, I=10, H=10, bias=False, batch_first=True), "LSTM", False),
+    "LSTM-resident-narrow-x-state": (Case(T=5, B=3, I=7, H=12, with_state=True), "LSTM", True),
+    "GRU-streamed-wide-x-packed": (Case(T=5, B=4, I=21, H=6, packed=True), "GRU", False),
 }
 
 
@@ -336,21 +343,20 @@ def test_modules_with_the_input_product_in_the_kernel_match_nn(name, monkeypatch
     assert seen and all(launch == {"FUSED_INPUT": True, "INPUT_AHEAD": True} for launch in seen), seen
 
 
-def test_modules_project_x_first_where_its_size_is_not_h(monkeypatch):
-    """A plan with ``fused_input`` where input_size != hidden_size: the projection GEMM runs first, and the
-    recurrence on it (the plain kernel), for one layer and for a stack's launch."""
-    for case in (Case(T=4, B=3, I=7, H=12), Case(T=4, B=3, I=7, H=12, num_layers=2)):
-        plan = dataclasses.replace(_one_tile_plan(case), fused_input=True)
-        monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh, w_hr: plan)
-        _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: plan)
-        seen = _spy_launches(monkeypatch, "FUSED_INPUT")
-        check_against_nn(case, torch.float32)
-        assert seen and not any(launch["FUSED_INPUT"] for launch in seen), seen
+def test_stacks_project_x_first_where_its_size_is_not_h(monkeypatch):
+    """A stack's plan with ``fused_input`` where input_size != hidden_size (its layers' input products share
+    one K): the projection GEMM runs first, and the stack's launch on it."""
+    case = Case(T=4, B=3, I=7, H=12, num_layers=2)
+    plan = dataclasses.replace(_one_tile_plan(case), fused_input=True)
+    _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: plan)
+    seen = _spy_launches(monkeypatch, "FUSED_INPUT", "LAYERS")
+    check_against_nn(case, STACK_DTYPE)
+    assert seen == [{"FUSED_INPUT": False, "LAYERS": 2}], seen
 
 
 def test_fused_input_is_refused_where_it_does_not_apply():
-    """The launcher refuses a plan without the variant, an input size other than H, and the stack's and
-    single layer's launchers (which take a projection) refuse a plan with it."""
+    """The launcher refuses a plan without the variant and a stack whose input size is not H, and the
+    stack's and single layer's launchers (which take a projection) refuse a plan with it."""
     from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_fused_input
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack
 
@@ -360,11 +366,11 @@ def test_fused_input_is_refused_where_it_does_not_apply():
     h0, w_hh, w_ih = torch.zeros(1, B, H), torch.randn(1, 4 * H, H), torch.randn(1, 4 * H, H)
     with pytest.raises(ValueError, match="fused_input"):
         lstm_fwd_fused_input(torch.randn(T, B, H), h0, h0, w_hh, w_ih, None, None, plan)
+    h0_2, w_hh_2 = torch.zeros(2, B, H), torch.randn(2, 4 * H, H)
     with pytest.raises(ValueError, match="input_size == hidden_size"):
-        lstm_fwd_fused_input(torch.randn(T, B, H + 1), h0, h0, w_hh, torch.randn(1, 4 * H, H + 1), None, None, fused)
+        lstm_fwd_fused_input(torch.randn(T, B, H + 1), h0_2, h0_2, w_hh_2, torch.randn(2, 4 * H, H), None, None, fused)
     with pytest.raises(ValueError, match="fused_input"):
         persistent.lstm_fwd_persistent(torch.randn(T, B, 4 * H), h0[0], h0[0], w_hh[0], None, None, fused)
-    h0_2, w_hh_2 = torch.zeros(2, B, H), torch.randn(2, 4 * H, H)
     with pytest.raises(ValueError, match="fused_input"):
         lstm_fwd_stack(torch.randn(T, B, 4 * H), h0_2, h0_2, w_hh_2, w_ih, None, None, fused)
 
@@ -386,7 +392,7 @@ GPU_CASES = {
 
 def _gpu_variants(monkeypatch):
     """Every plan the GPU's planners make, with the four variants on where they apply (the input product in
-    the kernel: one layer and stacks, where I == H): each planner replaced in its own module and wherever
+    the kernel: one layer, and stacks where I == H): each planner replaced in its own module and wherever
     it is imported."""
     from triton_lstm.kernels import lstm_fwd_bidirectional, lstm_fwd_stack
 
@@ -415,5 +421,5 @@ def test_gpu_variants_match_nn(name, dtype, monkeypatch):
     assert seen and all(launch["GATE_BIT"] > 0 for launch in seen), seen
     if case.num_layers > 1 and not case.bidirectional:
         assert any(launch["INPUT_AHEAD"] for launch in seen), f"the stack's tiles should be one per program: {seen}"
-    if case.I == case.H and not case.bidirectional:
+    if (case.num_layers == 1 or case.I == case.H) and not case.bidirectional:
         assert any(launch["FUSED_INPUT"] for launch in seen), f"x's input product should be formed in the kernel: {seen}"

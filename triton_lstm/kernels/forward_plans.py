@@ -69,8 +69,8 @@ class ForwardPlan:
     # always do (h and c in registers, the next input loaded before the barrier wait). Not planned yet.
     streamed_one_tile: bool = False
     # Layer 0 forms its input product x_t·W_ihᵀ + b in the kernel, as a stack's layers above do, instead
-    # of reading it from the projection GEMM run before the launch (kernels/stack_layer.py; input size
-    # == hidden size only). Not planned yet: to measure, as gate_dot.
+    # of reading it from the projection GEMM run before the launch (kernels/lstm_fwd_fused_input.py; in a
+    # stack only where input size == hidden size). Not planned yet: to measure, as gate_dot.
     fused_input: bool = False
 
     @property

@@ -6,7 +6,8 @@ Why: the plain forward first runs the input projection x·W_ihᵀ + b for all st
 rather than by its product (B = 256, H = 512: resident 64 × 16 tiles), the same product can be formed in
 the kernel instead, for step t + 1 while step t's barrier completes (``INPUT_AHEAD``), so the GEMM, its
 output's round trip through memory and its launch leave the call. The kernel is the stack's
-(``stack_layer.py``): layer 0 reads x as if it were a layer below's h, which needs the input size to be H.
+(``stack_layer.py``): layer 0 reads x as if it were a layer below's h — of its own width I for a single
+layer; a stack's layers share one K for their input products, so there I must be H.
 
 A variant the planner does not pick yet (a GPU has not timed it: benchmarks/NOTES.md); the ops run it
 wherever a plan asks for it and fall back to the projection otherwise, or when the launch does not fit.
@@ -39,8 +40,9 @@ def lstm_fwd_fused_input(
     b_hn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs ``plan`` (persistent, with ``fused_input``) over L ≥ 1 layers whose every input product,
-    layer 0's included, is formed in the kernel: from ``x`` (T, B, H) itself. ``w_ih`` (L, 4H, H) and
-    ``bias`` (L, 4H, b_ih + b_hh, or None) of every layer; ``h0``, ``c0`` (L, B, H), ``w_hh`` (L, 4H, H),
+    layer 0's included, is formed in the kernel: from ``x`` (T, B, I) itself (a stack's I must be H).
+    ``w_ih`` (L, 4H, I) and ``bias`` (L, 4H, b_ih + b_hh, or None) of every layer; ``h0``, ``c0`` (L, B, H),
+    ``w_hh`` (L, 4H, H),
     ``w_ch`` (L, 3H) and the outputs as ``lstm_fwd_stack``'s (a GRU's: (L, 3H, H), b_ih + (b_hr, b_hz, 0)
     and ``b_hn`` (L, H)). Contiguous, on one device; ``lengths`` int32 or None.
 
@@ -48,8 +50,8 @@ def lstm_fwd_fused_input(
     anything ran, ValueError where the variant does not apply."""
     if not plan.fused_input:
         raise ValueError("lstm_fwd_fused_input runs plans with fused_input")
-    if x.shape[-1] != w_hh.shape[-1]:
-        raise ValueError(f"the input product is formed in the kernel only where input_size == hidden_size, "
+    if x.shape[-1] != w_hh.shape[-1] and w_hh.shape[0] > 1:
+        raise ValueError(f"a stack forms layer 0's input product in the kernel only where input_size == hidden_size, "
                          f"got {x.shape[-1]} and {w_hh.shape[-1]}")
     if x.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
@@ -72,21 +74,20 @@ def lstm_fwd_from_input(
     b_hn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer and direction from its input ``x`` (T, B, I): ``(h_all, c_all, gates)`` as
-    ``lstm_fwd_persistent`` returns them. Where the plan (``plan_for``) has ``fused_input`` and I == H, the
-    kernel forms the input product itself; else — or where that launch does not fit — the projection
+    ``lstm_fwd_persistent`` returns them. Where the plan (``plan_for``) has ``fused_input``, the kernel forms
+    the input product itself; else — or where that launch does not fit — the projection
     x·W_ihᵀ + ``bias`` (b_ih + b_hh; a GRU's b_ih + (b_hr, b_hz, 0)) runs as one GEMM first, then the
     recurrence on it. ``x`` and ``w_ih`` of any strides (the GEMM reads them so; the fused kernel gets
     contiguous copies where needed), the rest contiguous; ``lengths`` int32 or None; ``w_ch``, ``b_hn`` as
     there."""
     plan = persistent.plan_for(x, w_hh, None)
     if plan.persistent and plan.fused_input:
-        if x.shape[-1] == w_hh.shape[1]:
-            outputs = unless_refused(lambda: lstm_fwd_fused_input(
-                x.contiguous(), h0[None], c0[None], w_hh[None], w_ih.contiguous()[None],
-                None if bias is None else bias.contiguous()[None], lengths, plan, save,
-                None if w_ch is None else w_ch[None], None if b_hn is None else b_hn[None]))
-            if outputs is not None:
-                return tuple(output[0] for output in outputs)
+        outputs = unless_refused(lambda: lstm_fwd_fused_input(
+            x.contiguous(), h0[None], c0[None], w_hh[None], w_ih.contiguous()[None],
+            None if bias is None else bias.contiguous()[None], lengths, plan, save,
+            None if w_ch is None else w_ch[None], None if b_hn is None else b_hn[None]))
+        if outputs is not None:
+            return tuple(output[0] for output in outputs)
         plan = dataclasses.replace(plan, fused_input=False)
     projected = input_projection(x, w_ih, bias, None).contiguous()
     return persistent.lstm_fwd_persistent(projected, h0, c0, w_hh, None, lengths, plan, save, w_ch, b_hn)

@@ -92,7 +92,7 @@ from triton_lstm.kernels.stack_layer import stack_layer
 
 @triton.jit(do_not_specialize=["T", "B", "grid_b"])
 def _lstm_persistent_fwd_kernel(
-    projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype; FUSED_INPUT: x itself, (T, B, H)
+    projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype; FUSED_INPUT: x itself, (T, B, I)
     w_hh_ptr,  # (4H, K), K == H (no projection on this path)
     h_ptr,  # (T+1, B, K), h0 already at step 0 (per layer or direction, stacked, for a stack or both directions)
     c_ptr,  # (T+1, B, H) fp32, c0 already at step 0 (two slots without SAVE); stacked likewise
@@ -126,6 +126,8 @@ def _lstm_persistent_fwd_kernel(
     GATE_BIT: tl.constexpr = 0,  # > 0: one dot for the four gates (common.interleaved_gate_rows)
     INPUT_AHEAD: tl.constexpr = False,  # stack_layer (LAYERS > 1 or FUSED_INPUT), one tile per program: the next input product before the barrier wait
     FUSED_INPUT: tl.constexpr = False,  # layer 0's input product formed in the kernel from x (stack_layer, any LAYERS)
+    IN_K: tl.constexpr = 0,  # the input products' K (x's I with FUSED_INPUT, one layer; else H); 0: H
+    IN_BLOCK_K: tl.constexpr = 0,  # RESIDENT: IN_K padded to a power of two; 0: BLOCK_K
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
@@ -170,7 +172,7 @@ def _lstm_persistent_fwd_kernel(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
                 BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL, GATE_BIT, INPUT_AHEAD,
-                FUSED_INPUT,
+                FUSED_INPUT, IN_K if IN_K > 0 else H, IN_BLOCK_K if IN_BLOCK_K > 0 else BLOCK_K,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -341,6 +343,8 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
     H, K = c_all.shape[-1], w_hh.shape[-1]
     if plan.fused_input and (directions > 1 or w_ih is None or w_ih.shape[0] != layers):
         raise ValueError("a plan with fused_input takes x and every layer's W_ih (lstm_fwd_fused_input.py)")
+    # The input products' K: x's width where layer 0 forms its own from x, else H (a stack's layers above).
+    in_k = projected.shape[-1] if plan.fused_input else H
     barrier_watch.check()  # an earlier launch whose barrier gave up raises here
     # Zeroed per launch: the counters are monotonic within a launch and never reused across launches.
     # One per layer (or direction) and batch group; the last element is the launch's failure flag.
@@ -384,6 +388,8 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         GATE_BIT=gate_bit(plan),
         INPUT_AHEAD=(layers > 1 or plan.fused_input) and plan.input_ahead and one_tile,
         FUSED_INPUT=plan.fused_input,
+        IN_K=in_k,
+        IN_BLOCK_K=max(16, triton.next_power_of_2(in_k)) if plan.resident else plan.block_k,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver

@@ -28,16 +28,17 @@ def one_tile(pid_b, pid_h, B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: t
 
 @triton.jit
 def layer_product(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, res_i, res_f, res_g, res_o, rows, mask_b, offs_k, offs_h,
-                   mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
-                   GATES: tl.constexpr, GATE_BIT: tl.constexpr):
-    """A stack layer's h·Wᵀ (H × H per gate) added onto the accumulators: from the resident slices
-    ``res_*`` (RESIDENT) or streaming W at ``w_ptr`` in BLOCK_K chunks. With GATES = 3 ``acc_o`` is untouched."""
+                   mask_h, H: tl.constexpr, K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                   RESIDENT: tl.constexpr, GATES: tl.constexpr, GATE_BIT: tl.constexpr):
+    """A stack layer's h·Wᵀ (K × H per gate: K = H, or x's width for a layer 0 that forms its input product)
+    added onto the accumulators: from the resident slices ``res_*`` (RESIDENT) or streaming W at ``w_ptr``
+    in BLOCK_K chunks. With GATES = 3 ``acc_o`` is untouched."""
     if RESIDENT:
         return accumulate_product_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, rows, mask_b, offs_k, res_i, res_f,
-                                           res_g, res_o, H, DOT_PRECISION, GATES, GATE_BIT)
+                                           res_g, res_o, K, DOT_PRECISION, GATES, GATE_BIT)
     else:
         return accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, rows, mask_b, offs_h, mask_h,
-                                           H, H, DOT_PRECISION, BLOCK_K, GATES, GATE_BIT)
+                                           H, K, DOT_PRECISION, BLOCK_K, GATES, GATE_BIT)
 
 
 @triton.jit

@@ -14,17 +14,20 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                  SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
                  RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr,
-                 GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr, FUSED_INPUT: tl.constexpr):
+                 GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr, FUSED_INPUT: tl.constexpr, IN_K: tl.constexpr,
+                 IN_BLOCK_K: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
 
     Layer 0 reads its input projection from ``projected``; layer l > 0 forms it here, from the layer
     below's h_t (in that layer's h_all) and its own W_ih, next to the recurrent product. With
-    ``FUSED_INPUT`` layer 0 forms its own the same way, from x (``projected_ptr`` then holds x, (T, B, H):
+    ``FUSED_INPUT`` layer 0 forms its own the same way, from x (``projected_ptr`` then holds x, (T, B, I):
     read as the rows of a layer below, whose h_all would hold x_t at step t + 1), and ``w_ih_ptr`` and
     ``bias_ptr`` hold every layer's, layer 0's first: no projection GEMM before the launch, and with
-    ``INPUT_AHEAD`` layer 0's product too runs while its barrier completes. Before step t,
+    ``INPUT_AHEAD`` layer 0's product too runs while its barrier completes. ``IN_K``: the width of every
+    input this program's products read, I for a single layer's x, H in a stack (whose x must then have
+    I == H); ``IN_BLOCK_K`` its resident padding (the resident W_ih slice's K). Before step t,
     layer l > 0 waits (without arriving) until the layer below's batch group has passed its barrier of
     step t; within the layer the per-step barrier is the single-layer kernel's. So layer l runs step t
     while the layer below runs step t + 1: T + L - 1 step latencies for the stack instead of L·T. Each
@@ -54,7 +57,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
         ih_first_layer = 0
         forms_input = True
         if layer == 0:
-            h_below = projected_ptr - B * H  # x_t at h_below + (t + 1)·B·H, as a layer below's h_t
+            h_below = projected_ptr - B * IN_K  # x_t at h_below + (t + 1)·B·IN_K, as a layer below's h_t
     # c_all holds T + 1 steps per layer, or the two slots of an inference forward (c_slot); no gates then.
     c_layer = c_ptr + lay * 2 * B * H
     gates_layer = gates_ptr
@@ -63,7 +66,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
         gates_layer = gates_ptr + lay * T * B * 4 * H
     w_hh_layer = w_hh_ptr + lay * GATES * H * H
     cell_params_layer = cell_params_ptr + lay * (H if CELL == "gru" else 3 * H)  # b_hn, or the peephole weights
-    w_ih_layer = w_ih_ptr + (lay - ih_first_layer) * GATES * H * H
+    w_ih_layer = w_ih_ptr + (lay - ih_first_layer) * GATES * H * IN_K
     bias_layer = bias_ptr + (lay - ih_first_layer) * GATES * H
     counter_ptr = counters_ptr + layer * grid_b + pid_b
     failed_ptr = counters_ptr + LAYERS * grid_b
@@ -71,12 +74,13 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
         # The transposed (K × BLOCK_H) right operands of the eight gate products; layer 0 has no W_ih here
         # unless FUSED_INPUT (its input product is in ``projected``): masked off, never read.
         offs_k = tl.arange(0, BLOCK_K)
+        offs_k_in = tl.arange(0, IN_BLOCK_K)
         hh_i, hh_f, hh_g, hh_o = resident_slices(w_hh_layer, pid_h * BLOCK_H, offs_k, True, H, H, GATES, BLOCK_H,
                                                   GATE_BIT)
-        ih_i, ih_f, ih_g, ih_o = resident_slices(w_ih_layer, pid_h * BLOCK_H, offs_k, forms_input, H, H, GATES,
+        ih_i, ih_f, ih_g, ih_o = resident_slices(w_ih_layer, pid_h * BLOCK_H, offs_k_in, forms_input, H, IN_K, GATES,
                                                   BLOCK_H, GATE_BIT)
     else:
-        offs_k = 0  # streamed: no resident slices (``layer_product`` reads W at its pointer instead)
+        offs_k, offs_k_in = 0, 0  # streamed: no resident slices (``layer_product`` reads W at its pointer instead)
         hh_i, hh_f, hh_g, hh_o, ih_i, ih_f, ih_g, ih_o = 0, 0, 0, 0, 0, 0, 0, 0
     if INPUT_AHEAD:
         offs_b, mask_b, rows, offs_h, mask_h = one_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
@@ -85,8 +89,8 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
             if not failed:
                 failed = wait_for(counter_ptr - grid_b, GRID_H, failed_ptr, SPIN_LIMIT)
         acc_i, acc_f, acc_g, acc_o = _stack_input_product(
-            forms_input, first, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b, offs_k,
-            offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+            forms_input, first, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
+            offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
         )
         for t in range(T):
             step = tl.full((), t, tl.int64)
@@ -104,7 +108,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                     failed = wait_for(counter_ptr - grid_b, (next_step + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
             acc_i, acc_f, acc_g, acc_o = _stack_input_product(
                 forms_input, next_step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
-                offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+                offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
             )
             if not failed:
                 failed = wait_for(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
@@ -124,7 +128,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                     mask_h = offs_h < H
                     acc_i, acc_f, acc_g, acc_o = _stack_input_product(
                         forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
-                        mask_b, offs_k, offs_h, mask_h, H, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+                        mask_b, offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
                     )
                     _stack_step(
                         acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g,
@@ -138,12 +142,12 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
 
 @triton.jit
 def _stack_input_product(forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
-                         mask_b, offs_k, offs_h, mask_h, H: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         mask_b, offs_k, offs_h, mask_h, H: tl.constexpr, IN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
                          GATE_BIT: tl.constexpr):
     """A stack layer's gate inputs at ``step`` for one tile, in fp32: unless ``forms_input`` (layer 0)
     read from ``projected``, else the bias plus h^{l-1}_t·W_ihᵀ (the layer below's h_t, which the caller
-    waited for, or x_t for layer 0 with FUSED_INPUT). The accumulators the recurrent product then adds
+    waited for, or x_t for layer 0 with FUSED_INPUT; IN_K wide, ``offs_k`` its resident padding). The accumulators the recurrent product then adds
     onto: one set of four live across both products' K loops (two sets spilled on sm_90)."""
     if forms_input:
         acc_i = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
@@ -157,8 +161,8 @@ def _stack_input_product(forms_input, step, projected_ptr, h_below, w_ih_layer, 
             if GATES == 4:
                 acc_o += tl.load(bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         acc_i, acc_f, acc_g, acc_o = layer_product(
-            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * H, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
-            rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * IN_K, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
+            rows, mask_b, offs_k, offs_h, mask_h, H, IN_K, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
         )
     else:
         mask_bh = mask_b[:, None] & mask_h[None, :]
@@ -184,7 +188,7 @@ def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer,
         x_n = zero
     acc_i, acc_f, acc_g, acc_o = layer_product(
         acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-        rows, mask_b, offs_k, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+        rows, mask_b, offs_k, offs_h, mask_h, H, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
     )
     # The state is loaded after the products: live across their K loops it spilled on sm_90.
     h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
