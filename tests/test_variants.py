@@ -354,6 +354,31 @@ def test_stacks_project_x_first_where_its_size_is_not_h(monkeypatch):
     assert seen == [{"FUSED_INPUT": False, "LAYERS": 2}], seen
 
 
+def test_a_fused_launch_that_does_not_fit_is_tried_once(monkeypatch):
+    """Where the fused launch does not fit the device (OutOfResources as its kernel loads, before anything
+    ran), the call projects x first and gets nn's numbers, and later calls go straight to the projection."""
+    from triton.runtime.errors import OutOfResources
+
+    from triton_lstm.kernels import lstm_fwd_fused_input as fused
+
+    monkeypatch.setattr(fused, "_refused", set())
+    case = Case(T=4, B=3, I=5, H=8)
+    plan = dataclasses.replace(_one_tile_plan(case), fused_input=True)
+    monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh, w_hr: plan)
+    tries = []
+
+    def does_not_fit(*args, **kwargs):
+        tries.append(args[0].shape)
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(fused, "lstm_fwd_fused_input", does_not_fit)
+    seen = _spy_launches(monkeypatch, "FUSED_INPUT")
+    check_against_nn(case, torch.float32)
+    check_against_nn(case, torch.float32)
+    assert len(tries) == 1, tries
+    assert seen and not any(launch["FUSED_INPUT"] for launch in seen), seen
+
+
 def test_fused_input_is_refused_where_it_does_not_apply():
     """The launcher refuses a plan without the variant and a stack whose input size is not H, and the
     stack's and single layer's launchers (which take a projection) refuse a plan with it."""

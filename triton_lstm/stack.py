@@ -31,7 +31,7 @@ from triton_lstm.reference import accumulate_dtype, input_projection
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
     from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_stack_gate_grads
-    from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_fused_input
+    from triton_lstm.kernels.lstm_fwd_fused_input import fused_input_or_none, lstm_fwd_fused_input
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
     from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
 
@@ -56,9 +56,9 @@ def fused_input_stack(x, h0, c0, w_ih, w_hh, bias, lengths, plan, save, w_ch=Non
     if x.shape[-1] != w_hh[0].shape[1]:
         return None
     with kernel_device(x):
-        return unless_refused(lambda: lstm_fwd_fused_input(x.contiguous(), h0.contiguous(), c0.contiguous(),
-                                                           torch.stack(w_hh), torch.stack(w_ih), bias, lengths, plan,
-                                                           bool(save), w_ch, b_hn))
+        return fused_input_or_none(plan, x, len(w_hh), lambda: lstm_fwd_fused_input(
+            x.contiguous(), h0.contiguous(), c0.contiguous(), torch.stack(w_hh), torch.stack(w_ih), bias, lengths, plan,
+            bool(save), w_ch, b_hn))
 
 
 def one_layer_at_a_time(x: Tensor, layers: int, run_layer):

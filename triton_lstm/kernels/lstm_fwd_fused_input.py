@@ -26,6 +26,24 @@ from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outp
 from triton_lstm.reference import input_projection
 
 
+# Fused launches that did not fit the device (OutOfResources when loaded, or a cooperative grid the driver
+# refused), keyed by (plan, dtype, device, x's width, layers): found out once per process, after which the
+# projection runs straight away (as the persistent forward's downgrades, lstm_fwd_persistent.py).
+_refused: set[tuple] = set()
+
+
+def fused_input_or_none(plan: ForwardPlan, x: torch.Tensor, layers: int, launch):
+    """``launch()``'s outputs (a launch of ``lstm_fwd_fused_input``), or None where such a launch did not
+    fit, now or before in this process: the caller then projects x first."""
+    key = (plan, x.dtype, x.device, x.shape[-1], layers)
+    if key in _refused:
+        return None
+    outputs = unless_refused(launch)
+    if outputs is None:
+        _refused.add(key)
+    return outputs
+
+
 def lstm_fwd_fused_input(
     x: torch.Tensor,
     h0: torch.Tensor,
@@ -82,7 +100,7 @@ def lstm_fwd_from_input(
     there."""
     plan = persistent.plan_for(x, w_hh, None)
     if plan.persistent and plan.fused_input:
-        outputs = unless_refused(lambda: lstm_fwd_fused_input(
+        outputs = fused_input_or_none(plan, x, 1, lambda: lstm_fwd_fused_input(
             x.contiguous(), h0[None], c0[None], w_hh[None], w_ih.contiguous()[None],
             None if bias is None else bias.contiguous()[None], lengths, plan, save,
             None if w_ch is None else w_ch[None], None if b_hn is None else b_hn[None]))
