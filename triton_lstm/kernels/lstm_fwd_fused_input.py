@@ -60,9 +60,8 @@ def lstm_fwd_fused_input(
     """Runs ``plan`` (persistent, with ``fused_input``) over L ≥ 1 layers whose every input product,
     layer 0's included, is formed in the kernel: from ``x`` (T, B, I) itself (a stack's I must be H).
     ``w_ih`` (L, 4H, I) and ``bias`` (L, 4H, b_ih + b_hh, or None) of every layer; ``h0``, ``c0`` (L, B, H),
-    ``w_hh`` (L, 4H, H),
-    ``w_ch`` (L, 3H) and the outputs as ``lstm_fwd_stack``'s (a GRU's: (L, 3H, H), b_ih + (b_hr, b_hz, 0)
-    and ``b_hn`` (L, H)). Contiguous, on one device; ``lengths`` int32 or None.
+    ``w_hh`` (L, 4H, H), ``w_ch`` (L, 3H) and the outputs as ``lstm_fwd_stack``'s (a GRU's: (L, 3H, ·),
+    b_ih + (b_hr, b_hz, 0) and ``b_hn`` (L, H)). Contiguous, on one device; ``lengths`` int32 or None.
 
     Raises ``OutOfResources`` or the driver's RuntimeError for a refused cooperative launch before
     anything ran, ValueError where the variant does not apply."""

@@ -1,6 +1,7 @@
 """Forward kernel, persistent: one launch per layer and direction runs all T time steps (the same driver
 runs a whole stack of layers, ``LAYERS > 1``, or both directions of a layer, ``DIRECTIONS = 2``, in one
-launch: ``lstm_fwd_stack.py``, ``lstm_fwd_bidirectional.py``). The cell is the ``CELL`` constexpr's
+launch: ``lstm_fwd_stack.py``, ``lstm_fwd_bidirectional.py``; and layers that form their input product
+from x themselves, ``FUSED_INPUT``: ``lstm_fwd_fused_input.py``). The cell is the ``CELL`` constexpr's
 (``cells.py``): the LSTM's, with or without peepholes, or the GRU's (``gru.py``).
 
 Why: the per-step kernel (``lstm_fwd.py``) pays one launch per time step, which at LSTM sizes costs
@@ -99,7 +100,7 @@ def _lstm_persistent_fwd_kernel(
     gates_ptr,  # (T, B, 4H); stacked likewise
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
     counters_ptr,  # (LAYERS · DIRECTIONS · grid_b + 1,) int32 zeros: a monotonic barrier counter per layer (or direction) and batch group, then the failure flag
-    w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``); FUSED_INPUT: (LAYERS, 4H, H), layer 0's first
+    w_ih_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, … (layer 0's are in ``projected``); FUSED_INPUT: (LAYERS, 4H, IN_K), layer 0's first
     bias_ptr,  # HAS_BIAS: b_ih + b_hh of the layers in w_ih_ptr, (LAYERS - 1, 4H) or with FUSED_INPUT (LAYERS, 4H)
     out_ptr,  # DIRECTIONS == 2: (T, B, 2H), the layer's output, both directions in time order
     cell_params_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co), stacked per layer or direction; CELL "gru": (H,) b_hn
@@ -334,8 +335,8 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
                       what="the persistent forward kernel"):
     """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
     one layer and direction, a stack of ``layers`` (with ``w_ih``, ``bias``: the input weights and biases
-    of layers 1, 2, …, or with ``plan.fused_input`` of every layer, ``projected`` then being x:
-    lstm_fwd_stack.py) or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
+    of layers 1, 2, …: lstm_fwd_stack.py; or with ``plan.fused_input`` of every layer, ``projected`` then
+    being x: lstm_fwd_fused_input.py) or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
     weights, (3H,) or stacked per layer or direction; ``b_hn`` (H,), or stacked per layer or direction: a
     GRU instead (``kernels/gru.py``). Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
