@@ -379,6 +379,25 @@ def test_a_fused_launch_that_does_not_fit_is_tried_once(monkeypatch):
     assert seen and not any(launch["FUSED_INPUT"] for launch in seen), seen
 
 
+def test_a_projection_runs_a_fused_plan_without_forming_it_again(monkeypatch):
+    """The launchers that are given a projection (``gru_fwd``, and proj_size > 0's path) plan for
+    themselves: where the plan says ``fused_input`` they run its schedule on the projection."""
+    from triton_lstm.kernels.gru import gru_fwd, hidden_bias_n
+    from triton_lstm.reference import gru_input_projection, gru_recurrence_reference
+
+    case = Case(T=4, B=3, I=5, H=8)
+    plan = dataclasses.replace(_one_tile_plan(case), fused_input=True, input_ahead=True)
+    monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh, w_hr: plan)
+    seen = _spy_launches(monkeypatch, "FUSED_INPUT")
+    torch.manual_seed(0)
+    x, h0 = torch.randn(4, 3, 5), torch.randn(3, 8)
+    w_ih, w_hh, b_ih, b_hh = torch.randn(24, 5) * 0.4, torch.randn(24, 8) * 0.4, torch.randn(24) * 0.1, torch.randn(24) * 0.1
+    ours = gru_fwd(gru_input_projection(x, w_ih, b_ih, b_hh).contiguous(), h0, w_hh, hidden_bias_n(b_hh, w_hh), None)
+    expected = gru_recurrence_reference(*(t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)))
+    torch.testing.assert_close(ours[0].double(), expected[0], rtol=1e-5, atol=1e-5)
+    assert seen == [{"FUSED_INPUT": False}], seen
+
+
 def test_fused_input_is_refused_where_it_does_not_apply():
     """The launcher refuses a plan without the variant and a stack whose input size is not H, and the
     stack's and single layer's launchers (which take a projection) refuse a plan with it."""

@@ -300,6 +300,8 @@ def lstm_fwd_persistent(
     """
     if plan is None:
         plan = plan_for(projected, w_hh, w_hr)
+        if plan.fused_input:  # the projection is given: the plan's schedule on it
+            plan = dataclasses.replace(plan, fused_input=False)
     if not plan.persistent or projected.numel() == 0:
         return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, save=save, w_ch=w_ch, b_hn=b_hn)
     if projected.device.type != "cuda" and plan.num_programs != 1:
