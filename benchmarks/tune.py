@@ -13,8 +13,9 @@ BLOCK_K, warps), persistent schedule, checked against the planner's own tiling. 
 recurrence alone (the input projection and the weight-gradient GEMMs are the same for every candidate),
 with ``triton.testing.do_bench`` medians; cuDNN's whole ``nn.LSTM`` forward is printed beside them as the
 yardstick, and (one layer) our module's whole ``no_grad`` call and the planner's plan as that call runs it
-(an inference forward, SAVE = 0), so that what lies outside the recurrence kernel shows. A candidate that does not fit (OutOfResources), is refused as a cooperative grid, or gives a
-wrong result is listed as such, never timed. ``--layers L`` sweeps the stacked kernels instead (all L
+(an inference forward, SAVE = 0), so that what lies outside the recurrence kernel shows. A candidate that
+does not fit (OutOfResources), is refused as a cooperative grid, or gives a wrong result is listed as
+such, never timed. ``--layers L`` sweeps the stacked kernels instead (all L
 layers in one launch: resident or streamed W, tiles, chunks, warps for the forward, checked against the
 layers run one by one; the backward chain's tile, checked against the planner's). ``--budget-s`` bounds the seconds spent per shape and mode
 (compiles dominate); candidates run in order of the planner's preference, so the default comes first.
@@ -22,8 +23,8 @@ layers run one by one; the backward chain's tile, checked against the planner's)
 (``ForwardPlan.gate_dot``: one dot for the four gates, 16-bit only; ``input_ahead``: a stack layer's next
 input product before its barrier wait; ``streamed_one_tile``: a streamed program owning one tile keeps its
 state in registers; ``fused_input``: layer 0's input product formed in the kernel from x, 16-bit, in a
-stack where I == H), every combination in a row, and prints each one's time over the plain plan's. A plan with
-``fused_input`` does the input projection's work in the kernel, so its time is set against the plain
+stack where I == H), every combination in a row, and prints each one's time over the plain plan's. A plan
+with ``fused_input`` does the input projection's work in the kernel, so its time is set against the plain
 plan's plus the projection GEMM's (timed alone and printed), and the plain kernels then run on that GEMM's
 output rather than on random gate inputs.
 """
@@ -43,7 +44,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import triton_lstm  # noqa: E402
-
 from triton_lstm.benchmark_cases import ANCHOR_CASES, DTYPES  # noqa: E402
 from triton_lstm.kernels import forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
