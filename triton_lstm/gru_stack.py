@@ -15,7 +15,7 @@ from torch import Tensor
 
 from triton_lstm.gru_ops import run_gru_layer
 from triton_lstm.ops import HAS_TRITON, differentiate, grad_wanted, kernel_device, run_without_autocast, uses_kernels
-from triton_lstm.reference import accumulate_dtype, gru_input_projection, gru_projection_bias
+from triton_lstm.reference import accumulate_dtype, gru_projection_bias, input_projection
 from triton_lstm.stack import _split_weights, each_layer_backward, fused_input_stack, one_layer_at_a_time
 
 if HAS_TRITON:
@@ -56,14 +56,15 @@ def gru_stack_fwd(
     plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh))
     if plan.persistent:
         b_hn = torch.stack([hidden_bias_n(b_hh[layer] if b_hh else None, w_hh[layer]) for layer in range(len(w_hh))])
+        # Per layer, what its input product adds: b_ih + (b_hr, b_hz, 0).
+        bias = torch.stack([gru_projection_bias(b_ih[i], b_hh[i]) for i in range(len(b_ih))]) if b_ih else None
         if plan.fused_input:
-            bias = torch.stack([gru_projection_bias(b_ih[i], b_hh[i]) for i in range(len(b_ih))]) if b_ih else None
             outputs = fused_input_stack(x, h0, h0, w_ih, w_hh, bias, lengths, plan, save, b_hn=b_hn)
             if outputs is not None:
                 return outputs
             plan = dataclasses.replace(plan, fused_input=False)
-        projected = gru_input_projection(x, w_ih[0], *((b_ih[0], b_hh[0]) if b_ih else (None, None))).contiguous()
-        bias_above = torch.stack([gru_projection_bias(b_ih[i], b_hh[i]) for i in range(1, len(b_ih))]) if b_ih else None
+        projected = input_projection(x, w_ih[0], None if bias is None else bias[0], None).contiguous()
+        bias_above = None if bias is None else bias[1:]
         with kernel_device(x):
             outputs = unless_refused(lambda: lstm_fwd_stack(projected, h0.contiguous(), h0.contiguous(),
                                                             torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,

@@ -108,26 +108,17 @@ def recurrence_fwd(
     ``save`` 0: an inference forward, whose outputs the backward cannot use: no per-step state is
     kept, c_all is (1, B, H) holding c_T and gates is (0, B, 4H). ``w_ch`` (3H,): peephole weights.
     """
-    if uses_kernels(x) and w_hr is None:
-        # The input projection and the persistent kernel where its plan allows, else the per-step lstm_fwd
-        # (lstm_fwd_fused_input.py, lstm_fwd_persistent.py).
-        with kernel_device(x):
-            return run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                  None if lengths is None else lengths.to(torch.int32), save, True, w_ch)
     if uses_kernels(x):
-        # With a projection (proj_size > 0): the per-step kernel, which lstm_fwd_persistent falls back to.
-        projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
+        lengths = None if lengths is None else lengths.to(torch.int32)
         with kernel_device(x):
-            return lstm_fwd_persistent(
-                projected,
-                h0.contiguous(),
-                c0.contiguous(),
-                w_hh.contiguous(),
-                None if w_hr is None else w_hr.contiguous(),
-                None if lengths is None else lengths.to(torch.int32),
-                save=bool(save),
-                w_ch=None if w_ch is None else w_ch.contiguous(),
-            )
+            if w_hr is None:
+                # The input projection and the persistent kernel where its plan allows, else the per-step
+                # lstm_fwd (lstm_fwd_fused_input.py, lstm_fwd_persistent.py).
+                return run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, True, w_ch)
+            # With a projection (proj_size > 0): the per-step kernel, which lstm_fwd_persistent falls back to.
+            projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
+            return lstm_fwd_persistent(projected, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), w_hr.contiguous(),
+                                       lengths, save=bool(save), w_ch=None if w_ch is None else w_ch.contiguous())
     h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch)
     if not save:
         return h_all, c_all[-1:].clone(), gates[:0].clone()

@@ -116,16 +116,16 @@ def stack_fwd(
     lengths = None if lengths is None else lengths.to(torch.int32)
     plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh), w_ch is not None)
     if plan.persistent:
+        bias = torch.stack([b_ih[i] + b_hh[i] for i in range(len(b_ih))]) if b_ih else None  # per layer
         if plan.fused_input:
             # Every layer's input product in the kernel, layer 0's from x (lstm_fwd_fused_input.py).
-            bias = torch.stack([b_ih[i] + b_hh[i] for i in range(len(b_ih))]) if b_ih else None
             outputs = fused_input_stack(x, h0, c0, w_ih, w_hh, bias, lengths, plan, save,
                                         w_ch=None if w_ch is None else w_ch.contiguous())
             if outputs is not None:
                 return outputs
             plan = dataclasses.replace(plan, fused_input=False)
-        projected = input_projection(x, w_ih[0], *((b_ih[0], b_hh[0]) if b_ih else (None, None))).contiguous()
-        bias_above = torch.stack([b_ih[i] + b_hh[i] for i in range(1, len(b_ih))]) if b_ih else None
+        projected = input_projection(x, w_ih[0], None if bias is None else bias[0], None).contiguous()
+        bias_above = None if bias is None else bias[1:]
         with kernel_device(x):
             outputs = unless_refused(lambda: lstm_fwd_stack(projected, h0.contiguous(), c0.contiguous(),
                                                             torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
