@@ -20,6 +20,7 @@ with triton) and this script checks what can be checked without running it:
     python benchmarks/compile_check.py --kernel stack --inference       # as a no-grad forward runs them
     python benchmarks/compile_check.py --kernel persistent --variant gate-dot   # beside the planned build
     python benchmarks/compile_check.py --kernel stack --variant input-ahead
+    python benchmarks/compile_check.py --kernel persistent --variant resident-gate-dot   # W_hh resident past K = 512
 
 It says nothing about speed, and the GPU machine may run another Triton version than this one.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -273,7 +275,8 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
 # The kernel variants the planner does not pick yet (ForwardPlan's gate_dot, input_ahead, streamed_one_tile,
 # fused_input), and the kernels they apply to.
 VARIANTS = {"gate-dot": ("persistent", "stack", "bidir"), "input-ahead": ("stack",),
-            "streamed-one-tile": ("persistent", "bidir"), "fused-input": ("persistent", "stack")}
+            "streamed-one-tile": ("persistent", "bidir"), "fused-input": ("persistent", "stack"),
+            "resident-gate-dot": ("persistent",)}
 
 
 def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
@@ -284,25 +287,36 @@ def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
     plans whose programs own one tile each (fp32's spilled 80-136 bytes with it). The input product in the
     kernel: 16-bit plans of one layer or a stack, which then run as a stack (``stack_layer``), with the next
     input product ahead of the barrier wait where the programs own one tile each (a resident W_ih slice
-    beside W_hh's fits shared memory only then)."""
-    from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit
+    beside W_hh's fits shared memory only then). W_hh resident with the gate dot: 16-bit streamed plans
+    that ``forward_plans.resident_gate_dot`` holds resident (K up to 1024, within the budget). Each pair
+    shares a ``pair`` number."""
+    from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit, resident_bytes, resident_gate_dot
 
     paired = []
     for config in configs:
         if config.get("kernel") == "bwd":
             continue
+        plan = ForwardPlan(True, "", config["resident"], config["block_b"], config["block_h"], config["block_k"],
+                           config["grid_h"], num_warps=config["num_warps"])
+        built = None
         if variant == "gate-dot" and config["dtype"] != "fp32":
-            plan = ForwardPlan(True, "", config["resident"], config["block_b"], config["block_h"], config["block_k"],
-                               num_warps=config["num_warps"], gate_dot=True)
-            paired += [dict(config, gate_bit=gate_bit(plan)), dict(config, baseline=True)]
+            built = dict(config, gate_bit=gate_bit(dataclasses.replace(plan, gate_dot=True)))
         elif variant == "input-ahead" and config.get("owns_one_tile"):
-            paired += [dict(config, input_ahead=True), dict(config, baseline=True)]
+            built = dict(config, input_ahead=True)
         elif (variant == "streamed-one-tile" and not config["resident"] and config.get("owns_one_tile")
               and config["dtype"] != "fp32"):
-            paired += [dict(config, one_tile=True), dict(config, baseline=True)]
+            built = dict(config, one_tile=True)
         elif variant == "fused-input" and config["dtype"] != "fp32":
-            fused = dict(config, fused_input=True, input_ahead=bool(config.get("owns_one_tile")))
-            paired += [fused, dict(config, baseline=True)]
+            built = dict(config, fused_input=True, input_ahead=bool(config.get("owns_one_tile")))
+        elif variant == "resident-gate-dot":
+            size = DTYPES[config["dtype"]]
+            twin = resident_gate_dot(plan, config["H"], config["H"], size, config["limit"])
+            if twin is not None:
+                built = dict(config, resident=True, block_k=twin.block_k, one_tile=bool(config.get("owns_one_tile")),
+                             gate_bit=gate_bit(twin), estimate=resident_bytes(twin.block_b, twin.block_h, config["H"], size))
+        if built is not None:
+            pair = len(paired) // 2
+            paired += [dict(built, pair=pair), dict(config, baseline=True, pair=pair)]
     return paired
 
 
@@ -340,7 +354,8 @@ def main(argv=None) -> int:
                         help="the forward kernels as an inference forward runs them (SAVE = 0: no per-step gates or c)")
     parser.add_argument("--variant", choices=sorted(VARIANTS),
                         help="a kernel variant the planner does not pick yet (ForwardPlan's gate_dot, input_ahead, "
-                             "streamed_one_tile), on each planned configuration it applies to, beside its plain build; "
+                             "streamed_one_tile, fused_input; W_hh resident with the gate dot past K = 512), on each "
+                             "planned configuration it applies to, beside its plain build; "
                              "the gate dot fails where its split adds CTA barriers")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -371,14 +386,9 @@ def main(argv=None) -> int:
     with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:
         outcomes = [pair for batch in pool.map(_run_batch, [b for b in batches if b]) for pair in batch]
     if args.variant:
-        # Each variant's build beside the plain one (the jobs interleave the batches: match by config).
-        def key(config):
-            plain = dict(config, gate_bit=None, baseline=None, input_ahead=None, fused_input=None)
-            plain["one_tile"] = config["resident"] and config.get("one_tile", False)
-            return json.dumps(plain, sort_keys=True)
-
-        baselines = {key(config): outcome for config, outcome in outcomes if config.get("baseline")}
-        outcomes = [(dict(config, plain=baselines.get(key(config))), outcome)
+        # Each variant's build beside the plain one (the jobs interleave the batches: match by pair).
+        baselines = {config["pair"]: outcome for config, outcome in outcomes if config.get("baseline")}
+        outcomes = [(dict(config, plain=baselines.get(config["pair"])), outcome)
                     for config, outcome in outcomes if not config.get("baseline")]
         configs = [config for config, _ in outcomes]
     for config, outcome in outcomes:

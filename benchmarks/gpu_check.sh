@@ -108,7 +108,8 @@ fi
 if [ "${VARIANTS:-0}" = "1" ]; then
   # The kernel variants the planner does not pick yet against the planned kernels, kernel-only, each plan
   # timed with every combination in a row (benchmarks/NOTES.md, "Since run 12"): one dot for the four
-  # gates and the streamed one-tile schedule at the anchors and for the GRU at B = 256 and H = 1024; the
+  # gates and the streamed one-tile schedule at the anchors and for the GRU at B = 256 and H = 1024 (where
+  # the planned plan streams past K = 512, third in line: W_hh resident with the gate dot); the
   # 4-layer stack with the gate dot and its next input product ahead of the barrier wait, on the planned
   # streamed tiles and on resident 64 × 16 ones (twice the budget: two plans of four combinations).
   stage "variants: anchors" "${VARIANTS_LIMIT:-150}" variants.log "$PY" benchmarks/tune.py --anchors --mode fwd \

@@ -26,7 +26,9 @@ state in registers; ``fused_input``: layer 0's input product formed in the kerne
 stack where I == H), every combination in a row, and prints each one's time over the plain plan's. A plan
 with ``fused_input`` does the input projection's work in the kernel, so its time is set against the plain
 plan's plus the projection GEMM's (timed alone and printed), and the plain kernels then run on that GEMM's
-output rather than on random gate inputs.
+output rather than on random gate inputs. With ``gate_dot``, a planned streamed plan that
+``forward_plans.resident_gate_dot`` can hold resident (16-bit, K up to 1024) is also timed that way, third
+in line, and set against the planned plan.
 """
 
 from __future__ import annotations
@@ -202,7 +204,9 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
     start = time.monotonic()
     results, timed = [], {}
     candidates = _forward_candidates(B, H, projected.element_size(), num_sms, gates, shared)
-    for plan in _with_variants(candidates, dtype, variants, single_layer=True):
+    plans = _with_variants(candidates, dtype, variants, single_layer=True)
+    twin = _resident_twin(plans, H, projected.element_size(), shared) if "gate_dot" in variants else None
+    for plan in plans:
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
@@ -230,6 +234,24 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
     if ranked:
         print(f"  best: {ranked[0][1]} {ranked[0][0]:.2f} us/step = {cudnn_us / ranked[0][0]:.2f}x cuDNN", flush=True)
     _print_variant_ratios(timed, projection_us)
+    if twin is not None and timed.get(twin, float("nan")) / timed.get(plans[0], float("nan")) > 0:  # both timed
+        print(f"  W_hh resident + gate dot / plain (streamed): {timed[twin]:.2f} / {timed[plans[0]]:.2f} us/step = "
+              f"{timed[twin] / timed[plans[0]]:.3f}", flush=True)
+
+
+def _resident_twin(plans, H, element_size, shared):
+    """The planned (first) plan with W_hh resident and the gate dot where ``forward_plans.resident_gate_dot``
+    applies (a 16-bit streamed plan past K = 512), moved into ``plans`` right after the planned plan and its
+    gate-dot twin, so that a short budget reaches it; the same plan further down is dropped. Returns it, or
+    None."""
+    if not plans or plans[0].reason != "default":
+        return None
+    twin = forward_plans.resident_gate_dot(plans[0], H, H, element_size, shared)
+    if twin is not None:
+        same = lambda plan: dataclasses.replace(plan, reason="") == dataclasses.replace(twin, reason="")  # noqa: E731
+        plans[:] = [plan for plan in plans if not same(plan)]
+        plans.insert(min(2, len(plans)), twin)
+    return twin
 
 
 def _gate_inputs(x, gates, H, dtype, variants, stack: bool):

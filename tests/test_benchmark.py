@@ -165,6 +165,39 @@ def test_tune_sweeps_the_fused_input_variant_on_the_interpreter(cell, layers, mo
     assert "projection GEMM x·W_ihᵀ + b" in out and "fused input / plain + projection GEMM: 333.33 / 666.67" in out, out  # T = 3: 1 ms a call
 
 
+def test_tune_times_the_resident_gate_dot_twin_third(monkeypatch, capsys):
+    """With the gate dot among ``--variants``, the planned plan's resident gate-dot twin
+    (``forward_plans.resident_gate_dot``, which on a GPU applies from K = 513: forced here onto the tiny
+    shape the interpreter runs) is timed right after the planned plan and its gate-dot build, checked like
+    every candidate, set against the planned plan, and not timed twice."""
+    import dataclasses
+
+    import torch
+
+    from triton_lstm.kernels import forward_plans
+
+    tune = benchmark_script("tune")
+    monkeypatch.setattr(tune, "_bench", lambda fn: (fn(), 1.0)[1])  # 1 ms a call: 333.33 us/step at T = 3
+    streamed = {}
+
+    def twin(plan, H, K, element_size, shared):
+        streamed["plan"] = plan
+        return dataclasses.replace(plan, resident=True, gate_dot=True, block_k=16, reason="twin")
+
+    monkeypatch.setattr(forward_plans, "resident_gate_dot", twin)
+    monkeypatch.setattr(tune, "_forward_candidates", lambda *args: [
+        forward_plans.ForwardPlan(True, "default", False, 16, 16, 16, 1, 1, 4),
+        forward_plans.ForwardPlan(True, "resident", True, 16, 16, 16, 1, 1, 4, gate_dot=True)])
+    rows = []
+    tune.tune_forward(3, 4, 16, 16, torch.float16, 60.0, rows, "lstm", ["gate_dot"], device="cpu")
+    kernels = [row for row in rows if not row["candidate"].endswith("inference")]
+    assert [(row["candidate"].split()[0], "gate-dot" in row["candidate"]) for row in kernels] == [
+        ("streamed", False), ("streamed", True), ("resident", True)], rows
+    assert all(row["status"] == "ok" for row in rows), rows
+    assert "W_hh resident + gate dot / plain (streamed): 333.33 / 333.33 us/step = 1.000" in capsys.readouterr().out
+    assert streamed["plan"].reason == "default" and not streamed["plan"].resident
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the scripts would run, not stop at the missing CUDA")
 def test_gpu_check_passes_each_script_arguments_it_accepts(tmp_path, capsys):
     """``DRY_RUN=1 bash benchmarks/gpu_check.sh`` with every stage switched on lists each stage's command:

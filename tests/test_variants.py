@@ -10,6 +10,8 @@ that runs it:
   its wait there (``stack_layer.py``), where each program owns one tile;
 - ``streamed_one_tile``: a streamed plan whose programs own one tile each keeps h and c in registers and
   loads the next input before the barrier wait, as resident plans do;
+- W_hh resident past K = 512 with the gate dot (``forward_plans.resident_gate_dot``): the plan rule, and on
+  a GPU at H = 1024 (under the interpreter the resident gate-dot kernel is the gate_dot cases' own);
 - ``fused_input``: layer 0 forms its input product from x in the kernel, as a stack's layers above do
   (no projection GEMM before the launch). The modules do not run it yet (they will once a GPU has timed
   it and the planner sets it), so it is checked at the launcher, ``lstm_fwd_fused_input``: every layer's
@@ -218,6 +220,62 @@ def test_planner_leaves_the_variants_off_until_measured():
                          forward_plans.plan_stack_fwd(128, B, H, 4, 2, 132, 232448),
                          forward_plans.plan_bidirectional_fwd(128, B, H, 2, 132, 232448)):
                 assert not (plan.gate_dot or plan.input_ahead or plan.streamed_one_tile or plan.fused_input), plan
+
+
+# --- W_hh resident past K = 512, with the gate dot ----------------------------------------------------
+
+H200 = (132, 232448)  # SMs, opt-in shared memory per block
+
+
+def test_resident_gate_dot_applies_to_streamed_plans_past_k_512_that_fit():
+    """``forward_plans.resident_gate_dot``: the planned streamed plan, same tiles and grid, with W_hh resident
+    and the gate dot, only where its slice fits the budget and K is within RESIDENT_GATE_DOT_MAX_K (the sm_90
+    builds: ``compile_check.py --variant resident-gate-dot``). The (256, 64, 1024, 1024) anchor's plan:"""
+    plan = forward_plans.plan_persistent_fwd(128, 64, 1024, 1024, 2, False, *H200)
+    assert plan.persistent and not plan.resident and (plan.block_b, plan.block_h, plan.grid_h) == (32, 16, 64)
+    twin = forward_plans.resident_gate_dot(plan, 1024, 1024, 2, H200[1])
+    assert twin == dataclasses.replace(plan, resident=True, gate_dot=True, block_k=1024, reason=twin.reason), twin
+    assert forward_plans.resident_gate_dot(forward_plans.plan_persistent_fwd(128, 64, 768, 768, 2, False, *H200),
+                                           768, 768, 2, H200[1]).block_k == 1024, "K padded to a power of two"
+
+    def twin_of(B, H, element_size=2, num_sms=H200[0], shared=H200[1]):
+        plan = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, False, num_sms, shared)
+        return forward_plans.resident_gate_dot(plan, H, H, element_size, shared)
+
+    assert twin_of(64, 512) is None, "resident already (K <= RESIDENT_MAX_K)"
+    assert twin_of(16, 2048) is None, "K past RESIDENT_GATE_DOT_MAX_K"
+    assert twin_of(64, 1024, element_size=4) is None, "fp32 keeps four dots, streamed"
+    assert twin_of(8, 1024) is None, "16 x 32 tiles: a 256 KiB slice does not fit"
+    assert twin_of(64, 1024, num_sms=108, shared=166912) is None, "A100: 166,912 bytes"
+    several = ForwardPlan(True, "default", False, 32, 16, 128, 32, 2, 4)  # two hidden blocks per program
+    assert forward_plans.resident_gate_dot(several, 1024, 1024, 2, H200[1]) is None
+
+
+GPU_RESIDENT_CASES = {
+    "LSTM-H1024-B64": (Case(T=64, B=64, I=256, H=1024, with_state=True), "LSTM"),
+    "GRU-H1024-B48-packed": (Case(T=48, B=48, I=256, H=1024, packed=True), "GRU"),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", GPU_RESIDENT_CASES, ids=str)
+def test_gpu_resident_gate_dot_matches_nn(name, dtype, monkeypatch):
+    """The GPU's single-layer plans at H = 1024 with W_hh resident and the gate dot (``resident_gate_dot``)
+    against nn in float64 on the same card; every launch must have run resident (a launch that did not fit
+    the device would have streamed instead)."""
+    case, cell = GPU_RESIDENT_CASES[name]
+    planner = forward_plans.plan_persistent_fwd
+
+    def with_twin(T, B, H, K, element_size, project, num_sms, shared_memory, *args, **kwargs):
+        plan = planner(T, B, H, K, element_size, project, num_sms, shared_memory, *args, **kwargs)
+        return forward_plans.resident_gate_dot(plan, H, K, element_size, shared_memory) or plan
+
+    for module in (forward_plans, persistent):
+        monkeypatch.setattr(module, "plan_persistent_fwd", with_twin)
+    seen = _spy_launches(monkeypatch, "RESIDENT", "GATE_BIT")
+    check_against_nn(case, dtype, oracle_device="cuda", cell=cell)
+    assert seen and all(launch["RESIDENT"] and launch["GATE_BIT"] > 0 for launch in seen), seen
 
 
 # --- fused_input -------------------------------------------------------------------------------------

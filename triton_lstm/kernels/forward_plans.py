@@ -25,6 +25,10 @@ MAX_HIDDEN_BLOCKS_PER_PROGRAM = 4
 # registers (sm_90, H = 1024: 255 registers and about 1 KB spilled), and streaming from L2 is faster
 # (H200, bf16, H = 1024, B = 64: 9.3 µs/step streamed against 15.4 resident).
 RESIDENT_MAX_K = 512
+# With one dot for the four gates (ForwardPlan.gate_dot) a resident slice compiles without spills up to
+# this K (sm_90, H = 1024, 32 × 16 tiles on 4 warps: 254 registers, no stack, under Triton 3.6 and 3.9; 3.4
+# spills ~500 bytes): ``resident_gate_dot``, a variant to time, not planned yet.
+RESIDENT_GATE_DOT_MAX_K = 1024
 # Shared memory kept free of the resident estimate (the estimate leaves out small scratch buffers).
 RESIDENT_HEADROOM = 8 * 1024
 # Shared memory assumed under the interpreter, so that plans there are deterministic.
@@ -113,6 +117,25 @@ def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int
     H = 256, BLOCK_B = 64: 81,920 and 67,584)."""
     k_pad = max(16, triton.next_power_of_2(K))
     return (4 * k_pad * block_h + block_b * k_pad) * element_size + 4 * block_b * block_h * 4
+
+
+def resident_gate_dot(plan: ForwardPlan, H: int, K: int, element_size: int, shared_memory: int) -> ForwardPlan | None:
+    """``plan``, a 16-bit streamed plan that ``RESIDENT_MAX_K`` keeps from holding W_hh resident, with its
+    W_hh slice resident after all and one dot for the four gates — same tiles, grid and warps — or None where
+    that does not apply: a resident plan holds one hidden block per program, K up to
+    ``RESIDENT_GATE_DOT_MAX_K``, and its slice within the shared-memory budget by ``resident_bytes`` (a
+    GRU's slice with the gate dot is four gates wide, its fourth zero, so the LSTM's estimate holds).
+
+    Why: the streamed step at H = 1024 waits on L2 for 128 KiB of W_hh per program and step (9.3 µs per
+    step, LSTM, H200); four resident dots over K = 1024 spilled ~1 KB of registers (15.4), the gate dot's
+    one does not. A variant for ``benchmarks/tune.py`` until a GPU has timed it (benchmarks/NOTES.md)."""
+    k_pad = max(16, triton.next_power_of_2(K))
+    if (not plan.persistent or plan.resident or element_size != 2 or K > RESIDENT_GATE_DOT_MAX_K
+            or plan.grid_h != -(-H // plan.block_h)
+            or resident_bytes(plan.block_b, plan.block_h, K, element_size) > shared_memory - RESIDENT_HEADROOM):
+        return None
+    return dataclasses.replace(plan, resident=True, gate_dot=True, block_k=k_pad,
+                               reason=f"{plan.reason}; W_hh resident with the gate dot (variant)")
 
 
 @_cached_plan
