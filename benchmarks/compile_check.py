@@ -18,6 +18,7 @@ with triton) and this script checks what can be checked without running it:
     python benchmarks/compile_check.py --kernel persistent --peephole   # the same plans with peepholes
     python benchmarks/compile_check.py --kernel bwd --cell gru          # the GRU cell on the same drivers
     python benchmarks/compile_check.py --kernel stack --inference       # as a no-grad forward runs them
+    python benchmarks/compile_check.py --kernel stack --dropout         # with dropout between layers
     python benchmarks/compile_check.py --kernel persistent --variant gate-dot   # beside the planned build
     python benchmarks/compile_check.py --kernel stack --variant input-ahead
     python benchmarks/compile_check.py --kernel persistent --variant resident-gate-dot   # W_hh resident past K = 512
@@ -61,7 +62,9 @@ def _kernel_and_signature(config: dict):
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
                      "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32", "counters_ptr": "*i32",
                      "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "cell_params_ptr": f"*{dtype}",
-                     "T": "i32", "B": "i32", "grid_b": "i32"}
+                     # the dropout mask's pointer: uint8 masks with DROPOUT, else the launcher's int32 placeholder
+                     "dropout_mask_ptr": "*u8" if config.get("dropout") else "*i32", "dropped_ptr": f"*{dtype}",
+                     "dropout_scale": "fp32", "T": "i32", "B": "i32", "grid_b": "i32"}
         constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
                          ONE_TILE=int(config.get("one_tile", False) and not config.get("fused_input", False)), SAVE=int(config.get("save", True)),
                          DOT_PRECISION=config.get("precision", "ieee"),
@@ -73,7 +76,7 @@ def _kernel_and_signature(config: dict):
                          CELL=config.get("cell", "lstm"), GATE_BIT=config.get("gate_bit", 0),
                          INPUT_AHEAD=int(config.get("input_ahead", False)),
                          FUSED_INPUT=int(config.get("fused_input", False)), IN_K=config.get("in_k", 0),
-                         IN_BLOCK_K=config.get("in_block_k", 0))
+                         IN_BLOCK_K=config.get("in_block_k", 0), DROPOUT=int(config.get("dropout", False)))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
@@ -94,13 +97,14 @@ def _kernel_and_signature(config: dict):
 
         signature = {"grad_out_ptr": f"*{dtype}", "gates_ptr": f"*{dtype}", "c_ptr": "*fp32", "w_hh_ptr": f"*{dtype}",
                      "lengths_ptr": "*i32", "grad_gates_ptr": f"*{dtype}", "dh_ptr": "*fp32", "dc_ptr": "*fp32",
-                     "counter_ptr": "*i32", "w_ih_above_ptr": f"*{dtype}", "w_ch_ptr": f"*{dtype}", "T": "i32", "B": "i32", "t_start": "i32",
-                     "n_steps": "i32", "seg_start": "i32"}
+                     "counter_ptr": "*i32", "w_ih_above_ptr": f"*{dtype}", "w_ch_ptr": f"*{dtype}",
+                     "dropout_mask_ptr": "*u8" if config.get("dropout") else "*i32", "dropout_scale": "fp32",
+                     "T": "i32", "B": "i32", "t_start": "i32", "n_steps": "i32", "seg_start": "i32"}
         constants = dict(H=config["H"], HAS_LENGTHS=1, USE_BARRIER=int(config["resident"]), DOT_PRECISION="ieee",
                          BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
                          SPIN_LIMIT=BARRIER_SPIN_LIMIT, LAYERS=config.get("layers", 1),
                          DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
-                         CELL=config.get("cell", "lstm"))
+                         CELL=config.get("cell", "lstm"), DROPOUT=int(config.get("dropout", False)))
     signature.update({name: "constexpr" for name in constants})
     return kernel, signature, constants
 
@@ -154,7 +158,8 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return (int(registers.group(1)) if registers else -1), (int(stack.group(1)) if stack else -1)
 
 
-def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool = False, cell: str = "lstm") -> list[dict]:
+def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool = False, cell: str = "lstm",
+             dropout: bool = False) -> list[dict]:
     from triton_lstm.kernels.forward_plans import one_tile_each, plan_bidirectional_fwd, plan_persistent_fwd, resident_bytes
 
     devices = DEVICES[:1] if quick else DEVICES
@@ -165,7 +170,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
     if kernel == "bwd":
         return _bwd_configs(shapes, devices, arch)
     if kernel == "stack":
-        return _stack_configs(shapes, devices, arch, quick, peephole)
+        return _stack_configs(shapes, devices, arch, quick, peephole, dropout)
     directions = 2 if kernel == "bidir" else 1
     dtypes = {"bf16": 2} if quick and directions == 2 else DTYPES  # CI's time: the bidirectional kernels in bf16
     seen = {}
@@ -204,7 +209,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
     return list(seen.values())
 
 
-def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False) -> list[dict]:
+def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False, dropout: bool = False) -> list[dict]:
     """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
     stacked backward's."""
     from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd
@@ -216,7 +221,7 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
         for dtype, size in dtypes.items():
             for B, H in shapes:
                 for layers in (4,) if quick else (2, 3, 4):
-                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole)
+                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole, dropout=dropout)
                     if not plan.persistent:
                         continue
                     owns_one_tile = one_tile_each(plan, B, H)
@@ -352,6 +357,8 @@ def main(argv=None) -> int:
                         help="the cell the drivers run")
     parser.add_argument("--inference", action="store_true",
                         help="the forward kernels as an inference forward runs them (SAVE = 0: no per-step gates or c)")
+    parser.add_argument("--dropout", action="store_true",
+                        help="the stacked kernels with dropout between layers (training), forward and backward")
     parser.add_argument("--variant", choices=sorted(VARIANTS),
                         help="a kernel variant the planner does not pick yet (ForwardPlan's gate_dot, input_ahead, "
                              "streamed_one_tile, fused_input; W_hh resident with the gate dot past K = 512), on each "
@@ -367,11 +374,15 @@ def main(argv=None) -> int:
         return 0
     if args.cell == "gru" and args.peephole:
         parser.error("--cell gru takes no --peephole (peepholes are the LSTM's)")
-    configs = _configs(args.quick, args.arch, args.kernel, args.peephole, args.cell)
+    configs = _configs(args.quick, args.arch, args.kernel, args.peephole, args.cell, args.dropout)
     if args.peephole:
         configs = [dict(config, peephole=True) for config in configs]
     if args.cell == "gru":
         configs = [dict(config, cell="gru") for config in configs]
+    if args.dropout:
+        if args.kernel != "stack":
+            parser.error("--dropout is for the stacked kernels (--kernel stack)")
+        configs = [dict(config, dropout=True) for config in configs]
     if args.inference:
         if args.kernel not in ("persistent", "stack", "bidir"):
             parser.error("--inference is for the persistent forward kernels (persistent, stack, bidir)")
@@ -397,7 +408,7 @@ def main(argv=None) -> int:
                 "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step",
                 "stack": f"{config.get('layers')} layers {config.get('kernel', 'forward')}"}[args.kernel]
         variant = ((" peephole" if config.get("peephole") else "") + (" gru" if config.get("cell") == "gru" else "")
-                   + (" inference" if config.get("save") is False else ""))
+                   + (" inference" if config.get("save") is False else "") + (" dropout" if config.get("dropout") else ""))
         name = (f"{config['dtype']} H={config['H']} {mode}{variant} "
                 f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")
         if isinstance(outcome, str):

@@ -1,7 +1,8 @@
 """First look on a GPU, in seconds: does each anchor shape's planned kernel fit, run and agree with cuDNN?
 
     python benchmarks/gpu_smoke.py
-    python benchmarks/gpu_smoke.py --stack    # the stacked kernels against the same model layer by layer
+    python benchmarks/gpu_smoke.py --stack    # the stacked kernels against the same model layer by layer,
+                                              # then a 4-layer training step with dropout timed
     python benchmarks/gpu_smoke.py --single-step    # the single-step timing alone
 
 For each anchor shape (bf16, fp32): the forward plan, whether that exact plan compiles within the device's
@@ -119,7 +120,34 @@ def stack_check() -> int:
         except Exception as error:  # noqa: BLE001 (report, count as a failure, go on)
             print(f"{label}: {type(error).__name__}: {str(error).splitlines()[0][:160]} WRONG", flush=True)
             status = 1
+    if status == 0:
+        print(dropout_timing(), flush=True)
     return status
+
+
+def dropout_timing(T=512, B=64, H=512, layers=4, p=0.2):
+    """A training step (forward and backward) of a 4-layer LSTM with dropout between layers, µs per time
+    step (do_bench medians, bf16): ours in the stacked launches (the masks applied in the kernels), ours layer
+    by layer (TRITON_LSTM_STACK=0: F.dropout between one-layer launches), ours without dropout, and cuDNN's
+    nn.LSTM with the same dropout."""
+    import triton.testing
+
+    torch.manual_seed(0)
+    theirs = nn.LSTM(H, H, num_layers=layers, dropout=p, device="cuda", dtype=torch.bfloat16).train()
+    ours = triton_lstm.LSTM(H, H, num_layers=layers, dropout=p, device="cuda", dtype=torch.bfloat16).train()
+    ours.load_state_dict(theirs.state_dict())
+    plain = triton_lstm.LSTM(H, H, num_layers=layers, device="cuda", dtype=torch.bfloat16).train()
+    x = torch.randn(T, B, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(T, B, H, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for name, model, stack in (("stacked", ours, "1"), ("layer by layer", ours, "0"), ("no dropout", plain, "1"),
+                               ("nn.LSTM", theirs, "1")):
+        os.environ["TRITON_LSTM_STACK"] = stack
+        step = lambda: torch.autograd.backward(model(x)[0], grad)  # noqa: E731
+        results[name] = triton.testing.do_bench(step, grad_to_none=[x, *model.parameters()], return_mode="median") * 1e3 / T
+    os.environ.pop("TRITON_LSTM_STACK")
+    return (f"fwd+bwd T{T} B{B} H{H} L{layers} dropout {p} bf16, us/step: "
+            + ", ".join(f"{name} {us:.1f}" for name, us in results.items()))
 
 
 def compare_whole_module(cell, T, B, I, H, layers, bidirectional, packed, label) -> int:

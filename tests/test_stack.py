@@ -56,7 +56,7 @@ def test_stack_with_resident_weights_matches_nn_lstm(name, launches, monkeypatch
     case = STACKS[name]
     width = max(16, triton.next_power_of_2(case.H))
     plan = ForwardPlan(True, "resident (test)", True, 16, width, width, 1, 1, 4)
-    monkeypatch.setattr(stack_module, "plan_stack_for", lambda x, hidden_size, num_layers, peephole=False: plan)
+    monkeypatch.setattr(stack_module, "plan_stack_for", lambda x, hidden_size, num_layers, peephole=False, dropout=False: plan)
     check_against_nn(case, STACK_DTYPE)
     assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
 
@@ -97,52 +97,194 @@ def test_stays_layer_by_layer_where_the_kernel_does_not_apply():
     assert not triton_lstm.LSTM(num_layers=2, bidirectional=True, **kwargs)._runs_as_stack(x)
     assert not triton_lstm.LSTM(num_layers=2, proj_size=2, **kwargs)._runs_as_stack(x)
     assert not triton_lstm.LSTM(num_layers=2, recompute_interval=2, **kwargs)._runs_as_stack(x)
-    with_dropout = triton_lstm.LSTM(num_layers=2, dropout=0.5, **kwargs)
-    assert not with_dropout._runs_as_stack(x), "dropout between layers in training: layer by layer"
-    assert with_dropout.eval()._runs_as_stack(x), "in eval mode dropout is off"
+    assert triton_lstm.LSTM(num_layers=2, dropout=0.5, **kwargs).train()._runs_as_stack(x), "dropout: in the kernels"
     kwargs.pop("dtype")
     assert not triton_lstm.LSTM(num_layers=2, dtype=torch.float64, **kwargs)._runs_as_stack(x.double())
 
 
-def test_dropout_training_runs_layer_by_layer(launches):
+def _chained_nn(cell, model, x, lengths, h0, c0, masks, scale, dtype):
+    """The oracle of a stack with dropout between layers: ``model``'s layers as one-layer nn.LSTM / nn.GRU
+    modules in ``dtype``, one after another, each layer's output (but the top one's) masked by ``masks[l]``
+    and scaled by ``scale`` before the next reads it. Returns (padded output, h_n, c_n or None, the modules)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    layers, layer_input, h_n, c_n, modules = model.num_layers, x, [], [], []
+    for layer in range(layers):
+        module = getattr(torch.nn, cell)(layer_input.shape[-1], model.hidden_size, bias=model.bias, dtype=dtype)
+        with torch.no_grad():
+            for name, _ in module.named_parameters():
+                getattr(module, name).copy_(getattr(model, name.replace("_l0", f"_l{layer}")))
+        modules.append(module)
+        state = h0[layer:layer + 1] if cell == "GRU" else (h0[layer:layer + 1], c0[layer:layer + 1])
+        if lengths is None:
+            out, hidden = module(layer_input, state)
+        else:
+            packed, hidden = module(pack_padded_sequence(layer_input, lengths, enforce_sorted=False), state)
+            out = pad_packed_sequence(packed, total_length=x.shape[0])[0]
+        h_n.append(hidden if cell == "GRU" else hidden[0])
+        if cell == "LSTM":
+            c_n.append(hidden[1])
+        layer_input = torch.where(masks[layer].bool(), out * scale, torch.zeros((), dtype=dtype)) if layer < layers - 1 else out
+    return layer_input, torch.cat(h_n), torch.cat(c_n) if c_n else None, modules
+
+
+DROPOUT_CASES = {
+    # name: (cell, layers, packed, (T, B, I, H))
+    "LSTM-L3": ("LSTM", 3, False, (6, 4, 5, 7)),
+    "LSTM-L2-packed": ("LSTM", 2, True, (6, 4, 5, 7)),
+    "GRU-L3-packed": ("GRU", 3, True, (6, 4, 5, 7)),
+    "GRU-L2": ("GRU", 2, False, (6, 4, 5, 7)),
+    # On a GPU: the planned tiles, many programs per layer, real barriers (skipped under the interpreter).
+    "gpu-LSTM-L4-H512": ("LSTM", 4, False, (48, 64, 512, 512)),
+    "gpu-GRU-L2-H256-packed": ("GRU", 2, True, (40, 24, 128, 256)),
+}
+
+
+DROPOUT_PATHS = {
+    # path: (stacked forward launches, stacked backward launches)
+    "stacked": (1, 1),
+    "forward-layer-by-layer": (0, 1),  # the stacked launch refused (did not fit): the op runs the layers one by one
+    "backward-layer-by-layer": (1, 1),  # the stacked backward, asked, cannot launch: the one-layer ones from the top
+    "reference-backward": (1, 0),
+}
+
+
+@pytest.mark.parametrize("path", DROPOUT_PATHS)
+@pytest.mark.parametrize("name", DROPOUT_CASES, ids=str)
+def test_dropout_between_layers_in_the_stacked_launches_matches_nn(name, path, monkeypatch):
+    """Dropout between layers in training runs in the stacked launches (one forward, one backward) and, with
+    the same masks, on each path they fall back to: the masks recorded give nn's layers chained by hand in
+    float64 — every output and every gradient, x, h0, c0 and each layer's weights — within PyTorch's own
+    error in the same dtype."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    from helpers import assert_error_within_pytorch
+
+    from triton_lstm import gru_stack
+
+    cell, layers, packed, (T, B, I, H) = DROPOUT_CASES[name]
+    if name.startswith("gpu-") and KERNEL_DEVICE != "cuda":
+        pytest.skip("a GPU's plans")
+    if path != "stacked" and name not in ("LSTM-L3", "GRU-L3-packed"):
+        pytest.skip("the fallbacks on one case per cell (keeps the interpreter run short)")
+    ops = gru_stack if cell == "GRU" else stack_module
+    drawn = []
+    real_masks = stack_module.dropout_masks
+
+    def recorded(*args):
+        drawn.append(real_masks(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(ops, "dropout_masks", recorded)
+    if path == "forward-layer-by-layer":
+        monkeypatch.setattr(ops, "unless_refused", lambda launch: None)
+    elif path == "backward-layer-by-layer":
+        monkeypatch.setattr(ops, "lstm_bwd_stack_gate_grads", lambda *args, **kwargs: None)
+    launches = count_calls(monkeypatch, ops, {"stack": "lstm_fwd_stack", "stack_bwd": "lstm_bwd_stack_gate_grads"})
     torch.manual_seed(0)
-    model = triton_lstm.LSTM(3, 5, num_layers=2, dropout=0.5, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
-    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
-    model(x)
-    assert launches["stack"] == 0
-    model.eval()(x)
-    assert launches["stack"] == 1, "in eval mode dropout is off: the stacked launch"
+    dtype = STACK_DTYPE
+    model = getattr(triton_lstm, cell)(I, H, num_layers=layers, dropout=0.4, device=KERNEL_DEVICE, dtype=dtype,
+                                       backward="reference" if path == "reference-backward" else "fused").train()
+    x = torch.randn(T, B, I, device=KERNEL_DEVICE, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(layers, B, H, device=KERNEL_DEVICE, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(layers, B, H, device=KERNEL_DEVICE, dtype=dtype, requires_grad=True)
+    lengths = torch.randint(1, T + 1, (B,)).index_fill_(0, torch.tensor([1]), T) if packed else None  # one of length T
+    state = h0 if cell == "GRU" else (h0, c0)
+    if packed:
+        out, hidden = model(pack_padded_sequence(x, lengths, enforce_sorted=False), state)
+        out = pad_packed_sequence(out, total_length=T)[0]
+    else:
+        out, hidden = model(x, state)
+    h_n, c_n = (hidden, None) if cell == "GRU" else hidden
+    grad_out, grad_h, grad_c = torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(h_n)
+    torch.autograd.backward([out, h_n] + ([c_n] if c_n is not None else []), [grad_out, grad_h] + ([grad_c] if c_n is not None else []))
+    assert (launches["stack"], launches["stack_bwd"]) == DROPOUT_PATHS[path], launches
+    assert len(drawn) == 1
+    masks, scale = drawn[0]
+    assert masks.shape == (layers - 1, T, B, H) and scale == pytest.approx(1 / 0.6)
+    if packed:  # the module runs a packed batch sorted by length: the masks' batch axis is in that order
+        masks = masks[:, :, torch.argsort(torch.sort(lengths, descending=True)[1]).to(masks.device)]
+
+    results = {}
+    for run_dtype in (torch.float64, dtype):  # the oracle, and PyTorch's own in our dtype
+        leaves = [t.detach().cpu().to(run_dtype).requires_grad_() for t in (x, h0, c0)]
+        theirs = _chained_nn(cell, model, leaves[0], lengths, leaves[1], leaves[2], masks.cpu(), scale, run_dtype)
+        outputs = [theirs[0], theirs[1]] + ([theirs[2]] if cell == "LSTM" else [])
+        grads = [grad_out, grad_h] + ([grad_c] if cell == "LSTM" else [])
+        torch.autograd.backward(outputs, [g.cpu().to(run_dtype) for g in grads])
+        weight_grads = {name.replace("_l0", f"_l{layer}"): p.grad for layer, module in enumerate(theirs[3])
+                        for name, p in module.named_parameters()}
+        results[run_dtype] = (outputs, [t.grad for t in leaves[:3 if cell == "LSTM" else 2]], weight_grads)
+    ours = ([out, h_n] + ([c_n] if cell == "LSTM" else []), [x.grad, h0.grad, c0.grad][:3 if cell == "LSTM" else 2],
+            {name: p.grad for name, p in model.named_parameters()})
+    reference, torchs = results[torch.float64], results[dtype]
+    for index, (a, b, c) in enumerate(zip(ours[0], torchs[0], reference[0])):
+        assert_error_within_pytorch(f"output {index}", a.detach().double().cpu(), b.detach().double(), c.detach(), dtype)
+    for index, (a, b, c) in enumerate(zip(ours[1], torchs[1], reference[1])):
+        assert_error_within_pytorch(f"grad of input {index}", a.double().cpu(), b.double(), c, dtype)
+    for weight_name, expected in reference[2].items():
+        assert_error_within_pytorch(f"grad {weight_name}", ours[2][weight_name].double().cpu(),
+                                    torchs[2][weight_name].double(), expected, dtype, summed_terms=T * B)
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_double_backward_through_the_stack_with_dropout(cell, monkeypatch):
+    """A second derivative (create_graph=True, then the backward of the gradient's norm) through a stack
+    with dropout between layers: the reference backward differentiates the layers with the forward's masks,
+    against nn's layers chained by hand with the same masks in float64."""
+    from triton_lstm import gru_stack
 
-def test_dropout_between_layers_masks_and_reproduces(monkeypatch):
-    """Dropout between layers in training is the documented fallback: the layers run one by one with
-    F.dropout (torch's generator) on each layer's output but the last, so torch.manual_seed reproduces a
-    run; the masks drop about p of the units and scale the rest by 1/(1 - p)."""
-    import torch.nn.functional as F
+    ops = gru_stack if cell == "GRU" else stack_module
+    drawn, real_masks = [], stack_module.dropout_masks
+    monkeypatch.setattr(ops, "dropout_masks", lambda *args: drawn.append(real_masks(*args)) or drawn[-1])
+    torch.manual_seed(0)
+    model = getattr(triton_lstm, cell)(3, 4, num_layers=3, dropout=0.5, device=KERNEL_DEVICE).train()
+    x = torch.randn(4, 2, 3, device=KERNEL_DEVICE, requires_grad=True)
+    h0 = torch.zeros(3, 2, 4, dtype=torch.float64)
+    x64 = x.detach().cpu().double().requires_grad_()
+    out, _ = model(x)
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    grad.pow(2).sum().backward()
+    [(masks, scale)] = drawn
+    out64 = _chained_nn(cell, model, x64, None, h0, h0, masks.cpu(), scale, torch.float64)[0]
+    (grad64,) = torch.autograd.grad(out64.pow(2).sum(), x64, create_graph=True)
+    grad64.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-4, atol=1e-5)
 
-    dropped = []
-    real_dropout = F.dropout
 
-    def spy(x, p, training, *args, **kwargs):
-        out = real_dropout(x, p, training, *args, **kwargs)
-        dropped.append((x, out, p, training))
-        return out
-
-    monkeypatch.setattr(F, "dropout", spy)  # the module dropout_between_layers calls
-    model = triton_lstm.LSTM(4, 64, num_layers=3, dropout=0.3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_dropout_between_layers_masks_and_reproduces(cell):
+    """The stacked launches' dropout draws its masks from torch's generator (``stack.dropout_masks``): the
+    same seed gives the same run, another seed another; about p of the units dropped and the rest scaled by
+    1 / (1 - p); eval mode drops nothing; p = 1 gives the layers above zeros, as F.dropout does."""
+    torch.manual_seed(0)
     x = torch.randn(8, 16, 4, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    mask, scale = stack_module.dropout_masks(x, 3, 64, 0.3)
+    assert mask.shape == (2, 8, 16, 64) and mask.dtype == torch.uint8 and scale == pytest.approx(1 / 0.7)
+    assert abs(mask.float().mean().item() - 0.7) < 0.03
+    h = torch.randn(8, 16, 64, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    dropped = stack_module.dropped_input(h, (mask, scale), 1)
+    kept = mask[1].bool()
+    assert torch.equal(dropped[~kept], torch.zeros_like(dropped[~kept]))
+    torch.testing.assert_close(dropped[kept], h[kept] / 0.7)
+    assert stack_module.dropout_masks(x, 3, 64, 0.0) is None
+    assert stack_module.dropout_masks(x, 3, 64, 1.0)[1] == 0.0 and not stack_module.dropout_masks(x, 3, 64, 1.0)[0].any()
+
+    model = getattr(triton_lstm, cell)(4, 64, num_layers=3, dropout=0.3, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     outputs = []
     for seed in (5, 5, 6):
         torch.manual_seed(seed)
         outputs.append(model(x)[0])
     assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
-    assert len(dropped) == 3 * 2 and all(p == 0.3 and training for _, _, p, training in dropped)
-    kept = torch.cat([(out != 0).flatten() for _, out, _, _ in dropped]).float().mean().item()
-    assert abs(kept - 0.7) < 0.03, kept
-    for before, after, _, _ in dropped:
-        mask = after != 0
-        torch.testing.assert_close(after[mask], before[mask] / 0.7, rtol=1e-2, atol=1e-3)
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0]), "eval mode: no dropout"
+    torch.manual_seed(5)
+    all_dropped = getattr(triton_lstm, cell)(4, 64, num_layers=2, dropout=1.0, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    with torch.no_grad():
+        top = all_dropped(x)[0]
+        for name, parameter in all_dropped.named_parameters():
+            if name.startswith("weight_ih_l1"):
+                parameter.zero_()  # x's side of the top layer sees only zeros anyway with p = 1
+        assert torch.equal(top, all_dropped(x)[0])
 
 
 def test_stack_disabled_by_environment(monkeypatch):
@@ -164,6 +306,13 @@ def test_plan_gives_each_layer_its_share_of_the_sms():
     assert not plan_stack_fwd(1, 8, 512, 2, 2, sms, shared).persistent, "one step: the per-step kernel"
     interpreted = plan_stack_fwd(5, 3, 7, 3, 4, 1, 96 * 1024, interpret=True)
     assert interpreted.persistent and interpreted.num_programs == 1
+    # Dropout between layers: 32-wide chunks where 64-wide ones spilled under Triton 3.6 (compile_check.py
+    # --kernel stack --dropout), the planned 64 at the 4-layer anchor.
+    assert plan_stack_fwd(512, 64, 512, 4, 2, sms, shared, dropout=True) == plan_stack_fwd(512, 64, 512, 4, 2, sms, shared)
+    assert plan_stack_fwd(512, 64, 512, 4, 2, sms, shared).block_k == 64
+    assert plan_stack_fwd(512, 64, 512, 2, 2, sms, shared, dropout=True).block_k == 32
+    narrow = plan_stack_fwd(512, 16, 1024, 4, 2, sms, shared, dropout=True)
+    assert (narrow.block_b, narrow.block_k, narrow.num_warps) == (16, 32, 4), narrow
 
 
 def test_double_backward_through_the_stack():

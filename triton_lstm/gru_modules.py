@@ -126,7 +126,7 @@ class GRU(nn.RNNBase):
         if self._runs_as_stack(x):
             # All layers in one persistent launch each way (a wavefront across layers; triton_lstm/gru_stack.py).
             output, h_n = gru_stack(x, h0, [weights[layer][0] for layer in range(self.num_layers)], lengths_on_device,
-                                    backward=backward)
+                                    backward=backward, dropout=float(self.dropout) if self.training else 0.0)
             if packed:
                 return self._finish_packed(pack_padded_sequence(output, lengths).data, h_n, batch_sizes,
                                            sorted_indices, unsorted_indices)
@@ -160,9 +160,9 @@ class GRU(nn.RNNBase):
         return self._finish(layer_input, h_n, is_batched)
 
     def _runs_as_stack(self, x: Tensor) -> bool:
-        """Whether this forward runs all layers in one launch: unidirectional, no dropout between layers in
-        training (F.dropout runs between per-layer launches), and a stack plan for the input's device."""
-        if self.num_layers < 2 or self.bidirectional or (self.dropout > 0 and self.training):
+        """Whether this forward runs all layers in one launch (dropout between layers included: in the
+        kernels): unidirectional, and a stack plan for the input's device."""
+        if self.num_layers < 2 or self.bidirectional:
             return False
         return stack_plan(x, self.hidden_size, self.num_layers) is not None
 

@@ -257,6 +257,7 @@ class LSTM(nn.RNNBase):
             output, h_n, c_n = lstm_stack(
                 x, h0, c0, [weights[layer][0][:4] for layer in range(self.num_layers)], lengths_on_device,
                 backward=getattr(self, "backward_mode", "fused"), w_ch=_stacked([directions[0] for directions in peepholes]),
+                dropout=float(self.dropout) if self.training else 0.0,
             )
             return self._finish_from_time_major(output, (h_n, c_n), packed, lengths, batch_sizes, sorted_indices,
                                                 unsorted_indices, is_batched)
@@ -305,12 +306,11 @@ class LSTM(nn.RNNBase):
         return bidirectional_plan(x, self.hidden_size) is not None
 
     def _runs_as_stack(self, x: Tensor) -> bool:
-        """Whether this forward runs all layers in one launch: unidirectional, no projection, no dropout
-        between layers in training, no recompute option, and a stack plan for the input's device."""
+        """Whether this forward runs all layers in one launch (dropout between layers included: in the
+        kernels): unidirectional, no projection, no recompute option, and a stack plan for the input's
+        device."""
         if self.num_layers < 2 or self.bidirectional or self.proj_size > 0 or getattr(self, "recompute_interval", 0):
             return False
-        if self.dropout > 0 and self.training:
-            return False  # dropout between layers: layer by layer, with F.dropout in between
         return stack_plan(x, self.hidden_size, self.num_layers, getattr(self, "peephole", False)) is not None
 
     def _finish_from_time_major(self, output, hidden, packed, lengths, batch_sizes, sorted_indices, unsorted_indices,

@@ -7,7 +7,8 @@ kernel applies; otherwise the module runs ``lstm_layer`` per layer as before. Th
 layer's ``(h_all, c_all, gates)``, laid out per layer as the single-layer op's; where the stacked
 backward cannot run (the reference backward, or a grid that does not fit), the backward is
 ``recurrence_bwd`` per layer from the top: the gradient of layer l's output is layer l + 1's input gradient.
-Peephole weights, when given, are one (L, 3H) tensor, the layers' ``weight_ch`` stacked.
+Peephole weights, when given, are one (L, 3H) tensor, the layers' ``weight_ch`` stacked. Dropout between
+layers (training) runs in the same launches, on masks drawn by torch before them (``dropout_masks``).
 """
 
 from __future__ import annotations
@@ -61,28 +62,54 @@ def fused_input_stack(x, h0, c0, w_ih, w_hh, bias, lengths, plan, save, w_ch=Non
             bool(save), w_ch, b_hn))
 
 
-def one_layer_at_a_time(x: Tensor, layers: int, run_layer):
+def dropout_masks(x: Tensor, layers: int, hidden_size: int, p: float):
+    """Dropout between the layers of a stack over time-major ``x`` (training, ``p`` > 0): ``(mask, scale)``,
+    the (L - 1, T, B, H) uint8 masks (1: the unit is kept) drawn from torch's generator on x's device, so
+    ``torch.manual_seed`` reproduces them, and 1 / (1 - p) (0 for p = 1, where F.dropout gives zeros).
+    The kernels apply them where the layer above reads h_t and to the gradient flowing back; the reference
+    and fallback paths through ``dropped_input``. None for ``p`` = 0."""
+    if p <= 0:
+        return None
+    mask = torch.empty((layers - 1, x.shape[0], x.shape[1], hidden_size), dtype=torch.uint8, device=x.device)
+    return mask.bernoulli_(1 - p), (1 / (1 - p) if p < 1 else 0.0)
+
+
+def dropped_input(h: Tensor, dropout, layer: int) -> Tensor:
+    """Layer ``layer``'s output h (T, B, H) as the layer above reads it, masked and scaled by ``dropout``
+    (``dropout_masks``), or as it is without; also the gradient of that output from the gradient of the
+    dropped input (the same map)."""
+    if dropout is None:
+        return h
+    mask, scale = dropout
+    return torch.where(mask[layer].bool(), h * scale, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+def one_layer_at_a_time(x: Tensor, layers: int, run_layer, dropout=None):
     """A stack's forward op run layer after layer: ``run_layer(layer, layer_input)`` returns that layer's
-    (h_all, state, gates); each layer's input is the output of the one below. Returns them stacked."""
+    (h_all, state, gates); each layer's input is the output of the one below (with ``dropout``, masked and
+    scaled: ``dropped_input``). Returns them stacked."""
     outputs, layer_input = [], x
     for layer in range(layers):
         outputs.append(run_layer(layer, layer_input))
-        layer_input = outputs[-1][0][1:]
+        if layer < layers - 1:
+            layer_input = dropped_input(outputs[-1][0][1:], dropout, layer)
     return tuple(torch.stack(parts) for parts in zip(*outputs))
 
 
-def each_layer_backward(x: Tensor, h_all: Tensor, grad_out: Tensor, layers: int, backward_layer):
+def each_layer_backward(x: Tensor, h_all: Tensor, grad_out: Tensor, layers: int, backward_layer, dropout=None):
     """A stack's backward layer after layer from the top: ``backward_layer(layer, layer_x, grad_layer_out)``
-    returns that layer's gradients, its input's first, which is the output gradient of the layer below.
-    Returns (grad_x, each layer's gradients in layer order)."""
+    returns that layer's gradients, its input's first, which is the output gradient of the layer below
+    (with ``dropout``, through the same mask and scale). Returns (grad_x, each layer's gradients in layer
+    order)."""
     per_layer, grad = [None] * layers, grad_out
     for layer in reversed(range(layers)):
-        per_layer[layer] = backward_layer(layer, x if layer == 0 else h_all[layer - 1, 1:], grad)
-        grad = per_layer[layer][0]
+        layer_x = x if layer == 0 else dropped_input(h_all[layer - 1, 1:], dropout, layer - 1)
+        per_layer[layer] = backward_layer(layer, layer_x, grad)
+        grad = per_layer[layer][0] if layer == 0 else dropped_input(per_layer[layer][0], dropout, layer - 1)
     return grad, per_layer
 
 
-def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None):
+def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None, dropout=None):
     """What the stacked kernel computes, one layer after another: with ``kernels`` the single-layer Triton
     forward (the kernel's fallback), else the plain-PyTorch recurrence (the reference path, differentiable:
     the double backward differentiates it)."""
@@ -92,7 +119,7 @@ def _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: b
         return run_lstm_layer(layer_input, h0[layer], c0[layer], w_ih[layer], w_hh[layer], *bias, lengths, save,
                               kernels, None if w_ch is None else w_ch[layer])
 
-    return one_layer_at_a_time(x, len(w_hh), run_layer)
+    return one_layer_at_a_time(x, len(w_hh), run_layer, dropout)
 
 
 @torch.library.custom_op("triton_lstm::stack_fwd", mutates_args=())
@@ -107,17 +134,22 @@ def stack_fwd(
     lengths: Tensor | None,
     save: int = 1,
     w_ch: Tensor | None = None,
+    dropout_mask: Tensor | None = None,
+    dropout_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward of L unidirectional layers: ``(h_all, c_all, gates)`` stacked over layers, (L, T+1, B, H),
     (L, T+1, B, H) and (L, T, B, 4H); ``save`` 0 (inference): c_all (L, 1, B, H), gates (L, 0, B, 4H).
-    ``h0``/``c0`` are (L, B, H); ``b_ih``/``b_hh`` empty lists without biases; ``w_ch`` (L, 3H) or None."""
+    ``h0``/``c0`` are (L, B, H); ``b_ih``/``b_hh`` empty lists without biases; ``w_ch`` (L, 3H) or None;
+    ``dropout_mask`` and ``dropout_scale``: dropout between layers (``dropout_masks``), or None."""
+    dropout = None if dropout_mask is None else (dropout_mask, dropout_scale)
     if not uses_kernels(x):
-        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False, w_ch=w_ch)
+        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False, w_ch=w_ch,
+                               dropout=dropout)
     lengths = None if lengths is None else lengths.to(torch.int32)
-    plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh), w_ch is not None)
+    plan = plan_stack_for(x, w_hh[0].shape[1], len(w_hh), w_ch is not None, dropout is not None)
     if plan.persistent:
         bias = torch.stack([b_ih[i] + b_hh[i] for i in range(len(b_ih))]) if b_ih else None  # per layer
-        if plan.fused_input:
+        if plan.fused_input and dropout is None:
             # Every layer's input product in the kernel, layer 0's from x (lstm_fwd_fused_input.py).
             outputs = fused_input_stack(x, h0, c0, w_ih, w_hh, bias, lengths, plan, save,
                                         w_ch=None if w_ch is None else w_ch.contiguous())
@@ -130,15 +162,17 @@ def stack_fwd(
             outputs = unless_refused(lambda: lstm_fwd_stack(projected, h0.contiguous(), c0.contiguous(),
                                                             torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
                                                             lengths, plan, bool(save),
-                                                            None if w_ch is None else w_ch.contiguous()))
+                                                            None if w_ch is None else w_ch.contiguous(),
+                                                            dropout=dropout))
         if outputs is not None:
             return outputs
     with kernel_device(x):  # no plan, or it did not run: the layers one by one
-        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True, w_ch=w_ch)
+        return _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True, w_ch=w_ch,
+                               dropout=dropout)
 
 
 @stack_fwd.register_fake
-def _stack_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1, w_ch=None):
+def _stack_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1, w_ch=None, dropout_mask=None, dropout_scale=1.0):
     T, B = x.shape[0], x.shape[1]
     layers, H = len(w_hh), w_hh[0].shape[1]
     h_all = x.new_empty(layers, T + 1, B, H)
@@ -161,28 +195,31 @@ def _split_weights(layers: int, has_bias: bool, weights):
 
 class LSTMStack(torch.autograd.Function):
     """out, h_n, c_n of L unidirectional layers; ``weights`` are (w_ih, w_hh[, b_ih, b_hh]) per layer,
-    ``w_ch`` the (L, 3H) peephole weights or None."""
+    ``w_ch`` the (L, 3H) peephole weights or None; ``dropout_mask``, ``dropout_scale``: dropout between
+    layers (``dropout_masks``), or None."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, lengths, use_reference, layers, has_bias, w_ch, *weights):
+    def forward(ctx, x, h0, c0, lengths, use_reference, layers, has_bias, dropout_mask, dropout_scale, w_ch, *weights):
         w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
-        h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, w_ch)
-        ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, w_ch, *weights)
-        ctx.use_reference, ctx.layers, ctx.has_bias = use_reference, layers, has_bias
+        h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, w_ch,
+                                                              dropout_mask, dropout_scale)
+        ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, dropout_mask, w_ch, *weights)
+        ctx.use_reference, ctx.layers, ctx.has_bias, ctx.dropout_scale = use_reference, layers, has_bias, dropout_scale
         return h_all[-1, 1:], h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
-        x, h0, c0, lengths, h_all, c_all, gates, w_ch, *weights = ctx.saved_tensors
+        x, h0, c0, lengths, h_all, c_all, gates, dropout_mask, w_ch, *weights = ctx.saved_tensors
         w_ih, w_hh, _, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
+        dropout = None if dropout_mask is None else (dropout_mask, ctx.dropout_scale)
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
         if uses_kernels(x) and not ctx.use_reference:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out, grad_h_n,
-                                          grad_c_n, w_ch)
+                                          grad_c_n, w_ch, dropout)
             if grads is not None:
-                return (grads[0], grads[1], grads[2], None, None, None, None, grads[3], *grads[4:])
+                return (grads[0], grads[1], grads[2], None, None, None, None, None, None, grads[3], *grads[4:])
 
         def backward_layer(layer, layer_x, grad_layer_out):
             return torch.ops.triton_lstm.recurrence_bwd(
@@ -191,18 +228,19 @@ class LSTMStack(torch.autograd.Function):
                 None if w_ch is None else w_ch[layer],
             )
 
-        grad_x, per_layer = each_layer_backward(x, h_all, grad_out, ctx.layers, backward_layer)
+        grad_x, per_layer = each_layer_backward(x, h_all, grad_out, ctx.layers, backward_layer, dropout)
         grad_weights = []
         for grads in per_layer:
             grad_weights += [grads[3], grads[4]]
             if ctx.has_bias:
                 grad_weights += [grads[5], grads[5].clone()]  # each bias owns its gradient tensor
         grad_h0, grad_c0, grad_w_ch = (torch.stack([grads[i] for grads in per_layer]) for i in (1, 2, 7))
-        return (grad_x, grad_h0, grad_c0, None, None, None, None, grad_w_ch if w_ch is not None else None,
+        return (grad_x, grad_h0, grad_c0, None, None, None, None, None, None, grad_w_ch if w_ch is not None else None,
                 *grad_weights)
 
 
-def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n, w_ch=None):
+def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n, w_ch=None,
+                      dropout=None):
     """The fused backward of the whole stack: the gate gradients of every layer in one launch (a reverse
     wavefront), then each layer's weight GEMMs; the input gradient of layer 0 only (the layers above
     took theirs in the kernel). None where the launch cannot run (the caller goes layer by layer).
@@ -210,13 +248,13 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
     lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     w_ih_above = torch.stack(w_ih[1:]).contiguous()
     chain = lstm_bwd_stack_gate_grads(grad_out, grad_h_n, grad_c_n, torch.stack(w_hh).contiguous(), w_ih_above, lengths,
-                                      gates, c_all, w_ch=None if w_ch is None else w_ch.contiguous())
+                                      gates, c_all, w_ch=None if w_ch is None else w_ch.contiguous(), dropout=dropout)
     if chain is None:
         return None
     grad_gates, grad_h0, grad_c0 = chain
     grad_x, grad_weights = None, []
     for layer in range(len(w_hh)):
-        layer_x = x if layer == 0 else h_all[layer - 1, 1:]
+        layer_x = x if layer == 0 else dropped_input(h_all[layer - 1, 1:], dropout, layer - 1)
         layer_grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(
             grad_gates[layer], layer_x, h_all[layer, :-1], w_ih[layer], input_grad=layer == 0)
         grad_x = layer_grad_x if layer == 0 else grad_x
@@ -230,30 +268,36 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
-    x, h0, c0, lengths, _, _, _, w_ch, *weights = ctx.saved_tensors
+    x, h0, c0, lengths, _, _, _, dropout_mask, w_ch, *weights = ctx.saved_tensors
+    dropout = None if dropout_mask is None else (dropout_mask, ctx.dropout_scale)
 
     def outputs():
         w_ih, w_hh, b_ih, b_hh = _split_weights(ctx.layers, ctx.has_bias, weights)
-        h_all, c_all, _ = _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False, w_ch=w_ch)
+        h_all, c_all, _ = _layer_by_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False, w_ch=w_ch,
+                                          dropout=dropout)
         return h_all[-1, 1:], h_all[:, -1], c_all[:, -1].to(x.dtype)
 
-    needed = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[7:])
+    needed = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[9:])
     grads = differentiate(outputs, (x, h0, c0, w_ch, *weights), needed, (grad_out, grad_h_n, grad_c_n))
-    return (*grads[:3], None, None, None, None, *grads[3:])
+    return (*grads[:3], None, None, None, None, None, None, *grads[3:])
 
 
 def lstm_stack(x: Tensor, h0: Tensor, c0: Tensor, layer_weights, lengths: Tensor | None, *, backward: str = "fused",
-               w_ch: Tensor | None = None):
+               w_ch: Tensor | None = None, dropout: float = 0.0):
     """L unidirectional layers over time-major ``x``: returns (output of the top layer, h_n, c_n), h_n and
     c_n of shape (L, B, H). ``layer_weights``: per layer (w_ih, w_hh, b_ih, b_hh), biases None or both set;
-    ``w_ch``: the layers' peephole weights stacked, (L, 3H), or None."""
+    ``w_ch``: the layers' peephole weights stacked, (L, 3H), or None; ``dropout``: the probability of
+    dropout between layers (in training; the caller passes 0 otherwise), in the same launches."""
     layers = len(layer_weights)
     has_bias = layer_weights[0][2] is not None
     weights = [w for ws in layer_weights for w in (ws if has_bias else ws[:2])]
+    mask, scale = dropout_masks(x, layers, h0.shape[-1], dropout) or (None, 1.0)
     if not grad_wanted(x, h0, c0, w_ch, *weights):
         # An inference forward: no per-step gates or c are kept (c_all holds c_T only).
         w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
-        h_all, c_all, _ = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0, w_ch)
+        h_all, c_all, _ = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0, w_ch, mask,
+                                                          scale)
         return h_all[-1, 1:], h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
-    return LSTMStack.apply(x, h0, c0, lengths, int(backward == "reference"), layers, has_bias, w_ch, *weights)
+    return LSTMStack.apply(x, h0, c0, lengths, int(backward == "reference"), layers, has_bias, mask, scale, w_ch,
+                           *weights)
 

@@ -293,10 +293,11 @@ def plan_stack_fwd(
     interpret: bool = False,
     fp32_tensor_cores: bool = True,
     peephole: bool = False,
+    dropout: bool = False,
 ) -> ForwardPlan:
     """The plan of one layer of the stack (every layer runs the same one), or not persistent: then the
-    stack runs layer by layer. A pure function of the shapes, the device limits and ``peephole`` (the
-    layers have peephole weights). A GRU stack takes the same plan (its planned configurations compile
+    stack runs layer by layer. A pure function of the shapes, the device limits, ``peephole`` (the
+    layers have peephole weights) and ``dropout`` (dropout between layers, in training). A GRU stack takes the same plan (its planned configurations compile
     as cleanly: ``compile_check.py --kernel stack --cell gru``).
 
     On a GPU each layer gets ``num_sms // layers`` SMs, tiled as the comment below says; under the
@@ -344,7 +345,14 @@ def plan_stack_fwd(
     block_k = 64 if block_b < 64 or (one_block_each and not H & (H - 1)) else 32
     if peephole and block_b == 16:
         block_k = 32  # 64-wide chunks spilled 128 bytes with peepholes (Triton 3.6, H = 1024, 2 layers)
-    return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, 8)
+    warps = 8
+    if dropout and (block_b == 16 or layers == 2):
+        # The dropped copy of h_t (stack_layer) under Triton 3.6 (3.9 spilled nothing either way): 64-wide
+        # chunks spilled 112-136 bytes at 16-row tiles, 40 at 64 × 16 on 2 layers, H = 512; 32-wide ones
+        # on 8 warps still 128 at a GRU's 16 × 32 at H = 768, on 4 warps 0-16 bytes.
+        block_k = 32
+        warps = 4 if block_b == 16 else 8
+    return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, warps)
 
 
 @_cached_plan

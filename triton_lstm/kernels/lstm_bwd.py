@@ -79,6 +79,8 @@ def _lstm_bwd_kernel(
     counter_ptr,  # (LAYERS + 1,) int32 zeros at launch: a barrier counter per layer, then the failure flag
     w_ih_above_ptr,  # LAYERS > 1: (LAYERS - 1, 4H, H), the input weights of layers 1, 2, …
     w_ch_ptr,  # PEEPHOLE: (3H,) the peephole weights (w_ci, w_cf, w_co); stacked per layer or direction
+    dropout_mask_ptr,  # DROPOUT: (LAYERS - 1, T, B, H) uint8, the stacked forward's dropout masks between layers
+    dropout_scale,  # DROPOUT: 1 / (1 - p), or 0 for p = 1
     T,
     B,
     t_start,  # first (latest) step this launch runs; it runs t_start, t_start-1, … for n_steps steps
@@ -96,6 +98,7 @@ def _lstm_bwd_kernel(
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's second axis
     PEEPHOLE: tl.constexpr = False,
     CELL: tl.constexpr = "lstm",  # "gru": w_hh (3H, H) (and w_ih_above), gates (r, z, n, W_hn·h + b_hn), c its fp32 h
+    DROPOUT: tl.constexpr = False,  # LAYERS > 1: the forward dropped h between layers (training)
 ):
     if DIRECTIONS > 1:
         # Each direction's chain on its own buffers (stacked per direction, step-indexed) with its own
@@ -107,7 +110,7 @@ def _lstm_bwd_kernel(
                lengths_ptr, grad_gates_ptr + d * T * B * 4 * H, dh_ptr + d * B * H, dc_ptr + d * B * H,
                counter_ptr + direction, counter_ptr + 2, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start,
                n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT,
-               False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE, CELL)
+               False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE, CELL, dropout_mask_ptr, dropout_scale, False)
     elif LAYERS > 1:
         # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
         # step for the same t. Under the interpreter one program runs the layers top to bottom.
@@ -121,12 +124,12 @@ def _lstm_bwd_kernel(
                    grad_gates_ptr + (lay + 1) * T * B * 4 * H, w_ih_above_ptr + lay * GATES * H * H,
                    counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start, n_steps, seg_start, H, HAS_LENGTHS,
                    USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, True, 0, 1, w_ch_ptr + lay * 3 * H,
-                   PEEPHOLE, CELL)
+                   PEEPHOLE, CELL, dropout_mask_ptr + lay * T * B * H, dropout_scale, DROPOUT)
     else:
         _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr,
                counter_ptr + 1, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start, n_steps, seg_start, H,
                HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, False, 0, 1, w_ch_ptr,
-               PEEPHOLE, CELL)
+               PEEPHOLE, CELL, dropout_mask_ptr, dropout_scale, False)
 
 
 @triton.jit
@@ -158,7 +161,7 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
            H: tl.constexpr, HAS_LENGTHS: tl.constexpr, USE_BARRIER: tl.constexpr, DOT_PRECISION: tl.constexpr,
            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr,
            STACKED: tl.constexpr, direction, DIRECTIONS: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr,
-           CELL: tl.constexpr):
+           CELL: tl.constexpr, dropout_mask_ptr, dropout_scale, DROPOUT: tl.constexpr):
     """The reverse-time chain of one layer on this program's tile. With STACKED and ``from_above`` (a
     layer under the top of a stack) the gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, formed here once the
     layer above has passed its barrier of the same step, instead of read from ``grad_out``. With
@@ -166,7 +169,9 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     and, for the reverse direction, at time len_b − 1 − t in step t. With PEEPHOLE the cell gradient also
     flows through the peepholes (``w_ch_ptr``: w_ci, w_cf, w_co): dc_t gets dO·w_co, dc_{t-1} dI·w_ci +
     dF·w_cf. With CELL "gru" the register ``dc`` carries the gradient reaching h_{t-1} directly, z ⊙ dh
-    (``gru_step_grads``), and the four dG columns are (dR, dZ, dN, dN ⊙ r)."""
+    (``gru_step_grads``), and the four dG columns are (dR, dZ, dN, dN ⊙ r). With DROPOUT (a stack's layer
+    under the top, whose h_t the layer above read masked and scaled) the product from above is masked and
+    scaled the same way (``dropout_mask_ptr``: this layer's (T, B, H) masks)."""
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
     offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -218,9 +223,17 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
                 # dG^{l+1}_t is complete once the layer above has passed its barrier of this same step.
                 if not failed:
                     failed = wait_for(above_counter_ptr, (s + 1) * tl.num_programs(0), failed_ptr, SPIN_LIMIT)
-                dh = _gate_product(dh, above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b, w_ih_above_ptr,
-                                   offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H,
-                                   "gru_input" if CELL == "gru" else "lstm")
+                if DROPOUT:
+                    above = _gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
+                                          above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b,
+                                          w_ih_above_ptr, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H,
+                                          "gru_input" if CELL == "gru" else "lstm")
+                    keep = tl.load(dropout_mask_ptr + step * B * H + state_offs, mask=mask_bh, other=0)
+                    dh += tl.where(keep != 0, above * dropout_scale, 0.0)
+                else:
+                    dh = _gate_product(dh, above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b,
+                                       w_ih_above_ptr, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H,
+                                       "gru_input" if CELL == "gru" else "lstm")
             else:
                 dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
         else:
@@ -336,7 +349,7 @@ def lstm_bwd_gate_grads(
     for t0, gates, c in segments:
         L = gates.shape[0]
         args = (grad_out, gates.contiguous(), c.contiguous(), w_hh, lengths_arg, grad_gates, dh, dc, counter, w_hh,
-                w_ch if w_ch is not None else w_hh, T, B)
+                w_ch if w_ch is not None else w_hh, counter, 1.0, T, B)
         if schedule == "persistent":
             barrier_watch.check()  # an earlier launch whose barrier gave up raises here
             counter.zero_()  # the barrier's targets count from zero in every launch

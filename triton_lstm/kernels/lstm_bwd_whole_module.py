@@ -27,6 +27,7 @@ def lstm_bwd_stack_gate_grads(
     tiling: tuple[int, int, int, int] | None = None,
     w_ch: torch.Tensor | None = None,
     cell: str = "lstm",
+    dropout: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The sequential part of a stack's backward in one persistent launch (a reverse wavefront: the top
     layer leads, layer l takes its gradient of h_t from dG^{l+1}_t·W_ih^{l+1} in the kernel).
@@ -38,11 +39,12 @@ def lstm_bwd_stack_gate_grads(
     driver refuses the cooperative launch (nothing ran: the caller goes layer by layer). ``tiling`` =
     (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's (``benchmarks/tune.py --layers``);
     ``w_ch`` (L, 3H): the layers' peephole weights. ``cell`` "gru": a GRU stack (``w_hh`` (L, 3H, H),
-    ``w_ih_above`` (L - 1, 3H, H), ``c_all`` its fp32 h, ``grad_c_n`` zeros; grad_c0 None).
+    ``w_ih_above`` (L - 1, 3H, H), ``c_all`` its fp32 h, ``grad_c_n`` zeros; grad_c0 None). ``dropout``: the
+    forward's dropout between layers, ``(mask (L - 1, T, B, H) uint8, scale)``.
     """
     return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all,
                                layers=gates.shape[0], what="the stacked backward kernel", tiling=tiling, w_ch=w_ch,
-                               cell=cell)
+                               cell=cell, dropout=dropout)
 
 
 def lstm_bwd_bidirectional_gate_grads(
@@ -72,7 +74,7 @@ def lstm_bwd_bidirectional_gate_grads(
 
 
 def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all, *, layers=1,
-                        directions=1, what, tiling=None, w_ch=None, cell="lstm"):
+                        directions=1, what, tiling=None, w_ch=None, cell="lstm", dropout=None):
     """The chain kernel over a leading axis of ``layers`` (a stack, ``LAYERS``) or ``directions`` (both
     directions of a layer, ``DIRECTIONS``), in one persistent launch; None where it cannot run."""
     groups, T, B, four_h = gates.shape
@@ -104,10 +106,11 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
     def launch():
         _lstm_bwd_kernel[grid](
             grad_out.contiguous(), gates, c_all, w_hh, lengths if lengths is not None else counters, grad_gates, dh, dc,
-            counters, w_ih_above, w_ch if w_ch is not None else w_hh, T, B, T - 1, T, 0, H=H,
+            counters, w_ih_above, w_ch if w_ch is not None else w_hh, dropout[0] if dropout is not None else counters,
+            dropout[1] if dropout is not None else 1.0, T, B, T - 1, T, 0, H=H,
             HAS_LENGTHS=lengths is not None, USE_BARRIER=True, DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b,
             BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT, LAYERS=layers, DIRECTIONS=directions,
-            PEEPHOLE=w_ch is not None, CELL=cell, launch_cooperative_grid=True, **options,
+            PEEPHOLE=w_ch is not None, CELL=cell, DROPOUT=dropout is not None, launch_cooperative_grid=True, **options,
         )
         return True
 

@@ -104,6 +104,9 @@ def _lstm_persistent_fwd_kernel(
     bias_ptr,  # HAS_BIAS: b_ih + b_hh of the layers in w_ih_ptr, (LAYERS - 1, 4H) or with FUSED_INPUT (LAYERS, 4H)
     out_ptr,  # DIRECTIONS == 2: (T, B, 2H), the layer's output, both directions in time order
     cell_params_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co), stacked per layer or direction; CELL "gru": (H,) b_hn
+    dropout_mask_ptr,  # DROPOUT: (LAYERS - 1, T, B, H) uint8, nonzero where layer l's h_t unit reaches layer l + 1
+    dropped_ptr,  # DROPOUT: (LAYERS - 1, T, B, H), layer l's h_t as layer l + 1 reads it: masked and scaled
+    dropout_scale,  # DROPOUT: 1 / (1 - p), or 0 for p = 1
     T,
     B,
     grid_b,  # batch groups (the grid's second axis); not a constexpr, so a new batch size does not recompile
@@ -129,6 +132,7 @@ def _lstm_persistent_fwd_kernel(
     FUSED_INPUT: tl.constexpr = False,  # layer 0's input product formed in the kernel from x (stack_layer, any LAYERS)
     IN_K: tl.constexpr = 0,  # the input products' K (x's I with FUSED_INPUT, one layer; else H); 0: H
     IN_BLOCK_K: tl.constexpr = 0,  # RESIDENT: IN_K padded to a power of two; 0: BLOCK_K
+    DROPOUT: tl.constexpr = False,  # LAYERS > 1: dropout between layers (training), masks drawn before the launch
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
@@ -173,7 +177,8 @@ def _lstm_persistent_fwd_kernel(
                 layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr, lengths_ptr, counters_ptr,
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
                 BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL, GATE_BIT, INPUT_AHEAD,
-                FUSED_INPUT, IN_K if IN_K > 0 else H, IN_BLOCK_K if IN_BLOCK_K > 0 else BLOCK_K,
+                FUSED_INPUT, IN_K if IN_K > 0 else H, IN_BLOCK_K if IN_BLOCK_K > 0 else BLOCK_K, dropout_mask_ptr,
+                dropped_ptr, dropout_scale, DROPOUT,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -333,14 +338,15 @@ def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengt
 
 
 def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True, *, layers=1, directions=1,
-                      w_ih=None, bias=None, out=None, w_ch=None, b_hn=None,
+                      w_ih=None, bias=None, out=None, w_ch=None, b_hn=None, dropout=None,
                       what="the persistent forward kernel"):
     """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
     one layer and direction, a stack of ``layers`` (with ``w_ih``, ``bias``: the input weights and biases
     of layers 1, 2, …: lstm_fwd_stack.py; or with ``plan.fused_input`` of every layer, ``projected`` then
     being x: lstm_fwd_fused_input.py) or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
     weights, (3H,) or stacked per layer or direction; ``b_hn`` (H,), or stacked per layer or direction: a
-    GRU instead (``kernels/gru.py``). Raises OutOfResources or
+    GRU instead (``kernels/gru.py``); ``dropout``: a stack's dropout between layers, ``(mask, dropped,
+    scale)`` (``stack_layer``). Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
     T, B = projected.shape[:2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
@@ -368,6 +374,9 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         bias if bias is not None else w_hh,
         out if out is not None else w_hh,
         w_ch if w_ch is not None else b_hn if b_hn is not None else w_hh,
+        dropout[0] if dropout is not None else counters,  # dropout_mask_ptr, dropped_ptr: read only with DROPOUT
+        dropout[1] if dropout is not None else w_hh,
+        dropout[2] if dropout is not None else 1.0,
         T,
         B,
         plan.grid_b,
@@ -393,6 +402,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         FUSED_INPUT=plan.fused_input,
         IN_K=in_k,
         IN_BLOCK_K=max(16, triton.next_power_of_2(in_k)) if plan.resident else plan.block_k,
+        DROPOUT=dropout is not None,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver

@@ -15,8 +15,11 @@ slices loaded once per layer) is there for ``benchmarks/tune.py --layers``, and 
 ``(h_all, c_all, gates)`` stacked, each layer's exactly as the single-layer forward lays it out, so the
 backward runs layer by layer on them (``triton_lstm/ops.py``).
 
+Dropout between layers (training) runs in the same launch: masks drawn by torch before it, applied in
+the kernel to a copy of each layer's h_t that the layer above reads (``stack_layer``).
+
 Falls back (``plan_stack_fwd`` says why) to the layer-by-layer path for: one layer; bidirectional or
-projected stacks and inter-layer dropout in training (not handled in the kernel); fp32 on a GPU (two
+projected stacks (not handled in the kernel); fp32 on a GPU (two
 streamed fp32 products spill on sm_90); shapes whose grid of L layers does not fit the SMs;
 ``TRITON_LSTM_STACK=0``. Layer 0's input size may differ from H (its projection is a GEMM).
 """
@@ -36,7 +39,7 @@ from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outp
 from triton_lstm.kernels.lstm_fwd_persistent import launch_persistent
 
 
-def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False) -> ForwardPlan:
+def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False, dropout: bool = False) -> ForwardPlan:
     """The stack plan for an input on its device (the interpreter when it is on the CPU)."""
     if stack_disabled():
         return ForwardPlan(False, "TRITON_LSTM_STACK=0 (or TRITON_LSTM_PERSISTENT=0): layer by layer")
@@ -45,8 +48,9 @@ def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False)
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         num_sms, shared = _device_limits(index)
         return plan_stack_fwd(T, B, H, layers, x.element_size(), num_sms, shared, False, fp32_tensor_cores(x.device),
-                              peephole)
-    return plan_stack_fwd(T, B, H, layers, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False, peephole)
+                              peephole, dropout)
+    return plan_stack_fwd(T, B, H, layers, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False, peephole,
+                          dropout)
 
 
 def lstm_fwd_stack(
@@ -61,6 +65,7 @@ def lstm_fwd_stack(
     save: bool = True,
     w_ch: torch.Tensor | None = None,
     b_hn: torch.Tensor | None = None,
+    dropout: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs ``plan`` (from ``plan_stack_fwd``, persistent) over a stack of L layers; ``w_ch`` (L, 3H): the
     layers' peephole weights; ``b_hn`` (L, H): a GRU stack's (``projected`` (T, B, 3H), ``w_hh``, ``w_ih_above``
@@ -71,6 +76,8 @@ def lstm_fwd_stack(
     the layers above 0. All contiguous, on one device, in the input dtype; ``lengths`` int32 or None.
     Returns ``(h_all, c_all, gates)`` of shapes (L, T + 1, B, H), (L, T + 1, B, H) fp32 and (L, T, B, 4H);
     without ``save`` (an inference forward) c_all is (L, 1, B, H), c_T of each layer, and gates (L, 0, B, 4H).
+    ``dropout``: dropout between layers, ``(mask, scale)``: the (L - 1, T, B, H) uint8 masks (nonzero: kept)
+    and 1 / (1 - p); layer l > 0 reads the layer below's h_t masked and scaled (``stack_layer``).
 
     Raises ``OutOfResources`` or the driver's RuntimeError for a refused cooperative launch before
     anything ran (the caller then runs layer by layer).
@@ -78,7 +85,10 @@ def lstm_fwd_stack(
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a stack plan must have one program, got {plan.num_programs}")
     outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[-1], save)
+    if dropout is not None:  # the dropped copies the layers above read, (L - 1, T, B, H): dropped after the launch
+        mask, scale = dropout
+        dropout = (mask, torch.empty(mask.shape, dtype=projected.dtype, device=projected.device), scale)
     launch_persistent(plan, projected, w_hh, *outputs, lengths, save, layers=w_hh.shape[0], w_ih=w_ih_above,
-                      bias=bias_above, w_ch=w_ch, b_hn=b_hn, what="the stacked forward kernel")
+                      bias=bias_above, w_ch=w_ch, b_hn=b_hn, dropout=dropout, what="the stacked forward kernel")
     return finished_outputs(outputs, save)
 

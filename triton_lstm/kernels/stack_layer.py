@@ -15,7 +15,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
                  RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr,
                  GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr, FUSED_INPUT: tl.constexpr, IN_K: tl.constexpr,
-                 IN_BLOCK_K: tl.constexpr):
+                 IN_BLOCK_K: tl.constexpr, dropout_mask_ptr, dropped_ptr, dropout_scale, DROPOUT: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
@@ -39,6 +39,12 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
     the rest of its layer — the input product runs while the barrier completes, leaving the recurrent
     product and the cell update on the critical path. No deadlock: a layer never waits on the one above.
 
+    ``DROPOUT`` (training): dropout between layers with masks drawn by torch before the launch
+    (``dropout_mask_ptr``, (L - 1, T, B, H), nonzero where a unit is kept). Layer l < L - 1 stores its h_t
+    a second time, masked and scaled by ``dropout_scale`` (1 / (1 - p)), into its slice of ``dropped_ptr``,
+    before it arrives at its barrier; the layer above reads that copy as its input. Its own recurrence
+    reads the undropped h_t, as nn.LSTM's does.
+
     A GRU stack (CELL "gru"): three gates per weight, b_hn per layer in ``cell_params_ptr``, and the n
     gate's input and recurrent products kept apart (the reset gate multiplies only the second): the
     input side accumulates into (acc_i, acc_f, acc_g) = (r, z, x_n); x_n then moves aside and the
@@ -58,6 +64,12 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
         forms_input = True
         if layer == 0:
             h_below = projected_ptr - B * IN_K  # x_t at h_below + (t + 1)·B·IN_K, as a layer below's h_t
+    mask_layer = dropout_mask_ptr + lay * T * B * H  # DROPOUT: this layer's masks and dropped h_t, (T, B, H)
+    dropped_layer = dropped_ptr + lay * T * B * H
+    drops = layer < LAYERS - 1
+    if DROPOUT:
+        if layer > 0:
+            h_below = dropped_layer - (T + 1) * B * H  # the layer below's dropped h_t at h_below + (t + 1)·B·H
     # c_all holds T + 1 steps per layer, or the two slots of an inference forward (c_slot); no gates then.
     c_layer = c_ptr + lay * 2 * B * H
     gates_layer = gates_ptr
@@ -97,7 +109,8 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
             _stack_step(
                 acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
                 lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H, HAS_LENGTHS,
-                SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL,
+                SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL, mask_layer, dropped_layer,
+                dropout_scale, drops, DROPOUT,
             )
             if not failed:
                 barrier_arrive(counter_ptr)
@@ -133,7 +146,8 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                     _stack_step(
                         acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g,
                         hh_o, lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H,
-                        HAS_LENGTHS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL,
+                        HAS_LENGTHS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL, mask_layer,
+                        dropped_layer, dropout_scale, drops, DROPOUT,
                     )
             if not failed:
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
@@ -175,9 +189,10 @@ def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer,
                 lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
                 RESIDENT: tl.constexpr, GATES: tl.constexpr, GATE_BIT: tl.constexpr, PEEPHOLE: tl.constexpr,
-                CELL: tl.constexpr):
+                CELL: tl.constexpr, mask_layer, dropped_layer, dropout_scale, drops, DROPOUT: tl.constexpr):
     """The rest of a stack layer's step for one tile, on its gate inputs ``acc_*`` (``_stack_input_product``):
-    the recurrent product h_{t-1}·W_hhᵀ, the cell update and the h_t store."""
+    the recurrent product h_{t-1}·W_hhᵀ, the cell update and the h_t store (with ``DROPOUT``, where the
+    layer ``drops`` — all but the top — also its masked and scaled copy for the layer above)."""
     mask_bh = mask_b[:, None] & mask_h[None, :]
     zero = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)  # the gate inputs are in the accumulators
     if CELL == "gru":
@@ -192,8 +207,14 @@ def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer,
     )
     # The state is loaded after the products: live across their K loops it spilled on sm_90.
     h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
-    update_and_store_h(
+    h, _ = update_and_store_h(
         acc_i, acc_f, acc_g, acc_o, zero, zero, x_n, zero, h_prev, c_prev, h_layer, c_layer,
         gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
         failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
     )
+    if DROPOUT:
+        if drops:
+            offs = step * B * H + rows[:, None] * H + offs_h[None, :]
+            keep = tl.load(mask_layer + offs, mask=mask_bh, other=0)
+            dropped = tl.where(keep != 0, h * dropout_scale, 0.0)
+            tl.store(dropped_layer + offs, dropped.to(dropped_layer.dtype.element_ty), mask=mask_bh)
