@@ -19,7 +19,8 @@
 # TUNE=1 adds the sweep (TUNE_SHAPES, e.g. "--shape 256 64 1024 1024", else the anchors; TUNE_MODE,
 # TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); VARIANTS=1 times the planned kernels against the variants
 # the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); FUSED=1 times the input
-# product formed in the kernel at B = 256 (the LSTM's and the GRU's plans with and without it); SUITE=1 also
+# product formed in the kernel at B = 256 (the LSTM's and the GRU's plans with and without it); DROPOUT=1
+# times a 4-layer training step with dropout between layers (gpu_smoke.py --dropout-timing); SUITE=1 also
 # runs the whole suite. DRY_RUN=1 prints each stage's command instead of running it (no GPU needed: the
 # tests check that every script accepts what this file passes it).
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
@@ -85,6 +86,12 @@ rc=$?
 if ! stage "stack smoke" "${STACK_SMOKE_LIMIT:-120}" stack_smoke.log "$PY" benchmarks/gpu_smoke.py --stack; then
   echo "stack smoke failed: TRITON_LSTM_STACK=0 and TRITON_LSTM_BIDIRECTIONAL=0 for the remaining stages"
   export TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0
+fi
+
+if [ "${DROPOUT:-0}" = "1" ] && [ "${TRITON_LSTM_STACK:-1}" = "1" ]; then
+  # A 4-layer training step with dropout between layers: in the stacked launches, layer by layer with
+  # F.dropout, without dropout, and cuDNN's (benchmarks/NOTES.md, "Dropout between layers").
+  stage "dropout timing" "${DROPOUT_LIMIT:-90}" dropout_timing.log "$PY" benchmarks/gpu_smoke.py --dropout-timing
 fi
 
 if [ "${BENCH:-1}" = "1" ]; then
