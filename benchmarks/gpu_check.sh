@@ -20,7 +20,8 @@
 # TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); VARIANTS=1 times the planned kernels against the variants
 # the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); FUSED=1 times the input
 # product formed in the kernel at B = 256 (the LSTM's and the GRU's plans with and without it); DROPOUT=1
-# times a 4-layer training step with dropout between layers (gpu_smoke.py --dropout-timing); SUITE=1 also
+# times a 4-layer training step with dropout between layers (gpu_smoke.py --dropout-timing); PROJECTION=1
+# times an LSTM with projections against cuDNN's and our per-step path (gpu_smoke.py --projection-timing); SUITE=1 also
 # runs the whole suite. DRY_RUN=1 prints each stage's command instead of running it (no GPU needed: the
 # tests check that every script accepts what this file passes it).
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
@@ -92,6 +93,11 @@ if [ "${DROPOUT:-0}" = "1" ] && [ "${TRITON_LSTM_STACK:-1}" = "1" ]; then
   # A 4-layer training step with dropout between layers: in the stacked launches, layer by layer with
   # F.dropout, without dropout, and cuDNN's (benchmarks/NOTES.md, "Dropout between layers").
   stage "dropout timing" "${DROPOUT_LIMIT:-90}" dropout_timing.log "$PY" benchmarks/gpu_smoke.py --dropout-timing
+fi
+
+if [ "${PROJECTION:-0}" = "1" ]; then
+  # proj_size > 0 on the plain LSTM's kernels (benchmarks/NOTES.md, "proj_size > 0").
+  stage "projection timing" "${PROJECTION_LIMIT:-120}" projection_timing.log "$PY" benchmarks/gpu_smoke.py --projection-timing
 fi
 
 if [ "${BENCH:-1}" = "1" ]; then

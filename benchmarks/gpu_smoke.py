@@ -3,6 +3,7 @@
     python benchmarks/gpu_smoke.py
     python benchmarks/gpu_smoke.py --stack    # the stacked kernels against the same model layer by layer
     python benchmarks/gpu_smoke.py --dropout-timing   # a 4-layer training step with dropout between layers
+    python benchmarks/gpu_smoke.py --projection-timing   # an LSTM with projections (proj_size > 0)
     python benchmarks/gpu_smoke.py --single-step    # the single-step timing alone
 
 For each anchor shape (bf16, fp32): the forward plan, whether that exact plan compiles within the device's
@@ -148,6 +149,39 @@ def dropout_timing(T=512, B=64, H=512, layers=4, p=0.2):
             + ", ".join(f"{name} {us:.1f}" for name, us in results.items()))
 
 
+def projection_timing(cases=((512, 64, 512, 1024, 256), (1024, 8, 512, 512, 128))):
+    """An LSTM with projections (proj_size P, one layer, bf16), µs per time step (do_bench medians), forward
+    and forward+backward: ours (the recurrence in m on the merged weight W_hh·W_hr, kernels/lstm_projection.py),
+    ours on the paths it took before (one launch per step, TRITON_LSTM_PERSISTENT=0, and backward="reference"),
+    cuDNN's nn.LSTM with the same weights; and the largest relative difference of ours from cuDNN's output."""
+    import triton.testing
+
+    lines = []
+    for T, B, I, H, P in cases:
+        torch.manual_seed(0)
+        theirs = nn.LSTM(I, H, proj_size=P, device="cuda", dtype=torch.bfloat16)
+        ours = triton_lstm.LSTM(I, H, proj_size=P, device="cuda", dtype=torch.bfloat16)
+        ours.load_state_dict(theirs.state_dict())
+        before = triton_lstm.LSTM(I, H, proj_size=P, backward="reference", device="cuda", dtype=torch.bfloat16)
+        before.load_state_dict(theirs.state_dict())
+        x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(T, B, P, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            error = relative_error(ours(x)[0], theirs(x)[0])
+        figures = []
+        for name, model, persistent in (("ours", ours, "1"), ("per-step forward, reference backward", before, "0"),
+                                        ("nn.LSTM", theirs, "1")):
+            os.environ["TRITON_LSTM_PERSISTENT"] = persistent
+            fwd = triton.testing.do_bench(lambda: model(x), return_mode="median") * 1e3 / T  # noqa: B023
+            step = lambda: torch.autograd.backward(model(x)[0], grad)  # noqa: E731, B023
+            both = triton.testing.do_bench(step, grad_to_none=[x, *model.parameters()], return_mode="median") * 1e3 / T
+            figures.append(f"{name} {fwd:.1f} / {both:.1f}")
+        os.environ.pop("TRITON_LSTM_PERSISTENT")
+        lines.append(f"proj T{T} B{B} I{I} H{H} P{P} bf16, us/step fwd / fwd+bwd: {', '.join(figures)}; "
+                     f"output vs cuDNN max rel err {error:.2e}")
+    return "\n".join(lines)
+
+
 def compare_whole_module(cell, T, B, I, H, layers, bidirectional, packed, label) -> int:
     """One model (``cell`` "LSTM" or "GRU") with its whole-module kernel and layer by layer: 1 if they disagree."""
     from triton_lstm.bidirectional import bidirectional_plan
@@ -191,6 +225,9 @@ def main() -> int:
         return 0
     if sys.argv[1:] == ["--dropout-timing"]:
         print(dropout_timing(), flush=True)
+        return 0
+    if sys.argv[1:] == ["--projection-timing"]:
+        print(projection_timing(), flush=True)
         return 0
     print(torch.cuda.get_device_name(), "SMs, shared opt-in:", forward_plans._device_limits(0), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -209,7 +209,7 @@ def test_gpu_check_passes_each_script_arguments_it_accepts(tmp_path, capsys):
     import sys
 
     env = dict(os.environ, OUT=str(tmp_path), DRY_RUN="1", VARIANTS="1", FUSED="1", PROFILE="1", TUNE="1", DROPOUT="1",
-               EXAMPLES="1", SUITE="1", PYTHON=sys.executable)
+               PROJECTION="1", EXAMPLES="1", SUITE="1", PYTHON=sys.executable)
     listing = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                              text=True, timeout=120)
     assert listing.returncode == 0, listing.stdout + listing.stderr
@@ -235,7 +235,8 @@ def test_gpu_check_passes_each_script_arguments_it_accepts(tmp_path, capsys):
             continue
         script, args = Path(command[1]).name, command[2:]
         if script == "gpu_smoke.py":
-            assert args in ([], ["--stack"], ["--single-step"], ["--dropout-timing"]), args
+            assert args in ([], ["--stack"], ["--single-step"], ["--dropout-timing"],
+                            ["--projection-timing"]), args
         elif script == "char_lm.py":
             char_lm.parse_args(args)  # argparse exits on what it does not accept
         else:

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from triton_lstm.reference import (
     accumulate_dtype,
-    input_projection,
     lstm_recurrence_backward_reference,
     lstm_recurrence_reference,
     projection_bias,
@@ -33,8 +32,8 @@ from triton_lstm.reference import (
 
 try:
     from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_from_input
-    from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
     from triton_lstm.kernels.lstm_bwd import lstm_bwd
+    from triton_lstm.kernels.lstm_projection import lstmp_bwd, lstmp_fwd
 
     HAS_TRITON = True
     TRITON_IMPORT_ERROR: str | None = None
@@ -115,10 +114,9 @@ def recurrence_fwd(
                 # The input projection and the persistent kernel where its plan allows, else the per-step
                 # lstm_fwd (lstm_fwd_fused_input.py, lstm_fwd_persistent.py).
                 return run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, True, w_ch)
-            # With a projection (proj_size > 0): the per-step kernel, which lstm_fwd_persistent falls back to.
-            projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
-            return lstm_fwd_persistent(projected, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), w_hr.contiguous(),
-                                       lengths, save=bool(save), w_ch=None if w_ch is None else w_ch.contiguous())
+            # With a projection (proj_size > 0): the same kernels in m_t, the projection outside them
+            # (kernels/lstm_projection.py; the modules refuse peepholes with a projection).
+            return lstmp_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, bool(save))
     h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch)
     if not save:
         return h_all, c_all[-1:].clone(), gates[:0].clone()
@@ -159,10 +157,18 @@ def recurrence_bwd(
     Where the kernels run, the fused backward (kernels/lstm_bwd.py) unless ``use_reference`` is 1
     (``backward="reference"``).
     """
-    backward = lstm_bwd if uses_kernels(x) and not use_reference else lstm_recurrence_backward_reference
+    backward = lstm_recurrence_backward_reference
+    if uses_kernels(x) and not use_reference:
+        backward = _projection_bwd if w_hr is not None and gates.numel() > 0 else lstm_bwd
     with kernel_device(x):
         grads = backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, w_ch)
     return (*grads[:6], *(grad if grad is not None else x.new_empty(0) for grad in grads[6:]))
+
+
+def _projection_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, w_ch):
+    # No peepholes with a projection (the modules and lstm_layer refuse them): no w_ch gradient.
+    lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
+    return (*lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths), None)
 
 
 def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, w_ch=None, *, peephole_output=True):
