@@ -1,9 +1,9 @@
 """Compiles the LSTM kernels for a GPU architecture on a machine without a GPU.
 
 For every configuration that the launchers pick over a grid of shapes, dtypes and device presets
-(``--kernel persistent``: ``plan_persistent_fwd``; ``step``: the per-step forward's block sizes, with and
-without a projection; ``bwd``: ``plan_bwd``, both schedules), Triton compiles the kernel ahead of time (``triton.compile`` with a ``GPUTarget``; ptxas ships
-with triton) and this script checks what can be checked without running it:
+(``--kernel persistent``: ``plan_persistent_fwd``; ``step``: the per-step forward's block sizes; ``bwd``:
+``plan_bwd``, both schedules), Triton compiles the kernel ahead of time (``triton.compile`` with a
+``GPUTarget``; ptxas ships with triton) and this script checks what can be checked without running it:
 
 - it compiles at all (each compile runs in its own process: an LLVM assertion aborts the process);
 - the shared memory it allocates fits the device preset's opt-in limit, and against ``resident_bytes``;
@@ -81,9 +81,9 @@ def _kernel_and_signature(config: dict):
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
         signature = {"projected_ptr": f"*{dtype}", "w_hh_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "c_ptr": "*fp32",
-                     "gates_ptr": f"*{dtype}", "m_ptr": f"*{dtype}", "lengths_ptr": "*i32",
+                     "gates_ptr": f"*{dtype}", "lengths_ptr": "*i32",
                      "cell_params_ptr": f"*{dtype}", "t": "i32", "B": "i32"}
-        constants = dict(H=config["H"], K=config["K"], HAS_LENGTHS=1, PROJECT=int(config["K"] != config["H"]), SAVE=1,
+        constants = dict(H=config["H"], K=config["K"], HAS_LENGTHS=1, SAVE=1,
                          DOT_PRECISION=config.get("precision", "ieee"), BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
                          PEEPHOLE=int(config.get("peephole", False)), CELL=config.get("cell", "lstm"))
     elif kind == "peephole_grad":  # the peephole weights' reduction (not planned: its one tile per dtype)
@@ -166,7 +166,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
     shapes = ANCHORS if quick else [(B, H) for H in (1, 16, 17, 33, 64, 100, 128, 256, 512, 768, 1024, 2048, 4096)
                                     for B in (1, 3, 8, 16, 17, 64, 256, 512)]
     if kernel == "step":
-        return _step_configs(shapes, arch, projections=cell == "lstm")
+        return _step_configs(shapes, arch)
     if kernel == "bwd":
         return _bwd_configs(shapes, devices, arch)
     if kernel == "stack":
@@ -180,7 +180,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
                 if directions == 2:
                     plan = plan_bidirectional_fwd(100, B, H, size, num_sms, shared, gates=3 if cell == "gru" else 4)
                 else:
-                    plan = plan_persistent_fwd(100, B, H, H, size, False, num_sms, shared, gates=3 if cell == "gru" else 4)
+                    plan = plan_persistent_fwd(100, B, H, H, size, num_sms, shared, gates=3 if cell == "gru" else 4)
                 if not plan.persistent:
                     continue
                 owns_one_tile = one_tile_each(plan, B, H)
@@ -245,18 +245,17 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
     return list(seen.values())
 
 
-def _step_configs(shapes, arch: int, projections: bool = True) -> list[dict]:
+def _step_configs(shapes, arch: int) -> list[dict]:
     from triton_lstm.kernels.lstm_fwd import step_blocks
 
     seen = {}
     for dtype, size in DTYPES.items():
         for B, H in shapes:
-            for K in sorted({H, max(1, H // 2)} if projections else {H}):  # K < H: with a projection
-                block_b, block_h, block_k, precision = step_blocks(B, H, K, size, arch >= 80)
-                key = (dtype, H, K, block_b, block_h, block_k, precision)
-                seen.setdefault(key, dict(kernel="step", dtype=dtype, H=H, K=K, resident=False, block_b=block_b,
-                                          block_h=block_h, block_k=block_k, num_warps=4, arch=arch,
-                                          limit=DEVICES[0][2], device=DEVICES[0][0], estimate=None, precision=precision))
+            block_b, block_h, block_k, precision = step_blocks(B, H, H, size, arch >= 80)
+            key = (dtype, H, block_b, block_h, block_k, precision)
+            seen.setdefault(key, dict(kernel="step", dtype=dtype, H=H, K=H, resident=False, block_b=block_b,
+                                      block_h=block_h, block_k=block_k, num_warps=4, arch=arch,
+                                      limit=DEVICES[0][2], device=DEVICES[0][0], estimate=None, precision=precision))
     return list(seen.values())
 
 

@@ -41,7 +41,7 @@ def check_plan(T, B, H, dtype):
     projected = torch.randn(T, B, 4 * H, device="cuda", dtype=dtype)
     w_hh = (torch.randn(4 * H, H, device="cuda") * H**-0.5).to(dtype)
     h0, c0 = torch.randn(2, B, H, device="cuda", dtype=dtype)
-    plan = fwd.plan_for(projected, w_hh, None)
+    plan = fwd.plan_for(projected, w_hh)
     line = f"plan {plan.reason}: bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}"
     if not plan.persistent:
         return line
@@ -49,7 +49,7 @@ def check_plan(T, B, H, dtype):
         ours = fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan)[0]
     except Exception as error:  # noqa: BLE001 (report and go on)
         return f"{line} -> {type(error).__name__}: {str(error).splitlines()[0][:100]}"
-    steps = lstm_fwd(projected, h0, c0, w_hh, None, None)[0]
+    steps = lstm_fwd(projected, h0, c0, w_hh, None)[0]
     return f"{line} -> runs; vs per-step kernel rel err {relative_error(ours, steps):.2e}"
 
 

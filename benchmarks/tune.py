@@ -71,7 +71,7 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: 
     in fp32 also tensor-core dots in three TF32 passes ("tf32x3", fp32-level accuracy). ``gates`` 3: a
     GRU's plans (the planner's for three gates, and resident tiles its three-gate W_hh slice may fit)."""
     shared = forward_plans._device_limits(0)[1] if shared is None else shared
-    default = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, False, num_sms, shared, gates=gates)
+    default = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, num_sms, shared, gates=gates)
     plans = [default] if default.persistent else []
     if default.persistent and not default.resident:
         # Deeper pipelining of the streamed K chunks (Nsight Compute, run 4: the H = 1024 step waits on L2
@@ -187,7 +187,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
     c0 = torch.randn(B, H, device=device, dtype=dtype) if cell == "lstm" else h0  # a GRU's state is h alone
     b_hn = (torch.randn(H, device=device) * 0.1).to(dtype) if cell == "gru" else None
 
-    per_step = lambda: lstm_fwd(projected, h0, c0, w_hh, None, None, b_hn=b_hn)  # noqa: E731 (the yardstick)
+    per_step = lambda: lstm_fwd(projected, h0, c0, w_hh, None, b_hn=b_hn)  # noqa: E731 (the yardstick)
     expected = per_step()[0].float()
     tol = 3e-2 if dtype != torch.float32 else 1e-4
 
@@ -346,7 +346,7 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), d
     h0 = torch.zeros(L, B, H, device=device, dtype=dtype)
     c0 = torch.zeros(L, B, H, device=device, dtype=dtype)
     default = forward_plans.plan_stack_fwd(T, B, H, L, projected.element_size(), num_sms, shared)
-    run_layers = lambda: fwd.lstm_fwd_persistent(projected, h0[0], c0[0], w_hh[0], None, None)  # noqa: E731
+    run_layers = lambda: fwd.lstm_fwd_persistent(projected, h0[0], c0[0], w_hh[0], None)  # noqa: E731
     single_us = _bench(run_layers) * 1e3 / T
     reference = torch.nn.LSTM(I, H, num_layers=L, device=device, dtype=dtype)
     with torch.no_grad():

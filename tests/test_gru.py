@@ -466,12 +466,12 @@ def test_gru_fp32_plan_takes_narrower_chunks_where_they_spill():
     from triton_lstm.kernels.forward_plans import plan_persistent_fwd
     from triton_lstm.kernels.lstm_fwd_persistent import plan_for
 
-    lstm = plan_persistent_fwd(256, 32, 2048, 2048, 4, False, 132, 232448)
-    gru = plan_persistent_fwd(256, 32, 2048, 2048, 4, False, 132, 232448, gates=3)
+    lstm = plan_persistent_fwd(256, 32, 2048, 2048, 4, 132, 232448)
+    gru = plan_persistent_fwd(256, 32, 2048, 2048, 4, 132, 232448, gates=3)
     assert (lstm.block_b, lstm.block_k) == (32, 64) and (gru.block_b, gru.block_k) == (32, 32)
-    assert plan_persistent_fwd(256, 32, 1024, 1024, 4, False, 132, 232448, gates=3).block_k == 64
+    assert plan_persistent_fwd(256, 32, 1024, 1024, 4, 132, 232448, gates=3).block_k == 64
     projected, w_hh = torch.empty(3, 2, 3 * 6), torch.empty(3 * 6, 6)
-    assert plan_for(projected, w_hh, None) == plan_for(torch.empty(3, 2, 4 * 6), torch.empty(4 * 6, 6), None)
+    assert plan_for(projected, w_hh) == plan_for(torch.empty(3, 2, 4 * 6), torch.empty(4 * 6, 6))
 
 
 def test_gru_torch_func_grad_and_vmap_like_nn_gru():

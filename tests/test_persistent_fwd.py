@@ -52,7 +52,7 @@ def _problem(T, B, I, H, dtype, with_lengths=False, seed=0, device=KERNEL_DEVICE
 def _run(inputs, lengths, dtype, plan):
     cast = {name: tensor.to(dtype) for name, tensor in inputs.items()}
     projected = input_projection(cast["x"], cast["w_ih"], cast["b_ih"], cast["b_hh"]).contiguous()
-    return lstm_fwd_persistent(projected, cast["h0"], cast["c0"], cast["w_hh"], None, lengths, plan)
+    return lstm_fwd_persistent(projected, cast["h0"], cast["c0"], cast["w_hh"], lengths, plan)
 
 
 def _reference(inputs, lengths, dtype):
@@ -129,21 +129,6 @@ def test_default_plan_through_the_op_runs_persistent(monkeypatch):
     assert_error_within_pytorch("c_n", c_n, c_torch[-1], c_ref[-1], dtype=torch.float32)
 
 
-def test_projection_falls_back_to_per_step(monkeypatch):
-    calls = []
-    real = persistent.lstm_fwd
-    monkeypatch.setattr(persistent, "lstm_fwd", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    T, B, H, P = 3, 2, 8, 5
-    projected = torch.randn(T, B, 4 * H, device=KERNEL_DEVICE)
-    w_hh = torch.randn(4 * H, P, device=KERNEL_DEVICE) * 0.3
-    w_hr = torch.randn(P, H, device=KERNEL_DEVICE) * 0.3
-    h_all, c_all, gates = lstm_fwd_persistent(
-        projected, torch.zeros(B, P, device=KERNEL_DEVICE), torch.zeros(B, H, device=KERNEL_DEVICE), w_hh, w_hr, None
-    )
-    assert calls == [1]
-    assert h_all.shape == (T + 1, B, P) and c_all.shape == (T + 1, B, H) and gates.shape == (T, B, 4 * H)
-
-
 def test_resident_out_of_resources_retries_streamed(monkeypatch):
     from triton.runtime.errors import OutOfResources
 
@@ -197,19 +182,18 @@ def test_refused_cooperative_launch_falls_back_to_per_step(monkeypatch):
 
 # --- The plan: a pure function of shapes and device limits ------------------------------------------
 
-def test_plan_projection_and_empty_inputs_go_per_step():
-    assert not plan_persistent_fwd(8, 4, 64, 32, 2, True, **H100).persistent
-    assert not plan_persistent_fwd(0, 4, 64, 64, 2, False, **H100).persistent
-    assert not plan_persistent_fwd(8, 0, 64, 64, 2, False, **H100).persistent
+def test_plan_empty_inputs_and_one_step_go_per_step():
+    assert not plan_persistent_fwd(0, 4, 64, 64, 2, **H100).persistent
+    assert not plan_persistent_fwd(8, 0, 64, 64, 2, **H100).persistent
     # One step: the per-step kernel on a GPU (less host work per call), persistent under the interpreter.
-    assert not plan_persistent_fwd(1, 8, 512, 512, 2, False, **H100).persistent
-    assert plan_persistent_fwd(1, 8, 512, 512, 2, False, num_sms=1, shared_memory=96 * 1024, interpret=True).persistent
+    assert not plan_persistent_fwd(1, 8, 512, 512, 2, **H100).persistent
+    assert plan_persistent_fwd(1, 8, 512, 512, 2, num_sms=1, shared_memory=96 * 1024, interpret=True).persistent
 
 
 @pytest.mark.parametrize("element_size", [2, 4])
 @pytest.mark.parametrize("H", [1, 17, 64, 1000, 4096])
 def test_plan_under_the_interpreter_is_one_program(H, element_size):
-    plan = plan_persistent_fwd(5, 17, H, H, element_size, False, num_sms=1, shared_memory=96 * 1024, interpret=True)
+    plan = plan_persistent_fwd(5, 17, H, H, element_size, num_sms=1, shared_memory=96 * 1024, interpret=True)
     assert plan.persistent and plan.num_programs == 1
     if plan.resident:
         assert plan.block_h >= H and plan.block_k >= H
@@ -220,14 +204,14 @@ def test_plan_anchor_shapes_on_an_h100():
     # streams, through tensor-core "tf32x3" dots where the card has them and FMA dots where it has not.
     expected = {256: True, 512: True, 1024: False, 2048: False}
     for T, B, I, H in [(512, 64, 256, 256), (256, 64, 1024, 1024), (1024, 8, 512, 512), (128, 256, 512, 512), (256, 16, 2048, 2048)]:
-        plan = plan_persistent_fwd(T, B, H, H, 2, False, **H100)
+        plan = plan_persistent_fwd(T, B, H, H, 2, **H100)
         assert plan.persistent and plan.resident == expected[H], (H, plan)
-        fp32 = plan_persistent_fwd(T, B, H, H, 4, False, **H100)
+        fp32 = plan_persistent_fwd(T, B, H, H, 4, **H100)
         assert not fp32.resident and fp32.exact_fp32_dot == "tf32x3", fp32
-        fma = plan_persistent_fwd(T, B, H, H, 4, False, **H100, fp32_tensor_cores=False)
+        fma = plan_persistent_fwd(T, B, H, H, 4, **H100, fp32_tensor_cores=False)
         assert not fma.resident and fma.exact_fp32_dot == "ieee" and fma.block_k <= 32, fma
     # The measured winners (H200, tune.py): 16-row tiles with 32-unit hidden blocks split the batch.
-    plan = plan_persistent_fwd(512, 64, 256, 256, 2, False, **H100)
+    plan = plan_persistent_fwd(512, 64, 256, 256, 2, **H100)
     assert (plan.block_b, plan.block_h, plan.grid_h, plan.grid_b, plan.num_warps) == (16, 32, 8, 4, 4), plan
 
 
@@ -238,7 +222,7 @@ def test_plan_invariants(num_sms, shared_memory):
     for H in [1, 16, 17, 33, 100, 256, 512, 1024, 2048, 4096, 8192, 65536]:
         for B in [1, 3, 16, 17, 64, 512]:
             for element_size in (2, 4):
-                plan = plan_persistent_fwd(64, B, H, H, element_size, False, num_sms, shared_memory)
+                plan = plan_persistent_fwd(64, B, H, H, element_size, num_sms, shared_memory)
                 if not plan.persistent:
                     assert triton.cdiv(H, 64) > plans.MAX_HIDDEN_BLOCKS_PER_PROGRAM * num_sms, (H, plan)
                     continue
@@ -255,16 +239,16 @@ def test_plan_invariants(num_sms, shared_memory):
                     assert resident_bytes(plan.block_b, plan.block_h, H, element_size) <= shared_memory - plans.RESIDENT_HEADROOM
                 if element_size == 4:
                     assert plan.exact_fp32_dot == "tf32x3"
-                    fma = plan_persistent_fwd(64, B, H, H, 4, False, num_sms, shared_memory, fp32_tensor_cores=False)
+                    fma = plan_persistent_fwd(64, B, H, H, 4, num_sms, shared_memory, fp32_tensor_cores=False)
                     assert fma.exact_fp32_dot == "ieee" and fma.block_k <= 32  # see the note in plan_persistent_fwd
 
 
 def test_plan_disabled_by_environment(monkeypatch):
     projected = torch.zeros(2, 1, 8)
     w_hh = torch.zeros(8, 2)
-    assert plan_for(projected, w_hh, None).persistent or HAS_CUDA
+    assert plan_for(projected, w_hh).persistent or HAS_CUDA
     monkeypatch.setenv("TRITON_LSTM_PERSISTENT", "0")
-    assert not plan_for(projected, w_hh, None).persistent
+    assert not plan_for(projected, w_hh).persistent
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the one-program rule is the interpreter's")
@@ -295,7 +279,7 @@ def test_saturating_pre_activations(dtype, mode):
     signs = torch.randint(0, 2, (T, B, 4 * H), generator=generator) * 2.0 - 1.0
     magnitudes = 10.0 ** torch.randint(1, 5, (T, B, 4 * H), generator=generator)  # 10 … 1e4
     projected, h0, c0, w_hh, eye = _identity_projection_problem(T, B, H, dtype, signs * magnitudes)
-    ours = lstm_fwd_persistent(projected, h0, c0, w_hh, None, None, _forced(mode, B, H, H, dtype))
+    ours = lstm_fwd_persistent(projected, h0, c0, w_hh, None, _forced(mode, B, H, H, dtype))
     reference = lstm_recurrence_reference(projected.double(), h0.double(), c0.double(), eye.double(), w_hh.double(), None, None)
     torchs = lstm_recurrence_reference(projected, h0, c0, eye, w_hh, None, None)
     for name, mine, theirs, exact in zip(("h_all", "c_all", "gates"), ours, torchs, reference):
@@ -313,8 +297,8 @@ def test_nan_in_one_batch_row_stays_in_that_row(mode):
     poisoned[bad_step, bad_row, 3] = float("nan")
     plan = _forced(mode, B, H, H, dtype)
     args = _identity_projection_problem(T, B, H, dtype, clean)[1:4]
-    ours_clean = lstm_fwd_persistent(clean.to(KERNEL_DEVICE).contiguous(), *args, None, None, plan)
-    ours_bad = lstm_fwd_persistent(poisoned.to(KERNEL_DEVICE).contiguous(), *args, None, None, plan)
+    ours_clean = lstm_fwd_persistent(clean.to(KERNEL_DEVICE).contiguous(), *args, None, plan)
+    ours_bad = lstm_fwd_persistent(poisoned.to(KERNEL_DEVICE).contiguous(), *args, None, plan)
     others = [b for b in range(B) if b != bad_row]
     for name, good, bad in zip(("h_all", "c_all", "gates"), ours_clean, ours_bad):
         assert torch.equal(good[:, others], bad[:, others]), f"{name}: a NaN in row {bad_row} reached other rows"
@@ -371,7 +355,7 @@ def test_gpu_long_sequence_large_batch():
     w_hh = (torch.randn(4 * H, H, device="cuda") * H**-0.5).to(torch.bfloat16)
     h0 = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
     c0 = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
-    h_all, c_all, gates = lstm_fwd_persistent(projected, h0, c0, w_hh, None, None)
+    h_all, c_all, gates = lstm_fwd_persistent(projected, h0, c0, w_hh, None)
     assert torch.isfinite(h_all).all() and torch.isfinite(c_all).all()
     _check_steps(projected, w_hh, h_all, c_all, gates, [0, 1, T // 2, T - 1])
 
@@ -386,7 +370,7 @@ def test_gpu_tensor_over_2_31_elements():
     c0 = torch.zeros(B, H, device="cuda", dtype=torch.bfloat16)
     lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
     lengths[::3] = T - 5
-    h_all, c_all, gates = lstm_fwd_persistent(projected, h0, c0, w_hh, None, lengths)
+    h_all, c_all, gates = lstm_fwd_persistent(projected, h0, c0, w_hh, lengths)
     _check_steps(projected, w_hh, h_all, c_all, gates, [0, T - 6])
     full = lengths == T
     _check_steps(projected, w_hh, h_all, c_all, gates, [T - 1], rows=full)
@@ -470,7 +454,7 @@ def test_inference_forward_keeps_no_per_step_state(T, mode):
     inputs, lengths = _problem(T, 19, 5, 17, torch.float32, with_lengths=True, seed=6)
     cast = {name: tensor.float() for name, tensor in inputs.items()}
     projected = input_projection(cast["x"], cast["w_ih"], cast["b_ih"], cast["b_hh"]).contiguous()
-    args = (projected, cast["h0"], cast["c0"], cast["w_hh"], None, lengths)
+    args = (projected, cast["h0"], cast["c0"], cast["w_hh"], lengths)
     plan = ForwardPlan(False, "test: per-step") if mode == "per_step" else _forced(mode, 19, 17, 17)
     h_saved, c_saved, gates_saved = lstm_fwd_persistent(*args, plan)
     h_all, c_all, gates = lstm_fwd_persistent(*args, plan, save=False)

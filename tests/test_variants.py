@@ -193,7 +193,7 @@ def test_streamed_one_tile_schedule_matches_nn(name, gate_dot, monkeypatch):
         pytest.skip("with the gate dot on one LSTM and one GRU case (keeps the interpreter run short)")
     case, cell = ONE_TILE_CASES[name]
     plan = dataclasses.replace(_one_tile_plan(case), streamed_one_tile=True, gate_dot=gate_dot)
-    monkeypatch.setattr(persistent, "plan_for", lambda projected, w_hh, w_hr: plan)
+    monkeypatch.setattr(persistent, "plan_for", lambda projected, w_hh: plan)
     from triton_lstm.kernels import lstm_fwd_bidirectional
 
     monkeypatch.setattr(lstm_fwd_bidirectional, "plan_bidirectional_fwd", lambda *args, **kwargs: plan)
@@ -207,7 +207,7 @@ def test_streamed_one_tile_schedule_matches_nn(name, gate_dot, monkeypatch):
 def test_streamed_one_tile_only_where_each_program_owns_one_tile(monkeypatch):
     case = Case(T=4, B=20, I=5, H=40)  # two batch blocks of 16, three hidden blocks of 16
     plan = ForwardPlan(True, "several tiles (test)", False, 16, 16, 16, 1, 1, 4, streamed_one_tile=True)
-    monkeypatch.setattr(persistent, "plan_for", lambda projected, w_hh, w_hr: plan)
+    monkeypatch.setattr(persistent, "plan_for", lambda projected, w_hh: plan)
     seen = _spy_launches(monkeypatch, "ONE_TILE")
     check_against_nn(case, torch.float32)
     assert seen == [{"ONE_TILE": False}]
@@ -216,7 +216,7 @@ def test_streamed_one_tile_only_where_each_program_owns_one_tile(monkeypatch):
 def test_planner_leaves_the_variants_off_until_measured():
     for H in (256, 512, 1024, 2048):
         for B in (8, 64, 256):
-            for plan in (forward_plans.plan_persistent_fwd(128, B, H, H, 2, False, 132, 232448),
+            for plan in (forward_plans.plan_persistent_fwd(128, B, H, H, 2, 132, 232448),
                          forward_plans.plan_stack_fwd(128, B, H, 4, 2, 132, 232448),
                          forward_plans.plan_bidirectional_fwd(128, B, H, 2, 132, 232448)):
                 assert not (plan.gate_dot or plan.input_ahead or plan.streamed_one_tile or plan.fused_input), plan
@@ -231,15 +231,15 @@ def test_resident_gate_dot_applies_to_streamed_plans_past_k_512_that_fit():
     """``forward_plans.resident_gate_dot``: the planned streamed plan, same tiles and grid, with W_hh resident
     and the gate dot, only where its slice fits the budget and K is within RESIDENT_GATE_DOT_MAX_K (the sm_90
     builds: ``compile_check.py --variant resident-gate-dot``). The (256, 64, 1024, 1024) anchor's plan:"""
-    plan = forward_plans.plan_persistent_fwd(128, 64, 1024, 1024, 2, False, *H200)
+    plan = forward_plans.plan_persistent_fwd(128, 64, 1024, 1024, 2, *H200)
     assert plan.persistent and not plan.resident and (plan.block_b, plan.block_h, plan.grid_h) == (32, 16, 64)
     twin = forward_plans.resident_gate_dot(plan, 1024, 1024, 2, H200[1])
     assert twin == dataclasses.replace(plan, resident=True, gate_dot=True, block_k=1024, reason=twin.reason), twin
-    assert forward_plans.resident_gate_dot(forward_plans.plan_persistent_fwd(128, 64, 768, 768, 2, False, *H200),
+    assert forward_plans.resident_gate_dot(forward_plans.plan_persistent_fwd(128, 64, 768, 768, 2, *H200),
                                            768, 768, 2, H200[1]).block_k == 1024, "K padded to a power of two"
 
     def twin_of(B, H, element_size=2, num_sms=H200[0], shared=H200[1]):
-        plan = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, False, num_sms, shared)
+        plan = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, num_sms, shared)
         return forward_plans.resident_gate_dot(plan, H, H, element_size, shared)
 
     assert twin_of(64, 512) is None, "resident already (K <= RESIDENT_MAX_K)"
@@ -394,7 +394,7 @@ def test_modules_with_the_input_product_in_the_kernel_match_nn(name, monkeypatch
     backward is the plain one, on what the fused forward saved."""
     case, cell, resident = FUSED_INPUT_MODULES[name]
     plan = dataclasses.replace(_one_tile_plan(case, resident), fused_input=True, input_ahead=True)
-    monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh, w_hr: plan)
+    monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh: plan)
     _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: plan)
     seen = _spy_launches(monkeypatch, "FUSED_INPUT", "INPUT_AHEAD")
     check_against_nn(case, STACK_DTYPE if case.num_layers > 1 else torch.float32, cell=cell)
@@ -422,7 +422,7 @@ def test_a_fused_launch_that_does_not_fit_is_tried_once(monkeypatch):
     monkeypatch.setattr(fused, "_refused", set())
     case = Case(T=4, B=3, I=5, H=8)
     plan = dataclasses.replace(_one_tile_plan(case), fused_input=True)
-    monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh, w_hr: plan)
+    monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh: plan)
     tries = []
 
     def does_not_fit(*args, **kwargs):
@@ -445,7 +445,7 @@ def test_a_projection_runs_a_fused_plan_without_forming_it_again(monkeypatch):
 
     case = Case(T=4, B=3, I=5, H=8)
     plan = dataclasses.replace(_one_tile_plan(case), fused_input=True, input_ahead=True)
-    monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh, w_hr: plan)
+    monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh: plan)
     seen = _spy_launches(monkeypatch, "FUSED_INPUT")
     torch.manual_seed(0)
     x, h0 = torch.randn(4, 3, 5), torch.randn(3, 8)
@@ -472,7 +472,7 @@ def test_fused_input_is_refused_where_it_does_not_apply():
     with pytest.raises(ValueError, match="input_size == hidden_size"):
         lstm_fwd_fused_input(torch.randn(T, B, H + 1), h0_2, h0_2, w_hh_2, torch.randn(2, 4 * H, H), None, None, fused)
     with pytest.raises(ValueError, match="fused_input"):
-        persistent.lstm_fwd_persistent(torch.randn(T, B, 4 * H), h0[0], h0[0], w_hh[0], None, None, fused)
+        persistent.lstm_fwd_persistent(torch.randn(T, B, 4 * H), h0[0], h0[0], w_hh[0], None, fused)
     with pytest.raises(ValueError, match="fused_input"):
         lstm_fwd_stack(torch.randn(T, B, 4 * H), h0_2, h0_2, w_hh_2, w_ih, None, None, fused)
 

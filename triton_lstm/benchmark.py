@@ -123,7 +123,7 @@ def describe_path(case: Case, dtype: torch.dtype, device: str) -> str:
         if both.persistent and os.environ.get("TRITON_LSTM_BIDIRECTIONAL", "1") != "0":
             return (f"forward: {case.layers} launch(es) of {both.reason} (bb{both.block_b} bh{both.block_h} "
                     f"bk{both.block_k} w{both.num_warps}, 2 x {both.grid_h}x{both.grid_b} programs); backward: both directions in one launch")
-    layer = plan_persistent_fwd(case.T, case.B, case.H, case.H, size, False, num_sms, shared)
+    layer = plan_persistent_fwd(case.T, case.B, case.H, case.H, size, num_sms, shared)
     launches = case.layers * directions
     tiles = f" (bb{layer.block_b} bh{layer.block_h} bk{layer.block_k} w{layer.num_warps}, {layer.grid_h}x{layer.grid_b} programs)"
     return f"{launches} layer launch(es) of: {layer.reason}{tiles if layer.persistent else ''}"

@@ -33,7 +33,7 @@ from triton_lstm.reference import (
 try:
     from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_from_input
     from triton_lstm.kernels.lstm_bwd import lstm_bwd
-    from triton_lstm.kernels.lstm_projection import lstmp_bwd, lstmp_fwd
+    from triton_lstm.kernels.lstm_projection import lstmp_fwd
 
     HAS_TRITON = True
     TRITON_IMPORT_ERROR: str | None = None
@@ -157,18 +157,10 @@ def recurrence_bwd(
     Where the kernels run, the fused backward (kernels/lstm_bwd.py) unless ``use_reference`` is 1
     (``backward="reference"``).
     """
-    backward = lstm_recurrence_backward_reference
-    if uses_kernels(x) and not use_reference:
-        backward = _projection_bwd if w_hr is not None and gates.numel() > 0 else lstm_bwd
+    backward = lstm_bwd if uses_kernels(x) and not use_reference else lstm_recurrence_backward_reference
     with kernel_device(x):
         grads = backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, w_ch)
     return (*grads[:6], *(grad if grad is not None else x.new_empty(0) for grad in grads[6:]))
-
-
-def _projection_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, w_ch):
-    # No peepholes with a projection (the modules and lstm_layer refuse them): no w_ch gradient.
-    lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
-    return (*lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths), None)
 
 
 def backward_outputs_fake(x, grad_h_n, grad_c_n, w_ih, w_hh, w_hr, w_ch=None, *, peephole_output=True):

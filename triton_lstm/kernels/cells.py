@@ -37,7 +37,6 @@ def lstm_cell_update(
     mask_h,
     H: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
-    CARRY_H: tl.constexpr,
     SAVE: tl.constexpr,
     w_ch_ptr,
     PEEPHOLE: tl.constexpr,
@@ -46,9 +45,8 @@ def lstm_cell_update(
 
     ``acc_*`` hold this tile's h_{t-1}·W_hhᵀ per gate and ``x_*`` its input projection (fp32);
     ``h_prev`` / ``c_prev`` are the tile's state of step t-1 in fp32. Stores the gate activations and c_t;
-    returns (o⊙tanh(c_t), c_t) in fp32 for the caller to store (as h_t, or as m_t before a projection).
-    Past a sequence's end the state is carried: c_t = c_{t-1}, gates zero, and with CARRY_H the returned
-    value is h_{t-1} (without it the caller carries h itself, after its projection). Without SAVE (an
+    returns (h_t, c_t) in fp32 for the caller to store. Past a sequence's end the state is carried: c_t =
+    c_{t-1}, h_t = h_{t-1}, gates zero. Without SAVE (an
     inference forward) the gates are not stored and c goes to one of two slots (``c_slot``). With PEEPHOLE,
     ``w_ch_ptr`` holds the peephole weights (w_ci, w_cf, w_co), each H long: i and f also see c_{t-1}, o
     sees c_t.
@@ -72,8 +70,7 @@ def lstm_cell_update(
         valid = (step < tl.load(lengths_ptr + offs_b, mask=mask_b, other=0))[:, None]
         c = tl.where(valid, c, c_prev)
         i, f, g, o = _zero_past_the_end(valid, i, f, g, o)
-        if CARRY_H:
-            h = tl.where(valid, h, h_prev)
+        h = tl.where(valid, h, h_prev)
 
     _store_step(i, f, g, o, c, gates_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, SAVE)
     return h, c
@@ -131,17 +128,17 @@ def _store_step(a, b, c, d, state, gates_ptr, state_ptr, step, B, rows, offs_h, 
 
 @triton.jit
 def cell_update(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr, step, B,
-                rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, CARRY_H: tl.constexpr,
-                SAVE: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
+                rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
+                cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr):
     """The update of the drivers' ``CELL``: "lstm" (``lstm_cell_update``; ``cell_params_ptr``: the peephole
     weights with PEEPHOLE) or "gru" (``gru_cell_update``: the first three gates, ``c_prev``/``c_ptr`` its fp32
-    state, ``cell_params_ptr`` its b_hn). Returns (h or m, the fp32 state) of the tile."""
+    state, ``cell_params_ptr`` its b_hn). Returns (h, the fp32 state) of the tile."""
     if CELL == "gru":
         return gru_cell_update(acc_i, acc_f, acc_g, x_i, x_f, x_g, c_prev, c_ptr, gates_ptr, lengths_ptr, step, B, rows,
                                offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, SAVE, cell_params_ptr)
     else:
         return lstm_cell_update(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr,
-                                lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, CARRY_H, SAVE,
+                                lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, SAVE,
                                 cell_params_ptr, PEEPHOLE)
 
 

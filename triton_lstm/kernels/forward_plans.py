@@ -145,7 +145,6 @@ def plan_persistent_fwd(
     H: int,
     K: int,
     element_size: int,
-    project: bool,
     num_sms: int,
     shared_memory: int,
     interpret: bool = False,
@@ -167,8 +166,6 @@ def plan_persistent_fwd(
     The choices below were measured on an H200 with ``benchmarks/tune.py`` (bf16 and fp32, the five
     anchor shapes; figures in benchmarks/NOTES.md); other shapes and cards get the same rules untested.
     """
-    if project:
-        return ForwardPlan(False, "projection (proj_size > 0): per-step kernel, h = m·W_hrᵀ needs a second barrier")
     if T == 0 or B == 0 or H == 0:
         return ForwardPlan(False, "empty input: nothing to run")
     if T == 1 and not interpret:
@@ -319,7 +316,7 @@ def plan_stack_fwd(
     reason = f"stack of {layers} layers in one launch, W streamed"
     k_pad = max(16, triton.next_power_of_2(H))
     if interpret:
-        base = plan_persistent_fwd(T, B, H, H, element_size, False, 1, shared_memory, True, fp32_tensor_cores,
+        base = plan_persistent_fwd(T, B, H, H, element_size, 1, shared_memory, True, fp32_tensor_cores,
                                    allow_resident=False)
         return ForwardPlan(True, reason, False, base.block_b, base.block_h, min(base.block_k, 64), 1, 1, base.num_warps)
     # Tiles of 16 × 32 or 64 × 16 on 8 warps, 64-wide K chunks: what compiles without spills for the
@@ -365,7 +362,7 @@ def plan_bidirectional_fwd(T: int, B: int, H: int, element_size: int, num_sms: i
     if not interpret and num_sms < 2:
         return ForwardPlan(False, "fewer than 2 SMs: one direction after the other")
     budget = max(1, num_sms // 2)
-    base = plan_persistent_fwd(T, B, H, H, element_size, False, budget, shared_memory, interpret, fp32_tensor_cores,
+    base = plan_persistent_fwd(T, B, H, H, element_size, budget, shared_memory, interpret, fp32_tensor_cores,
                                gates=gates)
     if not base.persistent:
         return base

@@ -42,7 +42,7 @@ def gru_fwd(projected: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, b_hn:
     ``(h_all, state_all, gates)`` (layout in ``triton_lstm.reference``): persistent where the planner
     allows, else one launch per step, as ``lstm_fwd_persistent``. Without ``save`` an inference forward:
     state_all (1, B, H) holding h_T in fp32 and no gates. Tensors contiguous, ``lengths`` int32."""
-    return lstm_fwd_persistent(projected, h0, h0, w_hh, None, lengths, save=save, b_hn=b_hn)
+    return lstm_fwd_persistent(projected, h0, h0, w_hh, lengths, save=save, b_hn=b_hn)
 
 
 def gru_fwd_from_input(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,

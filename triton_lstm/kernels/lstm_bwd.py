@@ -427,17 +427,23 @@ def lstm_bwd(
     ``lstm_recurrence_backward_reference``: gradients of x, h0, c0, W_ih, W_hh, the bias, W_hr and the
     peephole weights w_ch.
 
-    With a projection (``w_hr`` not None) it runs the reference backward: the fused kernel has no W_hr.
+    With a projection (``w_hr`` not None): the same chain on the merged weight W_hh·W_hr
+    (``lstm_projection.lstmp_bwd``).
     ``schedule``: "auto" (persistent where the tiles fit the SMs, else one launch per step),
     "persistent" or "per_step" (for tests and timing).
     """
-    if w_hr is not None or gates.numel() == 0:
+    if gates.numel() == 0:
         # An empty batch or hidden size leaves nothing to launch over.
         return lstm_recurrence_backward_reference(
             grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, w_ch
         )
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int32)
+    if w_hr is not None:
+        from triton_lstm.kernels.lstm_projection import lstmp_bwd  # it runs this module's chain
+
+        return (*lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, schedule),
+                None)  # no peepholes with a projection
     grad_gates, grad_h0, grad_c0 = lstm_bwd_gate_grads(
         grad_out, grad_h_n, grad_c_n, w_hh, lengths, [(0, gates, c_all)], schedule, w_ch=w_ch
     )

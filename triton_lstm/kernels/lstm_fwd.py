@@ -27,11 +27,10 @@ from triton_lstm.kernels.common import (
 @triton.jit(do_not_specialize=["t", "B"])
 def _lstm_step_fwd_kernel(
     projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype
-    w_hh_ptr,  # (4H, K)
-    h_ptr,  # (T+1, B, K)
+    w_hh_ptr,  # (4H, H)
+    h_ptr,  # (T+1, B, H)
     c_ptr,  # (T+1, B, H), fp32
     gates_ptr,  # (T, B, 4H)
-    m_ptr,  # (B, H) scratch for o⊙tanh(c) when PROJECT, before h = m·W_hrᵀ
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
     cell_params_ptr,  # PEEPHOLE: (3H,) peephole weights (w_ci, w_cf, w_co); CELL "gru": (H,) b_hn
     t,
@@ -39,7 +38,6 @@ def _lstm_step_fwd_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
-    PROJECT: tl.constexpr,
     SAVE: tl.constexpr,  # store every step's gates and c for the backward (else an inference forward)
     DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -63,18 +61,13 @@ def _lstm_step_fwd_kernel(
         h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, GATES
     )
     x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES)
-    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS and not PROJECT, SAVE)
-    m, _ = cell_update(
+    h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS, SAVE)
+    h, _ = cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, not PROJECT, SAVE, cell_params_ptr, PEEPHOLE,
-        CELL,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, SAVE, cell_params_ptr, PEEPHOLE, CELL,
     )
     state_offs = rows[:, None] * H + offs_h[None, :]
-    if PROJECT:
-        # m_t = o⊙tanh(c_t); the launcher projects it, h_t = m_t·W_hrᵀ, and carries h past a sequence's end.
-        tl.store(m_ptr + state_offs, m.to(m_ptr.dtype.element_ty), mask=mask_bh)
-    else:
-        tl.store(h_ptr + (step + 1) * B * K + state_offs, m.to(h_ptr.dtype.element_ty), mask=mask_bh)
+    tl.store(h_ptr + (step + 1) * B * K + state_offs, h.to(h_ptr.dtype.element_ty), mask=mask_bh)
 
 
 def step_blocks(B: int, H: int, K: int, element_size: int, fp32_tensor_cores: bool) -> tuple[int, int, int, str]:
@@ -132,7 +125,6 @@ def lstm_fwd(
     h0: torch.Tensor,
     c0: torch.Tensor,
     w_hh: torch.Tensor,
-    w_hr: torch.Tensor | None,
     lengths: torch.Tensor | None,
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     save: bool = True,
@@ -144,7 +136,7 @@ def lstm_fwd(
     All tensors are contiguous and on one device; ``lengths`` is int32 on that device. ``outputs``:
     buffers from ``allocate_forward_outputs`` to fill (a persistent launch that fell back hands over its
     own), else new ones. Without ``save``: an inference forward (see ``finished_outputs``). ``w_ch`` (3H,):
-    peephole weights (no projection then). ``b_hn`` (H,): a GRU (``kernels/gru.py``): ``projected`` is
+    peephole weights. ``b_hn`` (H,): a GRU (``kernels/gru.py``): ``projected`` is
     (T, B, 3H), ``w_hh`` (3H, H), ``c0`` and ``c_all`` its state in fp32.
     """
     T, B = projected.shape[:2]
@@ -154,11 +146,6 @@ def lstm_fwd(
     if outputs is None:
         outputs = allocate_forward_outputs(projected, h0, c0, K, save)
     h_all, c_all, gates = outputs
-    project = w_hr is not None
-    m = torch.empty(B, H, dtype=dtype, device=projected.device) if project else h_all
-    valid = None
-    if project and lengths is not None:
-        valid = (torch.arange(T, device=projected.device)[:, None] < lengths[None, :]).unsqueeze(-1)
     block_b, block_h, block_k, exact_fp32 = step_blocks(B, H, K, projected.element_size(), fp32_tensor_cores(projected.device))
     grid = (triton.cdiv(B, block_b), triton.cdiv(H, block_h))
     for t in range(T):
@@ -168,7 +155,6 @@ def lstm_fwd(
             h_all,
             c_all,
             gates,
-            m,
             lengths if lengths is not None else h_all,
             w_ch if w_ch is not None else b_hn if b_hn is not None else h_all,
             t,
@@ -176,7 +162,6 @@ def lstm_fwd(
             H=H,
             K=K,
             HAS_LENGTHS=lengths is not None,
-            PROJECT=project,
             SAVE=save,
             DOT_PRECISION=dot_precision(dtype, exact_fp32),
             BLOCK_B=block_b,
@@ -185,9 +170,4 @@ def lstm_fwd(
             PEEPHOLE=w_ch is not None,
             CELL="gru" if b_hn is not None else "lstm",
         )
-        if project:
-            h_new = torch.matmul(m, w_hr.t())
-            if valid is not None:
-                h_new = torch.where(valid[t], h_new, h_all[t])
-            h_all[t + 1] = h_new
     return finished_outputs(outputs, save)

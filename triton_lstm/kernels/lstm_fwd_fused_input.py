@@ -97,7 +97,7 @@ def lstm_fwd_from_input(
     recurrence on it. ``x`` and ``w_ih`` of any strides (the GEMM reads them so; the fused kernel gets
     contiguous copies where needed), the rest contiguous; ``lengths`` int32 or None; ``w_ch``, ``b_hn`` as
     there."""
-    plan = persistent.plan_for(x, w_hh, None)
+    plan = persistent.plan_for(x, w_hh)
     if plan.persistent and plan.fused_input:
         outputs = fused_input_or_none(plan, x, 1, lambda: lstm_fwd_fused_input(
             x.contiguous(), h0[None], c0[None], w_hh[None], w_ih.contiguous()[None],
@@ -107,4 +107,4 @@ def lstm_fwd_from_input(
             return tuple(output[0] for output in outputs)
         plan = dataclasses.replace(plan, fused_input=False)
     projected = input_projection(x, w_ih, bias, None).contiguous()
-    return persistent.lstm_fwd_persistent(projected, h0, c0, w_hh, None, lengths, plan, save, w_ch, b_hn)
+    return persistent.lstm_fwd_persistent(projected, h0, c0, w_hh, lengths, plan, save, w_ch, b_hn)

@@ -39,10 +39,8 @@ cooperative grid, which the driver starts only when all of it can be resident. U
 programs run one after another, so there the grid is a single program, whose barrier passes at once:
 CI runs this very code path, barrier included.
 
-Falls back to the per-step kernel (``lstm_fwd``), never to a deadlock:
-- with a projection (proj_size > 0): h_t = m_t·W_hrᵀ is a second all-to-all dependency inside each
-  step (every program needs all of m_t), which would need a second barrier and a second weight slice
-  per program; not done here, the per-step path handles it;
+A projection (proj_size > 0) runs here too, as a recurrence in m_t with a merged weight
+(``lstm_projection.py``). Falls back to the per-step kernel (``lstm_fwd``), never to a deadlock:
 - when even streaming would leave a program too many hidden blocks per step (H beyond what
   ``MAX_HIDDEN_BLOCKS_PER_PROGRAM`` × 64 units per SM covers);
 - when the compiler reports the kernel does not fit (``OutOfResources``): resident retries streamed,
@@ -249,23 +247,23 @@ def _lstm_persistent_fwd_kernel(
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
 
 
-def plan_for(sequence: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | None) -> ForwardPlan:
+def plan_for(sequence: torch.Tensor, w_hh: torch.Tensor) -> ForwardPlan:
     """The plan for one layer and direction on the device of ``sequence`` (the interpreter when it is on
     the CPU): a (T, B, ·) tensor of the run, x or its projection (only T, B, the dtype and the device
-    count), with W_hh (gates·H, K) and W_hr (K, H) or None."""
+    count), with W_hh (gates·H, H)."""
     if persistent_disabled():
         return ForwardPlan(False, "TRITON_LSTM_PERSISTENT=0")
     T, B = sequence.shape[:2]
-    # Without a projection K == H; the cell's gates (the LSTM's 4, the GRU's 3) are W_hh's rows over H.
-    H, K = (w_hh.shape[1] if w_hr is None else w_hr.shape[1]), w_hh.shape[1]
+    # The cell's gates (the LSTM's 4, the GRU's 3) are W_hh's rows over H.
+    H = w_hh.shape[1]
     if sequence.device.type == "cuda":
         index = sequence.device.index if sequence.device.index is not None else torch.cuda.current_device()
         num_sms, shared = _device_limits(index)
         interpret, tensor_cores = False, fp32_tensor_cores(sequence.device)
     else:
         num_sms, shared, interpret, tensor_cores = 1, INTERPRETER_SHARED_MEMORY, True, False
-    return plan_persistent_fwd(T, B, H, K, sequence.element_size(), w_hr is not None, num_sms, shared, interpret,
-                               tensor_cores, gates=w_hh.shape[0] // H if w_hr is None and H else 4)
+    return plan_persistent_fwd(T, B, H, H, sequence.element_size(), num_sms, shared, interpret,
+                               tensor_cores, gates=w_hh.shape[0] // H if H else 4)
 
 
 # Plans whose kernel turned out not to fit the device (OutOfResources at load, or a cooperative launch
@@ -288,7 +286,6 @@ def lstm_fwd_persistent(
     h0: torch.Tensor,
     c0: torch.Tensor,
     w_hh: torch.Tensor,
-    w_hr: torch.Tensor | None,
     lengths: torch.Tensor | None,
     plan: ForwardPlan | None = None,
     save: bool = True,
@@ -304,11 +301,11 @@ def lstm_fwd_persistent(
     for a GPU must keep ``num_programs`` within the SM count, and under the interpreter equal to 1.
     """
     if plan is None:
-        plan = plan_for(projected, w_hh, w_hr)
+        plan = plan_for(projected, w_hh)
         if plan.fused_input:  # the projection is given: the plan's schedule on it
             plan = dataclasses.replace(plan, fused_input=False)
     if not plan.persistent or projected.numel() == 0:
-        return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, save=save, w_ch=w_ch, b_hn=b_hn)
+        return lstm_fwd(projected, h0, c0, w_hh, lengths, save=save, w_ch=w_ch, b_hn=b_hn)
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
     key = (plan, projected.dtype, projected.device)
@@ -325,7 +322,7 @@ def lstm_fwd_persistent(
             if not refused_cooperative_launch(error):
                 raise
             plan = _downgrades[key] = _downgraded(plan, out_of_resources=False)
-    return lstm_fwd(projected, h0, c0, w_hh, w_hr, lengths, outputs, save, w_ch, b_hn)
+    return lstm_fwd(projected, h0, c0, w_hh, lengths, outputs, save, w_ch, b_hn)
 
 
 def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengths=None, save=True, b_hn=None):

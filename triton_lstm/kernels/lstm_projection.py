@@ -48,7 +48,7 @@ def lstmp_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save: bool = Tru
         projected[0] = (projected[0].to(acc) + torch.matmul(h0.to(acc), w_hh.to(acc).t())).to(x.dtype)
     m0 = h0.new_zeros(B, H)
     m_all, c_all, gates = persistent.lstm_fwd_persistent(
-        projected, m0, c0.contiguous(), merged_recurrent_weight(w_hh, w_hr).contiguous(), None, lengths, save=save)
+        projected, m0, c0.contiguous(), merged_recurrent_weight(w_hh, w_hr).contiguous(), lengths, save=save)
     h_all = torch.empty(T + 1, B, w_hr.shape[0], dtype=x.dtype, device=x.device)
     h_all[0] = h0
     torch.mm(m_all[1:].reshape(T * B, H), w_hr.t(), out=h_all[1:].view(T * B, -1))

@@ -126,7 +126,7 @@ def update_and_store_h(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c
     rest stays zero)."""
     h, c = cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
-        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, True, SAVE, cell_params_ptr, PEEPHOLE, CELL,
+        step, B, rows, offs_b, mask_b, offs_h, mask_h, H, HAS_LENGTHS, SAVE, cell_params_ptr, PEEPHOLE, CELL,
     )
     h = tl.where(failed, float("nan"), h)
     h_offs = (step + 1) * B * K + rows[:, None] * K + offs_h[None, :]
