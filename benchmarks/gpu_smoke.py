@@ -149,23 +149,26 @@ def dropout_timing(T=512, B=64, H=512, layers=4, p=0.2):
             + ", ".join(f"{name} {us:.1f}" for name, us in results.items()))
 
 
-def projection_timing(cases=((512, 64, 512, 1024, 256), (1024, 8, 512, 512, 128))):
-    """An LSTM with projections (proj_size P, one layer, bf16), µs per time step (do_bench medians), forward
-    and forward+backward: ours (the recurrence in m on the merged weight W_hh·W_hr, kernels/lstm_projection.py),
-    ours on the paths it took before (one launch per step, TRITON_LSTM_PERSISTENT=0, and backward="reference"),
-    cuDNN's nn.LSTM with the same weights; and the largest relative difference of ours from cuDNN's output."""
+def projection_timing(cases=((512, 64, 512, 1024, 256, False), (1024, 8, 512, 512, 128, False),
+                             (256, 32, 512, 1024, 256, True))):
+    """An LSTM with projections (proj_size P, one layer, bf16; a bidirectional one last), µs per time step
+    (do_bench medians), forward and forward+backward: ours (the recurrence in m on the merged weight
+    W_hh·W_hr, kernels/lstm_projection.py), ours on the paths it took before (one launch per step and
+    direction, TRITON_LSTM_PERSISTENT=0, and backward="reference"), cuDNN's nn.LSTM with the same weights;
+    and the largest relative difference of ours from cuDNN's output."""
     import triton.testing
 
     lines = []
-    for T, B, I, H, P in cases:
+    for T, B, I, H, P, bidirectional in cases:
         torch.manual_seed(0)
-        theirs = nn.LSTM(I, H, proj_size=P, device="cuda", dtype=torch.bfloat16)
-        ours = triton_lstm.LSTM(I, H, proj_size=P, device="cuda", dtype=torch.bfloat16)
+        options = dict(proj_size=P, bidirectional=bidirectional, device="cuda", dtype=torch.bfloat16)
+        theirs = nn.LSTM(I, H, **options)
+        ours = triton_lstm.LSTM(I, H, **options)
         ours.load_state_dict(theirs.state_dict())
-        before = triton_lstm.LSTM(I, H, proj_size=P, backward="reference", device="cuda", dtype=torch.bfloat16)
+        before = triton_lstm.LSTM(I, H, backward="reference", **options)
         before.load_state_dict(theirs.state_dict())
         x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        grad = torch.randn(T, B, P, device="cuda", dtype=torch.bfloat16)
+        grad = torch.randn(T, B, P * (2 if bidirectional else 1), device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             error = relative_error(ours(x)[0], theirs(x)[0])
         figures = []
@@ -177,7 +180,8 @@ def projection_timing(cases=((512, 64, 512, 1024, 256), (1024, 8, 512, 512, 128)
             both = triton.testing.do_bench(step, grad_to_none=[x, *model.parameters()], return_mode="median") * 1e3 / T
             figures.append(f"{name} {fwd:.1f} / {both:.1f}")
         os.environ.pop("TRITON_LSTM_PERSISTENT")
-        lines.append(f"proj T{T} B{B} I{I} H{H} P{P} bf16, us/step fwd / fwd+bwd: {', '.join(figures)}; "
+        lines.append(f"proj T{T} B{B} I{I} H{H} P{P}{' bidirectional' if bidirectional else ''} bf16, us/step fwd / "
+                     f"fwd+bwd: {', '.join(figures)}; "
                      f"output vs cuDNN max rel err {error:.2e}")
     return "\n".join(lines)
 

@@ -27,32 +27,59 @@ CASES = {
     "L1-unbatched": Case(T=5, B=1, I=4, H=6, bidirectional=True, unbatched=True),
     # Two batch blocks of 64 and three hidden blocks of 16 in each direction's interpreted program.
     "L1-B70-H40-packed": Case(T=4, B=70, I=5, H=40, bidirectional=True, packed=True),
+    # Projections: the same launches in m_t (kernels/lstm_projection.py); the reverse direction's h0 enters
+    # at each sequence's own last element.
+    "L2-proj-packed-state": Case(T=6, B=5, I=4, H=7, num_layers=2, bidirectional=True, proj_size=3, packed=True,
+                                 with_state=True),
+    "L1-proj-no-bias-batch-first": Case(T=5, B=3, I=6, H=9, bidirectional=True, proj_size=8, bias=False,
+                                        batch_first=True, with_state=True),
 }
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the bidirectional kernels' launches (forward, backward) and the one-direction-at-a-time
-    forward fallback's."""
+    """Counts the bidirectional kernels' launches (forward: "both", or "both_projected" with a projection;
+    backward) and the one-direction-at-a-time forward fallback's."""
     return count_calls(monkeypatch, bidirectional_module, {"both": "lstm_fwd_bidirectional", "one": "run_lstm_layer",
+                                                           "both_projected": "lstmp_fwd_bidirectional",
                                                            "both_bwd": "lstm_bwd_bidirectional_gate_grads"})
+
+
+def expected_launches(case: Case) -> dict[str, int]:
+    """One launch per layer each way, both directions in it."""
+    layers = case.num_layers
+    return {"both": 0 if case.proj_size else layers, "both_projected": layers if case.proj_size else 0, "one": 0,
+            "both_bwd": layers}
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_matches_nn_lstm(case, launches):
     check_against_nn(case, torch.float32)
-    expected = {"both": case.num_layers, "one": 0, "both_bwd": case.num_layers}
-    assert launches == expected, "one launch per layer each way, both directions in it"
+    assert launches == expected_launches(case)
 
 
+@pytest.mark.parametrize("case", ["L2-packed", "L2-proj-packed-state"])
 @pytest.mark.parametrize("fallback", ["reference", "no-fit"])
-def test_backward_direction_by_direction_where_the_fused_one_does_not_run(fallback, launches, monkeypatch):
+def test_backward_direction_by_direction_where_the_fused_one_does_not_run(fallback, case, launches, monkeypatch):
     """backward="reference", or a fused backward that cannot launch: each direction's backward on its own
     (on reversed views for the reverse one), with the same gradients."""
-    case = CASES["L2-packed"]
+    case = CASES[case]
     break_fused_backward(monkeypatch, fallback, bidirectional_module, "lstm_bwd_bidirectional_gate_grads")
     check_against_nn(case, torch.float32)
-    assert launches["both"] == 2 and launches["both_bwd"] == 0
+    assert launches["both"] + launches["both_projected"] == 2 and launches["both_bwd"] == 0
+
+
+@pytest.mark.parametrize("case", ["L2-packed", "L2-proj-packed-state"])
+def test_forward_direction_by_direction_where_the_launch_is_refused(case, launches, monkeypatch):
+    """A both-directions launch the driver refuses (nothing ran): each direction's forward on its own, on
+    the one-direction kernels, with the same results (the fused backward still runs both at once)."""
+    def refused(*args, **kwargs):
+        raise RuntimeError("too many blocks in cooperative launch")
+
+    monkeypatch.setattr(bidirectional_module, "lstm_fwd_bidirectional", refused)
+    monkeypatch.setattr(bidirectional_module, "lstmp_fwd_bidirectional", refused)
+    check_against_nn(CASES[case], torch.float32)
+    assert launches["one"] == 2 * 2 and launches["both_bwd"] == 2
 
 
 def _layer(T, B, I, H, lengths, seed=0):
@@ -118,8 +145,8 @@ def test_inference_forward_keeps_no_per_step_state():
     w_ih, w_hh, b_ih, b_hh = ([w[i] for w in weights] for i in range(4))
     h0 = c0 = torch.zeros(2, 3, 5, device=KERNEL_DEVICE)
     with torch.no_grad():
-        out, h_all, c_all, gates = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 0)
-        trained = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 1)
+        out, h_all, c_all, gates = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, [], None, 0)
+        trained = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, [], None, 1)
     assert c_all.shape == (2, 1, 3, 5) and gates.shape == (2, 0, 3, 20)
     assert torch.equal(out, trained[0]) and torch.equal(c_all[:, 0], trained[2][:, -1])
 
@@ -128,7 +155,7 @@ def test_keeps_one_launch_per_direction_where_the_kernel_does_not_apply(monkeypa
     x = torch.randn(4, 2, 3, device=KERNEL_DEVICE)
     kwargs = dict(input_size=3, hidden_size=5, bidirectional=True, device=KERNEL_DEVICE)
     assert triton_lstm.LSTM(**kwargs)._runs_both_directions_at_once(x)
-    assert not triton_lstm.LSTM(proj_size=2, **kwargs)._runs_both_directions_at_once(x)
+    assert triton_lstm.LSTM(proj_size=2, **kwargs)._runs_both_directions_at_once(x)
     assert not triton_lstm.LSTM(recompute_interval=2, **kwargs)._runs_both_directions_at_once(x)
     assert not triton_lstm.LSTM(dtype=torch.float64, **kwargs)._runs_both_directions_at_once(x.double())
     monkeypatch.setenv("TRITON_LSTM_BIDIRECTIONAL", "0")
@@ -159,15 +186,18 @@ def test_plan_gives_each_direction_half_the_sms():
     assert interpreted.persistent and interpreted.num_programs == 1
 
 
-def test_double_backward_through_both_directions():
-    check_double_backward(bidirectional=True)
+@pytest.mark.parametrize("proj_size", [0, 2], ids=["plain", "proj"])
+def test_double_backward_through_both_directions(proj_size):
+    check_double_backward(bidirectional=True, proj_size=proj_size)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [Case(T=128, B=64, I=256, H=512, num_layers=2, bidirectional=True),
-                                  Case(T=96, B=17, I=64, H=1024, bidirectional=True, packed=True, with_state=True)],
-                         ids=["T128-B64-H512-L2", "T96-B17-H1024-packed"])
+                                  Case(T=96, B=17, I=64, H=1024, bidirectional=True, packed=True, with_state=True),
+                                  Case(T=96, B=17, I=64, H=1024, bidirectional=True, packed=True, with_state=True,
+                                       proj_size=256)],
+                         ids=["T128-B64-H512-L2", "T96-B17-H1024-packed", "T96-B17-H1024-P256-packed"])
 def test_gpu_bidirectional_matches_nn_lstm(case, dtype, launches):
     check_against_nn(case, dtype, oracle_device="cuda")
-    assert launches == {"both": case.num_layers, "one": 0, "both_bwd": case.num_layers}
+    assert launches == expected_launches(case)

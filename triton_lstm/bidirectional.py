@@ -8,7 +8,9 @@ before (``reverse_time`` flips the input and the output of the reverse direction
 layer's output (T, B, 2H) in time order and each direction's ``(h_all, c_all, gates)`` step-indexed:
 those of the reverse direction are a one-direction layer's over the reversed sequence, so where the
 fused backward cannot run (the reference backward, a grid that does not fit) each direction's backward
-is ``recurrence_bwd`` on reversed views of x and of the output gradient.
+is ``recurrence_bwd`` on reversed views of x and of the output gradient. With projections (proj_size > 0)
+the same launches run in m_t on merged weights (``kernels/lstm_projection.py``): the output is then
+(T, B, 2P) and h_all holds the projected h.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
     from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_bidirectional_gate_grads
     from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
+    from triton_lstm.kernels.lstm_projection import (
+        gradients_at_m,
+        lstmp_fwd_bidirectional,
+        merged_recurrent_weight,
+        projection_grads,
+    )
     from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
 
 
@@ -83,7 +91,7 @@ def one_direction_at_a_time(x: Tensor, lengths: Tensor | None, run_direction):
     return (out, *(torch.stack(parts) for parts in zip(*results)))
 
 
-def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None):
+def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save, kernels: bool, w_ch=None):
     """What the kernel computes, one direction after the other: with ``kernels`` the one-direction Triton
     forward (the kernel's fallback), else the plain-PyTorch recurrence (the reference path, differentiable:
     the double backward differentiates it)."""
@@ -91,7 +99,8 @@ def _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool,
     def run_direction(direction, layer_x):
         bias = (b_ih[direction], b_hh[direction]) if b_ih else (None, None)
         return run_lstm_layer(layer_x, h0[direction], c0[direction], w_ih[direction], w_hh[direction], *bias, lengths,
-                              save, kernels, None if w_ch is None else w_ch[direction])
+                              save, kernels, None if w_ch is None else w_ch[direction],
+                              w_hr[direction] if w_hr else None)
 
     return one_direction_at_a_time(x, lengths, run_direction)
 
@@ -105,37 +114,45 @@ def bidirectional_fwd(
     w_hh: list[Tensor],
     b_ih: list[Tensor],
     b_hh: list[Tensor],
+    w_hr: list[Tensor],
     lengths: Tensor | None,
     save: int = 1,
     w_ch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Forward of both directions of a layer: ``(out, h_all, c_all, gates)``, out (T, B, 2H) in time order
-    (zero past each sequence's end), the rest per direction and step-indexed: (2, T+1, B, H),
-    (2, T+1, B, H) and (2, T, B, 4H); ``save`` 0: c_all (2, 1, B, H), gates (2, 0, B, 4H). ``h0``/``c0``
-    are (2, B, H); ``w_*``/``b_*`` (forward, reverse), the biases empty lists without them; ``w_ch`` (2, 3H)
-    the peephole weights or None."""
+    """Forward of both directions of a layer: ``(out, h_all, c_all, gates)``, out (T, B, 2P) in time order
+    (zero past each sequence's end), the rest per direction and step-indexed: (2, T+1, B, P),
+    (2, T+1, B, H) and (2, T, B, 4H); ``save`` 0: c_all (2, 1, B, H), gates (2, 0, B, 4H). ``h0`` is
+    (2, B, P), ``c0`` (2, B, H); ``w_*``/``b_*`` (forward, reverse), the biases empty lists without them and
+    so is ``w_hr`` without a projection (P = H then); ``w_ch`` (2, 3H) the peephole weights or None."""
     if not uses_kernels(x):
-        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=False, w_ch=w_ch)
+        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save, kernels=False, w_ch=w_ch)
     lengths = None if lengths is None else lengths.to(torch.int32)
-    plan = plan_bidirectional_for(x, w_hh[0].shape[1])
+    plan = plan_bidirectional_for(x, w_hh[0].shape[0] // 4)
     with kernel_device(x):
         if plan.persistent:
             bias = (torch.cat(b_ih), torch.cat(b_hh)) if b_ih else (None, None)
             projected = input_projection(x, torch.cat(w_ih), *bias).contiguous()  # one GEMM, both directions
-            outputs = unless_refused(lambda: lstm_fwd_bidirectional(projected, h0.contiguous(), c0.contiguous(),
-                                                                    torch.stack(w_hh), lengths, plan, bool(save),
-                                                                    None if w_ch is None else w_ch.contiguous()))
+            if w_hr:
+                # A projection: the same launch in m_t (kernels/lstm_projection.py).
+                outputs = unless_refused(lambda: lstmp_fwd_bidirectional(
+                    projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), torch.stack(w_hr), lengths, plan,
+                    bool(save)))
+            else:
+                outputs = unless_refused(lambda: lstm_fwd_bidirectional(
+                    projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), lengths, plan, bool(save),
+                    None if w_ch is None else w_ch.contiguous()))
             if outputs is not None:
                 return outputs
-        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True, w_ch=w_ch)
+        return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save, kernels=True, w_ch=w_ch)
 
 
 @bidirectional_fwd.register_fake
-def _bidirectional_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1, w_ch=None):
+def _bidirectional_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save=1, w_ch=None):
     T, B = x.shape[0], x.shape[1]
-    H = w_hh[0].shape[1]
-    out = x.new_empty(T, B, 2 * H)
-    h_all = x.new_empty(2, T + 1, B, H)
+    H = w_hh[0].shape[0] // 4
+    P = w_hr[0].shape[0] if w_hr else H
+    out = x.new_empty(T, B, 2 * P)
+    h_all = x.new_empty(2, T + 1, B, P)
     c_all = x.new_empty(2, T + 1 if save else 1, B, H, dtype=accumulate_dtype(x.dtype))
     gates = x.new_empty(2, T if save else 0, B, 4 * H)
     return out, h_all, c_all, gates
@@ -144,26 +161,29 @@ def _bidirectional_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=1, 
 run_without_autocast("bidirectional_fwd")
 
 
-def _split(has_bias: bool, weights):
-    per_direction = 4 if has_bias else 2
+def _split(has_bias: bool, weights, has_projection: bool = False):
+    """(w_ih, w_hh, b_ih, b_hh, w_hr), each a list (forward, reverse), from ``weights``: (w_ih, w_hh[, b_ih,
+    b_hh][, w_hr]) per direction; the biases and w_hr empty lists where there are none."""
+    per_direction = 2 + 2 * has_bias + has_projection
     forward, reverse = weights[:per_direction], weights[per_direction:]
     w_ih, w_hh = [forward[0], reverse[0]], [forward[1], reverse[1]]
     b_ih = [forward[2], reverse[2]] if has_bias else []
     b_hh = [forward[3], reverse[3]] if has_bias else []
-    return w_ih, w_hh, b_ih, b_hh
+    w_hr = [forward[-1], reverse[-1]] if has_projection else []
+    return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
 class LSTMBidirectional(torch.autograd.Function):
-    """out, h_n, c_n of a bidirectional layer; ``weights`` are (w_ih, w_hh[, b_ih, b_hh]) per direction,
-    ``w_ch`` the (2, 3H) peephole weights or None."""
+    """out, h_n, c_n of a bidirectional layer; ``weights`` are (w_ih, w_hh[, b_ih, b_hh][, w_hr]) per
+    direction, ``w_ch`` the (2, 3H) peephole weights or None."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, lengths, use_reference, has_bias, w_ch, *weights):
-        w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
-        out, h_all, c_all, gates = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths,
-                                                                           1, w_ch)
+    def forward(ctx, x, h0, c0, lengths, use_reference, has_bias, has_projection, w_ch, *weights):
+        w_ih, w_hh, b_ih, b_hh, w_hr = _split(has_bias, weights, has_projection)
+        out, h_all, c_all, gates = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                                           lengths, 1, w_ch)
         ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, w_ch, *weights)
-        ctx.use_reference, ctx.has_bias = use_reference, has_bias
+        ctx.use_reference, ctx.has_bias, ctx.has_projection = use_reference, has_bias, has_projection
         return out, h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
 
     @staticmethod
@@ -171,31 +191,33 @@ class LSTMBidirectional(torch.autograd.Function):
         x, h0, c0, lengths, h_all, c_all, gates, w_ch, *weights = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
-        w_ih, w_hh, _, _ = _split(ctx.has_bias, weights)
-        H = w_hh[0].shape[1]
+        w_ih, w_hh, _, _, w_hr = _split(ctx.has_bias, weights, ctx.has_projection)
         grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
-                                        grad_h_n, grad_c_n, w_ch)
+                                        grad_h_n, grad_c_n, w_ch, w_hr)
             if grads is not None:
-                return (grads[0], grads[1], grads[2], None, None, None, grads[3], *grads[4:])
+                return (grads[0], grads[1], grads[2], None, None, None, None, grads[3], *grads[4:])
 
         def backward_direction(direction, layer_x, layer_grad):
             return torch.ops.triton_lstm.recurrence_bwd(
-                layer_grad, grad_h_n[direction], grad_c_n[direction], layer_x, w_ih[direction], w_hh[direction], None,
-                gates[direction], h_all[direction], c_all[direction], lengths, ctx.use_reference,
-                None if w_ch is None else w_ch[direction],
+                layer_grad, grad_h_n[direction], grad_c_n[direction], layer_x, w_ih[direction], w_hh[direction],
+                w_hr[direction] if w_hr else None, gates[direction], h_all[direction], c_all[direction], lengths,
+                ctx.use_reference, None if w_ch is None else w_ch[direction],
             )
 
-        grad_x, per_direction = each_direction_backward(x, grad_out, index, H, backward_direction)
+        grad_x, per_direction = each_direction_backward(x, grad_out, index, h_all.shape[-1], backward_direction)
         grad_weights = []
         for grads in per_direction:
             grad_weights += [grads[3], grads[4]]
             if ctx.has_bias:
                 grad_weights += [grads[5], grads[5].clone()]  # each bias owns its gradient tensor
+            if ctx.has_projection:
+                grad_weights += [grads[6]]
         grad_h0, grad_c0, grad_w_ch = (torch.stack([grads[i] for grads in per_direction]) for i in (1, 2, 7))
-        return (grad_x, grad_h0, grad_c0, None, None, None, grad_w_ch if w_ch is not None else None, *grad_weights)
+        return (grad_x, grad_h0, grad_c0, None, None, None, None, grad_w_ch if w_ch is not None else None,
+                *grad_weights)
 
 
 def backward_inputs(x: Tensor, lengths: Tensor | None, grad_out: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -209,8 +231,9 @@ def backward_inputs(x: Tensor, lengths: Tensor | None, grad_out: Tensor) -> tupl
     return grad_out, None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
 
 
-def each_direction_backward(x: Tensor, grad_out: Tensor, index: Tensor | None, H: int, backward_direction):
-    """A bidirectional layer's backward one direction after the other, on reversed views:
+def each_direction_backward(x: Tensor, grad_out: Tensor, index: Tensor | None, width: int, backward_direction):
+    """A bidirectional layer's backward one direction after the other, on reversed views (each direction's
+    output ``width`` columns of ``grad_out``):
     ``backward_direction(direction, layer_x, layer_grad)`` returns that direction's gradients, grad_x first,
     as a one-direction layer's backward does over ``layer_x`` (the reverse direction's input reversed within
     each sequence's length) for its output gradient ``layer_grad``. Returns (grad_x in time order, summed
@@ -218,7 +241,7 @@ def each_direction_backward(x: Tensor, grad_out: Tensor, index: Tensor | None, H
     grad_x, per_direction = None, []
     for direction in range(2):
         layer_x = x if direction == 0 else reverse_time(x, index)
-        layer_grad = grad_out[..., direction * H:(direction + 1) * H]
+        layer_grad = grad_out[..., direction * width:(direction + 1) * width]
         layer_grad = layer_grad if direction == 0 else reverse_time(layer_grad, index)
         grads = backward_direction(direction, layer_x, layer_grad.contiguous())
         direction_grad_x = grads[0] if direction == 0 else reverse_time(grads[0], index)
@@ -228,17 +251,27 @@ def each_direction_backward(x: Tensor, grad_out: Tensor, index: Tensor | None, H
 
 
 def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n,
-                    w_ch=None):
+                    w_ch=None, w_hr=()):
     """Both directions' gate gradients in one launch (``lstm_bwd_bidirectional_gate_grads``), then each
     direction's GEMMs; the reverse direction's dG (step-indexed) back in time order for the GEMMs against
     x. None where the launch cannot run (the caller goes direction by direction). Returns the gradients of
-    x, h0, c0, the peephole weights (None without) and the directions' weights."""
+    x, h0, c0, the peephole weights (None without) and the directions' weights. With ``w_hr`` (a
+    projection) the chain runs in m_t on the merged weights (``kernels/lstm_projection.py``)."""
     lengths32 = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
-    chain = lstm_bwd_bidirectional_gate_grads(grad_out, grad_h_n, grad_c_n, torch.stack(w_hh).contiguous(), lengths32,
-                                              gates, c_all, None if w_ch is None else w_ch.contiguous())
+    chain_w, chain_grad_out, chain_grad_h_n = torch.stack(w_hh), grad_out, grad_h_n
+    if w_hr:
+        P = w_hr[0].shape[0]
+        at_m = [gradients_at_m(grad_out[..., d * P:(d + 1) * P], grad_h_n[d], w_hr[d]) for d in range(2)]
+        chain_grad_out = torch.cat([grad_m for grad_m, _ in at_m], dim=2)
+        chain_grad_h_n = torch.stack([grad_m_n for _, grad_m_n in at_m])
+        chain_w = merged_recurrent_weight(chain_w, torch.stack(w_hr))
+    chain = lstm_bwd_bidirectional_gate_grads(chain_grad_out, chain_grad_h_n, grad_c_n, chain_w.contiguous(),
+                                              lengths32, gates, c_all, None if w_ch is None else w_ch.contiguous())
     if chain is None:
         return None
     grad_gates, grad_h0, grad_c0 = chain
+    if w_hr:
+        grad_h0 = torch.empty(2, *h_all.shape[-2:], dtype=torch.float32, device=x.device)
     grad_x, grad_weights = None, []
     for direction in range(2):
         direction_grad_gates, h_prev = in_time_order(grad_gates, h_all, direction, index)
@@ -248,6 +281,15 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
         grad_weights += [grad_w_ih, grad_w_hh.to(w_hh[direction].dtype)]
         if has_bias:
             grad_weights += [grad_bias, grad_bias.clone()]  # each bias owns its gradient tensor
+        if w_hr:
+            # Step-indexed, as the chain ran: the reverse direction's output gradient reversed in time.
+            direction_grad_out = grad_out[..., direction * P:(direction + 1) * P]
+            if direction == 1:
+                direction_grad_out = reverse_time(direction_grad_out, index)
+            grad_w_hr, grad_h0[direction] = projection_grads(
+                direction_grad_out, grad_h_n[direction], grad_gates[direction], w_hh[direction], w_hr[direction],
+                gates[direction], c_all[direction], lengths32)
+            grad_weights.append(grad_w_hr)
     grad_w_ch = None
     if w_ch is not None:
         # Step-indexed dG and c of each direction pair up as they are: no reordering needed.
@@ -269,26 +311,31 @@ def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):
     x, h0, c0, lengths, _, _, _, w_ch, *weights = ctx.saved_tensors
 
     def outputs():
-        w_ih, w_hh, b_ih, b_hh = _split(ctx.has_bias, weights)
-        out, h_all, c_all, _ = _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False, w_ch=w_ch)
+        w_ih, w_hh, b_ih, b_hh, w_hr = _split(ctx.has_bias, weights, ctx.has_projection)
+        out, h_all, c_all, _ = _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, kernels=False,
+                                           w_ch=w_ch)
         return out, h_all[:, -1], c_all[:, -1].to(x.dtype)
 
-    needed = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[6:])
+    needed = (*ctx.needs_input_grad[:3], *ctx.needs_input_grad[7:])
     grads = differentiate(outputs, (x, h0, c0, w_ch, *weights), needed, (grad_out, grad_h_n, grad_c_n))
-    return (*grads[:3], None, None, None, *grads[3:])
+    return (*grads[:3], None, None, None, None, *grads[3:])
 
 
 def lstm_bidirectional(x: Tensor, h0: Tensor, c0: Tensor, forward_weights, reverse_weights, lengths: Tensor | None, *,
                        backward: str = "fused", w_ch: Tensor | None = None):
-    """A bidirectional layer over time-major ``x``: returns (out (T, B, 2H), h_n (2, B, H), c_n (2, B, H)).
-    ``*_weights``: (w_ih, w_hh, b_ih, b_hh) per direction, biases None or both set; ``w_ch``: the
-    directions' peephole weights stacked, (2, 3H), or None."""
+    """A bidirectional layer over time-major ``x``: returns (out (T, B, 2P), h_n (2, B, P), c_n (2, B, H)).
+    ``*_weights``: (w_ih, w_hh, b_ih, b_hh[, w_hr]) per direction, biases None or both set, w_hr None or
+    absent without a projection (P = H); ``w_ch``: the directions' peephole weights stacked, (2, 3H), or
+    None."""
     has_bias = forward_weights[2] is not None
-    weights = [w for ws in (forward_weights, reverse_weights) for w in (ws if has_bias else ws[:2])]
+    has_projection = len(forward_weights) > 4 and forward_weights[4] is not None
+    weights = [w for ws in (forward_weights, reverse_weights)
+               for w in (*ws[:4 if has_bias else 2], *ws[4:5 if has_projection else 4])]
     if not grad_wanted(x, h0, c0, w_ch, *weights):
         # An inference forward: no per-step gates or c are kept.
-        w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
-        out, h_all, c_all, _ = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, 0,
-                                                                       w_ch)
+        w_ih, w_hh, b_ih, b_hh, w_hr = _split(has_bias, weights, has_projection)
+        out, h_all, c_all, _ = torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                                       lengths, 0, w_ch)
         return out, h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
-    return LSTMBidirectional.apply(x, h0, c0, lengths, int(backward == "reference"), has_bias, w_ch, *weights)
+    return LSTMBidirectional.apply(x, h0, c0, lengths, int(backward == "reference"), has_bias, has_projection, w_ch,
+                                   *weights)

@@ -88,7 +88,7 @@ class GRUBidirectional(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, lengths, use_reference, has_bias, *weights):
-        w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
+        w_ih, w_hh, b_ih, b_hh, _ = _split(has_bias, weights)
         out, h_all, state_all, gates = torch.ops.triton_lstm.gru_bidirectional_fwd(x, h0, w_ih, w_hh, b_ih, b_hh,
                                                                                     lengths, 1)
         ctx.save_for_backward(x, h0, lengths, h_all, state_all, gates, *weights)
@@ -100,7 +100,7 @@ class GRUBidirectional(torch.autograd.Function):
         x, h0, lengths, h_all, state_all, gates, *weights = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n)
-        w_ih, w_hh, _, _ = _split(ctx.has_bias, weights)
+        w_ih, w_hh, _, _, _ = _split(ctx.has_bias, weights)
         H = w_hh[0].shape[1]
         grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
@@ -143,7 +143,7 @@ def _differentiable_backward(ctx, grad_out, grad_h_n):
     x, h0, lengths, _, _, _, *weights = ctx.saved_tensors
 
     def outputs():
-        w_ih, w_hh, b_ih, b_hh = _split(ctx.has_bias, weights)
+        w_ih, w_hh, b_ih, b_hh, _ = _split(ctx.has_bias, weights)
         out, h_all, _, _ = _one_by_one(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False)
         return out, h_all[:, -1]
 
@@ -160,7 +160,7 @@ def gru_bidirectional(x: Tensor, h0: Tensor, forward_weights, reverse_weights, l
     weights = [w for ws in (forward_weights, reverse_weights) for w in (ws if has_bias else ws[:2])]
     if not grad_wanted(x, h0, *weights):
         # An inference forward: no per-step gates or states are kept.
-        w_ih, w_hh, b_ih, b_hh = _split(has_bias, weights)
+        w_ih, w_hh, b_ih, b_hh, _ = _split(has_bias, weights)
         out, h_all, _, _ = torch.ops.triton_lstm.gru_bidirectional_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 0)
         return out, h_all[:, -1].clone()
     return GRUBidirectional.apply(x, h0, lengths, int(backward == "reference"), has_bias, *weights)

@@ -273,7 +273,7 @@ class LSTM(nn.RNNBase):
                 # Both directions in one persistent launch (triton_lstm/bidirectional.py).
                 index = 2 * layer
                 layer_input, h, c = lstm_bidirectional(
-                    layer_input, h0[index:index + 2], c0[index:index + 2], weights[layer][0][:4], weights[layer][1][:4],
+                    layer_input, h0[index:index + 2], c0[index:index + 2], weights[layer][0], weights[layer][1],
                     lengths_on_device, backward=getattr(self, "backward_mode", "fused"),
                     w_ch=_stacked(peepholes[layer]),
                 )
@@ -299,9 +299,9 @@ class LSTM(nn.RNNBase):
                                             batch_sizes, sorted_indices, unsorted_indices, is_batched)
 
     def _runs_both_directions_at_once(self, x: Tensor) -> bool:
-        """Whether each bidirectional layer runs both directions in one launch: no projection, no recompute
-        option, and a plan for the input's device."""
-        if self.proj_size > 0 or getattr(self, "recompute_interval", 0):
+        """Whether each bidirectional layer runs both directions in one launch: no recompute option, and a
+        plan for the input's device."""
+        if getattr(self, "recompute_interval", 0):
             return False
         return bidirectional_plan(x, self.hidden_size) is not None
 

@@ -110,13 +110,9 @@ def recurrence_fwd(
     if uses_kernels(x):
         lengths = None if lengths is None else lengths.to(torch.int32)
         with kernel_device(x):
-            if w_hr is None:
-                # The input projection and the persistent kernel where its plan allows, else the per-step
-                # lstm_fwd (lstm_fwd_fused_input.py, lstm_fwd_persistent.py).
-                return run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, True, w_ch)
-            # With a projection (proj_size > 0): the same kernels in m_t, the projection outside them
-            # (kernels/lstm_projection.py; the modules refuse peepholes with a projection).
-            return lstmp_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, bool(save))
+            # The input projection and the persistent kernel where its plan allows, else the per-step
+            # lstm_fwd (lstm_fwd_fused_input.py, lstm_fwd_persistent.py, lstm_projection.py).
+            return run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, True, w_ch, w_hr)
     h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch)
     if not save:
         return h_all, c_all[-1:].clone(), gates[:0].clone()
@@ -291,15 +287,18 @@ def grad_wanted(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None):
+def run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool, w_ch=None, w_hr=None):
     """One layer and direction's forward outside the ops, for the whole-module ops' fallbacks (a stack layer
     by layer, a bidirectional layer direction by direction): ``(h_all, c_all, gates)``, or without ``save``
     the inference forward's. With ``kernels`` the Triton forward (``lengths`` int32), else the plain-PyTorch
-    recurrence (differentiable: the double backward differentiates it). ``gru_ops.run_gru_layer``'s twin."""
+    recurrence (differentiable: the double backward differentiates it). ``w_hr``: a projection (then no
+    peepholes; ``kernels/lstm_projection.py``). ``gru_ops.run_gru_layer``'s twin."""
+    if kernels and w_hr is not None:
+        return lstmp_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, bool(save))
     if kernels:
         return lstm_fwd_from_input(x, h0.contiguous(), c0.contiguous(), w_ih, w_hh.contiguous(), projection_bias(b_ih, b_hh),
                                    lengths, bool(save), None if w_ch is None else w_ch.contiguous())
-    h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, w_ch)
+    h_all, c_all, gates = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch)
     return (h_all, c_all, gates) if save else (h_all, c_all[-1:], gates[:0])
 
 

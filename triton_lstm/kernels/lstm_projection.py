@@ -24,71 +24,118 @@ import torch
 
 from triton_lstm.kernels import lstm_fwd_persistent as persistent
 from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads
+from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional
 from triton_lstm.kernels.weight_grads import weight_and_input_grads
 from triton_lstm.reference import accumulate_dtype, input_projection
 
 
 def merged_recurrent_weight(w_hh: torch.Tensor, w_hr: torch.Tensor) -> torch.Tensor:
-    """W_hh·W_hr (4H, H): the recurrent weight of m_{t-1}, computed in fp32 and rounded once to the input dtype."""
+    """W_hh·W_hr (4H, H), or per direction (2, 4H, H): the recurrent weight of m_{t-1}, computed in fp32 and
+    rounded once to the input dtype."""
     acc = accumulate_dtype(w_hh.dtype)
     return torch.matmul(w_hh.to(acc), w_hr.to(acc)).to(w_hh.dtype)
+
+
+def first_steps(lengths: torch.Tensor | None, T: int, B: int, device, reverse: bool = False) -> torch.Tensor:
+    """The flat row (t·B + b) of each sequence's first step: t = 0, or with ``reverse`` (the reverse
+    direction of a bidirectional layer, in time order) its last element, len_b − 1 (0 for an empty one)."""
+    batch = torch.arange(B, device=device)
+    if not reverse:
+        return batch
+    last = torch.full((B,), T - 1, device=device) if lengths is None else lengths.to(torch.int64) - 1
+    return last.clamp(min=0) * B + batch
+
+
+def add_initial_state(projected: torch.Tensor, columns: slice, h0: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor):
+    """Adds h0·W_hhᵀ to each sequence's first step (``rows``, ``first_steps``) of ``projected``'s ``columns``:
+    the recurrence in m starts from m_{-1} = 0, and h0 = h_{-1} enters through this step's gates."""
+    if projected.shape[0] == 0:
+        return
+    acc = accumulate_dtype(projected.dtype)
+    flat = projected.view(-1, projected.shape[-1])
+    first = flat[rows, columns].to(acc) + torch.matmul(h0.to(acc), w_hh.to(acc).t())
+    flat[rows, columns] = first.to(projected.dtype)
+
+
+def project(m_all: torch.Tensor, h0: torch.Tensor, w_hr: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """h_all (T + 1, B, P) from the recurrence's m_all (T + 1, B, H), step-indexed: h0, then m_t·W_hrᵀ (a
+    sequence of length 0 keeps h0 throughout, as in the reference)."""
+    T, B, H = m_all.shape[0] - 1, m_all.shape[1], m_all.shape[2]
+    h_all = torch.empty(T + 1, B, w_hr.shape[0], dtype=m_all.dtype, device=m_all.device)
+    h_all[0] = h0
+    torch.mm(m_all[1:].reshape(T * B, H), w_hr.t(), out=h_all[1:].view(T * B, -1))
+    if lengths is not None and T > 0:
+        h_all[1:] = torch.where((lengths == 0)[None, :, None], h0, h_all[1:])
+    return h_all
 
 
 def lstmp_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save: bool = True):
     """The forward of one layer and direction with a projection: ``(h_all, c_all, gates)`` as
     ``reference.lstm_recurrence_reference`` returns them (h_all (T + 1, B, P) the projected h), or without
-    ``save`` the inference forward's (``lstm_fwd_persistent``). ``lengths`` int32 on x's device or None;
-    a sequence of length 0 keeps h0 throughout, as in the reference."""
+    ``save`` the inference forward's (``lstm_fwd_persistent``). ``lengths`` int32 on x's device or None."""
     T, B = x.shape[0], x.shape[1]
-    H = w_hr.shape[1]
-    acc = accumulate_dtype(x.dtype)
     projected = input_projection(x, w_ih, b_ih, b_hh).contiguous()
-    if T > 0:
-        # h0's contribution to step 0: the recurrence in m starts from m_{-1} = 0.
-        projected[0] = (projected[0].to(acc) + torch.matmul(h0.to(acc), w_hh.to(acc).t())).to(x.dtype)
-    m0 = h0.new_zeros(B, H)
+    add_initial_state(projected, slice(None), h0, w_hh, first_steps(lengths, T, B, x.device))
     m_all, c_all, gates = persistent.lstm_fwd_persistent(
-        projected, m0, c0.contiguous(), merged_recurrent_weight(w_hh, w_hr).contiguous(), lengths, save=save)
-    h_all = torch.empty(T + 1, B, w_hr.shape[0], dtype=x.dtype, device=x.device)
-    h_all[0] = h0
-    torch.mm(m_all[1:].reshape(T * B, H), w_hr.t(), out=h_all[1:].view(T * B, -1))
-    if lengths is not None and T > 0:
-        h_all[1:] = torch.where((lengths == 0)[None, :, None], h0, h_all[1:])
-    return h_all, c_all, gates
+        projected, h0.new_zeros(B, w_hr.shape[1]), c0.contiguous(), merged_recurrent_weight(w_hh, w_hr).contiguous(),
+        lengths, save=save)
+    return project(m_all, h0, w_hr, lengths), c_all, gates
 
 
-def lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, schedule: str = "auto"):
-    """The fused backward of one layer and direction with a projection: the gradients of x, h0, c0, W_ih,
-    W_hh, the bias and W_hr (``reference.lstm_recurrence_backward_reference``'s first seven). ``lengths``
-    int32 on x's device or None."""
+def lstmp_fwd_bidirectional(projected, h0, c0, w_hh, w_hr, lengths, plan, save: bool = True):
+    """Both directions of a layer with projections in one launch (``lstm_fwd_bidirectional`` in m_t):
+    ``projected`` (T, B, 8H) as there, ``h0`` (2, B, P), ``c0`` (2, B, H), ``w_hh`` (2, 4H, P), ``w_hr``
+    (2, P, H). Returns ``(out (T, B, 2P), h_all (2, T + 1, B, P), c_all, gates)`` as ``lstm_fwd_bidirectional``
+    does; raises as it does before anything ran (``projected`` then holds the h0 terms)."""
+    T, B = projected.shape[:2]
+    H = w_hr.shape[-1]
+    for direction in range(2):
+        # The reverse direction's first step is each sequence's last element.
+        add_initial_state(projected, slice(4 * H * direction, 4 * H * (direction + 1)), h0[direction], w_hh[direction],
+                          first_steps(lengths, T, B, projected.device, reverse=direction == 1))
+    out_m, m_all, c_all, gates = lstm_fwd_bidirectional(projected, h0.new_zeros(2, B, H), c0,
+                                                        merged_recurrent_weight(w_hh, w_hr).contiguous(), lengths, plan,
+                                                        save)
+    # out_m is zero past each sequence's end, and so is its projection.
+    out = torch.cat([torch.matmul(out_m[..., d * H:(d + 1) * H], w_hr[d].t()) for d in range(2)], dim=2)
+    h_all = torch.stack([project(m_all[d], h0[d], w_hr[d], lengths) for d in range(2)])
+    return out, h_all, c_all, gates
+
+
+def gradients_at_m(grad_out: torch.Tensor, grad_h_n: torch.Tensor, w_hr: torch.Tensor):
+    """The gradients reaching m_t from h_t = m_t·W_hrᵀ, (grad_out·W_hr, grad_h_n·W_hr), in fp32 (the chain
+    reads them as they are). ``grad_out`` (T, B, P)."""
+    acc = accumulate_dtype(w_hr.dtype)
+    T, B, P = grad_out.shape
+    w_hr_acc = w_hr.to(acc)
+    grad_m = torch.matmul(grad_out.reshape(T * B, P).to(acc), w_hr_acc).reshape(T, B, -1)
+    return grad_m, torch.matmul(grad_h_n.to(acc), w_hr_acc)
+
+
+def projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, gates, c_all, lengths):
+    """W_hr's gradient and h0's, once the chain has run, for one layer and direction, all step-indexed:
+    ``grad_out`` (T, B, P) the gradient of h_1 … h_T, ``grad_gates`` the chain's dG (T, B, 4H). Returns
+    (grad_w_hr in W_hr's dtype, grad_h0 fp32)."""
     T, B, P = grad_out.shape
     H = w_hr.shape[1]
-    dtype = x.dtype
+    dtype = grad_gates.dtype
     acc = accumulate_dtype(dtype)
-    w_hr_acc = w_hr.to(acc)
-    # The gradients reaching m_t from h_t: dh·W_hr, in fp32 (the chain reads them as they are).
-    grad_m = torch.matmul(grad_out.reshape(T * B, P).to(acc), w_hr_acc).reshape(T, B, H).contiguous()
-    grad_m_n = torch.matmul(grad_h_n.to(acc), w_hr_acc)
-    grad_gates, _, grad_c0 = lstm_bwd_gate_grads(grad_m, grad_m_n, grad_c_n, merged_recurrent_weight(w_hh, w_hr),
-                                                 lengths, [(0, gates, c_all)], schedule)
-    grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih)
-
     # The gradient of h_t itself (B, P per step): its output's, what reaches it through step t+1's gates,
     # and at a sequence's last step what passed through the steps after its end (h_n's, and the outputs'
     # there, where h was carried unchanged).
-    grad_h = grad_out.to(acc, copy=True)
+    grad_h = grad_out.to(acc, memory_format=torch.contiguous_format, copy=True)
     if T > 1:
         grad_h[:-1] += torch.matmul(grad_gates[1:], w_hh).to(acc)
     if lengths is None:
-        last = torch.full((B,), T - 1, dtype=torch.int64, device=x.device)
+        last = torch.full((B,), T - 1, dtype=torch.int64, device=grad_out.device)
         tail = grad_h_n.to(acc)
     else:
         last = lengths.to(torch.int64) - 1
-        after_end = torch.arange(T, device=x.device)[:, None] > last[None, :]
+        after_end = torch.arange(T, device=grad_out.device)[:, None] > last[None, :]
         tail = grad_h_n.to(acc) + (grad_out.to(acc) * after_end[..., None]).sum(0)
     if T > 0:
         # (A sequence of length 0 adds its tail to step 0, where its m is zero: W_hr's gradient is unchanged.)
-        rows = last.clamp(min=0) * B + torch.arange(B, device=x.device)
+        rows = last.clamp(min=0) * B + torch.arange(B, device=grad_out.device)
         grad_h.view(T * B, P).index_add_(0, rows, tail)
     # m_t = o ⊙ tanh(c_t), recomputed from the saved gates (zero past a sequence's end, as o is).
     m_all = (gates[..., 3 * H:].to(acc) * torch.tanh(c_all[1:])).to(dtype)
@@ -96,5 +143,18 @@ def lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c
     # h0 met W_hh in step 0; a sequence of length 0 passed it through to the end.
     through_step_0 = torch.matmul(grad_gates[0].to(acc), w_hh.to(acc)) if T > 0 else tail
     grad_h0 = torch.where((last >= 0)[:, None], through_step_0, tail)
-    return (grad_x, grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_bias,
-            grad_w_hr.to(w_hr.dtype))
+    return grad_w_hr.to(w_hr.dtype), grad_h0
+
+
+def lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, schedule: str = "auto"):
+    """The fused backward of one layer and direction with a projection: the gradients of x, h0, c0, W_ih,
+    W_hh, the bias and W_hr (``reference.lstm_recurrence_backward_reference``'s first seven). ``lengths``
+    int32 on x's device or None."""
+    grad_m, grad_m_n = gradients_at_m(grad_out, grad_h_n, w_hr)
+    grad_gates, _, grad_c0 = lstm_bwd_gate_grads(grad_m.contiguous(), grad_m_n, grad_c_n,
+                                                 merged_recurrent_weight(w_hh, w_hr), lengths, [(0, gates, c_all)],
+                                                 schedule)
+    grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih)
+    grad_w_hr, grad_h0 = projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, gates, c_all, lengths)
+    dtype = x.dtype
+    return grad_x, grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_bias, grad_w_hr
