@@ -201,3 +201,21 @@ def test_double_backward_through_both_directions(proj_size):
 def test_gpu_bidirectional_matches_nn_lstm(case, dtype, launches):
     check_against_nn(case, dtype, oracle_device="cuda")
     assert launches == expected_launches(case)
+
+
+@pytest.mark.parametrize("proj_size", [0, 2], ids=["plain", "proj"])
+def test_opcheck_bidirectional_op(proj_size):
+    """The forward op's schema, fake (shapes for torch.compile) and dispatch against its real outputs, with
+    lengths, with and without a projection."""
+    T, B, I, H = 4, 3, 5, 6
+    P = proj_size or H
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(KERNEL_DEVICE)
+
+    w_hr = [randn(P, H), randn(P, H)] if proj_size else []
+    args = (randn(T, B, I), randn(2, B, P), randn(2, B, H), [randn(4 * H, I), randn(4 * H, I)],
+            [randn(4 * H, P), randn(4 * H, P)], [randn(4 * H), randn(4 * H)], [randn(4 * H), randn(4 * H)], w_hr,
+            torch.tensor([4, 1, 3], device=KERNEL_DEVICE), 1, None)
+    torch.library.opcheck(torch.ops.triton_lstm.bidirectional_fwd.default, args)
