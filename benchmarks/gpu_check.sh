@@ -169,6 +169,7 @@ PYTEST_EXTRA=()
 stage "GPU tests" "${TEST_LIMIT:-240}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
   tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
   tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_variants.py \
+  tests/test_projection.py \
   tests/test_examples.py::test_examples_run_on_cuda \
   --durations=10
 

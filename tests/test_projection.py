@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, count_calls
+from helpers import HAS_CUDA, KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, count_calls
 from triton_lstm import ops
 from triton_lstm.kernels import lstm_fwd_persistent as persistent
 from triton_lstm.kernels import lstm_projection
@@ -78,7 +78,9 @@ def test_matches_float64_reference(shape, dtype, lengths_kind, launches):
     T, B, I, H, P = shape
     inputs, lengths, grads = _case(*shape, lengths_kind)
     ours = _run(lstm_layer, inputs, lengths, grads, dtype, KERNEL_DEVICE)
-    assert launches() == dict(persistent=1, per_step=0, chain=1, reference_bwd=0), launches()
+    # One persistent launch (on a GPU a single step runs the per-step kernel: no barrier to amortize).
+    one_step = HAS_CUDA and T == 1
+    assert launches() == dict(persistent=int(not one_step), per_step=int(one_step), chain=1, reference_bwd=0), launches()
     oracle = _run(_reference, inputs, lengths, grads, torch.float64, "cpu")
     torchs = _run(_reference, inputs, lengths, grads, dtype, "cpu")
     for name, reference in oracle.items():

@@ -12,9 +12,12 @@ steps are GEMMs over all T·B rows around it:
 - backward: the output gradients pulled back to m (dh_t·W_hr), the chain on the merged weight, then dh_t
   itself (dh_t = grad_out_t + dG_{t+1}·W_hh) for W_hr's gradient, W_hh's gradient against the saved h.
 
+Both directions of a bidirectional layer keep their one launch each way (``lstmp_fwd_bidirectional``; the
+op in ``bidirectional.py`` uses the backward's helpers here). A stack with projections runs layer by layer.
+
 The price: the recurrent product has K = H instead of P (the step is latency-bound, not FLOP-bound, at the
-sizes an LSTM runs), and the merged weight is rounded once to the input dtype where nn.LSTM rounds h_t each
-step instead (errors of the same order; the tests hold both to PyTorch's own). Same arguments, outputs and
+sizes an LSTM runs), and m_t is rounded to the input dtype each step (where nn.LSTM rounds h_t) and the
+merged weight once (errors of the same order; the tests hold ours to twice PyTorch's own). Same arguments, outputs and
 saved layout as the reference (``reference.py``: h_all holds the projected h).
 """
 
