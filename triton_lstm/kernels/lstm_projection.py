@@ -49,7 +49,8 @@ def first_steps(lengths: torch.Tensor | None, T: int, B: int, device, reverse: b
     return last.clamp(min=0) * B + batch
 
 
-def add_initial_state(projected: torch.Tensor, columns: slice, h0: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor):
+def add_initial_state(projected: torch.Tensor, columns: slice, h0: torch.Tensor, w_hh: torch.Tensor,
+                      rows: torch.Tensor) -> None:
     """Adds h0·W_hhᵀ to each sequence's first step (``rows``, ``first_steps``) of ``projected``'s ``columns``:
     the recurrence in m starts from m_{-1} = 0, and h0 = h_{-1} enters through this step's gates."""
     if projected.shape[0] == 0:
