@@ -39,14 +39,18 @@ def merged_recurrent_weight(w_hh: torch.Tensor, w_hr: torch.Tensor) -> torch.Ten
     return torch.matmul(w_hh.to(acc), w_hr.to(acc)).to(w_hh.dtype)
 
 
+def last_steps(lengths: torch.Tensor | None, T: int, B: int, device) -> torch.Tensor:
+    """Each sequence's last step, len_b − 1 (−1 for an empty one; T − 1 without lengths), int64 (B,)."""
+    return torch.full((B,), T - 1, device=device) if lengths is None else lengths.to(torch.int64) - 1
+
+
 def first_steps(lengths: torch.Tensor | None, T: int, B: int, device, reverse: bool = False) -> torch.Tensor:
     """The flat row (t·B + b) of each sequence's first step: t = 0, or with ``reverse`` (the reverse
     direction of a bidirectional layer, in time order) its last element, len_b − 1 (0 for an empty one)."""
     batch = torch.arange(B, device=device)
     if not reverse:
         return batch
-    last = torch.full((B,), T - 1, device=device) if lengths is None else lengths.to(torch.int64) - 1
-    return last.clamp(min=0) * B + batch
+    return last_steps(lengths, T, B, device).clamp(min=0) * B + batch
 
 
 def add_initial_state(projected: torch.Tensor, columns: slice, h0: torch.Tensor, w_hh: torch.Tensor,
@@ -130,17 +134,15 @@ def projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, gates, c_all, l
     grad_h = grad_out.to(acc, memory_format=torch.contiguous_format, copy=True)
     if T > 1:
         grad_h[:-1] += torch.matmul(grad_gates[1:], w_hh).to(acc)
-    if lengths is None:
-        last = torch.full((B,), T - 1, dtype=torch.int64, device=grad_out.device)
-        tail = grad_h_n.to(acc)
-    else:
-        last = lengths.to(torch.int64) - 1
+    last = last_steps(lengths, T, B, grad_out.device)
+    tail = grad_h_n.to(acc)
+    if lengths is not None:
         after_end = torch.arange(T, device=grad_out.device)[:, None] > last[None, :]
-        tail = grad_h_n.to(acc) + (grad_out.to(acc) * after_end[..., None]).sum(0)
+        tail = tail + (grad_out.to(acc) * after_end[..., None]).sum(0)
     if T > 0:
-        # (A sequence of length 0 adds its tail to step 0, where its m is zero: W_hr's gradient is unchanged.)
-        rows = last.clamp(min=0) * B + torch.arange(B, device=grad_out.device)
-        grad_h.view(T * B, P).index_add_(0, rows, tail)
+        # At each sequence's last step, its first in reverse (a sequence of length 0 adds its tail to step 0,
+        # where its m is zero: W_hr's gradient is unchanged).
+        grad_h.view(T * B, P).index_add_(0, first_steps(lengths, T, B, grad_out.device, reverse=True), tail)
     # m_t = o ⊙ tanh(c_t), recomputed from the saved gates (zero past a sequence's end, as o is).
     m_all = (gates[..., 3 * H:].to(acc) * torch.tanh(c_all[1:])).to(dtype)
     grad_w_hr = torch.matmul(grad_h.reshape(T * B, P).t().to(dtype), m_all.reshape(T * B, H))
