@@ -26,7 +26,7 @@ import dataclasses
 import pytest
 import torch
 import triton
-from helpers import STACK_DTYPE, assert_error_within_pytorch, requires_cuda
+from helpers import KERNEL_DEVICE, STACK_DTYPE, assert_error_within_pytorch, requires_cuda
 from test_modules import Case, check_against_nn
 
 from triton_lstm import gru_stack, stack
@@ -325,13 +325,16 @@ def _run_fused_input(cell, layers, T, B, I, H, dtype, knobs, with_lengths, bias,
 
     torch.manual_seed(seed)
     gates = 3 if cell == "GRU" else 4
-    x = torch.randn(T, B, I)
-    h0, c0 = torch.randn(layers, B, H), torch.randn(layers, B, H)
-    w_ih = torch.randn(layers, gates * H, I) * I**-0.5 if layers == 1 else torch.randn(layers, gates * H, H) * H**-0.5
-    w_hh = torch.randn(layers, gates * H, H) * H**-0.5
-    b_ih, b_hh = (torch.randn(layers, gates * H) * 0.3, torch.randn(layers, gates * H) * 0.3) if bias else (None, None)
-    w_ch = torch.randn(layers, 3 * H) * 0.5 if peephole else None
-    lengths = torch.randint(1, T + 1, (B,), dtype=torch.int32) if with_lengths else None
+    def randn(*shape):
+        return torch.randn(*shape, device=KERNEL_DEVICE)
+
+    x = randn(T, B, I)
+    h0, c0 = randn(layers, B, H), randn(layers, B, H)
+    w_ih = randn(layers, gates * H, I) * I**-0.5 if layers == 1 else randn(layers, gates * H, H) * H**-0.5
+    w_hh = randn(layers, gates * H, H) * H**-0.5
+    b_ih, b_hh = (randn(layers, gates * H) * 0.3, randn(layers, gates * H) * 0.3) if bias else (None, None)
+    w_ch = randn(layers, 3 * H) * 0.5 if peephole else None
+    lengths = torch.randint(1, T + 1, (B,), dtype=torch.int32, device=KERNEL_DEVICE) if with_lengths else None
     if cell == "GRU":
         c0 = h0
     width = max(16, triton.next_power_of_2(H))
@@ -343,7 +346,7 @@ def _run_fused_input(cell, layers, T, B, I, H, dtype, knobs, with_lengths, bias,
     xd, h0d, c0d, w_ihd, w_hhd, b_ihd, b_hhd, w_chd = cast
     if cell == "GRU":
         fused_bias = None if b_ih is None else torch.stack([gru_projection_bias(b_ihd[i], b_hhd[i]) for i in range(layers)])
-        b_hn = b_hhd[:, 2 * H:].contiguous() if b_ih is not None else torch.zeros(layers, H, dtype=dtype)
+        b_hn = b_hhd[:, 2 * H:].contiguous() if b_ih is not None else torch.zeros(layers, H, dtype=dtype, device=KERNEL_DEVICE)
         ours = lstm_fwd_fused_input(xd, h0d, h0d, w_hhd, w_ihd, fused_bias, lengths, plan, save, b_hn=b_hn)
     else:
         fused_bias = None if b_ih is None else b_ihd + b_hhd
@@ -448,8 +451,9 @@ def test_a_projection_runs_a_fused_plan_without_forming_it_again(monkeypatch):
     monkeypatch.setattr(persistent, "plan_for", lambda sequence, w_hh: plan)
     seen = _spy_launches(monkeypatch, "FUSED_INPUT")
     torch.manual_seed(0)
-    x, h0 = torch.randn(4, 3, 5), torch.randn(3, 8)
-    w_ih, w_hh, b_ih, b_hh = torch.randn(24, 5) * 0.4, torch.randn(24, 8) * 0.4, torch.randn(24) * 0.1, torch.randn(24) * 0.1
+    x, h0 = torch.randn(4, 3, 5, device=KERNEL_DEVICE), torch.randn(3, 8, device=KERNEL_DEVICE)
+    w_ih, w_hh = torch.randn(24, 5, device=KERNEL_DEVICE) * 0.4, torch.randn(24, 8, device=KERNEL_DEVICE) * 0.4
+    b_ih, b_hh = torch.randn(24, device=KERNEL_DEVICE) * 0.1, torch.randn(24, device=KERNEL_DEVICE) * 0.1
     ours = gru_fwd(gru_input_projection(x, w_ih, b_ih, b_hh).contiguous(), h0, w_hh, hidden_bias_n(b_hh, w_hh), None)
     expected = gru_recurrence_reference(*(t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)))
     torch.testing.assert_close(ours[0].double(), expected[0], rtol=1e-5, atol=1e-5)
