@@ -160,7 +160,13 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool = False, cell: str = "lstm",
              dropout: bool = False) -> list[dict]:
-    from triton_lstm.kernels.forward_plans import one_tile_each, plan_bidirectional_fwd, plan_persistent_fwd, resident_bytes
+    from triton_lstm.kernels.forward_plans import (
+        gate_bit,
+        one_tile_each,
+        plan_bidirectional_fwd,
+        plan_persistent_fwd,
+        resident_bytes,
+    )
 
     devices = DEVICES[:1] if quick else DEVICES
     shapes = ANCHORS if quick else [(B, H) for H in (1, 16, 17, 33, 64, 100, 128, 256, 512, 768, 1024, 2048, 4096)
@@ -184,15 +190,17 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
                 if not plan.persistent:
                     continue
                 owns_one_tile = one_tile_each(plan, B, H)
-                one_tile = plan.resident and owns_one_tile  # the launcher's ONE_TILE for a planned plan
-                key = (dtype, H, plan.resident, owns_one_tile, plan.block_b, plan.block_h, plan.block_k, plan.num_warps,
-                       plan.grid_h, plan.exact_fp32_dot)
+                # the launcher's ONE_TILE and GATE_BIT for a planned plan
+                one_tile = (plan.resident or plan.streamed_one_tile) and owns_one_tile
+                key = (dtype, H, plan.resident, owns_one_tile, one_tile, plan.block_b, plan.block_h, plan.block_k,
+                       plan.num_warps, plan.grid_h, plan.exact_fp32_dot, gate_bit(plan))
                 estimate = resident_bytes(plan.block_b, plan.block_h, H, size) if plan.resident else None
                 seen.setdefault(key, dict(dtype=dtype, H=H, resident=plan.resident, one_tile=one_tile,
                                           owns_one_tile=owns_one_tile, block_b=plan.block_b,
                                           block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                           grid_h=plan.grid_h, arch=arch, limit=shared, device=device,
-                                          estimate=estimate, precision=plan.exact_fp32_dot, directions=directions))
+                                          estimate=estimate, precision=plan.exact_fp32_dot, directions=directions,
+                                          gate_bit=gate_bit(plan)))
                 if directions == 2:
                     # The backward's chain, both directions in one launch (lstm_bwd_bidirectional_gate_grads).
                     from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd
@@ -213,7 +221,7 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
     """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
     stacked backward's."""
     from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd
-    from triton_lstm.kernels.forward_plans import one_tile_each, plan_stack_fwd
+    from triton_lstm.kernels.forward_plans import gate_bit, one_tile_each, plan_stack_fwd
 
     seen = {}
     dtypes = {"bf16": 2} if quick else DTYPES
@@ -226,9 +234,9 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
                         continue
                     owns_one_tile = one_tile_each(plan, B, H)
                     key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h,
-                           owns_one_tile)
+                           owns_one_tile, gate_bit(plan))
                     seen.setdefault(key, dict(dtype=dtype, H=H, resident=False, block_b=plan.block_b, layers=layers,
-                                              owns_one_tile=owns_one_tile,
+                                              owns_one_tile=owns_one_tile, gate_bit=gate_bit(plan),
                                               block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                               grid_h=plan.grid_h, arch=arch, limit=shared, device=device, estimate=None,
                                               precision=plan.exact_fp32_dot))
@@ -276,8 +284,8 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
     return list(seen.values())
 
 
-# The kernel variants the planner does not pick yet (ForwardPlan's gate_dot, input_ahead, streamed_one_tile,
-# fused_input), and the kernels they apply to.
+# The kernel variants (ForwardPlan's gate_dot, input_ahead, streamed_one_tile, fused_input), and the kernels
+# they apply to: each built beside the four-dot build of every planned configuration it applies to.
 VARIANTS = {"gate-dot": ("persistent", "stack", "bidir"), "input-ahead": ("stack",),
             "streamed-one-tile": ("persistent", "bidir"), "fused-input": ("persistent", "stack"),
             "resident-gate-dot": ("persistent",)}
@@ -302,6 +310,9 @@ def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
             continue
         plan = ForwardPlan(True, "", config["resident"], config["block_b"], config["block_h"], config["block_k"],
                            config["grid_h"], num_warps=config["num_warps"])
+        if config.get("gate_bit"):
+            # planned with the gate dot (since run 13): the variants are built beside its four-dot build
+            config = dict(config, gate_bit=0, one_tile=config["resident"] and config.get("owns_one_tile", False))
         built = None
         if variant == "gate-dot" and config["dtype"] != "fp32":
             built = dict(config, gate_bit=gate_bit(dataclasses.replace(plan, gate_dot=True)))
@@ -359,7 +370,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dropout", action="store_true",
                         help="the stacked kernels with dropout between layers (training), forward and backward")
     parser.add_argument("--variant", choices=sorted(VARIANTS),
-                        help="a kernel variant the planner does not pick yet (ForwardPlan's gate_dot, input_ahead, "
+                        help="a kernel variant (ForwardPlan's gate_dot, input_ahead, "
                              "streamed_one_tile, fused_input; W_hh resident with the gate dot past K = 512), on each "
                              "planned configuration it applies to, beside its plain build; "
                              "the gate dot fails where its split adds CTA barriers")
@@ -402,12 +413,13 @@ def main(argv=None) -> int:
                     for config, outcome in outcomes if not config.get("baseline")]
         configs = [config for config, _ in outcomes]
     for config, outcome in outcomes:
-        resident = ("resident" + (" one-tile" if config.get("one_tile") else "")) if config["resident"] else "streamed"
+        resident = ("resident" if config["resident"] else "streamed") + (" one-tile" if config.get("one_tile") else "")
         mode = {"persistent": resident, "bidir": "both directions, " + (resident if config.get("kernel") != "bwd" else "bwd"),
                 "step": f"K={config.get('K')}", "bwd": "persistent" if config["resident"] else "per-step",
                 "stack": f"{config.get('layers')} layers {config.get('kernel', 'forward')}"}[args.kernel]
         variant = ((" peephole" if config.get("peephole") else "") + (" gru" if config.get("cell") == "gru" else "")
-                   + (" inference" if config.get("save") is False else "") + (" dropout" if config.get("dropout") else ""))
+                   + (" inference" if config.get("save") is False else "") + (" dropout" if config.get("dropout") else "")
+                   + (f" gate-dot (bit {config['gate_bit']})" if config.get("gate_bit") else ""))
         name = (f"{config['dtype']} H={config['H']} {mode}{variant} "
                 f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")
         if isinstance(outcome, str):

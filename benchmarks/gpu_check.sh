@@ -17,11 +17,13 @@
 # whatever ran comes back. BENCH=0 leaves out the --quick benchmark; LAYER_BY_LAYER=0 leaves out the stacks'
 # layer-by-layer A/B (it runs only with the benchmark's stage anyway);
 # TUNE=1 adds the sweep (TUNE_SHAPES, e.g. "--shape 256 64 1024 1024", else the anchors; TUNE_MODE,
-# TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); VARIANTS=1 times the planned kernels against the variants
-# the planner does not pick yet (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); FUSED=1 times the input
+# TUNE_DTYPES, TUNE_BUDGET choose what it sweeps); VARIANTS=1 times the kernels plain and with each variant
+# (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); FUSED=1 times the input
 # product formed in the kernel at B = 256 (the LSTM's and the GRU's plans with and without it); DROPOUT=1
 # times a 4-layer training step with dropout between layers (gpu_smoke.py --dropout-timing); PROJECTION=1
-# times an LSTM with projections against cuDNN's and our per-step path (gpu_smoke.py --projection-timing); SUITE=1 also
+# times an LSTM with projections against cuDNN's and our per-step path (gpu_smoke.py --projection-timing);
+# BIDIR_VARIANTS=1 times bidirectional layers with the gate dot (tune.py --bidirectional); TESTS=0 leaves out
+# the GPU tests (a second call of a session that ran them in its first); SUITE=1 also
 # runs the whole suite. DRY_RUN=1 prints each stage's command instead of running it (no GPU needed: the
 # tests check that every script accepts what this file passes it).
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
@@ -119,8 +121,8 @@ if [ "${TUNE:-0}" = "1" ]; then
 fi
 
 if [ "${VARIANTS:-0}" = "1" ]; then
-  # The kernel variants the planner does not pick yet against the planned kernels, kernel-only, each plan
-  # timed with every combination in a row (benchmarks/NOTES.md, "Since run 12"): one dot for the four
+  # The kernel variants against the plain kernels, kernel-only, each plan timed with every combination in
+  # a row (benchmarks/NOTES.md, "Since run 12"; run 13 measured them and the planner took some): one dot for the four
   # gates and the streamed one-tile schedule at the anchors and for the GRU at B = 256 and H = 1024 (where
   # the planned plan streams past K = 512, third in line: W_hh resident with the gate dot); the
   # 4-layer stack with the gate dot and its next input product ahead of the barrier wait, on the planned
@@ -133,6 +135,18 @@ if [ "${VARIANTS:-0}" = "1" ]; then
   stage "variants: GRU" "${VARIANTS_LIMIT:-150}" variants_gru.log "$PY" benchmarks/tune.py --shape 128 256 512 512 \
     --shape 256 64 1024 1024 --cell gru --mode fwd --variants gate_dot streamed_one_tile --max-T 128 \
     --budget-s "${VARIANTS_BUDGET:-20}" --csv "$LOGS/variants_gru.csv"
+fi
+
+if [ "${BIDIR_VARIANTS:-0}" = "1" ]; then
+  # Bidirectional layers, which still run four dots (run 13 timed the gate dot on one direction only): the
+  # planner's plan, with 16-unit hidden blocks, each with the gate dot and the one-tile schedule, at the
+  # benchmark's bidirectional shape and at H = 1024 (benchmarks/NOTES.md, "Run 13").
+  for cell in lstm gru; do
+    stage "variants: bidirectional $cell" "${VARIANTS_LIMIT:-150}" "variants_bidir_$cell.log" "$PY" benchmarks/tune.py \
+      --shape 256 64 512 512 --shape 256 32 1024 1024 --bidirectional --cell "$cell" --mode fwd \
+      --variants gate_dot streamed_one_tile --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" \
+      --csv "$LOGS/variants_bidir_$cell.csv"
+  done
 fi
 
 if [ "${FUSED:-0}" = "1" ]; then
@@ -166,7 +180,7 @@ fi
 PYTEST_EXTRA=()
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n "${WORKERS:-8}")
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
-stage "GPU tests" "${TEST_LIMIT:-240}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
+[ "${TESTS:-1}" = "1" ] && stage "GPU tests" "${TEST_LIMIT:-240}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
   tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
   tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_variants.py \
   tests/test_projection.py \

@@ -5,6 +5,7 @@
     python benchmarks/tune.py --shape 512 64 512 512 --layers 4          # a stack in one launch
     python benchmarks/tune.py --shape 128 256 512 512 --mode fwd --cell gru   # the GRU's forward plans
     python benchmarks/tune.py --anchors --mode fwd --variants gate_dot streamed_one_tile   # each plan with and without
+    python benchmarks/tune.py --shape 256 64 512 512 --bidirectional --mode fwd --variants gate_dot   # both directions
 
 Forward: resident vs streamed W_hh, BLOCK_B, BLOCK_H, BLOCK_K, warps and the batch split (grid_b), each
 candidate run through ``lstm_fwd_persistent`` with an explicit ``ForwardPlan`` and checked against the
@@ -19,7 +20,8 @@ such, never timed. ``--layers L`` sweeps the stacked kernels instead (all L
 layers in one launch: resident or streamed W, tiles, chunks, warps for the forward, checked against the
 layers run one by one; the backward chain's tile, checked against the planner's). ``--budget-s`` bounds the seconds spent per shape and mode
 (compiles dominate); candidates run in order of the planner's preference, so the default comes first.
-``--variants`` times each forward candidate also with kernel variants the planner does not pick yet
+Without ``--variants`` every candidate runs the planner's gate dot where its plan has it (16-bit; since run
+13). ``--variants`` runs each forward candidate plain and with kernel variants
 (``ForwardPlan.gate_dot``: one dot for the four gates, 16-bit only; ``input_ahead``: a stack layer's next
 input product before its barrier wait; ``streamed_one_tile``: a streamed program owning one tile keeps its
 state in registers; ``fused_input``: layer 0's input product formed in the kernel from x, 16-bit, in a
@@ -118,7 +120,8 @@ def _forward_candidates(B: int, H: int, element_size: int, num_sms: int, gates: 
     return _nearest_first(unique, default, knobs)
 
 
-# The kernel variants the planner does not pick yet (ForwardPlan fields), by their command-line names.
+# The kernel variants (ForwardPlan fields) by their command-line names: the planner picks some of them
+# where run 13 timed them faster (forward_plans.with_measured_variants).
 VARIANTS = {"gate_dot": "gate dot", "input_ahead": "input ahead", "streamed_one_tile": "streamed one tile",
             "fused_input": "fused input"}
 
@@ -139,6 +142,16 @@ def _with_variants(plans, dtype, variants, single_layer=False):
                         and not (single_layer and "input_ahead" in combo and "fused_input" not in combo)]
         result += [plan, *(dataclasses.replace(plan, **dict.fromkeys(combo, True)) for combo in combinations)]
     return result
+
+
+def _as_planned(candidates, default, variants):
+    """The candidates as the sweep runs them: with ``variants`` each one plain (no variant on), for
+    ``_with_variants`` to add every combination; else each with the gate dot where the planner's plan
+    (``default``, a list of it or empty) has it, as the planned plans run (``with_measured_variants``)."""
+    if variants:
+        return [dataclasses.replace(plan, **dict.fromkeys(VARIANTS, False)) for plan in candidates]
+    gate_dot = bool(default) and default[0].gate_dot
+    return [plan if plan in default else dataclasses.replace(plan, gate_dot=gate_dot) for plan in candidates]
 
 
 def _print_variant_ratios(timed: dict, projection_us: float = 0.0) -> None:
@@ -204,7 +217,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
     start = time.monotonic()
     results, timed = [], {}
     candidates = _forward_candidates(B, H, projected.element_size(), num_sms, gates, shared)
-    plans = _with_variants(candidates, dtype, variants, single_layer=True)
+    plans = _with_variants(_as_planned(candidates, candidates[:1], variants), dtype, variants, single_layer=True)
     twin = _resident_twin(plans, H, projected.element_size(), shared) if "gate_dot" in variants else None
     for plan in plans:
         if time.monotonic() - start > budget_s:
@@ -223,7 +236,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
         results.append((us, label, status))
         timed[plan] = us
         _report(rows, "fwd" if cell == "lstm" else "fwd gru", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
-        if plan.reason == "default" and not any(getattr(plan, name) for name in VARIANTS):
+        if plan is plans[0] and plan.reason == "default":
             # The same kernel as a no_grad call runs it (SAVE = 0: no per-step gates or c); the sweep times
             # the training forward's.
             inference = lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan, save=False, b_hn=b_hn)  # noqa: E731
@@ -370,7 +383,7 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), d
             candidates.append(forward_plans.ForwardPlan(True, "streamed", False, bb, bh, min(bk, k_pad), grid_h, grid_b, warps))
     start = time.monotonic()
     timed = {}
-    for plan in _with_variants(dict.fromkeys(candidates), dtype, variants):
+    for plan in _with_variants(dict.fromkeys(_as_planned(candidates, [default], variants)), dtype, variants):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
@@ -385,6 +398,55 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), d
         _report(rows, f"stack{L} fwd", dtype, T, B, I, H, label, status, us, f"{cudnn_us:.4g}")
         timed[plan] = us
     _print_variant_ratios(timed, projection_us)
+
+
+def tune_bidirectional_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), device="cuda"):
+    """Both directions of one layer in one launch (``lstm_fwd_bidirectional``): the planner's plan (four
+    dots: ``plan_bidirectional_fwd``), the same with 16-unit hidden blocks where it has 16-row resident
+    tiles of 32 (what the gate dot won with on one direction, run 13), each with ``variants`` as
+    ``tune_forward``'s; every candidate checked against the planned plan's output, each variant set
+    against its plain plan. cuDNN's bidirectional layer beside them."""
+    from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional
+
+    variants = [name for name in variants if name in ("gate_dot", "streamed_one_tile")]  # what this kernel runs
+    num_sms, shared = _device_limits(device, 2)
+    torch.manual_seed(0)
+    gates = 3 if cell == "gru" else 4
+    x = torch.randn(T, B, I, device=device, dtype=dtype)
+    projected = torch.randn(T, B, 2 * gates * H, device=device, dtype=dtype)
+    w_hh = (torch.randn(2, gates * H, H, device=device) * H**-0.5).to(dtype)
+    h0 = torch.randn(2, B, H, device=device, dtype=dtype)
+    c0 = torch.randn(2, B, H, device=device, dtype=dtype) if cell == "lstm" else h0
+    b_hn = (torch.randn(2, H, device=device) * 0.1).to(dtype) if cell == "gru" else None
+    default = forward_plans.plan_bidirectional_fwd(T, B, H, projected.element_size(), num_sms, shared,
+                                                   device != "cuda", gates=gates)
+    reference = (torch.nn.GRU if cell == "gru" else torch.nn.LSTM)(I, H, bidirectional=True, device=device, dtype=dtype)
+    with torch.no_grad():
+        cudnn_us = _bench(lambda: reference(x)) * 1e3 / T
+    print(f"bidirectional fwd {cell} T{T} B{B} I{I} H{H} {dtype}: cuDNN nn.{cell.upper()} {cudnn_us:.2f} us/step; "
+          f"planner: {default}", flush=True)
+    if not default.persistent:
+        return
+    run = lambda plan: lstm_fwd_bidirectional(projected, h0, c0, w_hh, None, plan, b_hn=b_hn)  # noqa: E731
+    expected = run(default)[0].float()
+    candidates = [dataclasses.replace(default, reason="default")]
+    if default.resident and default.block_b == 16 and default.block_h == 32 and -(-H // 16) <= max(1, num_sms // 2):
+        grid_h = -(-H // 16)
+        candidates.append(dataclasses.replace(default, reason="16-unit hidden blocks", block_h=16, grid_h=grid_h,
+                                              grid_b=max(1, min(-(-B // 16), max(1, num_sms // 2) // grid_h))))
+    start, timed = time.monotonic(), {}
+    for plan in _with_variants(candidates, dtype, variants):
+        if time.monotonic() - start > budget_s:
+            print(f"  budget of {budget_s} s spent; remaining candidates skipped")
+            break
+        label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
+                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x2{_label_variants(plan)}"
+                 f"{' (default)' if plan.reason == 'default' else ''}")
+        us, status = _timed_if_right(lambda: run(plan), expected, 3e-2 if dtype != torch.float32 else 1e-4, T)
+        _report(rows, f"bidir fwd{' gru' if cell == 'gru' else ''}", dtype, T, B, I, H, label, status, us,
+                f"{cudnn_us:.4g}")
+        timed[plan] = us
+    _print_variant_ratios(timed)
 
 
 def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows):
@@ -436,15 +498,19 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=1, help="> 1: sweep the stacked kernels of this many layers")
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm",
                         help="gru: the GRU's forward plans against nn.GRU (one layer, forward only)")
+    parser.add_argument("--bidirectional", action="store_true",
+                        help="both directions of one layer in one launch (forward only)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=[],
-                        help="time each forward candidate also with these kernel variants (ForwardPlan fields the "
-                             "planner does not set yet), every combination, and print variant / plain")
+                        help="time each forward candidate plain and with these kernel variants (ForwardPlan fields), "
+                             "every combination, and print variant / plain")
     parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.cell == "gru" and (args.layers > 1 or args.mode != ["fwd"]):
         parser.error("--cell gru sweeps one layer's forward: give --mode fwd and no --layers")
+    if args.bidirectional and (args.layers > 1 or args.mode != ["fwd"]):
+        parser.error("--bidirectional sweeps one layer's forward: give --mode fwd and no --layers")
     if not torch.cuda.is_available():
         parser.exit(2, "tune.py needs a CUDA GPU\n")
     shapes = [tuple(s) for s in args.shape] + ([(c.T, c.B, c.I, c.H) for c in ANCHOR_CASES] if args.anchors else [])
@@ -460,6 +526,9 @@ def main(argv=None) -> int:
                             tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows, args.variants)
                         else:
                             tune_stack_backward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows)
+                    elif args.bidirectional:
+                        tune_bidirectional_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell,
+                                                   args.variants)
                     elif mode == "fwd":
                         tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell, args.variants)
                     else:

@@ -165,6 +165,21 @@ def test_tune_sweeps_the_fused_input_variant_on_the_interpreter(cell, layers, mo
     assert "projection GEMM x·W_ihᵀ + b" in out and "fused input / plain + projection GEMM: 333.33 / 666.67" in out, out  # T = 3: 1 ms a call
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_tune_sweeps_bidirectional_layers_with_the_gate_dot_on_the_interpreter(cell, monkeypatch, capsys):
+    """``tune.py --bidirectional --variants gate_dot``: both directions in one launch, the planner's plan and
+    its gate-dot build, each checked against the planned plan's output ("ok") and set against it."""
+    import torch
+
+    tune = benchmark_script("tune")
+    monkeypatch.setattr(tune, "_bench", lambda fn: (fn(), 1.0)[1])
+    rows = []
+    tune.tune_bidirectional_forward(3, 4, 16, 16, torch.float16, 60.0, rows, cell, ["gate_dot", "input_ahead"],
+                                    device="cpu")
+    assert [("gate-dot" in row["candidate"], row["status"]) for row in rows] == [(False, "ok"), (True, "ok")], rows
+    assert "gate dot / plain: 333.33 / 333.33 us/step = 1.000" in capsys.readouterr().out
+
+
 def test_tune_times_the_resident_gate_dot_twin_third(monkeypatch, capsys):
     """With the gate dot among ``--variants``, the planned plan's resident gate-dot twin
     (``forward_plans.resident_gate_dot``, which on a GPU applies from K = 513: forced here onto the tiny
@@ -191,8 +206,10 @@ def test_tune_times_the_resident_gate_dot_twin_third(monkeypatch, capsys):
     rows = []
     tune.tune_forward(3, 4, 16, 16, torch.float16, 60.0, rows, "lstm", ["gate_dot"], device="cpu")
     kernels = [row for row in rows if not row["candidate"].endswith("inference")]
+    # (the sweep runs each candidate plain and with the gate dot: the resident one's gate-dot build is the
+    # twin, timed third and not again)
     assert [(row["candidate"].split()[0], "gate-dot" in row["candidate"]) for row in kernels] == [
-        ("streamed", False), ("streamed", True), ("resident", True)], rows
+        ("streamed", False), ("streamed", True), ("resident", True), ("resident", False)], rows
     assert all(row["status"] == "ok" for row in rows), rows
     assert "W_hh resident + gate dot / plain (streamed): 333.33 / 333.33 us/step = 1.000" in capsys.readouterr().out
     assert streamed["plan"].reason == "default" and not streamed["plan"].resident
@@ -209,7 +226,7 @@ def test_gpu_check_passes_each_script_arguments_it_accepts(tmp_path, capsys):
     import sys
 
     env = dict(os.environ, OUT=str(tmp_path), DRY_RUN="1", VARIANTS="1", FUSED="1", PROFILE="1", TUNE="1", DROPOUT="1",
-               PROJECTION="1", EXAMPLES="1", SUITE="1", PYTHON=sys.executable)
+               PROJECTION="1", BIDIR_VARIANTS="1", EXAMPLES="1", SUITE="1", PYTHON=sys.executable)
     listing = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                              text=True, timeout=120)
     assert listing.returncode == 0, listing.stdout + listing.stderr

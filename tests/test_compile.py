@@ -96,18 +96,20 @@ def test_fused_input_tile_at_b256_fits_shared_memory_beside_the_plain_one(cell):
 
 
 def test_resident_gate_dot_at_h1024_fits_where_four_resident_dots_spill():
-    """The (256, 64, 1024, 1024) anchor's planned tile (streamed 32 × 16 on 4 warps) with W_hh resident
-    (``forward_plans.resident_gate_dot``, the variant ``tune.py`` times beside it): with one dot for the four
-    gates it fits an H100's shared memory and, from Triton 3.6 on, spills nothing (3.4: ~500 bytes, so a rule
-    adopting it asks for 3.6); with four resident dots, what ``RESIDENT_MAX_K`` keeps the planner from, it
-    spills ~1 KB at every version (888-1,672 bytes under 3.4, 3.6 and 3.9)."""
+    """The (256, 64, 1024, 1024) anchor's tile (32 × 16 on 4 warps) with W_hh resident and one dot for the
+    four gates (``forward_plans.resident_gate_dot``, planned there since run 13 from Triton 3.6 on): it fits
+    an H100's shared memory and, from Triton 3.6 on, spills nothing (3.4: ~500 bytes, so the planner streams
+    there); with four resident dots, what ``RESIDENT_MAX_K`` keeps the planner from, it spills ~1 KB at
+    every version (888-1,672 bytes under 3.4, 3.6 and 3.9)."""
     compile_check = _compile_check()
-    configs = [config for config in compile_check._configs(True, 90) if config["H"] == 1024 and config["dtype"] == "bf16"]
-    twin, _plain = compile_check._variant_configs(configs, "resident-gate-dot")
-    assert twin["resident"] and twin["gate_bit"] > 0 and (twin["block_b"], twin["block_h"], twin["block_k"]) == (32, 16, 1024)
+    [planned] = [config for config in compile_check._configs(True, 90) if config["H"] == 1024 and config["dtype"] == "bf16"]
+    twin = dict(planned, resident=True, block_k=1024, one_tile=planned["owns_one_tile"])
+    assert twin["gate_bit"] > 0 and (twin["block_b"], twin["block_h"]) == (32, 16) and twin["owns_one_tile"], twin
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    assert planned["resident"] == (version >= (3, 6)), planned
     (_, one), (_, four) = compile_check._run_batch([twin, dict(twin, gate_bit=0)])
     assert isinstance(one, dict) and isinstance(four, dict), (one, four)
     assert one["shared"] <= 232448 and one["release"] and one["acquire"], one
     assert four["spills"] > 512, four
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6):
+    if version >= (3, 6):
         assert one["spills"] <= compile_check.SPILL_TOLERANCE, one

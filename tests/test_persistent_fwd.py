@@ -200,19 +200,33 @@ def test_plan_under_the_interpreter_is_one_program(H, element_size):
 
 
 def test_plan_anchor_shapes_on_an_h100():
-    # bf16 keeps W_hh in shared memory up to H = 512 and streams it beyond (RESIDENT_MAX_K); fp32 always
-    # streams, through tensor-core "tf32x3" dots where the card has them and FMA dots where it has not.
-    expected = {256: True, 512: True, 1024: False, 2048: False}
-    for T, B, I, H in [(512, 64, 256, 256), (256, 64, 1024, 1024), (1024, 8, 512, 512), (128, 256, 512, 512), (256, 16, 2048, 2048)]:
+    # 16-bit: the plans run 13 timed fastest on an H200 (forward_plans.with_measured_variants): one dot for
+    # the four gates everywhere, W_hh resident up to K = 1024 where a program's slice fits, streamed on the
+    # one-tile schedule at B = 256 and at H = 2048. fp32 always streams, through tensor-core "tf32x3" dots
+    # where the card has them and FMA dots where it has not, with four dots.
+    # (T, B, I, H): (resident, block_b, block_h, block_k, grid_h, grid_b, warps, streamed_one_tile)
+    expected = {
+        (512, 64, 256, 256): (True, 16, 16, 256, 16, 4, 4, False),
+        (256, 64, 1024, 1024): (True, 32, 16, 1024, 64, 2, 4, False),
+        (1024, 8, 512, 512): (True, 16, 16, 512, 32, 1, 4, False),
+        (128, 256, 512, 512): (False, 64, 16, 64, 32, 4, 8, True),
+        (256, 16, 2048, 2048): (False, 16, 32, 128, 64, 1, 4, False),
+    }
+    for (T, B, I, H), tiles in expected.items():
         plan = plan_persistent_fwd(T, B, H, H, 2, **H100)
-        assert plan.persistent and plan.resident == expected[H], (H, plan)
+        assert plan.persistent and plan.gate_dot, plan
+        assert (plan.resident, plan.block_b, plan.block_h, plan.block_k, plan.grid_h, plan.grid_b, plan.num_warps,
+                plan.streamed_one_tile) == tiles, plan
+        assert not (plan.input_ahead or plan.fused_input), plan
         fp32 = plan_persistent_fwd(T, B, H, H, 4, **H100)
-        assert not fp32.resident and fp32.exact_fp32_dot == "tf32x3", fp32
+        assert not fp32.resident and fp32.exact_fp32_dot == "tf32x3" and not fp32.gate_dot, fp32
         fma = plan_persistent_fwd(T, B, H, H, 4, **H100, fp32_tensor_cores=False)
         assert not fma.resident and fma.exact_fp32_dot == "ieee" and fma.block_k <= 32, fma
-    # The measured winners (H200, tune.py): 16-row tiles with 32-unit hidden blocks split the batch.
-    plan = plan_persistent_fwd(512, 64, 256, 256, 2, **H100)
+    # The four-dot tiling under them (what bidirectional layers run), measured before run 13: 16-row tiles
+    # with 32-unit hidden blocks split the batch.
+    plan = plans.tile_persistent_fwd(512, 64, 256, 256, 2, **H100)
     assert (plan.block_b, plan.block_h, plan.grid_h, plan.grid_b, plan.num_warps) == (16, 32, 8, 4, 4), plan
+    assert not plan.gate_dot, plan
 
 
 @pytest.mark.parametrize("num_sms,shared_memory", [(132, 232448), (114, 232448), (108, 166912), (16, 101376)])

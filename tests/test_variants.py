@@ -1,6 +1,8 @@
-"""The forward kernels' variants that the planner does not pick yet (benchmarks/NOTES.md, "Since run 12":
-each waits for a GPU to time it), against nn.LSTM and nn.GRU in float64 with every gradient on every path
-that runs it:
+"""The forward kernels' variants (benchmarks/NOTES.md, "Since run 12" and "Run 13"), against nn.LSTM and
+nn.GRU in float64 with every gradient on every path that runs it. Since run 13 the planner picks the gate
+dot, the one-tile streamed schedule and W_hh resident past K = 512 where they were timed faster
+(``forward_plans.with_measured_variants``); the input product ahead and in the kernel were slower and stay
+off. Under the interpreter the planner's one-program plans keep four dots, so each variant is forced here:
 
 - ``gate_dot``: one dot of N = 4·BLOCK_H for the four gates instead of four of N = BLOCK_H
   (``common.interleaved_gate_rows``) — one layer (resident and streamed W), stacks (streamed and
@@ -13,9 +15,9 @@ that runs it:
 - W_hh resident past K = 512 with the gate dot (``forward_plans.resident_gate_dot``): the plan rule, and on
   a GPU at H = 1024 (under the interpreter the resident gate-dot kernel is the gate_dot cases' own);
 - ``fused_input``: layer 0 forms its input product from x in the kernel, as a stack's layers above do
-  (no projection GEMM before the launch). The modules do not run it yet (they will once a GPU has timed
-  it and the planner sets it), so it is checked at the launcher, ``lstm_fwd_fused_input``: every layer's
-  h, c and saved gates — all the backward reads — against the float64 reference.
+  (no projection GEMM before the launch). The modules run it only where a plan asks for it, which the
+  planner does not, so it is checked at the launcher, ``lstm_fwd_fused_input``: every layer's h, c and
+  saved gates — all the backward reads — against the float64 reference.
 
 The tests force each variant, and check from the launch's arguments that it ran."""
 
@@ -32,7 +34,7 @@ from test_modules import Case, check_against_nn
 from triton_lstm import gru_stack, stack
 from triton_lstm.kernels import forward_plans
 from triton_lstm.kernels import lstm_fwd_persistent as persistent
-from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit
+from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit, one_tile_each
 
 
 def _spy_launches(monkeypatch, *names: str) -> list[dict]:
@@ -108,6 +110,17 @@ def test_modules_with_the_gate_dot_match_nn(name, bit, monkeypatch):
     launched = _force_gate_dot(monkeypatch, bit)
     check_against_nn(case, dtype, cell=cell)
     assert launched and all(b > 0 for b in launched), f"the gate-dot kernels did not run: bits {launched}"
+
+
+@pytest.mark.parametrize("name", ["single", "packed-bidir-layers2"])
+def test_peephole_lstm_with_the_gate_dot_matches_its_equations(name, monkeypatch):
+    """Peepholes on the gate-dot kernels (the planner's 16-bit plans on a GPU since run 13): one layer, and
+    a packed bidirectional stack, against the peephole equations in float64 with every gradient."""
+    from test_peephole import CASES, _check_against_oracle
+
+    launched = _force_gate_dot(monkeypatch, "planned")
+    _check_against_oracle(CASES[name], torch.float16)
+    assert launched and all(b > 0 for b in launched), launched
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
@@ -213,13 +226,24 @@ def test_streamed_one_tile_only_where_each_program_owns_one_tile(monkeypatch):
     assert seen == [{"ONE_TILE": False}]
 
 
-def test_planner_leaves_the_variants_off_until_measured():
-    for H in (256, 512, 1024, 2048):
-        for B in (8, 64, 256):
-            for plan in (forward_plans.plan_persistent_fwd(128, B, H, H, 2, 132, 232448),
-                         forward_plans.plan_stack_fwd(128, B, H, 4, 2, 132, 232448),
-                         forward_plans.plan_bidirectional_fwd(128, B, H, 2, 132, 232448)):
-                assert not (plan.gate_dot or plan.input_ahead or plan.streamed_one_tile or plan.fused_input), plan
+def test_planner_picks_the_variants_where_run_13_timed_them_faster():
+    """16-bit single layers and stacks on a GPU run the gate dot (``with_measured_variants``), streamed
+    plans the one-tile schedule only on 32- and 64-row tiles that are one per program; the input product
+    ahead and in the kernel, both slower, never; bidirectional layers (not timed with them yet), fp32 plans
+    and the interpreter's plans keep four dots."""
+    for H in (17, 256, 512, 768, 1024, 2048, 4096):
+        for B in (1, 8, 64, 100, 256):
+            for element_size in (2, 4):
+                one = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, 132, 232448)
+                stack = forward_plans.plan_stack_fwd(128, B, H, 4, element_size, 132, 232448)
+                both = forward_plans.plan_bidirectional_fwd(128, B, H, element_size, 132, 232448)
+                for plan in (one, stack, both):
+                    assert not (plan.input_ahead or plan.fused_input), plan
+                    assert plan.gate_dot == (element_size == 2 and plan.persistent and plan is not both), plan
+                    assert not plan.streamed_one_tile or (
+                        plan is one and not plan.resident and plan.block_b >= 32 and one_tile_each(plan, B, H)), plan
+                interpreted = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, 1, 96 * 1024, True)
+                assert not (interpreted.gate_dot or interpreted.streamed_one_tile), interpreted
 
 
 # --- W_hh resident past K = 512, with the gate dot ----------------------------------------------------
@@ -231,15 +255,16 @@ def test_resident_gate_dot_applies_to_streamed_plans_past_k_512_that_fit():
     """``forward_plans.resident_gate_dot``: the planned streamed plan, same tiles and grid, with W_hh resident
     and the gate dot, only where its slice fits the budget and K is within RESIDENT_GATE_DOT_MAX_K (the sm_90
     builds: ``compile_check.py --variant resident-gate-dot``). The (256, 64, 1024, 1024) anchor's plan:"""
-    plan = forward_plans.plan_persistent_fwd(128, 64, 1024, 1024, 2, *H200)
+    plan = forward_plans.tile_persistent_fwd(128, 64, 1024, 1024, 2, *H200)
     assert plan.persistent and not plan.resident and (plan.block_b, plan.block_h, plan.grid_h) == (32, 16, 64)
     twin = forward_plans.resident_gate_dot(plan, 1024, 1024, 2, H200[1])
     assert twin == dataclasses.replace(plan, resident=True, gate_dot=True, block_k=1024, reason=twin.reason), twin
-    assert forward_plans.resident_gate_dot(forward_plans.plan_persistent_fwd(128, 64, 768, 768, 2, *H200),
+    assert forward_plans.plan_persistent_fwd(128, 64, 1024, 1024, 2, *H200) == twin, "planned since run 13"
+    assert forward_plans.resident_gate_dot(forward_plans.tile_persistent_fwd(128, 64, 768, 768, 2, *H200),
                                            768, 768, 2, H200[1]).block_k == 1024, "K padded to a power of two"
 
     def twin_of(B, H, element_size=2, num_sms=H200[0], shared=H200[1]):
-        plan = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, num_sms, shared)
+        plan = forward_plans.tile_persistent_fwd(128, B, H, H, element_size, num_sms, shared)
         return forward_plans.resident_gate_dot(plan, H, H, element_size, shared)
 
     assert twin_of(64, 512) is None, "resident already (K <= RESIDENT_MAX_K)"
@@ -249,6 +274,18 @@ def test_resident_gate_dot_applies_to_streamed_plans_past_k_512_that_fit():
     assert twin_of(64, 1024, num_sms=108, shared=166912) is None, "A100: 166,912 bytes"
     several = ForwardPlan(True, "default", False, 32, 16, 128, 32, 2, 4)  # two hidden blocks per program
     assert forward_plans.resident_gate_dot(several, 1024, 1024, 2, H200[1]) is None
+
+
+def test_resident_gate_dot_is_planned_from_triton_3_6(monkeypatch):
+    """Under Triton 3.4 the resident gate-dot slice spills (456-504 bytes at K = 1024): the plan at H = 1024
+    streams there, with the gate dot and the one-tile schedule, and holds W_hh resident from 3.6 on."""
+    tiled = forward_plans.tile_persistent_fwd(128, 64, 1024, 1024, 2, *H200)
+    planned = lambda: forward_plans.with_measured_variants(tiled, 64, 1024, 1024, 2, *H200)  # noqa: E731
+    monkeypatch.setattr(forward_plans, "TRITON_VERSION", (3, 4))
+    old = planned()
+    assert not old.resident and old.gate_dot and old.streamed_one_tile and old.block_k == tiled.block_k, old
+    monkeypatch.setattr(forward_plans, "TRITON_VERSION", (3, 6))
+    assert planned() == forward_plans.resident_gate_dot(tiled, 1024, 1024, 2, H200[1])
 
 
 GPU_RESIDENT_CASES = {
@@ -261,18 +298,10 @@ GPU_RESIDENT_CASES = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", GPU_RESIDENT_CASES, ids=str)
 def test_gpu_resident_gate_dot_matches_nn(name, dtype, monkeypatch):
-    """The GPU's single-layer plans at H = 1024 with W_hh resident and the gate dot (``resident_gate_dot``)
-    against nn in float64 on the same card; every launch must have run resident (a launch that did not fit
-    the device would have streamed instead)."""
+    """The GPU's single-layer plans at H = 1024, W_hh resident with the gate dot (``resident_gate_dot``, as
+    planned since run 13), against nn in float64 on the same card; every launch must have run resident (a
+    launch that did not fit the device would have streamed instead)."""
     case, cell = GPU_RESIDENT_CASES[name]
-    planner = forward_plans.plan_persistent_fwd
-
-    def with_twin(T, B, H, K, element_size, project, num_sms, shared_memory, *args, **kwargs):
-        plan = planner(T, B, H, K, element_size, project, num_sms, shared_memory, *args, **kwargs)
-        return forward_plans.resident_gate_dot(plan, H, K, element_size, shared_memory) or plan
-
-    for module in (forward_plans, persistent):
-        monkeypatch.setattr(module, "plan_persistent_fwd", with_twin)
     seen = _spy_launches(monkeypatch, "RESIDENT", "GATE_BIT")
     check_against_nn(case, dtype, oracle_device="cuda", cell=cell)
     assert seen and all(launch["RESIDENT"] and launch["GATE_BIT"] > 0 for launch in seen), seen

@@ -27,8 +27,11 @@ MAX_HIDDEN_BLOCKS_PER_PROGRAM = 4
 RESIDENT_MAX_K = 512
 # With one dot for the four gates (ForwardPlan.gate_dot) a resident slice compiles without spills up to
 # this K (sm_90, H = 1024, 32 × 16 tiles on 4 warps: 254 registers, no stack, under Triton 3.6 and 3.9; 3.4
-# spills ~500 bytes): ``resident_gate_dot``, a variant to time, not planned yet.
+# spills ~500 bytes): ``resident_gate_dot``, planned since run 13 (``with_measured_variants``).
 RESIDENT_GATE_DOT_MAX_K = 1024
+# ... from this Triton on: 3.4, the declared floor, spills that slice (456-504 bytes at K = 1024, sm_90).
+RESIDENT_GATE_DOT_SINCE_TRITON = (3, 6)
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # Shared memory kept free of the resident estimate (the estimate leaves out small scratch buffers).
 RESIDENT_HEADROOM = 8 * 1024
 # Shared memory assumed under the interpreter, so that plans there are deterministic.
@@ -63,18 +66,20 @@ class ForwardPlan:
     # Software-pipelining depth of the streamed K loop (Triton's default, 3: two chunks in flight).
     num_stages: int = 3
     # One dot per product for the four gates (N = 4·block_h, common.interleaved_gate_rows; per K chunk
-    # when W streams) instead of four of N = block_h. Not planned yet: a variant for benchmarks/tune.py
-    # (--variants) until a GPU has timed it (benchmarks/NOTES.md, "Since run 12").
+    # when W streams) instead of four of N = block_h. Planned for 16-bit single layers and stacks since
+    # run 13 (``with_measured_variants``); bidirectional layers are still to time.
     gate_dot: bool = False
     # A stack whose programs own one tile each: a layer forms its next step's input product before it
-    # waits at its own barrier (kernels/stack_layer.py). Not planned yet: to measure, as gate_dot.
+    # waits at its own barrier (kernels/stack_layer.py). Not planned: slower in run 13 (benchmarks/NOTES.md).
     input_ahead: bool = False
     # A streamed plan whose programs own one tile each runs the one-tile schedule that resident plans
-    # always do (h and c in registers, the next input loaded before the barrier wait). Not planned yet.
+    # always do (h and c in registers, the next input loaded before the barrier wait). Planned where run 13
+    # timed it faster (``with_measured_variants``).
     streamed_one_tile: bool = False
     # Layer 0 forms its input product x_t·W_ihᵀ + b in the kernel, as a stack's layers above do, instead
     # of reading it from the projection GEMM run before the launch (kernels/lstm_fwd_fused_input.py; in a
-    # stack only where input size == hidden size). Not planned yet: to measure, as gate_dot.
+    # stack only where input size == hidden size). Not planned: slower than the GEMM and the plain kernel
+    # in run 13, or over the shared memory (benchmarks/NOTES.md).
     fused_input: bool = False
 
     @property
@@ -128,14 +133,14 @@ def resident_gate_dot(plan: ForwardPlan, H: int, K: int, element_size: int, shar
 
     Why: the streamed step at H = 1024 waits on L2 for 128 KiB of W_hh per program and step (9.3 µs per
     step, LSTM, H200); four resident dots over K = 1024 spilled ~1 KB of registers (15.4), the gate dot's
-    one does not. A variant for ``benchmarks/tune.py`` until a GPU has timed it (benchmarks/NOTES.md)."""
+    one does not: 5.28 µs/step in run 13 (``with_measured_variants`` plans it)."""
     k_pad = max(16, triton.next_power_of_2(K))
     if (not plan.persistent or plan.resident or element_size != 2 or K > RESIDENT_GATE_DOT_MAX_K
             or plan.grid_h != -(-H // plan.block_h)
             or resident_bytes(plan.block_b, plan.block_h, K, element_size) > shared_memory - RESIDENT_HEADROOM):
         return None
     return dataclasses.replace(plan, resident=True, gate_dot=True, block_k=k_pad,
-                               reason=f"{plan.reason}; W_hh resident with the gate dot (variant)")
+                               reason="persistent, W_hh resident past K = 512 with one dot for the four gates")
 
 
 @_cached_plan
@@ -152,7 +157,68 @@ def plan_persistent_fwd(
     allow_resident: bool = True,
     gates: int = 4,
 ) -> ForwardPlan:
-    """Chooses persistent (resident or streamed W_hh) or per-step for one layer's forward.
+    """Chooses persistent (resident or streamed W_hh) or per-step for one layer's forward: the tiling of
+    ``tile_persistent_fwd``, then for 16-bit plans on a GPU the kernel variants that run 13 timed faster
+    (``with_measured_variants``). Arguments as ``tile_persistent_fwd``'s."""
+    plan = tile_persistent_fwd(T, B, H, K, element_size, num_sms, shared_memory, interpret, fp32_tensor_cores,
+                               allow_resident, gates)
+    if interpret or element_size != 2 or not plan.persistent:
+        return plan
+    return with_measured_variants(plan, B, H, K, element_size, num_sms, shared_memory)
+
+
+def with_measured_variants(plan: ForwardPlan, B: int, H: int, K: int, element_size: int, num_sms: int,
+                           shared_memory: int) -> ForwardPlan:
+    """A 16-bit persistent plan of one layer with the variants that were faster on an H200 (run 13:
+    ``tune.py --variants``, bf16, kernel-only forward at T = 128; benchmarks/NOTES.md, "Run 13"), each rule
+    where it was measured — the GRU at B = 256 and H = 1024 only, whose ratios matched the LSTM's (its
+    16-row tiles, where the gate dot carries a zero fourth gate, take the same rules untimed):
+
+    - one dot for the four gates everywhere (0.47-0.84 of the four dots' time on 64- and 32-row tiles, and
+      on 16-row streamed ones; the same on 16 × 32 resident tiles, see the next rule);
+    - K in (512, 1024] with one hidden block per program: W_hh resident after all
+      (``resident_gate_dot``; H = 1024, B = 64: 5.28 µs/step against 9.29 streamed, GRU 5.16 against 8.01),
+      from Triton 3.6 on (``RESIDENT_GATE_DOT_SINCE_TRITON``);
+    - 16-row resident tiles take 16-unit hidden blocks, twice the programs (with the gate dot 16 × 16
+      beat 16 × 32: H = 256, B = 64: 2.52 against 3.33; H = 512, B = 8: 2.69 against 3.41);
+    - 64-row tiles, one per program, stream W in 64-wide chunks on the one-tile schedule rather than hold
+      it resident (B = 256, H = 512: 4.72 against 5.11, GRU 4.36 against 4.68), and streamed 32-row ones
+      take the one-tile schedule too (H = 1024, B = 64: 6.53 against 6.84, GRU 6.36 against 6.70);
+    - 16-row streamed tiles read 128-wide K chunks, not 256 (H = 2048: 9.51 against 11.94).
+    """
+    twin = resident_gate_dot(plan, H, K, element_size, shared_memory)
+    if twin is not None and TRITON_VERSION >= RESIDENT_GATE_DOT_SINCE_TRITON:
+        return twin
+    one_tile = one_tile_each(plan, B, H)
+    if plan.resident and plan.block_b == 16 and plan.block_h == 32 and -(-H // 16) <= num_sms:
+        grid_h = -(-H // 16)
+        plan = dataclasses.replace(plan, block_h=16, grid_h=grid_h, grid_b=max(1, min(-(-B // 16), num_sms // grid_h)))
+    elif plan.resident and plan.block_b == 64 and one_tile:
+        plan = dataclasses.replace(plan, resident=False, block_k=min(64, plan.block_k), streamed_one_tile=True,
+                                   reason="persistent, W_hh streamed from L2 (one tile per program)")
+    elif not plan.resident and plan.block_b >= 32 and one_tile:
+        plan = dataclasses.replace(plan, streamed_one_tile=True)
+    elif not plan.resident and plan.block_b == 16:
+        plan = dataclasses.replace(plan, block_k=min(128, plan.block_k))
+    return dataclasses.replace(plan, gate_dot=True, reason=f"{plan.reason}; one dot for the four gates")
+
+
+@_cached_plan
+def tile_persistent_fwd(
+    T: int,
+    B: int,
+    H: int,
+    K: int,
+    element_size: int,
+    num_sms: int,
+    shared_memory: int,
+    interpret: bool = False,
+    fp32_tensor_cores: bool = True,
+    allow_resident: bool = True,
+    gates: int = 4,
+) -> ForwardPlan:
+    """Chooses persistent (resident or streamed W_hh) or per-step for one layer's forward, and its tiles
+    with the four-dot kernel (the variants come on top: ``plan_persistent_fwd``).
 
     A pure function of the shapes and the device limits, so the decision is testable without a GPU.
     ``num_sms`` bounds the grid (every program must be co-resident for the spin barrier); a resident
@@ -349,7 +415,10 @@ def plan_stack_fwd(
         # on 8 warps still 128 at a GRU's 16 × 32 at H = 768, on 4 warps 0-16 bytes.
         block_k = 32
         warps = 4 if block_b == 16 else 8
-    return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, warps)
+    # One dot for the four gates (run 13, H200, bf16, (T, B, H) = (128, 64, 512), 4 layers: 64 × 16 tiles
+    # 6.84 µs per step against 11.85 with four dots, 16 × 32 ones 14.38 against 18.36).
+    return ForwardPlan(True, reason + ", one dot for the four gates", False, block_b, block_h, min(block_k, k_pad),
+                       grid_h, grid_b, warps, gate_dot=True)
 
 
 @_cached_plan
@@ -362,7 +431,8 @@ def plan_bidirectional_fwd(T: int, B: int, H: int, element_size: int, num_sms: i
     if not interpret and num_sms < 2:
         return ForwardPlan(False, "fewer than 2 SMs: one direction after the other")
     budget = max(1, num_sms // 2)
-    base = plan_persistent_fwd(T, B, H, H, element_size, budget, shared_memory, interpret, fp32_tensor_cores,
+    # The four-dot tiling: the variants were timed on one direction, not yet on this kernel.
+    base = tile_persistent_fwd(T, B, H, H, element_size, budget, shared_memory, interpret, fp32_tensor_cores,
                                gates=gates)
     if not base.persistent:
         return base

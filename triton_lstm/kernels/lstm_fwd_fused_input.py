@@ -9,8 +9,9 @@ output's round trip through memory and its launch leave the call. The kernel is 
 (``stack_layer.py``): layer 0 reads x as if it were a layer below's h — of its own width I for a single
 layer; a stack's layers share one K for their input products, so there I must be H.
 
-A variant the planner does not pick yet (a GPU has not timed it: benchmarks/NOTES.md); the ops run it
-wherever a plan asks for it and fall back to the projection otherwise, or when the launch does not fit.
+A variant the planner does not pick: run 13 timed it slower than the projection GEMM and the plain kernel
+(benchmarks/NOTES.md, "Run 13"); the ops run it wherever a plan asks for it and fall back to the projection
+otherwise, or when the launch does not fit.
 """
 
 from __future__ import annotations
