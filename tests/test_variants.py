@@ -229,8 +229,8 @@ def test_streamed_one_tile_only_where_each_program_owns_one_tile(monkeypatch):
 def test_planner_picks_the_variants_where_run_13_timed_them_faster():
     """16-bit single layers and stacks on a GPU run the gate dot (``with_measured_variants``), streamed
     plans the one-tile schedule only on 32- and 64-row tiles that are one per program; the input product
-    ahead and in the kernel, both slower, never; bidirectional layers (not timed with them yet), fp32 plans
-    and the interpreter's plans keep four dots."""
+    ahead and in the kernel, both slower, never; bidirectional layers (not timed with them yet), fp32 plans,
+    the interpreter's plans and stacks with dropout on 16-row tiles (a GRU's spilled) keep four dots."""
     for H in (17, 256, 512, 768, 1024, 2048, 4096):
         for B in (1, 8, 64, 100, 256):
             for element_size in (2, 4):
@@ -242,6 +242,8 @@ def test_planner_picks_the_variants_where_run_13_timed_them_faster():
                     assert plan.gate_dot == (element_size == 2 and plan.persistent and plan is not both), plan
                     assert not plan.streamed_one_tile or (
                         plan is one and not plan.resident and plan.block_b >= 32 and one_tile_each(plan, B, H)), plan
+                dropping = forward_plans.plan_stack_fwd(128, B, H, 4, element_size, 132, 232448, dropout=True)
+                assert dropping.gate_dot == (stack.gate_dot and dropping.block_b > 16), dropping
                 interpreted = forward_plans.plan_persistent_fwd(128, B, H, H, element_size, 1, 96 * 1024, True)
                 assert not (interpreted.gate_dot or interpreted.streamed_one_tile), interpreted
 
