@@ -104,7 +104,8 @@ def _kernel_and_signature(config: dict):
                          BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
                          SPIN_LIMIT=BARRIER_SPIN_LIMIT, LAYERS=config.get("layers", 1),
                          DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
-                         CELL=config.get("cell", "lstm"), DROPOUT=int(config.get("dropout", False)))
+                         CELL=config.get("cell", "lstm"), DROPOUT=int(config.get("dropout", False)),
+                         PREFETCH=int(config.get("prefetch", False)))
     signature.update({name: "constexpr" for name in constants})
     return kernel, signature, constants
 
@@ -288,7 +289,7 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
 # they apply to: each built beside the four-dot build of every planned configuration it applies to.
 VARIANTS = {"gate-dot": ("persistent", "stack", "bidir"), "input-ahead": ("stack",),
             "streamed-one-tile": ("persistent", "bidir"), "fused-input": ("persistent", "stack"),
-            "resident-gate-dot": ("persistent",)}
+            "resident-gate-dot": ("persistent",), "prefetch": ("bwd", "stack", "bidir")}
 
 
 def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
@@ -306,7 +307,11 @@ def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
 
     paired = []
     for config in configs:
-        if config.get("kernel") == "bwd":
+        if (config.get("kernel") == "bwd") != (variant == "prefetch"):
+            continue  # the backward chain's variant on its configurations, the forward's on theirs
+        if variant == "prefetch":  # the chain's saved operands loaded a step ahead (backward_plans.PREFETCH)
+            pair = len(paired) // 2
+            paired += [dict(config, prefetch=True, pair=pair), dict(config, baseline=True, pair=pair)]
             continue
         plan = ForwardPlan(True, "", config["resident"], config["block_b"], config["block_h"], config["block_k"],
                            config["grid_h"], num_warps=config["num_warps"])

@@ -22,7 +22,8 @@
 # product formed in the kernel at B = 256 (the LSTM's and the GRU's plans with and without it); DROPOUT=1
 # times a 4-layer training step with dropout between layers (gpu_smoke.py --dropout-timing); PROJECTION=1
 # times an LSTM with projections against cuDNN's and our per-step path (gpu_smoke.py --projection-timing);
-# BIDIR_VARIANTS=1 times bidirectional layers with the gate dot (tune.py --bidirectional); TESTS=0 leaves out
+# BIDIR_VARIANTS=1 times bidirectional layers with the gate dot (tune.py --bidirectional); BWD_VARIANTS=1 the
+# backward chain with its operands prefetched (tune.py --mode bwd --variants prefetch); TESTS=0 leaves out
 # the GPU tests (a second call of a session that ran them in its first); SUITE=1 also
 # runs the whole suite. DRY_RUN=1 prints each stage's command instead of running it (no GPU needed: the
 # tests check that every script accepts what this file passes it).
@@ -147,6 +148,17 @@ if [ "${BIDIR_VARIANTS:-0}" = "1" ]; then
       --variants gate_dot streamed_one_tile --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" \
       --csv "$LOGS/variants_bidir_$cell.csv"
   done
+fi
+
+if [ "${BWD_VARIANTS:-0}" = "1" ]; then
+  # The backward chain with each step's saved operands loaded a step ahead (backward_plans.PREFETCH), against
+  # the planned chain, at the anchors and for the 4-layer stack (benchmarks/NOTES.md, "The backward chain's
+  # prefetch").
+  stage "bwd variants: anchors" "${VARIANTS_LIMIT:-150}" bwd_variants.log "$PY" benchmarks/tune.py --anchors --mode bwd \
+    --variants prefetch --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" --csv "$LOGS/bwd_variants.csv"
+  stage "bwd variants: stack" "${VARIANTS_LIMIT:-150}" bwd_variants_stack.log "$PY" benchmarks/tune.py \
+    --shape 512 64 512 512 --layers 4 --mode bwd --variants prefetch --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" \
+    --csv "$LOGS/bwd_variants_stack.csv"
 fi
 
 if [ "${FUSED:-0}" = "1" ]; then

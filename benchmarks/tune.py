@@ -36,6 +36,7 @@ in line, and set against the planned plan.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import triton_lstm  # noqa: E402
 from triton_lstm.benchmark_cases import ANCHOR_CASES, DTYPES  # noqa: E402
-from triton_lstm.kernels import forward_plans  # noqa: E402
+from triton_lstm.kernels import backward_plans, forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd  # noqa: E402
 from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads  # noqa: E402
@@ -289,9 +290,26 @@ def _gate_inputs(x, gates, H, dtype, variants, stack: bool):
     return projection().contiguous(), w_ih, bias, projection_us, variants
 
 
-def tune_backward(T, B, I, H, dtype, budget_s, rows):
-    device = "cuda"
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+@contextlib.contextmanager
+def _prefetching(on: bool):
+    """The backward chain with its saved operands loaded a step ahead (``backward_plans.PREFETCH``), or not."""
+    previous, backward_plans.PREFETCH = backward_plans.PREFETCH, on
+    try:
+        yield
+    finally:
+        backward_plans.PREFETCH = previous
+
+
+def _print_prefetch_ratios(timed: dict) -> None:
+    """For each tile timed both ways (``timed``: (label, prefetch) -> µs per step), prefetch / plain."""
+    for (label, prefetch), us in timed.items():
+        plain = timed.get((label, False), float("nan"))
+        if prefetch and us == us and plain == plain:
+            print(f"  prefetch / plain: {us:.2f} / {plain:.2f} us/step = {us / plain:.3f}  ({label})", flush=True)
+
+
+def tune_backward(T, B, I, H, dtype, budget_s, rows, variants=(), device="cuda"):
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else None
     torch.manual_seed(0)
     gates = torch.rand(T, B, 4 * H, device=device).to(dtype)
     gates[:, :, 2 * H:3 * H] = gates[:, :, 2 * H:3 * H] * 2 - 1  # g in (-1, 1)
@@ -314,16 +332,21 @@ def tune_backward(T, B, I, H, dtype, budget_s, rows):
         for bh in (16, 32, 64, 128):
             for bk in (64, 128):
                 for warps in (4, 8):
-                    if bb <= max(16, 1 << (B - 1).bit_length()) and -(-B // bb) * -(-H // bh) <= num_sms:
-                        candidates.append((bb, bh, bk, warps))
-    start = time.monotonic()
+                    if bb <= max(16, 1 << (B - 1).bit_length()) and -(-B // bb) * -(-H // bh) <= (num_sms or 1):
+                        candidates.append((bb, bh, bk, warps))  # (under the interpreter: one program)
+    start, timed = time.monotonic(), {}
     for tiling in _nearest_first(list(dict.fromkeys(candidates)), default, lambda tiling: tiling):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
-        us, status = _timed_if_right(lambda: run(tiling, "persistent"), expected, 3e-2 if dtype != torch.float32 else 1e-4, T)
         label = f"bb{tiling[0]} bh{tiling[1]} bk{tiling[2]} w{tiling[3]}{' (default)' if tiling == default else ''}"
-        _report(rows, "bwd", dtype, T, B, I, H, label, status, us)
+        for prefetch in (False, True) if "prefetch" in variants else (False,):
+            with _prefetching(prefetch):
+                us, status = _timed_if_right(lambda: run(tiling, "persistent"), expected,  # noqa: B023
+                                             3e-2 if dtype != torch.float32 else 1e-4, T)
+            _report(rows, "bwd", dtype, T, B, I, H, label + (" prefetch" if prefetch else ""), status, us)
+            timed[(label, prefetch)] = us
+    _print_prefetch_ratios(timed)
 
 
 def _report(rows, mode, dtype, T, B, I, H, label, status, us, cudnn_us=""):
@@ -449,7 +472,7 @@ def tune_bidirectional_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", v
     _print_variant_ratios(timed)
 
 
-def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows):
+def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=()):
     from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_stack_gate_grads
 
     device, L = "cuda", layers
@@ -472,9 +495,15 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows):
         print(f"stack bwd T{T} B{B} H{H} L{L}: the planner's stacked backward does not run here")
         return
     expected = planned[0].float()
-    print(f"stack bwd T{T} B{B} H{H} L{L} {dtype}: planner {_bench(run) * 1e3 / T:.2f} us/step", flush=True)
+    planned_us = _bench(run) * 1e3 / T
+    print(f"stack bwd T{T} B{B} H{H} L{L} {dtype}: planner {planned_us:.2f} us/step", flush=True)
+    if "prefetch" in variants:
+        with _prefetching(True):
+            prefetch_us, status = _timed_if_right(run, expected, 3e-2, T)
+        print(f"  planner with prefetch: {prefetch_us:.2f} us/step ({status}); prefetch / plain: "
+              f"{prefetch_us / planned_us:.3f}", flush=True)
     budget = num_sms // L
-    start = time.monotonic()
+    start, timed = time.monotonic(), {}
     for bb in (16, 32, 64):
         for bh in (16, 32, 64):
             for bk in (32, 64, 128):
@@ -483,10 +512,17 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows):
                         continue
                     if time.monotonic() - start > budget_s:
                         print(f"  budget of {budget_s} s spent; remaining candidates skipped")
+                        _print_prefetch_ratios(timed)
                         return
                     tiling = (bb, bh, bk, warps)
-                    us, status = _timed_if_right(lambda: run(tiling) or (None,), expected, 3e-2, T)
-                    _report(rows, f"stack{L} bwd", dtype, T, B, I, H, f"bb{bb} bh{bh} bk{bk} w{warps}", status, us)
+                    for prefetch in (False, True) if "prefetch" in variants else (False,):
+                        with _prefetching(prefetch):
+                            us, status = _timed_if_right(lambda: run(tiling) or (None,), expected, 3e-2, T)  # noqa: B023
+                        label = f"bb{bb} bh{bh} bk{bk} w{warps}"
+                        _report(rows, f"stack{L} bwd", dtype, T, B, I, H, label + (" prefetch" if prefetch else ""),
+                                status, us)
+                        timed[(label, prefetch)] = us
+    _print_prefetch_ratios(timed)
 
 
 def main(argv=None) -> int:
@@ -500,9 +536,10 @@ def main(argv=None) -> int:
                         help="gru: the GRU's forward plans against nn.GRU (one layer, forward only)")
     parser.add_argument("--bidirectional", action="store_true",
                         help="both directions of one layer in one launch (forward only)")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=[],
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS) + ["prefetch"], default=[],
                         help="time each forward candidate plain and with these kernel variants (ForwardPlan fields), "
-                             "every combination, and print variant / plain")
+                             "every combination, and print variant / plain; prefetch: each backward tile with the "
+                             "chain's saved operands loaded a step ahead (backward_plans.PREFETCH)")
     parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)
@@ -521,18 +558,21 @@ def main(argv=None) -> int:
             for T, B, I, H in shapes:
                 T = min(T, args.max_T)
                 for mode in args.mode:
+                    forward_variants = [name for name in args.variants if name in VARIANTS]
                     if args.layers > 1:
                         if mode == "fwd":
-                            tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows, args.variants)
+                            tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows,
+                                               forward_variants)
                         else:
-                            tune_stack_backward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows)
+                            tune_stack_backward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows,
+                                                args.variants)
                     elif args.bidirectional:
                         tune_bidirectional_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell,
-                                                   args.variants)
+                                                   forward_variants)
                     elif mode == "fwd":
-                        tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell, args.variants)
+                        tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell, forward_variants)
                     else:
-                        tune_backward(T, B, I, H, DTYPES[dtype], args.budget_s, rows)
+                        tune_backward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.variants)
     finally:
         if args.csv and rows:
             with open(args.csv, "w", newline="") as handle:

@@ -180,6 +180,24 @@ def test_tune_sweeps_bidirectional_layers_with_the_gate_dot_on_the_interpreter(c
     assert "gate dot / plain: 333.33 / 333.33 us/step = 1.000" in capsys.readouterr().out
 
 
+def test_tune_times_the_backward_chain_with_and_without_the_prefetch(monkeypatch, capsys):
+    """``tune.py --mode bwd --variants prefetch``: each tile of the chain plain and with its saved operands
+    loaded a step ahead, each checked against the planner's result ("ok"), and prefetch / plain printed;
+    the switch is restored after."""
+    import torch
+
+    from triton_lstm.kernels import backward_plans
+
+    tune = benchmark_script("tune")
+    monkeypatch.setattr(tune, "_bench", lambda fn: (fn(), 1.0)[1])
+    rows = []
+    tune.tune_backward(3, 4, 16, 16, torch.float16, 60.0, rows, ["prefetch"], device="cpu")
+    assert [(row["candidate"].endswith("prefetch"), row["status"]) for row in rows][:2] == [(False, "ok"), (True, "ok")]
+    assert all(row["status"] == "ok" for row in rows), rows
+    assert "prefetch / plain: 333.33 / 333.33 us/step = 1.000" in capsys.readouterr().out
+    assert backward_plans.PREFETCH is False
+
+
 def test_tune_times_the_resident_gate_dot_twin_third(monkeypatch, capsys):
     """With the gate dot among ``--variants``, the planned plan's resident gate-dot twin
     (``forward_plans.resident_gate_dot``, which on a GPU applies from K = 513: forced here onto the tiny
@@ -226,7 +244,7 @@ def test_gpu_check_passes_each_script_arguments_it_accepts(tmp_path, capsys):
     import sys
 
     env = dict(os.environ, OUT=str(tmp_path), DRY_RUN="1", VARIANTS="1", FUSED="1", PROFILE="1", TUNE="1", DROPOUT="1",
-               PROJECTION="1", BIDIR_VARIANTS="1", EXAMPLES="1", SUITE="1", PYTHON=sys.executable)
+               PROJECTION="1", BIDIR_VARIANTS="1", BWD_VARIANTS="1", EXAMPLES="1", SUITE="1", PYTHON=sys.executable)
     listing = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                              text=True, timeout=120)
     assert listing.returncode == 0, listing.stdout + listing.stderr

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import triton_lstm
-from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, max_error, requires_cuda
+from helpers import KERNEL_DEVICE, KERNEL_DTYPES, STACK_DTYPE, assert_error_within_pytorch, max_error, requires_cuda
+from test_modules import Case
 from triton_lstm.kernels import common
 from triton_lstm.kernels import lstm_bwd as lstm_bwd_module
 from triton_lstm.kernels.backward_plans import plan_bwd, tile_count
@@ -263,6 +264,61 @@ def test_recompute_matches_saving_everything(interval, backward, monkeypatch):
     # Not bitwise: the recomputed input projection is a GEMM over a segment, not over the whole sequence.
     for name in saved_all:
         torch.testing.assert_close(recomputed[name], saved_all[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+PREFETCH_CASES = {
+    # name: (case, cell, dtype, module kwargs): every path of the chain that runs the prefetch
+    "LSTM-packed-state": (Case(T=6, B=5, I=4, H=17, packed=True, with_state=True), "LSTM", torch.float32, {}),
+    "LSTM-recompute-segments": (Case(T=7, B=3, I=4, H=17, packed=True), "LSTM", torch.float32,
+                                dict(recompute_interval=3)),
+    "LSTM-peephole-fp16": (Case(T=5, B=3, I=4, H=9, with_state=True), "LSTM", torch.float16, dict(peephole=True)),
+    "LSTM-peephole-bidirectional-L2-packed": (None, "LSTM", torch.float32, dict(peephole=True)),
+    "GRU-packed": (Case(T=6, B=4, I=5, H=9, packed=True), "GRU", torch.float32, {}),
+    "LSTM-bidirectional-packed": (Case(T=6, B=4, I=4, H=7, bidirectional=True, packed=True), "LSTM", torch.float32,
+                                  {}),
+    "GRU-bidirectional-state": (Case(T=5, B=3, I=4, H=6, bidirectional=True, with_state=True), "GRU", torch.float32,
+                                {}),
+    "LSTM-stack-L3-packed": (Case(T=6, B=4, I=5, H=7, num_layers=3, packed=True), "LSTM", STACK_DTYPE, {}),
+    "GRU-stack-L2-state": (Case(T=5, B=3, I=4, H=6, num_layers=2, with_state=True), "GRU", STACK_DTYPE, {}),
+}
+
+
+@pytest.mark.parametrize("schedule", ["persistent", "per_step"])
+@pytest.mark.parametrize("name", PREFETCH_CASES, ids=str)
+def test_chain_with_its_operands_prefetched_matches_nn(name, schedule, monkeypatch):
+    """``backward_plans.PREFETCH``: each step's saved gates, state and output gradient loaded during the step
+    before — one layer (lengths, recompute segments, peepholes, the GRU), both directions of a layer, stacks
+    (whose lower layers take their gradient from above instead) — against nn in float64 with every
+    gradient; each backward launch ran with it."""
+    from test_modules import check_against_nn
+
+    from triton_lstm.kernels import backward_plans, lstm_bwd_whole_module
+
+    case, cell, dtype, kwargs = PREFETCH_CASES[name]
+    if schedule == "per_step" and name not in ("LSTM-packed-state", "GRU-packed"):
+        pytest.skip("per-step launches (one step each: nothing to prefetch ahead) on one case per cell")
+    if schedule == "per_step":  # (the environment's switch is the GPU's: the interpreter's plan is its own)
+        real_plan = lstm_bwd_module.plan_bwd
+        monkeypatch.setattr(lstm_bwd_module, "plan_bwd", lambda B, H, num_sms, _: real_plan(B, H, num_sms, "per_step"))
+    monkeypatch.setattr(backward_plans, "PREFETCH", True)
+    kernel, launched = lstm_bwd_module._lstm_bwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                launched.append(options["PREFETCH"])
+                return kernel[grid](*args, **options)
+            return launch
+
+    for module in (lstm_bwd_module, lstm_bwd_whole_module):
+        monkeypatch.setattr(module, "_lstm_bwd_kernel", Spy())
+    if kwargs.get("peephole"):  # against the peephole equations (nn has none)
+        from test_peephole import CASES, _check_against_oracle
+
+        _check_against_oracle(case or CASES["packed-bidir-layers2"], dtype)
+    else:
+        check_against_nn(case, dtype, cell=cell, **kwargs)
+    assert launched and all(launched), launched
 
 
 def test_recompute_with_projection_matches_saving_everything():

@@ -10,6 +10,13 @@ import triton
 
 SCHEDULES = ("auto", "persistent", "per_step")
 
+# The chain loads each step's saved gates and state and its output gradient during the step before, ahead
+# of the barrier wait, rather than after the recurrent product (the kernels' PREFETCH): one memory round
+# trip off each step's critical path, as the forward's one-tile schedule took its input projection's
+# (0.5-1 µs per step in run 2). Built without a GPU: off until one times it (``tune.py --mode bwd
+# --variants prefetch``; benchmarks/NOTES.md, "The backward chain's prefetch").
+PREFETCH = False
+
 
 def tile_count(B: int, H: int, block_b: int, block_h: int) -> int:
     """Programs of a chain over (B × H) in tiles of block_b × block_h: one per tile."""

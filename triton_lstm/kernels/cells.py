@@ -10,7 +10,7 @@ exchange of h and the products; a new variant adds a cell here and its reference
 import triton
 import triton.language as tl
 
-from triton_lstm.kernels.common import c_slot, load_four_gates, sigmoid, tanh
+from triton_lstm.kernels.common import c_slot, sigmoid, tanh
 
 
 @triton.jit
@@ -143,14 +143,34 @@ def cell_update(acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, 
 
 
 @triton.jit
-def lstm_step_grads(dh, dc, gate_ptrs, state_ptrs, w_ch_ptr, offs_h, mask_h, mask_bh, B, H: tl.constexpr,
-                     PEEPHOLE: tl.constexpr):
+def load_step_operands(gate_ptrs, state_ptrs, mask_bh, B, H: tl.constexpr, CELL: tl.constexpr):
+    """What a step of the backward chain reads of the forward's saved tensors, as stored: the four gate
+    tiles (``gate_ptrs``: the step's saved activations, input dtype) and the fp32 state at ``state_ptrs``
+    — the LSTM's c_{t-1} and c_t (B·H after it), a GRU's h_{t-1} (returned twice: it has no second).
+    Returns (four gate tiles, previous state, current state) for ``lstm_step_grads`` / ``gru_step_grads``."""
+    x_a = tl.load(gate_ptrs, mask=mask_bh, other=0.0)
+    x_b = tl.load(gate_ptrs + H, mask=mask_bh, other=0.0)
+    x_c = tl.load(gate_ptrs + 2 * H, mask=mask_bh, other=0.0)
+    x_d = tl.load(gate_ptrs + 3 * H, mask=mask_bh, other=0.0)
+    if CELL == "gru":
+        prev = tl.load(state_ptrs, mask=mask_bh, other=0.0)
+        now = prev
+    else:
+        now = tl.load(state_ptrs + B * H, mask=mask_bh, other=0.0)
+        prev = tl.load(state_ptrs, mask=mask_bh, other=0.0)
+    return x_a, x_b, x_c, x_d, prev, now
+
+
+@triton.jit
+def lstm_step_grads(dh, dc, x_i, x_f, x_g, x_o, c_prev, c, w_ch_ptr, offs_h, mask_h, H: tl.constexpr,
+                    PEEPHOLE: tl.constexpr):
     """The LSTM cell's step backward on one tile: from dh_t and the carried dc_t, the pre-activation gate
-    gradients (dI, dF, dG, dO) and dc_{t-1}. ``gate_ptrs``: the step's saved activations (i, f, g, o);
-    ``state_ptrs``: c_{t-1}, with c_t B·H after it."""
-    i, f, g, o = load_four_gates(gate_ptrs, mask_bh, H)
-    c = tl.load(state_ptrs + B * H, mask=mask_bh, other=0.0)
-    c_prev = tl.load(state_ptrs, mask=mask_bh, other=0.0)
+    gradients (dI, dF, dG, dO) and dc_{t-1}. ``x_*``: the step's saved activations (i, f, g, o), ``c_prev``
+    and ``c``: c_{t-1} and c_t (``load_step_operands``)."""
+    i = x_i.to(tl.float32)
+    f = x_f.to(tl.float32)
+    g = x_g.to(tl.float32)
+    o = x_o.to(tl.float32)
     tanh_c = tanh(c)
     d_o = dh * tanh_c * o * (1.0 - o)
     dc_cell = dc + dh * o * (1.0 - tanh_c * tanh_c)
@@ -168,13 +188,16 @@ def lstm_step_grads(dh, dc, gate_ptrs, state_ptrs, w_ch_ptr, offs_h, mask_h, mas
 
 
 @triton.jit
-def gru_step_grads(dh, gate_ptrs, state_ptrs, mask_bh, H: tl.constexpr):
+def gru_step_grads(dh, x_r, x_z, x_n, x_hn, h_prev):
     """The GRU cell's step backward on one tile, h' = n + z ⊙ (h − n) with n = tanh(x_n + r ⊙ hn): from the
     whole gradient dh of h_t, the four dG columns (dR, dZ, dN, dN ⊙ r) — pre-activation gradients, the
     last one the n gate's on the recurrent side (what W_hn and b_hn see) — and z ⊙ dh, the gradient
-    reaching h_{t-1} directly. ``gate_ptrs``: the step's saved (r, z, n, hn); ``state_ptrs``: fp32 h_{t-1}."""
-    r, z, n, hn = load_four_gates(gate_ptrs, mask_bh, H)
-    h_prev = tl.load(state_ptrs, mask=mask_bh, other=0.0)
+    reaching h_{t-1} directly. ``x_*``: the step's saved (r, z, n, hn); ``h_prev``: fp32 h_{t-1}
+    (``load_step_operands``)."""
+    r = x_r.to(tl.float32)
+    z = x_z.to(tl.float32)
+    n = x_n.to(tl.float32)
+    hn = x_hn.to(tl.float32)
     d_n = dh * (1.0 - z) * (1.0 - n * n)
     d_z = dh * (h_prev - n) * z * (1.0 - z)
     d_r = d_n * hn * r * (1.0 - r)

@@ -59,9 +59,9 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from triton_lstm.kernels import common
+from triton_lstm.kernels import backward_plans, common
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd, tile_count
-from triton_lstm.kernels.cells import gru_step_grads, lstm_step_grads
+from triton_lstm.kernels.cells import gru_step_grads, load_step_operands, lstm_step_grads
 from triton_lstm.kernels.common import barrier_watch, dot_precision, grid_barrier, refused_cooperative_launch, wait_for
 from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
@@ -99,6 +99,7 @@ def _lstm_bwd_kernel(
     PEEPHOLE: tl.constexpr = False,
     CELL: tl.constexpr = "lstm",  # "gru": w_hh (3H, H) (and w_ih_above), gates (r, z, n, W_hn·h + b_hn), c its fp32 h
     DROPOUT: tl.constexpr = False,  # LAYERS > 1: the forward dropped h between layers (training)
+    PREFETCH: tl.constexpr = False,  # load each step's saved operands during the step before (backward_plans.PREFETCH)
 ):
     if DIRECTIONS > 1:
         # Each direction's chain on its own buffers (stacked per direction, step-indexed) with its own
@@ -110,7 +111,8 @@ def _lstm_bwd_kernel(
                lengths_ptr, grad_gates_ptr + d * T * B * 4 * H, dh_ptr + d * B * H, dc_ptr + d * B * H,
                counter_ptr + direction, counter_ptr + 2, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start,
                n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT,
-               False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE, CELL, dropout_mask_ptr, dropout_scale, False)
+               False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE, CELL, dropout_mask_ptr, dropout_scale, False,
+               PREFETCH)
     elif LAYERS > 1:
         # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
         # step for the same t. Under the interpreter one program runs the layers top to bottom.
@@ -124,12 +126,12 @@ def _lstm_bwd_kernel(
                    grad_gates_ptr + (lay + 1) * T * B * 4 * H, w_ih_above_ptr + lay * GATES * H * H,
                    counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start, n_steps, seg_start, H, HAS_LENGTHS,
                    USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, True, 0, 1, w_ch_ptr + lay * 3 * H,
-                   PEEPHOLE, CELL, dropout_mask_ptr + lay * T * B * H, dropout_scale, DROPOUT)
+                   PEEPHOLE, CELL, dropout_mask_ptr + lay * T * B * H, dropout_scale, DROPOUT, PREFETCH)
     else:
         _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr,
                counter_ptr + 1, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start, n_steps, seg_start, H,
                HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, False, 0, 1, w_ch_ptr,
-               PEEPHOLE, CELL, dropout_mask_ptr, dropout_scale, False)
+               PEEPHOLE, CELL, dropout_mask_ptr, dropout_scale, False, PREFETCH)
 
 
 @triton.jit
@@ -156,12 +158,30 @@ def _gate_product(acc, dg_ptrs, mask_b, w_ptr, offs_h, mask_h, H: tl.constexpr, 
 
 
 @triton.jit
+def _output_grad(grad_out_ptr, step, T, B, rows, offs_h, state_offs, lengths, mask, H: tl.constexpr,
+                 HAS_LENGTHS: tl.constexpr, DIRECTIONS: tl.constexpr, direction):
+    """The gradient reaching h_t from the layer's output at ``step``, as stored (zeros where ``mask`` is
+    off): ``grad_out``'s (T, B, H) row, or with DIRECTIONS = 2 this direction's columns of the (T, B, 2H)
+    one, the reverse direction's at time len_b − 1 − t."""
+    if DIRECTIONS == 2:
+        if HAS_LENGTHS:
+            last = lengths.to(tl.int64) - 1  # (BLOCK_B, 1)
+        else:
+            last = tl.zeros_like(lengths).to(tl.int64) + (T - 1)
+        times = tl.where(direction == 1, last - step, tl.zeros_like(last) + step)
+        out_ptrs = grad_out_ptr + (times * B + rows[:, None]) * (2 * H) + direction.to(tl.int64) * H + offs_h[None, :]
+        return tl.load(out_ptrs, mask=mask & (times >= 0), other=0.0)
+    else:
+        return tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr, failed_ptr,
            above_grad_gates_ptr, w_ih_above_ptr, above_counter_ptr, from_above, T, B, t_start, n_steps, seg_start,
            H: tl.constexpr, HAS_LENGTHS: tl.constexpr, USE_BARRIER: tl.constexpr, DOT_PRECISION: tl.constexpr,
            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr,
            STACKED: tl.constexpr, direction, DIRECTIONS: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr,
-           CELL: tl.constexpr, dropout_mask_ptr, dropout_scale, DROPOUT: tl.constexpr):
+           CELL: tl.constexpr, dropout_mask_ptr, dropout_scale, DROPOUT: tl.constexpr, PREFETCH: tl.constexpr):
     """The reverse-time chain of one layer on this program's tile. With STACKED and ``from_above`` (a
     layer under the top of a stack) the gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, formed here once the
     layer above has passed its barrier of the same step, instead of read from ``grad_out``. With
@@ -171,7 +191,9 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     dF·w_cf. With CELL "gru" the register ``dc`` carries the gradient reaching h_{t-1} directly, z ⊙ dh
     (``gru_step_grads``), and the four dG columns are (dR, dZ, dN, dN ⊙ r). With DROPOUT (a stack's layer
     under the top, whose h_t the layer above read masked and scaled) the product from above is masked and
-    scaled the same way (``dropout_mask_ptr``: this layer's (T, B, H) masks)."""
+    scaled the same way (``dropout_mask_ptr``: this layer's (T, B, H) masks). With PREFETCH a step's saved
+    gates and state and its output gradient (what does not depend on dG_{t+1}) are loaded during the step
+    before, ahead of its barrier wait, instead of after the recurrent product (``backward_plans.PREFETCH``)."""
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
     offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -185,7 +207,21 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     gate_row_offs = rows[:, None] * (4 * H)
     if HAS_LENGTHS:
         lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)[:, None]
+    else:
+        lengths = tl.zeros((BLOCK_B, 1), dtype=tl.int32)  # unused: read only with HAS_LENGTHS
     out_dtype = grad_gates_ptr.dtype.element_ty
+    # Where the output gradient is read: the top layer of a stack, every layer not in a stack.
+    if STACKED:
+        out_mask = mask_bh & ((tl.zeros((BLOCK_B, 1), dtype=tl.int32) + from_above) == 0)  # (tile-shaped, as ``more``)
+    else:
+        out_mask = mask_bh
+    if PREFETCH:
+        first_local = (t_start - seg_start).to(tl.int64)
+        x_a, x_b, x_c, x_d, state_prev, state_now = load_step_operands(
+            gates_ptr + first_local * B * 4 * H + gate_row_offs + offs_h[None, :], c_ptr + first_local * B * H + state_offs,
+            mask_bh, B, H, CELL)
+        out_grad = _output_grad(grad_out_ptr, t_start.to(tl.int64), T, B, rows, offs_h, state_offs, lengths,
+                                out_mask, H, HAS_LENGTHS, DIRECTIONS, direction)
 
     dh_carry = tl.load(dh_ptr + state_offs, mask=mask_bh, other=0.0)
     # Set once a barrier gave up: from then on this program stops waiting and writes NaN.
@@ -210,15 +246,10 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
         else:
             later_ran = later_ok
         dh = tl.where(later_ran, recurrent, dh_carry)
-        if DIRECTIONS == 2:
-            if HAS_LENGTHS:
-                last = lengths.to(tl.int64) - 1  # (BLOCK_B, 1)
-            else:
-                last = tl.zeros((BLOCK_B, 1), dtype=tl.int64) + (T - 1)
-            times = tl.where(direction == 1, last - step, tl.zeros_like(last) + step)
-            out_ptrs = grad_out_ptr + (times * B + rows[:, None]) * (2 * H) + direction.to(tl.int64) * H + offs_h[None, :]
-            dh += tl.load(out_ptrs, mask=mask_bh & (times >= 0), other=0.0).to(tl.float32)
-        elif STACKED:
+        if not PREFETCH:
+            out_grad = _output_grad(grad_out_ptr, step, T, B, rows, offs_h, state_offs, lengths, out_mask, H,
+                                    HAS_LENGTHS, DIRECTIONS, direction)
+        if STACKED:
             if from_above:
                 # dG^{l+1}_t is complete once the layer above has passed its barrier of this same step.
                 if not failed:
@@ -235,22 +266,24 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
                                        w_ih_above_ptr, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H,
                                        "gru_input" if CELL == "gru" else "lstm")
             else:
-                dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
+                dh += out_grad.to(tl.float32)
         else:
-            dh += tl.load(grad_out_ptr + step * B * H + state_offs, mask=mask_bh, other=0.0).to(tl.float32)
+            dh += out_grad.to(tl.float32)
 
         local = step - seg_start
         gate_ptrs = gates_ptr + local * B * 4 * H + gate_row_offs + offs_h[None, :]
         state_ptrs = c_ptr + local * B * H + state_offs  # c_{t-1} (a GRU's fp32 h_{t-1}); c_t one step on
+        if not PREFETCH:
+            x_a, x_b, x_c, x_d, state_prev, state_now = load_step_operands(gate_ptrs, state_ptrs, mask_bh, B, H, CELL)
         if CELL == "gru":
             # The direct path from step t+1, z_{t+1} ⊙ dh_{t+1}. Zero where step t+1 did not run: the steps
             # that run are a prefix, so after one that did not (or at the start: grad_c_n is zero for a GRU)
             # the carried dc stays zero, and the whole gradient of h passes through in dh (dh_carry).
             dh += dc
-            d_i, d_f, d_g, d_o, dc_prev = gru_step_grads(dh, gate_ptrs, state_ptrs, mask_bh, H)
+            d_i, d_f, d_g, d_o, dc_prev = gru_step_grads(dh, x_a, x_b, x_c, x_d, state_prev)
         else:
-            d_i, d_f, d_g, d_o, dc_prev = lstm_step_grads(dh, dc, gate_ptrs, state_ptrs, w_ch_ptr, offs_h, mask_h,
-                                                           mask_bh, B, H, PEEPHOLE)
+            d_i, d_f, d_g, d_o, dc_prev = lstm_step_grads(dh, dc, x_a, x_b, x_c, x_d, state_prev, state_now, w_ch_ptr,
+                                                           offs_h, mask_h, H, PEEPHOLE)
         if HAS_LENGTHS:
             ran = step < lengths
             d_i = tl.where(ran, d_i, 0.0)
@@ -270,6 +303,13 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
         tl.store(dg_out + 2 * H, d_g.to(out_dtype), mask=mask_bh)
         tl.store(dg_out + 3 * H, d_o.to(out_dtype), mask=mask_bh)
         dh_carry = dh
+        if PREFETCH:
+            # The next (earlier) step's operands, while this step's dG reaches the other programs.
+            more = (tl.zeros((BLOCK_B, 1), dtype=tl.int32) + s + 1) < n_steps  # (a tile-shaped mask for the interpreter)
+            x_a, x_b, x_c, x_d, state_prev, state_now = load_step_operands(gate_ptrs - B * 4 * H, state_ptrs - B * H,
+                                                                            mask_bh & more, B, H, CELL)
+            out_grad = _output_grad(grad_out_ptr, step - 1, T, B, rows, offs_h, state_offs, lengths,
+                                    out_mask & more, H, HAS_LENGTHS, DIRECTIONS, direction)
         if USE_BARRIER:
             if not failed:
                 failed = grid_barrier(counter_ptr, (s + 1) * tl.num_programs(0), failed_ptr, SPIN_LIMIT)
@@ -343,6 +383,7 @@ def lstm_bwd_gate_grads(
         SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
         PEEPHOLE=w_ch is not None,
         CELL=cell,
+        PREFETCH=backward_plans.PREFETCH,
         **options,
     )
     lengths_arg = lengths if lengths is not None else counter

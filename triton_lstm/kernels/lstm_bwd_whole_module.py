@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from triton_lstm.kernels import common
+from triton_lstm.kernels import backward_plans
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd, tile_count
 from triton_lstm.kernels.common import barrier_watch, dot_precision, unless_refused
 from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel, chain_results
@@ -110,7 +111,8 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
             dropout[1] if dropout is not None else 1.0, T, B, T - 1, T, 0, H=H,
             HAS_LENGTHS=lengths is not None, USE_BARRIER=True, DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b,
             BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT, LAYERS=layers, DIRECTIONS=directions,
-            PEEPHOLE=w_ch is not None, CELL=cell, DROPOUT=dropout is not None, launch_cooperative_grid=True, **options,
+            PEEPHOLE=w_ch is not None, CELL=cell, DROPOUT=dropout is not None, PREFETCH=backward_plans.PREFETCH,
+            launch_cooperative_grid=True, **options,
         )
         return True
 
