@@ -208,7 +208,7 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     if HAS_LENGTHS:
         lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)[:, None]
     else:
-        lengths = tl.zeros((BLOCK_B, 1), dtype=tl.int32)  # unused: read only with HAS_LENGTHS
+        lengths = tl.zeros((BLOCK_B, 1), dtype=tl.int32)  # (only its shape is used without HAS_LENGTHS)
     out_dtype = grad_gates_ptr.dtype.element_ty
     # Where the output gradient is read: the top layer of a stack, every layer not in a stack.
     if STACKED:
