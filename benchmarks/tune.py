@@ -145,14 +145,19 @@ def _with_variants(plans, dtype, variants, single_layer=False):
     return result
 
 
-def _as_planned(candidates, default, variants):
+def _plain(plan):
+    """``plan`` with no variant on."""
+    return dataclasses.replace(plan, **dict.fromkeys(VARIANTS, False))
+
+
+def _as_planned(candidates, variants):
     """The candidates as the sweep runs them: with ``variants`` each one plain (no variant on), for
-    ``_with_variants`` to add every combination; else each with the gate dot where the planner's plan
-    (``default``, a list of it or empty) has it, as the planned plans run (``with_measured_variants``)."""
+    ``_with_variants`` to add every combination; else each with the gate dot where the planner's plan among
+    them has it (16-bit; the other candidates are built plain), as the planned plans run."""
     if variants:
-        return [dataclasses.replace(plan, **dict.fromkeys(VARIANTS, False)) for plan in candidates]
-    gate_dot = bool(default) and default[0].gate_dot
-    return [plan if plan in default else dataclasses.replace(plan, gate_dot=gate_dot) for plan in candidates]
+        return [_plain(plan) for plan in candidates]
+    gate_dot = any(plan.gate_dot for plan in candidates)
+    return [dataclasses.replace(plan, gate_dot=gate_dot) for plan in candidates]
 
 
 def _print_variant_ratios(timed: dict, projection_us: float = 0.0) -> None:
@@ -218,7 +223,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
     start = time.monotonic()
     results, timed = [], {}
     candidates = _forward_candidates(B, H, projected.element_size(), num_sms, gates, shared)
-    plans = _with_variants(_as_planned(candidates, candidates[:1], variants), dtype, variants, single_layer=True)
+    plans = _with_variants(_as_planned(candidates, variants), dtype, variants, single_layer=True)
     twin = _resident_twin(plans, H, projected.element_size(), shared) if "gate_dot" in variants else None
     for plan in plans:
         if time.monotonic() - start > budget_s:
@@ -406,13 +411,13 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), d
             candidates.append(forward_plans.ForwardPlan(True, "streamed", False, bb, bh, min(bk, k_pad), grid_h, grid_b, warps))
     start = time.monotonic()
     timed = {}
-    for plan in _with_variants(dict.fromkeys(_as_planned(candidates, [default], variants)), dtype, variants):
+    for plan in _with_variants(dict.fromkeys(_as_planned(candidates, variants)), dtype, variants):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
         label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
                  f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x{L}{_label_variants(plan)}"
-                 f"{' (default)' if plan == default else ''}")
+                 f"{' (default)' if _plain(plan) == _plain(default) else ''}")
         if plan.fused_input:
             run = lambda: lstm_fwd_fused_input(x, h0, c0, w_hh, w_ih_all, bias_all, None, plan)  # noqa: E731
         else:
