@@ -176,6 +176,13 @@ def _print_variant_ratios(timed: dict, projection_us: float = 0.0) -> None:
                   f"bh{plan.block_h} bk{plan.block_k} w{plan.num_warps})", flush=True)
 
 
+def _plan_label(plan, detail: str, grid: str, is_default: bool) -> str:
+    """How every forward sweep names a candidate: storage, tiles, warps, ``detail`` (e.g. the pipelining
+    depth), the ``grid`` as given, the variants on, and whether it is the planner's plan."""
+    return (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
+            f"w{plan.num_warps}{detail} grid {grid}{_label_variants(plan)}{' (default)' if is_default else ''}")
+
+
 def _label_variants(plan) -> str:
     return "".join(f" {VARIANTS[name].replace(' ', '-')}" for name in VARIANTS if getattr(plan, name))
 
@@ -229,10 +236,9 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
-        label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
-                 f"w{plan.num_warps} s{plan.num_stages} grid {plan.grid_h}x{plan.grid_b}"
-                 f"{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}{_label_variants(plan)}"
-                 f"{' (default)' if plan.reason == 'default' else ''}")
+        label = _plan_label(plan, f" s{plan.num_stages}",
+                            f"{plan.grid_h}x{plan.grid_b}{' ' + plan.exact_fp32_dot if dtype == torch.float32 else ''}",
+                            plan.reason == "default")
         if plan.fused_input:
             run = lambda: lstm_fwd_fused_input(x, h0[None], c0[None], w_hh[None], w_ih[None], bias[None], None, plan,  # noqa: E731
                                                b_hn=None if b_hn is None else b_hn[None])
@@ -415,9 +421,7 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), d
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
-        label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
-                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x{L}{_label_variants(plan)}"
-                 f"{' (default)' if _plain(plan) == _plain(default) else ''}")
+        label = _plan_label(plan, "", f"{plan.grid_h}x{plan.grid_b}x{L}", _plain(plan) == _plain(default))
         if plan.fused_input:
             run = lambda: lstm_fwd_fused_input(x, h0, c0, w_hh, w_ih_all, bias_all, None, plan)  # noqa: E731
         else:
@@ -467,9 +471,7 @@ def tune_bidirectional_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", v
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
-        label = (f"{'resident' if plan.resident else 'streamed'} bb{plan.block_b} bh{plan.block_h} bk{plan.block_k} "
-                 f"w{plan.num_warps} grid {plan.grid_h}x{plan.grid_b}x2{_label_variants(plan)}"
-                 f"{' (default)' if plan.reason == 'default' else ''}")
+        label = _plan_label(plan, "", f"{plan.grid_h}x{plan.grid_b}x2", plan.reason == "default")
         us, status = _timed_if_right(lambda: run(plan), expected, 3e-2 if dtype != torch.float32 else 1e-4, T)
         _report(rows, f"bidir fwd{' gru' if cell == 'gru' else ''}", dtype, T, B, I, H, label, status, us,
                 f"{cudnn_us:.4g}")
