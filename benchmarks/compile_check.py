@@ -19,6 +19,7 @@ For every configuration that the launchers pick over a grid of shapes, dtypes an
     python benchmarks/compile_check.py --kernel bwd --cell gru          # the GRU cell on the same drivers
     python benchmarks/compile_check.py --kernel stack --inference       # as a no-grad forward runs them
     python benchmarks/compile_check.py --kernel stack --dropout         # with dropout between layers
+    python benchmarks/compile_check.py --kernel stack --projection      # a stack with projections (proj_size > 0)
     python benchmarks/compile_check.py --kernel persistent --variant gate-dot   # beside the planned build
     python benchmarks/compile_check.py --kernel stack --variant input-ahead
     python benchmarks/compile_check.py --kernel persistent --variant resident-gate-dot   # W_hh resident past K = 512
@@ -64,7 +65,10 @@ def _kernel_and_signature(config: dict):
                      "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "cell_params_ptr": f"*{dtype}",
                      # the dropout mask's pointer: uint8 masks with DROPOUT, else the launcher's int32 placeholder
                      "dropout_mask_ptr": "*u8" if config.get("dropout") else "*i32", "dropped_ptr": f"*{dtype}",
-                     "dropout_scale": "fp32", "T": "i32", "B": "i32", "grid_b": "i32"}
+                     "dropout_scale": "fp32",
+                     # the step-0 terms of a projected stack's layers above 0: fp32 with HAS_INITIAL, else a placeholder
+                     "initial_ptr": "*fp32" if config.get("projection") else "*i32",
+                     "T": "i32", "B": "i32", "grid_b": "i32"}
         constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
                          ONE_TILE=int(config.get("one_tile", False) and not config.get("fused_input", False)), SAVE=int(config.get("save", True)),
                          DOT_PRECISION=config.get("precision", "ieee"),
@@ -76,7 +80,8 @@ def _kernel_and_signature(config: dict):
                          CELL=config.get("cell", "lstm"), GATE_BIT=config.get("gate_bit", 0),
                          INPUT_AHEAD=int(config.get("input_ahead", False)),
                          FUSED_INPUT=int(config.get("fused_input", False)), IN_K=config.get("in_k", 0),
-                         IN_BLOCK_K=config.get("in_block_k", 0), DROPOUT=int(config.get("dropout", False)))
+                         IN_BLOCK_K=config.get("in_block_k", 0), DROPOUT=int(config.get("dropout", False)),
+                         HAS_INITIAL=int(config.get("projection", False)))
     elif kind == "step":
         from triton_lstm.kernels.lstm_fwd import _lstm_step_fwd_kernel as kernel
 
@@ -160,7 +165,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool = False, cell: str = "lstm",
-             dropout: bool = False) -> list[dict]:
+             dropout: bool = False, projection: bool = False) -> list[dict]:
     from triton_lstm.kernels.forward_plans import (
         gate_bit,
         one_tile_each,
@@ -177,7 +182,7 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
     if kernel == "bwd":
         return _bwd_configs(shapes, devices, arch)
     if kernel == "stack":
-        return _stack_configs(shapes, devices, arch, quick, peephole, dropout)
+        return _stack_configs(shapes, devices, arch, quick, peephole, dropout, projection)
     directions = 2 if kernel == "bidir" else 1
     dtypes = {"bf16": 2} if quick and directions == 2 else DTYPES  # CI's time: the bidirectional kernels in bf16
     seen = {}
@@ -218,7 +223,8 @@ def _configs(quick: bool, arch: int, kernel: str = "persistent", peephole: bool 
     return list(seen.values())
 
 
-def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False, dropout: bool = False) -> list[dict]:
+def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = False, dropout: bool = False,
+                   projection: bool = False) -> list[dict]:
     """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
     stacked backward's."""
     from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd
@@ -230,7 +236,8 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
         for dtype, size in dtypes.items():
             for B, H in shapes:
                 for layers in (4,) if quick else (2, 3, 4):
-                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole, dropout=dropout)
+                    plan = plan_stack_fwd(100, B, H, layers, size, num_sms, shared, peephole=peephole, dropout=dropout,
+                                          projection=projection)
                     if not plan.persistent:
                         continue
                     owns_one_tile = one_tile_each(plan, B, H)
@@ -374,6 +381,8 @@ def main(argv=None) -> int:
                         help="the forward kernels as an inference forward runs them (SAVE = 0: no per-step gates or c)")
     parser.add_argument("--dropout", action="store_true",
                         help="the stacked kernels with dropout between layers (training), forward and backward")
+    parser.add_argument("--projection", action="store_true",
+                        help="the stacked forward with projections (proj_size > 0: a step-0 term per layer above 0)")
     parser.add_argument("--variant", choices=sorted(VARIANTS),
                         help="a kernel variant (ForwardPlan's gate_dot, input_ahead, "
                              "streamed_one_tile, fused_input; W_hh resident with the gate dot past K = 512), on each "
@@ -389,7 +398,7 @@ def main(argv=None) -> int:
         return 0
     if args.cell == "gru" and args.peephole:
         parser.error("--cell gru takes no --peephole (peepholes are the LSTM's)")
-    configs = _configs(args.quick, args.arch, args.kernel, args.peephole, args.cell, args.dropout)
+    configs = _configs(args.quick, args.arch, args.kernel, args.peephole, args.cell, args.dropout, args.projection)
     if args.peephole:
         configs = [dict(config, peephole=True) for config in configs]
     if args.cell == "gru":
@@ -398,6 +407,11 @@ def main(argv=None) -> int:
         if args.kernel != "stack":
             parser.error("--dropout is for the stacked kernels (--kernel stack)")
         configs = [dict(config, dropout=True) for config in configs]
+    if args.projection:
+        if args.kernel != "stack" or args.cell != "lstm" or args.peephole or args.dropout:
+            parser.error("--projection is for the LSTM's stacked forward (--kernel stack), without peepholes or dropout")
+        # Its backward is the plain chain on merged weights: the forward alone differs.
+        configs = [dict(config, projection=True) for config in configs if config.get("kernel") != "bwd"]
     if args.inference:
         if args.kernel not in ("persistent", "stack", "bidir"):
             parser.error("--inference is for the persistent forward kernels (persistent, stack, bidir)")
@@ -424,6 +438,7 @@ def main(argv=None) -> int:
                 "stack": f"{config.get('layers')} layers {config.get('kernel', 'forward')}"}[args.kernel]
         variant = ((" peephole" if config.get("peephole") else "") + (" gru" if config.get("cell") == "gru" else "")
                    + (" inference" if config.get("save") is False else "") + (" dropout" if config.get("dropout") else "")
+                   + (" projection" if config.get("projection") else "")
                    + (f" gate-dot (bit {config['gate_bit']})" if config.get("gate_bit") else ""))
         name = (f"{config['dtype']} H={config['H']} {mode}{variant} "
                 f"BLOCK_B={config['block_b']} BLOCK_H={config['block_h']} BLOCK_K={config['block_k']} warps={config['num_warps']}")

@@ -21,10 +21,12 @@
 # (VARIANTS_LIMIT per stage, VARIANTS_BUDGET per shape); FUSED=1 times the input
 # product formed in the kernel at B = 256 (the LSTM's and the GRU's plans with and without it); DROPOUT=1
 # times a 4-layer training step with dropout between layers (gpu_smoke.py --dropout-timing); PROJECTION=1
-# times an LSTM with projections against cuDNN's and our per-step path (gpu_smoke.py --projection-timing);
+# times an LSTM with projections against cuDNN's and our per-step path, and projected stacks in one launch
+# against layer by layer (gpu_smoke.py --projection-timing);
 # BIDIR_VARIANTS=1 times bidirectional layers with the gate dot (tune.py --bidirectional); BWD_VARIANTS=1 the
 # backward chain with its operands prefetched (tune.py --mode bwd --variants prefetch); TESTS=0 leaves out
-# the GPU tests (a second call of a session that ran them in its first); SUITE=1 also
+# the GPU tests (a second call of a session that ran them in its first), SMOKE=0 the smoke stages (the
+# same); SUITE=1 also
 # runs the whole suite. DRY_RUN=1 prints each stage's command instead of running it (no GPU needed: the
 # tests check that every script accepts what this file passes it).
 # Copy results/<gpu-name>/ into benchmarks/results/ and commit it: only measured figures go there.
@@ -82,14 +84,18 @@ export PYTHONUNBUFFERED=1
 # Does each anchor shape's plan fit, launch and agree with cuDNN (and it warms Triton's cache). If not,
 # nothing after it would mean much.
 # Exit 3: only the GRU's checks failed; the LSTM's stages still run.
-stage "smoke" "${SMOKE_LIMIT:-90}" smoke.log "$PY" benchmarks/gpu_smoke.py
-rc=$?
-[ "$rc" -eq 0 ] || [ "$rc" -eq 3 ] || finish
-# The stacked kernels' cross-layer waits: if they disagree or hang, the stages after this run the stacks
-# layer by layer, and the run reports it (status 1).
-if ! stage "stack smoke" "${STACK_SMOKE_LIMIT:-120}" stack_smoke.log "$PY" benchmarks/gpu_smoke.py --stack; then
-  echo "stack smoke failed: TRITON_LSTM_STACK=0 and TRITON_LSTM_BIDIRECTIONAL=0 for the remaining stages"
-  export TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0
+# SMOKE=0 leaves both smoke stages out: only for a later call on the same warm machine whose first call
+# passed them.
+if [ "${SMOKE:-1}" = "1" ]; then
+  stage "smoke" "${SMOKE_LIMIT:-90}" smoke.log "$PY" benchmarks/gpu_smoke.py
+  rc=$?
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 3 ] || finish
+  # The stacked kernels' cross-layer waits: if they disagree or hang, the stages after this run the stacks
+  # layer by layer, and the run reports it (status 1).
+  if ! stage "stack smoke" "${STACK_SMOKE_LIMIT:-120}" stack_smoke.log "$PY" benchmarks/gpu_smoke.py --stack; then
+    echo "stack smoke failed: TRITON_LSTM_STACK=0 and TRITON_LSTM_BIDIRECTIONAL=0 for the remaining stages"
+    export TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0
+  fi
 fi
 
 if [ "${DROPOUT:-0}" = "1" ] && [ "${TRITON_LSTM_STACK:-1}" = "1" ]; then
@@ -100,7 +106,7 @@ fi
 
 if [ "${PROJECTION:-0}" = "1" ]; then
   # proj_size > 0 on the plain LSTM's kernels (benchmarks/NOTES.md, "proj_size > 0").
-  stage "projection timing" "${PROJECTION_LIMIT:-120}" projection_timing.log "$PY" benchmarks/gpu_smoke.py --projection-timing
+  stage "projection timing" "${PROJECTION_LIMIT:-180}" projection_timing.log "$PY" benchmarks/gpu_smoke.py --projection-timing
 fi
 
 if [ "${BENCH:-1}" = "1" ]; then

@@ -112,12 +112,15 @@ def stack_check() -> int:
     gives up within seconds here (gpu_check.sh then turns these kernels off for the stages after)."""
     common.BARRIER_SPIN_LIMIT = 1 << 22  # a wait that never ends gives up in seconds, not tens of seconds
     status = 0
-    cases = [(64, 16, 256, 512, 4, False, False), (48, 64, 128, 1024, 2, False, False),
-             (64, 64, 256, 512, 2, True, False), (40, 9, 64, 256, 1, True, True)]
-    for (T, B, I, H, layers, bidirectional, packed), cell in [(case, cell) for cell in ("LSTM", "GRU") for case in cases]:
-        label = f"{cell} T{T} B{B} I{I} H{H} L{layers}{' bidirectional' if bidirectional else ''}{' packed' if packed else ''}"
+    cases = [(64, 16, 256, 512, 4, False, False, 0), (48, 64, 128, 1024, 2, False, False, 0),
+             (64, 64, 256, 512, 2, True, False, 0), (40, 9, 64, 256, 1, True, True, 0)]
+    # A stack with projections (the LSTM's: the same launches in m_t, layer l > 0's h0 term at its step 0).
+    runs = [(case, cell) for cell in ("LSTM", "GRU") for case in cases] + [((48, 24, 128, 1024, 3, False, True, 256), "LSTM")]
+    for (T, B, I, H, layers, bidirectional, packed, proj_size), cell in runs:
+        label = (f"{cell} T{T} B{B} I{I} H{H}{f' P{proj_size}' if proj_size else ''} L{layers}"
+                 f"{' bidirectional' if bidirectional else ''}{' packed' if packed else ''}")
         try:
-            status |= compare_whole_module(cell, T, B, I, H, layers, bidirectional, packed, label)
+            status |= compare_whole_module(cell, T, B, I, H, layers, bidirectional, packed, label, proj_size)
         except Exception as error:  # noqa: BLE001 (report, count as a failure, go on)
             print(f"{label}: {type(error).__name__}: {str(error).splitlines()[0][:160]} WRONG", flush=True)
             status = 1
@@ -149,59 +152,71 @@ def dropout_timing(T=512, B=64, H=512, layers=4, p=0.2):
             + ", ".join(f"{name} {us:.1f}" for name, us in results.items()))
 
 
-def projection_timing(cases=((512, 64, 512, 1024, 256, False), (1024, 8, 512, 512, 128, False),
-                             (256, 32, 512, 1024, 256, True))):
-    """An LSTM with projections (proj_size P, one layer, bf16; a bidirectional one last), µs per time step
-    (do_bench medians), forward and forward+backward: ours (the recurrence in m on the merged weight
-    W_hh·W_hr, kernels/lstm_projection.py), ours on the paths it took before (one launch per step and
-    direction, TRITON_LSTM_PERSISTENT=0, and backward="reference"), cuDNN's nn.LSTM with the same weights;
-    and the largest relative difference of ours from cuDNN's output."""
+def projection_timing(cases=((512, 64, 512, 1024, 256, False, 1), (1024, 8, 512, 512, 128, False, 1),
+                             (256, 32, 512, 1024, 256, True, 1), (256, 64, 512, 1024, 256, False, 2),
+                             (256, 64, 512, 1024, 256, False, 3))):
+    """An LSTM with projections (proj_size P, bf16; one layer, a bidirectional one, stacks of two and three),
+    µs per time step (do_bench medians), forward and forward+backward: ours (the recurrence in m on the
+    merged weight W_hh·W_hr, kernels/lstm_projection.py); for one layer ours on the paths it took before (one
+    launch per step and direction, TRITON_LSTM_PERSISTENT=0, and backward="reference"), for a stack ours
+    layer by layer (TRITON_LSTM_STACK=0, what a projected stack ran before its one launch); cuDNN's nn.LSTM
+    with the same weights; and the largest relative difference of ours from cuDNN's output."""
     import triton.testing
 
     lines = []
-    for T, B, I, H, P, bidirectional in cases:
+    for T, B, I, H, P, bidirectional, layers in cases:
         torch.manual_seed(0)
-        options = dict(proj_size=P, bidirectional=bidirectional, device="cuda", dtype=torch.bfloat16)
+        options = dict(proj_size=P, bidirectional=bidirectional, num_layers=layers, device="cuda", dtype=torch.bfloat16)
         theirs = nn.LSTM(I, H, **options)
         ours = triton_lstm.LSTM(I, H, **options)
         ours.load_state_dict(theirs.state_dict())
-        before = triton_lstm.LSTM(I, H, backward="reference", **options)
-        before.load_state_dict(theirs.state_dict())
         x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(T, B, P * (2 if bidirectional else 1), device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             error = relative_error(ours(x)[0], theirs(x)[0])
+        if layers > 1:
+            runs = (("ours", ours, {}), ("ours layer by layer", ours, {"TRITON_LSTM_STACK": "0"}),
+                    ("nn.LSTM", theirs, {}))
+        else:
+            before = triton_lstm.LSTM(I, H, backward="reference", **options)
+            before.load_state_dict(theirs.state_dict())
+            runs = (("ours", ours, {}), ("per-step forward, reference backward", before, {"TRITON_LSTM_PERSISTENT": "0"}),
+                    ("nn.LSTM", theirs, {}))
         figures = []
-        for name, model, persistent in (("ours", ours, "1"), ("per-step forward, reference backward", before, "0"),
-                                        ("nn.LSTM", theirs, "1")):
-            os.environ["TRITON_LSTM_PERSISTENT"] = persistent
-            fwd = triton.testing.do_bench(lambda: model(x), return_mode="median") * 1e3 / T  # noqa: B023
-            step = lambda: torch.autograd.backward(model(x)[0], grad)  # noqa: E731, B023
-            both = triton.testing.do_bench(step, grad_to_none=[x, *model.parameters()], return_mode="median") * 1e3 / T
+        for name, model, env in runs:
+            os.environ.update(env)
+            try:
+                fwd = triton.testing.do_bench(lambda: model(x), return_mode="median") * 1e3 / T  # noqa: B023
+                step = lambda: torch.autograd.backward(model(x)[0], grad)  # noqa: E731, B023
+                both = triton.testing.do_bench(step, grad_to_none=[x, *model.parameters()], return_mode="median") * 1e3 / T
+            finally:
+                for key in env:
+                    os.environ.pop(key)
             figures.append(f"{name} {fwd:.1f} / {both:.1f}")
-        os.environ.pop("TRITON_LSTM_PERSISTENT")
-        lines.append(f"proj T{T} B{B} I{I} H{H} P{P}{' bidirectional' if bidirectional else ''} bf16, us/step fwd / "
-                     f"fwd+bwd: {', '.join(figures)}; "
-                     f"output vs cuDNN max rel err {error:.2e}")
+        shape = f"L{layers} " if layers > 1 else ""
+        lines.append(f"proj {shape}T{T} B{B} I{I} H{H} P{P}{' bidirectional' if bidirectional else ''} bf16, us/step "
+                     f"fwd / fwd+bwd: {', '.join(figures)}; output vs cuDNN max rel err {error:.2e}")
     return "\n".join(lines)
 
 
-def compare_whole_module(cell, T, B, I, H, layers, bidirectional, packed, label) -> int:
-    """One model (``cell`` "LSTM" or "GRU") with its whole-module kernel and layer by layer: 1 if they disagree."""
+def compare_whole_module(cell, T, B, I, H, layers, bidirectional, packed, label, proj_size=0) -> int:
+    """One model (``cell`` "LSTM" or "GRU", an LSTM's ``proj_size``) with its whole-module kernel and layer by
+    layer: 1 if they disagree."""
     from triton_lstm.bidirectional import bidirectional_plan
     from triton_lstm.stack import stack_plan
 
     torch.manual_seed(0)
+    options = dict(proj_size=proj_size) if proj_size else {}
     model = getattr(triton_lstm, cell)(I, H, num_layers=layers, bidirectional=bidirectional, device="cuda",
-                                       dtype=torch.bfloat16)
+                                       dtype=torch.bfloat16, **options)
     x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     lengths = torch.randint(1, T + 1, (B,)) if packed else None
-    grad = torch.randn(T, B, H * (2 if bidirectional else 1), device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(T, B, (proj_size or H) * (2 if bidirectional else 1), device="cuda", dtype=torch.bfloat16)
     if lengths is not None:
         grad = grad * (torch.arange(T)[:, None] < lengths[None, :]).to(grad)[:, :, None]
     env = "TRITON_LSTM_BIDIRECTIONAL" if bidirectional else "TRITON_LSTM_STACK"
     gates = 3 if cell == "GRU" else 4
-    plan = bidirectional_plan(x, H, gates) if bidirectional else stack_plan(x, H, layers)
+    plan = bidirectional_plan(x, H, gates) if bidirectional else stack_plan(x, H, layers, projection=proj_size > 0)
     results = []
     try:
         for enabled in ("1", "0"):

@@ -1,6 +1,8 @@
 """The kernels as the GPU would build them, without a GPU: the planned configurations of the five anchor
-shapes compiled for sm_90 (benchmarks/compile_check.py --quick; stacks of 4 layers and bidirectional layers in bf16; the one-layer kernels with peepholes too, the inference forward's, and the stacks with dropout between layers): they compile, fit shared memory, do not
-spill beyond a few bytes, and their barrier compiles to a release add and an acquire spin."""
+shapes compiled for sm_90 (benchmarks/compile_check.py --quick; stacks of 4 layers and bidirectional layers in
+bf16; the one-layer kernels with peepholes too, the inference forward's, and the stacks with dropout between
+layers or with projections): they compile, fit shared memory, do not spill beyond a few bytes, and their
+barrier compiles to a release add and an acquire spin."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def _compile_check():
 
 @pytest.mark.parametrize("kernel", ["persistent", "step", "bwd", "stack", "bidir", "persistent --peephole",
                                     "bwd --peephole", "stack --peephole", "persistent --inference", "stack --inference",
-                                    "stack --dropout"])
+                                    "stack --dropout", "stack --projection"])
 def test_planned_kernels_compile_for_sm90(kernel, capsys):
     status = _compile_check().main(["--quick", "--kernel", *kernel.split(), "--jobs", "2"])
     report = capsys.readouterr().out

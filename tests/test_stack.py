@@ -32,61 +32,95 @@ STACKS = {
     "L2-unbatched": Case(T=5, B=1, I=4, H=6, num_layers=2, unbatched=True),
     # Two batch blocks of 64 and three hidden blocks of 16 in the one interpreted program: the tile loops.
     "L2-B70-H40-packed": Case(T=4, B=70, I=5, H=40, num_layers=2, packed=True),
+    # Projections: the same launches in m_t on merged weights (kernels/lstm_projection.py); layer l > 0 gets
+    # its h0 term at step 0 in the kernel.
+    "L2-proj-state": Case(T=5, B=3, I=4, H=6, num_layers=2, proj_size=3, with_state=True),
+    "L3-proj-packed-state": Case(T=6, B=5, I=3, H=7, num_layers=3, proj_size=5, packed=True, with_state=True),
+    "L2-proj-no-bias-batch-first": Case(T=4, B=3, I=6, H=9, num_layers=2, proj_size=8, bias=False, batch_first=True,
+                                        with_state=True),
 }
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the stacked kernels' launches (forward and backward) and the layer-by-layer fallback's."""
-    return count_calls(monkeypatch, stack_module, {"stack": "lstm_fwd_stack", "layer": "run_lstm_layer",
-                                                   "stack_bwd": "lstm_bwd_stack_gate_grads"})
+    """Counts the stacked kernels' launches (forward: "stack", or "stack_projected" with projections; backward)
+    and the layer-by-layer fallback's."""
+    return count_calls(monkeypatch, stack_module, {"stack": "lstm_fwd_stack", "stack_projected": "lstmp_fwd_stack",
+                                                   "layer": "run_lstm_layer", "stack_bwd": "lstm_bwd_stack_gate_grads"})
+
+
+def one_launch_each_way(case: Case) -> dict[str, int]:
+    """check_against_nn runs one forward of ours and its backward: one stacked launch each, no per-layer one."""
+    return {"stack": int(not case.proj_size), "stack_projected": int(bool(case.proj_size)), "layer": 0, "stack_bwd": 1}
 
 
 @pytest.mark.parametrize("case", STACKS.values(), ids=STACKS.keys())
 def test_stack_matches_nn_lstm(case, launches):
     check_against_nn(case, STACK_DTYPE)
-    # check_against_nn runs one forward of ours and its backward: one stacked launch each, no per-layer one.
-    assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
+    assert launches == one_launch_each_way(case)
 
 
-@pytest.mark.parametrize("name", ["L3-state", "L4-packed", "L3-odd-H17", "L2-no-bias-batch-first"])
+@pytest.mark.parametrize("name", ["L3-state", "L4-packed", "L3-odd-H17", "L2-no-bias-batch-first",
+                                  "L3-proj-packed-state"])
 def test_stack_with_resident_weights_matches_nn_lstm(name, launches, monkeypatch):
     """The resident variant: each program loads its slices of a layer's W_ih and W_hh once, before the
     layer's time loop. One program per layer here (its hidden block the whole H), as the interpreter runs it."""
     case = STACKS[name]
     width = max(16, triton.next_power_of_2(case.H))
     plan = ForwardPlan(True, "resident (test)", True, 16, width, width, 1, 1, 4)
-    monkeypatch.setattr(stack_module, "plan_stack_for", lambda x, hidden_size, num_layers, peephole=False, dropout=False: plan)
+    monkeypatch.setattr(stack_module, "plan_stack_for", lambda *args, **kwargs: plan)
     check_against_nn(case, STACK_DTYPE)
-    assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
+    assert launches == one_launch_each_way(case)
 
 
+@pytest.mark.parametrize("name", ["L3-state", "L3-proj-packed-state"])
 @pytest.mark.parametrize("fallback", ["reference", "no-fit"])
-def test_backward_layer_by_layer_where_the_stacked_one_does_not_run(fallback, launches, monkeypatch):
+def test_backward_layer_by_layer_where_the_stacked_one_does_not_run(fallback, name, launches, monkeypatch):
     """backward="reference", or a stacked backward that cannot launch (its tiles do not fit the SMs): the
     per-layer backward from the top, with the same gradients."""
-    case = STACKS["L3-state"]
+    case = STACKS[name]
     break_fused_backward(monkeypatch, fallback, stack_module, "lstm_bwd_stack_gate_grads")
     check_against_nn(case, STACK_DTYPE)
-    assert launches["stack"] == 1 and launches["stack_bwd"] == 0
+    assert launches["stack"] + launches["stack_projected"] == 1 and launches["stack_bwd"] == 0
 
 
-def test_inference_forward_keeps_no_per_step_state():
+@pytest.mark.parametrize("name", ["L3-state", "L3-proj-packed-state"])
+def test_forward_layer_by_layer_where_the_stacked_launch_is_refused(name, launches, monkeypatch):
+    """A stacked launch the driver refuses (nothing ran): the layers one by one on the single-layer
+    kernels, with the same results (the stacked backward still runs)."""
+    def refused(*args, **kwargs):
+        raise RuntimeError("too many blocks in cooperative launch")
+
+    monkeypatch.setattr(stack_module, "lstm_fwd_stack", refused)
+    monkeypatch.setattr(stack_module, "lstmp_fwd_stack", refused)
+    case = STACKS[name]
+    check_against_nn(case, STACK_DTYPE)
+    assert launches["layer"] == case.num_layers and launches["stack_bwd"] == 1
+
+
+@pytest.mark.parametrize("proj_size", [0, 2], ids=["plain", "proj"])
+def test_inference_forward_keeps_no_per_step_state(proj_size, launches):
     torch.manual_seed(0)
     T, B, I, H, L = 6, 3, 4, 5, 3
-    model = triton_lstm.LSTM(I, H, num_layers=L, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    P = proj_size or H
+    model = triton_lstm.LSTM(I, H, num_layers=L, proj_size=proj_size, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     x = torch.randn(T, B, I, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     weights = [model._layer_weights(layer, 0) for layer in range(L)]
-    h0 = c0 = torch.zeros(L, B, H, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    h0 = torch.zeros(L, B, P, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
+    c0 = torch.zeros(L, B, H, device=KERNEL_DEVICE, dtype=STACK_DTYPE)
     w_ih, w_hh, b_ih, b_hh = ([w[i] for w in weights] for i in range(4))
+    w_hr = [w[4] for w in weights] if proj_size else []
     with torch.no_grad():
-        h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 0)
-        trained = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 1)
+        h_all, c_all, gates = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, 0)
+        trained = torch.ops.triton_lstm.stack_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, 1)
         out, (h_n, c_n) = model(x)
-    assert c_all.shape == (L, 1, B, H) and gates.shape == (L, 0, B, 4 * H)
+    assert c_all.shape == (L, 1, B, H) and gates.shape == (L, 0, B, 4 * H) and h_all.shape == (L, T + 1, B, P)
     assert torch.equal(h_all, trained[0]) and torch.equal(c_all[:, 0], trained[1][:, -1])
     # The module returns c_n in the input dtype (the kernels keep c in fp32).
     assert torch.equal(out, trained[0][-1, 1:]) and torch.equal(c_n, trained[1][:, -1].to(STACK_DTYPE))
+    # Three forwards, each one stacked launch (with projections the launch in m_t), none layer by layer.
+    assert launches == {"stack": 3 * int(not proj_size), "stack_projected": 3 * int(bool(proj_size)), "layer": 0,
+                        "stack_bwd": 0}
 
 
 def test_stays_layer_by_layer_where_the_kernel_does_not_apply():
@@ -95,7 +129,10 @@ def test_stays_layer_by_layer_where_the_kernel_does_not_apply():
     assert triton_lstm.LSTM(num_layers=2, **kwargs)._runs_as_stack(x)
     assert not triton_lstm.LSTM(num_layers=1, **kwargs)._runs_as_stack(x)
     assert not triton_lstm.LSTM(num_layers=2, bidirectional=True, **kwargs)._runs_as_stack(x)
-    assert not triton_lstm.LSTM(num_layers=2, proj_size=2, **kwargs)._runs_as_stack(x)
+    assert triton_lstm.LSTM(num_layers=2, proj_size=2, **kwargs)._runs_as_stack(x)
+    assert triton_lstm.LSTM(num_layers=2, proj_size=2, dropout=0.5, **kwargs).eval()._runs_as_stack(x)
+    # Dropout masks h = m·W_hrᵀ, which the projected stack never forms: layer by layer in training.
+    assert not triton_lstm.LSTM(num_layers=2, proj_size=2, dropout=0.5, **kwargs).train()._runs_as_stack(x)
     assert not triton_lstm.LSTM(num_layers=2, recompute_interval=2, **kwargs)._runs_as_stack(x)
     assert triton_lstm.LSTM(num_layers=2, dropout=0.5, **kwargs).train()._runs_as_stack(x), "dropout: in the kernels"
     kwargs.pop("dtype")
@@ -322,19 +359,29 @@ def test_plan_gives_each_layer_its_share_of_the_sms():
     assert plan_stack_fwd(512, 64, 512, 2, 2, sms, shared, dropout=True).block_k == 32
     narrow = plan_stack_fwd(512, 16, 1024, 4, 2, sms, shared, dropout=True)
     assert (narrow.block_b, narrow.block_k, narrow.num_warps) == (16, 32, 4), narrow
+    # Projections (the layers' step-0 term): the plain plan, except 32-wide chunks where one 64-wide chunk held
+    # all of K on 16-row tiles (compile_check.py --kernel stack --projection: 40 bytes spilled under Triton 3.6).
+    for B, H in ((16, 1024), (64, 512), (64, 64)):
+        assert plan_stack_fwd(512, B, H, 4, 2, sms, shared, projection=True) == plan_stack_fwd(512, B, H, 4, 2, sms, shared)
+    small = plan_stack_fwd(512, 16, 64, 3, 2, sms, shared, projection=True)
+    assert (small.block_b, small.block_k, small.num_warps) == (16, 32, 8), small
+    assert plan_stack_fwd(512, 16, 64, 3, 2, sms, shared).block_k == 64
 
 
-def test_double_backward_through_the_stack():
-    check_double_backward(num_layers=2)
+@pytest.mark.parametrize("proj_size", [0, 2], ids=["plain", "proj"])
+def test_double_backward_through_the_stack(proj_size):
+    check_double_backward(num_layers=2, proj_size=proj_size)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [Case(T=128, B=16, I=256, H=512, num_layers=4),
-                                  Case(T=96, B=17, I=64, H=1024, num_layers=2, packed=True, with_state=True)],
-                         ids=["T128-B16-H512-L4", "T96-B17-H1024-L2-packed"])
+                                  Case(T=96, B=17, I=64, H=1024, num_layers=2, packed=True, with_state=True),
+                                  Case(T=96, B=17, I=64, H=1024, num_layers=3, proj_size=256, packed=True,
+                                       with_state=True)],
+                         ids=["T128-B16-H512-L4", "T96-B17-H1024-L2-packed", "T96-B17-H1024-P256-L3-packed"])
 def test_gpu_stack_matches_nn_lstm(case, dtype, launches):
     check_against_nn(case, dtype, oracle_device="cuda")
-    assert launches == {"stack": 1, "layer": 0, "stack_bwd": 1}
+    assert launches == one_launch_each_way(case)
 
 

@@ -96,6 +96,9 @@ MODULES = {
     "GRU-resident": (Case(T=5, B=4, I=6, H=9, with_state=True), "GRU", torch.float16),
     "LSTM-stack-L3": (Case(T=5, B=3, I=4, H=17, num_layers=3), "LSTM", STACK_DTYPE),
     "GRU-stack-L2-packed": (Case(T=6, B=4, I=5, H=9, num_layers=2, packed=True), "GRU", STACK_DTYPE),
+    # Projections: the stacked launch in m_t, layer l > 0's h0 term added at its step 0 (HAS_INITIAL).
+    "LSTM-stack-L3-proj-packed": (Case(T=5, B=3, I=4, H=17, num_layers=3, proj_size=5, packed=True, with_state=True),
+                                  "LSTM", STACK_DTYPE),
     "LSTM-bidirectional-packed": (Case(T=6, B=3, I=4, H=7, bidirectional=True, packed=True), "LSTM", torch.float32),
     "GRU-bidirectional": (Case(T=5, B=3, I=4, H=6, bidirectional=True, with_state=True), "GRU", torch.float32),
 }
@@ -104,7 +107,8 @@ MODULES = {
 @pytest.mark.parametrize("bit", ["planned", "low", "top"])
 @pytest.mark.parametrize("name", MODULES, ids=str)
 def test_modules_with_the_gate_dot_match_nn(name, bit, monkeypatch):
-    if bit != "planned" and name not in ("LSTM-streamed-lengths", "LSTM-resident-B70", "LSTM-stack-L3"):
+    if bit != "planned" and name not in ("LSTM-streamed-lengths", "LSTM-resident-B70", "LSTM-stack-L3",
+                                         "LSTM-stack-L3-proj-packed"):
         pytest.skip("other gate bits on one case per path (keeps the interpreter run short)")
     case, cell, dtype = MODULES[name]
     launched = _force_gate_dot(monkeypatch, bit)

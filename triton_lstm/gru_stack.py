@@ -103,7 +103,7 @@ class GRUStack(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, lengths, use_reference, layers, has_bias, dropout_mask, dropout_scale, *weights):
-        w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
+        w_ih, w_hh, b_ih, b_hh, _ = _split_weights(layers, has_bias, weights)
         h_all, state_all, gates = torch.ops.triton_lstm.gru_stack_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1,
                                                                       dropout_mask, dropout_scale)
         ctx.save_for_backward(x, h0, lengths, h_all, state_all, gates, dropout_mask, *weights)
@@ -115,7 +115,7 @@ class GRUStack(torch.autograd.Function):
         x, h0, lengths, h_all, state_all, gates, dropout_mask, *weights = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n)
-        w_ih, w_hh, _, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
+        w_ih, w_hh, _, _, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
         dropout = None if dropout_mask is None else (dropout_mask, ctx.dropout_scale)
         if uses_kernels(x) and not ctx.use_reference:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
@@ -161,7 +161,7 @@ def _differentiable_backward(ctx, grad_out, grad_h_n):
     dropout = None if dropout_mask is None else (dropout_mask, ctx.dropout_scale)
 
     def outputs():
-        w_ih, w_hh, b_ih, b_hh = _split_weights(ctx.layers, ctx.has_bias, weights)
+        w_ih, w_hh, b_ih, b_hh, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
         h_all, _, _ = _layer_by_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1, kernels=False, dropout=dropout)
         return h_all[-1, 1:], h_all[:, -1]
 
@@ -181,7 +181,7 @@ def gru_stack(x: Tensor, h0: Tensor, layer_weights, lengths: Tensor | None, *, b
     mask, scale = dropout_masks(x, layers, h0.shape[-1], dropout) or (None, 1.0)
     if not grad_wanted(x, h0, *weights):
         # An inference forward: no per-step gates or states are kept.
-        w_ih, w_hh, b_ih, b_hh = _split_weights(layers, has_bias, weights)
+        w_ih, w_hh, b_ih, b_hh, _ = _split_weights(layers, has_bias, weights)
         h_all, _, _ = torch.ops.triton_lstm.gru_stack_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 0, mask, scale)
         return h_all[-1, 1:], h_all[:, -1].clone()
     return GRUStack.apply(x, h0, lengths, int(backward == "reference"), layers, has_bias, mask, scale, *weights)

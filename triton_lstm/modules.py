@@ -255,7 +255,7 @@ class LSTM(nn.RNNBase):
         if self._runs_as_stack(x):
             # All layers in one persistent launch (a wavefront across layers; triton_lstm/stack.py).
             output, h_n, c_n = lstm_stack(
-                x, h0, c0, [weights[layer][0][:4] for layer in range(self.num_layers)], lengths_on_device,
+                x, h0, c0, [weights[layer][0] for layer in range(self.num_layers)], lengths_on_device,
                 backward=getattr(self, "backward_mode", "fused"), w_ch=_stacked([directions[0] for directions in peepholes]),
                 dropout=float(self.dropout) if self.training else 0.0,
             )
@@ -307,11 +307,14 @@ class LSTM(nn.RNNBase):
 
     def _runs_as_stack(self, x: Tensor) -> bool:
         """Whether this forward runs all layers in one launch (dropout between layers included: in the
-        kernels): unidirectional, no projection, no recompute option, and a stack plan for the input's
-        device."""
-        if self.num_layers < 2 or self.bidirectional or self.proj_size > 0 or getattr(self, "recompute_interval", 0):
+        kernels): unidirectional, no recompute option, no dropout in training with a projection (the
+        projected stack runs in m_t, where h's mask does not apply), and a stack plan for the input's device."""
+        if self.num_layers < 2 or self.bidirectional or getattr(self, "recompute_interval", 0):
             return False
-        return stack_plan(x, self.hidden_size, self.num_layers, getattr(self, "peephole", False)) is not None
+        if self.proj_size > 0 and self.training and self.dropout > 0:
+            return False
+        return stack_plan(x, self.hidden_size, self.num_layers, getattr(self, "peephole", False),
+                          projection=self.proj_size > 0) is not None
 
     def _finish_from_time_major(self, output, hidden, packed, lengths, batch_sizes, sorted_indices, unsorted_indices,
                                 is_batched):

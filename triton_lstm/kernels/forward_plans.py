@@ -357,11 +357,13 @@ def plan_stack_fwd(
     fp32_tensor_cores: bool = True,
     peephole: bool = False,
     dropout: bool = False,
+    projection: bool = False,
 ) -> ForwardPlan:
     """The plan of one layer of the stack (every layer runs the same one), or not persistent: then the
     stack runs layer by layer. A pure function of the shapes, the device limits, ``peephole`` (the
-    layers have peephole weights) and ``dropout`` (dropout between layers, in training). A GRU stack takes the same plan (its planned configurations compile
-    as cleanly: ``compile_check.py --kernel stack --cell gru``).
+    layers have peephole weights), ``dropout`` (dropout between layers, in training) and ``projection``
+    (proj_size > 0: the layers above 0 add a step-0 term, ``stack_layer``). A GRU stack takes the same
+    plan (its planned configurations compile as cleanly: ``compile_check.py --kernel stack --cell gru``).
 
     On a GPU each layer gets ``num_sms // layers`` SMs, tiled as the comment below says; under the
     interpreter one program runs everything.
@@ -415,6 +417,11 @@ def plan_stack_fwd(
         # on 8 warps still 128 at a GRU's 16 × 32 at H = 768, on 4 warps 0-16 bytes.
         block_k = 32
         warps = 4 if block_b == 16 else 8
+    if projection and block_b == 16 and k_pad <= 64:
+        # The layers' step-0 term (HAS_INITIAL) with all of K in one 64-wide chunk: 16 × 32 tiles spilled 40
+        # bytes under Triton 3.6 (H = 64, 3-4 layers); 32-wide chunks compile clean under 3.6 and 3.9, and so
+        # does every other projected plan with the gate dot (compile_check.py --kernel stack --projection).
+        block_k = 32
     # One dot for the four gates (run 13, H200, bf16, (T, B, H) = (128, 64, 512), 4 layers: 64 × 16 tiles
     # 6.84 µs per step against 11.85 with four dots, 16 × 32 ones 14.38 against 18.36), except dropout's
     # 16-row tiles on 4 warps: a GRU's spilled 48 bytes with it (Triton 3.9, H = 100, 2 layers).

@@ -105,6 +105,7 @@ def _lstm_persistent_fwd_kernel(
     dropout_mask_ptr,  # DROPOUT: (LAYERS - 1, T, B, H) uint8, nonzero where layer l's h_t unit reaches layer l + 1
     dropped_ptr,  # DROPOUT: (LAYERS - 1, T, B, H), layer l's h_t as layer l + 1 reads it: masked and scaled
     dropout_scale,  # DROPOUT: 1 / (1 - p), or 0 for p = 1
+    initial_ptr,  # HAS_INITIAL: (LAYERS - 1, B, 4H) fp32, added to the gate inputs of layers 1, 2, … at step 0
     T,
     B,
     grid_b,  # batch groups (the grid's second axis); not a constexpr, so a new batch size does not recompile
@@ -131,6 +132,7 @@ def _lstm_persistent_fwd_kernel(
     IN_K: tl.constexpr = 0,  # the input products' K (x's I with FUSED_INPUT, one layer; else H); 0: H
     IN_BLOCK_K: tl.constexpr = 0,  # RESIDENT: IN_K padded to a power of two; 0: BLOCK_K
     DROPOUT: tl.constexpr = False,  # LAYERS > 1: dropout between layers (training), masks drawn before the launch
+    HAS_INITIAL: tl.constexpr = False,  # LAYERS > 1: initial_ptr holds a step-0 term per layer above 0 (projections)
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     pid_h = tl.program_id(0)
@@ -176,7 +178,7 @@ def _lstm_persistent_fwd_kernel(
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
                 BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL, GATE_BIT, INPUT_AHEAD,
                 FUSED_INPUT, IN_K if IN_K > 0 else H, IN_BLOCK_K if IN_BLOCK_K > 0 else BLOCK_K, dropout_mask_ptr,
-                dropped_ptr, dropout_scale, DROPOUT,
+                dropped_ptr, dropout_scale, DROPOUT, initial_ptr, HAS_INITIAL,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -335,7 +337,7 @@ def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengt
 
 
 def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=True, *, layers=1, directions=1,
-                      w_ih=None, bias=None, out=None, w_ch=None, b_hn=None, dropout=None,
+                      w_ih=None, bias=None, out=None, w_ch=None, b_hn=None, dropout=None, initial=None,
                       what="the persistent forward kernel"):
     """Launches ``_lstm_persistent_fwd_kernel`` for ``plan`` over buffers from ``allocate_forward_outputs``:
     one layer and direction, a stack of ``layers`` (with ``w_ih``, ``bias``: the input weights and biases
@@ -343,12 +345,14 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
     being x: lstm_fwd_fused_input.py) or both ``directions`` of a layer (with ``out``: lstm_fwd_bidirectional.py); ``w_ch``: the peephole
     weights, (3H,) or stacked per layer or direction; ``b_hn`` (H,), or stacked per layer or direction: a
     GRU instead (``kernels/gru.py``); ``dropout``: a stack's dropout between layers, ``(mask, dropped,
-    scale)`` (``stack_layer``). Raises OutOfResources or
+    scale)`` (``stack_layer``); ``initial``: a stack's (layers - 1, B, 4H) fp32 step-0 terms of the layers
+    above 0 (``lstm_projection.py``). Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
     T, B = projected.shape[:2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
-    if plan.fused_input and (directions > 1 or w_ih is None or w_ih.shape[0] != layers):
-        raise ValueError("a plan with fused_input takes x and every layer's W_ih (lstm_fwd_fused_input.py)")
+    if plan.fused_input and (directions > 1 or w_ih is None or w_ih.shape[0] != layers or initial is not None):
+        raise ValueError("a plan with fused_input takes x and every layer's W_ih, and no initial terms "
+                         "(lstm_fwd_fused_input.py)")
     # The input products' K: x's width where layer 0 forms its own from x, else H (a stack's layers above).
     in_k = projected.shape[-1] if plan.fused_input else H
     barrier_watch.check()  # an earlier launch whose barrier gave up raises here
@@ -374,6 +378,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         dropout[0] if dropout is not None else counters,  # dropout_mask_ptr, dropped_ptr: read only with DROPOUT
         dropout[1] if dropout is not None else w_hh,
         dropout[2] if dropout is not None else 1.0,
+        initial if initial is not None else counters,  # initial_ptr: read only with HAS_INITIAL
         T,
         B,
         plan.grid_b,
@@ -400,6 +405,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         IN_K=in_k,
         IN_BLOCK_K=max(16, triton.next_power_of_2(in_k)) if plan.resident else plan.block_k,
         DROPOUT=dropout is not None,
+        HAS_INITIAL=initial is not None,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         # A cooperative launch starts only if every program can be resident at once (else the driver

@@ -18,8 +18,9 @@ backward runs layer by layer on them (``triton_lstm/ops.py``).
 Dropout between layers (training) runs in the same launch: masks drawn by torch before it, applied in
 the kernel to a copy of each layer's h_t that the layer above reads (``stack_layer``).
 
-Falls back (``plan_stack_fwd`` says why) to the layer-by-layer path for: one layer; bidirectional or
-projected stacks (not handled in the kernel); fp32 on a GPU (two
+Projections (proj_size > 0) run here in m_t on merged weights (``lstm_projection.lstmp_fwd_stack``).
+Falls back (``plan_stack_fwd`` says why) to the layer-by-layer path for: one layer; bidirectional stacks
+(not handled in the kernel); fp32 on a GPU (two
 streamed fp32 products spill on sm_90); shapes whose grid of L layers does not fit the SMs;
 ``TRITON_LSTM_STACK=0``. Layer 0's input size may differ from H (its projection is a GEMM).
 """
@@ -39,7 +40,8 @@ from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outp
 from triton_lstm.kernels.lstm_fwd_persistent import launch_persistent
 
 
-def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False, dropout: bool = False) -> ForwardPlan:
+def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False, dropout: bool = False,
+                   projection: bool = False) -> ForwardPlan:
     """The stack plan for an input on its device (the interpreter when it is on the CPU)."""
     if stack_disabled():
         return ForwardPlan(False, "TRITON_LSTM_STACK=0 (or TRITON_LSTM_PERSISTENT=0): layer by layer")
@@ -48,9 +50,9 @@ def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False,
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         num_sms, shared = _device_limits(index)
         return plan_stack_fwd(T, B, H, layers, x.element_size(), num_sms, shared, False, fp32_tensor_cores(x.device),
-                              peephole, dropout)
+                              peephole, dropout, projection)
     return plan_stack_fwd(T, B, H, layers, x.element_size(), 1, INTERPRETER_SHARED_MEMORY, True, False, peephole,
-                          dropout)
+                          dropout, projection)
 
 
 def lstm_fwd_stack(
@@ -66,6 +68,7 @@ def lstm_fwd_stack(
     w_ch: torch.Tensor | None = None,
     b_hn: torch.Tensor | None = None,
     dropout: tuple[torch.Tensor, float] | None = None,
+    initial: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs ``plan`` (from ``plan_stack_fwd``, persistent) over a stack of L layers; ``w_ch`` (L, 3H): the
     layers' peephole weights; ``b_hn`` (L, H): a GRU stack's (``projected`` (T, B, 3H), ``w_hh``, ``w_ih_above``
@@ -78,6 +81,8 @@ def lstm_fwd_stack(
     without ``save`` (an inference forward) c_all is (L, 1, B, H), c_T of each layer, and gates (L, 0, B, 4H).
     ``dropout``: dropout between layers, ``(mask, scale)``: the (L - 1, T, B, H) uint8 masks (nonzero: kept)
     and 1 / (1 - p); layer l > 0 reads the layer below's h_t masked and scaled (``stack_layer``).
+    ``initial`` (L - 1, B, 4H) fp32: terms added to the gate inputs of layers 1, 2, … at step 0 (a stack
+    with projections, ``lstm_projection.lstmp_fwd_stack``).
 
     Raises ``OutOfResources`` or the driver's RuntimeError for a refused cooperative launch before
     anything ran (the caller then runs layer by layer).
@@ -89,6 +94,7 @@ def lstm_fwd_stack(
         mask, scale = dropout
         dropout = (mask, torch.empty(mask.shape, dtype=projected.dtype, device=projected.device), scale)
     launch_persistent(plan, projected, w_hh, *outputs, lengths, save, layers=w_hh.shape[0], w_ih=w_ih_above,
-                      bias=bias_above, w_ch=w_ch, b_hn=b_hn, dropout=dropout, what="the stacked forward kernel")
+                      bias=bias_above, w_ch=w_ch, b_hn=b_hn, dropout=dropout, initial=initial,
+                      what="the stacked forward kernel")
     return finished_outputs(outputs, save)
 

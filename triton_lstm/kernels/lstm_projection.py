@@ -12,8 +12,10 @@ steps are GEMMs over all T·B rows around it:
 - backward: the output gradients pulled back to m (dh_t·W_hr), the chain on the merged weight, then dh_t
   itself (dh_t = grad_out_t + dG_{t+1}·W_hh) for W_hr's gradient, W_hh's gradient against the saved h.
 
-Both directions of a bidirectional layer keep their one launch each way (``lstmp_fwd_bidirectional``; the
-op in ``bidirectional.py`` uses the backward's helpers here). A stack with projections runs layer by layer.
+Both directions of a bidirectional layer (``lstmp_fwd_bidirectional``) and a stack's layers
+(``lstmp_fwd_stack``: layer l > 0 reads the layer below's m through W_ih^l·W_hr^{l-1}, and its h0 enters
+as a step-0 term) keep their one launch each way; their ops (``bidirectional.py``, ``stack.py``) use the
+backward's helpers here.
 
 The price: the recurrent product has K = H instead of P (the step is latency-bound, not FLOP-bound, at the
 sizes an LSTM runs), and m_t is rounded to the input dtype each step (where nn.LSTM rounds h_t) and the
@@ -28,13 +30,15 @@ import torch
 from triton_lstm.kernels import lstm_fwd_persistent as persistent
 from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads
 from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional
+from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack
 from triton_lstm.kernels.weight_grads import weight_and_input_grads
 from triton_lstm.reference import accumulate_dtype, input_projection
 
 
 def merged_recurrent_weight(w_hh: torch.Tensor, w_hr: torch.Tensor) -> torch.Tensor:
-    """W_hh·W_hr (4H, H), or per direction (2, 4H, H): the recurrent weight of m_{t-1}, computed in fp32 and
-    rounded once to the input dtype."""
+    """W_hh·W_hr (4H, H), or stacked per direction or layer: the recurrent weight of m_{t-1} (or with a
+    layer's W_ih and the layer below's W_hr, the input weight of the layer below's m_t), computed in fp32
+    and rounded once to the input dtype."""
     acc = accumulate_dtype(w_hh.dtype)
     return torch.matmul(w_hh.to(acc), w_hr.to(acc)).to(w_hh.dtype)
 
@@ -108,6 +112,25 @@ def lstmp_fwd_bidirectional(projected, h0, c0, w_hh, w_hr, lengths, plan, save: 
     out = torch.cat([torch.matmul(out_m[..., d * H:(d + 1) * H], w_hr[d].t()) for d in range(2)], dim=2)
     h_all = torch.stack([project(m_all[d], h0[d], w_hr[d], lengths) for d in range(2)])
     return out, h_all, c_all, gates
+
+
+def lstmp_fwd_stack(projected, h0, c0, w_hh, w_ih_above, bias_above, w_hr, lengths, plan, save: bool = True):
+    """A stack of L layers with projections in one launch (``lstm_fwd_stack`` in m_t): ``projected`` layer 0's
+    input projection (T, B, 4H), ``h0`` (L, B, P), ``c0`` (L, B, H), ``w_hh`` (L, 4H, P), ``w_ih_above``
+    (L - 1, 4H, P) and ``bias_above`` as there, ``w_hr`` (L, P, H). Layer l > 0 reads the layer below's
+    h_t = m_t·W_hr^{l-1}ᵀ through the merged input weight W_ih^l·W_hr^{l-1}, and its h0 enters as a step-0
+    term (``initial``). Returns ``(h_all (L, T + 1, B, P), c_all, gates)``; raises as ``lstm_fwd_stack``
+    does, before anything ran. No dropout: a mask on h does not carry over to m."""
+    T, B = projected.shape[:2]
+    layers, H = w_hh.shape[0], w_hr.shape[-1]
+    acc = accumulate_dtype(projected.dtype)
+    add_initial_state(projected, slice(None), h0[0], w_hh[0], first_steps(lengths, T, B, projected.device))
+    initial = torch.matmul(h0[1:].to(acc), w_hh[1:].to(acc).transpose(1, 2)).contiguous()
+    m_all, c_all, gates = lstm_fwd_stack(
+        projected, h0.new_zeros(layers, B, H), c0, merged_recurrent_weight(w_hh, w_hr).contiguous(),
+        merged_recurrent_weight(w_ih_above, w_hr[:-1]).contiguous(), bias_above, lengths, plan, save, initial=initial)
+    h_all = torch.stack([project(m_all[layer], h0[layer], w_hr[layer], lengths) for layer in range(layers)])
+    return h_all, c_all, gates
 
 
 def gradients_at_m(grad_out: torch.Tensor, grad_h_n: torch.Tensor, w_hr: torch.Tensor):

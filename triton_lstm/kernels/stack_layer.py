@@ -15,7 +15,8 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, LAYERS: tl.constexpr,
                  RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr,
                  GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr, FUSED_INPUT: tl.constexpr, IN_K: tl.constexpr,
-                 IN_BLOCK_K: tl.constexpr, dropout_mask_ptr, dropped_ptr, dropout_scale, DROPOUT: tl.constexpr):
+                 IN_BLOCK_K: tl.constexpr, dropout_mask_ptr, dropped_ptr, dropout_scale, DROPOUT: tl.constexpr,
+                 initial_ptr, HAS_INITIAL: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
@@ -48,7 +49,11 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
     A GRU stack (CELL "gru"): three gates per weight, b_hn per layer in ``cell_params_ptr``, and the n
     gate's input and recurrent products kept apart (the reset gate multiplies only the second): the
     input side accumulates into (acc_i, acc_f, acc_g) = (r, z, x_n); x_n then moves aside and the
-    recurrent side adds (r, z, h_n) into the same three — still four tiles (``_stack_step``)."""
+    recurrent side adds (r, z, h_n) into the same three — still four tiles (``_stack_step``).
+
+    ``HAS_INITIAL``: a layer l > 0 adds its row of ``initial_ptr`` ((L - 1, B, 4H) fp32) to its gate inputs
+    at step 0 — a stack with projections runs in m_t with m_{-1} = 0 and h0·W_hhᵀ enters there
+    (``lstm_projection.py``)."""
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     num_b_blocks = tl.cdiv(B, BLOCK_B)
@@ -80,6 +85,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
     cell_params_layer = cell_params_ptr + lay * (H if CELL == "gru" else 3 * H)  # b_hn, or the peephole weights
     w_ih_layer = w_ih_ptr + (lay - ih_first_layer) * GATES * H * IN_K
     bias_layer = bias_ptr + (lay - ih_first_layer) * GATES * H
+    initial_layer = initial_ptr + (lay - 1) * B * GATES * H  # HAS_INITIAL, layer > 0: (B, 4H) fp32
     counter_ptr = counters_ptr + layer * grid_b + pid_b
     failed_ptr = counters_ptr + LAYERS * grid_b
     if RESIDENT:
@@ -103,6 +109,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
         acc_i, acc_f, acc_g, acc_o = _stack_input_product(
             forms_input, first, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
             offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+            initial_layer, HAS_INITIAL,  # step 0's: the only one with the initial terms
         )
         for t in range(T):
             step = tl.full((), t, tl.int64)
@@ -122,35 +129,74 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
             acc_i, acc_f, acc_g, acc_o = _stack_input_product(
                 forms_input, next_step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
                 offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+                initial_layer, False,
             )
             if not failed:
                 failed = wait_for(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
     else:
-        for t in range(T):
-            step = tl.full((), t, tl.int64)
-            if layer > 0:
-                # h_t of the layer below (its step t) is complete once its batch group passed that barrier.
-                if not failed:
-                    failed = wait_for(counter_ptr - grid_b, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
-            for bb in tl.range(pid_b, num_b_blocks, grid_b, num_stages=1):
-                offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
-                mask_b = offs_b < B
-                rows = offs_b.to(tl.int64)
-                for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
-                    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-                    mask_h = offs_h < H
-                    acc_i, acc_f, acc_g, acc_o = _stack_input_product(
-                        forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
-                        mask_b, offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
-                    )
-                    _stack_step(
-                        acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g,
-                        hh_o, lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H,
-                        HAS_LENGTHS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL, mask_layer,
-                        dropped_layer, dropout_scale, drops, DROPOUT,
-                    )
-            if not failed:
-                failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+        # With HAS_INITIAL, step 0 runs on its own, the only one that adds the initial terms: inside the time
+        # loop their loads kept registers live across all steps (spills on sm_90).
+        first_step = 0
+        if HAS_INITIAL:
+            failed = _stack_tiles_step(
+                0, layer, failed, counter_ptr, failed_ptr, grid_b, pid_b, pid_h, num_b_blocks, B, forms_input,
+                projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, offs_k_in, offs_k, h_layer, c_layer,
+                gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o, lengths_ptr, cell_params_layer, mask_layer, dropped_layer,
+                dropout_scale, drops, initial_layer, H, IN_K, HAS_BIAS, HAS_LENGTHS, SAVE, DOT_PRECISION, GRID_H,
+                NUM_H_BLOCKS, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL, DROPOUT,
+                True,
+            )
+            first_step = 1
+        for t in range(first_step, T):
+            failed = _stack_tiles_step(
+                t, layer, failed, counter_ptr, failed_ptr, grid_b, pid_b, pid_h, num_b_blocks, B, forms_input,
+                projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, offs_k_in, offs_k, h_layer, c_layer,
+                gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o, lengths_ptr, cell_params_layer, mask_layer, dropped_layer,
+                dropout_scale, drops, initial_layer, H, IN_K, HAS_BIAS, HAS_LENGTHS, SAVE, DOT_PRECISION, GRID_H,
+                NUM_H_BLOCKS, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL, DROPOUT,
+                False,
+            )
+    return failed
+
+
+@triton.jit
+def _stack_tiles_step(t, layer, failed, counter_ptr, failed_ptr, grid_b, pid_b, pid_h, num_b_blocks, B, forms_input,
+                      projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, offs_k_in, offs_k, h_layer,
+                      c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g, hh_o, lengths_ptr, cell_params_layer, mask_layer,
+                      dropped_layer, dropout_scale, drops, initial_layer, H: tl.constexpr, IN_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      GRID_H: tl.constexpr, NUM_H_BLOCKS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
+                      GATE_BIT: tl.constexpr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr, DROPOUT: tl.constexpr,
+                      ADD_INITIAL: tl.constexpr):
+    """Step ``t`` of a stack layer on all of this program's tiles (the schedule without INPUT_AHEAD): wait for
+    the layer below's h_t, each tile's input product (with ``ADD_INITIAL`` the layer's step-0 terms) and
+    step, then this layer's barrier. Returns the program's failure state."""
+    step = tl.full((), t, tl.int64)
+    if layer > 0:
+        # h_t of the layer below (its step t) is complete once its batch group passed that barrier.
+        if not failed:
+            failed = wait_for(counter_ptr - grid_b, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+    for bb in tl.range(pid_b, num_b_blocks, grid_b, num_stages=1):
+        offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        rows = offs_b.to(tl.int64)
+        for hb in range(pid_h, NUM_H_BLOCKS, GRID_H):
+            offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            acc_i, acc_f, acc_g, acc_o = _stack_input_product(
+                forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
+                mask_b, offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+                initial_layer, ADD_INITIAL,
+            )
+            _stack_step(
+                acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, hh_i, hh_f, hh_g,
+                hh_o, lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H,
+                HAS_LENGTHS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT, PEEPHOLE, CELL, mask_layer,
+                dropped_layer, dropout_scale, drops, DROPOUT,
+            )
+    if not failed:
+        failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
     return failed
 
 
@@ -158,11 +204,14 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
 def _stack_input_product(forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
                          mask_b, offs_k, offs_h, mask_h, H: tl.constexpr, IN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
-                         GATE_BIT: tl.constexpr):
+                         GATE_BIT: tl.constexpr, initial_layer, ADD_INITIAL: tl.constexpr):
     """A stack layer's gate inputs at ``step`` for one tile, in fp32: unless ``forms_input`` (layer 0)
     read from ``projected``, else the bias plus h^{l-1}_t·W_ihᵀ (the layer below's h_t, which the caller
-    waited for, or x_t for layer 0 with FUSED_INPUT; IN_K wide, ``offs_k`` its resident padding). The accumulators the recurrent product then adds
-    onto: one set of four live across both products' K loops (two sets spilled on sm_90)."""
+    waited for, or x_t for layer 0 with FUSED_INPUT; IN_K wide, ``offs_k`` its resident padding), and with
+    ADD_INITIAL (step 0 only) the layer's row of the initial terms (``initial_layer``, (B, GATES·H) fp32;
+    never with FUSED_INPUT, whose layer 0 forms its input here too).
+    The accumulators the recurrent product then adds onto: one set of four live across both products' K
+    loops (two sets spilled on sm_90)."""
     if forms_input:
         acc_i = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
         acc_f = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
@@ -174,6 +223,14 @@ def _stack_input_product(forms_input, step, projected_ptr, h_below, w_ih_layer, 
             acc_g += tl.load(bias_layer + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
             if GATES == 4:
                 acc_o += tl.load(bias_layer + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        if ADD_INITIAL:
+            mask_bh = mask_b[:, None] & mask_h[None, :]
+            initial = initial_layer + rows[:, None] * (GATES * H) + offs_h[None, :]
+            acc_i += tl.load(initial, mask=mask_bh, other=0.0)
+            acc_f += tl.load(initial + H, mask=mask_bh, other=0.0)
+            acc_g += tl.load(initial + 2 * H, mask=mask_bh, other=0.0)
+            if GATES == 4:
+                acc_o += tl.load(initial + 3 * H, mask=mask_bh, other=0.0)
         acc_i, acc_f, acc_g, acc_o = layer_product(
             acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * IN_K, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
             rows, mask_b, offs_k, offs_h, mask_h, H, IN_K, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
