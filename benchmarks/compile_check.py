@@ -65,10 +65,9 @@ def _kernel_and_signature(config: dict):
                      "w_ih_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "cell_params_ptr": f"*{dtype}",
                      # the dropout mask's pointer: uint8 masks with DROPOUT, else the launcher's int32 placeholder
                      "dropout_mask_ptr": "*u8" if config.get("dropout") else "*i32", "dropped_ptr": f"*{dtype}",
-                     "dropout_scale": "fp32",
+                     "dropout_scale": "fp32", "T": "i32", "B": "i32", "grid_b": "i32",
                      # the step-0 terms of a projected stack's layers above 0: fp32 with HAS_INITIAL, else a placeholder
-                     "initial_ptr": "*fp32" if config.get("projection") else "*i32",
-                     "T": "i32", "B": "i32", "grid_b": "i32"}
+                     "initial_ptr": "*fp32" if config.get("projection") else "*i32"}
         constants = dict(H=config["H"], K=config["H"], HAS_LENGTHS=1, RESIDENT=int(config["resident"]),
                          ONE_TILE=int(config.get("one_tile", False) and not config.get("fused_input", False)), SAVE=int(config.get("save", True)),
                          DOT_PRECISION=config.get("precision", "ieee"),
