@@ -166,7 +166,8 @@ def stack_fwd(
                                         w_ch=None if w_ch is None else w_ch.contiguous())
             if outputs is not None:
                 return outputs
-        plan = dataclasses.replace(plan, fused_input=False)
+        if plan.fused_input:  # not taken above (dropout, projections) or refused: the plain stacked kernel
+            plan = dataclasses.replace(plan, fused_input=False)
         projected = input_projection(x, w_ih[0], None if bias is None else bias[0], None).contiguous()
         bias_above = None if bias is None else bias[1:]
         if w_hr:
