@@ -294,7 +294,7 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
 # The kernel variants (ForwardPlan's gate_dot, input_ahead, streamed_one_tile, fused_input), and the kernels
 # they apply to: each built beside the four-dot build of every planned configuration it applies to.
 VARIANTS = {"gate-dot": ("persistent", "stack", "bidir"), "input-ahead": ("stack",),
-            "streamed-one-tile": ("persistent", "bidir"), "fused-input": ("persistent", "stack"),
+            "streamed-one-tile": ("persistent", "bidir", "stack"), "fused-input": ("persistent", "stack"),
             "resident-gate-dot": ("persistent",), "prefetch": ("bwd", "stack", "bidir")}
 
 
@@ -303,7 +303,8 @@ def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
     build (``baseline``) for the comparison. The gate dot: 16-bit plans (fp32 keeps four dots: its tf32x3
     dots at H = 1024 spilled 64 bytes with one), its column bit from ``forward_plans.gate_bit``. The
     input ahead: stacks whose programs own one tile each. The streamed one-tile schedule: 16-bit streamed
-    plans whose programs own one tile each (fp32's spilled 80-136 bytes with it). The input product in the
+    plans whose programs own one tile each (fp32's spilled 80-136 bytes with it); on a stack, beside the
+    planned build with its gate bit (stack_layer's one-tile schedule). The input product in the
     kernel: 16-bit plans of one layer or a stack, which then run as a stack (``stack_layer``), with the next
     input product ahead of the barrier wait where the programs own one tile each (a resident W_ih slice
     beside W_hh's fits shared memory only then). W_hh resident with the gate dot: 16-bit streamed plans
@@ -318,6 +319,12 @@ def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
         if variant == "prefetch":  # the chain's saved operands loaded a step ahead (backward_plans.PREFETCH)
             pair = len(paired) // 2
             paired += [dict(config, prefetch=True, pair=pair), dict(config, baseline=True, pair=pair)]
+            continue
+        if variant == "streamed-one-tile" and config.get("layers", 1) > 1:
+            # A stack's one-tile schedule (stack_layer's ONE_TILE) beside the planned build, gate dot and all.
+            if config.get("owns_one_tile") and not config["resident"]:
+                pair = len(paired) // 2
+                paired += [dict(config, one_tile=True, pair=pair), dict(config, baseline=True, pair=pair)]
             continue
         plan = ForwardPlan(True, "", config["resident"], config["block_b"], config["block_h"], config["block_k"],
                            config["grid_h"], num_warps=config["num_warps"])

@@ -23,6 +23,7 @@
 # times a 4-layer training step with dropout between layers (gpu_smoke.py --dropout-timing); PROJECTION=1
 # times an LSTM with projections against cuDNN's and our per-step path, and projected stacks in one launch
 # against layer by layer (gpu_smoke.py --projection-timing);
+# STACK_VARIANTS=1 times the stack's one-tile schedule against its planned schedule (tune.py --layers 4);
 # BIDIR_VARIANTS=1 times bidirectional layers with the gate dot (tune.py --bidirectional); BWD_VARIANTS=1 the
 # backward chain with its operands prefetched (tune.py --mode bwd --variants prefetch); TESTS=0 leaves out
 # the GPU tests (a second call of a session that ran them in its first), SMOKE=0 the smoke stages (the
@@ -144,16 +145,13 @@ if [ "${VARIANTS:-0}" = "1" ]; then
     --budget-s "${VARIANTS_BUDGET:-20}" --csv "$LOGS/variants_gru.csv"
 fi
 
-if [ "${BIDIR_VARIANTS:-0}" = "1" ]; then
-  # Bidirectional layers, which still run four dots (run 13 timed the gate dot on one direction only): the
-  # planner's plan, with 16-unit hidden blocks, each with the gate dot and the one-tile schedule, at the
-  # benchmark's bidirectional shape and at H = 1024 (benchmarks/NOTES.md, "Run 13").
-  for cell in lstm gru; do
-    stage "variants: bidirectional $cell" "${VARIANTS_LIMIT:-150}" "variants_bidir_$cell.log" "$PY" benchmarks/tune.py \
-      --shape 256 64 512 512 --shape 256 32 1024 1024 --bidirectional --cell "$cell" --mode fwd \
-      --variants gate_dot streamed_one_tile --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" \
-      --csv "$LOGS/variants_bidir_$cell.csv"
-  done
+if [ "${STACK_VARIANTS:-0}" = "1" ]; then
+  # The stack's one-tile schedule (stack_layer's ONE_TILE: h and c in registers across steps, an LSTM's two
+  # products with the gate dot in one K loop) against the planned stack, each with and without the gate dot,
+  # on the 4-layer anchor, the planner's plan first (benchmarks/NOTES.md, "The stack's one-tile schedule").
+  stage "variants: stack one tile" "${VARIANTS_LIMIT:-150}" variants_stack_one_tile.log "$PY" benchmarks/tune.py \
+    --shape 512 64 512 512 --layers 4 --mode fwd --variants gate_dot streamed_one_tile --max-T 128 \
+    --budget-s "${VARIANTS_BUDGET:-20}" --csv "$LOGS/variants_stack_one_tile.csv"
 fi
 
 if [ "${BWD_VARIANTS:-0}" = "1" ]; then
@@ -165,6 +163,18 @@ if [ "${BWD_VARIANTS:-0}" = "1" ]; then
   stage "bwd variants: stack" "${VARIANTS_LIMIT:-150}" bwd_variants_stack.log "$PY" benchmarks/tune.py \
     --shape 512 64 512 512 --layers 4 --mode bwd --variants prefetch --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" \
     --csv "$LOGS/bwd_variants_stack.csv"
+fi
+
+if [ "${BIDIR_VARIANTS:-0}" = "1" ]; then
+  # Bidirectional layers, which still run four dots (run 13 timed the gate dot on one direction only): the
+  # planner's plan, with 16-unit hidden blocks, each with the gate dot and the one-tile schedule, at the
+  # benchmark's bidirectional shape and at H = 1024 (benchmarks/NOTES.md, "Run 13").
+  for cell in lstm gru; do
+    stage "variants: bidirectional $cell" "${VARIANTS_LIMIT:-150}" "variants_bidir_$cell.log" "$PY" benchmarks/tune.py \
+      --shape 256 64 512 512 --shape 256 32 1024 1024 --bidirectional --cell "$cell" --mode fwd \
+      --variants gate_dot streamed_one_tile --max-T 128 --budget-s "${VARIANTS_BUDGET:-20}" \
+      --csv "$LOGS/variants_bidir_$cell.csv"
+  done
 fi
 
 if [ "${FUSED:-0}" = "1" ]; then

@@ -165,6 +165,23 @@ def test_tune_sweeps_the_fused_input_variant_on_the_interpreter(cell, layers, mo
     assert "projection GEMM x·W_ihᵀ + b" in out and "fused input / plain + projection GEMM: 333.33 / 666.67" in out, out  # T = 3: 1 ms a call
 
 
+def test_tune_sweeps_the_stack_one_tile_schedule_on_the_interpreter(monkeypatch, capsys):
+    """``tune.py --layers 4 --variants gate_dot streamed_one_tile`` (gpu_check.sh's STACK_VARIANTS stage)
+    end to end through the interpreter: the stack's one-tile builds give the planned plan's numbers ("ok")
+    and are set against their plain builds."""
+    import torch
+
+    tune = benchmark_script("tune")
+    monkeypatch.setattr(tune, "_bench", lambda fn: (fn(), 1.0)[1])
+    rows = []
+    tune.tune_stack_forward(3, 4, 16, 16, 4, torch.float16, 60.0, rows, ["gate_dot", "streamed_one_tile"], device="cpu")
+    out = capsys.readouterr().out
+    one_tile = [row for row in rows if "streamed-one-tile" in row["candidate"] and "grid 1x1" in row["candidate"]]
+    assert one_tile and all(row["status"] == "ok" for row in one_tile), rows
+    assert any("gate-dot" in row["candidate"] for row in one_tile), rows
+    assert "gate dot + streamed one tile / plain:" in out, out
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_tune_sweeps_bidirectional_layers_with_the_gate_dot_on_the_interpreter(cell, monkeypatch, capsys):
     """``tune.py --bidirectional --variants gate_dot``: both directions in one launch, the planner's plan and
@@ -244,7 +261,8 @@ def test_gpu_check_passes_each_script_arguments_it_accepts(tmp_path, capsys):
     import sys
 
     env = dict(os.environ, OUT=str(tmp_path), DRY_RUN="1", VARIANTS="1", FUSED="1", PROFILE="1", TUNE="1", DROPOUT="1",
-               PROJECTION="1", BIDIR_VARIANTS="1", BWD_VARIANTS="1", EXAMPLES="1", SUITE="1", PYTHON=sys.executable)
+               PROJECTION="1", STACK_VARIANTS="1", BIDIR_VARIANTS="1", BWD_VARIANTS="1", EXAMPLES="1", SUITE="1",
+               PYTHON=sys.executable)
     listing = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                              text=True, timeout=120)
     assert listing.returncode == 0, listing.stdout + listing.stderr

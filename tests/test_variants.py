@@ -11,7 +11,8 @@ off. Under the interpreter the planner's one-program plans keep four dots, so ea
 - ``input_ahead``: a stack layer forms its next input product between its arrival at its barrier and
   its wait there (``stack_layer.py``), where each program owns one tile;
 - ``streamed_one_tile``: a streamed plan whose programs own one tile each keeps h and c in registers and
-  loads the next input before the barrier wait, as resident plans do;
+  loads the next input before the barrier wait, as resident plans do; on a stack (and with the input product
+  in the kernel) h and c in registers, and an LSTM's two products with the gate dot in one K loop;
 - W_hh resident past K = 512 with the gate dot (``forward_plans.resident_gate_dot``): the plan rule, and on
   a GPU at H = 1024 (under the interpreter the resident gate-dot kernel is the gate_dot cases' own);
 - ``fused_input``: layer 0 forms its input product from x in the kernel, as a stack's layers above do
@@ -230,6 +231,80 @@ def test_streamed_one_tile_only_where_each_program_owns_one_tile(monkeypatch):
     assert seen == [{"ONE_TILE": False}]
 
 
+# --- streamed_one_tile on a stack --------------------------------------------------------------------
+
+STACK_ONE_TILE_CASES = {
+    # name: (case, cell, gate dot). An LSTM with the gate dot runs both products in one K loop; with four
+    # dots, and a GRU, two loops; every one keeps h and c in registers.
+    "LSTM-L3-state-gate-dot": (STACKS["L3-state"], "LSTM", True),
+    "LSTM-L4-packed-gate-dot": (STACKS["L4-packed"], "LSTM", True),
+    "LSTM-L2-no-bias-batch-first-four-dots": (STACKS["L2-no-bias-batch-first"], "LSTM", False),
+    "LSTM-L3-odd-H17-gate-dot": (STACKS["L3-odd-H17"], "LSTM", True),
+    "LSTM-L3-proj-packed-state-gate-dot": (Case(T=5, B=3, I=4, H=17, num_layers=3, proj_size=5, packed=True,
+                                                with_state=True), "LSTM", True),
+    "GRU-L3-state-gate-dot": (STACKS["L3-state"], "GRU", True),
+    "GRU-L4-packed-four-dots": (STACKS["L4-packed"], "GRU", False),
+}
+
+
+@pytest.mark.parametrize("name", STACK_ONE_TILE_CASES, ids=str)
+def test_stack_one_tile_schedule_matches_nn(name, monkeypatch):
+    """A stack's streamed plan whose programs own one tile each, with ``streamed_one_tile``: the stack's
+    one-tile schedule (``stack_layer``'s ONE_TILE) against nn in float64, every output and gradient."""
+    if KERNEL_DEVICE == "cuda" and name not in ("LSTM-L3-proj-packed-state-gate-dot", "GRU-L3-state-gate-dot"):
+        pytest.skip("on a GPU two one-program cases (each a compile); its own plans: test_gpu_stack_one_tile_…")
+    case, cell, gate_dot = STACK_ONE_TILE_CASES[name]
+    _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: _one_tile_plan(case), streamed_one_tile=True,
+                 gate_dot=gate_dot)
+    seen = _spy_launches(monkeypatch, "ONE_TILE", "INPUT_AHEAD", "GATE_BIT", "LAYERS")
+    check_against_nn(case, STACK_DTYPE, cell=cell)
+    assert seen == [{"ONE_TILE": True, "INPUT_AHEAD": False, "GATE_BIT": seen[0]["GATE_BIT"],
+                     "LAYERS": case.num_layers}], f"one stacked launch on the one-tile schedule: {seen}"
+    assert (seen[0]["GATE_BIT"] > 0) == gate_dot
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_stack_one_tile_schedule_with_dropout_matches_nn(cell, monkeypatch):
+    """Dropout between layers on the stack's one-tile schedule: the masked copy of h_t stored from the
+    registers' h (the dropout test of test_stack.py, its 3-layer packed case for a GRU)."""
+    from test_stack import DROPOUT_CASES, test_dropout_between_layers_in_the_stacked_launches_matches_nn
+
+    if KERNEL_DEVICE == "cuda" and cell == "GRU":
+        pytest.skip("on a GPU the LSTM's case (each a compile)")
+    name = "LSTM-L3" if cell == "LSTM" else "GRU-L3-packed"
+    _, _, _, (T, B, I, H) = DROPOUT_CASES[name]
+    case = Case(T=T, B=B, I=I, H=H)
+    _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: _one_tile_plan(case), streamed_one_tile=True,
+                 gate_dot=True)
+    seen = _spy_launches(monkeypatch, "ONE_TILE", "DROPOUT")
+    test_dropout_between_layers_in_the_stacked_launches_matches_nn(name, "stacked", monkeypatch)
+    assert seen == [{"ONE_TILE": True, "DROPOUT": True}], seen
+
+
+def test_stack_one_tile_schedule_only_where_each_program_owns_one_tile(monkeypatch):
+    case = Case(T=4, B=70, I=5, H=40, num_layers=2, packed=True)  # two batch blocks, three hidden blocks
+    plan = ForwardPlan(True, "several tiles (test)", False, 64, 16, 16, 1, 1, 4, gate_dot=True, streamed_one_tile=True)
+    _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: plan)
+    seen = _spy_launches(monkeypatch, "ONE_TILE")
+    check_against_nn(case, STACK_DTYPE)
+    assert seen == [{"ONE_TILE": False}]
+
+
+def test_one_tile_schedule_rule():
+    """``ONE_TILE`` per kernel path: one layer's resident plans and streamed ones that ask; the kernels that
+    form an input product (stacks, fused input) streamed plans that ask, unless the input product runs ahead."""
+    streamed = ForwardPlan(True, "", False, 64, 16, 64, 32, 1, 8)
+    resident = dataclasses.replace(streamed, resident=True, block_k=512)
+    asks = dataclasses.replace(streamed, streamed_one_tile=True)
+    rule = forward_plans.one_tile_schedule
+    assert not any(rule(plan, layers, False) for plan in (streamed, resident, asks) for layers in (1, 4))
+    assert rule(resident, 1, True) and rule(asks, 1, True) and not rule(streamed, 1, True)
+    assert rule(asks, 4, True) and not rule(streamed, 4, True) and not rule(resident, 4, True)
+    assert not rule(dataclasses.replace(asks, input_ahead=True), 4, True)
+    assert rule(dataclasses.replace(asks, fused_input=True), 1, True)
+    assert not rule(dataclasses.replace(resident, fused_input=True), 1, True)
+
+
 def test_planner_picks_the_variants_where_run_13_timed_them_faster():
     """16-bit single layers and stacks on a GPU run the gate dot (``with_measured_variants``), streamed
     plans the one-tile schedule only on 32- and 64-row tiles that are one per program; the input product
@@ -333,6 +408,17 @@ FUSED_INPUT_CASES = {
                                                 dict(resident=True, block_b=16, block_h=16), False, True, False, True),
     "GRU-L2-resident-ahead-no-bias": ("GRU", 2, 5, 3, 20, 20, torch.float32, dict(resident=True, input_ahead=True),
                                       False, False, False, True),
+    # The one-tile schedule of a stack (streamed_one_tile): one K loop over x's and h's chunks where x is
+    # narrower or wider than H (their widths differ per chunk), and a GRU's two loops.
+    "LSTM-L1-one-tile-gate-dot-lengths-wide-x": ("LSTM", 1, 6, 5, 30, 9, torch.float32,
+                                                 dict(streamed_one_tile=True, gate_dot=True), True, True, False, True),
+    "LSTM-L1-one-tile-gate-dot-fp16-narrow-x": ("LSTM", 1, 5, 3, 7, 17, torch.float16,
+                                                dict(streamed_one_tile=True, gate_dot=True), False, True, False, True),
+    "LSTM-L2-one-tile-gate-dot-peephole-inference": ("LSTM", 2, 6, 4, 12, 12, torch.float32,
+                                                     dict(streamed_one_tile=True, gate_dot=True), True, True, True,
+                                                     False),
+    "GRU-L2-one-tile-gate-dot-lengths": ("GRU", 2, 5, 4, 12, 12, torch.float32,
+                                         dict(streamed_one_tile=True, gate_dot=True), True, True, False, True),
 }
 
 
@@ -399,11 +485,12 @@ def test_fused_input_matches_the_reference(name, monkeypatch):
     """Every layer's h_all, c_all and saved gates (a training forward) — or an inference forward's h_all
     and c_n — from x in the kernel, against the float64 recurrence, within PyTorch's own error."""
     cell, layers, T, B, I, H, dtype, knobs, with_lengths, bias, peephole, save = FUSED_INPUT_CASES[name]
-    seen = _spy_launches(monkeypatch, "FUSED_INPUT", "INPUT_AHEAD", "RESIDENT", "GATE_BIT")
+    seen = _spy_launches(monkeypatch, "FUSED_INPUT", "INPUT_AHEAD", "RESIDENT", "GATE_BIT", "ONE_TILE")
     ours, torchs, reference = _run_fused_input(cell, layers, T, B, I, H, dtype, knobs, with_lengths, bias, peephole,
                                                save)
     assert seen == [{"FUSED_INPUT": True, "INPUT_AHEAD": knobs.get("input_ahead", False),
-                     "RESIDENT": knobs.get("resident", False), "GATE_BIT": seen[0]["GATE_BIT"]}], seen
+                     "RESIDENT": knobs.get("resident", False), "GATE_BIT": seen[0]["GATE_BIT"],
+                     "ONE_TILE": knobs.get("streamed_one_tile", False)}], seen
     assert (seen[0]["GATE_BIT"] > 0) == knobs.get("gate_dot", False)
     for what, index in (("h_all", 0), ("c_all", 1), ("gates", 2)):
         if save:
@@ -548,6 +635,27 @@ def _gpu_variants(monkeypatch):
         for module in (forward_plans, persistent, lstm_fwd_bidirectional, lstm_fwd_stack):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, with_variants)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["LSTM-stack-L4-H512", "GRU-stack-L2-H512", "LSTM-stack-L3-H1024-proj-packed"])
+def test_gpu_stack_one_tile_schedule_matches_nn(name, monkeypatch):
+    """The GPU's stack plans (one tile per program at these shapes) on the stack's one-tile schedule, in
+    bf16 against nn in float64 on the same card."""
+    from triton_lstm.kernels import lstm_fwd_stack
+
+    cases = dict(GPU_CASES, **{"LSTM-stack-L3-H1024-proj-packed": (
+        Case(T=40, B=17, I=256, H=1024, num_layers=3, proj_size=256, packed=True, with_state=True), "LSTM")})
+    case, cell = cases[name]
+    planner = forward_plans.plan_stack_fwd
+
+    def one_tile(*args, **kwargs):
+        return dataclasses.replace(planner(*args, **kwargs), streamed_one_tile=True)
+
+    monkeypatch.setattr(lstm_fwd_stack, "plan_stack_fwd", one_tile)
+    seen = _spy_launches(monkeypatch, "ONE_TILE", "LAYERS")
+    check_against_nn(case, torch.bfloat16, oracle_device="cuda", cell=cell)
+    assert {"ONE_TILE": True, "LAYERS": case.num_layers} in seen, seen
 
 
 @requires_cuda

@@ -74,7 +74,8 @@ class ForwardPlan:
     input_ahead: bool = False
     # A streamed plan whose programs own one tile each runs the one-tile schedule that resident plans
     # always do (h and c in registers, the next input loaded before the barrier wait). Planned where run 13
-    # timed it faster (``with_measured_variants``).
+    # timed it faster (``with_measured_variants``). On a stack (kernels/stack_layer.py): h and c in
+    # registers, and an LSTM's two products with the gate dot in one K loop; not planned there (not timed).
     streamed_one_tile: bool = False
     # Layer 0 forms its input product x_t·W_ihᵀ + b in the kernel, as a stack's layers above do, instead
     # of reading it from the projection GEMM run before the launch (kernels/lstm_fwd_fused_input.py; in a
@@ -111,6 +112,19 @@ def one_tile_each(plan: ForwardPlan, B: int, H: int) -> bool:
     """Every program of ``plan`` owns exactly one (batch block × hidden block) tile at these sizes.
     Called per launch: plain integer division, not triton.cdiv (~2 µs a call from Python)."""
     return plan.grid_h == -(-H // plan.block_h) and plan.grid_b == -(-B // plan.block_b)
+
+
+def one_tile_schedule(plan: ForwardPlan, layers: int, one_tile: bool) -> bool:
+    """The kernels' ``ONE_TILE``: whether ``plan``'s programs, owning one tile each (``one_tile``, from
+    ``one_tile_each``), run the one-tile schedule (h and c in registers across steps). One layer: resident
+    plans always, streamed ones where ``streamed_one_tile``; the kernels that form an input product
+    (``stack_layer``: a stack, or ``fused_input``) where ``streamed_one_tile`` on a streamed plan, unless
+    ``input_ahead`` (its own one-tile schedule)."""
+    if not one_tile:
+        return False
+    if layers == 1 and not plan.fused_input:
+        return plan.resident or plan.streamed_one_tile
+    return plan.streamed_one_tile and not plan.resident and not plan.input_ahead
 
 
 def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int:

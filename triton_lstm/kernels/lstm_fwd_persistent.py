@@ -74,6 +74,7 @@ from triton_lstm.kernels.forward_plans import (
     _device_limits,
     gate_bit,
     one_tile_each,
+    one_tile_schedule,
     persistent_disabled,
     plan_persistent_fwd,
 )
@@ -116,7 +117,7 @@ def _lstm_persistent_fwd_kernel(
     K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     RESIDENT: tl.constexpr,
-    ONE_TILE: tl.constexpr,  # one tile per program (resident, or streamed where the plan asks): state stays in registers
+    ONE_TILE: tl.constexpr,  # one tile per program (resident, or streamed where the plan asks): state stays in registers (stack_layer: streamed only)
     SAVE: tl.constexpr,  # store every step's gates and c for the backward (else an inference forward)
     DOT_PRECISION: tl.constexpr,
     GRID_H: tl.constexpr,
@@ -181,7 +182,7 @@ def _lstm_persistent_fwd_kernel(
                 T, B, grid_b, pid_h, pid_b, failed, H, HAS_LENGTHS, HAS_BIAS, SAVE, DOT_PRECISION, GRID_H, BLOCK_B,
                 BLOCK_H, BLOCK_K, SPIN_LIMIT, LAYERS, RESIDENT, cell_params_ptr, PEEPHOLE, CELL, GATE_BIT, INPUT_AHEAD,
                 FUSED_INPUT, IN_K if IN_K > 0 else H, IN_BLOCK_K if IN_BLOCK_K > 0 else BLOCK_K, dropout_mask_ptr,
-                dropped_ptr, dropout_scale, DROPOUT, initial_ptr, HAS_INITIAL,
+                dropped_ptr, dropout_scale, DROPOUT, initial_ptr, HAS_INITIAL, ONE_TILE,
             )
     elif ONE_TILE:
         # The program owns one (batch block × hidden block) tile for the whole sequence (grid_b covers
@@ -389,7 +390,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
         K=K,
         HAS_LENGTHS=lengths is not None,
         RESIDENT=plan.resident,
-        ONE_TILE=layers == 1 and not plan.fused_input and (plan.resident or plan.streamed_one_tile) and one_tile,
+        ONE_TILE=one_tile_schedule(plan, layers, one_tile),
         SAVE=save,
         DOT_PRECISION=dot_precision(projected.dtype, plan.exact_fp32_dot),
         GRID_H=plan.grid_h,

@@ -14,6 +14,7 @@ from triton_lstm.kernels.common import (
     load_gate_inputs,
     load_gates,
     load_own_state,
+    split_interleaved_gates,
 )
 
 
@@ -39,6 +40,43 @@ def layer_product(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, res_i, res_f, r
     else:
         return accumulate_product_streamed(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, rows, mask_b, offs_h, mask_h,
                                            H, K, DOT_PRECISION, BLOCK_K, GATES, GATE_BIT)
+
+
+@triton.jit
+def stack_products_streamed(acc_i, acc_f, acc_g, acc_o, forms_input, x_ptr, w_ih_ptr, h_prev_ptr, w_hh_ptr, rows, mask_b,
+                            offs_h, H: tl.constexpr, IN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GATE_BIT: tl.constexpr):
+    """An LSTM stack layer's x·W_ihᵀ (where ``forms_input``; x (B, IN_K) at ``x_ptr``: the layer below's
+    h_t) and h_{t-1}·W_hhᵀ added onto the accumulators, as one gate-interleaved dot per K chunk in one
+    loop over both products' chunks, W streamed. One loop is one software pipeline: W_hh's first chunks
+    are in flight while W_ih's last ones multiply, where two loops drain between them (a round trip to L2
+    per step on the critical path)."""
+    BLOCK_B: tl.constexpr = rows.shape[0]
+    BLOCK_H: tl.constexpr = offs_h.shape[0]
+    IN_CHUNKS: tl.constexpr = (IN_K + BLOCK_K - 1) // BLOCK_K
+    CHUNKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
+    gate, unit = interleaved_gate_rows(tl.min(offs_h, axis=0), BLOCK_H, GATE_BIT)
+    w_rows = (gate * H + unit).to(tl.int64)[None, :]
+    mask_n = unit < H
+    acc = tl.zeros((BLOCK_B, 4 * BLOCK_H), dtype=tl.float32)
+    first = tl.where(forms_input, 0, IN_CHUNKS)  # a layer that reads its input projection: W_hh's chunks only
+    for j in range(first, IN_CHUNKS + CHUNKS):
+        is_input = j < IN_CHUNKS
+        k0 = tl.where(is_input, j, j - IN_CHUNKS) * BLOCK_K
+        a_ptr = tl.where(is_input, x_ptr, h_prev_ptr)
+        w_ptr = tl.where(is_input, w_ih_ptr, w_hh_ptr)
+        if IN_K == H:
+            width = H
+        else:  # x of another width (a layer 0 that forms its input product from x)
+            width = tl.where(is_input, IN_K, H)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < width
+        a_blk = tl.load(a_ptr + rows[:, None] * width + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
+                        other=0.0, cache_modifier=".cg")
+        w_blk = tl.load(w_ptr + w_rows * width + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a_blk, w_blk, acc, input_precision=DOT_PRECISION)
+    p_i, p_f, p_g, p_o = split_interleaved_gates(acc, BLOCK_B, BLOCK_H, GATE_BIT)
+    return acc_i + p_i, acc_f + p_f, acc_g + p_g, acc_o + p_o
 
 
 @triton.jit

@@ -5,7 +5,13 @@ import triton
 import triton.language as tl
 
 from triton_lstm.kernels.common import barrier_arrive, grid_barrier, load_gate_inputs, load_own_state, wait_for
-from triton_lstm.kernels.persistent_tiles import layer_product, one_tile, resident_slices, update_and_store_h
+from triton_lstm.kernels.persistent_tiles import (
+    layer_product,
+    one_tile,
+    resident_slices,
+    stack_products_streamed,
+    update_and_store_h,
+)
 
 
 @triton.jit
@@ -16,7 +22,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                  RESIDENT: tl.constexpr, cell_params_ptr, PEEPHOLE: tl.constexpr, CELL: tl.constexpr,
                  GATE_BIT: tl.constexpr, INPUT_AHEAD: tl.constexpr, FUSED_INPUT: tl.constexpr, IN_K: tl.constexpr,
                  IN_BLOCK_K: tl.constexpr, dropout_mask_ptr, dropped_ptr, dropout_scale, DROPOUT: tl.constexpr,
-                 initial_ptr, HAS_INITIAL: tl.constexpr):
+                 initial_ptr, HAS_INITIAL: tl.constexpr, ONE_TILE: tl.constexpr):
     """All T steps of one layer of a stack, this program's tiles (a wavefront across layers). W streamed
     in BLOCK_K chunks, or ``RESIDENT``: one hidden block per program (GRID_H == NUM_H_BLOCKS), whose
     slices of W_ih and W_hh are loaded once per layer, before its time loop (BLOCK_K is the whole K).
@@ -50,6 +56,14 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
     gate's input and recurrent products kept apart (the reset gate multiplies only the second): the
     input side accumulates into (acc_i, acc_f, acc_g) = (r, z, x_n); x_n then moves aside and the
     recurrent side adds (r, z, h_n) into the same three — still four tiles (``_stack_step``).
+
+    ``ONE_TILE`` (streamed W, each program owns one tile; not with INPUT_AHEAD): the one-tile schedule of a
+    single layer, for a stack's layer. h_{t-1} and c_{t-1} stay in registers across steps (the other
+    schedules reload them after the products: one more round trip to L2 per step), and with the gate dot
+    an LSTM's two products run as one K loop over [h^{l-1}_t, h_{t-1}] and [W_ih, W_hh]
+    (``stack_products_streamed``): one pipelined loop, so W_hh's first chunks load while W_ih's last ones
+    multiply, where two loops drain between them. A GRU keeps two loops (its n gate's input and recurrent
+    products stay apart).
 
     ``HAS_INITIAL``: a layer l > 0 adds its row of ``initial_ptr`` ((L - 1, B, 4H) fp32) to its gate inputs
     at step 0 — a stack with projections runs in m_t with m_{-1} = 0 and h0·W_hhᵀ enters there
@@ -133,6 +147,28 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
             )
             if not failed:
                 failed = wait_for(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+    elif ONE_TILE:
+        offs_b, mask_b, rows, offs_h, mask_h = one_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+        mask_bh = mask_b[:, None] & mask_h[None, :]
+        h_own, c_own = load_own_state(h_layer, c_layer, 0, B, rows, offs_h, mask_bh, H, H, True, SAVE)
+        first_step = 0
+        if HAS_INITIAL:  # step 0 on its own, as below
+            failed, h_own, c_own = _stack_one_tile_step(
+                0, layer, failed, counter_ptr, failed_ptr, grid_b, forms_input, projected_ptr, h_below, w_ih_layer,
+                bias_layer, h_layer, c_layer, gates_layer, w_hh_layer, lengths_ptr, cell_params_layer, mask_layer,
+                dropped_layer, dropout_scale, drops, initial_layer, h_own, c_own, B, rows, offs_b, mask_b, offs_h, mask_h,
+                H, IN_K, HAS_BIAS, HAS_LENGTHS, SAVE, DOT_PRECISION, GRID_H, BLOCK_K, SPIN_LIMIT, GATES, GATE_BIT,
+                PEEPHOLE, CELL, DROPOUT, True,
+            )
+            first_step = 1
+        for t in range(first_step, T):
+            failed, h_own, c_own = _stack_one_tile_step(
+                t, layer, failed, counter_ptr, failed_ptr, grid_b, forms_input, projected_ptr, h_below, w_ih_layer,
+                bias_layer, h_layer, c_layer, gates_layer, w_hh_layer, lengths_ptr, cell_params_layer, mask_layer,
+                dropped_layer, dropout_scale, drops, initial_layer, h_own, c_own, B, rows, offs_b, mask_b, offs_h, mask_h,
+                H, IN_K, HAS_BIAS, HAS_LENGTHS, SAVE, DOT_PRECISION, GRID_H, BLOCK_K, SPIN_LIMIT, GATES, GATE_BIT,
+                PEEPHOLE, CELL, DROPOUT, False,
+            )
     else:
         # With HAS_INITIAL, step 0 runs on its own, the only one that adds the initial terms: inside the time
         # loop their loads kept registers live across all steps (spills on sm_90).
@@ -201,17 +237,53 @@ def _stack_tiles_step(t, layer, failed, counter_ptr, failed_ptr, grid_b, pid_b, 
 
 
 @triton.jit
+def _stack_one_tile_step(t, layer, failed, counter_ptr, failed_ptr, grid_b, forms_input, projected_ptr, h_below,
+                         w_ih_layer, bias_layer, h_layer, c_layer, gates_layer, w_hh_layer, lengths_ptr,
+                         cell_params_layer, mask_layer, dropped_layer, dropout_scale, drops, initial_layer, h_own, c_own,
+                         B, rows, offs_b, mask_b, offs_h, mask_h, H: tl.constexpr, IN_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, GRID_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPIN_LIMIT: tl.constexpr, GATES: tl.constexpr, GATE_BIT: tl.constexpr, PEEPHOLE: tl.constexpr,
+                         CELL: tl.constexpr, DROPOUT: tl.constexpr, ADD_INITIAL: tl.constexpr):
+    """Step ``t`` of a stack layer on the one tile this program owns (``ONE_TILE``), its state ``h_own``,
+    ``c_own`` (fp32, h_{t-1} and c_{t-1}) in registers: wait for the layer below's h_t, the products (one K
+    loop for an LSTM with the gate dot), the cell update, then this layer's barrier. Returns
+    ``(failed, h_t, c_t)``."""
+    step = tl.full((), t, tl.int64)
+    if layer > 0:
+        if not failed:
+            failed = wait_for(counter_ptr - grid_b, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+    ONE_LOOP: tl.constexpr = CELL == "lstm" and GATE_BIT > 0
+    acc_i, acc_f, acc_g, acc_o = _stack_input_product(
+        forms_input, step, projected_ptr, h_below, w_ih_layer, 0, 0, 0, 0, bias_layer, B, rows, mask_b, 0, offs_h,
+        mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, False, GATES, GATE_BIT, initial_layer, ADD_INITIAL,
+        ONE_LOOP,
+    )
+    h_own, c_own = _stack_step(
+        acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer, w_hh_layer, 0, 0, 0, 0, lengths_ptr,
+        cell_params_layer, B, rows, offs_b, mask_b, 0, offs_h, mask_h, failed, H, HAS_LENGTHS, SAVE, DOT_PRECISION,
+        BLOCK_K, False, GATES, GATE_BIT, PEEPHOLE, CELL, mask_layer, dropped_layer, dropout_scale, drops, DROPOUT,
+        h_own, c_own, True, ONE_LOOP, forms_input, h_below, w_ih_layer, IN_K,
+    )
+    if not failed:
+        failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
+    return failed, h_own, c_own
+
+
+@triton.jit
 def _stack_input_product(forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
                          mask_b, offs_k, offs_h, mask_h, H: tl.constexpr, IN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
-                         GATE_BIT: tl.constexpr, initial_layer, ADD_INITIAL: tl.constexpr):
+                         GATE_BIT: tl.constexpr, initial_layer, ADD_INITIAL: tl.constexpr,
+                         ONE_LOOP: tl.constexpr = False):
     """A stack layer's gate inputs at ``step`` for one tile, in fp32: unless ``forms_input`` (layer 0)
     read from ``projected``, else the bias plus h^{l-1}_t·W_ihᵀ (the layer below's h_t, which the caller
     waited for, or x_t for layer 0 with FUSED_INPUT; IN_K wide, ``offs_k`` its resident padding), and with
     ADD_INITIAL (step 0 only) the layer's row of the initial terms (``initial_layer``, (B, GATES·H) fp32;
     never with FUSED_INPUT, whose layer 0 forms its input here too).
     The accumulators the recurrent product then adds onto: one set of four live across both products' K
-    loops (two sets spilled on sm_90)."""
+    loops (two sets spilled on sm_90). With ``ONE_LOOP`` the input product is left out: ``_stack_step``
+    forms it in the recurrent product's K loop."""
     if forms_input:
         acc_i = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
         acc_f = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)
@@ -231,10 +303,11 @@ def _stack_input_product(forms_input, step, projected_ptr, h_below, w_ih_layer, 
             acc_g += tl.load(initial + 2 * H, mask=mask_bh, other=0.0)
             if GATES == 4:
                 acc_o += tl.load(initial + 3 * H, mask=mask_bh, other=0.0)
-        acc_i, acc_f, acc_g, acc_o = layer_product(
-            acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * IN_K, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
-            rows, mask_b, offs_k, offs_h, mask_h, H, IN_K, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
-        )
+        if not ONE_LOOP:
+            acc_i, acc_f, acc_g, acc_o = layer_product(
+                acc_i, acc_f, acc_g, acc_o, h_below + (step + 1) * B * IN_K, w_ih_layer, ih_i, ih_f, ih_g, ih_o,
+                rows, mask_b, offs_k, offs_h, mask_h, H, IN_K, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+            )
     else:
         mask_bh = mask_b[:, None] & mask_h[None, :]
         acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES)
@@ -246,10 +319,15 @@ def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer,
                 lengths_ptr, cell_params_layer, B, rows, offs_b, mask_b, offs_k, offs_h, mask_h, failed, H: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
                 RESIDENT: tl.constexpr, GATES: tl.constexpr, GATE_BIT: tl.constexpr, PEEPHOLE: tl.constexpr,
-                CELL: tl.constexpr, mask_layer, dropped_layer, dropout_scale, drops, DROPOUT: tl.constexpr):
+                CELL: tl.constexpr, mask_layer, dropped_layer, dropout_scale, drops, DROPOUT: tl.constexpr,
+                h_own=0, c_own=0, OWN_STATE: tl.constexpr = False, ONE_LOOP: tl.constexpr = False, forms_input=False,
+                h_below=0, w_ih_layer=0, IN_K: tl.constexpr = 0):
     """The rest of a stack layer's step for one tile, on its gate inputs ``acc_*`` (``_stack_input_product``):
     the recurrent product h_{t-1}·W_hhᵀ, the cell update and the h_t store (with ``DROPOUT``, where the
-    layer ``drops`` — all but the top — also its masked and scaled copy for the layer above)."""
+    layer ``drops`` — all but the top — also its masked and scaled copy for the layer above). Returns
+    (h_t, c_t) in fp32. ``OWN_STATE``: h_{t-1} and c_{t-1} are ``h_own`` and ``c_own``, else loaded.
+    ``ONE_LOOP`` (streamed, gate dot, LSTM): the input product too, in the same K loop where
+    ``forms_input`` (``persistent_tiles.stack_products_streamed``)."""
     mask_bh = mask_b[:, None] & mask_h[None, :]
     zero = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)  # the gate inputs are in the accumulators
     if CELL == "gru":
@@ -258,13 +336,22 @@ def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer,
         acc_g, x_n = zero, acc_g
     else:
         x_n = zero
-    acc_i, acc_f, acc_g, acc_o = layer_product(
-        acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
-        rows, mask_b, offs_k, offs_h, mask_h, H, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
-    )
-    # The state is loaded after the products: live across their K loops it spilled on sm_90.
-    h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
-    h, _ = update_and_store_h(
+    if ONE_LOOP:
+        acc_i, acc_f, acc_g, acc_o = stack_products_streamed(
+            acc_i, acc_f, acc_g, acc_o, forms_input, h_below + (step + 1) * B * IN_K, w_ih_layer, h_layer + step * B * H,
+            w_hh_layer, rows, mask_b, offs_h, H, IN_K, DOT_PRECISION, BLOCK_K, GATE_BIT
+        )
+    else:
+        acc_i, acc_f, acc_g, acc_o = layer_product(
+            acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
+            rows, mask_b, offs_k, offs_h, mask_h, H, H, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT
+        )
+    if OWN_STATE:
+        h_prev, c_prev = h_own, c_own
+    else:
+        # The state is loaded after the products: live across their K loops it spilled on sm_90.
+        h_prev, c_prev = load_own_state(h_layer, c_layer, step, B, rows, offs_h, mask_bh, H, H, True, SAVE)
+    h, c = update_and_store_h(
         acc_i, acc_f, acc_g, acc_o, zero, zero, x_n, zero, h_prev, c_prev, h_layer, c_layer,
         gates_layer, lengths_ptr, step, B, rows, offs_b, mask_b, offs_h, mask_h, H, H, HAS_LENGTHS, SAVE,
         failed, h_layer, step, 0, 1, cell_params_layer, PEEPHOLE, CELL,
@@ -275,3 +362,4 @@ def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer,
             keep = tl.load(mask_layer + offs, mask=mask_bh, other=0)
             dropped = tl.where(keep != 0, h * dropout_scale, 0.0)
             tl.store(dropped_layer + offs, dropped.to(dropped_layer.dtype.element_ty), mask=mask_bh)
+    return h, c
