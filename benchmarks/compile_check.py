@@ -23,6 +23,8 @@ For every configuration that the launchers pick over a grid of shapes, dtypes an
     python benchmarks/compile_check.py --kernel persistent --variant gate-dot   # beside the planned build
     python benchmarks/compile_check.py --kernel stack --variant input-ahead
     python benchmarks/compile_check.py --kernel persistent --variant resident-gate-dot   # W_hh resident past K = 512
+    python benchmarks/compile_check.py --kernel stack --variant streamed-one-tile   # the stack's one-tile schedule
+    python benchmarks/compile_check.py --kernel stack --variant one-loop   # its backward chain in one K loop
 
 It says nothing about speed, and the GPU machine may run another Triton version than this one.
 """
@@ -109,7 +111,7 @@ def _kernel_and_signature(config: dict):
                          SPIN_LIMIT=BARRIER_SPIN_LIMIT, LAYERS=config.get("layers", 1),
                          DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
                          CELL=config.get("cell", "lstm"), DROPOUT=int(config.get("dropout", False)),
-                         PREFETCH=int(config.get("prefetch", False)))
+                         PREFETCH=int(config.get("prefetch", False)), ONE_LOOP=int(config.get("one_loop", False)))
     signature.update({name: "constexpr" for name in constants})
     return kernel, signature, constants
 
@@ -227,7 +229,7 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
     """The stacked forward's planned configurations (lstm_fwd_stack.py) for 2, 3 and 4 layers, and the
     stacked backward's."""
     from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd
-    from triton_lstm.kernels.forward_plans import gate_bit, one_tile_each, plan_stack_fwd
+    from triton_lstm.kernels.forward_plans import gate_bit, one_tile_each, one_tile_schedule, plan_stack_fwd
 
     seen = {}
     dtypes = {"bf16": 2} if quick else DTYPES
@@ -241,9 +243,10 @@ def _stack_configs(shapes, devices, arch: int, quick: bool, peephole: bool = Fal
                         continue
                     owns_one_tile = one_tile_each(plan, B, H)
                     key = (dtype, H, layers, plan.block_b, plan.block_h, plan.block_k, plan.num_warps, plan.grid_h,
-                           owns_one_tile, gate_bit(plan))
+                           owns_one_tile, gate_bit(plan), plan.streamed_one_tile)
                     seen.setdefault(key, dict(dtype=dtype, H=H, resident=False, block_b=plan.block_b, layers=layers,
                                               owns_one_tile=owns_one_tile, gate_bit=gate_bit(plan),
+                                              one_tile=one_tile_schedule(plan, layers, owns_one_tile),
                                               block_h=plan.block_h, block_k=plan.block_k, num_warps=plan.num_warps,
                                               grid_h=plan.grid_h, arch=arch, limit=shared, device=device, estimate=None,
                                               precision=plan.exact_fp32_dot))
@@ -295,7 +298,7 @@ def _bwd_configs(shapes, devices, arch: int) -> list[dict]:
 # they apply to: each built beside the four-dot build of every planned configuration it applies to.
 VARIANTS = {"gate-dot": ("persistent", "stack", "bidir"), "input-ahead": ("stack",),
             "streamed-one-tile": ("persistent", "bidir", "stack"), "fused-input": ("persistent", "stack"),
-            "resident-gate-dot": ("persistent",), "prefetch": ("bwd", "stack", "bidir")}
+            "resident-gate-dot": ("persistent",), "prefetch": ("bwd", "stack", "bidir"), "one-loop": ("stack",)}
 
 
 def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
@@ -314,15 +317,22 @@ def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
 
     paired = []
     for config in configs:
-        if (config.get("kernel") == "bwd") != (variant == "prefetch"):
-            continue  # the backward chain's variant on its configurations, the forward's on theirs
+        if (config.get("kernel") == "bwd") != (variant in ("prefetch", "one-loop")):
+            continue  # the backward chain's variants on its configurations, the forward's on theirs
+        if variant == "one-loop":  # a stack's chain in one K loop (backward_plans.STACK_ONE_LOOP), alone and prefetching
+            if config.get("layers", 1) > 1 and not config.get("dropout"):
+                for prefetch in (False, True):
+                    pair = len(paired) // 2
+                    paired += [dict(config, one_loop=True, prefetch=prefetch, pair=pair),
+                               dict(config, prefetch=prefetch, baseline=True, pair=pair)]
+            continue
         if variant == "prefetch":  # the chain's saved operands loaded a step ahead (backward_plans.PREFETCH)
             pair = len(paired) // 2
             paired += [dict(config, prefetch=True, pair=pair), dict(config, baseline=True, pair=pair)]
             continue
         if variant == "streamed-one-tile" and config.get("layers", 1) > 1:
             # A stack's one-tile schedule (stack_layer's ONE_TILE) beside the planned build, gate dot and all.
-            if config.get("owns_one_tile") and not config["resident"]:
+            if config.get("owns_one_tile") and not config["resident"] and not config.get("one_tile"):
                 pair = len(paired) // 2
                 paired += [dict(config, one_tile=True, pair=pair), dict(config, baseline=True, pair=pair)]
             continue

@@ -23,7 +23,8 @@
 # times a 4-layer training step with dropout between layers (gpu_smoke.py --dropout-timing); PROJECTION=1
 # times an LSTM with projections against cuDNN's and our per-step path, and projected stacks in one launch
 # against layer by layer (gpu_smoke.py --projection-timing);
-# STACK_VARIANTS=1 times the stack's one-tile schedule against its planned schedule (tune.py --layers 4);
+# STACK_VARIANTS=1 times the stack's one-tile schedule against its planned schedule, and its backward chain
+# in one K loop (tune.py --layers 4);
 # BIDIR_VARIANTS=1 times bidirectional layers with the gate dot (tune.py --bidirectional); BWD_VARIANTS=1 the
 # backward chain with its operands prefetched (tune.py --mode bwd --variants prefetch); TESTS=0 leaves out
 # the GPU tests (a second call of a session that ran them in its first), SMOKE=0 the smoke stages (the
@@ -152,6 +153,11 @@ if [ "${STACK_VARIANTS:-0}" = "1" ]; then
   stage "variants: stack one tile" "${VARIANTS_LIMIT:-150}" variants_stack_one_tile.log "$PY" benchmarks/tune.py \
     --shape 512 64 512 512 --layers 4 --mode fwd --variants gate_dot streamed_one_tile --max-T 128 \
     --budget-s "${VARIANTS_BUDGET:-20}" --csv "$LOGS/variants_stack_one_tile.csv"
+  # Its backward chain with a layer's two products in one K loop (backward_plans.STACK_ONE_LOOP), with and
+  # without the prefetch, on the planner's tiles only (a 1-s budget leaves the tile sweep out).
+  stage "variants: stack chain in one loop" "${VARIANTS_LIMIT:-150}" bwd_variants_stack_one_loop.log "$PY" \
+    benchmarks/tune.py --shape 512 64 512 512 --layers 4 --mode bwd --variants prefetch one_loop --max-T 128 \
+    --budget-s 1 --csv "$LOGS/bwd_variants_stack_one_loop.csv"
 fi
 
 if [ "${BWD_VARIANTS:-0}" = "1" ]; then

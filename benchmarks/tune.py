@@ -311,6 +311,17 @@ def _prefetching(on: bool):
         backward_plans.PREFETCH = previous
 
 
+@contextlib.contextmanager
+def _stack_chain_in_one_loop(on: bool):
+    """A stack's backward chain with each layer's two products in one K loop (``backward_plans.STACK_ONE_LOOP``),
+    or not."""
+    previous, backward_plans.STACK_ONE_LOOP = backward_plans.STACK_ONE_LOOP, on
+    try:
+        yield
+    finally:
+        backward_plans.STACK_ONE_LOOP = previous
+
+
 def _print_prefetch_ratios(timed: dict) -> None:
     """For each tile timed both ways (``timed``: (label, prefetch) -> µs per step), prefetch / plain."""
     for (label, prefetch), us in timed.items():
@@ -509,6 +520,13 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=()):
             prefetch_us, status = _timed_if_right(run, expected, 3e-2, T)
         print(f"  planner with prefetch: {prefetch_us:.2f} us/step ({status}); prefetch / plain: "
               f"{prefetch_us / planned_us:.3f}", flush=True)
+    if "one_loop" in variants:
+        for prefetch in (False, True) if "prefetch" in variants else (False,):
+            with _stack_chain_in_one_loop(True), _prefetching(prefetch):
+                one_loop_us, status = _timed_if_right(run, expected, 3e-2, T)
+            what = "one loop" + (" + prefetch" if prefetch else "")
+            print(f"  planner with {what}: {one_loop_us:.2f} us/step ({status}); {what} / plain: "
+                  f"{one_loop_us / planned_us:.3f}", flush=True)
     budget = num_sms // L
     start, timed = time.monotonic(), {}
     for bb in (16, 32, 64):
@@ -543,10 +561,11 @@ def main(argv=None) -> int:
                         help="gru: the GRU's forward plans against nn.GRU (one layer, forward only)")
     parser.add_argument("--bidirectional", action="store_true",
                         help="both directions of one layer in one launch (forward only)")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS) + ["prefetch"], default=[],
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS) + ["prefetch", "one_loop"], default=[],
                         help="time each forward candidate plain and with these kernel variants (ForwardPlan fields), "
                              "every combination, and print variant / plain; prefetch: each backward tile with the "
-                             "chain's saved operands loaded a step ahead (backward_plans.PREFETCH)")
+                             "chain's saved operands loaded a step ahead (backward_plans.PREFETCH); one_loop: a stack's "
+                             "chain with each layer's two products in one K loop (backward_plans.STACK_ONE_LOOP)")
     parser.add_argument("--max-T", type=int, default=256, help="cap T (the per-step figure hardly depends on it)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)

@@ -321,6 +321,76 @@ def test_chain_with_its_operands_prefetched_matches_nn(name, schedule, monkeypat
     assert launched and all(launched), launched
 
 
+STACK_ONE_LOOP_CASES = {
+    # name: (case, cell, with the prefetch too)
+    "LSTM-L3-packed": (Case(T=6, B=4, I=5, H=7, num_layers=3, packed=True), "LSTM", False),
+    "LSTM-L4-state-H17-prefetch": (Case(T=5, B=3, I=4, H=17, num_layers=4, with_state=True), "LSTM", True),
+    "LSTM-L2-proj-packed": (Case(T=5, B=3, I=4, H=9, num_layers=2, proj_size=4, packed=True, with_state=True), "LSTM",
+                            False),
+    "LSTM-L2-peephole-packed": (None, "LSTM", False),
+    "GRU-L3-packed": (Case(T=6, B=4, I=5, H=9, num_layers=3, packed=True), "GRU", False),
+    "GRU-L2-state-prefetch": (Case(T=5, B=3, I=4, H=6, num_layers=2, with_state=True), "GRU", True),
+}
+
+
+@pytest.mark.parametrize("name", STACK_ONE_LOOP_CASES, ids=str)
+def test_stack_chain_in_one_loop_matches_nn(name, monkeypatch):
+    """``backward_plans.STACK_ONE_LOOP``: a stack's chain forms each layer's two products in one K loop after
+    its wait for the layer above (the carried gradient added where step t+1 did not run) — LSTM and GRU
+    stacks, packed, given states, projections, peepholes, with the prefetch — against nn (or the peephole
+    equations) in float64 with every gradient; the stacked backward launch ran with it."""
+    from test_modules import check_against_nn
+
+    from triton_lstm.kernels import backward_plans, lstm_bwd_whole_module
+
+    case, cell, prefetch = STACK_ONE_LOOP_CASES[name]
+    monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)
+    monkeypatch.setattr(backward_plans, "PREFETCH", prefetch)
+    kernel, launched = lstm_bwd_module._lstm_bwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                launched.append((options["LAYERS"], options["ONE_LOOP"], options["PREFETCH"]))
+                return kernel[grid](*args, **options)
+            return launch
+
+    monkeypatch.setattr(lstm_bwd_whole_module, "_lstm_bwd_kernel", Spy())
+    if case is None:  # against the peephole equations (nn has none)
+        from test_peephole import _check_against_oracle
+
+        _check_against_oracle(Case(T=5, B=3, I=4, H=7, num_layers=2, packed=True), STACK_DTYPE)
+        layers = 2
+    else:
+        check_against_nn(case, STACK_DTYPE, cell=cell)
+        layers = case.num_layers
+    assert launched == [(layers, True, prefetch)], launched
+
+
+def test_stack_chain_with_dropout_keeps_two_loops(monkeypatch):
+    """With dropout between layers the product from above is masked alone: the chain keeps two loops even
+    with ``STACK_ONE_LOOP`` on."""
+    from triton_lstm.kernels import backward_plans, lstm_bwd_whole_module
+
+    monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)
+    kernel, launched = lstm_bwd_module._lstm_bwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                launched.append((options["DROPOUT"], options["ONE_LOOP"]))
+                return kernel[grid](*args, **options)
+            return launch
+
+    monkeypatch.setattr(lstm_bwd_whole_module, "_lstm_bwd_kernel", Spy())
+    import triton_lstm
+
+    model = triton_lstm.LSTM(4, 6, num_layers=2, dropout=0.5, device=KERNEL_DEVICE, dtype=STACK_DTYPE).train()
+    x = torch.randn(5, 3, 4, device=KERNEL_DEVICE, dtype=STACK_DTYPE, requires_grad=True)
+    model(x)[0].sum().backward()
+    assert launched == [(True, False)], launched
+
+
 def test_recompute_with_projection_matches_saving_everything():
     """With a projection the backward is the reference one, run per recomputed segment."""
     inputs, lengths, grads = _case(5, 2, 3, 5, torch.float32, KERNEL_DEVICE, ragged=True, seed=11)

@@ -234,8 +234,8 @@ def test_streamed_one_tile_only_where_each_program_owns_one_tile(monkeypatch):
 # --- streamed_one_tile on a stack --------------------------------------------------------------------
 
 STACK_ONE_TILE_CASES = {
-    # name: (case, cell, gate dot). An LSTM with the gate dot runs both products in one K loop; with four
-    # dots, and a GRU, two loops; every one keeps h and c in registers.
+    # name: (case, cell, gate dot). With the gate dot both products run in one K loop (a GRU's n gate
+    # apart in the spare fourth gate column), with four dots in two; every one keeps h and c in registers.
     "LSTM-L3-state-gate-dot": (STACKS["L3-state"], "LSTM", True),
     "LSTM-L4-packed-gate-dot": (STACKS["L4-packed"], "LSTM", True),
     "LSTM-L2-no-bias-batch-first-four-dots": (STACKS["L2-no-bias-batch-first"], "LSTM", False),
@@ -244,6 +244,7 @@ STACK_ONE_TILE_CASES = {
                                                 with_state=True), "LSTM", True),
     "GRU-L3-state-gate-dot": (STACKS["L3-state"], "GRU", True),
     "GRU-L4-packed-four-dots": (STACKS["L4-packed"], "GRU", False),
+    "GRU-L4-packed-gate-dot": (STACKS["L4-packed"], "GRU", True),
 }
 
 
@@ -288,6 +289,26 @@ def test_stack_one_tile_schedule_only_where_each_program_owns_one_tile(monkeypat
     seen = _spy_launches(monkeypatch, "ONE_TILE")
     check_against_nn(case, STACK_DTYPE)
     assert seen == [{"ONE_TILE": False}]
+
+
+def test_stack_one_tile_switch_plans_it_where_each_program_owns_one_tile(monkeypatch):
+    """``forward_plans.STACK_ONE_TILE`` (off until a GPU times the schedule): on, the stack planner asks for
+    the one-tile schedule exactly where its gate-dot plan's programs own one tile each."""
+    monkeypatch.setattr(forward_plans, "STACK_ONE_TILE", True)
+    forward_plans.plan_stack_fwd.cache_clear()
+    try:
+        asked = 0
+        for H in (17, 256, 512, 1024, 2048):
+            for B in (1, 8, 64, 100, 256):
+                plan = forward_plans.plan_stack_fwd(128, B, H, 4, 2, 132, 232448)
+                assert plan.streamed_one_tile == (plan.persistent and plan.gate_dot and one_tile_each(plan, B, H)), plan
+                asked += plan.streamed_one_tile
+        assert forward_plans.plan_stack_fwd(128, 64, 512, 4, 2, 132, 232448).streamed_one_tile  # the anchor
+        assert 0 < asked < 25
+    finally:
+        monkeypatch.undo()
+        forward_plans.plan_stack_fwd.cache_clear()
+    assert not forward_plans.plan_stack_fwd(128, 64, 512, 4, 2, 132, 232448).streamed_one_tile
 
 
 def test_one_tile_schedule_rule():
@@ -409,7 +430,7 @@ FUSED_INPUT_CASES = {
     "GRU-L2-resident-ahead-no-bias": ("GRU", 2, 5, 3, 20, 20, torch.float32, dict(resident=True, input_ahead=True),
                                       False, False, False, True),
     # The one-tile schedule of a stack (streamed_one_tile): one K loop over x's and h's chunks where x is
-    # narrower or wider than H (their widths differ per chunk), and a GRU's two loops.
+    # narrower or wider than H (their widths differ per chunk), a GRU's too.
     "LSTM-L1-one-tile-gate-dot-lengths-wide-x": ("LSTM", 1, 6, 5, 30, 9, torch.float32,
                                                  dict(streamed_one_tile=True, gate_dot=True), True, True, False, True),
     "LSTM-L1-one-tile-gate-dot-fp16-narrow-x": ("LSTM", 1, 5, 3, 7, 17, torch.float16,
@@ -419,6 +440,8 @@ FUSED_INPUT_CASES = {
                                                      False),
     "GRU-L2-one-tile-gate-dot-lengths": ("GRU", 2, 5, 4, 12, 12, torch.float32,
                                          dict(streamed_one_tile=True, gate_dot=True), True, True, False, True),
+    "GRU-L1-one-tile-gate-dot-wide-x-no-bias": ("GRU", 1, 5, 3, 30, 9, torch.float32,
+                                                dict(streamed_one_tile=True, gate_dot=True), False, False, False, True),
 }
 
 

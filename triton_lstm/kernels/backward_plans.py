@@ -16,6 +16,12 @@ SCHEDULES = ("auto", "persistent", "per_step")
 # (0.5-1 µs per step in run 2). Built without a GPU: off until one times it (``tune.py --mode bwd
 # --variants prefetch``; benchmarks/NOTES.md, "The backward chain's prefetch").
 PREFETCH = False
+# A stack's chain forms a layer's two products (dG_{t+1}·W_hh and the layer above's dG^{l+1}_t·W_ih^{l+1}) in
+# one K loop, one software pipeline, after its wait for the layer above (the kernels' ONE_LOOP; not with
+# dropout between layers, whose mask applies to the second product alone). Built without a GPU: off until
+# one times it (``tune.py --layers 4 --mode bwd --variants one_loop``; benchmarks/NOTES.md, "The stack's
+# one-tile schedule").
+STACK_ONE_LOOP = False
 
 
 def tile_count(B: int, H: int, block_b: int, block_h: int) -> int:

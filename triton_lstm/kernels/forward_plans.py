@@ -32,6 +32,11 @@ RESIDENT_GATE_DOT_MAX_K = 1024
 # ... from this Triton on: 3.4, the declared floor, spills that slice (456-504 bytes at K = 1024, sm_90).
 RESIDENT_GATE_DOT_SINCE_TRITON = (3, 6)
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+# A stack whose programs own one tile each runs the stack's one-tile schedule (h and c in registers, a
+# layer's two products in one K loop; kernels/stack_layer.py). Built without a GPU: off until one times it
+# (``tune.py --layers 4 --variants gate_dot streamed_one_tile``; benchmarks/NOTES.md, "The stack's one-tile
+# schedule"). plan_stack_fwd is cached: clear its cache after changing this.
+STACK_ONE_TILE = False
 # Shared memory kept free of the resident estimate (the estimate leaves out small scratch buffers).
 RESIDENT_HEADROOM = 8 * 1024
 # Shared memory assumed under the interpreter, so that plans there are deterministic.
@@ -75,7 +80,7 @@ class ForwardPlan:
     # A streamed plan whose programs own one tile each runs the one-tile schedule that resident plans
     # always do (h and c in registers, the next input loaded before the barrier wait). Planned where run 13
     # timed it faster (``with_measured_variants``). On a stack (kernels/stack_layer.py): h and c in
-    # registers, and an LSTM's two products with the gate dot in one K loop; not planned there (not timed).
+    # registers, and with the gate dot a layer's two products in one K loop; not planned there (not timed).
     streamed_one_tile: bool = False
     # Layer 0 forms its input product x_t·W_ihᵀ + b in the kernel, as a stack's layers above do, instead
     # of reading it from the projection GEMM run before the launch (kernels/lstm_fwd_fused_input.py; in a
@@ -441,8 +446,11 @@ def plan_stack_fwd(
     # 16-row tiles on 4 warps: a GRU's spilled 48 bytes with it (Triton 3.9, H = 100, 2 layers).
     if dropout and block_b == 16:
         return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, warps)
-    return ForwardPlan(True, reason + ", one dot for the four gates", False, block_b, block_h, min(block_k, k_pad),
+    plan = ForwardPlan(True, reason + ", one dot for the four gates", False, block_b, block_h, min(block_k, k_pad),
                        grid_h, grid_b, warps, gate_dot=True)
+    if STACK_ONE_TILE and one_tile_each(plan, B, H):
+        plan = dataclasses.replace(plan, streamed_one_tile=True, reason=plan.reason + ", one tile per program")
+    return plan
 
 
 @_cached_plan

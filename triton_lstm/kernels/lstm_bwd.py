@@ -100,6 +100,7 @@ def _lstm_bwd_kernel(
     CELL: tl.constexpr = "lstm",  # "gru": w_hh (3H, H) (and w_ih_above), gates (r, z, n, W_hn·h + b_hn), c its fp32 h
     DROPOUT: tl.constexpr = False,  # LAYERS > 1: the forward dropped h between layers (training)
     PREFETCH: tl.constexpr = False,  # load each step's saved operands during the step before (backward_plans.PREFETCH)
+    ONE_LOOP: tl.constexpr = False,  # LAYERS > 1, no DROPOUT: a layer's two products in one K loop (backward_plans.STACK_ONE_LOOP)
 ):
     if DIRECTIONS > 1:
         # Each direction's chain on its own buffers (stacked per direction, step-indexed) with its own
@@ -112,7 +113,7 @@ def _lstm_bwd_kernel(
                counter_ptr + direction, counter_ptr + 2, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start,
                n_steps, seg_start, H, HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT,
                False, direction, 2, w_ch_ptr + d * 3 * H, PEEPHOLE, CELL, dropout_mask_ptr, dropout_scale, False,
-               PREFETCH)
+               PREFETCH, False)
     elif LAYERS > 1:
         # The top layer leads: layer l's gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, from the layer above's
         # step for the same t. Under the interpreter one program runs the layers top to bottom.
@@ -126,12 +127,13 @@ def _lstm_bwd_kernel(
                    grad_gates_ptr + (lay + 1) * T * B * 4 * H, w_ih_above_ptr + lay * GATES * H * H,
                    counter_ptr + layer + 1, layer < LAYERS - 1, T, B, t_start, n_steps, seg_start, H, HAS_LENGTHS,
                    USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, True, 0, 1, w_ch_ptr + lay * 3 * H,
-                   PEEPHOLE, CELL, dropout_mask_ptr + lay * T * B * H, dropout_scale, DROPOUT, PREFETCH)
+                   PEEPHOLE, CELL, dropout_mask_ptr + lay * T * B * H, dropout_scale, DROPOUT, PREFETCH,
+                   ONE_LOOP and not DROPOUT)
     else:
         _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr, dh_ptr, dc_ptr, counter_ptr,
                counter_ptr + 1, grad_gates_ptr, w_hh_ptr, counter_ptr, False, T, B, t_start, n_steps, seg_start, H,
                HAS_LENGTHS, USE_BARRIER, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, SPIN_LIMIT, False, 0, 1, w_ch_ptr,
-               PEEPHOLE, CELL, dropout_mask_ptr, dropout_scale, False, PREFETCH)
+               PEEPHOLE, CELL, dropout_mask_ptr, dropout_scale, False, PREFETCH, False)
 
 
 @triton.jit
@@ -151,6 +153,37 @@ def _gate_product(acc, dg_ptrs, mask_b, w_ptr, offs_h, mask_h, H: tl.constexpr, 
             dg_cols = tl.where(offs_k < 2 * H, offs_k, offs_k + H)
         dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (mask_k & (offs_k < columns))[None, :],
                          other=0.0, cache_modifier=".cg")
+        w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
+                        other=0.0)
+        acc = tl.dot(dg_blk, w_blk, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _stacked_gate_products(recurrent_dg_ptr, w_hh_ptr, recurrent_columns, above_dg_ptr, w_ih_above_ptr, from_above,
+                           gate_row_offs, mask_b, offs_h, mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           BLOCK_K: tl.constexpr, CELL: tl.constexpr):
+    """A stack layer's dG_{t+1}·W_hh and, where ``from_above``, dG^{l+1}_t·W_ih^{l+1}, on this tile's units, in
+    one loop over both products' chunks of the gate columns (each ``_gate_product``'s, at a base pointer
+    selected by the chunk index): one software pipeline, the second product's first chunks in flight while
+    the first one's last ones multiply, where two loops drain between them. ``recurrent_dg_ptr`` and
+    ``above_dg_ptr``: the two dG rows' step (their rows at ``gate_row_offs``); ``recurrent_columns``: as
+    ``_gate_product``'s ``columns`` (0 past the last step)."""
+    GATE_ROWS: tl.constexpr = 4 * H if CELL == "lstm" else 3 * H
+    CHUNKS: tl.constexpr = (GATE_ROWS + BLOCK_K - 1) // BLOCK_K
+    acc = tl.zeros((gate_row_offs.shape[0], offs_h.shape[0]), dtype=tl.float32)
+    for j in range(0, tl.where(from_above, 2 * CHUNKS, CHUNKS)):
+        is_recurrent = j < CHUNKS
+        offs_k = tl.where(is_recurrent, j, j - CHUNKS) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < GATE_ROWS
+        dg_cols = offs_k
+        if CELL == "gru":  # W_hh's row k meets dG column k, past 2H column k + H; W_ih's row k column k
+            dg_cols = tl.where(is_recurrent & (offs_k >= 2 * H), offs_k + H, offs_k)
+        columns = tl.where(is_recurrent, recurrent_columns, GATE_ROWS)
+        dg_ptrs = tl.where(is_recurrent, recurrent_dg_ptr, above_dg_ptr) + gate_row_offs
+        dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (mask_k & (offs_k < columns))[None, :],
+                         other=0.0, cache_modifier=".cg")
+        w_ptr = tl.where(is_recurrent, w_hh_ptr, w_ih_above_ptr)
         w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
                         other=0.0)
         acc = tl.dot(dg_blk, w_blk, acc, input_precision=DOT_PRECISION)
@@ -181,7 +214,8 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
            H: tl.constexpr, HAS_LENGTHS: tl.constexpr, USE_BARRIER: tl.constexpr, DOT_PRECISION: tl.constexpr,
            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPIN_LIMIT: tl.constexpr,
            STACKED: tl.constexpr, direction, DIRECTIONS: tl.constexpr, w_ch_ptr, PEEPHOLE: tl.constexpr,
-           CELL: tl.constexpr, dropout_mask_ptr, dropout_scale, DROPOUT: tl.constexpr, PREFETCH: tl.constexpr):
+           CELL: tl.constexpr, dropout_mask_ptr, dropout_scale, DROPOUT: tl.constexpr, PREFETCH: tl.constexpr,
+           ONE_LOOP: tl.constexpr):
     """The reverse-time chain of one layer on this program's tile. With STACKED and ``from_above`` (a
     layer under the top of a stack) the gradient of h_t is dG^{l+1}_t·W_ih^{l+1}, formed here once the
     layer above has passed its barrier of the same step, instead of read from ``grad_out``. With
@@ -193,7 +227,10 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     under the top, whose h_t the layer above read masked and scaled) the product from above is masked and
     scaled the same way (``dropout_mask_ptr``: this layer's (T, B, H) masks). With PREFETCH a step's saved
     gates and state and its output gradient (what does not depend on dG_{t+1}) are loaded during the step
-    before, ahead of its barrier wait, instead of after the recurrent product (``backward_plans.PREFETCH``)."""
+    before, ahead of its barrier wait, instead of after the recurrent product (``backward_plans.PREFETCH``).
+    With ONE_LOOP (STACKED, not DROPOUT) a layer under the top waits for the layer above first and forms
+    both products in one K loop (``_stacked_gate_products``); the recurrent one then reads zeros where step
+    t+1 did not run (its dG rows there are stored as zeros), and the carried gradient is added there."""
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
     offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -235,21 +272,37 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
         # Gradient reaching h_t through step t+1's gates: dG_{t+1}·W_hh on this tile's units. Rows past B,
         # gate columns past 4H and the step past the end (t = T-1) load as zeros.
         later_ok = later < T
-        recurrent = _gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
-                                  grad_gates_ptr + later * B * 4 * H + gate_row_offs, mask_b, w_hh_ptr, offs_h, mask_h,
-                                  H, DOT_PRECISION, BLOCK_K, tl.where(later_ok, 4 * H, 0),
-                                  "gru_hidden" if CELL == "gru" else "lstm")
+        if ONE_LOOP:
+            # (Where step t+1 did not run its dG rows are zeros: the carried gradient is added below.)
+            if from_above:
+                # dG^{l+1}_t is complete once the layer above has passed its barrier of this same step.
+                if not failed:
+                    failed = wait_for(above_counter_ptr, (s + 1) * tl.num_programs(0), failed_ptr, SPIN_LIMIT)
+            dh = _stacked_gate_products(grad_gates_ptr + later * B * 4 * H, w_hh_ptr, tl.where(later_ok, 4 * H, 0),
+                                        above_grad_gates_ptr + step * B * 4 * H, w_ih_above_ptr, from_above,
+                                        gate_row_offs, mask_b, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, CELL)
+        else:
+            recurrent = _gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
+                                      grad_gates_ptr + later * B * 4 * H + gate_row_offs, mask_b, w_hh_ptr, offs_h,
+                                      mask_h, H, DOT_PRECISION, BLOCK_K, tl.where(later_ok, 4 * H, 0),
+                                      "gru_hidden" if CELL == "gru" else "lstm")
         # Where step t+1 did not run (past a sequence's end, or t = T-1) h_t was carried into h_{t+1}
         # unchanged: its gradient passes straight through.
         if HAS_LENGTHS:
             later_ran = later < lengths
         else:
             later_ran = later_ok
-        dh = tl.where(later_ran, recurrent, dh_carry)
+        if ONE_LOOP:
+            dh += tl.where(later_ran, 0.0, dh_carry)
+        else:
+            dh = tl.where(later_ran, recurrent, dh_carry)
         if not PREFETCH:
             out_grad = _output_grad(grad_out_ptr, step, T, B, rows, offs_h, state_offs, lengths, out_mask, H,
                                     HAS_LENGTHS, DIRECTIONS, direction)
-        if STACKED:
+        if ONE_LOOP:
+            if not from_above:
+                dh += out_grad.to(tl.float32)
+        elif STACKED:
             if from_above:
                 # dG^{l+1}_t is complete once the layer above has passed its barrier of this same step.
                 if not failed:

@@ -112,6 +112,7 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
             HAS_LENGTHS=lengths is not None, USE_BARRIER=True, DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b,
             BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT, LAYERS=layers, DIRECTIONS=directions,
             PEEPHOLE=w_ch is not None, CELL=cell, DROPOUT=dropout is not None, PREFETCH=backward_plans.PREFETCH,
+            ONE_LOOP=layers > 1 and dropout is None and backward_plans.STACK_ONE_LOOP,
             launch_cooperative_grid=True, **options,
         )
         return True

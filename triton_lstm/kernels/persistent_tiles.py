@@ -45,12 +45,14 @@ def layer_product(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_ptr, res_i, res_f, r
 @triton.jit
 def stack_products_streamed(acc_i, acc_f, acc_g, acc_o, forms_input, x_ptr, w_ih_ptr, h_prev_ptr, w_hh_ptr, rows, mask_b,
                             offs_h, H: tl.constexpr, IN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GATE_BIT: tl.constexpr):
-    """An LSTM stack layer's x·W_ihᵀ (where ``forms_input``; x (B, IN_K) at ``x_ptr``: the layer below's
-    h_t) and h_{t-1}·W_hhᵀ added onto the accumulators, as one gate-interleaved dot per K chunk in one
-    loop over both products' chunks, W streamed. One loop is one software pipeline: W_hh's first chunks
-    are in flight while W_ih's last ones multiply, where two loops drain between them (a round trip to L2
-    per step on the critical path)."""
+                            BLOCK_K: tl.constexpr, GATES: tl.constexpr, GATE_BIT: tl.constexpr):
+    """A stack layer's x·W_ihᵀ (where ``forms_input``; x (B, IN_K) at ``x_ptr``: the layer below's h_t) and
+    h_{t-1}·W_hhᵀ added onto the accumulators, as one gate-interleaved dot per K chunk in one loop over both
+    products' chunks, W streamed. One loop is one software pipeline: W_hh's first chunks are in flight while
+    W_ih's last ones multiply, where two loops drain between them (a round trip to L2 per step on the
+    critical path). A GRU (``GATES`` = 3) keeps its n gate's two products apart in the interleaved columns'
+    spare fourth gate: returns (r, z, h_n, x_n) with h_n = h·W_hnᵀ alone in the third accumulator (the reset
+    gate multiplies it alone) and the input side, ``acc_g`` + x·W_inᵀ, in the fourth."""
     BLOCK_B: tl.constexpr = rows.shape[0]
     BLOCK_H: tl.constexpr = offs_h.shape[0]
     IN_CHUNKS: tl.constexpr = (IN_K + BLOCK_K - 1) // BLOCK_K
@@ -58,6 +60,11 @@ def stack_products_streamed(acc_i, acc_f, acc_g, acc_o, forms_input, x_ptr, w_ih
     gate, unit = interleaved_gate_rows(tl.min(offs_h, axis=0), BLOCK_H, GATE_BIT)
     w_rows = (gate * H + unit).to(tl.int64)[None, :]
     mask_n = unit < H
+    if GATES == 3:
+        # W_ih's rows (r, z, n) in the columns of gates 0, 1 and 3; W_hh's in 0, 1 and 2.
+        in_rows = (tl.where(gate == 3, 2, gate) * H + unit).to(tl.int64)[None, :]
+        in_mask = (unit < H) & (gate != 2)
+        hh_mask = (unit < H) & (gate < 3)
     acc = tl.zeros((BLOCK_B, 4 * BLOCK_H), dtype=tl.float32)
     first = tl.where(forms_input, 0, IN_CHUNKS)  # a layer that reads its input projection: W_hh's chunks only
     for j in range(first, IN_CHUNKS + CHUNKS):
@@ -73,9 +80,16 @@ def stack_products_streamed(acc_i, acc_f, acc_g, acc_o, forms_input, x_ptr, w_ih
         mask_k = offs_k < width
         a_blk = tl.load(a_ptr + rows[:, None] * width + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
                         other=0.0, cache_modifier=".cg")
-        w_blk = tl.load(w_ptr + w_rows * width + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        chunk_rows, chunk_mask = w_rows, mask_n
+        if GATES == 3:
+            chunk_rows = tl.where(is_input, in_rows, w_rows)
+            chunk_mask = tl.where(is_input, in_mask, hh_mask)
+        w_blk = tl.load(w_ptr + chunk_rows * width + offs_k[:, None], mask=mask_k[:, None] & chunk_mask[None, :],
+                        other=0.0)
         acc = tl.dot(a_blk, w_blk, acc, input_precision=DOT_PRECISION)
     p_i, p_f, p_g, p_o = split_interleaved_gates(acc, BLOCK_B, BLOCK_H, GATE_BIT)
+    if GATES == 3:
+        return acc_i + p_i, acc_f + p_f, p_g, acc_g + p_o
     return acc_i + p_i, acc_f + p_f, acc_g + p_g, acc_o + p_o
 
 

@@ -60,10 +60,10 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
     ``ONE_TILE`` (streamed W, each program owns one tile; not with INPUT_AHEAD): the one-tile schedule of a
     single layer, for a stack's layer. h_{t-1} and c_{t-1} stay in registers across steps (the other
     schedules reload them after the products: one more round trip to L2 per step), and with the gate dot
-    an LSTM's two products run as one K loop over [h^{l-1}_t, h_{t-1}] and [W_ih, W_hh]
+    the two products run as one K loop over [h^{l-1}_t, h_{t-1}] and [W_ih, W_hh]
     (``stack_products_streamed``): one pipelined loop, so W_hh's first chunks load while W_ih's last ones
-    multiply, where two loops drain between them. A GRU keeps two loops (its n gate's input and recurrent
-    products stay apart).
+    multiply, where two loops drain between them. A GRU's n gate keeps its two products apart there in
+    the interleaved columns' spare fourth gate.
 
     ``HAS_INITIAL``: a layer l > 0 adds its row of ``initial_ptr`` ((L - 1, B, 4H) fp32) to its gate inputs
     at step 0 — a stack with projections runs in m_t with m_{-1} = 0 and h0·W_hhᵀ enters there
@@ -247,13 +247,13 @@ def _stack_one_tile_step(t, layer, failed, counter_ptr, failed_ptr, grid_b, form
                          CELL: tl.constexpr, DROPOUT: tl.constexpr, ADD_INITIAL: tl.constexpr):
     """Step ``t`` of a stack layer on the one tile this program owns (``ONE_TILE``), its state ``h_own``,
     ``c_own`` (fp32, h_{t-1} and c_{t-1}) in registers: wait for the layer below's h_t, the products (one K
-    loop for an LSTM with the gate dot), the cell update, then this layer's barrier. Returns
+    loop with the gate dot), the cell update, then this layer's barrier. Returns
     ``(failed, h_t, c_t)``."""
     step = tl.full((), t, tl.int64)
     if layer > 0:
         if not failed:
             failed = wait_for(counter_ptr - grid_b, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
-    ONE_LOOP: tl.constexpr = CELL == "lstm" and GATE_BIT > 0
+    ONE_LOOP: tl.constexpr = GATE_BIT > 0
     acc_i, acc_f, acc_g, acc_o = _stack_input_product(
         forms_input, step, projected_ptr, h_below, w_ih_layer, 0, 0, 0, 0, bias_layer, B, rows, mask_b, 0, offs_h,
         mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, False, GATES, GATE_BIT, initial_layer, ADD_INITIAL,
@@ -326,11 +326,11 @@ def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer,
     the recurrent product h_{t-1}·W_hhᵀ, the cell update and the h_t store (with ``DROPOUT``, where the
     layer ``drops`` — all but the top — also its masked and scaled copy for the layer above). Returns
     (h_t, c_t) in fp32. ``OWN_STATE``: h_{t-1} and c_{t-1} are ``h_own`` and ``c_own``, else loaded.
-    ``ONE_LOOP`` (streamed, gate dot, LSTM): the input product too, in the same K loop where
-    ``forms_input`` (``persistent_tiles.stack_products_streamed``)."""
+    ``ONE_LOOP`` (streamed, gate dot): the input product too, in the same K loop where ``forms_input``
+    (``persistent_tiles.stack_products_streamed``; a GRU's x_n comes back in ``acc_o``)."""
     mask_bh = mask_b[:, None] & mask_h[None, :]
     zero = tl.zeros((rows.shape[0], offs_h.shape[0]), dtype=tl.float32)  # the gate inputs are in the accumulators
-    if CELL == "gru":
+    if CELL == "gru" and not ONE_LOOP:
         # The n gate's recurrent product accumulates apart from x_n (the reset gate multiplies it alone):
         # the product adds into the third accumulator, so x_n moves out of it first.
         acc_g, x_n = zero, acc_g
@@ -339,8 +339,10 @@ def _stack_step(acc_i, acc_f, acc_g, acc_o, step, h_layer, c_layer, gates_layer,
     if ONE_LOOP:
         acc_i, acc_f, acc_g, acc_o = stack_products_streamed(
             acc_i, acc_f, acc_g, acc_o, forms_input, h_below + (step + 1) * B * IN_K, w_ih_layer, h_layer + step * B * H,
-            w_hh_layer, rows, mask_b, offs_h, H, IN_K, DOT_PRECISION, BLOCK_K, GATE_BIT
+            w_hh_layer, rows, mask_b, offs_h, H, IN_K, DOT_PRECISION, BLOCK_K, GATES, GATE_BIT
         )
+        if CELL == "gru":
+            x_n = acc_o  # (the product kept the n gate's input side in the fourth accumulator)
     else:
         acc_i, acc_f, acc_g, acc_o = layer_product(
             acc_i, acc_f, acc_g, acc_o, h_layer + step * B * H, w_hh_layer, hh_i, hh_f, hh_g, hh_o,
