@@ -46,8 +46,9 @@ would deadlock the first one's barrier). A compile that runs out of resources or
 launch falls back to per-step launches. ``TRITON_LSTM_PERSISTENT_BWD=0`` forces per-step launches (for
 A/B timing).
 
-A projection (``proj_size > 0``, W_hr) is not fused: ``lstm_bwd`` hands it to the reference backward.
-Its chain would need dm = dh·W_hr over all P columns inside each step, a second all-to-all dependency.
+A projection (``proj_size > 0``, W_hr) runs the same chain on the merged weight W_hh·W_hr
+(``lstm_projection.lstmp_bwd``, which ``lstm_bwd`` hands it to). The chain's products (a row block of dG
+times a weight's columns) are in ``chain_products.py``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from triton.runtime.errors import OutOfResources
 from triton_lstm.kernels import backward_plans, common
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd, tile_count
 from triton_lstm.kernels.cells import gru_step_grads, load_step_operands, lstm_step_grads
+from triton_lstm.kernels.chain_products import gate_product, stacked_gate_products
 from triton_lstm.kernels.common import barrier_watch, dot_precision, grid_barrier, refused_cooperative_launch, wait_for
 from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
 from triton_lstm.reference import accumulate_dtype, lstm_recurrence_backward_reference
@@ -137,60 +139,6 @@ def _lstm_bwd_kernel(
 
 
 @triton.jit
-def _gate_product(acc, dg_ptrs, mask_b, w_ptr, offs_h, mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_K: tl.constexpr, columns, SIDE: tl.constexpr):
-    """acc + dG·W on this tile's units: a row block of dG (``dg_ptrs``: its rows, at column 0) times the
-    tile's columns of a (4H, H) weight, over the 4H gate columns in BLOCK_K chunks; W rows at or past
-    ``columns`` count as zeros. dG was written by other programs: .cg loads skip L1. ``SIDE``: "lstm", or
-    a GRU's (3H, H) weight (r, z, n) against its dG row (dR, dZ, dN, dN ⊙ r): "gru_hidden" (W_hh: row k meets
-    dG column k, past 2H column k + H) or "gru_input" (W_ih: the first 3H columns)."""
-    GATE_ROWS: tl.constexpr = 4 * H if SIDE == "lstm" else 3 * H
-    for k0 in range(0, GATE_ROWS, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < GATE_ROWS
-        dg_cols = offs_k
-        if SIDE == "gru_hidden":
-            dg_cols = tl.where(offs_k < 2 * H, offs_k, offs_k + H)
-        dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (mask_k & (offs_k < columns))[None, :],
-                         other=0.0, cache_modifier=".cg")
-        w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
-                        other=0.0)
-        acc = tl.dot(dg_blk, w_blk, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _stacked_gate_products(recurrent_dg_ptr, w_hh_ptr, recurrent_columns, above_dg_ptr, w_ih_above_ptr, from_above,
-                           gate_row_offs, mask_b, offs_h, mask_h, H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           BLOCK_K: tl.constexpr, CELL: tl.constexpr):
-    """A stack layer's dG_{t+1}·W_hh and, where ``from_above``, dG^{l+1}_t·W_ih^{l+1}, on this tile's units, in
-    one loop over both products' chunks of the gate columns (each ``_gate_product``'s, at a base pointer
-    selected by the chunk index): one software pipeline, the second product's first chunks in flight while
-    the first one's last ones multiply, where two loops drain between them. ``recurrent_dg_ptr`` and
-    ``above_dg_ptr``: the two dG rows' step (their rows at ``gate_row_offs``); ``recurrent_columns``: as
-    ``_gate_product``'s ``columns`` (0 past the last step)."""
-    GATE_ROWS: tl.constexpr = 4 * H if CELL == "lstm" else 3 * H
-    CHUNKS: tl.constexpr = (GATE_ROWS + BLOCK_K - 1) // BLOCK_K
-    acc = tl.zeros((gate_row_offs.shape[0], offs_h.shape[0]), dtype=tl.float32)
-    for j in range(0, tl.where(from_above, 2 * CHUNKS, CHUNKS)):
-        is_recurrent = j < CHUNKS
-        offs_k = tl.where(is_recurrent, j, j - CHUNKS) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < GATE_ROWS
-        dg_cols = offs_k
-        if CELL == "gru":  # W_hh's row k meets dG column k, past 2H column k + H; W_ih's row k column k
-            dg_cols = tl.where(is_recurrent & (offs_k >= 2 * H), offs_k + H, offs_k)
-        columns = tl.where(is_recurrent, recurrent_columns, GATE_ROWS)
-        dg_ptrs = tl.where(is_recurrent, recurrent_dg_ptr, above_dg_ptr) + gate_row_offs
-        dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (mask_k & (offs_k < columns))[None, :],
-                         other=0.0, cache_modifier=".cg")
-        w_ptr = tl.where(is_recurrent, w_hh_ptr, w_ih_above_ptr)
-        w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
-                        other=0.0)
-        acc = tl.dot(dg_blk, w_blk, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _output_grad(grad_out_ptr, step, T, B, rows, offs_h, state_offs, lengths, mask, H: tl.constexpr,
                  HAS_LENGTHS: tl.constexpr, DIRECTIONS: tl.constexpr, direction):
     """The gradient reaching h_t from the layer's output at ``step``, as stored (zeros where ``mask`` is
@@ -229,8 +177,9 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
     gates and state and its output gradient (what does not depend on dG_{t+1}) are loaded during the step
     before, ahead of its barrier wait, instead of after the recurrent product (``backward_plans.PREFETCH``).
     With ONE_LOOP (STACKED, not DROPOUT) a layer under the top waits for the layer above first and forms
-    both products in one K loop (``_stacked_gate_products``); the recurrent one then reads zeros where step
-    t+1 did not run (its dG rows there are stored as zeros), and the carried gradient is added there."""
+    both products in one K loop (``chain_products.stacked_gate_products``); the recurrent one then reads
+    zeros where step t+1 did not run (its dG rows there are stored as zeros), and the carried gradient is
+    added there."""
     num_h_tiles = tl.cdiv(H, BLOCK_H)
     pid = tl.program_id(0)
     offs_b = (pid // num_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -278,14 +227,14 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
                 # dG^{l+1}_t is complete once the layer above has passed its barrier of this same step.
                 if not failed:
                     failed = wait_for(above_counter_ptr, (s + 1) * tl.num_programs(0), failed_ptr, SPIN_LIMIT)
-            dh = _stacked_gate_products(grad_gates_ptr + later * B * 4 * H, w_hh_ptr, tl.where(later_ok, 4 * H, 0),
-                                        above_grad_gates_ptr + step * B * 4 * H, w_ih_above_ptr, from_above,
-                                        gate_row_offs, mask_b, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, CELL)
+            dh = stacked_gate_products(grad_gates_ptr + later * B * 4 * H, w_hh_ptr, tl.where(later_ok, 4 * H, 0),
+                                       above_grad_gates_ptr + step * B * 4 * H, w_ih_above_ptr, from_above,
+                                       gate_row_offs, mask_b, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, CELL)
         else:
-            recurrent = _gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
-                                      grad_gates_ptr + later * B * 4 * H + gate_row_offs, mask_b, w_hh_ptr, offs_h,
-                                      mask_h, H, DOT_PRECISION, BLOCK_K, tl.where(later_ok, 4 * H, 0),
-                                      "gru_hidden" if CELL == "gru" else "lstm")
+            recurrent = gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
+                                     grad_gates_ptr + later * B * 4 * H + gate_row_offs, mask_b, w_hh_ptr, offs_h,
+                                     mask_h, H, DOT_PRECISION, BLOCK_K, tl.where(later_ok, 4 * H, 0),
+                                     "gru_hidden" if CELL == "gru" else "lstm")
         # Where step t+1 did not run (past a sequence's end, or t = T-1) h_t was carried into h_{t+1}
         # unchanged: its gradient passes straight through.
         if HAS_LENGTHS:
@@ -308,16 +257,16 @@ def _chain(grad_out_ptr, gates_ptr, c_ptr, w_hh_ptr, lengths_ptr, grad_gates_ptr
                 if not failed:
                     failed = wait_for(above_counter_ptr, (s + 1) * tl.num_programs(0), failed_ptr, SPIN_LIMIT)
                 if DROPOUT:
-                    above = _gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
-                                          above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b,
-                                          w_ih_above_ptr, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H,
-                                          "gru_input" if CELL == "gru" else "lstm")
+                    above = gate_product(tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
+                                         above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b,
+                                         w_ih_above_ptr, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H,
+                                         "gru_input" if CELL == "gru" else "lstm")
                     keep = tl.load(dropout_mask_ptr + step * B * H + state_offs, mask=mask_bh, other=0)
                     dh += tl.where(keep != 0, above * dropout_scale, 0.0)
                 else:
-                    dh = _gate_product(dh, above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b,
-                                       w_ih_above_ptr, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H,
-                                       "gru_input" if CELL == "gru" else "lstm")
+                    dh = gate_product(dh, above_grad_gates_ptr + step * B * 4 * H + gate_row_offs, mask_b,
+                                      w_ih_above_ptr, offs_h, mask_h, H, DOT_PRECISION, BLOCK_K, 4 * H,
+                                      "gru_input" if CELL == "gru" else "lstm")
             else:
                 dh += out_grad.to(tl.float32)
         else:
