@@ -343,6 +343,8 @@ def test_stack_chain_in_one_loop_matches_nn(name, monkeypatch):
 
     from triton_lstm.kernels import backward_plans, lstm_bwd_whole_module
 
+    if KERNEL_DEVICE == "cuda":
+        pytest.skip("one-program plans: on a GPU its own plans, test_variants.py::test_gpu_stack_one_tile_…")
     case, cell, prefetch = STACK_ONE_LOOP_CASES[name]
     monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)
     monkeypatch.setattr(backward_plans, "PREFETCH", prefetch)

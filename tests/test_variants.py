@@ -252,8 +252,8 @@ STACK_ONE_TILE_CASES = {
 def test_stack_one_tile_schedule_matches_nn(name, monkeypatch):
     """A stack's streamed plan whose programs own one tile each, with ``streamed_one_tile``: the stack's
     one-tile schedule (``stack_layer``'s ONE_TILE) against nn in float64, every output and gradient."""
-    if KERNEL_DEVICE == "cuda" and name not in ("LSTM-L3-proj-packed-state-gate-dot", "GRU-L3-state-gate-dot"):
-        pytest.skip("on a GPU two one-program cases (each a compile); its own plans: test_gpu_stack_one_tile_…")
+    if KERNEL_DEVICE == "cuda":
+        pytest.skip("one-program plans: on a GPU its own plans, test_gpu_stack_one_tile_schedule_matches_nn")
     case, cell, gate_dot = STACK_ONE_TILE_CASES[name]
     _plan_stacks(monkeypatch, lambda x, hidden_size, num_layers: _one_tile_plan(case), streamed_one_tile=True,
                  gate_dot=gate_dot)
@@ -270,8 +270,8 @@ def test_stack_one_tile_schedule_with_dropout_matches_nn(cell, monkeypatch):
     registers' h (the dropout test of test_stack.py, its 3-layer packed case for a GRU)."""
     from test_stack import DROPOUT_CASES, test_dropout_between_layers_in_the_stacked_launches_matches_nn
 
-    if KERNEL_DEVICE == "cuda" and cell == "GRU":
-        pytest.skip("on a GPU the LSTM's case (each a compile)")
+    if KERNEL_DEVICE == "cuda":
+        pytest.skip("one-program plans: on a GPU its own plans, test_gpu_stack_one_tile_schedule_matches_nn")
     name = "LSTM-L3" if cell == "LSTM" else "GRU-L3-packed"
     _, _, _, (T, B, I, H) = DROPOUT_CASES[name]
     case = Case(T=T, B=B, I=I, H=H)
@@ -508,6 +508,8 @@ def test_fused_input_matches_the_reference(name, monkeypatch):
     """Every layer's h_all, c_all and saved gates (a training forward) — or an inference forward's h_all
     and c_n — from x in the kernel, against the float64 recurrence, within PyTorch's own error."""
     cell, layers, T, B, I, H, dtype, knobs, with_lengths, bias, peephole, save = FUSED_INPUT_CASES[name]
+    if KERNEL_DEVICE == "cuda" and knobs.get("streamed_one_tile"):
+        pytest.skip("the one-tile schedule's one-program cases: on a GPU its own plans (test_gpu_stack_one_tile_…)")
     seen = _spy_launches(monkeypatch, "FUSED_INPUT", "INPUT_AHEAD", "RESIDENT", "GATE_BIT", "ONE_TILE")
     ours, torchs, reference = _run_fused_input(cell, layers, T, B, I, H, dtype, knobs, with_lengths, bias, peephole,
                                                save)
@@ -663,9 +665,10 @@ def _gpu_variants(monkeypatch):
 @requires_cuda
 @pytest.mark.parametrize("name", ["LSTM-stack-L4-H512", "GRU-stack-L2-H512", "LSTM-stack-L3-H1024-proj-packed"])
 def test_gpu_stack_one_tile_schedule_matches_nn(name, monkeypatch):
-    """The GPU's stack plans (one tile per program at these shapes) on the stack's one-tile schedule, in
-    bf16 against nn in float64 on the same card."""
-    from triton_lstm.kernels import lstm_fwd_stack
+    """The GPU's stack plans (one tile per program at these shapes) on the stack's one-tile schedule, and the
+    stacked backward's chain in one K loop (``backward_plans.STACK_ONE_LOOP``), in bf16 against nn in float64
+    on the same card."""
+    from triton_lstm.kernels import backward_plans, lstm_bwd_whole_module, lstm_fwd_stack
 
     cases = dict(GPU_CASES, **{"LSTM-stack-L3-H1024-proj-packed": (
         Case(T=40, B=17, I=256, H=1024, num_layers=3, proj_size=256, packed=True, with_state=True), "LSTM")})
@@ -676,9 +679,21 @@ def test_gpu_stack_one_tile_schedule_matches_nn(name, monkeypatch):
         return dataclasses.replace(planner(*args, **kwargs), streamed_one_tile=True)
 
     monkeypatch.setattr(lstm_fwd_stack, "plan_stack_fwd", one_tile)
+    monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)
     seen = _spy_launches(monkeypatch, "ONE_TILE", "LAYERS")
+    kernel, chains = lstm_bwd_whole_module._lstm_bwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                chains.append(options["ONE_LOOP"])
+                return kernel[grid](*args, **options)
+            return launch
+
+    monkeypatch.setattr(lstm_bwd_whole_module, "_lstm_bwd_kernel", Spy())
     check_against_nn(case, torch.bfloat16, oracle_device="cuda", cell=cell)
     assert {"ONE_TILE": True, "LAYERS": case.num_layers} in seen, seen
+    assert chains == [True], f"one stacked backward chain, in one loop: {chains}"
 
 
 @requires_cuda
