@@ -74,6 +74,23 @@ def count_calls(monkeypatch, module, names: dict[str, str]) -> dict[str, int]:
     return counts
 
 
+def record_launches(monkeypatch, modules, kernel_name: str, *options: str) -> list[dict]:
+    """Records the named keyword arguments (the constexprs and launch options) of every launch of the jit
+    kernel ``kernel_name``, as each of ``modules`` imports it; returns the list (filled as the test runs)."""
+    kernel, seen = getattr(modules[0], kernel_name), []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append({option: kwargs[option] for option in options})
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    for module in modules:
+        monkeypatch.setattr(module, kernel_name, Spy())
+    return seen
+
+
 def break_fused_backward(monkeypatch, how: str, module, whole_module_chain: str) -> None:
     """Makes the modules skip a whole-module fused backward: ``how`` "reference" (backward="reference")
     or "no-fit" (``module.whole_module_chain`` reports that its launch cannot run)."""

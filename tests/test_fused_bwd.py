@@ -16,7 +16,15 @@ import pytest
 import torch
 
 import triton_lstm
-from helpers import KERNEL_DEVICE, KERNEL_DTYPES, STACK_DTYPE, assert_error_within_pytorch, max_error, requires_cuda
+from helpers import (
+    KERNEL_DEVICE,
+    KERNEL_DTYPES,
+    STACK_DTYPE,
+    assert_error_within_pytorch,
+    max_error,
+    record_launches,
+    requires_cuda,
+)
 from test_modules import Case
 from triton_lstm.kernels import common
 from triton_lstm.kernels import lstm_bwd as lstm_bwd_module
@@ -301,24 +309,14 @@ def test_chain_with_its_operands_prefetched_matches_nn(name, schedule, monkeypat
         real_plan = lstm_bwd_module.plan_bwd
         monkeypatch.setattr(lstm_bwd_module, "plan_bwd", lambda B, H, num_sms, _: real_plan(B, H, num_sms, "per_step"))
     monkeypatch.setattr(backward_plans, "PREFETCH", True)
-    kernel, launched = lstm_bwd_module._lstm_bwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **options):
-                launched.append(options["PREFETCH"])
-                return kernel[grid](*args, **options)
-            return launch
-
-    for module in (lstm_bwd_module, lstm_bwd_whole_module):
-        monkeypatch.setattr(module, "_lstm_bwd_kernel", Spy())
+    launched = record_launches(monkeypatch, [lstm_bwd_module, lstm_bwd_whole_module], "_lstm_bwd_kernel", "PREFETCH")
     if kwargs.get("peephole"):  # against the peephole equations (nn has none)
         from test_peephole import CASES, _check_against_oracle
 
         _check_against_oracle(case or CASES["packed-bidir-layers2"], dtype)
     else:
         check_against_nn(case, dtype, cell=cell, **kwargs)
-    assert launched and all(launched), launched
+    assert launched and all(launch["PREFETCH"] for launch in launched), launched
 
 
 STACK_ONE_LOOP_CASES = {
@@ -348,16 +346,8 @@ def test_stack_chain_in_one_loop_matches_nn(name, monkeypatch):
     case, cell, prefetch = STACK_ONE_LOOP_CASES[name]
     monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)
     monkeypatch.setattr(backward_plans, "PREFETCH", prefetch)
-    kernel, launched = lstm_bwd_module._lstm_bwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **options):
-                launched.append((options["LAYERS"], options["ONE_LOOP"], options["PREFETCH"]))
-                return kernel[grid](*args, **options)
-            return launch
-
-    monkeypatch.setattr(lstm_bwd_whole_module, "_lstm_bwd_kernel", Spy())
+    launched = record_launches(monkeypatch, [lstm_bwd_whole_module], "_lstm_bwd_kernel", "LAYERS", "ONE_LOOP",
+                               "PREFETCH")
     if case is None:  # against the peephole equations (nn has none)
         from test_peephole import _check_against_oracle
 
@@ -366,7 +356,7 @@ def test_stack_chain_in_one_loop_matches_nn(name, monkeypatch):
     else:
         check_against_nn(case, STACK_DTYPE, cell=cell)
         layers = case.num_layers
-    assert launched == [(layers, True, prefetch)], launched
+    assert launched == [{"LAYERS": layers, "ONE_LOOP": True, "PREFETCH": prefetch}], launched
 
 
 def test_stack_chain_with_dropout_keeps_two_loops(monkeypatch):
@@ -375,22 +365,13 @@ def test_stack_chain_with_dropout_keeps_two_loops(monkeypatch):
     from triton_lstm.kernels import backward_plans, lstm_bwd_whole_module
 
     monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)
-    kernel, launched = lstm_bwd_module._lstm_bwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **options):
-                launched.append((options["DROPOUT"], options["ONE_LOOP"]))
-                return kernel[grid](*args, **options)
-            return launch
-
-    monkeypatch.setattr(lstm_bwd_whole_module, "_lstm_bwd_kernel", Spy())
+    launched = record_launches(monkeypatch, [lstm_bwd_whole_module], "_lstm_bwd_kernel", "DROPOUT", "ONE_LOOP")
     import triton_lstm
 
     model = triton_lstm.LSTM(4, 6, num_layers=2, dropout=0.5, device=KERNEL_DEVICE, dtype=STACK_DTYPE).train()
     x = torch.randn(5, 3, 4, device=KERNEL_DEVICE, dtype=STACK_DTYPE, requires_grad=True)
     model(x)[0].sum().backward()
-    assert launched == [(True, False)], launched
+    assert launched == [{"DROPOUT": True, "ONE_LOOP": False}], launched
 
 
 def test_recompute_with_projection_matches_saving_everything():

@@ -29,7 +29,7 @@ import dataclasses
 import pytest
 import torch
 import triton
-from helpers import KERNEL_DEVICE, STACK_DTYPE, assert_error_within_pytorch, requires_cuda
+from helpers import KERNEL_DEVICE, STACK_DTYPE, assert_error_within_pytorch, record_launches, requires_cuda
 from test_modules import Case, check_against_nn
 
 from triton_lstm import gru_stack, stack
@@ -40,17 +40,7 @@ from triton_lstm.kernels.forward_plans import ForwardPlan, gate_bit, one_tile_ea
 
 def _spy_launches(monkeypatch, *names: str) -> list[dict]:
     """Records the named constexprs of every persistent forward launch."""
-    kernel, seen = persistent._lstm_persistent_fwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append({name: kwargs[name] for name in names})
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(persistent, "_lstm_persistent_fwd_kernel", Spy())
-    return seen
+    return record_launches(monkeypatch, [persistent], "_lstm_persistent_fwd_kernel", *names)
 
 
 def _force_gate_dot(monkeypatch, bit: str) -> list[int]:
@@ -681,19 +671,10 @@ def test_gpu_stack_one_tile_schedule_matches_nn(name, monkeypatch):
     monkeypatch.setattr(lstm_fwd_stack, "plan_stack_fwd", one_tile)
     monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)
     seen = _spy_launches(monkeypatch, "ONE_TILE", "LAYERS")
-    kernel, chains = lstm_bwd_whole_module._lstm_bwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **options):
-                chains.append(options["ONE_LOOP"])
-                return kernel[grid](*args, **options)
-            return launch
-
-    monkeypatch.setattr(lstm_bwd_whole_module, "_lstm_bwd_kernel", Spy())
+    chains = record_launches(monkeypatch, [lstm_bwd_whole_module], "_lstm_bwd_kernel", "ONE_LOOP")
     check_against_nn(case, torch.bfloat16, oracle_device="cuda", cell=cell)
     assert {"ONE_TILE": True, "LAYERS": case.num_layers} in seen, seen
-    assert chains == [True], f"one stacked backward chain, in one loop: {chains}"
+    assert chains == [{"ONE_LOOP": True}], f"one stacked backward chain, in one loop: {chains}"
 
 
 @requires_cuda
