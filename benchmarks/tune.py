@@ -490,11 +490,11 @@ def tune_bidirectional_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", v
     _print_variant_ratios(timed)
 
 
-def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=()):
+def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), device="cuda"):
     from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_stack_gate_grads
 
-    device, L = "cuda", layers
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    L = layers
+    num_sms = _device_limits(device, layers)[0]
     torch.manual_seed(0)
     gates = torch.rand(L, T, B, 4 * H, device=device).to(dtype)
     gates[..., 2 * H:3 * H] = gates[..., 2 * H:3 * H] * 2 - 1  # g in (-1, 1)
@@ -515,18 +515,15 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=()):
     expected = planned[0].float()
     planned_us = _bench(run) * 1e3 / T
     print(f"stack bwd T{T} B{B} H{H} L{L} {dtype}: planner {planned_us:.2f} us/step", flush=True)
-    if "prefetch" in variants:
-        with _prefetching(True):
-            prefetch_us, status = _timed_if_right(run, expected, 3e-2, T)
-        print(f"  planner with prefetch: {prefetch_us:.2f} us/step ({status}); prefetch / plain: "
-              f"{prefetch_us / planned_us:.3f}", flush=True)
-    if "one_loop" in variants:
-        for prefetch in (False, True) if "prefetch" in variants else (False,):
-            with _stack_chain_in_one_loop(True), _prefetching(prefetch):
-                one_loop_us, status = _timed_if_right(run, expected, 3e-2, T)
-            what = "one loop" + (" + prefetch" if prefetch else "")
-            print(f"  planner with {what}: {one_loop_us:.2f} us/step ({status}); {what} / plain: "
-                  f"{one_loop_us / planned_us:.3f}", flush=True)
+    _report(rows, f"stack{L} bwd", dtype, T, B, I, H, "planner", "ok", planned_us)
+    # The planner's tiles with the chain's variants: the prefetch, the one loop, both.
+    for one_loop, prefetch in ((False, True), (True, False), (True, True)):
+        if ("one_loop" in variants or not one_loop) and ("prefetch" in variants or not prefetch):
+            with _stack_chain_in_one_loop(one_loop), _prefetching(prefetch):
+                us, status = _timed_if_right(run, expected, 3e-2, T)
+            what = " + ".join(name for name, on in (("one loop", one_loop), ("prefetch", prefetch)) if on)
+            _report(rows, f"stack{L} bwd", dtype, T, B, I, H, f"planner {what}", status, us)
+            print(f"  {what} / plain: {us / planned_us:.3f}", flush=True)
     budget = num_sms // L
     start, timed = time.monotonic(), {}
     for bb in (16, 32, 64):

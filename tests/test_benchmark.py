@@ -182,6 +182,25 @@ def test_tune_sweeps_the_stack_one_tile_schedule_on_the_interpreter(monkeypatch,
     assert "gate dot + streamed one tile / plain:" in out, out
 
 
+def test_tune_sweeps_the_stack_chain_variants_on_the_interpreter(monkeypatch, capsys):
+    """``tune.py --layers 4 --mode bwd --variants prefetch one_loop`` (gpu_check.sh's STACK_VARIANTS stage):
+    the planner's stacked chain plain, with the prefetch, in one loop and with both, each checked against
+    the plain chain's dG ("ok") and set against it."""
+    import torch
+
+    from triton_lstm.kernels import backward_plans
+
+    tune = benchmark_script("tune")
+    monkeypatch.setattr(tune, "_bench", lambda fn: (fn(), 1.0)[1])
+    rows = []
+    tune.tune_stack_backward(3, 4, 16, 16, 4, torch.float16, 0.0, rows, ["prefetch", "one_loop"], device="cpu")
+    planner = [(row["candidate"], row["status"]) for row in rows if row["candidate"].startswith("planner")]
+    assert planner == [("planner", "ok"), ("planner prefetch", "ok"), ("planner one loop", "ok"),
+                       ("planner one loop + prefetch", "ok")], rows
+    assert "one loop + prefetch / plain: 1.000" in capsys.readouterr().out
+    assert backward_plans.STACK_ONE_LOOP is False and backward_plans.PREFETCH is False
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_tune_sweeps_bidirectional_layers_with_the_gate_dot_on_the_interpreter(cell, monkeypatch, capsys):
     """``tune.py --bidirectional --variants gate_dot``: both directions in one launch, the planner's plan and
