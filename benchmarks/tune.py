@@ -302,24 +302,15 @@ def _gate_inputs(x, gates, H, dtype, variants, stack: bool):
 
 
 @contextlib.contextmanager
-def _prefetching(on: bool):
-    """The backward chain with its saved operands loaded a step ahead (``backward_plans.PREFETCH``), or not."""
-    previous, backward_plans.PREFETCH = backward_plans.PREFETCH, on
+def _chain_variant(name: str, on: bool):
+    """The backward chain with its variant ``backward_plans.<name>`` on or off: ``PREFETCH`` (its saved
+    operands loaded a step ahead) or ``STACK_ONE_LOOP`` (a stack layer's two products in one K loop)."""
+    previous = getattr(backward_plans, name)
+    setattr(backward_plans, name, on)
     try:
         yield
     finally:
-        backward_plans.PREFETCH = previous
-
-
-@contextlib.contextmanager
-def _stack_chain_in_one_loop(on: bool):
-    """A stack's backward chain with each layer's two products in one K loop (``backward_plans.STACK_ONE_LOOP``),
-    or not."""
-    previous, backward_plans.STACK_ONE_LOOP = backward_plans.STACK_ONE_LOOP, on
-    try:
-        yield
-    finally:
-        backward_plans.STACK_ONE_LOOP = previous
+        setattr(backward_plans, name, previous)
 
 
 def _print_prefetch_ratios(timed: dict) -> None:
@@ -363,7 +354,7 @@ def tune_backward(T, B, I, H, dtype, budget_s, rows, variants=(), device="cuda")
             break
         label = f"bb{tiling[0]} bh{tiling[1]} bk{tiling[2]} w{tiling[3]}{' (default)' if tiling == default else ''}"
         for prefetch in (False, True) if "prefetch" in variants else (False,):
-            with _prefetching(prefetch):
+            with _chain_variant("PREFETCH", prefetch):
                 us, status = _timed_if_right(lambda: run(tiling, "persistent"), expected,  # noqa: B023
                                              3e-2 if dtype != torch.float32 else 1e-4, T)
             _report(rows, "bwd", dtype, T, B, I, H, label + (" prefetch" if prefetch else ""), status, us)
@@ -519,7 +510,7 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), 
     # The planner's tiles with the chain's variants: the prefetch, the one loop, both.
     for one_loop, prefetch in ((False, True), (True, False), (True, True)):
         if ("one_loop" in variants or not one_loop) and ("prefetch" in variants or not prefetch):
-            with _stack_chain_in_one_loop(one_loop), _prefetching(prefetch):
+            with _chain_variant("STACK_ONE_LOOP", one_loop), _chain_variant("PREFETCH", prefetch):
                 us, status = _timed_if_right(run, expected, 3e-2, T)
             what = " + ".join(name for name, on in (("one loop", one_loop), ("prefetch", prefetch)) if on)
             _report(rows, f"stack{L} bwd", dtype, T, B, I, H, f"planner {what}", status, us)
@@ -538,7 +529,7 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), 
                         return
                     tiling = (bb, bh, bk, warps)
                     for prefetch in (False, True) if "prefetch" in variants else (False,):
-                        with _prefetching(prefetch):
+                        with _chain_variant("PREFETCH", prefetch):
                             us, status = _timed_if_right(lambda: run(tiling) or (None,), expected, 3e-2, T)  # noqa: B023
                         label = f"bb{bb} bh{bh} bk{bk} w{warps}"
                         _report(rows, f"stack{L} bwd", dtype, T, B, I, H, label + (" prefetch" if prefetch else ""),
