@@ -350,6 +350,9 @@ def test_plan_gives_each_layer_its_share_of_the_sms():
     assert not plan_stack_fwd(512, 64, 512, 2, 4, sms, shared).persistent, "fp32 spills: layer by layer"
     assert not plan_stack_fwd(512, 64, 512, 200, 2, sms, shared).persistent, "more layers than SMs"
     assert not plan_stack_fwd(1, 8, 512, 2, 2, sms, shared).persistent, "one step: the per-step kernel"
+    assert not plan_stack_fwd(512, 64, 512, 2, 2, sms, shared, dropout=True, projection=True).persistent, (
+        "dropout masks the projected h, which the stack in m_t never forms: layer by layer")
+    assert not plan_stack_fwd(5, 3, 7, 2, 4, 1, 96 * 1024, interpret=True, dropout=True, projection=True).persistent
     interpreted = plan_stack_fwd(5, 3, 7, 3, 4, 1, 96 * 1024, interpret=True)
     assert interpreted.persistent and interpreted.num_programs == 1
     # Dropout between layers: 32-wide chunks where 64-wide ones spilled under Triton 3.6 (compile_check.py

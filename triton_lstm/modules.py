@@ -311,10 +311,8 @@ class LSTM(nn.RNNBase):
         projected stack runs in m_t, where h's mask does not apply), and a stack plan for the input's device."""
         if self.num_layers < 2 or self.bidirectional or getattr(self, "recompute_interval", 0):
             return False
-        if self.proj_size > 0 and self.training and self.dropout > 0:
-            return False
         return stack_plan(x, self.hidden_size, self.num_layers, getattr(self, "peephole", False),
-                          projection=self.proj_size > 0) is not None
+                          dropout=self.training and self.dropout > 0, projection=self.proj_size > 0) is not None
 
     def _finish_from_time_major(self, output, hidden, packed, lengths, batch_sizes, sorted_indices, unsorted_indices,
                                 is_batched):

@@ -45,7 +45,8 @@ if HAS_TRITON:
     from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
 
 
-def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = False, projection: bool = False):
+def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = False, dropout: bool = False,
+               projection: bool = False):
     """The stacked kernel's plan for this input (an LSTM's or a GRU's stack, ``gru_stack.py``), or None
     where the kernels do not run (the CPU path, torch.compile and torch.func, whose graphs keep one node per
     layer). "meta" tensors (shape inference, ``saved_activation_bytes``) take the kernels' path, as the
@@ -54,7 +55,7 @@ def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = Fa
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
-    plan = plan_stack_for(x, hidden_size, num_layers, peephole, projection=projection)
+    plan = plan_stack_for(x, hidden_size, num_layers, peephole, dropout, projection)
     return plan if plan.persistent else None
 
 
@@ -157,8 +158,7 @@ def stack_fwd(
                                dropout=dropout)
     lengths = None if lengths is None else lengths.to(torch.int32)
     plan = plan_stack_for(x, w_hh[0].shape[0] // 4, len(w_hh), w_ch is not None, dropout is not None, bool(w_hr))
-    # Dropout with projections masks h_t = m_t·W_hrᵀ, which the kernel in m_t never forms: layer by layer.
-    if plan.persistent and not (w_hr and dropout is not None):
+    if plan.persistent:
         bias = torch.stack([b_ih[i] + b_hh[i] for i in range(len(b_ih))]) if b_ih else None  # per layer
         if plan.fused_input and dropout is None and not w_hr:
             # Every layer's input product in the kernel, layer 0's from x (lstm_fwd_fused_input.py).

@@ -389,6 +389,9 @@ def plan_stack_fwd(
     """
     if layers < 2:
         return ForwardPlan(False, "one layer: the single-layer kernel")
+    if dropout and projection:
+        # Dropout masks h_t = m_t·W_hrᵀ, which the projected stack, running in m_t, never forms.
+        return ForwardPlan(False, "dropout between projected layers: layer by layer")
     if T == 0 or B == 0 or H == 0:
         return ForwardPlan(False, "empty input: nothing to run")
     if T == 1 and not interpret:
