@@ -65,8 +65,11 @@ stage() {  # stage NAME LIMIT LOG command...: returns the command's status (124:
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$DRY_RUN" = "1" ]; then printf '== dry-run %s =>' "$name"; printf ' %q' "$@"; echo; return 0; fi
   echo "== $name (limit $limit s)"
+  local started=$(date +%s)
   timeout -k 5 "$limit" "$@" 2>&1 | tee "$LOGS/$log"
   local rc=${PIPESTATUS[0]}
+  # Each stage's seconds, for planning the next session's device minutes.
+  echo "== $name: $(( $(date +%s) - started )) s"
   [ "$rc" -eq 0 ] || { echo "$name: exit $rc (124 = timed out: a hang?)"; status=1; }
   return "$rc"
 }
