@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (about 4 minutes before the peephole and GRU stages were added; those are not
-# timed yet): a smoke check of every anchor shape's plan (stops here if
-# it fails or hangs), the --quick benchmark, the GPU tests; optionally a tuning sweep (TUNE=1), a
-# per-kernel profile with one Nsight Compute report (PROFILE=1) and char_lm's tokens/s against cuDNN
-# (EXAMPLES=1).
+# One call on a GPU machine (each stage prints its seconds when it ends): a smoke check of every anchor
+# shape's plan (stops here if it fails or hangs), the GPU tests, the --quick benchmark; optionally a
+# tuning sweep (TUNE=1), a per-kernel profile with one Nsight Compute report (PROFILE=1) and char_lm's
+# tokens/s against cuDNN (EXAMPLES=1).
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/<gpu-name>/, logs in benchmarks/results/logs/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh   # everything packed into $OUT: gpu_check.tgz (results, plots,
@@ -102,6 +101,20 @@ if [ "${SMOKE:-1}" = "1" ]; then
     export TRITON_LSTM_STACK=0 TRITON_LSTM_BIDIRECTIONAL=0
   fi
 fi
+
+# The GPU tests right after the smoke checks (correct first: their results stand even where a later
+# stage runs out of the call's time). Parallel workers and a per-test limit where the plugins are installed
+# (the GPU test host has both); -v prints each test's outcome as it ends, so a stage cut at its limit still
+# says which tests passed and failed (pytest killed by `timeout` prints no summary).
+PYTEST_EXTRA=()
+"$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n "${WORKERS:-8}")
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
+[ "${TESTS:-1}" = "1" ] && stage "GPU tests" "${TEST_LIMIT:-300}" test_gpu.log "$PY" -m pytest -v "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
+  tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
+  tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_variants.py \
+  tests/test_projection.py \
+  tests/test_examples.py::test_examples_run_on_cuda \
+  --durations=10
 
 if [ "${DROPOUT:-0}" = "1" ] && [ "${TRITON_LSTM_STACK:-1}" = "1" ]; then
   # A 4-layer training step with dropout between layers: in the stacked launches, layer by layer with
@@ -212,17 +225,6 @@ if [ "${PROFILE:-0}" = "1" ]; then
       --section LaunchStats "$PY" benchmarks/profile_step.py --ncu ${NCU_ARGS:---shape 256 64 1024 1024}
   fi
 fi
-
-# Parallel workers and a per-test limit where the plugins are installed (the GPU test host has both).
-PYTEST_EXTRA=()
-"$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n "${WORKERS:-8}")
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
-[ "${TESTS:-1}" = "1" ] && stage "GPU tests" "${TEST_LIMIT:-240}" test_gpu.log "$PY" -m pytest -q "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
-  tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
-  tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_variants.py \
-  tests/test_projection.py \
-  tests/test_examples.py::test_examples_run_on_cuda \
-  --durations=10
 
 if [ "${EXAMPLES:-0}" = "1" ]; then
   # char_lm's GPU preset (2 layers of 512, bf16 autocast), shortened: tokens/s of both modules side by side.

@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 from helpers import HAS_CUDA, ROOT, benchmark_script
 
+# The tuning sweeps run here through Triton's interpreter (device="cpu"); on a GPU host the interpreter is off
+# and the launchers would be handed CPU tensors.
+interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="runs the sweep through the interpreter (device='cpu')")
+
 EXPECTED_COLUMNS = ["device", "torch", "triton", "provider", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional", "ms", "peak_mb"]
 
 
@@ -138,6 +142,7 @@ def test_tune_times_each_plan_with_its_variants(capsys):
     assert "gate dot + input ahead / plain: 7.00 / 10.00 us/step = 0.700" in lines[2], lines
 
 
+@interpreter_only
 @pytest.mark.parametrize("cell,layers", [("lstm", 1), ("gru", 1), ("lstm", 2)])
 def test_tune_sweeps_the_fused_input_variant_on_the_interpreter(cell, layers, monkeypatch, capsys):
     """``tune.py --variants fused_input …`` end to end, through the interpreter (one program per layer,
@@ -165,6 +170,7 @@ def test_tune_sweeps_the_fused_input_variant_on_the_interpreter(cell, layers, mo
     assert "projection GEMM x·W_ihᵀ + b" in out and "fused input / plain + projection GEMM: 333.33 / 666.67" in out, out  # T = 3: 1 ms a call
 
 
+@interpreter_only
 def test_tune_sweeps_the_stack_one_tile_schedule_on_the_interpreter(monkeypatch, capsys):
     """``tune.py --layers 4 --variants gate_dot streamed_one_tile`` (gpu_check.sh's STACK_VARIANTS stage)
     end to end through the interpreter: the stack's one-tile builds give the planned plan's numbers ("ok")
@@ -182,6 +188,7 @@ def test_tune_sweeps_the_stack_one_tile_schedule_on_the_interpreter(monkeypatch,
     assert "gate dot + streamed one tile / plain:" in out, out
 
 
+@interpreter_only
 def test_tune_sweeps_the_stack_chain_variants_on_the_interpreter(monkeypatch, capsys):
     """``tune.py --layers 4 --mode bwd --variants prefetch one_loop`` (gpu_check.sh's STACK_VARIANTS stage):
     the planner's stacked chain plain, with the prefetch, in one loop and with both, each checked against
@@ -201,6 +208,7 @@ def test_tune_sweeps_the_stack_chain_variants_on_the_interpreter(monkeypatch, ca
     assert backward_plans.STACK_ONE_LOOP is False and backward_plans.PREFETCH is False
 
 
+@interpreter_only
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_tune_sweeps_bidirectional_layers_with_the_gate_dot_on_the_interpreter(cell, monkeypatch, capsys):
     """``tune.py --bidirectional --variants gate_dot``: both directions in one launch, the planner's plan and
@@ -216,6 +224,7 @@ def test_tune_sweeps_bidirectional_layers_with_the_gate_dot_on_the_interpreter(c
     assert "gate dot / plain: 333.33 / 333.33 us/step = 1.000" in capsys.readouterr().out
 
 
+@interpreter_only
 def test_tune_times_the_backward_chain_with_and_without_the_prefetch(monkeypatch, capsys):
     """``tune.py --mode bwd --variants prefetch``: each tile of the chain plain and with its saved operands
     loaded a step ahead, each checked against the planner's result ("ok"), and prefetch / plain printed;
@@ -234,6 +243,7 @@ def test_tune_times_the_backward_chain_with_and_without_the_prefetch(monkeypatch
     assert backward_plans.PREFETCH is False
 
 
+@interpreter_only
 def test_tune_times_the_resident_gate_dot_twin_third(monkeypatch, capsys):
     """With the gate dot among ``--variants``, the planned plan's resident gate-dot twin
     (``forward_plans.resident_gate_dot``, which on a GPU applies from K = 513: forced here onto the tiny
