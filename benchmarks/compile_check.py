@@ -99,19 +99,25 @@ def _kernel_and_signature(config: dict):
                      "rows_per_split": "i32"}
         constants = dict(H=config["H"], BLOCK_R=config["block_b"], BLOCK_H=config["block_h"])
     else:
+        from triton_lstm.kernels.backward_plans import chain_variants
         from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel as kernel
 
+        dropout = bool(config.get("dropout", False))
+        prefetch, one_loop = chain_variants(DTYPES[dtype], config.get("layers", 1), config.get("cell", "lstm"), dropout,
+                                            False)
         signature = {"grad_out_ptr": f"*{dtype}", "gates_ptr": f"*{dtype}", "c_ptr": "*fp32", "w_hh_ptr": f"*{dtype}",
                      "lengths_ptr": "*i32", "grad_gates_ptr": f"*{dtype}", "dh_ptr": "*fp32", "dc_ptr": "*fp32",
                      "counter_ptr": "*i32", "w_ih_above_ptr": f"*{dtype}", "w_ch_ptr": f"*{dtype}",
-                     "dropout_mask_ptr": "*u8" if config.get("dropout") else "*i32", "dropout_scale": "fp32",
+                     "dropout_mask_ptr": "*u8" if dropout else "*i32", "dropout_scale": "fp32",
                      "T": "i32", "B": "i32", "t_start": "i32", "n_steps": "i32", "seg_start": "i32"}
         constants = dict(H=config["H"], HAS_LENGTHS=1, USE_BARRIER=int(config["resident"]), DOT_PRECISION="ieee",
                          BLOCK_B=config["block_b"], BLOCK_H=config["block_h"], BLOCK_K=config["block_k"],
                          SPIN_LIMIT=BARRIER_SPIN_LIMIT, LAYERS=config.get("layers", 1),
                          DIRECTIONS=config.get("directions", 1), PEEPHOLE=int(config.get("peephole", False)),
                          CELL=config.get("cell", "lstm"), DROPOUT=int(config.get("dropout", False)),
-                         PREFETCH=int(config.get("prefetch", False)), ONE_LOOP=int(config.get("one_loop", False)))
+                         # The chain's variants where the launchers take them (the rules of this Triton), unless
+                         # the configuration says (a variant's build and its baseline, _variant_configs).
+                         PREFETCH=int(config.get("prefetch", prefetch)), ONE_LOOP=int(config.get("one_loop", one_loop)))
     signature.update({name: "constexpr" for name in constants})
     return kernel, signature, constants
 
@@ -324,11 +330,11 @@ def _variant_configs(configs: list[dict], variant: str) -> list[dict]:
                 for prefetch in (False, True):
                     pair = len(paired) // 2
                     paired += [dict(config, one_loop=True, prefetch=prefetch, pair=pair),
-                               dict(config, prefetch=prefetch, baseline=True, pair=pair)]
+                               dict(config, one_loop=False, prefetch=prefetch, baseline=True, pair=pair)]
             continue
         if variant == "prefetch":  # the chain's saved operands loaded a step ahead (backward_plans.PREFETCH)
             pair = len(paired) // 2
-            paired += [dict(config, prefetch=True, pair=pair), dict(config, baseline=True, pair=pair)]
+            paired += [dict(config, prefetch=True, pair=pair), dict(config, prefetch=False, baseline=True, pair=pair)]
             continue
         if variant == "streamed-one-tile" and config.get("layers", 1) > 1:
             # A stack's one-tile schedule (stack_layer's ONE_TILE) beside the planned build, gate dot and all.

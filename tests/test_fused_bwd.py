@@ -274,17 +274,19 @@ def test_recompute_matches_saving_everything(interval, backward, monkeypatch):
         torch.testing.assert_close(recomputed[name], saved_all[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+# On a GPU the prefetch runs on 16-bit chains only (backward_plans.chain_variants): bf16 there, fp32 here.
+PREFETCH_DTYPE = STACK_DTYPE
 PREFETCH_CASES = {
     # name: (case, cell, dtype, module kwargs): every path of the chain that runs the prefetch
-    "LSTM-packed-state": (Case(T=6, B=5, I=4, H=17, packed=True, with_state=True), "LSTM", torch.float32, {}),
-    "LSTM-recompute-segments": (Case(T=7, B=3, I=4, H=17, packed=True), "LSTM", torch.float32,
+    "LSTM-packed-state": (Case(T=6, B=5, I=4, H=17, packed=True, with_state=True), "LSTM", PREFETCH_DTYPE, {}),
+    "LSTM-recompute-segments": (Case(T=7, B=3, I=4, H=17, packed=True), "LSTM", PREFETCH_DTYPE,
                                 dict(recompute_interval=3)),
     "LSTM-peephole-fp16": (Case(T=5, B=3, I=4, H=9, with_state=True), "LSTM", torch.float16, dict(peephole=True)),
-    "LSTM-peephole-bidirectional-L2-packed": (None, "LSTM", torch.float32, dict(peephole=True)),
-    "GRU-packed": (Case(T=6, B=4, I=5, H=9, packed=True), "GRU", torch.float32, {}),
-    "LSTM-bidirectional-packed": (Case(T=6, B=4, I=4, H=7, bidirectional=True, packed=True), "LSTM", torch.float32,
+    "LSTM-peephole-bidirectional-L2-packed": (None, "LSTM", PREFETCH_DTYPE, dict(peephole=True)),
+    "GRU-packed": (Case(T=6, B=4, I=5, H=9, packed=True), "GRU", PREFETCH_DTYPE, {}),
+    "LSTM-bidirectional-packed": (Case(T=6, B=4, I=4, H=7, bidirectional=True, packed=True), "LSTM", PREFETCH_DTYPE,
                                   {}),
-    "GRU-bidirectional-state": (Case(T=5, B=3, I=4, H=6, bidirectional=True, with_state=True), "GRU", torch.float32,
+    "GRU-bidirectional-state": (Case(T=5, B=3, I=4, H=6, bidirectional=True, with_state=True), "GRU", PREFETCH_DTYPE,
                                 {}),
     "LSTM-stack-L3-packed": (Case(T=6, B=4, I=5, H=7, num_layers=3, packed=True), "LSTM", STACK_DTYPE, {}),
     "GRU-stack-L2-state": (Case(T=5, B=3, I=4, H=6, num_layers=2, with_state=True), "GRU", STACK_DTYPE, {}),
@@ -309,6 +311,8 @@ def test_chain_with_its_operands_prefetched_matches_nn(name, schedule, monkeypat
         real_plan = lstm_bwd_module.plan_bwd
         monkeypatch.setattr(lstm_bwd_module, "plan_bwd", lambda B, H, num_sms, _: real_plan(B, H, num_sms, "per_step"))
     monkeypatch.setattr(backward_plans, "PREFETCH", True)
+    if KERNEL_DEVICE == "cuda" and cell == "GRU" and case is not None and case.num_layers > 1:
+        monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)  # a GPU's GRU stack prefetches in one loop only
     launched = record_launches(monkeypatch, [lstm_bwd_module, lstm_bwd_whole_module], "_lstm_bwd_kernel", "PREFETCH")
     if kwargs.get("peephole"):  # against the peephole equations (nn has none)
         from test_peephole import CASES, _check_against_oracle
@@ -372,6 +376,36 @@ def test_stack_chain_with_dropout_keeps_two_loops(monkeypatch):
     x = torch.randn(5, 3, 4, device=KERNEL_DEVICE, dtype=STACK_DTYPE, requires_grad=True)
     model(x)[0].sum().backward()
     assert launched == [{"DROPOUT": True, "ONE_LOOP": False}], launched
+
+
+def test_chain_variants_apply_where_they_compile_clean(monkeypatch):
+    """``backward_plans.chain_variants``, the (PREFETCH, ONE_LOOP) the launchers pass the kernel: off while
+    their switches are; once switched on, on a GPU only where compile_check.py found every build clean
+    (Triton 3.6 on; the prefetch on 16-bit chains without dropout, on GRU stacks with the one loop only; the
+    one loop on stacks without dropout), under the interpreter wherever switched on (dropout aside for the
+    one loop: its mask needs two)."""
+    from triton_lstm.kernels import backward_plans, forward_plans
+
+    variants = backward_plans.chain_variants  # (element_size, layers, cell, dropout, interpret)
+    for interpret in (False, True):
+        assert variants(2, 3, "lstm", False, interpret) == (False, False)
+    monkeypatch.setattr(backward_plans, "PREFETCH", True)
+    monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)
+    monkeypatch.setattr(forward_plans, "TRITON_VERSION", (3, 6))
+    for cell in ("lstm", "gru"):
+        assert variants(2, 1, cell, False, False) == (True, False)
+        assert variants(2, 3, cell, False, False) == (True, True)
+        assert variants(4, 3, cell, False, False) == (False, True), "fp32 chains: no prefetch"
+        assert variants(2, 3, cell, True, False) == (False, False), "dropout between layers"
+        assert variants(4, 3, cell, True, True) == (True, False), "the interpreter: the switches (dropout aside)"
+    monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", False)
+    assert variants(2, 3, "lstm", False, False) == (True, False)
+    assert variants(2, 3, "gru", False, False) == (False, False), "a GRU stack prefetches only in one loop"
+    assert variants(2, 1, "gru", False, False) == (True, False)
+    monkeypatch.setattr(backward_plans, "STACK_ONE_LOOP", True)
+    monkeypatch.setattr(forward_plans, "TRITON_VERSION", (3, 4))
+    assert variants(2, 3, "lstm", False, False) == (False, False), "Triton 3.4 spills them"
+    assert variants(2, 3, "lstm", False, True) == (True, True)
 
 
 def test_recompute_with_projection_matches_saving_everything():

@@ -37,6 +37,13 @@ TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # (``tune.py --layers 4 --variants gate_dot streamed_one_tile``; benchmarks/NOTES.md, "The stack's one-tile
 # schedule"). plan_stack_fwd is cached: clear its cache after changing this.
 STACK_ONE_TILE = False
+# The variants built without a GPU (this stack one-tile schedule, the backward chain's PREFETCH and
+# STACK_ONE_LOOP: backward_plans) take effect from this Triton on once switched on: under 3.4, the declared
+# floor, some of their planned builds spill on sm_90 where 3.6 and 3.9 compile them clean (compile_check.py
+# --variant …, every planned configuration): the stack's one-tile schedule 40 bytes (LSTM, H = 17, 16 × 32
+# tiles), the chain's prefetch 104-136 bytes in 16-bit (GRUs at H = 17 and 33, GRU stacks at H = 1024) and
+# 584-760 in fp32, its one loop 40-72 (GRU stacks at H = 17, fp16 LSTM stacks at H ≥ 2048).
+WITHOUT_GPU_VARIANTS_SINCE_TRITON = (3, 6)
 # Shared memory kept free of the resident estimate (the estimate leaves out small scratch buffers).
 RESIDENT_HEADROOM = 8 * 1024
 # Shared memory assumed under the interpreter, so that plans there are deterministic.
@@ -451,7 +458,7 @@ def plan_stack_fwd(
         return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, warps)
     plan = ForwardPlan(True, reason + ", one dot for the four gates", False, block_b, block_h, min(block_k, k_pad),
                        grid_h, grid_b, warps, gate_dot=True)
-    if STACK_ONE_TILE and one_tile_each(plan, B, H):
+    if STACK_ONE_TILE and TRITON_VERSION >= WITHOUT_GPU_VARIANTS_SINCE_TRITON and one_tile_each(plan, B, H):
         plan = dataclasses.replace(plan, streamed_one_tile=True, reason=plan.reason + ", one tile per program")
     return plan
 

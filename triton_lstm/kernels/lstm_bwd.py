@@ -385,7 +385,7 @@ def lstm_bwd_gate_grads(
         SPIN_LIMIT=common.BARRIER_SPIN_LIMIT,
         PEEPHOLE=w_ch is not None,
         CELL=cell,
-        PREFETCH=backward_plans.PREFETCH,
+        PREFETCH=backward_plans.chain_variants(dtype.itemsize, 1, cell, False, device.type != "cuda")[0],
         **options,
     )
     lengths_arg = lengths if lengths is not None else counter

@@ -103,6 +103,8 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
     # a stack's layers on a GPU (under the interpreter one program runs them top to bottom).
     grid = (tile_count(B, H, block_b, block_h), directions if directions > 1 else layers if device.type == "cuda" else 1)
     barrier_watch.check()
+    prefetch, one_loop = backward_plans.chain_variants(dtype.itemsize, layers, cell, dropout is not None,
+                                                       device.type != "cuda")
 
     def launch():
         _lstm_bwd_kernel[grid](
@@ -111,8 +113,7 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
             dropout[1] if dropout is not None else 1.0, T, B, T - 1, T, 0, H=H,
             HAS_LENGTHS=lengths is not None, USE_BARRIER=True, DOT_PRECISION=dot_precision(dtype), BLOCK_B=block_b,
             BLOCK_H=block_h, SPIN_LIMIT=common.BARRIER_SPIN_LIMIT, LAYERS=layers, DIRECTIONS=directions,
-            PEEPHOLE=w_ch is not None, CELL=cell, DROPOUT=dropout is not None, PREFETCH=backward_plans.PREFETCH,
-            ONE_LOOP=layers > 1 and dropout is None and backward_plans.STACK_ONE_LOOP,
+            PEEPHOLE=w_ch is not None, CELL=cell, DROPOUT=dropout is not None, PREFETCH=prefetch, ONE_LOOP=one_loop,
             launch_cooperative_grid=True, **options,
         )
         return True
