@@ -313,6 +313,17 @@ def _chain_variant(name: str, on: bool):
         setattr(backward_plans, name, previous)
 
 
+def _timed_chain(run, expected, tol, T, dtype, layers, device, prefetch, one_loop=False):
+    """``_timed_if_right`` of a chain ``run`` with its variants switched as asked — unless the launchers'
+    rules (``backward_plans.chain_variants``: Triton, dtype, a GRU stack's loops) leave one of them off
+    here: then (nan, a status that says so), rather than the plain chain's time under the variant's name."""
+    with _chain_variant("STACK_ONE_LOOP", one_loop), _chain_variant("PREFETCH", prefetch):
+        taken = backward_plans.chain_variants(dtype.itemsize, layers, "lstm", False, device != "cuda")
+        if taken != (prefetch, one_loop and layers > 1):
+            return float("nan"), "left off here by backward_plans.chain_variants"
+        return _timed_if_right(run, expected, tol, T)
+
+
 def _print_prefetch_ratios(timed: dict) -> None:
     """For each tile timed both ways (``timed``: (label, prefetch) -> µs per step), prefetch / plain."""
     for (label, prefetch), us in timed.items():
@@ -354,9 +365,8 @@ def tune_backward(T, B, I, H, dtype, budget_s, rows, variants=(), device="cuda")
             break
         label = f"bb{tiling[0]} bh{tiling[1]} bk{tiling[2]} w{tiling[3]}{' (default)' if tiling == default else ''}"
         for prefetch in (False, True) if "prefetch" in variants else (False,):
-            with _chain_variant("PREFETCH", prefetch):
-                us, status = _timed_if_right(lambda: run(tiling, "persistent"), expected,  # noqa: B023
-                                             3e-2 if dtype != torch.float32 else 1e-4, T)
+            us, status = _timed_chain(lambda: run(tiling, "persistent"), expected,  # noqa: B023
+                                      3e-2 if dtype != torch.float32 else 1e-4, T, dtype, 1, device, prefetch)
             _report(rows, "bwd", dtype, T, B, I, H, label + (" prefetch" if prefetch else ""), status, us)
             timed[(label, prefetch)] = us
     _print_prefetch_ratios(timed)
@@ -510,8 +520,7 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), 
     # The planner's tiles with the chain's variants: the prefetch, the one loop, both.
     for one_loop, prefetch in ((False, True), (True, False), (True, True)):
         if ("one_loop" in variants or not one_loop) and ("prefetch" in variants or not prefetch):
-            with _chain_variant("STACK_ONE_LOOP", one_loop), _chain_variant("PREFETCH", prefetch):
-                us, status = _timed_if_right(run, expected, 3e-2, T)
+            us, status = _timed_chain(run, expected, 3e-2, T, dtype, L, device, prefetch, one_loop)
             what = " + ".join(name for name, on in (("one loop", one_loop), ("prefetch", prefetch)) if on)
             _report(rows, f"stack{L} bwd", dtype, T, B, I, H, f"planner {what}", status, us)
             print(f"  {what} / plain: {us / planned_us:.3f}", flush=True)
@@ -529,8 +538,8 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), 
                         return
                     tiling = (bb, bh, bk, warps)
                     for prefetch in (False, True) if "prefetch" in variants else (False,):
-                        with _chain_variant("PREFETCH", prefetch):
-                            us, status = _timed_if_right(lambda: run(tiling) or (None,), expected, 3e-2, T)  # noqa: B023
+                        us, status = _timed_chain(lambda: run(tiling) or (None,), expected, 3e-2, T,  # noqa: B023
+                                                  dtype, L, device, prefetch)
                         label = f"bb{bb} bh{bh} bk{bk} w{warps}"
                         _report(rows, f"stack{L} bwd", dtype, T, B, I, H, label + (" prefetch" if prefetch else ""),
                                 status, us)

@@ -279,6 +279,35 @@ def test_tune_times_the_resident_gate_dot_twin_third(monkeypatch, capsys):
     assert streamed["plan"].reason == "default" and not streamed["plan"].resident
 
 
+def test_tune_does_not_time_a_chain_variant_the_rules_leave_off(monkeypatch):
+    """A chain variant that ``backward_plans.chain_variants`` leaves off for the launch (fp32 chains, Triton
+    3.4, …) is reported as such, never timed under its name (it would time the plain chain); where the
+    rules take it, the chain is timed with it on, and the switches are restored afterwards."""
+    import math
+
+    import torch
+
+    from triton_lstm.kernels import backward_plans, forward_plans
+
+    tune = benchmark_script("tune")
+    monkeypatch.setattr(forward_plans, "TRITON_VERSION", (3, 6))
+    ran = []
+
+    def run():
+        ran.append(backward_plans.chain_variants(2, 4, "lstm", False, False))
+        return (torch.zeros(1),)
+
+    monkeypatch.setattr(tune, "_timed_if_right", lambda run, *args: (run(), (1.0, "ok"))[1])
+    us, status = tune._timed_chain(run, None, 3e-2, 8, torch.float32, 1, "cuda", True)
+    assert math.isnan(us) and "left off" in status and not ran
+    assert tune._timed_chain(run, None, 3e-2, 8, torch.bfloat16, 4, "cuda", True, True) == (1.0, "ok")
+    assert ran == [(True, True)]
+    monkeypatch.setattr(forward_plans, "TRITON_VERSION", (3, 4))
+    assert "left off" in tune._timed_chain(run, None, 3e-2, 8, torch.bfloat16, 4, "cuda", True)[1]
+    assert tune._timed_chain(run, None, 3e-2, 8, torch.float32, 1, "cpu", True) == (1.0, "ok"), "the interpreter"
+    assert backward_plans.PREFETCH is False and backward_plans.STACK_ONE_LOOP is False
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the scripts would run, not stop at the missing CUDA")
 def test_gpu_check_passes_each_script_arguments_it_accepts(tmp_path, capsys):
     """``DRY_RUN=1 bash benchmarks/gpu_check.sh`` with every stage switched on lists each stage's command:
