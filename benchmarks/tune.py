@@ -49,8 +49,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import triton_lstm  # noqa: E402
+from triton_lstm.benchmark import exit_on_sigterm  # noqa: E402
 from triton_lstm.benchmark_cases import ANCHOR_CASES, DTYPES  # noqa: E402
-from triton_lstm.kernels import backward_plans, forward_plans  # noqa: E402
+from triton_lstm.kernels import backward_plans, common, forward_plans  # noqa: E402
 from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd  # noqa: E402
 from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads  # noqa: E402
@@ -127,17 +128,21 @@ VARIANTS = {"gate_dot": "gate dot", "input_ahead": "input ahead", "streamed_one_
             "fused_input": "fused input"}
 
 
-def _with_variants(plans, dtype, variants, single_layer=False):
+def _with_variants(plans, dtype, variants, single_layer=False, shape=None):
     """``plans``, each followed by the same plan with every combination of ``variants`` (ForwardPlan
     fields) that applies to it switched on: fp32 keeps four dots, the plain streamed schedule and the
     projection GEMM (all spill there, or fall back), resident plans run the one-tile schedule anyway (no
     ``streamed_one_tile``), and so does every plan with the input product in the kernel. For one layer
-    (``single_layer``) the input product ahead exists only with ``fused_input``."""
+    (``single_layer``) the input product ahead exists only with ``fused_input``. With ``shape`` (B, H), the
+    one-tile schedule and the input product ahead only where each program owns one tile: elsewhere the
+    launch runs the plain schedule, and the "variant" timed would be the plain plan again."""
     result = []
     for plan in plans:
+        one_tile = shape is None or forward_plans.one_tile_each(plan, *shape)
         names = [name for name in variants
                  if not (name in ("gate_dot", "streamed_one_tile", "fused_input") and dtype == torch.float32)
-                 and not (name == "streamed_one_tile" and plan.resident)]
+                 and not (name == "streamed_one_tile" and plan.resident)
+                 and not (name in ("streamed_one_tile", "input_ahead") and not one_tile)]
         combinations = [combo for size in range(1, len(names) + 1) for combo in itertools.combinations(names, size)
                         if not ("fused_input" in combo and "streamed_one_tile" in combo)
                         and not (single_layer and "input_ahead" in combo and "fused_input" not in combo)]
@@ -148,6 +153,18 @@ def _with_variants(plans, dtype, variants, single_layer=False):
 def _plain(plan):
     """``plan`` with no variant on."""
     return dataclasses.replace(plan, **dict.fromkeys(VARIANTS, False))
+
+
+def _unique(plans):
+    """``plans`` without the repeats that differ in their reason alone (the planner's plan among the
+    candidates), in order."""
+    seen, result = set(), []
+    for plan in plans:
+        key = dataclasses.replace(plan, reason="")
+        if key not in seen:
+            seen.add(key)
+            result.append(plan)
+    return result
 
 
 def _as_planned(candidates, variants):
@@ -230,7 +247,7 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
     start = time.monotonic()
     results, timed = [], {}
     candidates = _forward_candidates(B, H, projected.element_size(), num_sms, gates, shared)
-    plans = _with_variants(_as_planned(candidates, variants), dtype, variants, single_layer=True)
+    plans = _with_variants(_as_planned(candidates, variants), dtype, variants, single_layer=True, shape=(B, H))
     twin = _resident_twin(plans, H, projected.element_size(), shared) if "gate_dot" in variants else None
     for plan in plans:
         if time.monotonic() - start > budget_s:
@@ -382,6 +399,9 @@ def _timed_if_right(run, expected, tol, T):
     """(µs per step, status) of ``run``: timed only if its first result is within ``tol`` (relative)."""
     try:
         got = run()[0].float()
+        if got.is_cuda:  # a grid barrier that gave up is this candidate's, not the next one's to report
+            torch.cuda.synchronize()
+            common.barrier_watch.check()
         error = (got - expected).abs().max().item() / max(1.0, expected.abs().max().item())
         if not error <= tol:
             return float("nan"), f"WRONG (rel error {error:.3g})"
@@ -427,9 +447,12 @@ def tune_stack_forward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), d
         if bb <= max(16, 1 << (B - 1).bit_length()):
             grid_b = max(1, min(-(-B // bb), budget // grid_h))
             candidates.append(forward_plans.ForwardPlan(True, "streamed", False, bb, bh, min(bk, k_pad), grid_h, grid_b, warps))
+    planned = _unique(_as_planned(candidates, variants))
+    if "streamed_one_tile" in variants:  # the plans it applies to first (resident tiles run their own schedule)
+        planned = planned[:1] + sorted(planned[1:], key=lambda plan: plan.resident)
     start = time.monotonic()
     timed = {}
-    for plan in _with_variants(dict.fromkeys(_as_planned(candidates, variants)), dtype, variants):
+    for plan in _with_variants(planned, dtype, variants, shape=(B, H)):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
@@ -479,7 +502,7 @@ def tune_bidirectional_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", v
         candidates.append(dataclasses.replace(default, reason="16-unit hidden blocks", block_h=16, grid_h=grid_h,
                                               grid_b=max(1, min(-(-B // 16), max(1, num_sms // 2) // grid_h))))
     start, timed = time.monotonic(), {}
-    for plan in _with_variants(candidates, dtype, variants):
+    for plan in _with_variants(candidates, dtype, variants, shape=(B, H)):
         if time.monotonic() - start > budget_s:
             print(f"  budget of {budget_s} s spent; remaining candidates skipped")
             break
@@ -496,6 +519,7 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), 
 
     L = layers
     num_sms = _device_limits(device, layers)[0]
+    start = time.monotonic()  # the budget counts the planner's rows too: --budget-s 1 leaves the tile sweep out
     torch.manual_seed(0)
     gates = torch.rand(L, T, B, 4 * H, device=device).to(dtype)
     gates[..., 2 * H:3 * H] = gates[..., 2 * H:3 * H] * 2 - 1  # g in (-1, 1)
@@ -525,7 +549,7 @@ def tune_stack_backward(T, B, I, H, layers, dtype, budget_s, rows, variants=(), 
             _report(rows, f"stack{L} bwd", dtype, T, B, I, H, f"planner {what}", status, us)
             print(f"  {what} / plain: {us / planned_us:.3f}", flush=True)
     budget = num_sms // L
-    start, timed = time.monotonic(), {}
+    timed = {}
     for bb in (16, 32, 64):
         for bh in (16, 32, 64):
             for bk in (32, 64, 128):
@@ -567,6 +591,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a stage cut at its limit still writes its CSV (the finally below)
     if args.cell == "gru" and (args.layers > 1 or args.mode != ["fwd"]):
         parser.error("--cell gru sweeps one layer's forward: give --mode fwd and no --layers")
     if args.bidirectional and (args.layers > 1 or args.mode != ["fwd"]):

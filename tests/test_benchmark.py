@@ -30,6 +30,39 @@ def test_benchmark_dry_run_writes_the_csv(tmp_path):
     assert (csv_path.parent / "versions.txt").exists()
 
 
+def test_a_benchmark_cut_short_still_writes_what_it_measured(tmp_path, monkeypatch):
+    """A run stopped part way (gpu_check.sh's stage limit sends SIGTERM, which ``exit_on_sigterm`` turns into
+    SystemExit; or an error) writes the rows measured so far, its summary marked as cut short, and stops
+    with the same exit."""
+    import signal
+
+    from triton_lstm import benchmark
+
+    calls, real = [], benchmark._workload
+
+    def workload(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)  # the handler raises SystemExit here
+        return real(*args)
+
+    def unhandled(signum, frame):
+        raise RuntimeError("the benchmark left SIGTERM to Python's default (exit at once, nothing written)")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)  # what main must replace
+    monkeypatch.setattr(benchmark, "_workload", workload)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            benchmark.main(["--dry-run", "--out", str(tmp_path), "--no-plots"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    (csv_path,) = tmp_path.rglob("results.csv")
+    with open(csv_path, newline="") as handle:
+        assert len(list(csv.reader(handle))) == 1 + 2, "the two measurements before the stop"
+    assert "cut short after 2 of" in (csv_path.parent / "summary.md").read_text()
+
+
 def test_benchmark_times_the_peephole_lstm_when_asked(tmp_path, capsys):
     from triton_lstm import benchmark
 
@@ -142,6 +175,27 @@ def test_tune_times_each_plan_with_its_variants(capsys):
     assert "gate dot + input ahead / plain: 7.00 / 10.00 us/step = 0.700" in lines[2], lines
 
 
+def test_tune_times_the_one_tile_variants_only_where_they_run():
+    """With the shape, the one-tile schedule and the input product ahead are asked only of plans whose
+    programs own one tile each (elsewhere the launch runs the plain schedule: the "variant" would time the
+    plain plan under its name); repeats of a plan that differ in their reason alone are timed once."""
+    import dataclasses
+
+    import torch
+
+    from triton_lstm.kernels.forward_plans import ForwardPlan
+
+    tune = benchmark_script("tune")
+    owns_one = ForwardPlan(True, "a", False, 64, 16, 64, 32, 1, 8)  # B = 64, H = 512: 32 × 1 programs, one tile each
+    owns_two = ForwardPlan(True, "b", False, 32, 16, 64, 32, 1, 4)  # two batch blocks per program
+    variants = ["gate_dot", "streamed_one_tile", "input_ahead"]
+    planned = tune._with_variants([owns_one, owns_two], torch.bfloat16, variants, shape=(64, 512))
+    assert any(plan.streamed_one_tile for plan in planned) and any(plan.input_ahead for plan in planned)
+    assert not any(plan.streamed_one_tile or plan.input_ahead for plan in planned if plan.block_b == 32)
+    assert [plan for plan in planned if plan.block_b == 32] == [owns_two, dataclasses.replace(owns_two, gate_dot=True)]
+    assert tune._unique([owns_one, dataclasses.replace(owns_one, reason="default"), owns_two]) == [owns_one, owns_two]
+
+
 @interpreter_only
 @pytest.mark.parametrize("cell,layers", [("lstm", 1), ("gru", 1), ("lstm", 2)])
 def test_tune_sweeps_the_fused_input_variant_on_the_interpreter(cell, layers, monkeypatch, capsys):
@@ -197,13 +251,24 @@ def test_tune_sweeps_the_stack_chain_variants_on_the_interpreter(monkeypatch, ca
 
     from triton_lstm.kernels import backward_plans
 
+    import types
+
     tune = benchmark_script("tune")
-    monkeypatch.setattr(tune, "_bench", lambda fn: (fn(), 1.0)[1])
+    clock = [0.0]  # each timing takes a second of a fake clock: the planner's four rows spend the 2.5-s budget
+
+    def bench(fn):
+        fn()
+        clock[0] += 1.0
+        return 1.0
+
+    monkeypatch.setattr(tune, "_bench", bench)
+    monkeypatch.setattr(tune, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     rows = []
-    tune.tune_stack_backward(3, 4, 16, 16, 4, torch.float16, 0.0, rows, ["prefetch", "one_loop"], device="cpu")
+    tune.tune_stack_backward(3, 4, 16, 16, 4, torch.float16, 2.5, rows, ["prefetch", "one_loop"], device="cpu")
     planner = [(row["candidate"], row["status"]) for row in rows if row["candidate"].startswith("planner")]
     assert planner == [("planner", "ok"), ("planner prefetch", "ok"), ("planner one loop", "ok"),
                        ("planner one loop + prefetch", "ok")], rows
+    assert len(rows) == len(planner), "a budget spent by the planner's rows leaves the tile sweep out"
     assert "one loop + prefetch / plain: 1.000" in capsys.readouterr().out
     assert backward_plans.STACK_ONE_LOOP is False and backward_plans.PREFETCH is False
 

@@ -25,9 +25,11 @@ import csv
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -333,6 +335,14 @@ def _write_versions(folder: Path, device: str, argv) -> None:
 
 # --- Entry point ------------------------------------------------------------------------------------
 
+def exit_on_sigterm() -> None:
+    """Makes SIGTERM (``timeout`` ending a stage of benchmarks/gpu_check.sh at its limit) raise SystemExit,
+    so that ``finally`` blocks still write what was measured before the stage was cut (Python's default
+    for SIGTERM exits at once). Only from the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv=None) -> int:
     """``triton-lstm bench``: returns 0 on success; exits with status 2 and a message without CUDA."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -365,10 +375,12 @@ def run(args, argv) -> int:
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    rows = []
+    exit_on_sigterm()
+    rows, planned, finished = [], 0, False
     try:
         plan = _plan(args)
-        print(f"{sum(len(p) for *_, p in plan)} measurements on {device_name}; results in {folder}")
+        planned = sum(len(p) for *_, p in plan)
+        print(f"{planned} measurements on {device_name}; results in {folder}")
         for mode, dtype_name, case, providers in plan:
             if args.plan and "triton_lstm" in providers:
                 print(f"  plan   {dtype_name} {case.label:28} {describe_path(case, DTYPES[dtype_name], device)}", flush=True)
@@ -383,9 +395,20 @@ def run(args, argv) -> int:
                 rows.append({key: str(value) for key, value in row.items()})
                 print(f"  {mode:6} {dtype_name} {case.label:28} {provider:11} {ms * 1e3 / case.T:9.2f} us/step  peak {peak_mb:.0f} MiB", flush=True)
                 del fn, leaves
+        finished = True
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+        # Also when the run was cut (a stage's time limit, an error): what was measured so far, so marked.
+        if finished or rows:
+            _write_results(folder, rows, device_name, argv, args, on_cpu,
+                           None if finished else f"cut short after {len(rows)} of {planned} measurements")
+    return 0
 
+
+def _write_results(folder: Path, rows: list[dict], device_name: str, argv, args, on_cpu: bool,
+                   cut_short: str | None) -> None:
+    """results.csv, versions.txt, summary.md (marked when the run was ``cut_short``) and, for a whole
+    run, the plots."""
     with open(folder / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -397,14 +420,13 @@ def run(args, argv) -> int:
         timing = "CPU, one thread, torch.utils.benchmark medians; the cudnn column is nn.LSTM on the CPU"
     else:
         timing = "median of triton.testing.do_bench"
-    summary = summary_markdown(rows, timing)
+    summary = summary_markdown(rows, timing + (f"; {cut_short}" if cut_short else ""))
     (folder / "summary.md").write_text(summary)
     print(summary)
-    if not args.no_plots:
+    if not args.no_plots and not cut_short:
         for path in plot_results(rows, folder):
             print(f"wrote {path}")
     print(f"wrote {folder / 'results.csv'}")
-    return 0
 
 
 if __name__ == "__main__":
