@@ -373,6 +373,17 @@ def test_tune_does_not_time_a_chain_variant_the_rules_leave_off(monkeypatch):
     assert backward_plans.PREFETCH is False and backward_plans.STACK_ONE_LOOP is False
 
 
+@interpreter_only
+def test_projection_timing_reports_each_case_and_goes_on():
+    """``gpu_smoke.py --projection-timing`` yields a line per case as it ends, and a case that fails (here:
+    no CUDA) is reported and the next one still runs, so that a stage cut at its limit or one bad case
+    keeps the lines measured before it."""
+    gpu_smoke = benchmark_script("gpu_smoke")
+    cases = ((8, 2, 4, 8, 4, False, 2), (8, 2, 4, 8, 4, True, 1))
+    lines = list(gpu_smoke.projection_timing(cases))
+    assert len(lines) == 2 and all(line.startswith(f"proj {case}: ") for line, case in zip(lines, cases)), lines
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the scripts would run, not stop at the missing CUDA")
 def test_gpu_check_passes_each_script_arguments_it_accepts(tmp_path, capsys):
     """``DRY_RUN=1 bash benchmarks/gpu_check.sh`` with every stage switched on lists each stage's command:
