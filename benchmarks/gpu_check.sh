@@ -87,7 +87,8 @@ export PYTHONUNBUFFERED=1
 
 # Does each anchor shape's plan fit, launch and agree with cuDNN (and it warms Triton's cache). If not,
 # nothing after it would mean much.
-# Exit 3: only the GRU's checks failed; the LSTM's stages still run.
+# Exit 3: a check FAILED (a plan that did not run or disagrees, an error past gpu_smoke.py's bounds, the GRU's):
+# reported, and the later stages still run; any other failure stops here.
 # SMOKE=0 leaves both smoke stages out: only for a later call on the same warm machine whose first call
 # passed them.
 if [ "${SMOKE:-1}" = "1" ]; then
