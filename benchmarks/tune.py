@@ -594,7 +594,6 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=60.0, help="seconds per shape and mode")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
-    exit_on_sigterm()  # a stage cut at its limit still writes its CSV (the finally below)
     if args.cell == "gru" and (args.layers > 1 or args.mode != ["fwd"]):
         parser.error("--cell gru sweeps one layer's forward: give --mode fwd and no --layers")
     if args.bidirectional and (args.layers > 1 or args.mode != ["fwd"]):
@@ -603,33 +602,34 @@ def main(argv=None) -> int:
         parser.exit(2, "tune.py needs a CUDA GPU\n")
     shapes = [tuple(s) for s in args.shape] + ([(c.T, c.B, c.I, c.H) for c in ANCHOR_CASES] if args.anchors else [])
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    rows = []
-    try:
-        for dtype in args.dtype:
-            for T, B, I, H in shapes:
-                T = min(T, args.max_T)
-                for mode in args.mode:
-                    forward_variants = [name for name in args.variants if name in VARIANTS]
-                    if args.layers > 1:
-                        if mode == "fwd":
-                            tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows,
-                                               forward_variants)
-                        else:
-                            tune_stack_backward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows,
-                                                args.variants)
-                    elif args.bidirectional:
-                        tune_bidirectional_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell,
+    with exit_on_sigterm():  # a stage cut at its limit still writes its CSV (the finally below)
+        rows = []
+        try:
+            for dtype in args.dtype:
+                for T, B, I, H in shapes:
+                    T = min(T, args.max_T)
+                    for mode in args.mode:
+                        forward_variants = [name for name in args.variants if name in VARIANTS]
+                        if args.layers > 1:
+                            if mode == "fwd":
+                                tune_stack_forward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows,
                                                    forward_variants)
-                    elif mode == "fwd":
-                        tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell, forward_variants)
-                    else:
-                        tune_backward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.variants)
-    finally:
-        if args.csv and rows:
-            with open(args.csv, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+                            else:
+                                tune_stack_backward(T, B, I, H, args.layers, DTYPES[dtype], args.budget_s, rows,
+                                                    args.variants)
+                        elif args.bidirectional:
+                            tune_bidirectional_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell,
+                                                       forward_variants)
+                        elif mode == "fwd":
+                            tune_forward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.cell, forward_variants)
+                        else:
+                            tune_backward(T, B, I, H, DTYPES[dtype], args.budget_s, rows, args.variants)
+        finally:
+            if args.csv and rows:
+                with open(args.csv, "w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                    writer.writeheader()
+                    writer.writerows(rows)
     return 0
 
 

@@ -33,7 +33,7 @@ def test_benchmark_dry_run_writes_the_csv(tmp_path):
 def test_a_benchmark_cut_short_still_writes_what_it_measured(tmp_path, monkeypatch):
     """A run stopped part way (gpu_check.sh's stage limit sends SIGTERM, which ``exit_on_sigterm`` turns into
     SystemExit; or an error) writes the rows measured so far, its summary marked as cut short, and stops
-    with the same exit."""
+    with the same exit; the SIGTERM handler from before the run is back after it."""
     import signal
 
     from triton_lstm import benchmark
@@ -54,6 +54,7 @@ def test_a_benchmark_cut_short_still_writes_what_it_measured(tmp_path, monkeypat
     try:
         with pytest.raises(SystemExit) as stopped:
             benchmark.main(["--dry-run", "--out", str(tmp_path), "--no-plots"])
+        assert signal.getsignal(signal.SIGTERM) is unhandled, "the handler from before the run, restored"
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.code == 128 + signal.SIGTERM

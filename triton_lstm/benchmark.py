@@ -21,6 +21,7 @@ in ``benchmark_report.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
@@ -335,12 +336,20 @@ def _write_versions(folder: Path, device: str, argv) -> None:
 
 # --- Entry point ------------------------------------------------------------------------------------
 
-def exit_on_sigterm() -> None:
-    """Makes SIGTERM (``timeout`` ending a stage of benchmarks/gpu_check.sh at its limit) raise SystemExit,
-    so that ``finally`` blocks still write what was measured before the stage was cut (Python's default
-    for SIGTERM exits at once). Only from the main thread, where Python runs signal handlers."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """Within it, SIGTERM (``timeout`` ending a stage of benchmarks/gpu_check.sh at its limit) raises
+    SystemExit, so that ``finally`` blocks still write what was measured before the stage was cut (Python's
+    default for SIGTERM exits at once); the previous handler is restored after. Only on the main thread,
+    where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None) -> int:
@@ -375,33 +384,33 @@ def run(args, argv) -> int:
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    exit_on_sigterm()
-    rows, planned, finished = [], 0, False
-    try:
-        plan = _plan(args)
-        planned = sum(len(p) for *_, p in plan)
-        print(f"{planned} measurements on {device_name}; results in {folder}")
-        for mode, dtype_name, case, providers in plan:
-            if args.plan and "triton_lstm" in providers:
-                print(f"  plan   {dtype_name} {case.label:28} {describe_path(case, DTYPES[dtype_name], device)}", flush=True)
-            for provider in providers:
-                if provider == "cell_loop" and case.T > args.cell_loop_max_steps:
-                    continue
-                fn, leaves = _workload(provider, mode, DTYPES[dtype_name], case, device)
-                ms, peak_mb = _time_cpu(fn, leaves) if on_cpu else _time_gpu(fn, leaves, args.warmup, args.rep)
-                row = dict(device=device_name, torch=torch.__version__, triton=triton_version, provider=provider, mode=mode,
-                           dtype=dtype_name, T=case.T, B=case.B, I=case.I, H=case.H, layers=case.layers,
-                           bidirectional=case.bidirectional, ms=f"{ms:.6g}", peak_mb=f"{peak_mb:.1f}")
-                rows.append({key: str(value) for key, value in row.items()})
-                print(f"  {mode:6} {dtype_name} {case.label:28} {provider:11} {ms * 1e3 / case.T:9.2f} us/step  peak {peak_mb:.0f} MiB", flush=True)
-                del fn, leaves
-        finished = True
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
-        # Also when the run was cut (a stage's time limit, an error): what was measured so far, so marked.
-        if finished or rows:
-            _write_results(folder, rows, device_name, argv, args, on_cpu,
-                           None if finished else f"cut short after {len(rows)} of {planned} measurements")
+    with exit_on_sigterm():
+        rows, planned, finished = [], 0, False
+        try:
+            plan = _plan(args)
+            planned = sum(len(p) for *_, p in plan)
+            print(f"{planned} measurements on {device_name}; results in {folder}")
+            for mode, dtype_name, case, providers in plan:
+                if args.plan and "triton_lstm" in providers:
+                    print(f"  plan   {dtype_name} {case.label:28} {describe_path(case, DTYPES[dtype_name], device)}", flush=True)
+                for provider in providers:
+                    if provider == "cell_loop" and case.T > args.cell_loop_max_steps:
+                        continue
+                    fn, leaves = _workload(provider, mode, DTYPES[dtype_name], case, device)
+                    ms, peak_mb = _time_cpu(fn, leaves) if on_cpu else _time_gpu(fn, leaves, args.warmup, args.rep)
+                    row = dict(device=device_name, torch=torch.__version__, triton=triton_version, provider=provider, mode=mode,
+                               dtype=dtype_name, T=case.T, B=case.B, I=case.I, H=case.H, layers=case.layers,
+                               bidirectional=case.bidirectional, ms=f"{ms:.6g}", peak_mb=f"{peak_mb:.1f}")
+                    rows.append({key: str(value) for key, value in row.items()})
+                    print(f"  {mode:6} {dtype_name} {case.label:28} {provider:11} {ms * 1e3 / case.T:9.2f} us/step  peak {peak_mb:.0f} MiB", flush=True)
+                    del fn, leaves
+            finished = True
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+            # Also when the run was cut (a stage's time limit, an error): what was measured so far, so marked.
+            if finished or rows:
+                _write_results(folder, rows, device_name, argv, args, on_cpu,
+                               None if finished else f"cut short after {len(rows)} of {planned} measurements")
     return 0
 
 
