@@ -538,6 +538,38 @@ def test_barrier_that_is_never_reached_raises_instead_of_hanging(monkeypatch):
             common.barrier_watch.check()
 
 
+def test_a_refused_build_is_remembered_alone(monkeypatch):
+    """The per-step fallback after a refused (or too large) build is kept for that build only: another build
+    of the same tile (other K chunks) still tries its persistent launch (the tuning sweep times it)."""
+    real_kernel = lstm_bwd_module._lstm_bwd_kernel
+    tries = []
+
+    class RefusingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs.get("launch_cooperative_grid"):
+                    tries.append(kwargs["BLOCK_K"])
+                    if kwargs["BLOCK_K"] == 64:
+                        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+                return real_kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(lstm_bwd_module, "_lstm_bwd_kernel", RefusingKernel())
+    monkeypatch.setattr(lstm_bwd_module, "_per_step_after_failure", set())
+    T, B, H = 4, 3, 17
+    gates = torch.rand(T, B, 4 * H, device=KERNEL_DEVICE)
+    c_all = torch.randn(T + 1, B, H, device=KERNEL_DEVICE)
+    w_hh = torch.randn(4 * H, H, device=KERNEL_DEVICE) * 0.3
+    grads = [torch.randn(*shape, device=KERNEL_DEVICE) for shape in ((T, B, H), (B, H), (B, H))]
+    results = [lstm_bwd_module.lstm_bwd_gate_grads(*grads, w_hh, None, [(0, gates, c_all)], "persistent",
+                                                   (16, 32, block_k, 4))[0]
+               for block_k in (64, 32, 64, 32)]
+    assert tries == [64, 32, 32], "the refused build runs per step from then on, the other build as planned"
+    for result in results[1:]:
+        torch.testing.assert_close(result, results[0], rtol=1e-5, atol=1e-6)
+
+
 def test_refused_cooperative_launch_runs_per_step_and_is_remembered(monkeypatch):
     real_kernel = lstm_bwd_module._lstm_bwd_kernel
     cooperative_tries = []

@@ -373,9 +373,6 @@ def lstm_bwd_gate_grads(
         schedule = "per_step" if schedule == "per_step" else "persistent"
         options = dict(BLOCK_K=block_k, num_warps=num_warps)
     grid = (tile_count(B, H, block_b, block_h),)
-    downgrade_key = (H, block_b, block_h, grid[0], dtype, device)
-    if schedule == "persistent" and downgrade_key in _per_step_after_failure:
-        schedule = "per_step"
     launch = dict(
         H=H,
         HAS_LENGTHS=lengths is not None,
@@ -388,6 +385,11 @@ def lstm_bwd_gate_grads(
         PREFETCH=backward_plans.chain_variants(dtype.itemsize, 1, cell, False, device.type != "cuda")[0],
         **options,
     )
+    # A build that did not fit or was refused runs per step from then on; the key is the whole build (its
+    # grid and every constexpr), so that another build of the same tile (chunks, warps, PREFETCH) still tries.
+    downgrade_key = (grid[0], dtype, device, tuple(sorted(launch.items())))
+    if schedule == "persistent" and downgrade_key in _per_step_after_failure:
+        schedule = "per_step"
     lengths_arg = lengths if lengths is not None else counter
     for t0, gates, c in segments:
         L = gates.shape[0]
