@@ -91,6 +91,31 @@ def record_launches(monkeypatch, modules, kernel_name: str, *options: str) -> li
     return seen
 
 
+def refuse_cooperative_launches(monkeypatch, refuse=lambda launch: True) -> list[dict]:
+    """Makes the driver "refuse" the backward chain's cooperative launches where ``refuse(keyword
+    arguments)`` holds (the error a grid too large to be co-resident raises; the other launches run); returns
+    the keyword arguments of every cooperative launch tried, filled as the test runs. Starts with no
+    remembered fallbacks."""
+    from triton_lstm.kernels import lstm_bwd
+
+    real_kernel, tried = lstm_bwd._lstm_bwd_kernel, []
+
+    class RefusingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs.get("launch_cooperative_grid"):
+                    tried.append(kwargs)
+                    if refuse(kwargs):
+                        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+                return real_kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(lstm_bwd, "_lstm_bwd_kernel", RefusingKernel())
+    monkeypatch.setattr(lstm_bwd, "_per_step_after_failure", set())
+    return tried
+
+
 def break_fused_backward(monkeypatch, how: str, module, whole_module_chain: str) -> None:
     """Makes the modules skip a whole-module fused backward: ``how`` "reference" (backward="reference")
     or "no-fit" (``module.whole_module_chain`` reports that its launch cannot run)."""

@@ -295,24 +295,11 @@ def test_tune_reports_a_backward_tile_that_fell_back_to_per_step(monkeypatch):
     """A tile whose persistent launch was refused (or did not fit) runs per step; the sweep says so rather
     than time the per-step kernel under the tile's name."""
     import torch
-
-    from triton_lstm.kernels import lstm_bwd
+    from helpers import refuse_cooperative_launches
 
     tune = benchmark_script("tune")
     monkeypatch.setattr(tune, "_bench", lambda fn: (fn(), 1.0)[1])
-    real_kernel = lstm_bwd._lstm_bwd_kernel
-
-    class RefusingWideChunks:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if kwargs.get("launch_cooperative_grid") and kwargs["BLOCK_K"] == 128:
-                    raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
-                return real_kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(lstm_bwd, "_lstm_bwd_kernel", RefusingWideChunks())
-    monkeypatch.setattr(lstm_bwd, "_per_step_after_failure", set())
+    refuse_cooperative_launches(monkeypatch, lambda launch: launch["BLOCK_K"] == 128)
     rows = []
     tune.tune_backward(3, 4, 16, 16, torch.float16, 60.0, rows, device="cpu")
     wide = [row for row in rows if " bk128 " in row["candidate"] + " "]

@@ -23,6 +23,7 @@ from helpers import (
     assert_error_within_pytorch,
     max_error,
     record_launches,
+    refuse_cooperative_launches,
     requires_cuda,
 )
 from test_modules import Case
@@ -541,22 +542,7 @@ def test_barrier_that_is_never_reached_raises_instead_of_hanging(monkeypatch):
 def test_a_refused_build_is_remembered_alone(monkeypatch):
     """The per-step fallback after a refused (or too large) build is kept for that build only: another build
     of the same tile (other K chunks) still tries its persistent launch (the tuning sweep times it)."""
-    real_kernel = lstm_bwd_module._lstm_bwd_kernel
-    tries = []
-
-    class RefusingKernel:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if kwargs.get("launch_cooperative_grid"):
-                    tries.append(kwargs["BLOCK_K"])
-                    if kwargs["BLOCK_K"] == 64:
-                        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
-                return real_kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(lstm_bwd_module, "_lstm_bwd_kernel", RefusingKernel())
-    monkeypatch.setattr(lstm_bwd_module, "_per_step_after_failure", set())
+    tried = refuse_cooperative_launches(monkeypatch, lambda launch: launch["BLOCK_K"] == 64)
     T, B, H = 4, 3, 17
     gates = torch.rand(T, B, 4 * H, device=KERNEL_DEVICE)
     c_all = torch.randn(T + 1, B, H, device=KERNEL_DEVICE)
@@ -565,30 +551,17 @@ def test_a_refused_build_is_remembered_alone(monkeypatch):
     results = [lstm_bwd_module.lstm_bwd_gate_grads(*grads, w_hh, None, [(0, gates, c_all)], "persistent",
                                                    (16, 32, block_k, 4))[0]
                for block_k in (64, 32, 64, 32)]
-    assert tries == [64, 32, 32], "the refused build runs per step from then on, the other build as planned"
+    assert [launch["BLOCK_K"] for launch in tried] == [64, 32, 32], \
+        "the refused build runs per step from then on, the other build as planned"
     for result in results[1:]:
         torch.testing.assert_close(result, results[0], rtol=1e-5, atol=1e-6)
 
 
 def test_refused_cooperative_launch_runs_per_step_and_is_remembered(monkeypatch):
-    real_kernel = lstm_bwd_module._lstm_bwd_kernel
-    cooperative_tries = []
-
-    class RefusingKernel:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if kwargs.get("launch_cooperative_grid"):
-                    cooperative_tries.append(1)
-                    raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
-                return real_kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(lstm_bwd_module, "_lstm_bwd_kernel", RefusingKernel())
-    monkeypatch.setattr(lstm_bwd_module, "_per_step_after_failure", set())
+    tried = refuse_cooperative_launches(monkeypatch)
     inputs, lengths, grads = _case(5, 3, 4, 17, torch.float32, KERNEL_DEVICE, ragged=True, seed=4)
     for _ in range(2):
         fused, reference, _ = _both_backwards(inputs, lengths, grads, schedule="persistent")
         for name in GRAD_NAMES:
             torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-5)
-    assert cooperative_tries == [1], "the refused grid is not launched again"
+    assert len(tried) == 1, "the refused grid is not launched again"
