@@ -31,24 +31,19 @@ def chain_variants(element_size: int, layers: int, cell: str, dropout: bool, int
     The one loop where ``STACK_ONE_LOOP`` is on, on stacks without dropout (its mask applies to the product
     from above alone); the prefetch where ``PREFETCH`` is on. On a GPU only where every planned build
     compiles without spills on sm_90 (compile_check.py --kernel bwd|stack|bidir --variant prefetch|one-loop):
-    on a Triton that compiles them clean (``_variants_compile_clean``); the prefetch on 16-bit chains (fp32
-    GRU chains spilled 40-64 bytes under Triton 3.6 at H = 33 and 100), without dropout (40 bytes at six
-    stacked chains under 3.9), and on a GRU stack only with the one loop (with two loops a 4-layer chain at
-    H = 1024 spilled 40 bytes under 3.6; with one, every GRU stack compiles clean). Under the interpreter,
-    wherever switched on."""
+    on a Triton that compiles them clean (``forward_plans.without_gpu_variants_compile_clean``); the prefetch
+    on 16-bit chains (fp32 GRU chains spilled 40-64 bytes under Triton 3.6 at H = 33 and 100), without
+    dropout (40 bytes at six stacked chains under 3.9), and on a GRU stack only with the one loop (with two
+    loops a 4-layer chain at H = 1024 spilled 40 bytes under 3.6; with one, every GRU stack compiles clean).
+    Under the interpreter, wherever switched on."""
     one_loop = STACK_ONE_LOOP and layers > 1 and not dropout
     if interpret:
         return PREFETCH, one_loop
-    one_loop = one_loop and _variants_compile_clean()
-    prefetch = (PREFETCH and element_size == 2 and not dropout and _variants_compile_clean()
+    compile_clean = forward_plans.without_gpu_variants_compile_clean()
+    one_loop = one_loop and compile_clean
+    prefetch = (PREFETCH and element_size == 2 and not dropout and compile_clean
                 and (one_loop or cell != "gru" or layers == 1))
     return prefetch, one_loop
-
-
-def _variants_compile_clean() -> bool:
-    """From ``forward_plans.WITHOUT_GPU_VARIANTS_SINCE_TRITON`` on (Triton 3.4, the floor, spills some of
-    their builds)."""
-    return forward_plans.TRITON_VERSION >= forward_plans.WITHOUT_GPU_VARIANTS_SINCE_TRITON
 
 
 def tile_count(B: int, H: int, block_b: int, block_h: int) -> int:

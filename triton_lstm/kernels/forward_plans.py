@@ -44,6 +44,7 @@ STACK_ONE_TILE = False
 # tiles), the chain's prefetch 104-136 bytes in 16-bit (GRUs at H = 17 and 33, GRU stacks at H = 1024) and
 # 584-760 in fp32, its one loop 40-72 (GRU stacks at H = 17, fp16 LSTM stacks at H ≥ 2048).
 WITHOUT_GPU_VARIANTS_SINCE_TRITON = (3, 6)
+
 # Shared memory kept free of the resident estimate (the estimate leaves out small scratch buffers).
 RESIDENT_HEADROOM = 8 * 1024
 # Shared memory assumed under the interpreter, so that plans there are deterministic.
@@ -137,6 +138,12 @@ def one_tile_schedule(plan: ForwardPlan, layers: int, one_tile: bool) -> bool:
     if layers == 1 and not plan.fused_input:
         return plan.resident or plan.streamed_one_tile
     return plan.streamed_one_tile and not plan.resident and not plan.input_ahead
+
+
+def without_gpu_variants_compile_clean() -> bool:
+    """Whether this Triton compiles the variants built without a GPU clean (``WITHOUT_GPU_VARIANTS_SINCE_TRITON``
+    on): the stack's one-tile schedule here, the chain's (``backward_plans.chain_variants``)."""
+    return TRITON_VERSION >= WITHOUT_GPU_VARIANTS_SINCE_TRITON
 
 
 def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int:
@@ -458,7 +465,7 @@ def plan_stack_fwd(
         return ForwardPlan(True, reason, False, block_b, block_h, min(block_k, k_pad), grid_h, grid_b, warps)
     plan = ForwardPlan(True, reason + ", one dot for the four gates", False, block_b, block_h, min(block_k, k_pad),
                        grid_h, grid_b, warps, gate_dot=True)
-    if STACK_ONE_TILE and TRITON_VERSION >= WITHOUT_GPU_VARIANTS_SINCE_TRITON and one_tile_each(plan, B, H):
+    if STACK_ONE_TILE and without_gpu_variants_compile_clean() and one_tile_each(plan, B, H):
         plan = dataclasses.replace(plan, streamed_one_tile=True, reason=plan.reason + ", one tile per program")
     return plan
 
