@@ -12,9 +12,9 @@ def gate_product(acc, dg_ptrs, mask_b, w_ptr, offs_h, mask_h, H: tl.constexpr, D
                  BLOCK_K: tl.constexpr, columns, SIDE: tl.constexpr):
     """acc + dG·W on this tile's units: a row block of dG (``dg_ptrs``: its rows, at column 0) times the
     tile's columns of a (4H, H) weight, over the 4H gate columns in BLOCK_K chunks; W rows at or past
-    ``columns`` count as zeros. dG was written by other programs: .cg loads skip L1. ``SIDE``: "lstm", or
-    a GRU's (3H, H) weight (r, z, n) against its dG row (dR, dZ, dN, dN ⊙ r): "gru_hidden" (W_hh: row k meets
-    dG column k, past 2H column k + H) or "gru_input" (W_ih: the first 3H columns)."""
+    ``columns`` count as zeros. ``SIDE``: "lstm", or a GRU's (3H, H) weight (r, z, n) against its dG row
+    (dR, dZ, dN, dN ⊙ r): "gru_hidden" (W_hh: row k meets dG column k, past 2H column k + H) or
+    "gru_input" (W_ih: the first 3H columns)."""
     GATE_ROWS: tl.constexpr = 4 * H if SIDE == "lstm" else 3 * H
     for k0 in range(0, GATE_ROWS, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -22,11 +22,8 @@ def gate_product(acc, dg_ptrs, mask_b, w_ptr, offs_h, mask_h, H: tl.constexpr, D
         dg_cols = offs_k
         if SIDE == "gru_hidden":
             dg_cols = tl.where(offs_k < 2 * H, offs_k, offs_k + H)
-        dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (mask_k & (offs_k < columns))[None, :],
-                         other=0.0, cache_modifier=".cg")
-        w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
-                        other=0.0)
-        acc = tl.dot(dg_blk, w_blk, acc, input_precision=DOT_PRECISION)
+        acc = _chunk_product(acc, dg_ptrs, dg_cols, mask_b, w_ptr, offs_k, mask_k, columns, offs_h, mask_h, H,
+                             DOT_PRECISION)
     return acc
 
 
@@ -50,12 +47,20 @@ def stacked_gate_products(recurrent_dg_ptr, w_hh_ptr, recurrent_columns, above_d
         dg_cols = offs_k
         if CELL == "gru":  # W_hh's row k meets dG column k, past 2H column k + H; W_ih's row k column k
             dg_cols = tl.where(is_recurrent & (offs_k >= 2 * H), offs_k + H, offs_k)
-        columns = tl.where(is_recurrent, recurrent_columns, GATE_ROWS)
-        dg_ptrs = tl.where(is_recurrent, recurrent_dg_ptr, above_dg_ptr) + gate_row_offs
-        dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (mask_k & (offs_k < columns))[None, :],
-                         other=0.0, cache_modifier=".cg")
-        w_ptr = tl.where(is_recurrent, w_hh_ptr, w_ih_above_ptr)
-        w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
-                        other=0.0)
-        acc = tl.dot(dg_blk, w_blk, acc, input_precision=DOT_PRECISION)
+        acc = _chunk_product(acc, tl.where(is_recurrent, recurrent_dg_ptr, above_dg_ptr) + gate_row_offs, dg_cols,
+                             mask_b, tl.where(is_recurrent, w_hh_ptr, w_ih_above_ptr), offs_k, mask_k,
+                             tl.where(is_recurrent, recurrent_columns, GATE_ROWS), offs_h, mask_h, H, DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _chunk_product(acc, dg_ptrs, dg_cols, mask_b, w_ptr, offs_k, mask_k, columns, offs_h, mask_h, H: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """acc + one BLOCK_K chunk of dG·W: W's rows ``offs_k`` against dG's columns ``dg_cols`` (a GRU's W_hh
+    meets its dG row past a gap); W rows at or past ``columns`` count as zeros. dG was written by other
+    programs: .cg loads skip L1."""
+    dg_blk = tl.load(dg_ptrs + dg_cols[None, :], mask=mask_b[:, None] & (mask_k & (offs_k < columns))[None, :],
+                     other=0.0, cache_modifier=".cg")
+    w_blk = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :],
+                    other=0.0)
+    return tl.dot(dg_blk, w_blk, acc, input_precision=DOT_PRECISION)
