@@ -7,6 +7,7 @@ twice nn.LSTM's own error in that dtype on that device (helpers.assert_error_wit
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -283,11 +284,13 @@ def test_dropout_last_layer_untouched():
     assert torch.equal(module(x)[0], module(x)[0])
 
 
-def test_empty_batch_like_nn_lstm():
-    module = triton_lstm.LSTM(4, 6, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)
+@pytest.mark.parametrize("options", [dict(num_layers=2, bidirectional=True), dict(proj_size=3), dict(num_layers=2, proj_size=2)],
+                         ids=["bidirectional-stack", "projection", "projected-stack"])
+def test_empty_batch_like_nn_lstm(options):
+    module = triton_lstm.LSTM(4, 6, **options).to(KERNEL_DEVICE)
     x = torch.randn(5, 0, 4, device=KERNEL_DEVICE, requires_grad=True)
     output, (h_n, c_n) = module(x)
-    theirs, (h_t, c_t) = nn.LSTM(4, 6, num_layers=2, bidirectional=True).to(KERNEL_DEVICE)(x)
+    theirs, (h_t, c_t) = nn.LSTM(4, 6, **options).to(KERNEL_DEVICE)(x)
     assert output.shape == theirs.shape and h_n.shape == h_t.shape and c_n.shape == c_t.shape
     output.sum().backward()
     assert x.grad.shape == x.shape
@@ -345,8 +348,48 @@ def test_convert_replaces_and_keeps_parameters():
     assert model.encoder[1][0].weight_ih_l0.dtype == torch.float64
     assert not model.encoder[1][0].training
     torch.testing.assert_close(model.encoder(x)[0], before)
-    # A bare nn.LSTM is returned converted.
-    assert type(triton_lstm.convert(nn.LSTM(2, 3))) is triton_lstm.LSTM
+    # A bare nn.LSTM is converted itself.
+    bare = nn.LSTM(2, 3)
+    assert triton_lstm.convert(bare) is bare and type(bare) is triton_lstm.LSTM
+
+
+@pytest.mark.parametrize("nn_class", [nn.LSTM, nn.LSTMCell, nn.GRU, nn.GRUCell], ids=lambda c: c.__name__)
+def test_convert_keeps_frozen_weights_hooks_and_attributes(nn_class):
+    """convert changes the class only: a frozen weight stays frozen, hooks keep running, extra buffers and
+    attributes stay (a fresh module loaded from the state_dict lost all of them)."""
+    torch.manual_seed(0)
+    module = nn_class(3, 4).double()
+    frozen = "weight_hh_l0" if isinstance(module, nn.RNNBase) else "weight_hh"
+    getattr(module, frozen).requires_grad_(False)
+    module.register_buffer("running_scale", torch.full((1,), 2.0, dtype=torch.float64))
+    module.note = "kept"
+    calls = []
+    module.register_forward_pre_hook(lambda mod, args: calls.append("pre"))
+    module.register_forward_hook(lambda mod, args, out: calls.append("post"))
+    x = torch.randn(5, 2, 3, dtype=torch.float64) if isinstance(module, nn.RNNBase) else torch.randn(2, 3, dtype=torch.float64)
+    before = module(x)
+    converted = triton_lstm.convert(module)
+    assert converted is module and type(module).__name__ == nn_class.__name__ and type(module) is not nn_class
+    assert not getattr(module, frozen).requires_grad
+    assert module.running_scale.item() == 2.0 and module.note == "kept"
+    calls.clear()
+    after = module(x)
+    assert calls == ["pre", "post"]
+    torch.testing.assert_close(after, before)
+
+
+def test_convert_keeps_old_style_weight_norm():
+    """torch.nn.utils.weight_norm (the hook-based one) replaces weight_hh_l0 by weight_hh_l0_g / _v and a
+    pre-hook; convert keeps both, so the converted module computes what nn's did."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of parametrizations
+        lstm = torch.nn.utils.weight_norm(nn.LSTM(3, 4).double(), "weight_hh_l0")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    before = lstm(x)[0]
+    triton_lstm.convert(lstm)
+    assert type(lstm) is triton_lstm.LSTM and set(lstm.state_dict()) >= {"weight_hh_l0_g", "weight_hh_l0_v"}
+    torch.testing.assert_close(lstm(x)[0], before)
 
 
 def test_extra_repr_shows_our_non_default_options():

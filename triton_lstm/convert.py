@@ -1,12 +1,11 @@
-"""``convert``: swaps every nn.LSTM / nn.LSTMCell / nn.GRU / nn.GRUCell inside a model for ours, holding
-the very same Parameter objects."""
+"""``convert``: turns every nn.LSTM / nn.LSTMCell / nn.GRU / nn.GRUCell inside a model into ours, in place
+(the same module objects, Parameters, hooks and attributes)."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -17,8 +16,8 @@ _log = logging.getLogger("triton_lstm.modules")  # the logger's name since befor
 
 # nn's class -> ours, and the options of ours that a converted module takes at their defaults.
 _OURS = {
-    nn.LSTM: (LSTM, dict(backward_mode="fused", recompute_interval=0)),
-    nn.LSTMCell: (LSTMCell, dict(backward_mode="fused")),
+    nn.LSTM: (LSTM, dict(backward_mode="fused", recompute_interval=0, peephole=False)),
+    nn.LSTMCell: (LSTMCell, dict(backward_mode="fused", peephole=False)),
     nn.GRU: (GRU, dict(backward_mode="fused")),
     nn.GRUCell: (GRUCell, dict(backward_mode="fused")),
 }
@@ -30,57 +29,45 @@ def _plain_class(module: nn.Module) -> type:
     return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
-def _adopt_parametrized(module: nn.Module, ours: type, **extras) -> nn.Module:
-    """Turns a parametrized nn module into ours in place: the same object, Parameters and
-    parametrizations, with our class under parametrize's injected properties (the way parametrize itself
-    changes a module's class). nn's module and ours share every attribute but our keyword options."""
-    injected = {key: value for key, value in vars(type(module)).items() if key not in ("__dict__", "__weakref__", "__module__")}
-    module.__class__ = type(f"Parametrized{ours.__name__}", (ours,), injected)
-    for name, value in extras.items():
+def _adopt(module: nn.Module, ours: type, **options) -> nn.Module:
+    """Turns an nn module into ours in place: the same object, so its Parameters (requires_grad included),
+    buffers, hooks, parametrizations and any other attribute stay as they were; only the class changes (to
+    ours, or under parametrize's injected subclass, the way parametrize itself changes a module's class).
+    nn's module and ours share every attribute but our keyword options, set here to their defaults."""
+    if parametrize.is_parametrized(module):
+        injected = {key: value for key, value in vars(type(module)).items()
+                    if key not in ("__dict__", "__weakref__", "__module__")}
+        module.__class__ = type(f"Parametrized{ours.__name__}", (ours,), injected)
+    else:
+        module.__class__ = ours
+    for name, value in options.items():
         setattr(module, name, value)
     return module
 
 
 def _replacement(module: nn.Module) -> nn.Module | None:
-    """Ours holding ``module``'s very Parameter objects (and parametrizations), or None if it is not one
-    of the nn classes we replace."""
+    """``module`` turned into ours in place, or None if it is not one of the nn classes we convert."""
     cls = _plain_class(module)
     if cls not in _OURS:
         return None
     ours, options = _OURS[cls]
-    if parametrize.is_parametrized(module):
-        return _adopt_parametrized(module, ours, **options)
-    with torch.device("meta"):
-        if issubclass(cls, nn.RNNBase):
-            rnn_options = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
-                               dropout=module.dropout, bidirectional=module.bidirectional)
-            if cls is nn.LSTM:
-                rnn_options["proj_size"] = module.proj_size
-            new = ours(module.input_size, module.hidden_size, **rnn_options)
-        else:
-            new = ours(module.input_size, module.hidden_size, bias=module.bias)
-    # assign=True hands over the Parameter objects themselves: device, dtype, requires_grad and any
-    # optimizer built on them are kept.
-    new.load_state_dict(module.state_dict(keep_vars=True), strict=True, assign=True)
-    new.train(module.training)
-    return new
+    return _adopt(module, ours, **options)
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replaces every ``nn.LSTM`` / ``nn.LSTMCell`` / ``nn.GRU`` / ``nn.GRUCell`` inside ``model`` with
-    ``triton_lstm.LSTM`` / ``LSTMCell`` / ``GRU`` / ``GRUCell`` holding the very same Parameter objects (an
-    optimizer built before keeps training them).
-
-    Modules with parametrizations (``torch.nn.utils.parametrize``, e.g. weight drop on ``weight_hh_l0``)
-    are converted in place, parametrizations included. Subclasses of those nn classes are left alone
+    """Turns every ``nn.LSTM`` / ``nn.LSTMCell`` / ``nn.GRU`` / ``nn.GRUCell`` inside ``model`` into
+    ``triton_lstm.LSTM`` / ``LSTMCell`` / ``GRU`` / ``GRUCell``, in place: each stays the same object with
+    the very same Parameters (an optimizer built before keeps training them; frozen ones stay frozen),
+    buffers, hooks, parametrizations (``torch.nn.utils.parametrize``, e.g. weight drop on
+    ``weight_hh_l0``) and attributes; only its class changes. Subclasses of those nn classes are left alone
     (their own forward may differ from nn's): a warning names each one skipped; the ones swapped are
     logged (``logging``, logger "triton_lstm.modules", level INFO).
 
     Args:
-        model: any module; an nn.LSTM / nn.LSTMCell / nn.GRU / nn.GRUCell itself is replaced too.
+        model: any module; an nn.LSTM / nn.LSTMCell / nn.GRU / nn.GRUCell itself is converted too.
 
     Returns:
-        ``model`` with those modules replaced (a new module when ``model`` itself is a plain one of them).
+        ``model`` itself, its modules converted (``model`` too when it is one of those nn classes).
 
     Example::
 
@@ -91,7 +78,7 @@ def convert(model: nn.Module) -> nn.Module:
     """
     swapped: list[str] = []
     skipped: list[str] = []
-    converted = _convert(model, "", swapped, skipped)
+    _convert(model, "", swapped, skipped)
     if swapped:
         _log.info("triton_lstm.convert swapped: %s", ", ".join(swapped))
     if skipped:
@@ -101,20 +88,16 @@ def convert(model: nn.Module) -> nn.Module:
             UserWarning,
             stacklevel=2,
         )
-    return converted
+    return model
 
 
-def _convert(model: nn.Module, path: str, swapped: list[str], skipped: list[str]) -> nn.Module:
-    replacement = _replacement(model)
-    if replacement is not None:
+def _convert(model: nn.Module, path: str, swapped: list[str], skipped: list[str]) -> None:
+    if _replacement(model) is not None:
         swapped.append(path or "<model>")
-        return replacement
+        return
     cls = _plain_class(model)
     if isinstance(model, tuple(_OURS)) and cls not in tuple(ours for ours, _ in _OURS.values()):
         skipped.append(f"{path or '<model>'} ({cls.__name__})")
-        return model
-    for name, child in list(model.named_children()):
-        new_child = _convert(child, f"{path}.{name}" if path else name, swapped, skipped)
-        if new_child is not child:
-            setattr(model, name, new_child)
-    return model
+        return
+    for name, child in model.named_children():
+        _convert(child, f"{path}.{name}" if path else name, swapped, skipped)

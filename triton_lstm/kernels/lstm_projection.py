@@ -75,7 +75,7 @@ def project(m_all: torch.Tensor, h0: torch.Tensor, w_hr: torch.Tensor, lengths: 
     T, B, H = m_all.shape[0] - 1, m_all.shape[1], m_all.shape[2]
     h_all = torch.empty(T + 1, B, w_hr.shape[0], dtype=m_all.dtype, device=m_all.device)
     h_all[0] = h0
-    torch.mm(m_all[1:].reshape(T * B, H), w_hr.t(), out=h_all[1:].view(T * B, -1))
+    torch.mm(m_all[1:].reshape(T * B, H), w_hr.t(), out=h_all[1:].view(T * B, w_hr.shape[0]))
     if lengths is not None and T > 0:
         h_all[1:] = torch.where((lengths == 0)[None, :, None], h0, h_all[1:])
     return h_all
