@@ -296,6 +296,54 @@ def test_empty_batch_like_nn_lstm(options):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize(
+    "make, name, bad",
+    [
+        (lambda: triton_lstm.GRU(4, 5), "weight_hh_l0", torch.randn(14, 5)),  # one row short: read past its end
+        (lambda: triton_lstm.LSTM(4, 5, num_layers=2, bidirectional=True), "weight_ih_l1_reverse", torch.randn(20, 9)),
+        (lambda: triton_lstm.LSTM(4, 5, proj_size=2), "weight_hr_l0", torch.randn(2, 4)),
+        (lambda: triton_lstm.LSTM(4, 5, peephole=True), "weight_ch_l0", torch.randn(14)),
+        (lambda: triton_lstm.LSTM(4, 5, num_layers=2), "bias_hh_l1", torch.randn(20, dtype=torch.float64)),
+        (lambda: triton_lstm.LSTMCell(4, 5), "weight_hh", torch.randn(19, 5)),
+        (lambda: triton_lstm.GRUCell(4, 5), "bias_hh", torch.randn(15, dtype=torch.float16)),
+    ],
+    ids=["gru-short-w_hh", "lstm-w_ih-above", "lstm-w_hr", "peephole", "bias-dtype", "lstmcell", "grucell-dtype"],
+)
+def test_reassigned_parameter_that_does_not_fit_is_refused(make, name, bad):
+    """A parameter reassigned after construction with a wrong shape or dtype: a RuntimeError naming it (as
+    nn's recurrences refuse it), not kernels reading past the end of a short weight."""
+    module = make().to(KERNEL_DEVICE)
+    setattr(module, name, nn.Parameter(bad.to(KERNEL_DEVICE)))
+    cell = isinstance(module, (nn.LSTMCell, nn.GRUCell))
+    x = torch.randn(*(() if cell else (3,)), 2, 4, device=KERNEL_DEVICE)
+    with pytest.raises(RuntimeError, match=name):
+        module(x)
+
+
+@pytest.mark.parametrize(
+    "cls, options",
+    [("LSTM", {}), ("LSTM", dict(proj_size=3)), ("LSTM", dict(num_layers=2)), ("LSTM", dict(recompute_interval=2)),
+     ("LSTM", dict(batch_first=True)), ("LSTM", dict(bidirectional=True)), ("GRU", {}), ("GRU", dict(num_layers=2))],
+    ids=["lstm", "projection", "stack", "recompute", "batch_first", "bidirectional", "gru", "gru-stack"],
+)
+def test_output_edited_in_place_like_nn(cls, options):
+    """The output may be edited in place (``relu_``, ``mul_``), as nn.LSTM's may; a backward through the
+    edit then either gives the gradient of the edited output or, where the backward reads the saved output
+    (as cuDNN's does), refuses with autograd's in-place error. Never a silently wrong gradient."""
+    torch.manual_seed(0)
+    module = getattr(triton_lstm, cls)(4, 5, **options).to(KERNEL_DEVICE).double()
+    x = torch.randn(3, 2, 4, device=KERNEL_DEVICE, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad((module(x)[0] * 2).sum(), x)[0]
+    out = module(x)[0]
+    out.mul_(2)
+    try:
+        got = torch.autograd.grad(out.sum(), x)[0]
+    except RuntimeError as error:
+        assert "modified by an inplace operation" in str(error)
+    else:
+        torch.testing.assert_close(got, expected)
+
+
 def test_non_contiguous_input_and_state():
     torch.manual_seed(0)
     module = triton_lstm.LSTM(4, 6).to(KERNEL_DEVICE)

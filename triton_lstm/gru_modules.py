@@ -23,7 +23,9 @@ from triton_lstm.module_inputs import (
     NOT_SCRIPTABLE,
     active_autocast_dtype,
     check_cell_state,
+    check_cell_weights,
     check_input_tensor,
+    check_layer_weights,
     check_state_tensor,
     dropout_between_layers,
     options_repr,
@@ -103,6 +105,7 @@ class GRU(nn.RNNBase):
                 h0 = h0.index_select(1, sorted_indices)
 
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
+        check_layer_weights(self, weights, None, x, 3)
         autocast_dtype = active_autocast_dtype(x.device.type)
         if autocast_dtype is not None:
             # As nn.GRU under autocast: compute in the autocast dtype; the fp32 weights get fp32 gradients.
@@ -228,6 +231,7 @@ class GRUCell(nn.GRUCell):
             h0 = hx if is_batched or not isinstance(hx, Tensor) else hx.unsqueeze(0)
             check_cell_state(0, h0, x, self.hidden_size, "GRUCell")
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        check_cell_weights(self, weights, None, x, 3)
         autocast_dtype = active_autocast_dtype(x.device.type)
         if autocast_dtype is not None:
             x, h0 = x.to(autocast_dtype), h0.to(autocast_dtype)

@@ -103,7 +103,7 @@ class GRURecurrence(torch.autograd.Function):
         h_all, state_all, gates = torch.ops.triton_lstm.gru_recurrence_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1)
         ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, gates, h_all, state_all)
         ctx.use_reference = use_reference
-        return h_all[1:], h_all[-1].clone()
+        return h_all[1:].detach(), h_all[-1].clone()  # detach(): editable in place (ops.LSTMRecurrence)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n):

@@ -108,7 +108,7 @@ class GRUStack(torch.autograd.Function):
                                                                       dropout_mask, dropout_scale)
         ctx.save_for_backward(x, h0, lengths, h_all, state_all, gates, dropout_mask, *weights)
         ctx.use_reference, ctx.layers, ctx.has_bias, ctx.dropout_scale = use_reference, layers, has_bias, dropout_scale
-        return h_all[-1, 1:], h_all[:, -1].clone()
+        return h_all[-1, 1:].detach(), h_all[:, -1].clone()  # detach(): editable in place (ops.LSTMRecurrence)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n):

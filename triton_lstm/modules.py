@@ -21,7 +21,9 @@ from triton_lstm.module_inputs import (
     NOT_SCRIPTABLE,
     active_autocast_dtype,
     check_cell_state,
+    check_cell_weights,
     check_input_tensor,
+    check_layer_weights,
     check_state_tensor,
     dropout_between_layers,
     options_repr,
@@ -225,6 +227,7 @@ class LSTM(nn.RNNBase):
 
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
         peepholes = [[self._peephole_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
+        check_layer_weights(self, weights, peepholes if getattr(self, "peephole", False) else None, x, 4)
         autocast_dtype = active_autocast_dtype(x.device.type)
         if autocast_dtype is not None:
             # As nn.LSTM under autocast: compute in the autocast dtype; the fp32 weights get fp32 gradients.
@@ -411,6 +414,7 @@ class LSTMCell(nn.LSTMCell):
             check_cell_state(1, c0, x, self.hidden_size)
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         w_ch = self.weight_ch if getattr(self, "peephole", False) else None
+        check_cell_weights(self, weights, w_ch, x, 4)
         autocast_dtype = active_autocast_dtype(x.device.type)
         if autocast_dtype is not None:
             x, h0, c0 = x.to(autocast_dtype), h0.to(autocast_dtype), c0.to(autocast_dtype)

@@ -219,7 +219,10 @@ class LSTMRecurrence(torch.autograd.Function):
         # The inputs first (_differentiable_backward reads the first ten), then the activations.
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch, gates, h_all, c_all)
         ctx.use_reference = use_reference
-        return h_all[1:], h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)
+        # detach(): the output shares h_all's storage and version counter without being a view made inside
+        # the Function, which autograd would refuse to edit in place. An in-place edit of it then works as
+        # on nn.LSTM's output, and the backward (which reads the saved h_all) refuses it as nn's does.
+        return h_all[1:].detach(), h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):

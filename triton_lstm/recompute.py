@@ -148,7 +148,7 @@ class LSTMRecurrenceRecompute(torch.autograd.Function):
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, None, h_checkpoints, c_checkpoints)
         ctx.interval = interval
         ctx.use_reference = use_reference
-        return h_all[1:], h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)
+        return h_all[1:].detach(), h_all[-1].clone(), c_all[-1].to(x.dtype, copy=True)  # (ops.LSTMRecurrence)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):

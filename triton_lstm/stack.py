@@ -229,7 +229,8 @@ class LSTMStack(torch.autograd.Function):
         ctx.save_for_backward(x, h0, c0, lengths, h_all, c_all, gates, dropout_mask, w_ch, *weights)
         ctx.use_reference, ctx.layers, ctx.has_bias, ctx.dropout_scale = use_reference, layers, has_bias, dropout_scale
         ctx.has_projection = has_projection
-        return h_all[-1, 1:], h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
+        # detach(): editable in place (ops.LSTMRecurrence)
+        return h_all[-1, 1:].detach(), h_all[:, -1].clone(), c_all[:, -1].to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
