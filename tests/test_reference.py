@@ -121,3 +121,36 @@ def test_fp32_dots_follow_pytorch_tf32_flag():
         assert dot_precision(torch.bfloat16) == "ieee", "the flag only concerns fp32 inputs"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("which", ["b_ih", "b_hh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("function", ["layer", "reference"])
+def test_one_bias_given_counts_like_a_zero_partner(function, cell, which):
+    """The public functions take b_ih and b_hh separately: one given alone counts in full (as if its
+    partner were zeros), in the output and its gradient, instead of being dropped or failing."""
+    import triton_lstm
+
+    torch.manual_seed(0)
+    gates = 4 if cell == "lstm" else 3
+    T, B, I, H = 3, 2, 4, 5
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(gates * H, I, dtype=torch.float64), torch.randn(gates * H, H, dtype=torch.float64)
+    bias = torch.randn(gates * H, dtype=torch.float64, requires_grad=True)
+    state = (h0, torch.randn(B, H, dtype=torch.float64)) if cell == "lstm" else (h0,)
+    run = {("layer", "lstm"): triton_lstm.lstm_layer, ("layer", "gru"): triton_lstm.gru_layer,
+           ("reference", "lstm"): triton_lstm.lstm_recurrence_reference,
+           ("reference", "gru"): triton_lstm.gru_recurrence_reference}[function, cell]
+
+    def output(b_ih, b_hh):
+        result = run(x, *state, w_ih, w_hh, b_ih, b_hh)
+        return result[0]
+
+    zeros = torch.zeros_like(bias)
+    alone = output(bias, None) if which == "b_ih" else output(None, bias)
+    paired = output(bias, zeros) if which == "b_ih" else output(zeros, bias)
+    torch.testing.assert_close(alone, paired)
+    assert not torch.equal(alone, output(None, None)), "the bias given alone was dropped"
+    grad = torch.randn_like(alone)
+    torch.testing.assert_close(torch.autograd.grad(alone, bias, grad)[0], torch.autograd.grad(paired, bias, grad)[0])

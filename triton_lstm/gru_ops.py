@@ -21,6 +21,7 @@ from triton_lstm.ops import (
 )
 from triton_lstm.reference import (
     accumulate_dtype,
+    both_biases,
     gru_projection_bias,
     gru_recurrence_backward_reference,
     gru_recurrence_reference,
@@ -126,7 +127,7 @@ def run_gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
     ``save`` the inference forward's. With ``kernels`` the Triton forward (``lengths`` int32), else the
     plain-PyTorch recurrence (differentiable: the double backward differentiates it)."""
     if kernels:
-        bias = None if b_hh is None else gru_projection_bias(b_ih, b_hh)
+        bias = gru_projection_bias(b_ih, b_hh)
         return gru_fwd_from_input(x, h0.contiguous(), w_ih, w_hh.contiguous(), bias, hidden_bias_n(b_hh, w_hh), lengths,
                                   save=bool(save))
     h_all, state_all, gates = gru_recurrence_reference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
@@ -154,6 +155,7 @@ def gru_layer(
     state past the end. ``backward``: "fused" or "reference", as ``lstm_layer``'s. Inputs are assumed
     checked (the modules check them)."""
     check_backward_options(backward, 0)
+    b_ih, b_hh = both_biases(b_ih, b_hh)
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         # torch.func: the plain-PyTorch recurrence, which those transforms differentiate and batch.
         return _reference_outputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)

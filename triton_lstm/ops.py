@@ -25,6 +25,7 @@ from torch import Tensor
 
 from triton_lstm.reference import (
     accumulate_dtype,
+    both_biases,
     lstm_recurrence_backward_reference,
     lstm_recurrence_reference,
     projection_bias,
@@ -332,6 +333,7 @@ def lstm_layer(
     peephole weights (w_ci, w_cf, w_co), without a projection or recompute.
     """
     check_backward_options(backward, recompute_interval)
+    b_ih, b_hh = both_biases(b_ih, b_hh)
     if w_ch is not None and (w_hr is not None or recompute_interval > 0):
         raise ValueError("peephole weights work without proj_size and recompute_interval only")
     use_reference = int(backward == "reference")

@@ -37,10 +37,18 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor 
 
 
 def projection_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
-    """The bias ``input_projection`` adds: b_ih + b_hh, b_ih alone without b_hh, none without b_ih."""
-    if b_ih is None:
-        return None
-    return b_ih if b_hh is None else b_ih + b_hh
+    """The bias ``input_projection`` adds: b_ih + b_hh, either alone when the other is None, or none."""
+    if b_ih is None or b_hh is None:
+        return b_hh if b_ih is None else b_ih
+    return b_ih + b_hh
+
+
+def both_biases(b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Both biases or neither, as the ops take them: nn's modules pass both or none, a caller of
+    ``lstm_layer`` / ``gru_layer`` may pass one, whose missing partner is then zeros."""
+    if (b_ih is None) == (b_hh is None):
+        return b_ih, b_hh
+    return (b_ih, torch.zeros_like(b_ih)) if b_hh is None else (torch.zeros_like(b_hh), b_hh)
 
 
 def lstm_recurrence_reference(
@@ -199,13 +207,17 @@ def peephole_grad(grad_gates: Tensor, c_all: Tensor) -> Tensor:
 
 def gru_input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
     """x·W_ihᵀ + b_ih + (b_hr, b_hz, 0): (T, B, I) -> (T, B, 3H). b_hn stays out, inside r ⊙ (W_hn·h + b_hn)."""
-    return input_projection(x, w_ih, None if b_hh is None else gru_projection_bias(b_ih, b_hh), None)
+    return input_projection(x, w_ih, gru_projection_bias(b_ih, b_hh), None)
 
 
-def gru_projection_bias(b_ih: Tensor, b_hh: Tensor) -> Tensor:
-    """The biases the GRU's input projection takes: b_ih + (b_hr, b_hz, 0)."""
+def gru_projection_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
+    """The biases the GRU's input projection takes: b_ih + (b_hr, b_hz, 0), either part alone when the
+    other bias is None, or none."""
+    if b_hh is None:
+        return b_ih
     H = b_hh.shape[0] // 3
-    return b_ih + torch.cat((b_hh[: 2 * H], b_hh.new_zeros(H)))
+    folded = torch.cat((b_hh[: 2 * H], b_hh.new_zeros(H)))
+    return folded if b_ih is None else b_ih + folded
 
 
 def gru_recurrence_reference(
