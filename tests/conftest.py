@@ -50,3 +50,12 @@ def exact_fp32_on_cuda():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "no_poison: do not poison torch.empty with NaN in this test")
+
+
+def pytest_report_header(config):
+    """Which triton_lstm the session tests (the checkout, or an installed wheel: .ci/run's second pass)."""
+    import triton  # noqa: F401 (after TRITON_INTERPRET is set above)
+
+    import triton_lstm
+
+    return f"triton_lstm {triton_lstm.__version__} from {os.path.dirname(triton_lstm.__file__)}, triton {triton.__version__}"
