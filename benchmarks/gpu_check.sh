@@ -110,7 +110,10 @@ fi
 PYTEST_EXTRA=()
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n "${WORKERS:-8}")
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "${PER_TEST_LIMIT:-120}")
-[ "${TESTS:-1}" = "1" ] && stage "GPU tests" "${TEST_LIMIT:-300}" test_gpu.log "$PY" -m pytest -v "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
+# TRITON_LSTM_ERROR_LOG: every comparison's errors, ours and PyTorch's (tests/helpers.py), to set the
+# tests' error floor from bf16 figures.
+[ "${TESTS:-1}" = "1" ] && stage "GPU tests" "${TEST_LIMIT:-300}" test_gpu.log env TRITON_LSTM_ERROR_LOG="$LOGS/test_errors.jsonl" \
+  "$PY" -m pytest -v "${PYTEST_EXTRA[@]}" tests/test_gpu.py \
   tests/test_persistent_fwd.py tests/test_fused_bwd.py tests/test_modules.py tests/test_integrations.py \
   tests/test_stack.py tests/test_bidirectional.py tests/test_peephole.py tests/test_gru.py tests/test_variants.py \
   tests/test_projection.py \
