@@ -31,6 +31,8 @@ def _lstm_cases():
         "proj h0 size": (lambda M: M(4, 5, proj_size=2)(x, (h, h)), RuntimeError, r"\(1, 2, 2\)"),
         "h0 dtype": (lambda M: M(4, 5)(x, (h.double(), h)), RuntimeError, "h_0.*float64"),
         "c0 dtype": (lambda M: M(4, 5)(x, (h, h.half())), RuntimeError, "c_0.*float16"),
+        "c0 None": (lambda M: M(4, 5)(x, (h, None)), AttributeError, "c_0 must be a Tensor"),
+        "list input": (lambda M: M(4, 5)([[1.0] * 4] * 2), AttributeError, "must be a Tensor or a PackedSequence"),
     }
 
 
@@ -39,7 +41,8 @@ LSTM_CASES = _lstm_cases()
 
 # Where nn's message misleads or comes from deep inside (a state's dtype: "get_mkldnn_dtype: unsupported
 # data type"; an integer input; three states), ours differs; everywhere else it is nn's, word for word.
-OWN_MESSAGES = {"integer input", "hx three states", "h0 dtype", "c0 dtype", "h dtype", "3-D hx", "hx tensor"}
+OWN_MESSAGES = {"integer input", "hx three states", "h0 dtype", "c0 dtype", "h dtype", "3-D hx", "hx tensor", "c0 None",
+                "list input", "c None"}
 
 
 def _raises_like_nn(name, call, ours_cls, nn_cls, error, pattern):
@@ -111,6 +114,9 @@ CELL_CASES = {
     "h dtype": (lambda M: M(4, 5)(torch.randn(2, 4), (torch.zeros(2, 5).double(), torch.zeros(2, 5))), RuntimeError, "h_0.*float64"),
     "hx tensor": (lambda M: M(4, 5)(torch.randn(2, 4), torch.zeros(2, 5)), TypeError, "tuple"),
     "3-D hx": (lambda M: M(4, 5)(torch.randn(2, 4), (torch.zeros(1, 2, 5), torch.zeros(2, 5))), ValueError, r"hx\[0\]"),
+    "c None": (lambda M: M(4, 5)(torch.randn(2, 4), (torch.zeros(2, 5), None)), AttributeError, r"hx\[1\] must be a Tensor"),
+    "integer input": (lambda M: M(4, 5)(torch.ones(2, 4, dtype=torch.long)), RuntimeError, "floating-point"),
+    "list input": (lambda M: M(4, 5)([[1.0] * 4] * 2), AttributeError, "must be a Tensor"),
 }
 
 

@@ -200,7 +200,7 @@ def _error(call):
 
 
 @pytest.mark.parametrize("bad", ["input-4d", "input-size", "hx-2d", "hx-shape", "hx-dtype", "input-dtype", "hx-tuple",
-                                 "empty-T"])
+                                 "empty-T", "input-list"])
 def test_gru_errors_have_nn_grus_types(bad):
     ours, theirs = triton_lstm.GRU(4, 6), nn.GRU(4, 6)
     x, h = torch.randn(5, 3, 4), torch.randn(1, 3, 6)
@@ -213,13 +213,15 @@ def test_gru_errors_have_nn_grus_types(bad):
         "input-dtype": (x.double(),),
         "hx-tuple": (x, (h,)),
         "empty-T": (torch.randn(0, 3, 4),),
+        "input-list": ([[1.0] * 4] * 3,),
     }[bad]
     expected = _error(lambda: theirs(*args))
     assert expected is not None
     assert _error(lambda: ours(*args)) is expected
 
 
-@pytest.mark.parametrize("bad", ["input-3d", "hx-3d", "input-size", "hx-size", "hx-batch", "input-dtype"])
+@pytest.mark.parametrize("bad", ["input-3d", "hx-3d", "input-size", "hx-size", "hx-batch", "input-dtype", "hx-tuple",
+                                 "input-int", "input-list"])
 def test_gru_cell_errors_have_nn_grus_types(bad):
     ours, theirs = triton_lstm.GRUCell(4, 6), nn.GRUCell(4, 6)
     x = torch.randn(3, 4)
@@ -230,6 +232,9 @@ def test_gru_cell_errors_have_nn_grus_types(bad):
         "hx-size": (x, torch.randn(3, 7)),
         "hx-batch": (x, torch.randn(2, 6)),
         "input-dtype": (x.double(),),
+        "hx-tuple": (x, (torch.randn(3, 6),)),
+        "input-int": (torch.ones(3, 4, dtype=torch.long),),
+        "input-list": ([[1.0] * 4] * 3,),
     }[bad]
     expected = _error(lambda: theirs(*args))
     assert expected is not None

@@ -217,7 +217,7 @@ class GRUCell(nn.GRUCell):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         if not isinstance(input, Tensor):
-            raise TypeError(f"GRUCell: input must be a Tensor, got {type(input).__name__}")
+            raise AttributeError(f"GRUCell: input must be a Tensor, got {type(input).__name__}")  # as nn's .dim()
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if isinstance(hx, Tensor) and hx.dim() not in (1, 2):

@@ -50,7 +50,8 @@ def check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[int
     """h0 / c0 checks shared by LSTM and LSTMCell: type, shape, device and dtype against the input.
     ``nn_name`` is how nn.LSTM's messages call the state (hidden[0], hidden[1])."""
     if not isinstance(value, Tensor):
-        raise RuntimeError(f"{cls}: {name} must be a Tensor, got {type(value).__name__}")
+        # nn fails on ``value.dim()`` with an AttributeError: the same type, in clear words.
+        raise AttributeError(f"{cls}: {name} must be a Tensor, got {type(value).__name__}")
     if tuple(value.shape) != tuple(expected_shape):
         # nn.LSTM's own words, so that code matching on them keeps working.
         raise RuntimeError(f"Expected {nn_name} size {tuple(expected_shape)}, got {list(value.shape)}")
@@ -71,7 +72,7 @@ def check_cell_state(index: int, value, x: Tensor, hidden_size: int, cls: str = 
     (device, dtype)."""
     name = f"hidden{index}"
     if not isinstance(value, Tensor):
-        raise RuntimeError(f"{cls}: hx[{index}] must be a Tensor, got {type(value).__name__}")
+        raise AttributeError(f"{cls}: hx[{index}] must be a Tensor, got {type(value).__name__}")  # as nn's .dim()
     if value.shape[-1] != hidden_size:
         raise RuntimeError(f"{name} has inconsistent hidden_size: got {value.shape[-1]}, expected {hidden_size}")
     if value.shape[0] != x.shape[0]:
@@ -83,7 +84,9 @@ def check_input_tensor(x: Tensor, weight: Tensor, input_size: int, cls: str) -> 
     """Input checks shared by LSTM and LSTMCell: dtype, device, feature size, with nn's exception types
     and, where nn's words are clear, nn's words."""
     if not x.is_floating_point():
-        raise ValueError(f"{cls}: expected a floating-point input, got dtype {x.dtype}")
+        # nn.LSTM checks the dtype (ValueError); its cells fail in their matrix product (RuntimeError).
+        error = RuntimeError if cls.endswith("Cell") else ValueError
+        raise error(f"{cls}: expected a floating-point input, got dtype {x.dtype}")
     if x.dtype != weight.dtype and active_autocast_dtype(x.device.type) is None:
         advice = f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
         if cls.endswith("Cell"):
@@ -179,7 +182,8 @@ def time_major_input(input, weight: Tensor, input_size: int, batch_first: bool, 
         is_batched = True
     else:
         if not isinstance(input, Tensor):
-            raise TypeError(f"{cls}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+            # nn fails on ``input.dim()`` with an AttributeError: the same type, in clear words.
+            raise AttributeError(f"{cls}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             raise ValueError(f"{cls}: Expected input to be 2D or 3D, got {input.dim()}D instead")
         check_input_tensor(input, weight, input_size, cls)

@@ -392,7 +392,7 @@ class LSTMCell(nn.LSTMCell):
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if not isinstance(input, Tensor):
-            raise TypeError(f"LSTMCell: input must be a Tensor, got {type(input).__name__}")
+            raise AttributeError(f"LSTMCell: input must be a Tensor, got {type(input).__name__}")  # as nn's .dim()
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         check_input_tensor(input, self.weight_ih, self.input_size, "LSTMCell")
