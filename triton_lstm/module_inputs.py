@@ -113,47 +113,46 @@ def check_layer_weights(module: nn.RNNBase, weights, peepholes, x: Tensor, gates
     b_hh[, w_hr], None where absent; ``peepholes`` likewise or None) still fit the module. A parameter
     reassigned after construction (``module.weight_hh_l0 = nn.Parameter(...)``) may not: nn's recurrences
     refuse a wrong shape, dtype or device with a RuntimeError, where our kernels would read past the end
-    of a short weight. Comparisons only (7.5 µs for a 4-layer LSTM on the CI machine), unless one fails."""
+    of a short weight. Comparisons only (no autocast query, no string) unless one fails."""
     H, out = module.hidden_size, module.proj_size or module.hidden_size
     directions = 2 if module.bidirectional else 1
-    fits = _weight_test(x)
+    device, dtype = x.get_device(), x.dtype
     for layer, per_direction in enumerate(weights):
         width = module.input_size if layer == 0 else directions * out
         shapes = ((gates * H, width), (gates * H, out), (gates * H,), (gates * H,), (module.proj_size, H))
         for direction, tensors in enumerate(per_direction):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            for name, tensor, shape in zip(_WEIGHT_NAMES, tensors, shapes):
-                if tensor is not None and not fits(tensor, shape):
-                    _refuse_weight(module, name + suffix, tensor, shape, x)
-            if peepholes is not None and not fits(peepholes[layer][direction], (3 * H,)):
-                _refuse_weight(module, "weight_ch" + suffix, peepholes[layer][direction], (3 * H,), x)
+            for index, (tensor, shape) in enumerate(zip(tensors, shapes)):
+                if tensor is not None and (tensor.shape != shape or tensor.get_device() != device or tensor.dtype != dtype):
+                    _refuse_weight(module, _WEIGHT_NAMES[index], layer, direction, tensor, shape, x)
+            if peepholes is not None:
+                tensor = peepholes[layer][direction]
+                if tensor.shape != (3 * H,) or tensor.get_device() != device or tensor.dtype != dtype:
+                    _refuse_weight(module, "weight_ch", layer, direction, tensor, (3 * H,), x)
 
 
 def check_cell_weights(cell: nn.Module, weights, w_ch, x: Tensor, gates: int) -> None:
     """``check_layer_weights`` for a cell: ``weights`` (w_ih, w_hh, b_ih, b_hh), ``w_ch`` or None."""
     H = cell.hidden_size
     shapes = ((gates * H, cell.input_size), (gates * H, H), (gates * H,), (gates * H,), (3 * H,))
-    fits = _weight_test(x)
+    device, dtype = x.get_device(), x.dtype
     for name, tensor, shape in zip((*_WEIGHT_NAMES[:4], "weight_ch"), (*weights, w_ch), shapes):
-        if tensor is not None and not fits(tensor, shape):
-            _refuse_weight(cell, name, tensor, shape, x)
+        if tensor is not None and (tensor.shape != shape or tensor.get_device() != device or tensor.dtype != dtype):
+            _refuse_weight(cell, name, None, 0, tensor, shape, x)
 
 
-def _weight_test(x: Tensor):
-    """``fits(weight, shape)``: the weight has that shape and x's device (and dtype, but under autocast,
-    which casts them all)."""
-    device, dtype = x.get_device(), None if active_autocast_dtype(x.device.type) is not None else x.dtype
-    return lambda weight, shape: (weight.shape == shape and weight.get_device() == device
-                                  and (dtype is None or weight.dtype == dtype))
-
-
-def _refuse_weight(module: nn.Module, name: str, weight: Tensor, shape: tuple[int, ...], x: Tensor) -> None:
+def _refuse_weight(module: nn.Module, name: str, layer: int | None, direction: int, weight: Tensor,
+                   shape: tuple[int, ...], x: Tensor) -> None:
+    """Raises for a parameter that does not fit, but one whose dtype alone differs under autocast (which
+    casts them all)."""
+    if layer is not None:
+        name += f"_l{layer}" + ("_reverse" if direction else "")
     cls = type(module).__name__
     if weight.shape != shape:
         raise RuntimeError(f"{cls}: {name} has shape {tuple(weight.shape)}, expected {shape} for this module")
     if weight.device != x.device:
         raise RuntimeError(f"{cls}: {name} is on {weight.device} but the input is on {x.device}")
-    raise RuntimeError(f"{cls}: {name} has dtype {weight.dtype} but the input and weight_ih have {x.dtype}")
+    if active_autocast_dtype(x.device.type) is None:
+        raise RuntimeError(f"{cls}: {name} has dtype {weight.dtype} but the input and weight_ih have {x.dtype}")
 
 
 class SequenceInput(NamedTuple):
