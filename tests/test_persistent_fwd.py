@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 
-from tests.helpers import HAS_CUDA, KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, requires_cuda
+from helpers import HAS_CUDA, KERNEL_DEVICE, KERNEL_DTYPES, assert_error_within_pytorch, requires_cuda
 from triton_lstm.kernels import common
 from triton_lstm.kernels import forward_plans as plans
 from triton_lstm.kernels import lstm_fwd_persistent as persistent
