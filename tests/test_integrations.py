@@ -154,6 +154,20 @@ def test_compile_fullgraph_with_peepholes():
 
 
 @pytest.mark.no_poison
+@pytest.mark.parametrize("states", ["none", "one-tensor-twice"])
+def test_compile_fullgraph_lstm_cell(states):
+    """An LSTMCell called without hx, or given one tensor as both states (nn.LSTMCell takes either), compiles
+    to one graph: its recurrence op never sees one tensor as two inputs, which Dynamo refuses to trace."""
+    torch.manual_seed(0)
+    cell = triton_lstm.LSTMCell(3, 4).to(KERNEL_DEVICE)
+    x = torch.randn(2, 3, device=KERNEL_DEVICE)
+    zeros = torch.zeros(2, 4, device=KERNEL_DEVICE)
+    hx = None if states == "none" else (zeros, zeros)
+    compiled = torch.compile(cell, backend=GraphCounter(), fullgraph=True)
+    _assert_all_close("h, c", compiled(x, hx), cell(x, hx))
+
+
+@pytest.mark.no_poison
 def test_compile_fullgraph_under_cpu_autocast(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the reference: bf16 is wrong in the interpreter
     # Eager on the CPU would run ATen's LSTM (as nn.LSTM does); this test compares our op compiled and eager.
@@ -724,3 +738,13 @@ def test_torchscript_refuses_with_the_way_out():
     assert type(model[0]) is triton_lstm.LSTM, "the eager model is left as it was"
     with pytest.raises(RuntimeError, match="LSTMCell cannot be compiled by torch.jit.script"):
         torch.jit.script(triton_lstm.LSTMCell(3, 4))
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
+def test_jit_trace_refuses_with_the_way_out(cls):
+    """Where the kernels run, torch.jit.trace gets a clear error instead of a trace it can neither check
+    (its rerun without gradients takes the inference op) nor save (Python custom ops)."""
+    module = getattr(triton_lstm, cls)(3, 4).to(KERNEL_DEVICE)
+    x = torch.randn(*(() if cls.endswith("Cell") else (5,)), 2, 3, device=KERNEL_DEVICE)
+    with pytest.raises(RuntimeError, match=rf"{cls} cannot be traced by torch\.jit\.trace.*torch\.export"):
+        torch.jit.trace(module, (x,))

@@ -28,6 +28,7 @@ from triton_lstm.module_inputs import (
     check_layer_weights,
     check_state_tensor,
     dropout_between_layers,
+    refuse_jit_trace,
     options_repr,
     runs_aten,
     time_major_input,
@@ -124,6 +125,7 @@ class GRU(nn.RNNBase):
                                             self.training, self.bidirectional, False)
             return self._finish(output, h_n, is_batched)
 
+        refuse_jit_trace("GRU")
         lengths_on_device = None if lengths is None else lengths.to(x.device, non_blocking=True)
         backward = getattr(self, "backward_mode", "fused")
         if self._runs_as_stack(x):
@@ -240,6 +242,7 @@ class GRUCell(nn.GRUCell):
             with torch.autocast("cpu", enabled=False):
                 h = torch._VF.gru_cell(x, h0, *weights)
         else:
+            refuse_jit_trace("GRUCell")
             _, h = gru_layer(x.unsqueeze(0), h0, *weights, backward=getattr(self, "backward_mode", "fused"))
         return h if is_batched else h.squeeze(0)
 

@@ -33,6 +33,20 @@ NOT_SCRIPTABLE = (
 )
 
 
+NOT_TRACEABLE = (
+    "triton_lstm.{cls} cannot be traced by torch.jit.trace where its Triton kernels run: the trace would hold "
+    "Python custom ops that torch.jit.save cannot write, and trace's check, rerun without gradients, takes the "
+    "inference forward's op. Use torch.export or torch.compile instead; for a TorchScript deployment, load its "
+    "state_dict into a torch.nn.{cls} (the same parameters) and trace that."
+)
+
+
+def refuse_jit_trace(cls: str) -> None:
+    """A clear error under torch.jit.trace on the kernels' path (ATen's path traces as nn's does)."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(NOT_TRACEABLE.format(cls=cls))
+
+
 def runs_aten(x: Tensor) -> bool:
     """Whether the modules run ATen's own LSTM, as nn.LSTM does: on the CPU without Triton's interpreter
     (the kernels are for the GPU; the reference is a Python loop), and outside torch.compile and

@@ -26,6 +26,7 @@ from triton_lstm.module_inputs import (
     check_layer_weights,
     check_state_tensor,
     dropout_between_layers,
+    refuse_jit_trace,
     options_repr,
     runs_aten,
     time_major_input,
@@ -254,6 +255,7 @@ class LSTM(nn.RNNBase):
                 return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), hidden
             return self._finish(output, hidden, is_batched)
 
+        refuse_jit_trace("LSTM")
         lengths_on_device = None if lengths is None else lengths.to(x.device, non_blocking=True)
         if self._runs_as_stack(x):
             # All layers in one persistent launch (a wavefront across layers; triton_lstm/stack.py).
@@ -400,7 +402,8 @@ class LSTMCell(nn.LSTMCell):
         x = input if is_batched else input.unsqueeze(0)
         B = x.shape[0]
         if hx is None:
-            h0 = c0 = x.new_zeros(B, self.hidden_size)
+            # Two tensors: one passed as both states is a duplicate input torch.compile refuses to trace.
+            h0, c0 = x.new_zeros(B, self.hidden_size), x.new_zeros(B, self.hidden_size)
         else:
             if not isinstance(hx, (tuple, list)):
                 raise TypeError(f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
@@ -425,6 +428,7 @@ class LSTMCell(nn.LSTMCell):
             with torch.autocast("cpu", enabled=False):
                 h, c = torch._VF.lstm_cell(x, (h0, c0), *weights)
         else:
+            refuse_jit_trace("LSTMCell")
             _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, *weights, backward=getattr(self, "backward_mode", "fused"),
                                  w_ch=w_ch)
         if not is_batched:

@@ -334,6 +334,8 @@ def lstm_layer(
     """
     check_backward_options(backward, recompute_interval)
     b_ih, b_hh = both_biases(b_ih, b_hh)
+    if c0 is h0:
+        c0 = c0.clone()  # one tensor as both states: a duplicate input, which torch.compile refuses to trace
     if w_ch is not None and (w_hr is not None or recompute_interval > 0):
         raise ValueError("peephole weights work without proj_size and recompute_interval only")
     use_reference = int(backward == "reference")
