@@ -125,9 +125,3 @@ def test_lstm_cell_bad_input(name):
     call, error, pattern = CELL_CASES[name]
     _raises_like_nn(name, call, triton_lstm.LSTMCell, nn.LSTMCell, error, pattern)
 
-
-def test_lstm_cell_integer_input():
-    # nn.LSTMCell raises RuntimeError from a matmul here; ours says it wants floating point, as
-    # nn.LSTM does (ValueError).
-    with pytest.raises(ValueError, match="floating-point"):
-        triton_lstm.LSTMCell(4, 5)(torch.randint(0, 3, (2, 4)))
