@@ -124,4 +124,3 @@ CELL_CASES = {
 def test_lstm_cell_bad_input(name):
     call, error, pattern = CELL_CASES[name]
     _raises_like_nn(name, call, triton_lstm.LSTMCell, nn.LSTMCell, error, pattern)
-
