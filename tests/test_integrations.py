@@ -740,6 +740,7 @@ def test_torchscript_refuses_with_the_way_out():
         torch.jit.script(triton_lstm.LSTMCell(3, 4))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")  # trace's own, on the way
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
 def test_jit_trace_refuses_with_the_way_out(cls):
     """Where the kernels run, torch.jit.trace gets a clear error instead of a trace it can neither check
