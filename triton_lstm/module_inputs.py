@@ -1,7 +1,8 @@
 """What the LSTM and GRU modules (``modules.py``, ``gru_modules.py``) share about their inputs: the checks
-nn.LSTM / nn.GRU and their cells make of the input and the state (their exception types, and their words
-where code may match on them), the input as a time-major tensor, the autocast dtype in force, whether
-ATen's own recurrence runs, dropout between layers, and the repr of our options."""
+nn.LSTM / nn.GRU and their cells make of the input, the state and the parameters (their exception types,
+and their words where code may match on them), the input as a time-major tensor, the autocast dtype in
+force, whether ATen's own recurrence runs, the refusals of TorchScript, dropout between layers, and the
+repr of our options."""
 
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ from triton_lstm.module_inputs import (
     check_layer_weights,
     check_state_tensor,
     dropout_between_layers,
-    refuse_jit_trace,
     options_repr,
+    refuse_jit_trace,
     runs_aten,
     time_major_input,
 )
