@@ -402,8 +402,7 @@ class LSTMCell(nn.LSTMCell):
         x = input if is_batched else input.unsqueeze(0)
         B = x.shape[0]
         if hx is None:
-            # Two tensors: one passed as both states is a duplicate input torch.compile refuses to trace.
-            h0, c0 = x.new_zeros(B, self.hidden_size), x.new_zeros(B, self.hidden_size)
+            h0 = c0 = x.new_zeros(B, self.hidden_size)  # (lstm_layer gives c0 its own tensor for torch.compile)
         else:
             if not isinstance(hx, (tuple, list)):
                 raise TypeError(f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
