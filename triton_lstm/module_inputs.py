@@ -120,29 +120,27 @@ def check_input_tensor(x: Tensor, weight: Tensor, input_size: int, cls: str) -> 
         raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {x.shape[-1]}")
 
 
-_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "weight_ch")
 
 
 def check_layer_weights(module: nn.RNNBase, weights, peepholes, x: Tensor, gates: int) -> None:
     """The parameters an RNN module's forward gathered (``weights[layer][direction]``: w_ih, w_hh, b_ih,
-    b_hh[, w_hr], None where absent; ``peepholes`` likewise or None) still fit the module. A parameter
-    reassigned after construction (``module.weight_hh_l0 = nn.Parameter(...)``) may not: nn's recurrences
-    refuse a wrong shape, dtype or device with a RuntimeError, where our kernels would read past the end
-    of a short weight. Comparisons only (no autocast query, no string) unless one fails."""
+    b_hh[, w_hr], None where absent; ``peepholes`` likewise, or None without them) still fit the module. A
+    parameter reassigned after construction (``module.weight_hh_l0 = nn.Parameter(...)``) may not: nn's
+    recurrences refuse a wrong shape, dtype or device with a RuntimeError, where our kernels would read
+    past the end of a short weight. Comparisons only (no autocast query, no string) unless one fails."""
     H, out = module.hidden_size, module.proj_size or module.hidden_size
     directions = 2 if module.bidirectional else 1
     device, dtype = x.get_device(), x.dtype
     for layer, per_direction in enumerate(weights):
         width = module.input_size if layer == 0 else directions * out
-        shapes = ((gates * H, width), (gates * H, out), (gates * H,), (gates * H,), (module.proj_size, H))
+        shapes = ((gates * H, width), (gates * H, out), (gates * H,), (gates * H,), (module.proj_size, H), (3 * H,))
         for direction, tensors in enumerate(per_direction):
+            if peepholes is not None:  # (an LSTM's five, then its peepholes: the names' order)
+                tensors = (*tensors, peepholes[layer][direction])
             for index, (tensor, shape) in enumerate(zip(tensors, shapes)):
                 if tensor is not None and (tensor.shape != shape or tensor.get_device() != device or tensor.dtype != dtype):
                     _refuse_weight(module, _WEIGHT_NAMES[index], layer, direction, tensor, shape, x)
-            if peepholes is not None:
-                tensor = peepholes[layer][direction]
-                if tensor.shape != (3 * H,) or tensor.get_device() != device or tensor.dtype != dtype:
-                    _refuse_weight(module, "weight_ch", layer, direction, tensor, (3 * H,), x)
 
 
 def check_cell_weights(cell: nn.Module, weights, w_ch, x: Tensor, gates: int) -> None:
@@ -150,7 +148,7 @@ def check_cell_weights(cell: nn.Module, weights, w_ch, x: Tensor, gates: int) ->
     H = cell.hidden_size
     shapes = ((gates * H, cell.input_size), (gates * H, H), (gates * H,), (gates * H,), (3 * H,))
     device, dtype = x.get_device(), x.dtype
-    for name, tensor, shape in zip((*_WEIGHT_NAMES[:4], "weight_ch"), (*weights, w_ch), shapes):
+    for name, tensor, shape in zip((*_WEIGHT_NAMES[:4], _WEIGHT_NAMES[5]), (*weights, w_ch), shapes):
         if tensor is not None and (tensor.shape != shape or tensor.get_device() != device or tensor.dtype != dtype):
             _refuse_weight(cell, name, None, 0, tensor, shape, x)
 
