@@ -56,11 +56,12 @@ def assert_error_within_pytorch(
     assert ours.shape == reference.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(reference.shape)}"
     ours_err = max_error(ours, reference)
     torch_err = max_error(torchs, reference)
-    scale = max(1.0, reference.abs().max().item() if reference.numel() else 0.0)
+    magnitude = reference.abs().max().item() if reference.numel() else 0.0
+    scale = max(1.0, magnitude)
     floor = 2 * torch.finfo(dtype).eps * scale * summed_terms**0.5
     assert ours_err == ours_err, f"{name}: NaN in our result (an element left unwritten?)"
     if ERROR_LOG:
-        _log_comparison(name, dtype, summed_terms, factor, reference, ours_err, torch_err, floor)
+        _log_comparison(name, dtype, summed_terms, factor, reference.numel(), magnitude, ours_err, torch_err, floor)
     assert ours_err <= factor * torch_err + floor, (
         f"{name}: error {ours_err:.3e} vs PyTorch's {torch_err:.3e} (allowed {factor} x that + {floor:.1e})"
     )
@@ -73,10 +74,9 @@ def assert_error_within_pytorch(
 ERROR_LOG = os.environ.get("TRITON_LSTM_ERROR_LOG")
 
 
-def _log_comparison(name, dtype, summed_terms, factor, reference, ours_err, torch_err, floor) -> None:
-    scale = reference.abs().max().item() if reference.numel() else 0.0
+def _log_comparison(name, dtype, summed_terms, factor, numel, scale, ours_err, torch_err, floor) -> None:
     record = dict(test=os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0], name=name, dtype=str(dtype),
-                  summed_terms=summed_terms, numel=reference.numel(), scale=scale, ours=ours_err, torch=torch_err,
+                  summed_terms=summed_terms, numel=numel, scale=scale, ours=ours_err, torch=torch_err,
                   floor=floor, factor=factor)
     with open(ERROR_LOG, "a") as log:  # one short line per write: whole lines from parallel workers
         log.write(json.dumps(record) + "\n")
