@@ -22,6 +22,7 @@ from triton_lstm.gru_stack import gru_stack
 from triton_lstm.module_inputs import (
     NOT_SCRIPTABLE,
     active_autocast_dtype,
+    aten_without_autocast,
     check_cell_state,
     check_cell_weights,
     check_input_tensor,
@@ -116,7 +117,7 @@ class GRU(nn.RNNBase):
         if runs_aten(x):
             # The CPU without Triton's interpreter: the very ATen GRU that nn.GRU runs.
             flat_weights = [w for layer in weights for direction in layer for w in direction if w is not None]
-            with torch.autocast("cpu", enabled=False):
+            with aten_without_autocast(autocast_dtype):
                 if packed:
                     output, h_n = torch._VF.gru(data.to(x.dtype), batch_sizes, h0, flat_weights, self.bias,
                                                 self.num_layers, float(self.dropout), self.training, self.bidirectional)
@@ -239,7 +240,7 @@ class GRUCell(nn.GRUCell):
             x, h0 = x.to(autocast_dtype), h0.to(autocast_dtype)
             weights = tuple(None if w is None else w.to(autocast_dtype) for w in weights)
         if runs_aten(x):
-            with torch.autocast("cpu", enabled=False):
+            with aten_without_autocast(autocast_dtype):
                 h = torch._VF.gru_cell(x, h0, *weights)
         else:
             refuse_jit_trace("GRUCell")

@@ -20,6 +20,7 @@ from triton_lstm.bidirectional import bidirectional_plan, lstm_bidirectional, re
 from triton_lstm.module_inputs import (
     NOT_SCRIPTABLE,
     active_autocast_dtype,
+    aten_without_autocast,
     check_cell_state,
     check_cell_weights,
     check_input_tensor,
@@ -240,7 +241,7 @@ class LSTM(nn.RNNBase):
             # The CPU without Triton's interpreter: the very ATen LSTM that nn.LSTM runs (its oneDNN
             # kernels, its backward), all layers and directions in one call.
             flat_weights = [w for layer in weights for direction in layer for w in direction if w is not None]
-            with torch.autocast("cpu", enabled=False):
+            with aten_without_autocast(autocast_dtype):
                 if packed:
                     data_in = data.to(x.dtype)
                     output, h_n, c_n = torch._VF.lstm(data_in, batch_sizes, (h0, c0), flat_weights, self.bias,
@@ -424,7 +425,7 @@ class LSTMCell(nn.LSTMCell):
             w_ch = None if w_ch is None else w_ch.to(autocast_dtype)
         if runs_aten(x) and w_ch is None:
             # The CPU without Triton's interpreter: nn.LSTMCell's own ATen cell.
-            with torch.autocast("cpu", enabled=False):
+            with aten_without_autocast(autocast_dtype):
                 h, c = torch._VF.lstm_cell(x, (h0, c0), *weights)
         else:
             refuse_jit_trace("LSTMCell")
