@@ -33,7 +33,41 @@ def _lstm_cases():
         "c0 dtype": (lambda M: M(4, 5)(x, (h, h.half())), RuntimeError, "c_0.*float16"),
         "c0 None": (lambda M: M(4, 5)(x, (h, None)), AttributeError, "c_0 must be a Tensor"),
         "list input": (lambda M: M(4, 5)([[1.0] * 4] * 2), AttributeError, "must be a Tensor or a PackedSequence"),
+        # hx as nn indexes it: hx[0], hx[1], then ATen takes a tuple or list of two.
+        "hx int": (lambda M: M(4, 5)(x, 0), TypeError, "hx must be a tuple"),
+        "hx str": (lambda M: M(4, 5)(x, "hx"), AttributeError, "h_0 must be a Tensor, got str"),
+        "hx one state": (lambda M: M(4, 5)(x, (h,)), IndexError, "hx must be a tuple.*length 1"),
+        "hx one tensor": (lambda M: M(4, 5)(x, h), IndexError, "hx must be a tuple.*Tensor"),
+        "hx stacked tensor": (lambda M: M(4, 5)(x, torch.zeros(2, 1, 2, 5)), TypeError, "hx must be a tuple.*Tensor"),
+        # Parameters set to None after construction: nn's recurrence refuses them (the kernels ran without).
+        "weight_ih None": (lambda M: _set(M(4, 5), weight_ih_l0=None)(x), AttributeError, "weight_ih.* is None"),
+        "weight_hh None": (lambda M: _set(M(4, 5), weight_hh_l0=None)(x), TypeError, "weight_hh_l0 is None"),
+        "bias None": (lambda M: _set(M(4, 5, num_layers=2), bias_ih_l1=None)(x), TypeError, "bias_ih_l1 is None"),
+        "weight_hr None": (lambda M: _set(M(4, 5, proj_size=2), weight_hr_l0=None)(x), TypeError, "weight_hr_l0 is None"),
+        # nn checks these two only in ATen's argument parser, which the kernels' path does not reach.
+        "bidirectional int": (lambda M: M(4, 5, bidirectional=1)(x), TypeError, "bidirectional must be a bool"),
+        "num_layers bool": (lambda M: M(4, 5, num_layers=True)(x), TypeError, "num_layers an int"),
+        # A PackedSequence's batch_sizes as pack_padded_sequence would never make them (a negative one
+        # aborted the process in pad_packed_sequence).
+        "negative batch size": (lambda M: M(1, 5)(_packed([2, -1])), RuntimeError, "non-increasing"),
+        "float batch sizes": (lambda M: M(1, 5)(_packed([2.0, 1.0])), TypeError, "1-D int64"),
+        "2-D batch sizes": (lambda M: M(1, 5)(_packed([[2, 1]])), TypeError, "1-D int64"),
+        "empty batch sizes": (lambda M: M(1, 5)(_packed([], torch.int64)), IndexError, "empty"),
+        "int32 batch sizes": (lambda M: M(1, 5)(_packed([2, 1], torch.int32)), RuntimeError, "int64 on the CPU"),
+        "increasing batch sizes": (lambda M: M(1, 5)(_packed([1, 2])), RuntimeError, "non-increasing"),
+        "batch sizes past the data": (lambda M: M(1, 5)(_packed([2, 2])), RuntimeError, "sum to its data's 3 rows"),
     }
+
+
+def _set(module, **parameters):
+    for name, value in parameters.items():
+        setattr(module, name, value)
+    return module
+
+
+def _packed(batch_sizes, dtype=None):
+    """A PackedSequence of three rows of one feature with these batch_sizes, valid or not."""
+    return nn.utils.rnn.PackedSequence(torch.randn(3, 1), torch.tensor(batch_sizes, dtype=dtype))
 
 
 LSTM_CASES = _lstm_cases()
@@ -42,7 +76,11 @@ LSTM_CASES = _lstm_cases()
 # Where nn's message misleads or comes from deep inside (a state's dtype: "get_mkldnn_dtype: unsupported
 # data type"; an integer input; three states), ours differs; everywhere else it is nn's, word for word.
 OWN_MESSAGES = {"integer input", "hx three states", "h0 dtype", "c0 dtype", "h dtype", "3-D hx", "hx tensor", "c0 None",
-                "list input", "c None"}
+                "list input", "c None", "hx int", "hx str", "hx one state", "hx one tensor", "hx stacked tensor",
+                "weight_ih None", "weight_hh None", "bias None", "weight_hr None", "bidirectional int",
+                "num_layers bool", "negative batch size", "float batch sizes", "2-D batch sizes", "empty batch sizes",
+                "int32 batch sizes", "increasing batch sizes", "batch sizes past the data", "1-D hx",
+                "hx one state unbatched"}
 
 
 def _raises_like_nn(name, call, ours_cls, nn_cls, error, pattern):
@@ -60,13 +98,37 @@ def test_lstm_bad_input(name):
     _raises_like_nn(name, call, triton_lstm.LSTM, nn.LSTM, error, pattern)
 
 
-def test_hx_not_a_tuple():
-    # nn.LSTM fails with an IndexError deep inside here; ours says what is wrong, as a RuntimeError
-    # (nn.LSTM's type for a wrong number of states).
-    with pytest.raises(RuntimeError, match=r"hx must be a tuple \(h_0, c_0\).*Tensor"):
-        triton_lstm.LSTM(4, 5)(torch.randn(3, 2, 4), torch.zeros(1, 2, 5))
-    with pytest.raises(RuntimeError, match="hx must be a tuple"):
-        triton_lstm.LSTM(4, 5)(torch.randn(3, 2, 4), (torch.zeros(1, 2, 5),))
+def test_packed_sequence_batch_sizes_nn_accepts():
+    # nn runs a PackedSequence whose batch_sizes sum to fewer rows than its data (it drops the rest);
+    # ours refuses it, as it refuses every batch_sizes pack_padded_sequence would not make.
+    packed = _packed([2, 0])
+    nn.LSTM(1, 5)(packed)
+    with pytest.raises(RuntimeError, match="positive, non-increasing and sum to its data's 3 rows"):
+        triton_lstm.LSTM(1, 5)(packed)
+
+
+def test_gru_proj_size_keyword_refused_like_nn():
+    for value in (None, 2, 1.5):
+        with pytest.raises(ValueError, match="only supported for LSTM") as theirs:
+            nn.GRU(4, 5, proj_size=value)
+        with pytest.raises(ValueError) as ours:
+            triton_lstm.GRU(4, 5, proj_size=value)
+        assert str(theirs.value) == str(ours.value)
+
+
+def test_cell_bias_set_to_none_runs_without_it():
+    # nn's cell ops take a missing bias as none; the kernels must then add none either.
+    torch.manual_seed(0)
+    for ours_cls, nn_cls in ((triton_lstm.LSTMCell, nn.LSTMCell), (triton_lstm.GRUCell, nn.GRUCell)):
+        theirs = nn_cls(4, 5)
+        ours = ours_cls(4, 5)
+        ours.load_state_dict(theirs.state_dict())
+        for module in (ours, theirs):
+            module.bias_hh = None
+        x = torch.randn(3, 4)
+        expected, got = theirs(x), ours(x)
+        expected, got = (expected[0], got[0]) if isinstance(expected, tuple) else (expected, got)
+        torch.testing.assert_close(got, expected)
 
 
 def test_packed_sequence_bad_state():
@@ -117,6 +179,13 @@ CELL_CASES = {
     "c None": (lambda M: M(4, 5)(torch.randn(2, 4), (torch.zeros(2, 5), None)), AttributeError, r"hx\[1\] must be a Tensor"),
     "integer input": (lambda M: M(4, 5)(torch.ones(2, 4, dtype=torch.long)), RuntimeError, "floating-point"),
     "list input": (lambda M: M(4, 5)([[1.0] * 4] * 2), AttributeError, "must be a Tensor"),
+    # hx as nn.LSTMCell walks it: each element's dims, hx[0] and hx[1] when unbatched, then ATen's tuple of two.
+    "hx str": (lambda M: M(4, 5)(torch.randn(2, 4), "hx"), AttributeError, r"hx\[0\] must be a Tensor, got str"),
+    "1-D hx": (lambda M: M(4, 5)(torch.randn(4), torch.zeros(5)), ValueError, r"hx\[0\] to be 1D or 2D, got 0D"),
+    "hx one state unbatched": (lambda M: M(4, 5)(torch.randn(4), (torch.zeros(5),)), IndexError, "length 1"),
+    "hx three states": (lambda M: M(4, 5)(torch.randn(2, 4), (torch.zeros(2, 5),) * 3), RuntimeError, "length 3"),
+    "weight_ih None": (lambda M: _set(M(4, 5), weight_ih=None)(torch.randn(2, 4)), TypeError, "weight_ih.* is None"),
+    "weight_hh None": (lambda M: _set(M(4, 5), weight_hh=None)(torch.randn(2, 4)), TypeError, "weight_hh is None"),
 }
 
 

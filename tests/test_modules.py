@@ -530,3 +530,34 @@ def test_cpu_aten_path_double_backward(monkeypatch):
     module = triton_lstm.LSTM(2, 3, num_layers=2, bidirectional=True).double()
     x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda inp: module(inp)[0], (x,))
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "LSTM-proj-bidir-2", "GRU", "LSTMCell", "GRUCell"])
+def test_complex_modules_run_aten_like_nn(cls):
+    # nn's recurrences take complex dtypes (ATen's own recurrence, on every device); ours run it for them
+    # (the kernels and the reference are real-valued): the same outputs and gradients, bit for bit.
+    name, _, options = cls.partition("-")
+    kwargs = dict(proj_size=3, bidirectional=True, num_layers=2) if options else {}
+    torch.manual_seed(0)
+    theirs = getattr(nn, name)(4, 5, dtype=torch.complex64, **kwargs)
+    ours = getattr(triton_lstm, name)(4, 5, dtype=torch.complex64, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 2, 4, dtype=torch.complex64)
+    x = x[0] if name.endswith("Cell") else x
+    results = []
+    for module in (theirs, ours):
+        out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        (out.abs() ** 2).sum().backward()
+        results.append((out, [p.grad for p in module.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for ours_grad, their_grad in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(ours_grad, their_grad, rtol=0, atol=0)
+
+
+def test_complex_peephole_refused():
+    x = torch.randn(3, 2, 4, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="peephole=True takes real inputs only"):
+        triton_lstm.LSTM(4, 5, peephole=True, dtype=torch.complex64)(x)
+    with pytest.raises(RuntimeError, match="peephole=True takes real inputs only"):
+        triton_lstm.LSTMCell(4, 5, peephole=True, dtype=torch.complex64)(x[0])

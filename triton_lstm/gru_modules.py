@@ -73,8 +73,9 @@ class GRU(nn.RNNBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, backward: str = "fused") -> None:
         check_backward_options(backward, 0)
-        # proj_size: nn.GRU takes RNNBase's arguments in RNNBase's order and refuses this one, in these words.
-        if proj_size:
+        # proj_size: nn.GRU takes RNNBase's arguments in RNNBase's order and refuses this one as a keyword, in
+        # these words, whatever its value (here 0, its default, is let through: a signature cannot tell).
+        if type(proj_size) is not int or proj_size != 0:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
                          dropout=dropout, bidirectional=bidirectional, proj_size=proj_size, device=device, dtype=dtype)
@@ -88,7 +89,7 @@ class GRU(nn.RNNBase):
     def forward(self, input, hx=None):
         num_directions = 2 if self.bidirectional else 1
         x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched = time_major_input(
-            input, self.weight_ih_l0, self.input_size, self.batch_first, "GRU")
+            input, self, "GRU")
         B = x.shape[1]
         state_shape = (self.num_layers * num_directions, B, self.hidden_size)
         if hx is None:
@@ -108,14 +109,14 @@ class GRU(nn.RNNBase):
 
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
         check_layer_weights(self, weights, None, x, 3)
-        autocast_dtype = active_autocast_dtype(x.device.type)
+        autocast_dtype = active_autocast_dtype(x)
         if autocast_dtype is not None:
             # As nn.GRU under autocast: compute in the autocast dtype; the fp32 weights get fp32 gradients.
             x, h0 = x.to(autocast_dtype), h0.to(autocast_dtype)
             weights = [[[None if w is None else w.to(autocast_dtype) for w in ws] for ws in layer] for layer in weights]
 
         if runs_aten(x):
-            # The CPU without Triton's interpreter: the very ATen GRU that nn.GRU runs.
+            # The CPU without Triton's interpreter, or a complex input: the very ATen GRU that nn.GRU runs.
             flat_weights = [w for layer in weights for direction in layer for w in direction if w is not None]
             with aten_without_autocast(autocast_dtype):
                 if packed:
@@ -235,7 +236,7 @@ class GRUCell(nn.GRUCell):
             check_cell_state(0, h0, x, self.hidden_size, "GRUCell")
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         check_cell_weights(self, weights, None, x, 3)
-        autocast_dtype = active_autocast_dtype(x.device.type)
+        autocast_dtype = active_autocast_dtype(x)
         if autocast_dtype is not None:
             x, h0 = x.to(autocast_dtype), h0.to(autocast_dtype)
             weights = tuple(None if w is None else w.to(autocast_dtype) for w in weights)

@@ -17,8 +17,12 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from triton_lstm.ops import interpreting
 
 
-def active_autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force on ``device_type``, or None where autocast is off."""
+def active_autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype that applies to ``x``: the one in force on its device, or None where autocast is
+    off or ``x`` is complex (autocast casts floating-point tensors only)."""
+    if x.is_complex():
+        return None
+    device_type = x.device.type
     # is_autocast_enabled raises for device types without autocast (meta: shape inference, deferred init).
     # Dynamo in torch <= 2.11 cannot trace is_autocast_available (a graph break, an error under
     # fullgraph); a traced module runs on real devices, so there the check is skipped.
@@ -59,10 +63,21 @@ def aten_without_autocast(autocast_dtype: torch.dtype | None):
 def runs_aten(x: Tensor) -> bool:
     """Whether the modules run ATen's own LSTM, as nn.LSTM does: on the CPU without Triton's interpreter
     (the kernels are for the GPU; the reference is a Python loop), and outside torch.compile and
-    torch.func transforms, where our ops keep one graph node per recurrence and the reference respectively."""
+    torch.func transforms, where our ops keep one graph node per recurrence and the reference respectively;
+    for complex inputs everywhere. A peephole LSTM, which ATen lacks, checks ``refuse_complex_peepholes``."""
+    if x.is_complex():
+        return True  # on every device: our kernels and reference are real-valued, ATen's recurrence is not
     if x.device.type != "cpu" or interpreting() or torch.compiler.is_compiling():
         return False
     return not torch._C._are_functorch_transforms_active()
+
+
+def refuse_complex_peepholes(x: Tensor, cls: str) -> None:
+    """A peephole LSTM runs our kernels or reference, both real-valued, where nn's recurrences (and so
+    ours without peepholes, ``runs_aten``) take complex inputs."""
+    if x.is_complex():
+        raise RuntimeError(f"{cls}: peephole=True takes real inputs only, got {x.dtype} (without peepholes "
+                           "complex inputs run ATen's recurrence, as nn's do)")
 
 
 # PyTorch's names of the dtypes, as in its own "mat1 and mat2 must have the same dtype" message.
@@ -82,7 +97,7 @@ def check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[int
         raise RuntimeError(f"{cls}: {name} is on {value.device} but the input is on {like.device}")
     # Under autocast nn.LSTM casts input and state alike, so a state returned by an earlier autocast call
     # (already in the autocast dtype) goes with a float32 input.
-    autocast = value.is_floating_point() and active_autocast_dtype(like.device.type) is not None
+    autocast = value.is_floating_point() and active_autocast_dtype(like) is not None
     if value.dtype != like.dtype and not autocast:
         raise RuntimeError(
             f"{cls}: {name} has dtype {value.dtype} but the input has dtype {like.dtype}; "
@@ -106,11 +121,14 @@ def check_cell_state(index: int, value, x: Tensor, hidden_size: int, cls: str = 
 def check_input_tensor(x: Tensor, weight: Tensor, input_size: int, cls: str) -> None:
     """Input checks shared by LSTM and LSTMCell: dtype, device, feature size, with nn's exception types
     and, where nn's words are clear, nn's words."""
-    if not x.is_floating_point():
+    if weight is None:  # set to None after construction: nn.LSTM fails on its dtype, the cells' ops on its type
+        error = TypeError if cls.endswith("Cell") else AttributeError
+        raise error(f"{cls}: its first input weight (weight_ih) is None, expected a Tensor")
+    if not (x.is_floating_point() or x.is_complex()):  # (complex: ATen's recurrence, as nn's; runs_aten)
         # nn.LSTM checks the dtype (ValueError); its cells fail in their matrix product (RuntimeError).
         error = RuntimeError if cls.endswith("Cell") else ValueError
         raise error(f"{cls}: expected a floating-point input, got dtype {x.dtype}")
-    if x.dtype != weight.dtype and active_autocast_dtype(x.device.type) is None:
+    if x.dtype != weight.dtype and active_autocast_dtype(x) is None:
         advice = f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
         if cls.endswith("Cell"):
             # nn.LSTMCell / nn.GRUCell fail in their matrix product, with a RuntimeError naming mat1 and mat2.
@@ -140,6 +158,8 @@ def check_layer_weights(module: nn.RNNBase, weights, peepholes, x: Tensor, gates
     H, out = module.hidden_size, module.proj_size or module.hidden_size
     directions = 2 if module.bidirectional else 1
     device, dtype = x.get_device(), x.dtype
+    # Which of the names' tensors the module has (a None there was assigned after construction).
+    required = (True, True, module.bias, module.bias, module.proj_size > 0, True)
     for layer, per_direction in enumerate(weights):
         width = module.input_size if layer == 0 else directions * out
         shapes = ((gates * H, width), (gates * H, out), (gates * H,), (gates * H,), (module.proj_size, H), (3 * H,))
@@ -147,7 +167,10 @@ def check_layer_weights(module: nn.RNNBase, weights, peepholes, x: Tensor, gates
             if peepholes is not None:  # (an LSTM's five, then its peepholes: the names' order)
                 tensors = (*tensors, peepholes[layer][direction])
             for index, (tensor, shape) in enumerate(zip(tensors, shapes)):
-                if tensor is not None and (tensor.shape != shape or tensor.get_device() != device or tensor.dtype != dtype):
+                if tensor is None:
+                    if required[index]:
+                        _refuse_missing(module, _WEIGHT_NAMES[index], layer, direction, shape)
+                elif tensor.shape != shape or tensor.get_device() != device or tensor.dtype != dtype:
                     _refuse_weight(module, _WEIGHT_NAMES[index], layer, direction, tensor, shape, x)
 
 
@@ -155,10 +178,24 @@ def check_cell_weights(cell: nn.Module, weights, w_ch, x: Tensor, gates: int) ->
     """``check_layer_weights`` for a cell: ``weights`` (w_ih, w_hh, b_ih, b_hh), ``w_ch`` or None."""
     H = cell.hidden_size
     shapes = ((gates * H, cell.input_size), (gates * H, H), (gates * H,), (gates * H,), (3 * H,))
+    # A bias set to None runs as no bias, as nn's cell ops take it; a weight must be there.
+    required = (True, True, False, False, getattr(cell, "peephole", False))
     device, dtype = x.get_device(), x.dtype
-    for name, tensor, shape in zip((*_WEIGHT_NAMES[:4], _WEIGHT_NAMES[5]), (*weights, w_ch), shapes):
-        if tensor is not None and (tensor.shape != shape or tensor.get_device() != device or tensor.dtype != dtype):
+    for name, tensor, shape, needed in zip((*_WEIGHT_NAMES[:4], _WEIGHT_NAMES[5]), (*weights, w_ch), shapes, required):
+        if tensor is None:
+            if needed:
+                _refuse_missing(cell, name, None, 0, shape)
+        elif tensor.shape != shape or tensor.get_device() != device or tensor.dtype != dtype:
             _refuse_weight(cell, name, None, 0, tensor, shape, x)
+
+
+def _refuse_missing(module: nn.Module, name: str, layer: int | None, direction: int, shape: tuple[int, ...]) -> None:
+    """Raises for a parameter the module has, set to None after construction: nn's recurrences refuse it
+    with a TypeError (an element of their weight list is not a Tensor), where our kernels would run without
+    it (a bias) or read a placeholder."""
+    if layer is not None:
+        name += f"_l{layer}" + ("_reverse" if direction else "")
+    raise TypeError(f"{type(module).__name__}: {name} is None, expected a Tensor of shape {shape}")
 
 
 def _refuse_weight(module: nn.Module, name: str, layer: int | None, direction: int, weight: Tensor,
@@ -172,7 +209,7 @@ def _refuse_weight(module: nn.Module, name: str, layer: int | None, direction: i
         raise RuntimeError(f"{cls}: {name} has shape {tuple(weight.shape)}, expected {shape} for this module")
     if weight.device != x.device:
         raise RuntimeError(f"{cls}: {name} is on {weight.device} but the input is on {x.device}")
-    if active_autocast_dtype(x.device.type) is None:
+    if active_autocast_dtype(x) is None:
         raise RuntimeError(f"{cls}: {name} has dtype {weight.dtype} but the input and weight_ih have {x.dtype}")
 
 
@@ -187,16 +224,43 @@ class SequenceInput(NamedTuple):
     is_batched: bool
 
 
-def time_major_input(input, weight: Tensor, input_size: int, batch_first: bool, cls: str) -> SequenceInput:
+def check_batch_sizes(batch_sizes, rows: int, cls: str) -> None:
+    """A PackedSequence's ``batch_sizes`` as pack_padded_sequence makes them (a 1-D int64 CPU tensor of
+    positive, non-increasing sizes summing to the data's rows), checked before pad_packed_sequence reads
+    them: a negative size made it free an invalid pointer (the process aborted). nn's own exception types
+    for these (it checks nothing and fails where it trips): TypeError for a tensor not 1-D or not of
+    integers, IndexError for an empty one, RuntimeError for the rest. Reads the CPU tensor: no device sync."""
+    if not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.is_floating_point():
+        raise TypeError(f"{cls}: a PackedSequence's batch_sizes must be a 1-D int64 tensor, got "
+                        f"{batch_sizes!r:.60}")
+    if batch_sizes.numel() == 0:
+        raise IndexError(f"{cls}: a PackedSequence's batch_sizes is empty")
+    if batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
+        raise RuntimeError(f"{cls}: a PackedSequence's batch_sizes must be int64 on the CPU (as "
+                           f"pack_padded_sequence makes them), got {batch_sizes.dtype} on {batch_sizes.device}")
+    sizes = batch_sizes.tolist()
+    if sizes[-1] < 1 or any(later > earlier for earlier, later in zip(sizes, sizes[1:])) or sum(sizes) != rows:
+        raise RuntimeError(f"{cls}: a PackedSequence's batch_sizes must be positive, non-increasing and sum to "
+                           f"its data's {rows} rows, got {sizes if len(sizes) <= 8 else str(sizes[:8])[:-1] + ', ...]'}")
+
+
+def time_major_input(input, module: nn.RNNBase, cls: str) -> SequenceInput:
     """The checks nn.LSTM / nn.GRU make of their input (their exception types, their words where clear)
     and the input as a time-major (T, B, I) tensor: a PackedSequence padded (each sequence then runs to
     its own length), an unbatched one given a batch of one."""
+    # nn checks bias and batch_first when built; these two only where ATen's recurrence takes them (its
+    # argument parser: a TypeError), which the kernels' path does not reach.
+    if type(module.bidirectional) is not bool or isinstance(module.num_layers, bool):
+        raise TypeError(f"{cls}: bidirectional must be a bool and num_layers an int, got "
+                        f"{module.bidirectional!r} and {module.num_layers!r}")
+    weight, input_size, batch_first = module.weight_ih_l0, module.input_size, module.batch_first
     packed = isinstance(input, PackedSequence)
     if packed:
         data, batch_sizes, sorted_indices, unsorted_indices = input
         if data.dim() != 2:
             raise RuntimeError(f"{cls}: a PackedSequence's data must be 2-D, got {data.dim()}-D")
         check_input_tensor(data, weight, input_size, cls)
+        check_batch_sizes(batch_sizes, data.shape[0], cls)
         # Run padded, each sequence to its own length (batch_sizes lives on the CPU: no device sync).
         x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
         is_batched = True

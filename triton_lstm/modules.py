@@ -28,6 +28,7 @@ from triton_lstm.module_inputs import (
     check_state_tensor,
     dropout_between_layers,
     options_repr,
+    refuse_complex_peepholes,
     refuse_jit_trace,
     runs_aten,
     time_major_input,
@@ -60,10 +61,49 @@ def _stacked(peepholes: list) -> Tensor | None:
 
 
 def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
-    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-        got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
-        raise RuntimeError(f"{cls}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
-    return hx[0], hx[1]
+    """(h_0, c_0) from ``hx``, refused with the exception types nn.LSTM's own handling gives, in clear words:
+    it indexes hx[0] and hx[1] (TypeError for an object that cannot be indexed, IndexError short of two,
+    AttributeError for an element that is not a Tensor: its ``.dim()``), then ATen takes only a tuple or
+    list of two (RuntimeError for more, TypeError for anything else: a Tensor, a dict)."""
+    got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+    expected = f"{cls}: hx must be a tuple (h_0, c_0) of two tensors, got {got}"
+    try:
+        h0, c0 = hx[0], hx[1]
+    except (TypeError, IndexError, KeyError) as error:
+        raise type(error)(expected) from None
+    for name, value in (("h_0", h0), ("c_0", c0)):
+        if not isinstance(value, Tensor):
+            raise AttributeError(f"{cls}: {name} must be a Tensor, got {type(value).__name__}")
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(expected)
+    if len(hx) != 2:
+        raise RuntimeError(expected)
+    return h0, c0
+
+
+def _unpack_cell_hx(hx, is_batched: bool) -> tuple[Tensor, Tensor]:
+    """``_unpack_hx`` for LSTMCell, in nn.LSTMCell's order: it iterates hx checking each element (TypeError
+    where hx cannot be iterated, AttributeError for an element that is not a Tensor, ValueError for one
+    not 1-D or 2-D), indexes hx[0] and hx[1] for an unbatched input (IndexError short of two), then ATen
+    takes only a tuple or list of two (TypeError for anything else: a Tensor; RuntimeError for another count)."""
+    got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+    expected = f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {got}"
+    try:
+        values = list(hx)
+    except TypeError:
+        raise TypeError(expected) from None
+    for index, value in enumerate(values):
+        if not isinstance(value, Tensor):
+            raise AttributeError(f"LSTMCell: hx[{index}] must be a Tensor, got {type(value).__name__}")
+        if value.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
+    if len(values) < 2 and not is_batched:
+        raise IndexError(expected)
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(expected)
+    if len(values) != 2:
+        raise RuntimeError(expected)
+    return values[0], values[1]
 
 
 class LSTM(nn.RNNBase):
@@ -204,9 +244,8 @@ class LSTM(nn.RNNBase):
     def forward(self, input, hx=None):
         num_directions = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        weight = self.weight_ih_l0
         x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched = time_major_input(
-            input, weight, self.input_size, self.batch_first, "LSTM")
+            input, self, "LSTM")
         B = x.shape[1]
 
         state_shape = (self.num_layers * num_directions, B)
@@ -230,16 +269,19 @@ class LSTM(nn.RNNBase):
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
         peepholes = [[self._peephole_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
         check_layer_weights(self, weights, peepholes if getattr(self, "peephole", False) else None, x, 4)
-        autocast_dtype = active_autocast_dtype(x.device.type)
+        autocast_dtype = active_autocast_dtype(x)
         if autocast_dtype is not None:
             # As nn.LSTM under autocast: compute in the autocast dtype; the fp32 weights get fp32 gradients.
             x, h0, c0 = x.to(autocast_dtype), h0.to(autocast_dtype), c0.to(autocast_dtype)
             weights = [[[None if w is None else w.to(autocast_dtype) for w in ws] for ws in layer] for layer in weights]
             peepholes = [[None if w is None else w.to(autocast_dtype) for w in layer] for layer in peepholes]
 
-        if runs_aten(x) and not getattr(self, "peephole", False):
-            # The CPU without Triton's interpreter: the very ATen LSTM that nn.LSTM runs (its oneDNN
-            # kernels, its backward), all layers and directions in one call.
+        peephole = getattr(self, "peephole", False)
+        if peephole:
+            refuse_complex_peepholes(x, "LSTM")
+        if not peephole and runs_aten(x):
+            # The CPU without Triton's interpreter, or a complex input: the very ATen LSTM that nn.LSTM runs
+            # (its oneDNN kernels, its backward), all layers and directions in one call.
             flat_weights = [w for layer in weights for direction in layer for w in direction if w is not None]
             with aten_without_autocast(autocast_dtype):
                 if packed:
@@ -405,12 +447,7 @@ class LSTMCell(nn.LSTMCell):
         if hx is None:
             h0 = c0 = x.new_zeros(B, self.hidden_size)  # (lstm_layer gives c0 its own tensor for torch.compile)
         else:
-            if not isinstance(hx, (tuple, list)):
-                raise TypeError(f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
-            h0, c0 = _unpack_hx(hx, "LSTMCell")
-            for index, value in enumerate((h0, c0)):
-                if isinstance(value, Tensor) and value.dim() not in (1, 2):
-                    raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
+            h0, c0 = _unpack_cell_hx(hx, is_batched)
             if not is_batched:
                 h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
             check_cell_state(0, h0, x, self.hidden_size)
@@ -418,13 +455,15 @@ class LSTMCell(nn.LSTMCell):
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         w_ch = self.weight_ch if getattr(self, "peephole", False) else None
         check_cell_weights(self, weights, w_ch, x, 4)
-        autocast_dtype = active_autocast_dtype(x.device.type)
+        autocast_dtype = active_autocast_dtype(x)
         if autocast_dtype is not None:
             x, h0, c0 = x.to(autocast_dtype), h0.to(autocast_dtype), c0.to(autocast_dtype)
             weights = tuple(None if w is None else w.to(autocast_dtype) for w in weights)
             w_ch = None if w_ch is None else w_ch.to(autocast_dtype)
-        if runs_aten(x) and w_ch is None:
-            # The CPU without Triton's interpreter: nn.LSTMCell's own ATen cell.
+        if w_ch is not None:
+            refuse_complex_peepholes(x, "LSTMCell")
+        if w_ch is None and runs_aten(x):
+            # The CPU without Triton's interpreter, or a complex input: nn.LSTMCell's own ATen cell.
             with aten_without_autocast(autocast_dtype):
                 h, c = torch._VF.lstm_cell(x, (h0, c0), *weights)
         else:
