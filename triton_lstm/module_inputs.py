@@ -96,9 +96,9 @@ def check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[int
     if value.device != like.device:
         raise RuntimeError(f"{cls}: {name} is on {value.device} but the input is on {like.device}")
     # Under autocast nn.LSTM casts input and state alike, so a state returned by an earlier autocast call
-    # (already in the autocast dtype) goes with a float32 input.
-    autocast = value.is_floating_point() and active_autocast_dtype(like) is not None
-    if value.dtype != like.dtype and not autocast:
+    # (already in the autocast dtype) goes with a float32 input. (The autocast query, ~1.5 µs, only where
+    # the dtypes differ.)
+    if value.dtype != like.dtype and not (value.is_floating_point() and active_autocast_dtype(like) is not None):
         raise RuntimeError(
             f"{cls}: {name} has dtype {value.dtype} but the input has dtype {like.dtype}; "
             f"pass {name}.to({like.dtype})"
