@@ -13,6 +13,10 @@ The PyTorch profiler records every kernel of a few forward+backward calls of ``t
 µs per time step, so the recurrence, the projection GEMMs and the weight-gradient GEMMs can be read
 against each other and against cuDNN's kernels; then the same calls' elapsed time between two CUDA events,
 unprofiled: where it exceeds the kernels' sum, the GPU sat idle between kernels (waiting on the host).
+Then the host's side of the same calls: the time to issue them back to back (unprofiled; the host's own
+as long as nothing in a call waits on the GPU) and, under the profiler, the host's self time per call by
+event (Python ops, ``cudaLaunchKernel``, ``cudaMemcpyAsync``, ``cudaEventRecord``, the driver's launches…):
+where a call's host time goes when it exceeds its kernels'.
 ``--cell gru``: ``triton_lstm.GRU`` against ``nn.GRU``; ``--forward``: a ``no_grad`` forward alone (what
 the benchmark's fwd rows time). ``--peephole``: ``triton_lstm.LSTM(peephole=True)`` against the plain
 ``triton_lstm.LSTM`` with the same weights instead of cuDNN (what the peepholes cost, kernel by kernel).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -53,22 +58,27 @@ def models(I, H, dtype, layers=1, cell="lstm", peephole=False, device="cuda"):
     return {"triton_peephole": with_peepholes, "triton_lstm": ours}
 
 
+def step(model, x, grad, forward_only=False):
+    """One call: a no_grad forward, or a forward and its backward."""
+    if forward_only:
+        with torch.no_grad():
+            model(x)
+    else:
+        out, _ = model(x)
+        out.backward(grad)
+
+
 def kernel_table(model, x, grad, calls, forward_only=False):
     """(device time per kernel name, launches per kernel name, elapsed µs of ``calls`` unprofiled calls)."""
-    def step():
-        if forward_only:
-            with torch.no_grad():
-                model(x)
-        else:
-            out, _ = model(x)
-            out.backward(grad)
+    def one_call():
+        step(model, x, grad, forward_only)
 
     for _ in range(3):  # compile, autotune and warm the caches outside the profile
-        step()
+        one_call()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            step()
+            one_call()
         torch.cuda.synchronize()
     totals, counts = defaultdict(float), defaultdict(int)
     for event in prof.events():
@@ -78,10 +88,34 @@ def kernel_table(model, x, grad, calls, forward_only=False):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(calls):
-        step()
+        one_call()
     end.record()
     end.synchronize()
     return totals, counts, start.elapsed_time(end) * 1e3
+
+
+def host_table(call, calls, synchronize) -> tuple[float, dict[str, float]]:
+    """(µs per call the host takes to issue ``calls`` calls of ``call`` back to back, unprofiled; the host's
+    self time per call by event name under the profiler: ops, and on a GPU the CUDA runtime and driver
+    calls the profiler records). ``synchronize``: the device's (a no-op on the CPU)."""
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    issue = (time.perf_counter() - start) * 1e6 / calls
+    synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)  # CUPTI: the runtime and driver API calls
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        synchronize()
+    self_time = defaultdict(float)
+    for event in prof.key_averages():
+        if event.self_cpu_time_total > 0:
+            self_time[event.key] += event.self_cpu_time_total / calls
+    return issue, self_time
 
 
 def profile_shape(T, B, I, H, dtype, calls, layers=1, cell="lstm", forward_only=False, peephole=False):
@@ -97,6 +131,11 @@ def profile_shape(T, B, I, H, dtype, calls, layers=1, cell="lstm", forward_only=
         for kernel, total in sorted(totals.items(), key=lambda item: -item[1])[:8]:
             share = total / calls / T
             print(f"  {share:7.2f}  {counts[kernel] // calls:3d}x/call  {kernel[:110]}")
+        issue, self_time = host_table(lambda: step(model, x, grad, forward_only), calls, torch.cuda.synchronize)
+        print(f"  host: {issue:.0f} µs per call to issue unprofiled ({issue / T:.2f} µs/step); under the profiler, "
+              f"{sum(self_time.values()):.0f} µs per call of host self time, the most:")
+        for name, spent in sorted(self_time.items(), key=lambda item: -item[1])[:8]:
+            print(f"  {spent:7.1f} µs/call  {name[:100]}")
 
 
 def main(argv=None) -> int:

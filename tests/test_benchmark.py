@@ -474,3 +474,18 @@ def test_profile_step_pairs_the_peephole_lstm_with_the_plain_one():
     assert list(profile_step.models(5, 6, torch.float64, device="cpu")) == ["triton_lstm", "cudnn"]
     with pytest.raises(SystemExit):
         profile_step.main(["--peephole", "--cell", "gru"])
+
+
+def test_profile_step_host_table_names_a_calls_ops():
+    """``profile_step``'s host side: the issue time of back-to-back calls and the host's self time per call
+    by event (checked on the CPU, where an nn.LSTM call's own op is the event to find)."""
+    import torch
+
+    profile_step = benchmark_script("profile_step")
+    model = torch.nn.LSTM(4, 5)
+    x = torch.randn(3, 2, 4)
+    issue, self_time = profile_step.host_table(lambda: profile_step.step(model, x, None, forward_only=True), 4,
+                                               lambda: None)
+    assert issue > 0
+    lstm_ops = [name for name in self_time if name == "aten::lstm"]
+    assert lstm_ops, sorted(self_time)

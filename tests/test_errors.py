@@ -193,3 +193,28 @@ CELL_CASES = {
 def test_lstm_cell_bad_input(name):
     call, error, pattern = CELL_CASES[name]
     _raises_like_nn(name, call, triton_lstm.LSTMCell, nn.LSTMCell, error, pattern)
+
+
+TWO_FAULTS = {
+    # name: (call taking torch.nn or triton_lstm, exception type, the fault nn names first)
+    "integer input, 2-D hx": (lambda M: M.LSTM(4, 5)(torch.ones(3, 2, 4, dtype=torch.long), (torch.zeros(2, 5),) * 2),
+                              RuntimeError, "hx and cx should also be 3-D"),
+    "GRU integer input, 2-D hx": (lambda M: M.GRU(4, 5)(torch.ones(3, 2, 4, dtype=torch.long), torch.zeros(2, 5)),
+                                  RuntimeError, "hx should also be 3-D"),
+    "cell float64 input, 3-D hx": (lambda M: M.LSTMCell(4, 5)(torch.randn(2, 4).double(), (torch.zeros(1, 2, 5), torch.zeros(2, 5))),
+                                   ValueError, r"hx\[0\] to be 1D or 2D"),
+    "no steps, h0 shape": (lambda M: M.LSTM(4, 5)(torch.randn(0, 2, 4), (torch.zeros(1, 3, 5), torch.zeros(1, 2, 5))),
+                           RuntimeError, r"Expected hidden\[0\] size"),
+    "GRU no steps, float64 input": (lambda M: M.GRU(4, 5)(torch.randn(0, 2, 4).double()), ValueError, "RNN input dtype"),
+}
+
+
+@pytest.mark.parametrize("name", TWO_FAULTS)
+def test_two_faults_named_in_nn_order(name):
+    # With two things wrong, the error nn raises first: the state's dims before the input's dtype and
+    # width, the sequence's length after everything else.
+    call, error, pattern = TWO_FAULTS[name]
+    with pytest.raises(error, match=pattern):
+        call(nn)
+    with pytest.raises(error, match=pattern):
+        call(triton_lstm)

@@ -27,6 +27,7 @@ from triton_lstm.module_inputs import (
     check_cell_weights,
     check_input_tensor,
     check_layer_weights,
+    check_sequence_length,
     check_state_tensor,
     dropout_between_layers,
     options_repr,
@@ -102,10 +103,13 @@ class GRU(nn.RNNBase):
             if hx.dim() != state_dims:
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
                 raise RuntimeError(f"For {kind} input, hx should also be {state_dims}-D but got {hx.dim()}-D tensor")
+        check_input_tensor(x, self.weight_ih_l0, self.input_size, "GRU")  # after the state's dims, as nn.GRU
+        if hx is not None:
             h0 = hx if is_batched else hx.unsqueeze(1)
             check_state_tensor("h_0", h0, x, state_shape, "GRU", "hidden")
             if sorted_indices is not None:
                 h0 = h0.index_select(1, sorted_indices)
+        check_sequence_length(x)
 
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
         check_layer_weights(self, weights, None, x, 3)

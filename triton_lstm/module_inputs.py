@@ -245,21 +245,21 @@ def check_batch_sizes(batch_sizes, rows: int, cls: str) -> None:
 
 
 def time_major_input(input, module: nn.RNNBase, cls: str) -> SequenceInput:
-    """The checks nn.LSTM / nn.GRU make of their input (their exception types, their words where clear)
-    and the input as a time-major (T, B, I) tensor: a PackedSequence padded (each sequence then runs to
-    its own length), an unbatched one given a batch of one."""
+    """The checks nn.LSTM / nn.GRU make of their input's form (their exception types, their words where
+    clear) and the input as a time-major (T, B, I) tensor: a PackedSequence padded (each sequence then runs
+    to its own length), an unbatched one given a batch of one. Its dtype, device and width are checked
+    after the state's dims, as nn checks them (``check_input_tensor`` on the result), and its length last
+    (``check_sequence_length``): with two faults, the one nn names first."""
     # nn checks bias and batch_first when built; these two only where ATen's recurrence takes them (its
     # argument parser: a TypeError), which the kernels' path does not reach.
     if type(module.bidirectional) is not bool or isinstance(module.num_layers, bool):
         raise TypeError(f"{cls}: bidirectional must be a bool and num_layers an int, got "
                         f"{module.bidirectional!r} and {module.num_layers!r}")
-    weight, input_size, batch_first = module.weight_ih_l0, module.input_size, module.batch_first
     packed = isinstance(input, PackedSequence)
     if packed:
         data, batch_sizes, sorted_indices, unsorted_indices = input
         if data.dim() != 2:
             raise RuntimeError(f"{cls}: a PackedSequence's data must be 2-D, got {data.dim()}-D")
-        check_input_tensor(data, weight, input_size, cls)
         check_batch_sizes(batch_sizes, data.shape[0], cls)
         # Run padded, each sequence to its own length (batch_sizes lives on the CPU: no device sync).
         x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
@@ -270,16 +270,19 @@ def time_major_input(input, module: nn.RNNBase, cls: str) -> SequenceInput:
             raise AttributeError(f"{cls}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             raise ValueError(f"{cls}: Expected input to be 2D or 3D, got {input.dim()}D instead")
-        check_input_tensor(input, weight, input_size, cls)
         is_batched = input.dim() == 3
         if not is_batched:
             x = input.unsqueeze(1)
         else:
-            x = input.transpose(0, 1) if batch_first else input
+            x = input.transpose(0, 1) if module.batch_first else input
         data = lengths = batch_sizes = sorted_indices = unsorted_indices = None
+    return SequenceInput(x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched)
+
+
+def check_sequence_length(x: Tensor) -> None:
+    """A time-major input of no steps: refused as ATen's recurrence refuses it, after every other check."""
     if x.shape[0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    return SequenceInput(x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched)
 
 
 def dropout_between_layers(module: nn.RNNBase, layer_input: Tensor, layer: int) -> Tensor:

@@ -25,6 +25,7 @@ from triton_lstm.module_inputs import (
     check_cell_weights,
     check_input_tensor,
     check_layer_weights,
+    check_sequence_length,
     check_state_tensor,
     dropout_between_layers,
     options_repr,
@@ -259,12 +260,15 @@ class LSTM(nn.RNNBase):
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
                 dims = ", ".join(f"{value.dim()}-D" if isinstance(value, Tensor) else type(value).__name__ for value in (h0, c0))
                 raise RuntimeError(f"For {kind} input, hx and cx should also be {state_dims}-D but got ({dims}) tensors")
+        check_input_tensor(x, self.weight_ih_l0, self.input_size, "LSTM")  # after the state's dims, as nn.LSTM
+        if hx is not None:
             if not is_batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             check_state_tensor("h_0", h0, x, (*state_shape, out_size), "LSTM", "hidden[0]")
             check_state_tensor("c_0", c0, x, (*state_shape, self.hidden_size), "LSTM", "hidden[1]")
             if sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+        check_sequence_length(x)
 
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
         peepholes = [[self._peephole_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
@@ -440,7 +444,6 @@ class LSTMCell(nn.LSTMCell):
             raise AttributeError(f"LSTMCell: input must be a Tensor, got {type(input).__name__}")  # as nn's .dim()
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        check_input_tensor(input, self.weight_ih, self.input_size, "LSTMCell")
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
         B = x.shape[0]
@@ -448,6 +451,8 @@ class LSTMCell(nn.LSTMCell):
             h0 = c0 = x.new_zeros(B, self.hidden_size)  # (lstm_layer gives c0 its own tensor for torch.compile)
         else:
             h0, c0 = _unpack_cell_hx(hx, is_batched)
+        check_input_tensor(input, self.weight_ih, self.input_size, "LSTMCell")  # after hx's dims, as nn's
+        if hx is not None:
             if not is_batched:
                 h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
             check_cell_state(0, h0, x, self.hidden_size)
