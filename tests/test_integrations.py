@@ -307,6 +307,28 @@ def test_autocast_state_carried_between_calls(cls, monkeypatch):
         ours(x2, state)
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
+def test_autocast_leaves_float64_alone(cls):
+    """Autocast casts no float64 tensor: a float64 model under it runs in float64 as nn's does (ours cast it
+    to the autocast dtype until the sixteenth session), and float64 beside float32 fails as nn's op does."""
+    torch.manual_seed(0)
+    ours = getattr(triton_lstm, cls)(3, 4).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    x = x[0] if cls.endswith("Cell") else x
+    expected = ours(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(x)
+    for got_tensor, expected_tensor in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+        assert got_tensor.dtype == torch.float64
+        torch.testing.assert_close(got_tensor, expected_tensor, rtol=0, atol=0)
+    for module_dtype, input_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        inp = x.to(input_dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError):
+            getattr(nn, cls)(3, 4, dtype=module_dtype)(inp)
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="leaves float64"):
+            getattr(triton_lstm, cls)(3, 4, dtype=module_dtype)(inp)
+
+
 def _nn_lstm_reference(theirs: nn.LSTM, x, lengths=None, dtype=torch.float64):
     """nn.LSTM in ``dtype`` on x: in float64 the oracle for the autocast comparison."""
     reference = nn.LSTM(theirs.input_size, theirs.hidden_size, num_layers=theirs.num_layers, proj_size=theirs.proj_size)

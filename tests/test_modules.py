@@ -440,6 +440,23 @@ def test_convert_keeps_old_style_weight_norm():
     torch.testing.assert_close(lstm(x)[0], before)
 
 
+def test_converted_lstm_keeps_nn_lstms_helpers():
+    # Code written against nn.LSTM may call its helpers (the state as a pair (h, c)); after convert the
+    # module is ours (not an nn.LSTM instance: torch.compile refuses to trace those), with the same helpers.
+    model = nn.Sequential(nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2))
+    triton_lstm.convert(model)
+    lstm = model[0]
+    assert isinstance(lstm, triton_lstm.LSTM) and isinstance(lstm, nn.RNNBase) and lstm.mode == "LSTM"
+    x, h, c = torch.randn(5, 3, 3), torch.zeros(4, 3, 2), torch.zeros(4, 3, 4)
+    lstm.check_forward_args(x, (h, c), None)
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(4, 3, 4\)"):
+        lstm.check_forward_args(x, (h, h), None)
+    assert lstm.get_expected_cell_size(x, None) == (4, 3, 4)
+    order = torch.tensor([2, 0, 1])
+    permuted = lstm.permute_hidden((h + torch.arange(3.0)[:, None], c), order)
+    assert torch.equal(permuted[0][:, :, 0], torch.tensor([2.0, 0.0, 1.0]).expand(4, 3))
+
+
 def test_extra_repr_shows_our_non_default_options():
     assert repr(triton_lstm.LSTM(3, 4, backward="reference", recompute_interval=8)) == \
         "LSTM(3, 4, backward='reference', recompute_interval=8)"

@@ -17,12 +17,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from triton_lstm.ops import interpreting
 
 
-def active_autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The autocast dtype that applies to ``x``: the one in force on its device, or None where autocast is
-    off or ``x`` is complex (autocast casts floating-point tensors only)."""
-    if x.is_complex():
-        return None
-    device_type = x.device.type
+def _autocast_dtype_on(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force on ``device_type``, or None where autocast is off there."""
     # is_autocast_enabled raises for device types without autocast (meta: shape inference, deferred init).
     # Dynamo in torch <= 2.11 cannot trace is_autocast_available (a graph break, an error under
     # fullgraph); a traced module runs on real devices, so there the check is skipped.
@@ -30,6 +26,21 @@ def active_autocast_dtype(x: Tensor) -> torch.dtype | None:
     if available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def active_autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype that applies to ``x``: the one in force on its device, or None where autocast is
+    off or leaves ``x`` as it is: complex and float64 tensors (autocast casts the other floating-point
+    ones; a float64 model keeps float64 under autocast, as nn's does)."""
+    if x.is_complex() or x.dtype == torch.float64:
+        return None
+    return _autocast_dtype_on(x.device.type)
+
+
+def autocast_casts(tensor: Tensor, like: Tensor) -> bool:
+    """Whether autocast, in force for ``like`` (the input), casts ``tensor`` (a weight, a state) to the same
+    dtype, so that their dtypes may differ: a floating-point tensor other than float64."""
+    return tensor.is_floating_point() and tensor.dtype != torch.float64 and active_autocast_dtype(like) is not None
 
 
 NOT_SCRIPTABLE = (
@@ -98,7 +109,7 @@ def check_state_tensor(name: str, value, like: Tensor, expected_shape: tuple[int
     # Under autocast nn.LSTM casts input and state alike, so a state returned by an earlier autocast call
     # (already in the autocast dtype) goes with a float32 input. (The autocast query, ~1.5 µs, only where
     # the dtypes differ.)
-    if value.dtype != like.dtype and not (value.is_floating_point() and active_autocast_dtype(like) is not None):
+    if value.dtype != like.dtype and not autocast_casts(value, like):
         raise RuntimeError(
             f"{cls}: {name} has dtype {value.dtype} but the input has dtype {like.dtype}; "
             f"pass {name}.to({like.dtype})"
@@ -128,8 +139,12 @@ def check_input_tensor(x: Tensor, weight: Tensor, input_size: int, cls: str) -> 
         # nn.LSTM checks the dtype (ValueError); its cells fail in their matrix product (RuntimeError).
         error = RuntimeError if cls.endswith("Cell") else ValueError
         raise error(f"{cls}: expected a floating-point input, got dtype {x.dtype}")
-    if x.dtype != weight.dtype and active_autocast_dtype(x) is None:
+    if x.dtype != weight.dtype and not autocast_casts(weight, x):
         advice = f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
+        if _autocast_dtype_on(x.device.type) is not None:
+            # Under autocast nn skips its dtype check, and its product fails on the float64 side autocast left.
+            raise RuntimeError(f"{cls}: input dtype {x.dtype} and weight dtype {weight.dtype} under autocast, which "
+                               f"leaves float64 as it is. {advice}")
         if cls.endswith("Cell"):
             # nn.LSTMCell / nn.GRUCell fail in their matrix product, with a RuntimeError naming mat1 and mat2.
             raise RuntimeError(
@@ -201,7 +216,7 @@ def _refuse_missing(module: nn.Module, name: str, layer: int | None, direction: 
 def _refuse_weight(module: nn.Module, name: str, layer: int | None, direction: int, weight: Tensor,
                    shape: tuple[int, ...], x: Tensor) -> None:
     """Raises for a parameter that does not fit, but one whose dtype alone differs under autocast (which
-    casts them all)."""
+    casts them all but float64 ones)."""
     if layer is not None:
         name += f"_l{layer}" + ("_reverse" if direction else "")
     cls = type(module).__name__
@@ -209,7 +224,7 @@ def _refuse_weight(module: nn.Module, name: str, layer: int | None, direction: i
         raise RuntimeError(f"{cls}: {name} has shape {tuple(weight.shape)}, expected {shape} for this module")
     if weight.device != x.device:
         raise RuntimeError(f"{cls}: {name} is on {weight.device} but the input is on {x.device}")
-    if active_autocast_dtype(x) is None:
+    if not autocast_casts(weight, x):
         raise RuntimeError(f"{cls}: {name} has dtype {weight.dtype} but the input and weight_ih have {x.dtype}")
 
 

@@ -228,6 +228,13 @@ class LSTM(nn.RNNBase):
                     self.register_parameter(name, nn.Parameter(torch.empty(3 * hidden_size, device=device, dtype=dtype)))
                     _init_like_lstm(getattr(self, name), hidden_size)
 
+    # nn.LSTM's own helpers beside RNNBase's (the state as a pair (h, c), the cell's size), for code that
+    # calls them on an nn.LSTM, which ``convert`` may have swapped for this class. Our forward does its own
+    # checks (module_inputs.py).
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
     def _peephole_weights(self, layer: int, direction: int) -> Tensor | None:
         if not getattr(self, "peephole", False):
             return None
