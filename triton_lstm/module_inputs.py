@@ -66,8 +66,8 @@ def refuse_jit_trace(cls: str) -> None:
 
 def aten_without_autocast(autocast_dtype: torch.dtype | None):
     """The context ATen's recurrence runs in on the CPU path: autocast off where it is on (the inputs and
-    weights are already in ``autocast_dtype``, as nn's are), else nothing — entering and leaving an
-    autocast context costs ~4 µs, half of what a one-step call adds to nn's own."""
+    weights are already in ``autocast_dtype``, as nn's are), else nothing: entering and leaving an
+    autocast context costs ~3-4 µs of a call's host time (benchmarks/NOTES.md, "Host time per call")."""
     return torch.autocast("cpu", enabled=False) if autocast_dtype is not None else contextlib.nullcontext()
 
 

@@ -66,20 +66,22 @@ def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
     it indexes hx[0] and hx[1] (TypeError for an object that cannot be indexed, IndexError short of two,
     AttributeError for an element that is not a Tensor: its ``.dim()``), then ATen takes only a tuple or
     list of two (RuntimeError for more, TypeError for anything else: a Tensor, a dict)."""
-    got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
-    expected = f"{cls}: hx must be a tuple (h_0, c_0) of two tensors, got {got}"
+    if isinstance(hx, (tuple, list)) and len(hx) == 2 and isinstance(hx[0], Tensor) and isinstance(hx[1], Tensor):
+        return hx[0], hx[1]  # (the usual case first: no message formatted on every call)
     try:
         h0, c0 = hx[0], hx[1]
     except (TypeError, IndexError, KeyError) as error:
-        raise type(error)(expected) from None
+        raise type(error)(_hx_expected(hx, cls)) from None
     for name, value in (("h_0", h0), ("c_0", c0)):
         if not isinstance(value, Tensor):
             raise AttributeError(f"{cls}: {name} must be a Tensor, got {type(value).__name__}")
-    if not isinstance(hx, (tuple, list)):
-        raise TypeError(expected)
-    if len(hx) != 2:
-        raise RuntimeError(expected)
-    return h0, c0
+    raise (TypeError if not isinstance(hx, (tuple, list)) else RuntimeError)(_hx_expected(hx, cls))
+
+
+def _hx_expected(hx, cls: str) -> str:
+    """The message for an ``hx`` that is not a pair of tensors (formatted only when raising)."""
+    got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+    return f"{cls}: hx must be a tuple (h_0, c_0) of two tensors, got {got}"
 
 
 def _unpack_cell_hx(hx, is_batched: bool) -> tuple[Tensor, Tensor]:
@@ -87,23 +89,21 @@ def _unpack_cell_hx(hx, is_batched: bool) -> tuple[Tensor, Tensor]:
     where hx cannot be iterated, AttributeError for an element that is not a Tensor, ValueError for one
     not 1-D or 2-D), indexes hx[0] and hx[1] for an unbatched input (IndexError short of two), then ATen
     takes only a tuple or list of two (TypeError for anything else: a Tensor; RuntimeError for another count)."""
-    got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
-    expected = f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {got}"
     try:
         values = list(hx)
     except TypeError:
-        raise TypeError(expected) from None
+        raise TypeError(_hx_expected(hx, "LSTMCell")) from None
     for index, value in enumerate(values):
         if not isinstance(value, Tensor):
             raise AttributeError(f"LSTMCell: hx[{index}] must be a Tensor, got {type(value).__name__}")
         if value.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
     if len(values) < 2 and not is_batched:
-        raise IndexError(expected)
+        raise IndexError(_hx_expected(hx, "LSTMCell"))
     if not isinstance(hx, (tuple, list)):
-        raise TypeError(expected)
+        raise TypeError(_hx_expected(hx, "LSTMCell"))
     if len(values) != 2:
-        raise RuntimeError(expected)
+        raise RuntimeError(_hx_expected(hx, "LSTMCell"))
     return values[0], values[1]
 
 
