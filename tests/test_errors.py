@@ -39,6 +39,8 @@ def _lstm_cases():
         "hx one state": (lambda M: M(4, 5)(x, (h,)), IndexError, "hx must be a tuple.*length 1"),
         "hx one tensor": (lambda M: M(4, 5)(x, h), IndexError, "hx must be a tuple.*Tensor"),
         "hx stacked tensor": (lambda M: M(4, 5)(x, torch.zeros(2, 1, 2, 5)), TypeError, "hx must be a tuple.*Tensor"),
+        "hx h0 alone, two layers": (lambda M: M(4, 5, num_layers=2)(x, torch.zeros(2, 2, 5)), RuntimeError,
+                                    "hx and cx should also be 3-D"),
         # Parameters set to None after construction: nn's recurrence refuses them (the kernels ran without).
         "weight_ih None": (lambda M: _set(M(4, 5), weight_ih_l0=None)(x), AttributeError, "weight_ih.* is None"),
         "weight_hh None": (lambda M: _set(M(4, 5), weight_hh_l0=None)(x), TypeError, "weight_hh_l0 is None"),
@@ -206,6 +208,10 @@ TWO_FAULTS = {
     "no steps, h0 shape": (lambda M: M.LSTM(4, 5)(torch.randn(0, 2, 4), (torch.zeros(1, 3, 5), torch.zeros(1, 2, 5))),
                            RuntimeError, r"Expected hidden\[0\] size"),
     "GRU no steps, float64 input": (lambda M: M.GRU(4, 5)(torch.randn(0, 2, 4).double()), ValueError, "RNN input dtype"),
+    "bidirectional int, input width": (lambda M: M.LSTM(4, 5, bidirectional=1)(torch.randn(3, 2, 3)), RuntimeError,
+                                       "input.size"),
+    "stacked-tensor hx, h0 shape": (lambda M: M.LSTM(4, 5)(torch.randn(3, 2, 4), torch.zeros(2, 1, 3, 5)), RuntimeError,
+                                    r"Expected hidden\[0\] size"),
 }
 
 

@@ -27,7 +27,7 @@ from triton_lstm.module_inputs import (
     check_cell_weights,
     check_input_tensor,
     check_layer_weights,
-    check_sequence_length,
+    check_recurrence_arguments,
     check_state_tensor,
     dropout_between_layers,
     options_repr,
@@ -109,7 +109,7 @@ class GRU(nn.RNNBase):
             check_state_tensor("h_0", h0, x, state_shape, "GRU", "hidden")
             if sorted_indices is not None:
                 h0 = h0.index_select(1, sorted_indices)
-        check_sequence_length(x)
+        check_recurrence_arguments(x, self, "GRU")
 
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
         check_layer_weights(self, weights, None, x, 3)

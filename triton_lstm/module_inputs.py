@@ -263,13 +263,8 @@ def time_major_input(input, module: nn.RNNBase, cls: str) -> SequenceInput:
     """The checks nn.LSTM / nn.GRU make of their input's form (their exception types, their words where
     clear) and the input as a time-major (T, B, I) tensor: a PackedSequence padded (each sequence then runs
     to its own length), an unbatched one given a batch of one. Its dtype, device and width are checked
-    after the state's dims, as nn checks them (``check_input_tensor`` on the result), and its length last
-    (``check_sequence_length``): with two faults, the one nn names first."""
-    # nn checks bias and batch_first when built; these two only where ATen's recurrence takes them (its
-    # argument parser: a TypeError), which the kernels' path does not reach.
-    if type(module.bidirectional) is not bool or isinstance(module.num_layers, bool):
-        raise TypeError(f"{cls}: bidirectional must be a bool and num_layers an int, got "
-                        f"{module.bidirectional!r} and {module.num_layers!r}")
+    after the state's dims, as nn checks them (``check_input_tensor`` on the result), and what ATen's
+    recurrence checks last (``check_recurrence_arguments``): with two faults, the one nn names first."""
     packed = isinstance(input, PackedSequence)
     if packed:
         data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -294,8 +289,24 @@ def time_major_input(input, module: nn.RNNBase, cls: str) -> SequenceInput:
     return SequenceInput(x, packed, data, lengths, batch_sizes, sorted_indices, unsorted_indices, is_batched)
 
 
-def check_sequence_length(x: Tensor) -> None:
-    """A time-major input of no steps: refused as ATen's recurrence refuses it, after every other check."""
+def hx_pair_expected(hx, cls: str) -> str:
+    """The message for an LSTM's ``hx`` that is not a pair of tensors (formatted only when raising)."""
+    got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+    return f"{cls}: hx must be a tuple (h_0, c_0) of two tensors, got {got}"
+
+
+def check_recurrence_arguments(x: Tensor, module: nn.RNNBase, cls: str, lstm_hx=None) -> None:
+    """What ATen's recurrence checks of its arguments, after nn's own checks and in its order, which the
+    kernels' path does not reach: its argument parser's types (an LSTM's ``hx`` a tuple or list, then
+    ``bidirectional`` a bool and ``num_layers`` an int: nn checks bias and batch_first when built, these
+    only here), then the number of states and a sequence of no steps (RuntimeError)."""
+    if lstm_hx is not None and not isinstance(lstm_hx, (tuple, list)):
+        raise TypeError(hx_pair_expected(lstm_hx, cls))
+    if type(module.bidirectional) is not bool or isinstance(module.num_layers, bool):
+        raise TypeError(f"{cls}: bidirectional must be a bool and num_layers an int, got "
+                        f"{module.bidirectional!r} and {module.num_layers!r}")
+    if lstm_hx is not None and len(lstm_hx) != 2:
+        raise RuntimeError(hx_pair_expected(lstm_hx, cls))
     if x.shape[0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 

@@ -25,9 +25,10 @@ from triton_lstm.module_inputs import (
     check_cell_weights,
     check_input_tensor,
     check_layer_weights,
-    check_sequence_length,
+    check_recurrence_arguments,
     check_state_tensor,
     dropout_between_layers,
+    hx_pair_expected,
     options_repr,
     refuse_complex_peepholes,
     refuse_jit_trace,
@@ -62,26 +63,20 @@ def _stacked(peepholes: list) -> Tensor | None:
 
 
 def _unpack_hx(hx, cls: str) -> tuple[Tensor, Tensor]:
-    """(h_0, c_0) from ``hx``, refused with the exception types nn.LSTM's own handling gives, in clear words:
-    it indexes hx[0] and hx[1] (TypeError for an object that cannot be indexed, IndexError short of two,
-    AttributeError for an element that is not a Tensor: its ``.dim()``), then ATen takes only a tuple or
-    list of two (RuntimeError for more, TypeError for anything else: a Tensor, a dict)."""
+    """(h_0, c_0) = hx[0], hx[1], refused as nn.LSTM's indexing refuses them, in clear words: TypeError
+    for an object that cannot be indexed, IndexError short of two, AttributeError for an element that is
+    not a Tensor (nn: its ``.dim()``). That ATen takes only a tuple or list of two is checked last, as
+    there (``check_recurrence_arguments``)."""
     if isinstance(hx, (tuple, list)) and len(hx) == 2 and isinstance(hx[0], Tensor) and isinstance(hx[1], Tensor):
         return hx[0], hx[1]  # (the usual case first: no message formatted on every call)
     try:
         h0, c0 = hx[0], hx[1]
     except (TypeError, IndexError, KeyError) as error:
-        raise type(error)(_hx_expected(hx, cls)) from None
+        raise type(error)(hx_pair_expected(hx, cls)) from None
     for name, value in (("h_0", h0), ("c_0", c0)):
         if not isinstance(value, Tensor):
             raise AttributeError(f"{cls}: {name} must be a Tensor, got {type(value).__name__}")
-    raise (TypeError if not isinstance(hx, (tuple, list)) else RuntimeError)(_hx_expected(hx, cls))
-
-
-def _hx_expected(hx, cls: str) -> str:
-    """The message for an ``hx`` that is not a pair of tensors (formatted only when raising)."""
-    got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
-    return f"{cls}: hx must be a tuple (h_0, c_0) of two tensors, got {got}"
+    return h0, c0
 
 
 def _unpack_cell_hx(hx, is_batched: bool) -> tuple[Tensor, Tensor]:
@@ -92,18 +87,18 @@ def _unpack_cell_hx(hx, is_batched: bool) -> tuple[Tensor, Tensor]:
     try:
         values = list(hx)
     except TypeError:
-        raise TypeError(_hx_expected(hx, "LSTMCell")) from None
+        raise TypeError(hx_pair_expected(hx, "LSTMCell")) from None
     for index, value in enumerate(values):
         if not isinstance(value, Tensor):
             raise AttributeError(f"LSTMCell: hx[{index}] must be a Tensor, got {type(value).__name__}")
         if value.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
     if len(values) < 2 and not is_batched:
-        raise IndexError(_hx_expected(hx, "LSTMCell"))
+        raise IndexError(hx_pair_expected(hx, "LSTMCell"))
     if not isinstance(hx, (tuple, list)):
-        raise TypeError(_hx_expected(hx, "LSTMCell"))
+        raise TypeError(hx_pair_expected(hx, "LSTMCell"))
     if len(values) != 2:
-        raise RuntimeError(_hx_expected(hx, "LSTMCell"))
+        raise RuntimeError(hx_pair_expected(hx, "LSTMCell"))
     return values[0], values[1]
 
 
@@ -275,7 +270,7 @@ class LSTM(nn.RNNBase):
             check_state_tensor("c_0", c0, x, (*state_shape, self.hidden_size), "LSTM", "hidden[1]")
             if sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
-        check_sequence_length(x)
+        check_recurrence_arguments(x, self, "LSTM", hx)
 
         weights = [[self._layer_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
         peepholes = [[self._peephole_weights(layer, d) for d in range(num_directions)] for layer in range(self.num_layers)]
