@@ -128,15 +128,20 @@ def test_cpu_benchmark_plans_the_cpu_cases():
 
 def test_plan_flag_describes_each_path(monkeypatch):
     """``--plan``: the words for the stacked launch, the per-layer launches and their fallbacks (the
-    device limits of an H200, as a GPU machine would report them)."""
+    device limits of an H200, as a GPU machine would report them), and for a GPU the kernels do not run on."""
     import torch
 
     from triton_lstm import benchmark, benchmark_cases
     from triton_lstm.kernels import forward_plans
 
+    from triton_lstm import ops
+
     monkeypatch.setattr(forward_plans, "_device_limits", lambda index: (132, 232448))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(ops, "kernels_run_on", lambda device: False)
     stacked = benchmark_cases.Case(512, 64, 512, 512, layers=4)
+    assert benchmark.describe_path(stacked, torch.bfloat16, "cuda").startswith("ATen's LSTM"), "a GPU before Ampere"
+    monkeypatch.setattr(ops, "kernels_run_on", lambda device: True)
     assert benchmark.describe_path(stacked, torch.bfloat16, "cuda").startswith("forward: stack of 4 layers in one launch")
     bidirectional = benchmark_cases.Case(512, 64, 512, 512, layers=2, bidirectional=True)
     assert benchmark.describe_path(bidirectional, torch.bfloat16, "cuda").startswith(

@@ -711,6 +711,79 @@ def test_import_and_run_without_triton_warns_once():
     assert result["error"] < 1e-5
 
 
+# GPUs the kernels do not run on: older than Ampere (Triton's own floor) or AMD's. Faked here: no such GPU
+# is at hand, and the decision is asked of torch.cuda, which the test answers.
+@pytest.mark.parametrize("capability, hip, runs", [
+    ((7, 0), None, False),  # V100
+    ((7, 5), None, False),  # T4, RTX 20xx
+    ((8, 0), None, True),  # A100
+    ((8, 9), None, True),  # L4, RTX 40xx
+    ((9, 0), None, True),  # H100, H200
+    ((12, 0), None, True),  # RTX 50xx
+    ((9, 4), "6.2.0", False),  # an AMD GPU under ROCm, whatever its gfx number torch reports
+])
+def test_kernels_run_on_ampere_or_newer_nvidia_gpus_and_warn_once_elsewhere(capability, hip, runs, monkeypatch):
+    from triton_lstm import ops
+
+    monkeypatch.setattr(ops, "_gpus_running_kernels", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a faked GPU")
+    monkeypatch.setattr(torch.version, "hip", hip)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answers = [ops.kernels_run_on(torch.device("cuda", 1)) for _ in range(3)]
+    assert answers == [runs and ops.HAS_TRITON] * 3
+    messages = [str(w.message) for w in caught]
+    if runs:
+        assert messages == [] or not ops.HAS_TRITON, messages
+    else:
+        assert len(messages) == 1, messages
+        assert "cuda:1, a faked GPU" in messages[0] and "ATen's recurrence" in messages[0]
+        assert ("ROCm 6.2.0" if hip else f"compute capability {capability[0]}.{capability[1]}") in messages[0]
+    assert (ops.unsupported_gpu(capability, hip) is None) == runs
+
+
+def test_where_the_kernels_do_not_run_the_modules_are_nn_itself(monkeypatch):
+    """A GPU the kernels do not run on (``test_kernels_run_on_…``) takes the CPU's road: the modules run
+    ATen's recurrence, nn's own call, so outputs and gradients equal nn's bit for bit. Played on the CPU
+    under the interpreter, told that the kernels do not run there."""
+    from triton_lstm import module_inputs, ops
+
+    monkeypatch.setattr(module_inputs, "kernels_run_on", lambda device: False)
+    monkeypatch.setattr(ops, "kernels_run_on", lambda device: False)  # the ops' reference, for the peepholes
+    aten_calls = []
+    for name in ("lstm", "gru", "lstm_cell", "gru_cell"):
+        aten = getattr(torch._VF, name)
+        monkeypatch.setattr(torch._VF, name, lambda *args, _aten=aten, _name=name: aten_calls.append(_name) or _aten(*args))
+    torch.manual_seed(0)
+    cases = [(nn.LSTM, triton_lstm.LSTM, dict(num_layers=2, bidirectional=True), (3, 2, 5)),
+             (nn.GRU, triton_lstm.GRU, dict(num_layers=2), (3, 2, 5)),
+             (nn.LSTMCell, triton_lstm.LSTMCell, {}, (2, 5)),
+             (nn.GRUCell, triton_lstm.GRUCell, {}, (2, 5))]
+    for theirs_class, ours_class, options, shape in cases:
+        theirs = theirs_class(5, 6, **options)
+        ours = ours_class(5, 6, **options)
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(*shape, requires_grad=True)
+        results = []
+        for module in (theirs, ours):
+            output = module(x)
+            output = output[0] if isinstance(output, tuple) else output
+            gradients = torch.autograd.grad(output.square().sum(), [x, *module.parameters()])
+            results.append((output, gradients))
+        assert torch.equal(results[0][0], results[1][0]), ours_class.__name__
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1])), ours_class.__name__
+    assert aten_calls == ["lstm", "lstm", "gru", "gru", "lstm_cell", "lstm_cell", "gru_cell", "gru_cell"]
+    # The peephole LSTM, which ATen lacks: our plain-PyTorch recurrence.
+    from triton_lstm.reference import lstm_recurrence_reference
+
+    peephole = triton_lstm.LSTM(5, 6, peephole=True)
+    x, zeros = torch.randn(3, 2, 5), torch.zeros(2, 6)
+    weights = [getattr(peephole, f"{name}_l0") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    expected, _, _ = lstm_recurrence_reference(x, zeros, zeros, *weights, None, None, peephole.weight_ch_l0)
+    assert torch.equal(peephole(x)[0], expected[1:]) and len(aten_calls) == 8
+
+
 def test_pyproject_triton_linux_only_and_nothing_compiled_at_install():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
@@ -720,6 +793,59 @@ def test_pyproject_triton_linux_only_and_nothing_compiled_at_install():
     assert not (REPO_ROOT / "setup.py").exists()  # no extension modules: a pure-Python wheel
     native_sources = [p for p in (REPO_ROOT / "triton_lstm").rglob("*") if p.suffix in {".c", ".cc", ".cpp", ".cu", ".pyx"}]
     assert not native_sources, f"sources to compile at install time: {native_sources}"
+
+
+# ------------------------------------------------------------------------------------- torch.export, ONNX
+
+EXPORTED = {  # name: (the module, the input's shape, the ONNX op its recurrence exports as, if one)
+    "LSTM-2-layers-bidirectional": (lambda: triton_lstm.LSTM(5, 6, num_layers=2, bidirectional=True), (4, 3, 5),
+                                    "LSTM"),
+    "GRU-2-layers-batch-first": (lambda: triton_lstm.GRU(5, 6, num_layers=2, batch_first=True), (3, 4, 5), "GRU"),
+    "LSTMCell": (lambda: triton_lstm.LSTMCell(5, 6), (3, 5), None),
+    "GRUCell": (lambda: triton_lstm.GRUCell(5, 6), (3, 5), None),
+    "peephole-LSTM": (lambda: triton_lstm.LSTM(5, 6, peephole=True), (4, 3, 5), None),
+}
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_torch_export_keeps_our_ops_and_its_saved_program_runs_like_the_module(name):
+    make, shape, _ = EXPORTED[name]
+    torch.manual_seed(0)
+    module = make().to(KERNEL_DEVICE)
+    x = torch.randn(*shape, device=KERNEL_DEVICE)
+    program = torch.export.export(module, (x,))
+    assert any(str(node.target).startswith("triton_lstm.") for node in program.graph.nodes), "our recurrence ops"
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(_first(torch.export.load(buffer).module()(x)), _first(module(x)))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("dynamo", [True, False], ids=["exporter", "torchscript-exporter"])
+@pytest.mark.parametrize("name", EXPORTED)
+def test_onnx_export_runs_like_the_module(name, dynamo, tmp_path):
+    """The ONNX exporters translate PyTorch's ops, ours not: under an export the modules run ATen's LSTM /
+    GRU (ONNX's LSTM and GRU ops), as nn's do, and the peephole LSTM its plain-PyTorch recurrence, unrolled.
+    ONNX's reference evaluator runs the file, compared with the module (on the CPU, where ONNX runs)."""
+    onnx = pytest.importorskip("onnx")
+    if dynamo:
+        pytest.importorskip("onnxscript")  # the exporter's own dependency
+    from onnx.reference import ReferenceEvaluator
+
+    make, shape, onnx_op = EXPORTED[name]
+    torch.manual_seed(0)
+    module = make().eval()
+    x = torch.randn(*shape)
+    torch.onnx.export(module, (x,), str(tmp_path / "model.onnx"), dynamo=dynamo)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    assert onnx_op is None or onnx_op in {node.op_type for node in model.graph.node}
+    (output, *_) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(output), _first(module(x)), rtol=1e-5, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------- torch.func, TorchScript

@@ -1,5 +1,6 @@
 """The main job: ``python -m triton_lstm`` checks triton_lstm against nn.LSTM and prints a table."""
 
+import pytest
 import torch
 
 import triton_lstm.__main__ as cli
@@ -12,6 +13,25 @@ def test_main_prints_table_with_small_errors(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "interpreter" in out or "reference" in out
     assert "LSTM T=3 B=2 I=4 H=16" in out and "GRU T=3 B=2 I=4 H=16" in out and "float32" in out
+
+
+def test_says_what_runs_on_a_gpu_the_kernels_do_not_run_on(monkeypatch):
+    """A T4 (compute capability 7.5), faked: the check says that ATen's LSTM runs there, and why; an H200 runs the kernels."""
+    from triton_lstm import ops
+
+    monkeypatch.setattr(ops, "_gpus_running_kernels", {})
+    monkeypatch.setattr(ops, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.warns(RuntimeWarning, match="do not run on cuda:0, Tesla T4"):
+        where = cli._where_it_runs("cuda")
+    assert where.startswith("ATen's LSTM on Tesla T4") and "compute capability 7.5" in where
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(ops, "_gpus_running_kernels", {})
+    assert cli._where_it_runs("cuda") == "Triton kernels on NVIDIA H200"
 
 
 def test_check_reports_errors_against_float64():

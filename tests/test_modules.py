@@ -508,7 +508,7 @@ def test_convert_keeps_parametrizations_and_skips_subclasses(caplog):
 def test_cpu_runs_aten_lstm_like_nn(monkeypatch, options, packed, batched):
     """Without the interpreter, CPU tensors run the very ATen op nn.LSTM runs: the same outputs and
     gradients, dropout draws included."""
-    monkeypatch.setattr(triton_lstm.module_inputs, "interpreting", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU outside the interpreter
     torch.manual_seed(0)
     theirs = nn.LSTM(4, 6, **options).train()
     ours = triton_lstm.LSTM(4, 6, **options).train()
@@ -532,7 +532,7 @@ def test_cpu_runs_aten_lstm_like_nn(monkeypatch, options, packed, batched):
 
 
 def test_cpu_lstm_cell_runs_aten_like_nn(monkeypatch):
-    monkeypatch.setattr(triton_lstm.module_inputs, "interpreting", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU outside the interpreter
     torch.manual_seed(0)
     theirs, ours = nn.LSTMCell(4, 6), triton_lstm.LSTMCell(4, 6)
     ours.load_state_dict(theirs.state_dict())
@@ -542,7 +542,7 @@ def test_cpu_lstm_cell_runs_aten_like_nn(monkeypatch):
 
 
 def test_cpu_aten_path_double_backward(monkeypatch):
-    monkeypatch.setattr(triton_lstm.module_inputs, "interpreting", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU outside the interpreter
     torch.manual_seed(0)
     module = triton_lstm.LSTM(2, 3, num_layers=2, bidirectional=True).double()
     x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)

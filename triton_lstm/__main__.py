@@ -26,10 +26,14 @@ INTERPRETER_SHAPES = [(8, 3, 8, 17, 1, False), (6, 2, 5, 16, 2, True)]
 
 
 def _where_it_runs(device: str) -> str:
-    if device == "cuda" and ops.HAS_TRITON:
-        return f"Triton kernels on {torch.cuda.get_device_name()}"
     if device == "cuda":
-        return f"the PyTorch reference on {device} (triton could not be imported: {ops.TRITON_IMPORT_ERROR})"
+        name = torch.cuda.get_device_name()
+        if ops.kernels_run_on(torch.device("cuda", torch.cuda.current_device())):
+            return f"Triton kernels on {name}"
+        if not ops.HAS_TRITON:
+            return f"ATen's LSTM on {name}, as nn.LSTM runs it (triton could not be imported: {ops.TRITON_IMPORT_ERROR})"
+        why = ops.unsupported_gpu(torch.cuda.get_device_capability(), torch.version.hip)
+        return f"ATen's LSTM on {name}, as nn.LSTM runs it (the kernels do not run there: {why})"
     if ops.interpreting() and ops.HAS_TRITON:
         return "Triton kernels through Triton's interpreter on the CPU (TRITON_INTERPRET=1: slow, for testing)"
     return ("ATen's LSTM on the CPU, as nn.LSTM runs it (the kernels are for NVIDIA GPUs; set TRITON_INTERPRET=1 "
@@ -121,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, "triton-lstm: --device cuda, but torch.cuda.is_available() is False on this machine\n")
     print(f"triton_lstm {triton_lstm.__version__}, torch {torch.__version__}: runs {_where_it_runs(device)}")
     if device == "cuda":
-        shapes, dtypes = GPU_SHAPES, [torch.float32, torch.float16, torch.bfloat16]
+        # bf16 where the kernels run (Ampere and newer); an older GPU's ATen LSTM (cuDNN) may lack it.
+        kernels = ops.kernels_run_on(torch.device("cuda", torch.cuda.current_device()))
+        shapes, dtypes = GPU_SHAPES, [torch.float32, torch.float16] + ([torch.bfloat16] if kernels else [])
     elif ops.interpreting() and ops.HAS_TRITON:
         shapes, dtypes = INTERPRETER_SHAPES, [torch.float32, torch.float16]
     else:

@@ -105,6 +105,10 @@ def describe_path(case: Case, dtype: torch.dtype, device: str) -> str:
     """Which path triton_lstm.LSTM takes for ``case``, in words: what ``--plan`` prints."""
     if device != "cuda":
         return "CPU: ATen's LSTM (as nn.LSTM)" if not _interpreting() else "the interpreter: one program"
+    from triton_lstm.ops import kernels_run_on
+
+    if not kernels_run_on(torch.device("cuda", torch.cuda.current_device())):
+        return "ATen's LSTM (as nn.LSTM): the kernels do not run on this GPU"
     from triton_lstm.kernels.forward_plans import (
         _device_limits,
         plan_bidirectional_fwd,

@@ -120,9 +120,9 @@ class GRU(nn.RNNBase):
             weights = [[[None if w is None else w.to(autocast_dtype) for w in ws] for ws in layer] for layer in weights]
 
         if runs_aten(x):
-            # The CPU without Triton's interpreter, or a complex input: the very ATen GRU that nn.GRU runs.
+            # Where our kernels do not run (runs_aten), or a complex input: the very ATen GRU that nn.GRU runs.
             flat_weights = [w for layer in weights for direction in layer for w in direction if w is not None]
-            with aten_without_autocast(autocast_dtype):
+            with aten_without_autocast(x, autocast_dtype):
                 if packed:
                     output, h_n = torch._VF.gru(data.to(x.dtype), batch_sizes, h0, flat_weights, self.bias,
                                                 self.num_layers, float(self.dropout), self.training, self.bidirectional)
@@ -245,7 +245,7 @@ class GRUCell(nn.GRUCell):
             x, h0 = x.to(autocast_dtype), h0.to(autocast_dtype)
             weights = tuple(None if w is None else w.to(autocast_dtype) for w in weights)
         if runs_aten(x):
-            with aten_without_autocast(autocast_dtype):
+            with aten_without_autocast(x, autocast_dtype):
                 h = torch._VF.gru_cell(x, h0, *weights)
         else:
             refuse_jit_trace("GRUCell")

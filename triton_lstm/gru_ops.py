@@ -17,6 +17,7 @@ from triton_lstm.ops import (
     grad_wanted,
     kernel_device,
     run_without_autocast,
+    traces_plain_pytorch,
     uses_kernels,
 )
 from triton_lstm.reference import (
@@ -156,8 +157,7 @@ def gru_layer(
     checked (the modules check them)."""
     check_backward_options(backward, 0)
     b_ih, b_hh = both_biases(b_ih, b_hh)
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        # torch.func: the plain-PyTorch recurrence, which those transforms differentiate and batch.
+    if traces_plain_pytorch():
         return _reference_outputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
     if not grad_wanted(x, h0, w_ih, w_hh, b_ih, b_hh):
         # Nothing will be differentiated: an inference forward keeps no per-step gates or states.

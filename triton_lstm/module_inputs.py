@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from triton_lstm.ops import interpreting
+from triton_lstm.ops import kernels_run_on
 
 
 def _autocast_dtype_on(device_type: str) -> torch.dtype | None:
@@ -59,26 +59,31 @@ NOT_TRACEABLE = (
 
 
 def refuse_jit_trace(cls: str) -> None:
-    """A clear error under torch.jit.trace on the kernels' path (ATen's path traces as nn's does)."""
-    if torch.jit.is_tracing():
+    """A clear error under torch.jit.trace on the kernels' path (ATen's path traces as nn's does, and so does
+    the plain-PyTorch recurrence that an ONNX export runs: ``ops.traces_plain_pytorch``)."""
+    if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
         raise RuntimeError(NOT_TRACEABLE.format(cls=cls))
 
 
-def aten_without_autocast(autocast_dtype: torch.dtype | None):
-    """The context ATen's recurrence runs in on the CPU path: autocast off where it is on (the inputs and
-    weights are already in ``autocast_dtype``, as nn's are), else nothing: entering and leaving an
+def aten_without_autocast(x: Tensor, autocast_dtype: torch.dtype | None):
+    """The context ATen's recurrence runs in on our ATen path: autocast off on ``x``'s device where it is on
+    (the inputs and weights are already in ``autocast_dtype``), else nothing: entering and leaving an
     autocast context costs ~3-4 µs of a call's host time (benchmarks/NOTES.md, "Host time per call")."""
-    return torch.autocast("cpu", enabled=False) if autocast_dtype is not None else contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else contextlib.nullcontext()
 
 
 def runs_aten(x: Tensor) -> bool:
-    """Whether the modules run ATen's own LSTM, as nn.LSTM does: on the CPU without Triton's interpreter
-    (the kernels are for the GPU; the reference is a Python loop), and outside torch.compile and
-    torch.func transforms, where our ops keep one graph node per recurrence and the reference respectively;
-    for complex inputs everywhere. A peephole LSTM, which ATen lacks, checks ``refuse_complex_peepholes``."""
+    """Whether the modules run ATen's own LSTM, as nn.LSTM does: on a CPU or GPU where our kernels do not run
+    (``ops.kernels_run_on``: the CPU without Triton's interpreter, where the reference would be a Python
+    loop; a GPU older than Ampere or an AMD one; no triton), except inside torch.compile and torch.func
+    transforms, where our ops keep one graph node per recurrence and the reference respectively; for
+    complex inputs and under an ONNX export everywhere. A peephole LSTM, which ATen lacks, checks
+    ``refuse_complex_peepholes``."""
     if x.is_complex():
         return True  # on every device: our kernels and reference are real-valued, ATen's recurrence is not
-    if x.device.type != "cpu" or interpreting() or torch.compiler.is_compiling():
+    if torch.onnx.is_in_onnx_export():
+        return True  # ATen's LSTM / GRU is what the ONNX exporters translate (ONNX's own ops); ours they cannot
+    if x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling() or kernels_run_on(x.device):
         return False
     return not torch._C._are_functorch_transforms_active()
 

@@ -286,10 +286,11 @@ class LSTM(nn.RNNBase):
         if peephole:
             refuse_complex_peepholes(x, "LSTM")
         if not peephole and runs_aten(x):
-            # The CPU without Triton's interpreter, or a complex input: the very ATen LSTM that nn.LSTM runs
-            # (its oneDNN kernels, its backward), all layers and directions in one call.
+            # Where our kernels do not run (runs_aten: the CPU without Triton's interpreter, a GPU older than
+            # Ampere), or a complex input: the very ATen LSTM that nn.LSTM runs (oneDNN's, cuDNN's kernels,
+            # their backward), all layers and directions in one call.
             flat_weights = [w for layer in weights for direction in layer for w in direction if w is not None]
-            with aten_without_autocast(autocast_dtype):
+            with aten_without_autocast(x, autocast_dtype):
                 if packed:
                     data_in = data.to(x.dtype)
                     output, h_n, c_n = torch._VF.lstm(data_in, batch_sizes, (h0, c0), flat_weights, self.bias,
@@ -470,8 +471,8 @@ class LSTMCell(nn.LSTMCell):
         if w_ch is not None:
             refuse_complex_peepholes(x, "LSTMCell")
         if w_ch is None and runs_aten(x):
-            # The CPU without Triton's interpreter, or a complex input: nn.LSTMCell's own ATen cell.
-            with aten_without_autocast(autocast_dtype):
+            # Where our kernels do not run (runs_aten), or a complex input: nn.LSTMCell's own ATen cell.
+            with aten_without_autocast(x, autocast_dtype):
                 h, c = torch._VF.lstm_cell(x, (h0, c0), *weights)
         else:
             refuse_jit_trace("LSTMCell")

@@ -51,17 +51,70 @@ def interpreting() -> bool:
 
 
 def uses_kernels(x: Tensor) -> bool:
-    """Whether the recurrence over ``x`` runs the Triton kernels (else the PyTorch reference).
+    """Whether the recurrence over ``x`` runs the Triton kernels (else the PyTorch reference): float16,
+    bfloat16 or float32 on a device ``kernels_run_on``."""
+    return x.dtype in KERNEL_DTYPES and kernels_run_on(x.device)
 
-    Without triton, where the kernels would have run, warns once that the reference runs instead.
-    """
-    if x.dtype not in KERNEL_DTYPES:
+
+# Triton's own floor for NVIDIA GPUs (its README: "NVIDIA GPUs (Compute Capability 8.0+)"). Below it
+# (Volta, Turing) an sm_75 build of our plans spills kilobytes per thread, and some fp32 builds stop on
+# an LLVM assertion, which aborts the process (benchmarks/NOTES.md, "Other GPUs").
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def unsupported_gpu(capability: tuple[int, int], hip_version: str | None) -> str | None:
+    """Why the kernels do not run on a GPU of this compute capability (``hip_version``: torch.version.hip,
+    set on ROCm builds), or None where they do."""
+    if hip_version is not None:
+        return f"an AMD GPU under ROCm {hip_version}: the kernels are built and tested for NVIDIA GPUs only"
+    if tuple(capability) < MIN_COMPUTE_CAPABILITY:
+        major, minor = MIN_COMPUTE_CAPABILITY
+        return (f"compute capability {capability[0]}.{capability[1]}, below the {major}.{minor} (Ampere) that "
+                "Triton and the kernels need")
+    return None
+
+
+# GPU index -> whether the kernels run there: asked once per device and process (a call's host time).
+_gpus_running_kernels: dict[int, bool] = {}
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether the Triton kernels run on ``device``: an NVIDIA GPU of compute capability 8.0 or newer, or
+    the CPU under Triton's interpreter, with triton importable. Elsewhere the modules run ATen's
+    recurrence, as nn's do, and the ops the plain-PyTorch reference; where the kernels would have run on
+    a GPU but cannot, or triton is missing, a warning says so once."""
+    if torch.onnx.is_in_onnx_export():
+        return False  # the exporters translate plain PyTorch ops; our custom ops they cannot
+    if device.type == "cpu":
+        wanted = interpreting()
+    elif device.type != "cuda":
         return False
-    wanted = x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
+    elif torch.compiler.is_compiling():
+        # A traced graph asks no device: the ops' bodies, opaque to Dynamo, ask again when they run.
+        wanted = True
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        wanted = _gpus_running_kernels.get(index)
+        if wanted is None:
+            wanted = _gpus_running_kernels[index] = _gpu_runs_kernels(index)
     if wanted and not HAS_TRITON:
-        _warn_without_triton(x.device)
+        _warn_without_triton(device)
         return False
     return wanted
+
+
+def _gpu_runs_kernels(index: int) -> bool:
+    why = unsupported_gpu(torch.cuda.get_device_capability(index), torch.version.hip)
+    if why is not None:
+        warnings.warn(
+            f"triton_lstm: the fused kernels do not run on cuda:{index}, {torch.cuda.get_device_name(index)} "
+            f"({why}). There the LSTM and GRU modules run ATen's recurrence, as nn.LSTM and nn.GRU do; the "
+            "peephole LSTM, which ATen lacks, and the functional ops run the plain-PyTorch reference "
+            "recurrence (same results, much slower).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return why is None
 
 
 def kernel_device(x: Tensor):
@@ -81,9 +134,10 @@ def _warn_without_triton(device: torch.device) -> None:
         return
     _warned_without_triton = True
     warnings.warn(
-        f"triton_lstm: triton could not be imported ({TRITON_IMPORT_ERROR}); the LSTM on {device} runs "
-        "the plain-PyTorch reference recurrence instead of the fused Triton kernels (same results, much "
-        "slower). Install triton (Linux only) to use the kernels.",
+        f"triton_lstm: triton could not be imported ({TRITON_IMPORT_ERROR}). On {device} the LSTM and GRU "
+        "modules run ATen's recurrence, as nn.LSTM and nn.GRU do; the peephole LSTM, which ATen lacks, and the "
+        "functional ops run the plain-PyTorch reference recurrence instead of the fused Triton kernels (same "
+        "results, much slower). Install triton (Linux only) to use the kernels.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -285,6 +339,16 @@ def differentiate(outputs, inputs, needed, grad_outputs) -> list:
     return result
 
 
+def traces_plain_pytorch() -> bool:
+    """Whether the recurrence must be plain PyTorch code, which the caller traces: under torch.func
+    transforms (grad, vjp, jacrev, vmap differentiate and batch PyTorch code; our autograd.Function and
+    custom ops are opaque to them) and in an ONNX export (whose exporters translate PyTorch ops, not ours:
+    the peephole LSTM, which ATen lacks, exports as this unrolled recurrence)."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def grad_wanted(*tensors) -> bool:
     """Whether a backward can follow: grad mode on and one of ``tensors`` (None allowed) requiring grad.
     Where not (no_grad, inference_mode, nothing requiring grad), the ops run their inference forward."""
@@ -339,9 +403,7 @@ def lstm_layer(
     if w_ch is not None and (w_hr is not None or recompute_interval > 0):
         raise ValueError("peephole weights work without proj_size and recompute_interval only")
     use_reference = int(backward == "reference")
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        # torch.func (grad, vjp, jacrev, vmap): the plain-PyTorch recurrence, which those transforms
-        # differentiate and batch like any PyTorch code (our autograd.Function and custom ops are opaque).
+    if traces_plain_pytorch():
         h_all, c_all, _ = lstm_recurrence_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, w_ch)
         return h_all[1:], h_all[-1], c_all[-1].to(x.dtype)
     if not grad_wanted(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch):
