@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations, prune
 
 import triton_lstm
 from helpers import KERNEL_DEVICE, requires_cuda
@@ -603,6 +604,62 @@ def test_forward_on_meta_device_gives_shapes():
     model = triton_lstm.LSTM(5, 6, num_layers=2, bidirectional=True, device="meta")
     out, (h, c) = model(torch.empty(4, 3, 5, device="meta"))
     assert (out.shape, h.shape, c.shape) == ((4, 3, 12), (4, 3, 6), (4, 3, 6))
+
+
+# ------------------------------------------------------------------------------ weights computed per call
+
+
+class WeightDrop(nn.Module):
+    """AWD-LSTM's DropConnect on W_hh (Merity et al. 2017, as its code does it): the parameter leaves the
+    module, and each forward sets a plain tensor, dropped out from it, in its place."""
+
+    def __init__(self, module: nn.Module, name: str, p: float):
+        super().__init__()
+        self.module, self.name, self.p = module, name, p
+        weight = getattr(module, name)
+        del module._parameters[name]
+        module.register_parameter(name + "_raw", nn.Parameter(weight.detach().clone()))
+
+    def forward(self, x):
+        raw = getattr(self.module, self.name + "_raw")
+        setattr(self.module, self.name, F.dropout(raw, p=self.p, training=self.training))
+        return self.module(x)
+
+
+# (Not spectral_norm in training: each read of the weight runs a power iteration, and nn.LSTM reads its
+# weights twice per forward where ours reads them once: README, "Limitations".)
+REPARAMETRIZED = {
+    "weight_norm": lambda m: parametrizations.weight_norm(m, "weight_hh_l0"),
+    "orthogonal": lambda m: parametrizations.orthogonal(m, "weight_ih_l1"),
+    "pruned": lambda m: prune.l1_unstructured(m, "weight_ih_l0", amount=0.3),
+    "weight_drop": lambda m: WeightDrop(m, "weight_hh_l1", 0.5),
+}
+
+
+@pytest.mark.parametrize("how", REPARAMETRIZED)
+def test_weights_computed_per_call_train_as_nn_lstms(how):
+    """Parametrizations, pruning and AWD-LSTM's weight drop hand the module a computed weight each call: ours
+    takes it as nn.LSTM does, and its gradient reaches the leaves behind it (errors against nn.LSTM in
+    float64 within twice nn.LSTM's own in float32)."""
+    from helpers import assert_error_within_pytorch
+
+    runs = {}
+    for name, cls, dtype, device in (("nn64", nn.LSTM, torch.float64, "cpu"), ("nn32", nn.LSTM, torch.float32, "cpu"),
+                                     ("ours", triton_lstm.LSTM, torch.float32, KERNEL_DEVICE)):
+        torch.manual_seed(0)
+        module = cls(5, 6, num_layers=2).to(device, dtype)
+        torch.manual_seed(1)  # the same draws for each: spectral_norm's vector, the weight drop's mask
+        model = REPARAMETRIZED[how](module)
+        x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+        torch.manual_seed(3)
+        output, (h_n, _) = model(x)
+        leaves = [p for _, p in sorted(model.named_parameters())]
+        runs[name] = (output, *torch.autograd.grad(output.square().sum() + h_n.sum(), leaves))
+    assert len(runs["ours"]) == len(runs["nn64"])
+    for index, (ours, torchs, reference) in enumerate(zip(runs["ours"], runs["nn32"], runs["nn64"])):
+        # the output, then the leaves' gradients (each a sum over the T·B = 12 rows)
+        assert_error_within_pytorch(f"{how} {index}", ours.cpu(), torchs, reference, torch.float32,
+                                    summed_terms=12 if index else 1)
 
 
 # ---------------------------------------------------------------------------------- saving and loading
