@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from triton_lstm.ops import kernels_run_on
+from triton_lstm.ops import exporting_to_onnx, kernels_run_on
 
 
 def _autocast_dtype_on(device_type: str) -> torch.dtype | None:
@@ -61,7 +61,7 @@ NOT_TRACEABLE = (
 def refuse_jit_trace(cls: str) -> None:
     """A clear error under torch.jit.trace on the kernels' path (ATen's path traces as nn's does, and so does
     the plain-PyTorch recurrence that an ONNX export runs: ``ops.traces_plain_pytorch``)."""
-    if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+    if torch.jit.is_tracing() and not exporting_to_onnx():
         raise RuntimeError(NOT_TRACEABLE.format(cls=cls))
 
 
@@ -81,7 +81,7 @@ def runs_aten(x: Tensor) -> bool:
     ``refuse_complex_peepholes``."""
     if x.is_complex():
         return True  # on every device: our kernels and reference are real-valued, ATen's recurrence is not
-    if torch.onnx.is_in_onnx_export():
+    if exporting_to_onnx():
         return True  # ATen's LSTM / GRU is what the ONNX exporters translate (ONNX's own ops); ours they cannot
     if x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling() or kernels_run_on(x.device):
         return False

@@ -83,7 +83,7 @@ def kernels_run_on(device: torch.device) -> bool:
     the CPU under Triton's interpreter, with triton importable. Elsewhere the modules run ATen's
     recurrence, as nn's do, and the ops the plain-PyTorch reference; where the kernels would have run on
     a GPU but cannot, or triton is missing, a warning says so once."""
-    if torch.onnx.is_in_onnx_export():
+    if exporting_to_onnx():
         return False  # the exporters translate plain PyTorch ops; our custom ops they cannot
     if device.type == "cpu":
         wanted = interpreting()
@@ -101,6 +101,12 @@ def kernels_run_on(device: torch.device) -> bool:
         _warn_without_triton(device)
         return False
     return wanted
+
+
+def exporting_to_onnx() -> bool:
+    """Whether torch.onnx.export is tracing this call. Both its exporters trace (Dynamo's, TorchScript's),
+    so an untraced call skips the query (~0.9 µs: two imports inside it, each call)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
 
 
 def _gpu_runs_kernels(index: int) -> bool:
@@ -344,7 +350,7 @@ def traces_plain_pytorch() -> bool:
     transforms (grad, vjp, jacrev, vmap differentiate and batch PyTorch code; our autograd.Function and
     custom ops are opaque to them) and in an ONNX export (whose exporters translate PyTorch ops, not ours:
     the peephole LSTM, which ATen lacks, exports as this unrolled recurrence)."""
-    if torch.onnx.is_in_onnx_export():
+    if exporting_to_onnx():
         return True
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
