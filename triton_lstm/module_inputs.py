@@ -73,17 +73,17 @@ def aten_without_autocast(x: Tensor, autocast_dtype: torch.dtype | None):
 
 
 def runs_aten(x: Tensor) -> bool:
-    """Whether the modules run ATen's own LSTM, as nn.LSTM does: on a CPU or GPU where our kernels do not run
+    """Whether the modules run ATen's own LSTM, as nn.LSTM does: on a device where our kernels do not run
     (``ops.kernels_run_on``: the CPU without Triton's interpreter, where the reference would be a Python
-    loop; a GPU older than Ampere or an AMD one; no triton), except inside torch.compile and torch.func
-    transforms, where our ops keep one graph node per recurrence and the reference respectively; for
-    complex inputs and under an ONNX export everywhere. A peephole LSTM, which ATen lacks, checks
-    ``refuse_complex_peepholes``."""
+    loop; a GPU older than Ampere or an AMD one; no triton; MPS, XPU), except inside torch.compile and
+    torch.func transforms, where our ops keep one graph node per recurrence and the reference respectively,
+    and on "meta" (shape inference takes the kernels' path, as it would plan it); for complex inputs and
+    under an ONNX export everywhere. A peephole LSTM, which ATen lacks, checks ``refuse_complex_peepholes``."""
     if x.is_complex():
         return True  # on every device: our kernels and reference are real-valued, ATen's recurrence is not
     if exporting_to_onnx():
         return True  # ATen's LSTM / GRU is what the ONNX exporters translate (ONNX's own ops); ours they cannot
-    if x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling() or kernels_run_on(x.device):
+    if x.device.type == "meta" or torch.compiler.is_compiling() or kernels_run_on(x.device):
         return False
     return not torch._C._are_functorch_transforms_active()
 
