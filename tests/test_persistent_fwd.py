@@ -259,6 +259,25 @@ def test_plan_invariants(num_sms, shared_memory):
                     assert fma.exact_fp32_dot == "ieee" and fma.block_k <= 32  # see the note in plan_persistent_fwd
 
 
+@pytest.mark.parametrize("num_sms,shared_memory", [(132, 232448), (114, 232448), (108, 166912), (128, 101376)])
+def test_streamed_plans_fit_the_cards_shared_memory(num_sms, shared_memory):
+    """A streamed program's two K chunks in flight (``streamed_bytes``, what Triton 3.9 allocates on sm_89
+    and sm_90) fit the card, for one layer, the four-dot tiling under it and both directions in one launch:
+    on a 99-KB card (sm_86, sm_89, sm_120) the 16-row tiles at H >= 2048 read 128-wide chunks, where the
+    256-wide ones (147,456 bytes) would not load; the H200's plans keep theirs."""
+    for H in [1, 17, 256, 1024, 2048, 4096, 8192]:
+        for B in [1, 16, 17, 64, 512]:
+            for element_size in (2, 4):
+                for plan in (plan_persistent_fwd(64, B, H, H, element_size, num_sms, shared_memory),
+                             plans.tile_persistent_fwd(64, B, H, H, element_size, num_sms, shared_memory),
+                             plans.plan_bidirectional_fwd(64, B, H, element_size, num_sms, shared_memory)):
+                    if plan.persistent and not plan.resident:
+                        chunks = plans.streamed_bytes(plan.block_b, plan.block_h, plan.block_k, element_size)
+                        assert chunks <= shared_memory - plans.RESIDENT_HEADROOM, (H, B, element_size, plan)
+    both_directions = plans.plan_bidirectional_fwd(256, 16, 2048, 2, num_sms, shared_memory)
+    assert both_directions.block_k == (256 if shared_memory > 160 * 1024 else 128), both_directions
+
+
 def test_plan_disabled_by_environment(monkeypatch):
     projected = torch.zeros(2, 1, 8)
     w_hh = torch.zeros(8, 2)

@@ -157,6 +157,15 @@ def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int
     return (4 * k_pad * block_h + block_b * k_pad) * element_size + 4 * block_b * block_h * 4
 
 
+def streamed_bytes(block_b: int, block_h: int, block_k: int, element_size: int) -> int:
+    """Shared memory a streamed program allocates: two K chunks in flight (three pipeline stages), each the
+    four gates' BLOCK_K × BLOCK_H of W_hh and BLOCK_B × BLOCK_K of h. Exact for what Triton 3.9 allocates
+    on sm_90 and sm_89 (``benchmarks/compile_check.py``: 16-bit 16 × 32 tiles with 128- and 256-wide chunks
+    73,728 and 147,456 bytes, 32 × 16 and 64 × 16 with 128 and 64 49,152 and 32,768; fp32 64 × 16 with 64
+    65,536), the four dots' kernel and the gate dot's alike."""
+    return 2 * (4 * block_h * block_k + block_b * block_k) * element_size
+
+
 def resident_gate_dot(plan: ForwardPlan, H: int, K: int, element_size: int, shared_memory: int) -> ForwardPlan | None:
     """``plan``, a 16-bit streamed plan that ``RESIDENT_MAX_K`` keeps from holding W_hh resident, with its
     W_hh slice resident after all and one dot for the four gates — same tiles, grid and warps — or None where
@@ -346,6 +355,10 @@ def tile_persistent_fwd(
     else:
         block_k = 256 if K > 1024 and block_b == 16 and block_h <= 32 else 128
     block_k = max(16, min(block_k, k_pad))
+    while block_k > 16 and streamed_bytes(block_b, block_h, block_k, element_size) > shared_memory - RESIDENT_HEADROOM:
+        # A card with less shared memory than the H200's (99 KB on sm_86, sm_89, sm_120): narrower chunks,
+        # where the widest (16-bit 16 × 32 tiles, 256 wide: 147,456 bytes) would not load.
+        block_k //= 2
     grid_h = min(num_h_blocks, num_sms)
     if triton.cdiv(num_h_blocks, grid_h) > MAX_HIDDEN_BLOCKS_PER_PROGRAM:
         return ForwardPlan(False, f"H={H}: over {MAX_HIDDEN_BLOCKS_PER_PROGRAM} hidden blocks per program "
