@@ -261,8 +261,8 @@ def test_plan_invariants(num_sms, shared_memory):
 
 @pytest.mark.parametrize("num_sms,shared_memory", [(132, 232448), (114, 232448), (108, 166912), (128, 101376)])
 def test_streamed_plans_fit_the_cards_shared_memory(num_sms, shared_memory):
-    """A streamed program's two K chunks in flight (``streamed_bytes``, what Triton 3.9 allocates on sm_89
-    and sm_90) fit the card, for one layer, the four-dot tiling under it and both directions in one launch:
+    """A streamed program's two K chunks in flight (``streamed_bytes``, Triton 3.9's allocation on sm_8x to
+    within 2 KB) fit the card, for one layer, the four-dot tiling under it and both directions in one launch:
     on a 99-KB card (sm_86, sm_89, sm_120) the 16-row tiles at H >= 2048 read 128-wide chunks, where the
     256-wide ones (147,456 bytes) would not load; the H200's plans keep theirs."""
     for H in [1, 17, 256, 1024, 2048, 4096, 8192]:

@@ -158,11 +158,12 @@ def resident_bytes(block_b: int, block_h: int, K: int, element_size: int) -> int
 
 
 def streamed_bytes(block_b: int, block_h: int, block_k: int, element_size: int) -> int:
-    """Shared memory a streamed program allocates: two K chunks in flight (three pipeline stages), each the
-    four gates' BLOCK_K × BLOCK_H of W_hh and BLOCK_B × BLOCK_K of h. Exact for what Triton 3.9 allocates
-    on sm_90 and sm_89 (``benchmarks/compile_check.py``: 16-bit 16 × 32 tiles with 128- and 256-wide chunks
-    73,728 and 147,456 bytes, 32 × 16 and 64 × 16 with 128 and 64 49,152 and 32,768; fp32 64 × 16 with 64
-    65,536), the four dots' kernel and the gate dot's alike."""
+    """Shared memory a streamed program allocates, estimated: two K chunks in flight (three pipeline
+    stages), each the four gates' BLOCK_K × BLOCK_H of W_hh and BLOCK_B × BLOCK_K of h. Against Triton 3.9's
+    builds of every planned streamed forward (``benchmarks/compile_check.py``, one layer and both
+    directions): exact or at most 2 KB under on sm_80, sm_86, sm_89 and sm_120, within ``RESIDENT_HEADROOM``
+    (e.g. 16-bit 16 × 32 tiles with 256-wide chunks: 147,456 bytes, the 99-KB cards' case); up to 16 KB
+    under on sm_90 and sm_100, whose MMAs stage more, and whose 227 KB hold the largest plan with room."""
     return 2 * (4 * block_h * block_k + block_b * block_k) * element_size
 
 
