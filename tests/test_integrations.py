@@ -611,7 +611,8 @@ def test_forward_on_meta_device_gives_shapes():
 
 class WeightDrop(nn.Module):
     """AWD-LSTM's DropConnect on W_hh (Merity et al. 2017, as its code does it): the parameter leaves the
-    module, and each forward sets a plain tensor, dropped out from it, in its place."""
+    module, and each forward sets a plain tensor, dropped out from it, in its place. The mask is drawn on
+    the CPU from a fixed seed, so that every device and dtype compared gets the same one."""
 
     def __init__(self, module: nn.Module, name: str, p: float):
         super().__init__()
@@ -622,7 +623,8 @@ class WeightDrop(nn.Module):
 
     def forward(self, x):
         raw = getattr(self.module, self.name + "_raw")
-        setattr(self.module, self.name, F.dropout(raw, p=self.p, training=self.training))
+        keep = torch.rand(raw.shape, generator=torch.Generator().manual_seed(3)) >= self.p
+        setattr(self.module, self.name, raw * keep.to(raw.device, raw.dtype) / (1 - self.p))
         return self.module(x)
 
 
@@ -647,11 +649,8 @@ def test_weights_computed_per_call_train_as_nn_lstms(how):
     for name, cls, dtype, device in (("nn64", nn.LSTM, torch.float64, "cpu"), ("nn32", nn.LSTM, torch.float32, "cpu"),
                                      ("ours", triton_lstm.LSTM, torch.float32, KERNEL_DEVICE)):
         torch.manual_seed(0)
-        module = cls(5, 6, num_layers=2).to(device, dtype)
-        torch.manual_seed(1)  # the same draws for each: spectral_norm's vector, the weight drop's mask
-        model = REPARAMETRIZED[how](module)
+        model = REPARAMETRIZED[how](cls(5, 6, num_layers=2).to(device, dtype))
         x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(2)).to(device, dtype)
-        torch.manual_seed(3)
         output, (h_n, _) = model(x)
         leaves = [p for _, p in sorted(model.named_parameters())]
         runs[name] = (output, *torch.autograd.grad(output.square().sum() + h_n.sum(), leaves))
