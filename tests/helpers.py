@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch._library import custom_ops
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from triton_lstm.ops import interpreting
 
@@ -166,3 +171,47 @@ def check_double_backward(cell: str = "LSTM", **module_kwargs):
         (grad,) = torch.autograd.grad(out.pow(2).sum(), inp, create_graph=True)
         grad.pow(2).sum().backward()
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-4, atol=1e-5)
+
+
+class StorageBytes(TorchDispatchMode):
+    """Bytes of the storages that ops create while active: ``live`` now and ``peak`` since entry. A
+    storage counts from the op that returns it first (not an input's storage: views and in-place ops
+    add nothing) until it is freed (a finalizer on the storage object, which PyTorch keeps while the
+    storage lives). Our custom ops run their Python bodies under this mode, so that what they allocate
+    inside counts too; the autograd engine's own buffers count where it runs them on this thread (the
+    CPU). Memory of the CPU path: on a GPU, ``torch.cuda.max_memory_allocated`` says the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted = weakref.WeakSet()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = custom_ops.OPDEFS.get(func._schema.name) if func.namespace == "triton_lstm" else None
+        if body is not None:
+            with self:  # (this mode is off while it handles an op: back on for the op's inside)
+                result = body._init_fn(*args, **(kwargs or {}))
+        else:
+            result = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in pytree.tree_leaves(result):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            if storage in self._counted or storage.data_ptr() in inputs or storage.nbytes() == 0:
+                continue
+            # Triton's interpreter keeps each launch's arguments in reference cycles until a collection:
+            # collect them, so that a storage counts as live while the code holds it, as on a GPU.
+            gc.collect()
+            self._counted.add(storage)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, storage.nbytes())
+        return result
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __exit__(self, *exc):
+        gc.collect()  # (the interpreter's cycles, as above: ``live`` is then what the code still holds)
+        return super().__exit__(*exc)

@@ -21,6 +21,7 @@ from torch import Tensor
 from triton_lstm.ops import (
     HAS_TRITON,
     differentiate,
+    gates_to_overwrite,
     grad_wanted,
     kernel_device,
     run_lstm_layer,
@@ -191,12 +192,17 @@ class LSTMBidirectional(torch.autograd.Function):
         x, h0, c0, lengths, h_all, c_all, gates, w_ch, *weights = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
-        w_ih, w_hh, _, _, w_hr = _split(ctx.has_bias, weights, ctx.has_projection)
+        w_ih, w_hh, b_ih, b_hh, w_hr = _split(ctx.has_bias, weights, ctx.has_projection)
         grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
+            # dG over the gates, except with projections (their W_hr gradients read the gates after the chain).
+            own_gates = None if w_hr else gates_to_overwrite(
+                ctx, x, gates,
+                lambda: torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch)[3])
+            gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
-                                        grad_h_n, grad_c_n, w_ch, w_hr)
+                                        grad_h_n, grad_c_n, w_ch, w_hr, overwrite_gates=own_gates is not None)
             if grads is not None:
                 return (grads[0], grads[1], grads[2], None, None, None, None, grads[3], *grads[4:])
 
@@ -251,12 +257,14 @@ def each_direction_backward(x: Tensor, grad_out: Tensor, index: Tensor | None, w
 
 
 def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n,
-                    w_ch=None, w_hr=()):
+                    w_ch=None, w_hr=(), overwrite_gates=False):
     """Both directions' gate gradients in one launch (``lstm_bwd_bidirectional_gate_grads``), then each
     direction's GEMMs; the reverse direction's dG (step-indexed) back in time order for the GEMMs against
     x. None where the launch cannot run (the caller goes direction by direction). Returns the gradients of
     x, h0, c0, the peephole weights (None without) and the directions' weights. With ``w_hr`` (a
-    projection) the chain runs in m_t on the merged weights (``kernels/lstm_projection.py``)."""
+    projection) the chain runs in m_t on the merged weights (``kernels/lstm_projection.py``).
+    ``overwrite_gates``: dG takes the gates' place (``lstm_bwd_bidirectional_gate_grads``'s ``into``); not
+    with ``w_hr``."""
     lengths32 = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain_w, chain_grad_out, chain_grad_h_n = torch.stack(w_hh), grad_out, grad_h_n
     if w_hr:
@@ -266,7 +274,8 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
         chain_grad_h_n = torch.stack([grad_m_n for _, grad_m_n in at_m])
         chain_w = merged_recurrent_weight(chain_w, torch.stack(w_hr))
     chain = lstm_bwd_bidirectional_gate_grads(chain_grad_out, chain_grad_h_n, grad_c_n, chain_w.contiguous(),
-                                              lengths32, gates, c_all, None if w_ch is None else w_ch.contiguous())
+                                              lengths32, gates, c_all, None if w_ch is None else w_ch.contiguous(),
+                                              into=gates if overwrite_gates and gates.is_contiguous() else None)
     if chain is None:
         return None
     grad_gates, grad_h0, grad_c0 = chain
@@ -274,10 +283,10 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
         grad_h0 = torch.empty(2, *h_all.shape[-2:], dtype=torch.float32, device=x.device)
     grad_x, grad_weights = None, []
     for direction in range(2):
-        direction_grad_gates, h_prev = in_time_order(grad_gates, h_all, direction, index)
-        direction_grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(direction_grad_gates, x, h_prev,
-                                                                                   w_ih[direction])
-        grad_x = direction_grad_x if grad_x is None else grad_x + direction_grad_x
+        layer_x, h_prev = in_step_order(x, h_all, direction, index)
+        direction_grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates[direction], layer_x,
+                                                                                   h_prev, w_ih[direction])
+        grad_x = add_in_time_order(grad_x, direction_grad_x, direction, index)
         grad_weights += [grad_w_ih, grad_w_hh.to(w_hh[direction].dtype)]
         if has_bias:
             grad_weights += [grad_bias, grad_bias.clone()]  # each bias owns its gradient tensor
@@ -297,14 +306,21 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
     return (grad_x, grad_h0.to(x.dtype), grad_c0.to(x.dtype), grad_w_ch, *grad_weights)
 
 
-def in_time_order(grad_gates: Tensor, h_all: Tensor, direction: int, index: Tensor | None):
-    """A direction's dG and h_0 … h_{T-1} (both step-indexed, stacked per direction) in time order, as x,
-    for the GEMMs against it: the reverse direction's reversed within each sequence (rows past a sequence's
-    end hold dG = 0 either way)."""
-    direction_grad_gates, h_prev = grad_gates[direction], h_all[direction, :-1]
+def in_step_order(x: Tensor, h_all: Tensor, direction: int, index: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A direction's input in the order its chain ran, and its h_0 … h_{T-1} (step-indexed, stacked per
+    direction), for the GEMMs against its step-indexed dG: the reverse direction's x reversed within each
+    sequence (T·B·I), rather than its dG (T·B·4H) and h put in time order. Rows past a sequence's end
+    stay where they are and meet dG = 0. The input gradient these GEMMs give is step-ordered too
+    (``add_in_time_order``)."""
+    return (x if direction == 0 else reverse_time(x, index)), h_all[direction, :-1]
+
+
+def add_in_time_order(grad_x: Tensor | None, direction_grad_x: Tensor, direction: int, index: Tensor | None) -> Tensor:
+    """The input gradient summed over the directions so far: ``grad_x`` (None before the first) plus this
+    direction's step-ordered one (``in_step_order``) in time order (``reverse_time`` is its own inverse)."""
     if direction == 1:
-        return reverse_time(direction_grad_gates, index), reverse_time(h_prev, index)
-    return direction_grad_gates, h_prev
+        direction_grad_x = reverse_time(direction_grad_x, index)
+    return direction_grad_x if grad_x is None else grad_x.add_(direction_grad_x)
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):

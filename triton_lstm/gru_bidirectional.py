@@ -12,13 +12,22 @@ from torch import Tensor
 
 from triton_lstm.bidirectional import (
     _split,
+    add_in_time_order,
     backward_inputs,
     each_direction_backward,
-    in_time_order,
+    in_step_order,
     one_direction_at_a_time,
 )
 from triton_lstm.gru_ops import run_gru_layer
-from triton_lstm.ops import HAS_TRITON, differentiate, grad_wanted, kernel_device, run_without_autocast, uses_kernels
+from triton_lstm.ops import (
+    HAS_TRITON,
+    differentiate,
+    gates_to_overwrite,
+    grad_wanted,
+    kernel_device,
+    run_without_autocast,
+    uses_kernels,
+)
 from triton_lstm.reference import accumulate_dtype, gru_projection_bias, input_projection
 
 if HAS_TRITON:
@@ -100,13 +109,16 @@ class GRUBidirectional(torch.autograd.Function):
         x, h0, lengths, h_all, state_all, gates, *weights = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n)
-        w_ih, w_hh, _, _, _ = _split(ctx.has_bias, weights)
+        w_ih, w_hh, b_ih, b_hh, _ = _split(ctx.has_bias, weights)
         H = w_hh[0].shape[1]
         grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
+            own_gates = gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.gru_bidirectional_fwd(
+                x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1)[3])
+            gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _fused_backward(x, lengths, index, h_all, state_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
-                                        grad_h_n)
+                                        grad_h_n, overwrite_gates=own_gates is not None)
             if grads is not None:
                 return (grads[0], grads[1], None, None, None, *grads[2:])
 
@@ -120,21 +132,24 @@ class GRUBidirectional(torch.autograd.Function):
         return (grad_x, torch.stack([grads[1] for grads in per_direction]), None, None, None, *grad_weights)
 
 
-def _fused_backward(x, lengths, index, h_all, state_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n):
+def _fused_backward(x, lengths, index, h_all, state_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n,
+                    overwrite_gates=False):
     """Both directions' chains in one launch, then each direction's GEMMs (in time order, as x). None where
-    the launch cannot run. Returns the gradients of x, h0 and the directions' weights."""
+    the launch cannot run. Returns the gradients of x, h0 and the directions' weights. ``overwrite_gates``:
+    dG takes the gates' place (``lstm_bwd_bidirectional_gate_grads``'s ``into``)."""
     lengths32 = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain = lstm_bwd_bidirectional_gate_grads(grad_out, grad_h_n, torch.zeros_like(grad_h_n),
-                                              torch.stack(w_hh).contiguous(), lengths32, gates, state_all, cell="gru")
+                                              torch.stack(w_hh).contiguous(), lengths32, gates, state_all, cell="gru",
+                                              into=gates if overwrite_gates and gates.is_contiguous() else None)
     if chain is None:
         return None
     grad_gates, grad_h0, _ = chain
     grad_x, grad_weights = None, []
     for direction in range(2):
-        direction_grad_gates, h_prev = in_time_order(grad_gates, h_all, direction, index)
-        direction_grad_x, *weight_grads = gru_weight_and_input_grads(direction_grad_gates, x, h_prev, w_ih[direction],
-                                                                     w_hh[direction])
-        grad_x = direction_grad_x if grad_x is None else grad_x + direction_grad_x
+        layer_x, h_prev = in_step_order(x, h_all, direction, index)
+        direction_grad_x, *weight_grads = gru_weight_and_input_grads(grad_gates[direction], layer_x, h_prev,
+                                                                     w_ih[direction], w_hh[direction])
+        grad_x = add_in_time_order(grad_x, direction_grad_x, direction, index)
         grad_weights += weight_grads if has_bias else weight_grads[:2]
     return (grad_x, grad_h0.to(x.dtype), *grad_weights)
 

@@ -14,7 +14,15 @@ import torch
 from torch import Tensor
 
 from triton_lstm.gru_ops import run_gru_layer
-from triton_lstm.ops import HAS_TRITON, differentiate, grad_wanted, kernel_device, run_without_autocast, uses_kernels
+from triton_lstm.ops import (
+    HAS_TRITON,
+    differentiate,
+    gates_to_overwrite,
+    grad_wanted,
+    kernel_device,
+    run_without_autocast,
+    uses_kernels,
+)
 from triton_lstm.reference import accumulate_dtype, gru_projection_bias, input_projection
 from triton_lstm.stack import (
     _split_weights,
@@ -115,12 +123,15 @@ class GRUStack(torch.autograd.Function):
         x, h0, lengths, h_all, state_all, gates, dropout_mask, *weights = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n)
-        w_ih, w_hh, _, _, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
+        w_ih, w_hh, b_ih, b_hh, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
         dropout = None if dropout_mask is None else (dropout_mask, ctx.dropout_scale)
         if uses_kernels(x) and not ctx.use_reference:
+            own_gates = gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.gru_stack_fwd(
+                x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1, dropout_mask, ctx.dropout_scale)[2])
+            gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _stacked_backward(x, lengths, h_all, state_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
-                                          grad_h_n, dropout)
+                                          grad_h_n, dropout, overwrite_gates=own_gates is not None)
             if grads is not None:
                 return (grads[0], grads[1], None, None, None, None, None, None, *grads[2:])
 
@@ -135,14 +146,16 @@ class GRUStack(torch.autograd.Function):
                 *grad_weights)
 
 
-def _stacked_backward(x, lengths, h_all, state_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, dropout=None):
+def _stacked_backward(x, lengths, h_all, state_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, dropout=None,
+                      overwrite_gates=False):
     """Every layer's chain in one launch (a reverse wavefront), then each layer's weight GEMMs; the input
     gradient of layer 0 only (the layers above took theirs in the kernel). None where the launch cannot
-    run. Returns the gradients of x, h0 and the layers' weights."""
+    run. Returns the gradients of x, h0 and the layers' weights. ``overwrite_gates``: dG takes the gates'
+    place (``lstm_bwd_stack_gate_grads``'s ``into``)."""
     lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain = lstm_bwd_stack_gate_grads(grad_out, grad_h_n, torch.zeros_like(grad_h_n), torch.stack(w_hh).contiguous(),
                                       torch.stack(w_ih[1:]).contiguous(), lengths, gates, state_all, cell="gru",
-                                      dropout=dropout)
+                                      dropout=dropout, into=gates if overwrite_gates and gates.is_contiguous() else None)
     if chain is None:
         return None
     grad_gates, grad_h0, _ = chain

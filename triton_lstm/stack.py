@@ -23,6 +23,7 @@ from torch import Tensor
 from triton_lstm.ops import (
     HAS_TRITON,
     differentiate,
+    gates_to_overwrite,
     grad_wanted,
     kernel_device,
     run_lstm_layer,
@@ -235,14 +236,18 @@ class LSTMStack(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
         x, h0, c0, lengths, h_all, c_all, gates, dropout_mask, w_ch, *weights = ctx.saved_tensors
-        w_ih, w_hh, _, _, w_hr = _split_weights(ctx.layers, ctx.has_bias, weights, ctx.has_projection)
+        w_ih, w_hh, b_ih, b_hh, w_hr = _split_weights(ctx.layers, ctx.has_bias, weights, ctx.has_projection)
         dropout = None if dropout_mask is None else (dropout_mask, ctx.dropout_scale)
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
         if uses_kernels(x) and not ctx.use_reference and not (w_hr and dropout is not None):
+            # dG over the gates, except with projections (their W_hr gradients read the gates after the chain).
+            own_gates = None if w_hr else gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.stack_fwd(
+                x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch, dropout_mask, ctx.dropout_scale)[2])
+            gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out, grad_h_n,
-                                          grad_c_n, w_ch, dropout, w_hr)
+                                          grad_c_n, w_ch, dropout, w_hr, overwrite_gates=own_gates is not None)
             if grads is not None:
                 return (grads[0], grads[1], grads[2], None, None, None, None, None, None, None, grads[3], *grads[4:])
 
@@ -267,12 +272,13 @@ class LSTMStack(torch.autograd.Function):
 
 
 def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n, w_ch=None,
-                      dropout=None, w_hr=()):
+                      dropout=None, w_hr=(), overwrite_gates=False):
     """The fused backward of the whole stack: the gate gradients of every layer in one launch (a reverse
     wavefront), then each layer's weight GEMMs; the input gradient of layer 0 only (the layers above
     took theirs in the kernel). None where the launch cannot run (the caller goes layer by layer).
     Returns the gradients of x, h0, c0, the peephole weights (None without) and the layers' weights. With
-    ``w_hr`` (projections, no dropout) the chain runs in m_t on merged weights (``kernels/lstm_projection.py``)."""
+    ``w_hr`` (projections, no dropout) the chain runs in m_t on merged weights (``kernels/lstm_projection.py``).
+    ``overwrite_gates``: dG takes the gates' place (``lstm_bwd_stack_gate_grads``'s ``into``); not with ``w_hr``."""
     lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain_w_hh, chain_w_ih_above = torch.stack(w_hh), torch.stack(w_ih[1:])
     chain_grad_out, chain_grad_h_n = grad_out, grad_h_n
@@ -284,7 +290,8 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
         chain_w_ih_above = merged_recurrent_weight(chain_w_ih_above, torch.stack(w_hr[:-1]))
     chain = lstm_bwd_stack_gate_grads(chain_grad_out, chain_grad_h_n, grad_c_n, chain_w_hh.contiguous(),
                                       chain_w_ih_above.contiguous(), lengths, gates, c_all,
-                                      w_ch=None if w_ch is None else w_ch.contiguous(), dropout=dropout)
+                                      w_ch=None if w_ch is None else w_ch.contiguous(), dropout=dropout,
+                                      into=gates if overwrite_gates and gates.is_contiguous() else None)
     if chain is None:
         return None
     grad_gates, grad_h0, grad_c0 = chain

@@ -64,16 +64,18 @@ def gru_bwd(
     state_all: torch.Tensor,
     lengths: torch.Tensor | None,
     schedule: str = "auto",
+    overwrite_gates: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Fused backward of one GRU layer and direction; same arguments and outputs as
     ``reference.gru_recurrence_backward_reference`` (gradients of x, h0, W_ih, W_hh, b_ih, b_hh).
-    ``schedule`` as ``lstm_bwd``'s."""
+    ``schedule`` and ``overwrite_gates`` as ``lstm_bwd``'s."""
     if gates.numel() == 0:
         return gru_recurrence_backward_reference(grad_out, grad_h_n, x, w_ih, w_hh, gates, h_all, state_all, lengths)
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int32)
     grad_gates, grad_h0, _ = lstm_bwd_gate_grads(
-        grad_out, grad_h_n, torch.zeros_like(grad_h_n), w_hh, lengths, [(0, gates, state_all)], schedule, cell="gru"
+        grad_out, grad_h_n, torch.zeros_like(grad_h_n), w_hh, lengths, [(0, gates, state_all)], schedule, cell="gru",
+        into=gates if overwrite_gates and gates.is_contiguous() else None,
     )
     grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = gru_weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih,
                                                                                     w_hh)

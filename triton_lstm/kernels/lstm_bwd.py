@@ -75,7 +75,7 @@ def _lstm_bwd_kernel(
     c_ptr,  # (L+1, B, H) fp32: c of steps seg_start … seg_start+L (per layer for a stack)
     w_hh_ptr,  # (4H, H) (LAYERS, 4H, H) for a stack
     lengths_ptr,  # (B,) int32, read when HAS_LENGTHS
-    grad_gates_ptr,  # (T, B, 4H) out: pre-activation gate gradients dG, input dtype (per layer for a stack)
+    grad_gates_ptr,  # (T, B, 4H) out: pre-activation gate gradients dG, input dtype (per layer for a stack); may be gates_ptr
     dh_ptr,  # (B, H) fp32 in/out: gradient reaching h_{t_start} from later steps / h_{t_end} from this step
     dc_ptr,  # (B, H) fp32 in/out: the same for c (both per layer for a stack)
     counter_ptr,  # (LAYERS + 1,) int32 zeros at launch: a barrier counter per layer, then the failure flag
@@ -338,6 +338,7 @@ def lstm_bwd_gate_grads(
     tiling: tuple[int, int, int, int] | None = None,
     w_ch: torch.Tensor | None = None,
     cell: str = "lstm",
+    into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sequential part of the backward (no projection): returns ``(grad_gates, grad_h0, grad_c0)``.
 
@@ -355,12 +356,17 @@ def lstm_bwd_gate_grads(
     peephole weights. ``cell`` "gru": a GRU layer (``kernels/gru.py``): ``w_hh`` (3H, H), ``gates`` its
     saved (r, z, n, hn), ``c`` its fp32 h, ``grad_c_n`` zeros; grad_gates holds (dR, dZ, dN, dN ⊙ r)
     and grad_c0 is None (grad_h0 includes the direct path).
+
+    ``into``: the buffer that receives grad_gates, else a new one. It may be the saved gates of a single
+    contiguous segment (``overwrite_gates`` of the callers): each program reads its own tile of step t's
+    gates before it writes the same tile of dG_t, and no program reads another's gates, so dG can take the
+    place of the gates that nothing needs after the chain — T·B·4H elements fewer at the backward's peak.
     """
     T, B, H = grad_out.shape
     dtype, device = w_hh.dtype, w_hh.device
     grad_out = grad_out.contiguous()
     w_hh = w_hh.contiguous()
-    grad_gates = torch.empty(T, B, 4 * H, dtype=dtype, device=device)
+    grad_gates = into if into is not None else torch.empty(T, B, 4 * H, dtype=dtype, device=device)
     dh = grad_h_n.to(torch.float32, copy=True).contiguous()
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()
     counter = torch.zeros(2, dtype=torch.int32, device=device)  # the barrier counter, the failure flag
@@ -467,6 +473,7 @@ def lstm_bwd(
     lengths: torch.Tensor | None,
     w_ch: torch.Tensor | None = None,
     schedule: str = "auto",
+    overwrite_gates: bool = False,
 ):
     """Fused backward of one layer and direction; same arguments and outputs as
     ``lstm_recurrence_backward_reference``: gradients of x, h0, c0, W_ih, W_hh, the bias, W_hr and the
@@ -475,7 +482,9 @@ def lstm_bwd(
     With a projection (``w_hr`` not None): the same chain on the merged weight W_hh·W_hr
     (``lstm_projection.lstmp_bwd``).
     ``schedule``: "auto" (persistent where the tiles fit the SMs, else one launch per step),
-    "persistent" or "per_step" (for tests and timing).
+    "persistent" or "per_step" (for tests and timing). ``overwrite_gates``: the gate gradients may take
+    the saved gates' place (``lstm_bwd_gate_grads``'s ``into``), which then hold dG; not with a projection,
+    whose W_hr gradient reads the gates after the chain.
     """
     if gates.numel() == 0:
         # An empty batch or hidden size leaves nothing to launch over.
@@ -490,7 +499,8 @@ def lstm_bwd(
         return (*lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, schedule),
                 None)  # no peepholes with a projection
     grad_gates, grad_h0, grad_c0 = lstm_bwd_gate_grads(
-        grad_out, grad_h_n, grad_c_n, w_hh, lengths, [(0, gates, c_all)], schedule, w_ch=w_ch
+        grad_out, grad_h_n, grad_c_n, w_hh, lengths, [(0, gates, c_all)], schedule, w_ch=w_ch,
+        into=gates if overwrite_gates and gates.is_contiguous() else None,
     )
     grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih)
     grad_w_ch = None if w_ch is None else peephole_weight_grads(grad_gates[None], c_all[None])[0].to(w_ch.dtype)

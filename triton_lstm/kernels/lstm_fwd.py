@@ -91,18 +91,27 @@ def fp32_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def allocate_forward_outputs(projected: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, K: int, save: bool = True):
+def allocate_forward_outputs(projected: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, K: int, save: bool = True,
+                             reuse_projected: bool = False):
     """``(h_all, c_all, gates)`` for a forward over ``projected`` (T, B, ·), with h0 and c0 in place at
     step 0 and everything else left for the kernel to write (layout in ``triton_lstm.reference``).
     Without ``save`` (an inference forward) c_all has two slots used in turn and gates no steps. With
     ``h0``/``c0`` of shape (G, B, ·) (a stack's layers, a bidirectional layer's directions) every output
-    gets that leading axis of G."""
+    gets that leading axis of G.
+
+    ``reuse_projected``: the gates may take the place of ``projected``, which the caller needs no more
+    (each program reads its own tile of step t's projection before it writes the same tile of the gates,
+    and no program reads another's): T·B·4H elements fewer at the forward's peak. Only where the two agree
+    in shape: an LSTM's 4H-wide projection (a GRU's is 3H wide), contiguous, with no group axis."""
     T, B = projected.shape[:2]
     H = c0.shape[-1]
     groups = tuple(h0.shape[:-2])
     h_all = torch.empty(*groups, T + 1, B, K, dtype=projected.dtype, device=projected.device)
     c_all = torch.empty(*groups, T + 1 if save else 2, B, H, dtype=torch.float32, device=projected.device)
-    gates = torch.empty(*groups, T if save else 0, B, 4 * H, dtype=projected.dtype, device=projected.device)
+    if reuse_projected and save and not groups and projected.shape[-1] == 4 * H and projected.is_contiguous():
+        gates = projected
+    else:
+        gates = torch.empty(*groups, T if save else 0, B, 4 * H, dtype=projected.dtype, device=projected.device)
     h_all[..., 0, :, :] = h0
     c_all[..., 0, :, :] = c0
     return h_all, c_all, gates
@@ -130,6 +139,7 @@ def lstm_fwd(
     save: bool = True,
     w_ch: torch.Tensor | None = None,
     b_hn: torch.Tensor | None = None,
+    reuse_projected: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)``.
 
@@ -137,14 +147,15 @@ def lstm_fwd(
     buffers from ``allocate_forward_outputs`` to fill (a persistent launch that fell back hands over its
     own), else new ones. Without ``save``: an inference forward (see ``finished_outputs``). ``w_ch`` (3H,):
     peephole weights. ``b_hn`` (H,): a GRU (``kernels/gru.py``): ``projected`` is
-    (T, B, 3H), ``w_hh`` (3H, H), ``c0`` and ``c_all`` its state in fp32.
+    (T, B, 3H), ``w_hh`` (3H, H), ``c0`` and ``c_all`` its state in fp32. ``reuse_projected``: the
+    gates may overwrite ``projected`` (``allocate_forward_outputs``).
     """
     T, B = projected.shape[:2]
     H = c0.shape[-1]
     K = w_hh.shape[1]
     dtype = projected.dtype
     if outputs is None:
-        outputs = allocate_forward_outputs(projected, h0, c0, K, save)
+        outputs = allocate_forward_outputs(projected, h0, c0, K, save, reuse_projected)
     h_all, c_all, gates = outputs
     block_b, block_h, block_k, exact_fp32 = step_blocks(B, H, K, projected.element_size(), fp32_tensor_cores(projected.device))
     grid = (triton.cdiv(B, block_b), triton.cdiv(H, block_h))

@@ -108,4 +108,6 @@ def lstm_fwd_from_input(
             return tuple(output[0] for output in outputs)
         plan = dataclasses.replace(plan, fused_input=False)
     projected = input_projection(x, w_ih, bias, None).contiguous()
-    return persistent.lstm_fwd_persistent(projected, h0, c0, w_hh, lengths, plan, save, w_ch, b_hn)
+    # The projection is ours alone: an LSTM's gates can take its place.
+    return persistent.lstm_fwd_persistent(projected, h0, c0, w_hh, lengths, plan, save, w_ch, b_hn,
+                                          reuse_projected=True)

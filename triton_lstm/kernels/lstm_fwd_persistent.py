@@ -297,10 +297,13 @@ def lstm_fwd_persistent(
     save: bool = True,
     w_ch: torch.Tensor | None = None,
     b_hn: torch.Tensor | None = None,
+    reuse_projected: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the recurrence over ``projected`` (T, B, 4H); returns ``(h_all, c_all, gates)`` exactly as
-    ``lstm_fwd`` does (``w_ch``: peephole weights; ``b_hn``: a GRU's, ``kernels/gru.py``; as there). Persistent when ``plan`` (by default ``plan_for`` the tensors) says so, else, and
-    whenever the persistent kernel does not compile within the device's resources, ``lstm_fwd``.
+    ``lstm_fwd`` does (``w_ch``: peephole weights; ``b_hn``: a GRU's, ``kernels/gru.py``;
+    ``reuse_projected``: the gates may overwrite ``projected``; as there). Persistent when ``plan`` (by
+    default ``plan_for`` the tensors) says so, else, and whenever the persistent kernel does not compile
+    within the device's resources, ``lstm_fwd``.
     Without ``save``, an inference forward: no per-step gates or c (``finished_outputs``).
 
     All tensors are contiguous and on one device; ``lengths`` is int32 on that device. A ``plan`` given
@@ -311,12 +314,13 @@ def lstm_fwd_persistent(
         if plan.fused_input:  # the projection is given: the plan's schedule on it
             plan = dataclasses.replace(plan, fused_input=False)
     if not plan.persistent or projected.numel() == 0:
-        return lstm_fwd(projected, h0, c0, w_hh, lengths, save=save, w_ch=w_ch, b_hn=b_hn)
+        return lstm_fwd(projected, h0, c0, w_hh, lengths, save=save, w_ch=w_ch, b_hn=b_hn,
+                        reuse_projected=reuse_projected)
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a persistent plan must have one program, got {plan.num_programs}")
     key = (plan, projected.dtype, projected.device)
     plan = _downgrades.get(key, plan)
-    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save)
+    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save, reuse_projected)
     while plan.persistent:
         try:
             launch_persistent(plan, projected, w_hh, *outputs, lengths, save, w_ch=w_ch, b_hn=b_hn)

@@ -1,0 +1,142 @@
+"""Memory of a training step: the forward writes the gates where its input projection was, the backward
+writes the gate gradients dG where the gates were, and a second backward through a retained graph,
+finding the gates spent, recomputes them.
+
+Peak bytes on the kernels' device: the GPU's allocator, or on the CPU (the interpreter)
+``helpers.StorageBytes``, which counts every storage that ops create, inside our custom ops too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triton_lstm
+from helpers import KERNEL_DEVICE, STACK_DTYPE, StorageBytes
+from triton_lstm.ops import run_lstm_layer
+
+T, B, I, H = 24, 8, 16, 16
+
+
+def _peak_and_kept(run, device: str = KERNEL_DEVICE):
+    """(peak bytes above the start while ``run()`` executes, bytes still held after it), and its result."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start, torch.cuda.memory_allocated() - start, result
+    with StorageBytes() as counted:
+        result = run()
+    return counted.peak, counted.live, result
+
+
+def _gate_bytes(dtype: torch.dtype) -> int:
+    """One layer and direction's gates (or their gradients): T·B·4H elements."""
+    return T * B * 4 * H * dtype.itemsize
+
+
+@pytest.mark.parametrize("schedule", ["persistent", "per_step"])
+@pytest.mark.parametrize("peephole", [False, True], ids=["lstm", "peephole"])
+def test_forward_writes_the_gates_over_its_input_projection(schedule, peephole, monkeypatch):
+    """What a training forward holds beyond what it keeps for the backward is less than one gate-sized
+    buffer: the gates took the projection's place (before, the projection and the gates, each
+    T·B·4H, were both alive while the kernel ran)."""
+    if schedule == "per_step":
+        monkeypatch.setenv("TRITON_LSTM_PERSISTENT", "0")
+    dtype = STACK_DTYPE
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.3).to(KERNEL_DEVICE, dtype)
+
+    x, h0, c0 = rand(T, B, I), rand(B, H), rand(B, H)
+    w_ih, w_hh, b_ih, b_hh = rand(4 * H, I), rand(4 * H, H), rand(4 * H), rand(4 * H)
+    w_ch = rand(3 * H) if peephole else None
+    peak, kept, (h_all, c_all, gates) = _peak_and_kept(
+        lambda: run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 1, True, w_ch))
+    assert gates.shape == (T, B, 4 * H)
+    transient = peak - kept
+    assert transient < _gate_bytes(dtype) / 2, f"{transient} bytes beyond what the forward keeps"
+    # The gates hold the activations, not the projection they replaced.
+    reference = triton_lstm.lstm_recurrence_reference(x.double(), h0.double(), c0.double(), w_ih.double(),
+                                                      w_hh.double(), b_ih.double(), b_hh.double(), None, None,
+                                                      None if w_ch is None else w_ch.double())
+    torch.testing.assert_close(gates.double(), reference[2], rtol=0, atol=2e-2 if dtype.itemsize == 2 else 1e-5)
+
+
+CONFIGURATIONS = [  # (module, layers, bidirectional)
+    ("LSTM", 1, False), ("LSTM", 2, False), ("LSTM", 1, True), ("LSTM", 2, True),
+    ("GRU", 1, False), ("GRU", 2, False), ("GRU", 1, True),
+]
+
+
+def _model_and_input(name: str, layers: int, bidirectional: bool, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    model = getattr(triton_lstm, name)(I, H, num_layers=layers, bidirectional=bidirectional, device=KERNEL_DEVICE,
+                                       dtype=dtype)
+    x = torch.randn(T, B, I, device=KERNEL_DEVICE, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(T, B, (2 if bidirectional else 1) * H, device=KERNEL_DEVICE, dtype=dtype)
+    return model, x, grad_out
+
+
+@pytest.mark.parametrize("name, layers, bidirectional", CONFIGURATIONS, ids=lambda v: str(v))
+def test_backward_writes_the_gate_gradients_over_the_gates(name, layers, bidirectional):
+    """The backward allocates no buffer for dG: what it adds at its peak is the input gradient and the
+    weight gradients, and for a bidirectional layer the reverse direction's input reversed and its input
+    gradient put back in time order (``bidirectional.in_step_order``), each T·B·I. Before, each layer and
+    direction also allocated its dG (T·B·4H), and a bidirectional layer copied the reverse direction's dG
+    and h into time order."""
+    dtype = STACK_DTYPE
+    model, x, grad_out = _model_and_input(name, layers, bidirectional, dtype)
+    out = model(x)[0]
+    peak, _, _ = _peak_and_kept(lambda: out.backward(grad_out))
+    widest_input = (2 * H if bidirectional else H) if layers > 1 else I
+    input_bytes = T * B * widest_input * dtype.itemsize
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Twice the room each needs; one dG more (T·B·4H) would not fit.
+    allowed = (4 if bidirectional else 2) * input_bytes + 2 * parameter_bytes
+    assert allowed < peak + _gate_bytes(dtype)
+    assert peak < allowed, f"the backward allocated {peak} bytes at its peak (one dG: {_gate_bytes(dtype)})"
+
+
+@pytest.mark.parametrize("name, layers, bidirectional", CONFIGURATIONS, ids=lambda v: str(v))
+def test_second_backward_through_a_retained_graph_recomputes_the_gates(name, layers, bidirectional):
+    """The first backward overwrote the saved gates with dG; a second one through the same graph
+    (``retain_graph=True``, as nn.LSTM allows) recomputes them and gives the same gradients bit for bit."""
+    model, x, grad_out = _model_and_input(name, layers, bidirectional, STACK_DTYPE)
+    out = model(x)[0]
+    leaves = [x, *model.parameters()]
+    first = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    third = torch.autograd.grad(out, leaves, grad_out)
+    for index, (a, b, c) in enumerate(zip(first, second, third)):
+        assert torch.equal(a, b) and torch.equal(a, c), f"gradient {index} differs in a later backward"
+    # And the first is the fused backward's, as without retain_graph.
+    model_again, x_again, _ = _model_and_input(name, layers, bidirectional, STACK_DTYPE)
+    model_again(x_again)[0].backward(grad_out)
+    for index, (a, leaf) in enumerate(zip(first, [x_again, *model_again.parameters()])):
+        assert torch.equal(a, leaf.grad), f"gradient {index} differs from a lone backward's"
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("LSTM", dict(num_layers=2, dropout=0.4)),
+    ("LSTM", dict(num_layers=2, bidirectional=True, peephole=True)),
+    ("GRU", dict(num_layers=2, dropout=0.4)),
+], ids=["lstm-dropout", "lstm-peephole-bidirectional", "gru-dropout"])
+def test_retained_graph_with_dropout_peepholes_and_packed_sequences(name, kwargs):
+    """The recomputed gates of a second backward are the first forward's: the same dropout masks (saved,
+    not drawn again), the same peepholes and sequence lengths."""
+    torch.manual_seed(0)
+    model = getattr(triton_lstm, name)(I, H, device=KERNEL_DEVICE, dtype=STACK_DTYPE, **kwargs).train()
+    x = torch.randn(T, B, I, device=KERNEL_DEVICE, dtype=STACK_DTYPE, requires_grad=True)
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(1))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out, _ = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])
+    grad_out = torch.randn_like(out)
+    leaves = [x, *model.parameters()]
+    first = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, grad_out)
+    for index, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"gradient {index} differs in the second backward"
