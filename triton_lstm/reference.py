@@ -24,15 +24,20 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
+def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+                     out: Tensor | None = None) -> Tensor:
     """x·W_ihᵀ + b_ih + b_hh for all time steps at once: (T, B, I) -> (T, B, 4H), in x's dtype (``b_hh``
-    None with ``b_ih`` given: b_ih alone).
+    None with ``b_ih`` given: b_ih alone); written into ``out`` (contiguous (T, B, 4H)) where given.
 
     One GEMM with the bias in its epilogue (addmm), not a GEMM and then a pass over T·B·4H to add it."""
     T, B, I = x.shape
     rows = x.reshape(T * B, I)
     bias = projection_bias(b_ih, b_hh)
-    projected = torch.matmul(rows, w_ih.t()) if bias is None else torch.addmm(bias, rows, w_ih.t())
+    out_rows = None if out is None else out.view(T * B, w_ih.shape[0])
+    if bias is None:
+        projected = torch.matmul(rows, w_ih.t(), out=out_rows)
+    else:
+        projected = torch.addmm(bias, rows, w_ih.t(), out=out_rows)
     return projected.reshape(T, B, w_ih.shape[0])
 
 

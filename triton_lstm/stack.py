@@ -36,7 +36,7 @@ if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
     from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_stack_gate_grads
     from triton_lstm.kernels.lstm_fwd_fused_input import fused_input_or_none, lstm_fwd_fused_input
-    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
+    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for, projection_in_gates
     from triton_lstm.kernels.lstm_projection import (
         gradients_at_m,
         lstmp_fwd_stack,
@@ -169,17 +169,19 @@ def stack_fwd(
                 return outputs
         if plan.fused_input:  # not taken above (dropout, projections) or refused: the plain stacked kernel
             plan = dataclasses.replace(plan, fused_input=False)
-        projected = input_projection(x, w_ih[0], None if bias is None else bias[0], None).contiguous()
         bias_above = None if bias is None else bias[1:]
         if w_hr:
             # Projections: the same launch in m_t on merged weights (kernels/lstm_projection.py).
+            projected = input_projection(x, w_ih[0], None if bias is None else bias[0], None).contiguous()
             launch = lambda: lstmp_fwd_stack(  # noqa: E731
                 projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
                 torch.stack(w_hr), lengths, plan, bool(save))
         else:
+            projected, outputs = projection_in_gates(x, w_ih[0], None if bias is None else bias[0], h0, c0, bool(save))
             launch = lambda: lstm_fwd_stack(  # noqa: E731
                 projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
-                lengths, plan, bool(save), None if w_ch is None else w_ch.contiguous(), dropout=dropout)
+                lengths, plan, bool(save), None if w_ch is None else w_ch.contiguous(), dropout=dropout,
+                outputs=outputs)
         with kernel_device(x):
             outputs = unless_refused(launch)
         if outputs is not None:

@@ -38,6 +38,7 @@ from triton_lstm.kernels.forward_plans import (
 )
 from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores
 from triton_lstm.kernels.lstm_fwd_persistent import launch_persistent
+from triton_lstm.reference import input_projection
 
 
 def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False, dropout: bool = False,
@@ -55,6 +56,18 @@ def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False,
                           dropout, projection)
 
 
+def projection_in_gates(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | None, h0: torch.Tensor,
+                        c0: torch.Tensor, save: bool = True):
+    """``(projected, outputs)`` for ``lstm_fwd_stack``: the stack's buffers (``allocate_forward_outputs``),
+    and layer 0's input projection x·W_ihᵀ + ``bias`` written where layer 0's gates go. Layer 0's programs
+    read their own tile of step t's projection before they write the same tile of its gates, as a single
+    layer's do (``allocate_forward_outputs``'s ``reuse_projected``): the forward holds no T·B·4H projection
+    of its own. Without ``save`` (no gates kept) the projection is a buffer of its own."""
+    outputs = allocate_forward_outputs(x, h0, c0, h0.shape[-1], save)  # (K = H: no projection)
+    into = outputs[2][0] if save else None
+    return input_projection(x, w_ih, bias, None, out=into).contiguous(), outputs
+
+
 def lstm_fwd_stack(
     projected: torch.Tensor,
     h0: torch.Tensor,
@@ -69,6 +82,7 @@ def lstm_fwd_stack(
     b_hn: torch.Tensor | None = None,
     dropout: tuple[torch.Tensor, float] | None = None,
     initial: torch.Tensor | None = None,
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs ``plan`` (from ``plan_stack_fwd``, persistent) over a stack of L layers; ``w_ch`` (L, 3H): the
     layers' peephole weights; ``b_hn`` (L, H): a GRU stack's (``projected`` (T, B, 3H), ``w_hh``, ``w_ih_above``
@@ -82,14 +96,16 @@ def lstm_fwd_stack(
     ``dropout``: dropout between layers, ``(mask, scale)``: the (L - 1, T, B, H) uint8 masks (nonzero: kept)
     and 1 / (1 - p); layer l > 0 reads the layer below's h_t masked and scaled (``stack_layer``).
     ``initial`` (L - 1, B, 4H) fp32: terms added to the gate inputs of layers 1, 2, … at step 0 (a stack
-    with projections, ``lstm_projection.lstmp_fwd_stack``).
+    with projections, ``lstm_projection.lstmp_fwd_stack``). ``outputs``: the buffers to fill, from
+    ``projection_in_gates`` (``projected`` then in layer 0's gates), else new ones.
 
     Raises ``OutOfResources`` or the driver's RuntimeError for a refused cooperative launch before
     anything ran (the caller then runs layer by layer).
     """
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a stack plan must have one program, got {plan.num_programs}")
-    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[-1], save)
+    if outputs is None:
+        outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[-1], save)
     if dropout is not None:  # the dropped copies the layers above read, (L - 1, T, B, H): dropped after the launch
         mask, scale = dropout
         dropout = (mask, torch.empty(mask.shape, dtype=projected.dtype, device=projected.device), scale)
