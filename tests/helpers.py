@@ -201,8 +201,9 @@ class StorageBytes(TorchDispatchMode):
             if storage in self._counted or storage.data_ptr() in inputs or storage.nbytes() == 0:
                 continue
             # Triton's interpreter keeps each launch's arguments in reference cycles until a collection:
-            # collect them, so that a storage counts as live while the code holds it, as on a GPU.
-            gc.collect()
+            # collect them (young: the two younger generations), so that a storage counts as live while
+            # the code holds it, as on a GPU.
+            gc.collect(1)
             self._counted.add(storage)
             self.live += storage.nbytes()
             self.peak = max(self.peak, self.live)

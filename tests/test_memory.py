@@ -12,10 +12,15 @@ import pytest
 import torch
 
 import triton_lstm
-from helpers import KERNEL_DEVICE, STACK_DTYPE, StorageBytes
+from helpers import KERNEL_DEVICE, STACK_DTYPE, StorageBytes, assert_error_within_pytorch
 from triton_lstm.ops import run_lstm_layer
 
-T, B, I, H = 24, 8, 16, 16
+# Small under the interpreter; on a GPU large enough that one gate-sized buffer (T·B·4H) outweighs the
+# allocator's rounding of the small tensors (512-byte blocks).
+T, B = (128, 32) if KERNEL_DEVICE == "cuda" else (24, 8)
+I, H = 16, 16
+# Room for the allocator's rounding of the small tensors a step allocates (a GPU only: the CPU count is exact).
+ROUNDING = 64 * 512 if KERNEL_DEVICE == "cuda" else 0
 
 
 def _peak_and_kept(run, device: str = KERNEL_DEVICE):
@@ -54,16 +59,22 @@ def test_forward_writes_the_gates_over_its_input_projection(schedule, peephole, 
     x, h0, c0 = rand(T, B, I), rand(B, H), rand(B, H)
     w_ih, w_hh, b_ih, b_hh = rand(4 * H, I), rand(4 * H, H), rand(4 * H), rand(4 * H)
     w_ch = rand(3 * H) if peephole else None
-    peak, kept, (h_all, c_all, gates) = _peak_and_kept(
-        lambda: run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 1, True, w_ch))
+
+    def forward():
+        return run_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, 1, True, w_ch)
+
+    forward()  # (a GPU's first GEMM on a thread allocates cuBLAS's workspace: not this test's business)
+    peak, kept, (h_all, c_all, gates) = _peak_and_kept(forward)
     assert gates.shape == (T, B, 4 * H)
     transient = peak - kept
-    assert transient < _gate_bytes(dtype) / 2, f"{transient} bytes beyond what the forward keeps"
-    # The gates hold the activations, not the projection they replaced.
-    reference = triton_lstm.lstm_recurrence_reference(x.double(), h0.double(), c0.double(), w_ih.double(),
-                                                      w_hh.double(), b_ih.double(), b_hh.double(), None, None,
-                                                      None if w_ch is None else w_ch.double())
-    torch.testing.assert_close(gates.double(), reference[2], rtol=0, atol=2e-2 if dtype.itemsize == 2 else 1e-5)
+    assert transient < _gate_bytes(dtype) / 2 + ROUNDING, f"{transient} bytes beyond what the forward keeps"
+    # The gates hold the activations, not the projection they replaced: against float64 within the suite's
+    # bound (twice PyTorch's own error in this dtype).
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, w_ch)
+    upcast = [None if t is None else t.double() for t in inputs]
+    torchs = triton_lstm.lstm_recurrence_reference(*inputs)[2]
+    reference = triton_lstm.lstm_recurrence_reference(*upcast)[2]
+    assert_error_within_pytorch("gates", gates.double(), torchs.double(), reference, dtype)
 
 
 def test_stacked_forward_writes_layer_0s_projection_where_its_gates_go():
@@ -76,18 +87,21 @@ def test_stacked_forward_writes_layer_0s_projection_where_its_gates_go():
     weights = [[getattr(model, f"{name}_l{layer}") for layer in range(layers)]
                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     with torch.no_grad():
+        torch.ops.triton_lstm.stack_fwd(x, h0, h0, *weights, [], None)  # (cuBLAS's workspace, as above)
         peak, kept, (h_all, c_all, gates) = _peak_and_kept(
             lambda: torch.ops.triton_lstm.stack_fwd(x, h0, h0, *weights, [], None))
     assert gates.shape == (layers, T, B, 4 * H)
     transient = peak - kept
-    assert transient < _gate_bytes(dtype) / 2, f"{transient} bytes beyond what the forward keeps"
+    assert transient < _gate_bytes(dtype) / 2 + ROUNDING, f"{transient} bytes beyond what the forward keeps"
     # And the launch computed what the module does.
     expected = model(x)[0]
     torch.testing.assert_close(h_all[-1, 1:], expected, rtol=0, atol=0)
 
 
-CONFIGURATIONS = [  # (module, layers, bidirectional)
-    ("LSTM", 1, False), ("LSTM", 2, False), ("LSTM", 1, True), ("LSTM", 2, True),
+# (module, layers, bidirectional): each autograd Function once (one layer, a stack, a bidirectional
+# layer; a bidirectional stack runs the bidirectional one per layer).
+CONFIGURATIONS = [
+    ("LSTM", 1, False), ("LSTM", 2, False), ("LSTM", 1, True),
     ("GRU", 1, False), ("GRU", 2, False), ("GRU", 1, True),
 ]
 
@@ -110,13 +124,16 @@ def test_backward_writes_the_gate_gradients_over_the_gates(name, layers, bidirec
     and h into time order."""
     dtype = STACK_DTYPE
     model, x, grad_out = _model_and_input(name, layers, bidirectional, dtype)
+    model(x)[0].backward(grad_out)  # (the backward thread's cuBLAS workspace on a GPU, as above)
+    model.zero_grad(set_to_none=True)
+    x.grad = None
     out = model(x)[0]
     peak, _, _ = _peak_and_kept(lambda: out.backward(grad_out))
     widest_input = (2 * H if bidirectional else H) if layers > 1 else I
     input_bytes = T * B * widest_input * dtype.itemsize
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # Twice the room each needs; one dG more (T·B·4H) would not fit.
-    allowed = (4 if bidirectional else 2) * input_bytes + 2 * parameter_bytes
+    allowed = (4 if bidirectional else 2) * input_bytes + 2 * parameter_bytes + ROUNDING
     assert allowed < peak + _gate_bytes(dtype)
     assert peak < allowed, f"the backward allocated {peak} bytes at its peak (one dG: {_gate_bytes(dtype)})"
 
@@ -126,18 +143,14 @@ def test_second_backward_through_a_retained_graph_recomputes_the_gates(name, lay
     """The first backward overwrote the saved gates with dG; a second one through the same graph
     (``retain_graph=True``, as nn.LSTM allows) recomputes them and gives the same gradients bit for bit."""
     model, x, grad_out = _model_and_input(name, layers, bidirectional, STACK_DTYPE)
-    out = model(x)[0]
     leaves = [x, *model.parameters()]
+    out = model(x)[0]
     first = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
-    second = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
-    third = torch.autograd.grad(out, leaves, grad_out)
-    for index, (a, b, c) in enumerate(zip(first, second, third)):
-        assert torch.equal(a, b) and torch.equal(a, c), f"gradient {index} differs in a later backward"
-    # And the first is the fused backward's, as without retain_graph.
-    model_again, x_again, _ = _model_and_input(name, layers, bidirectional, STACK_DTYPE)
-    model_again(x_again)[0].backward(grad_out)
-    for index, (a, leaf) in enumerate(zip(first, [x_again, *model_again.parameters()])):
-        assert torch.equal(a, leaf.grad), f"gradient {index} differs from a lone backward's"
+    second = torch.autograd.grad(out, leaves, grad_out)
+    lone = torch.autograd.grad(model(x)[0], leaves, grad_out)  # (a new graph, no retain_graph)
+    for index, (a, b, c) in enumerate(zip(first, second, lone)):
+        assert torch.equal(a, b), f"gradient {index} differs in the second backward"
+        assert torch.equal(a, c), f"gradient {index} differs from a lone backward's"
 
 
 @pytest.mark.parametrize("name, kwargs", [
