@@ -196,9 +196,8 @@ class LSTMBidirectional(torch.autograd.Function):
         grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
             # dG over the gates, except with projections (their W_hr gradients read the gates after the chain).
-            own_gates = None if w_hr else gates_to_overwrite(
-                ctx, x, gates,
-                lambda: torch.ops.triton_lstm.bidirectional_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch)[3])
+            own_gates = None if w_hr else gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.bidirectional_fwd(
+                x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch)[3])
             gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
@@ -259,8 +258,8 @@ def each_direction_backward(x: Tensor, grad_out: Tensor, index: Tensor | None, w
 def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n, grad_c_n,
                     w_ch=None, w_hr=(), overwrite_gates=False):
     """Both directions' gate gradients in one launch (``lstm_bwd_bidirectional_gate_grads``), then each
-    direction's GEMMs; the reverse direction's dG (step-indexed) back in time order for the GEMMs against
-    x. None where the launch cannot run (the caller goes direction by direction). Returns the gradients of
+    direction's GEMMs, the reverse direction's on its step-indexed dG against x reversed (``in_step_order``).
+    None where the launch cannot run (the caller goes direction by direction). Returns the gradients of
     x, h0, c0, the peephole weights (None without) and the directions' weights. With ``w_hr`` (a
     projection) the chain runs in m_t on the merged weights (``kernels/lstm_projection.py``).
     ``overwrite_gates``: dG takes the gates' place (``lstm_bwd_bidirectional_gate_grads``'s ``into``); not

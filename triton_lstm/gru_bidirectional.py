@@ -134,7 +134,8 @@ class GRUBidirectional(torch.autograd.Function):
 
 def _fused_backward(x, lengths, index, h_all, state_all, gates, w_ih, w_hh, has_bias, grad_out, grad_h_n,
                     overwrite_gates=False):
-    """Both directions' chains in one launch, then each direction's GEMMs (in time order, as x). None where
+    """Both directions' chains in one launch, then each direction's GEMMs (the reverse direction's against x
+    reversed: ``bidirectional.in_step_order``). None where
     the launch cannot run. Returns the gradients of x, h0 and the directions' weights. ``overwrite_gates``:
     dG takes the gates' place (``lstm_bwd_bidirectional_gate_grads``'s ``into``)."""
     lengths32 = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)

@@ -177,11 +177,12 @@ def stack_fwd(
                 projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
                 torch.stack(w_hr), lengths, plan, bool(save))
         else:
-            projected, outputs = projection_in_gates(x, w_ih[0], None if bias is None else bias[0], h0, c0, bool(save))
+            # Layer 0's projection where its gates go (no separate T·B·4H buffer while the launch runs).
+            projected, buffers = projection_in_gates(x, w_ih[0], None if bias is None else bias[0], h0, c0, bool(save))
             launch = lambda: lstm_fwd_stack(  # noqa: E731
                 projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
                 lengths, plan, bool(save), None if w_ch is None else w_ch.contiguous(), dropout=dropout,
-                outputs=outputs)
+                outputs=buffers)
         with kernel_device(x):
             outputs = unless_refused(launch)
         if outputs is not None:
