@@ -13,6 +13,8 @@ import torch
 
 import triton_lstm
 from helpers import KERNEL_DEVICE, STACK_DTYPE, StorageBytes, assert_error_within_pytorch
+from triton_lstm import bidirectional as bidirectional_module
+from triton_lstm import ops, stack
 from triton_lstm.ops import run_lstm_layer
 
 # Small under the interpreter; on a GPU large enough that one gate-sized buffer (T·B·4H) outweighs the
@@ -157,10 +159,12 @@ def test_second_backward_through_a_retained_graph_recomputes_the_gates(name, lay
     ("LSTM", dict(num_layers=2, dropout=0.4)),
     ("LSTM", dict(num_layers=2, bidirectional=True, peephole=True)),
     ("GRU", dict(num_layers=2, dropout=0.4)),
-], ids=["lstm-dropout", "lstm-peephole-bidirectional", "gru-dropout"])
-def test_retained_graph_with_dropout_peepholes_and_packed_sequences(name, kwargs):
+    ("LSTM", dict(num_layers=2, proj_size=H // 2)),
+    ("LSTM", dict(bidirectional=True, proj_size=H // 2)),
+], ids=["lstm-dropout", "lstm-peephole-bidirectional", "gru-dropout", "lstm-projection", "lstm-projection-bidirectional"])
+def test_retained_graph_with_dropout_peepholes_projections_and_packed_sequences(name, kwargs):
     """The recomputed gates of a second backward are the first forward's: the same dropout masks (saved,
-    not drawn again), the same peepholes and sequence lengths."""
+    not drawn again), the same peepholes, projections and sequence lengths."""
     torch.manual_seed(0)
     model = getattr(triton_lstm, name)(I, H, device=KERNEL_DEVICE, dtype=STACK_DTYPE, **kwargs).train()
     x = torch.randn(T, B, I, device=KERNEL_DEVICE, dtype=STACK_DTYPE, requires_grad=True)
@@ -173,3 +177,33 @@ def test_retained_graph_with_dropout_peepholes_and_packed_sequences(name, kwargs
     second = torch.autograd.grad(out, leaves, grad_out)
     for index, (a, b) in enumerate(zip(first, second)):
         assert torch.equal(a, b), f"gradient {index} differs in the second backward"
+
+
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, False), (1, True)],
+                         ids=["one-layer", "stack", "bidirectional"])
+def test_backward_with_projections_writes_the_gate_gradients_over_the_gates(layers, bidirectional, monkeypatch):
+    """With ``proj_size > 0`` too: W_hr's gradient takes m_t = o ⊙ tanh(c_t) from the gates before the
+    chain overwrites them (``lstm_projection.cell_outputs``). Against the same backward made to keep the
+    gates (``gates_to_overwrite`` answering None), the peak is at least one dG (T·B·4H) lower, and the
+    gradients are the same."""
+    dtype = STACK_DTYPE
+    torch.manual_seed(0)
+    model = triton_lstm.LSTM(I, H, num_layers=layers, bidirectional=bidirectional, proj_size=H // 2,
+                             device=KERNEL_DEVICE, dtype=dtype)
+    x = torch.randn(T, B, I, device=KERNEL_DEVICE, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(T, B, (2 if bidirectional else 1) * (H // 2), device=KERNEL_DEVICE, dtype=dtype)
+    leaves = [x, *model.parameters()]
+    torch.autograd.grad(model(x)[0], leaves, grad_out)  # (cuBLAS's workspace, as above)
+
+    def backward_peak():
+        out = model(x)[0]
+        peak, _, grads = _peak_and_kept(lambda: torch.autograd.grad(out, leaves, grad_out))
+        return peak, grads
+
+    overwriting, grads = backward_peak()
+    for module in (ops, stack, bidirectional_module):
+        monkeypatch.setattr(module, "gates_to_overwrite", lambda *args: None)
+    keeping, kept_grads = backward_peak()
+    assert keeping - overwriting >= _gate_bytes(dtype), f"peak {overwriting} bytes, {keeping} keeping the gates"
+    for index, (a, b) in enumerate(zip(grads, kept_grads)):
+        assert torch.equal(a, b), f"gradient {index} differs from the backward that keeps the gates"

@@ -35,6 +35,7 @@ if HAS_TRITON:
     from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_bidirectional_gate_grads
     from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
     from triton_lstm.kernels.lstm_projection import (
+        cell_outputs,
         gradients_at_m,
         lstmp_fwd_bidirectional,
         merged_recurrent_weight,
@@ -195,8 +196,7 @@ class LSTMBidirectional(torch.autograd.Function):
         w_ih, w_hh, b_ih, b_hh, w_hr = _split(ctx.has_bias, weights, ctx.has_projection)
         grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
-            # dG over the gates, except with projections (their W_hr gradients read the gates after the chain).
-            own_gates = None if w_hr else gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.bidirectional_fwd(
+            own_gates = gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.bidirectional_fwd(
                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch)[3])
             gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
@@ -262,8 +262,7 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
     None where the launch cannot run (the caller goes direction by direction). Returns the gradients of
     x, h0, c0, the peephole weights (None without) and the directions' weights. With ``w_hr`` (a
     projection) the chain runs in m_t on the merged weights (``kernels/lstm_projection.py``).
-    ``overwrite_gates``: dG takes the gates' place (``lstm_bwd_bidirectional_gate_grads``'s ``into``); not
-    with ``w_hr``."""
+    ``overwrite_gates``: dG takes the gates' place (``lstm_bwd_bidirectional_gate_grads``'s ``into``)."""
     lengths32 = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain_w, chain_grad_out, chain_grad_h_n = torch.stack(w_hh), grad_out, grad_h_n
     if w_hr:
@@ -272,6 +271,7 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
         chain_grad_out = torch.cat([grad_m for grad_m, _ in at_m], dim=2)
         chain_grad_h_n = torch.stack([grad_m_n for _, grad_m_n in at_m])
         chain_w = merged_recurrent_weight(chain_w, torch.stack(w_hr))
+    m_all = cell_outputs(gates, c_all) if w_hr else None  # (W_hr's gradients, before dG may overwrite the gates)
     chain = lstm_bwd_bidirectional_gate_grads(chain_grad_out, chain_grad_h_n, grad_c_n, chain_w.contiguous(),
                                               lengths32, gates, c_all, None if w_ch is None else w_ch.contiguous(),
                                               into=gates if overwrite_gates and gates.is_contiguous() else None)
@@ -296,7 +296,7 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
                 direction_grad_out = reverse_time(direction_grad_out, index)
             grad_w_hr, grad_h0[direction] = projection_grads(
                 direction_grad_out, grad_h_n[direction], grad_gates[direction], w_hh[direction], w_hr[direction],
-                gates[direction], c_all[direction], lengths32)
+                m_all[direction], lengths32)
             grad_weights.append(grad_w_hr)
     grad_w_ch = None
     if w_ch is not None:

@@ -291,13 +291,12 @@ class LSTMRecurrence(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: a second derivative will be taken, so differentiate the reference.
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
-        own_gates = None
-        if w_hr is None and not ctx.use_reference:  # (a projection's W_hr gradient reads the gates after the chain)
-            own_gates = gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.recurrence_fwd(
-                x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch)[2])
+        own_gates = None if ctx.use_reference else gates_to_overwrite(
+            ctx, x, gates, lambda: torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                                                        1, w_ch)[2])
         if own_gates is not None:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
-                grads = lstm_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, None, own_gates, h_all, c_all, lengths,
+                grads = lstm_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, own_gates, h_all, c_all, lengths,
                                  w_ch, overwrite_gates=True)
         else:
             grads = torch.ops.triton_lstm.recurrence_bwd(

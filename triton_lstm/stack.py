@@ -38,6 +38,7 @@ if HAS_TRITON:
     from triton_lstm.kernels.lstm_fwd_fused_input import fused_input_or_none, lstm_fwd_fused_input
     from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for, projection_in_gates
     from triton_lstm.kernels.lstm_projection import (
+        cell_outputs,
         gradients_at_m,
         lstmp_fwd_stack,
         merged_recurrent_weight,
@@ -244,8 +245,7 @@ class LSTMStack(torch.autograd.Function):
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
         if uses_kernels(x) and not ctx.use_reference and not (w_hr and dropout is not None):
-            # dG over the gates, except with projections (their W_hr gradients read the gates after the chain).
-            own_gates = None if w_hr else gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.stack_fwd(
+            own_gates = gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.stack_fwd(
                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch, dropout_mask, ctx.dropout_scale)[2])
             gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
@@ -281,7 +281,7 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
     took theirs in the kernel). None where the launch cannot run (the caller goes layer by layer).
     Returns the gradients of x, h0, c0, the peephole weights (None without) and the layers' weights. With
     ``w_hr`` (projections, no dropout) the chain runs in m_t on merged weights (``kernels/lstm_projection.py``).
-    ``overwrite_gates``: dG takes the gates' place (``lstm_bwd_stack_gate_grads``'s ``into``); not with ``w_hr``."""
+    ``overwrite_gates``: dG takes the gates' place (``lstm_bwd_stack_gate_grads``'s ``into``)."""
     lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain_w_hh, chain_w_ih_above = torch.stack(w_hh), torch.stack(w_ih[1:])
     chain_grad_out, chain_grad_h_n = grad_out, grad_h_n
@@ -291,6 +291,7 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
         chain_grad_h_n = torch.matmul(grad_h_n.to(acc), torch.stack(w_hr).to(acc))  # each layer's h_n·W_hr
         chain_w_hh = merged_recurrent_weight(chain_w_hh, torch.stack(w_hr))
         chain_w_ih_above = merged_recurrent_weight(chain_w_ih_above, torch.stack(w_hr[:-1]))
+    m_all = cell_outputs(gates, c_all) if w_hr else None  # (W_hr's gradients, before dG may overwrite the gates)
     chain = lstm_bwd_stack_gate_grads(chain_grad_out, chain_grad_h_n, grad_c_n, chain_w_hh.contiguous(),
                                       chain_w_ih_above.contiguous(), lengths, gates, c_all,
                                       w_ch=None if w_ch is None else w_ch.contiguous(), dropout=dropout,
@@ -315,7 +316,7 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
             top = layer == len(w_hh) - 1
             layer_grad_out = grad_out if top else torch.matmul(grad_gates[layer + 1], w_ih[layer + 1])
             grad_w_hr, grad_h0[layer] = projection_grads(layer_grad_out, grad_h_n[layer], grad_gates[layer], w_hh[layer],
-                                                         w_hr[layer], gates[layer], c_all[layer], lengths)
+                                                         w_hr[layer], m_all[layer], lengths)
             grad_weights.append(grad_w_hr)
     grad_w_ch = None
     if w_ch is not None:

@@ -483,8 +483,7 @@ def lstm_bwd(
     (``lstm_projection.lstmp_bwd``).
     ``schedule``: "auto" (persistent where the tiles fit the SMs, else one launch per step),
     "persistent" or "per_step" (for tests and timing). ``overwrite_gates``: the gate gradients may take
-    the saved gates' place (``lstm_bwd_gate_grads``'s ``into``), which then hold dG; not with a projection,
-    whose W_hr gradient reads the gates after the chain.
+    the saved gates' place (``lstm_bwd_gate_grads``'s ``into``), which then hold dG.
     """
     if gates.numel() == 0:
         # An empty batch or hidden size leaves nothing to launch over.
@@ -496,8 +495,8 @@ def lstm_bwd(
     if w_hr is not None:
         from triton_lstm.kernels.lstm_projection import lstmp_bwd  # it runs this module's chain
 
-        return (*lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, schedule),
-                None)  # no peepholes with a projection
+        return (*lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, schedule,
+                           overwrite_gates), None)  # no peepholes with a projection
     grad_gates, grad_h0, grad_c0 = lstm_bwd_gate_grads(
         grad_out, grad_h_n, grad_c_n, w_hh, lengths, [(0, gates, c_all)], schedule, w_ch=w_ch,
         into=gates if overwrite_gates and gates.is_contiguous() else None,

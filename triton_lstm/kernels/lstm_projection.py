@@ -90,7 +90,7 @@ def lstmp_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save: bool = Tru
     add_initial_state(projected, slice(None), h0, w_hh, first_steps(lengths, T, B, x.device))
     m_all, c_all, gates = persistent.lstm_fwd_persistent(
         projected, h0.new_zeros(B, w_hr.shape[1]), c0.contiguous(), merged_recurrent_weight(w_hh, w_hr).contiguous(),
-        lengths, save=save)
+        lengths, save=save, reuse_projected=True)  # (the projection is ours alone: the gates take its place)
     return project(m_all, h0, w_hr, lengths), c_all, gates
 
 
@@ -143,10 +143,19 @@ def gradients_at_m(grad_out: torch.Tensor, grad_h_n: torch.Tensor, w_hr: torch.T
     return grad_m, torch.matmul(grad_h_n.to(acc), w_hr_acc)
 
 
-def projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, gates, c_all, lengths):
+def cell_outputs(gates, c_all):
+    """m_t = o ⊙ tanh(c_t) of steps 1 … T, recomputed from the saved gates and c (zero past a sequence's
+    end, as o is), in the gates' dtype: what W_hr's gradient needs (``projection_grads``), taken before a
+    chain that writes dG over the gates. A leading axis of layers or directions on both, or none."""
+    H = c_all.shape[-1]
+    acc = accumulate_dtype(gates.dtype)
+    return (gates[..., 3 * H:].to(acc) * torch.tanh(c_all[..., 1:, :, :])).to(gates.dtype)
+
+
+def projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, m_all, lengths):
     """W_hr's gradient and h0's, once the chain has run, for one layer and direction, all step-indexed:
-    ``grad_out`` (T, B, P) the gradient of h_1 … h_T, ``grad_gates`` the chain's dG (T, B, 4H). Returns
-    (grad_w_hr in W_hr's dtype, grad_h0 fp32)."""
+    ``grad_out`` (T, B, P) the gradient of h_1 … h_T, ``grad_gates`` the chain's dG (T, B, 4H), ``m_all``
+    the cell outputs (``cell_outputs``). Returns (grad_w_hr in W_hr's dtype, grad_h0 fp32)."""
     T, B, P = grad_out.shape
     H = w_hr.shape[1]
     dtype = grad_gates.dtype
@@ -166,8 +175,6 @@ def projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, gates, c_all, l
         # At each sequence's last step, its first in reverse (a sequence of length 0 adds its tail to step 0,
         # where its m is zero: W_hr's gradient is unchanged).
         grad_h.view(T * B, P).index_add_(0, first_steps(lengths, T, B, grad_out.device, reverse=True), tail)
-    # m_t = o ⊙ tanh(c_t), recomputed from the saved gates (zero past a sequence's end, as o is).
-    m_all = (gates[..., 3 * H:].to(acc) * torch.tanh(c_all[1:])).to(dtype)
     grad_w_hr = torch.matmul(grad_h.reshape(T * B, P).t().to(dtype), m_all.reshape(T * B, H))
     # h0 met W_hh in step 0; a sequence of length 0 passed it through to the end.
     through_step_0 = torch.matmul(grad_gates[0].to(acc), w_hh.to(acc)) if T > 0 else tail
@@ -175,15 +182,18 @@ def projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, gates, c_all, l
     return grad_w_hr.to(w_hr.dtype), grad_h0
 
 
-def lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, schedule: str = "auto"):
+def lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths, schedule: str = "auto",
+              overwrite_gates: bool = False):
     """The fused backward of one layer and direction with a projection: the gradients of x, h0, c0, W_ih,
     W_hh, the bias and W_hr (``reference.lstm_recurrence_backward_reference``'s first seven). ``lengths``
-    int32 on x's device or None."""
+    int32 on x's device or None; ``overwrite_gates`` as ``lstm_bwd``'s (W_hr's gradient then takes m_t
+    from the gates before the chain)."""
     grad_m, grad_m_n = gradients_at_m(grad_out, grad_h_n, w_hr)
+    m_all = cell_outputs(gates, c_all)
     grad_gates, _, grad_c0 = lstm_bwd_gate_grads(grad_m.contiguous(), grad_m_n, grad_c_n,
                                                  merged_recurrent_weight(w_hh, w_hr), lengths, [(0, gates, c_all)],
-                                                 schedule)
+                                                 schedule, into=gates if overwrite_gates and gates.is_contiguous() else None)
     grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih)
-    grad_w_hr, grad_h0 = projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, gates, c_all, lengths)
+    grad_w_hr, grad_h0 = projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, m_all, lengths)
     dtype = x.dtype
     return grad_x, grad_h0.to(dtype), grad_c0.to(dtype), grad_w_ih, grad_w_hh.to(w_hh.dtype), grad_bias, grad_w_hr
