@@ -285,6 +285,7 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
         layer_x, h_prev = in_step_order(x, h_all, direction, index)
         direction_grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates[direction], layer_x,
                                                                                    h_prev, w_ih[direction])
+        del layer_x  # (the reverse direction's reversed x: not held while its gradient is reversed back)
         grad_x = add_in_time_order(grad_x, direction_grad_x, direction, index)
         grad_weights += [grad_w_ih, grad_w_hh.to(w_hh[direction].dtype)]
         if has_bias:

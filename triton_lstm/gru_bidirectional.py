@@ -150,6 +150,7 @@ def _fused_backward(x, lengths, index, h_all, state_all, gates, w_ih, w_hh, has_
         layer_x, h_prev = in_step_order(x, h_all, direction, index)
         direction_grad_x, *weight_grads = gru_weight_and_input_grads(grad_gates[direction], layer_x, h_prev,
                                                                      w_ih[direction], w_hh[direction])
+        del layer_x  # (the reverse direction's reversed x: not held while its gradient is reversed back)
         grad_x = add_in_time_order(grad_x, direction_grad_x, direction, index)
         grad_weights += weight_grads if has_bias else weight_grads[:2]
     return (grad_x, grad_h0.to(x.dtype), *grad_weights)
