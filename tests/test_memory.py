@@ -184,7 +184,7 @@ def test_retained_graph_with_dropout_peepholes_projections_and_packed_sequences(
 def test_backward_with_projections_writes_the_gate_gradients_over_the_gates(layers, bidirectional, monkeypatch):
     """With ``proj_size > 0`` too: W_hr's gradient takes m_t = o ⊙ tanh(c_t) from the gates before the
     chain overwrites them (``lstm_projection.cell_outputs``). Against the same backward made to keep the
-    gates (``gates_to_overwrite`` answering None), the peak is at least one dG (T·B·4H) lower, and the
+    gates (``gates_for_backward`` answering "keep them"), the peak is at least one dG (T·B·4H) lower, and the
     gradients are the same."""
     dtype = STACK_DTYPE
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def test_backward_with_projections_writes_the_gate_gradients_over_the_gates(laye
 
     overwriting, grads = backward_peak()
     for module in (ops, stack, bidirectional_module):
-        monkeypatch.setattr(module, "gates_to_overwrite", lambda *args: None)
+        monkeypatch.setattr(module, "gates_for_backward", lambda ctx, x, gates, recompute: (gates, False))
     keeping, kept_grads = backward_peak()
     assert keeping - overwriting >= _gate_bytes(dtype), f"peak {overwriting} bytes, {keeping} keeping the gates"
     for index, (a, b) in enumerate(zip(grads, kept_grads)):

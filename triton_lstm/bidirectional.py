@@ -21,7 +21,7 @@ from torch import Tensor
 from triton_lstm.ops import (
     HAS_TRITON,
     differentiate,
-    gates_to_overwrite,
+    gates_for_backward,
     grad_wanted,
     kernel_device,
     run_lstm_layer,
@@ -196,12 +196,11 @@ class LSTMBidirectional(torch.autograd.Function):
         w_ih, w_hh, b_ih, b_hh, w_hr = _split(ctx.has_bias, weights, ctx.has_projection)
         grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
-            own_gates = gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.bidirectional_fwd(
+            gates, overwrite = gates_for_backward(ctx, x, gates, lambda: torch.ops.triton_lstm.bidirectional_fwd(
                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch)[3])
-            gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
-                                        grad_h_n, grad_c_n, w_ch, w_hr, overwrite_gates=own_gates is not None)
+                                        grad_h_n, grad_c_n, w_ch, w_hr, overwrite_gates=overwrite)
             if grads is not None:
                 return (grads[0], grads[1], grads[2], None, None, None, None, grads[3], *grads[4:])
 
@@ -262,7 +261,7 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
     None where the launch cannot run (the caller goes direction by direction). Returns the gradients of
     x, h0, c0, the peephole weights (None without) and the directions' weights. With ``w_hr`` (a
     projection) the chain runs in m_t on the merged weights (``kernels/lstm_projection.py``).
-    ``overwrite_gates``: dG takes the gates' place (``lstm_bwd_bidirectional_gate_grads``'s ``into``)."""
+    ``overwrite_gates``: dG takes the gates' place (as ``lstm_bwd_bidirectional_gate_grads``'s)."""
     lengths32 = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain_w, chain_grad_out, chain_grad_h_n = torch.stack(w_hh), grad_out, grad_h_n
     if w_hr:
@@ -274,7 +273,7 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
     m_all = cell_outputs(gates, c_all) if w_hr else None  # (W_hr's gradients, before dG may overwrite the gates)
     chain = lstm_bwd_bidirectional_gate_grads(chain_grad_out, chain_grad_h_n, grad_c_n, chain_w.contiguous(),
                                               lengths32, gates, c_all, None if w_ch is None else w_ch.contiguous(),
-                                              into=gates if overwrite_gates and gates.is_contiguous() else None)
+                                              overwrite_gates=overwrite_gates)
     if chain is None:
         return None
     grad_gates, grad_h0, grad_c0 = chain

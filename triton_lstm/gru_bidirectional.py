@@ -22,7 +22,7 @@ from triton_lstm.gru_ops import run_gru_layer
 from triton_lstm.ops import (
     HAS_TRITON,
     differentiate,
-    gates_to_overwrite,
+    gates_for_backward,
     grad_wanted,
     kernel_device,
     run_without_autocast,
@@ -113,12 +113,11 @@ class GRUBidirectional(torch.autograd.Function):
         H = w_hh[0].shape[1]
         grad_out, index = backward_inputs(x, lengths, grad_out)
         if uses_kernels(x) and not ctx.use_reference:
-            own_gates = gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.gru_bidirectional_fwd(
+            gates, overwrite = gates_for_backward(ctx, x, gates, lambda: torch.ops.triton_lstm.gru_bidirectional_fwd(
                 x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1)[3])
-            gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _fused_backward(x, lengths, index, h_all, state_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
-                                        grad_h_n, overwrite_gates=own_gates is not None)
+                                        grad_h_n, overwrite_gates=overwrite)
             if grads is not None:
                 return (grads[0], grads[1], None, None, None, *grads[2:])
 
@@ -137,11 +136,11 @@ def _fused_backward(x, lengths, index, h_all, state_all, gates, w_ih, w_hh, has_
     """Both directions' chains in one launch, then each direction's GEMMs (the reverse direction's against x
     reversed: ``bidirectional.in_step_order``). None where
     the launch cannot run. Returns the gradients of x, h0 and the directions' weights. ``overwrite_gates``:
-    dG takes the gates' place (``lstm_bwd_bidirectional_gate_grads``'s ``into``)."""
+    dG takes the gates' place (as ``lstm_bwd_bidirectional_gate_grads``'s)."""
     lengths32 = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain = lstm_bwd_bidirectional_gate_grads(grad_out, grad_h_n, torch.zeros_like(grad_h_n),
                                               torch.stack(w_hh).contiguous(), lengths32, gates, state_all, cell="gru",
-                                              into=gates if overwrite_gates and gates.is_contiguous() else None)
+                                              overwrite_gates=overwrite_gates)
     if chain is None:
         return None
     grad_gates, grad_h0, _ = chain

@@ -14,7 +14,7 @@ from triton_lstm.ops import (
     HAS_TRITON,
     check_backward_options,
     differentiate,
-    gates_to_overwrite,
+    gates_for_backward,
     grad_wanted,
     kernel_device,
     run_without_autocast,
@@ -117,11 +117,11 @@ class GRURecurrence(torch.autograd.Function):
             grads = differentiate(lambda: _reference_outputs(*inputs, lengths), inputs, ctx.needs_input_grad[:6],
                                   (grad_out, grad_h_n))
             return (*grads, None, None)
-        own_gates = None if ctx.use_reference else gates_to_overwrite(
-            ctx, x, gates, lambda: torch.ops.triton_lstm.gru_recurrence_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1)[2])
-        if own_gates is not None:
+        gates, overwrite = gates_for_backward(ctx, x, gates, lambda: torch.ops.triton_lstm.gru_recurrence_fwd(
+            x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1)[2])
+        if overwrite:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
-                grads = gru_bwd(grad_out, grad_h_n, x, w_ih, w_hh, own_gates, h_all, state_all, lengths,
+                grads = gru_bwd(grad_out, grad_h_n, x, w_ih, w_hh, gates, h_all, state_all, lengths,
                                 overwrite_gates=True)
         else:
             grads = torch.ops.triton_lstm.gru_recurrence_bwd(grad_out, grad_h_n, x, w_ih, w_hh, gates, h_all, state_all,

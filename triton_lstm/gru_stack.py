@@ -17,7 +17,7 @@ from triton_lstm.gru_ops import run_gru_layer
 from triton_lstm.ops import (
     HAS_TRITON,
     differentiate,
-    gates_to_overwrite,
+    gates_for_backward,
     grad_wanted,
     kernel_device,
     run_without_autocast,
@@ -126,12 +126,11 @@ class GRUStack(torch.autograd.Function):
         w_ih, w_hh, b_ih, b_hh, _ = _split_weights(ctx.layers, ctx.has_bias, weights)
         dropout = None if dropout_mask is None else (dropout_mask, ctx.dropout_scale)
         if uses_kernels(x) and not ctx.use_reference:
-            own_gates = gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.gru_stack_fwd(
+            gates, overwrite = gates_for_backward(ctx, x, gates, lambda: torch.ops.triton_lstm.gru_stack_fwd(
                 x, h0, w_ih, w_hh, b_ih, b_hh, lengths, 1, dropout_mask, ctx.dropout_scale)[2])
-            gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _stacked_backward(x, lengths, h_all, state_all, gates, w_ih, w_hh, ctx.has_bias, grad_out,
-                                          grad_h_n, dropout, overwrite_gates=own_gates is not None)
+                                          grad_h_n, dropout, overwrite_gates=overwrite)
             if grads is not None:
                 return (grads[0], grads[1], None, None, None, None, None, None, *grads[2:])
 
@@ -151,11 +150,11 @@ def _stacked_backward(x, lengths, h_all, state_all, gates, w_ih, w_hh, has_bias,
     """Every layer's chain in one launch (a reverse wavefront), then each layer's weight GEMMs; the input
     gradient of layer 0 only (the layers above took theirs in the kernel). None where the launch cannot
     run. Returns the gradients of x, h0 and the layers' weights. ``overwrite_gates``: dG takes the gates'
-    place (``lstm_bwd_stack_gate_grads``'s ``into``)."""
+    place (as ``lstm_bwd_stack_gate_grads``'s)."""
     lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain = lstm_bwd_stack_gate_grads(grad_out, grad_h_n, torch.zeros_like(grad_h_n), torch.stack(w_hh).contiguous(),
                                       torch.stack(w_ih[1:]).contiguous(), lengths, gates, state_all, cell="gru",
-                                      dropout=dropout, into=gates if overwrite_gates and gates.is_contiguous() else None)
+                                      dropout=dropout, overwrite_gates=overwrite_gates)
     if chain is None:
         return None
     grad_gates, grad_h0, _ = chain

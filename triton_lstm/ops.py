@@ -291,12 +291,11 @@ class LSTMRecurrence(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: a second derivative will be taken, so differentiate the reference.
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
-        own_gates = None if ctx.use_reference else gates_to_overwrite(
-            ctx, x, gates, lambda: torch.ops.triton_lstm.recurrence_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                                                        1, w_ch)[2])
-        if own_gates is not None:
+        gates, overwrite = gates_for_backward(ctx, x, gates, lambda: torch.ops.triton_lstm.recurrence_fwd(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch)[2])
+        if overwrite:
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
-                grads = lstm_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, own_gates, h_all, c_all, lengths,
+                grads = lstm_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c_all, lengths,
                                  w_ch, overwrite_gates=True)
         else:
             grads = torch.ops.triton_lstm.recurrence_bwd(
@@ -306,20 +305,21 @@ class LSTMRecurrence(torch.autograd.Function):
                 grads[7] if w_ch is not None else None)
 
 
-def gates_to_overwrite(ctx, x: Tensor, gates: Tensor, recompute) -> Tensor | None:
-    """The saved gates, for a backward that writes the gate gradients over them (the kernels'
-    ``overwrite_gates``: dG has the gates' size, so the backward's peak memory drops by T·B·4H elements),
-    or None where it must not: outside the kernels, and in a traced backward (torch.compile), whose graph
-    keeps the opaque op that leaves its inputs as it found them. Outside the ops, as a plain call: a custom
+def gates_for_backward(ctx, x: Tensor, gates: Tensor, recompute) -> tuple[Tensor, bool]:
+    """``(gates, overwrite)`` for a Function's backward: the gates to read, and whether the backward may
+    write the gate gradients over them (the kernels' ``overwrite_gates``: dG has the gates' size, so the
+    backward's peak memory drops by T·B·4H elements). Not for the reference backward (``ctx.use_reference``),
+    outside the kernels, or in a traced backward (torch.compile), whose graph keeps the opaque op that
+    leaves its inputs as it found them. Where it may, the caller runs the kernels as a plain call: a custom
     op that declared the write would bump the gates' version, and a second backward could not unpack
     them. That second backward through the same graph (``retain_graph=True``) finds the gates spent and
     gets them again from ``recompute()``, the forward's op (deterministic: the same gates bit for bit)."""
-    if not uses_kernels(x) or torch.compiler.is_compiling():
-        return None
+    if ctx.use_reference or not uses_kernels(x) or torch.compiler.is_compiling():
+        return gates, False
     if getattr(ctx, "gates_spent", False):
         gates = recompute()
     ctx.gates_spent = True
-    return gates
+    return gates, True
 
 
 def input_gradients(grads, has_bias: bool, has_projection: bool) -> tuple:

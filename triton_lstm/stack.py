@@ -23,7 +23,7 @@ from torch import Tensor
 from triton_lstm.ops import (
     HAS_TRITON,
     differentiate,
-    gates_to_overwrite,
+    gates_for_backward,
     grad_wanted,
     kernel_device,
     run_lstm_layer,
@@ -245,12 +245,11 @@ class LSTMStack(torch.autograd.Function):
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n)
         if uses_kernels(x) and not ctx.use_reference and not (w_hr and dropout is not None):
-            own_gates = gates_to_overwrite(ctx, x, gates, lambda: torch.ops.triton_lstm.stack_fwd(
+            gates, overwrite = gates_for_backward(ctx, x, gates, lambda: torch.ops.triton_lstm.stack_fwd(
                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 1, w_ch, dropout_mask, ctx.dropout_scale)[2])
-            gates = gates if own_gates is None else own_gates  # (recomputed by a second backward)
             with kernel_device(x), torch.autocast(x.device.type, enabled=False):
                 grads = _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, ctx.has_bias, grad_out, grad_h_n,
-                                          grad_c_n, w_ch, dropout, w_hr, overwrite_gates=own_gates is not None)
+                                          grad_c_n, w_ch, dropout, w_hr, overwrite_gates=overwrite)
             if grads is not None:
                 return (grads[0], grads[1], grads[2], None, None, None, None, None, None, None, grads[3], *grads[4:])
 
@@ -281,7 +280,7 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
     took theirs in the kernel). None where the launch cannot run (the caller goes layer by layer).
     Returns the gradients of x, h0, c0, the peephole weights (None without) and the layers' weights. With
     ``w_hr`` (projections, no dropout) the chain runs in m_t on merged weights (``kernels/lstm_projection.py``).
-    ``overwrite_gates``: dG takes the gates' place (``lstm_bwd_stack_gate_grads``'s ``into``)."""
+    ``overwrite_gates``: dG takes the gates' place (as ``lstm_bwd_stack_gate_grads``'s)."""
     lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
     chain_w_hh, chain_w_ih_above = torch.stack(w_hh), torch.stack(w_ih[1:])
     chain_grad_out, chain_grad_h_n = grad_out, grad_h_n
@@ -295,7 +294,7 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
     chain = lstm_bwd_stack_gate_grads(chain_grad_out, chain_grad_h_n, grad_c_n, chain_w_hh.contiguous(),
                                       chain_w_ih_above.contiguous(), lengths, gates, c_all,
                                       w_ch=None if w_ch is None else w_ch.contiguous(), dropout=dropout,
-                                      into=gates if overwrite_gates and gates.is_contiguous() else None)
+                                      overwrite_gates=overwrite_gates)
     if chain is None:
         return None
     grad_gates, grad_h0, grad_c0 = chain

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads
+from triton_lstm.kernels.lstm_bwd import gates_as_dg, lstm_bwd_gate_grads
 from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_from_input
 from triton_lstm.kernels.lstm_fwd_persistent import lstm_fwd_persistent
 from triton_lstm.kernels.weight_grads import gru_weight_and_input_grads
@@ -75,7 +75,7 @@ def gru_bwd(
         lengths = lengths.to(device=x.device, dtype=torch.int32)
     grad_gates, grad_h0, _ = lstm_bwd_gate_grads(
         grad_out, grad_h_n, torch.zeros_like(grad_h_n), w_hh, lengths, [(0, gates, state_all)], schedule, cell="gru",
-        into=gates if overwrite_gates and gates.is_contiguous() else None,
+        into=gates_as_dg(gates, overwrite_gates),
     )
     grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = gru_weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih,
                                                                                     w_hh)

@@ -427,6 +427,13 @@ def lstm_bwd_gate_grads(
     return chain_results(grad_gates, w_hh, dh, dc, lengths, cell)
 
 
+def gates_as_dg(gates: torch.Tensor, overwrite_gates: bool) -> torch.Tensor | None:
+    """The chains' ``into`` for a caller's ``overwrite_gates``: the saved gates themselves where the caller
+    allows it and they are contiguous (the kernel reads and writes them in place), else None (a new
+    buffer)."""
+    return gates if overwrite_gates and gates.is_contiguous() else None
+
+
 def chain_results(grad_gates, w_hh, dh, dc, lengths, cell: str):
     """(grad_gates, grad_h0, grad_c0) from the chain's buffers: the LSTM's grad_c0 is dc; a GRU has none
     (None), and its grad_h0 adds the direct path z_0 ⊙ dh_0 that the chain left in dc (zero where step 0
@@ -499,7 +506,7 @@ def lstm_bwd(
                            overwrite_gates), None)  # no peepholes with a projection
     grad_gates, grad_h0, grad_c0 = lstm_bwd_gate_grads(
         grad_out, grad_h_n, grad_c_n, w_hh, lengths, [(0, gates, c_all)], schedule, w_ch=w_ch,
-        into=gates if overwrite_gates and gates.is_contiguous() else None,
+        into=gates_as_dg(gates, overwrite_gates),
     )
     grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih)
     grad_w_ch = None if w_ch is None else peephole_weight_grads(grad_gates[None], c_all[None])[0].to(w_ch.dtype)

@@ -13,7 +13,7 @@ from triton_lstm.kernels import common
 from triton_lstm.kernels import backward_plans
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd, tile_count
 from triton_lstm.kernels.common import barrier_watch, dot_precision, unless_refused
-from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel, chain_results
+from triton_lstm.kernels.lstm_bwd import _lstm_bwd_kernel, chain_results, gates_as_dg
 
 
 def lstm_bwd_stack_gate_grads(
@@ -29,7 +29,7 @@ def lstm_bwd_stack_gate_grads(
     w_ch: torch.Tensor | None = None,
     cell: str = "lstm",
     dropout: tuple[torch.Tensor, float] | None = None,
-    into: torch.Tensor | None = None,
+    overwrite_gates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The sequential part of a stack's backward in one persistent launch (a reverse wavefront: the top
     layer leads, layer l takes its gradient of h_t from dG^{l+1}_t·W_ih^{l+1} in the kernel).
@@ -42,13 +42,14 @@ def lstm_bwd_stack_gate_grads(
     (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) overrides the planner's (``benchmarks/tune.py --layers``);
     ``w_ch`` (L, 3H): the layers' peephole weights. ``cell`` "gru": a GRU stack (``w_hh`` (L, 3H, H),
     ``w_ih_above`` (L - 1, 3H, H), ``c_all`` its fp32 h, ``grad_c_n`` zeros; grad_c0 None). ``dropout``: the
-    forward's dropout between layers, ``(mask (L - 1, T, B, H) uint8, scale)``. ``into``: where dG goes,
-    else a new buffer; it may be ``gates`` itself (``lstm_bwd.lstm_bwd_gate_grads``'s ``into``: each layer's
-    programs read only their own tiles of its gates, the layer below only the dG above).
+    forward's dropout between layers, ``(mask (L - 1, T, B, H) uint8, scale)``. ``overwrite_gates``: dG
+    takes the gates' place (``lstm_bwd.lstm_bwd_gate_grads``'s ``into``: each layer's programs read only
+    their own tiles of its gates, the layer below only the dG above).
     """
     return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all,
                                layers=gates.shape[0], what="the stacked backward kernel", tiling=tiling, w_ch=w_ch,
-                               cell=cell, dropout=dropout, into=into)
+                               cell=cell, dropout=dropout,
+                               overwrite_gates=overwrite_gates)
 
 
 def lstm_bwd_bidirectional_gate_grads(
@@ -61,7 +62,7 @@ def lstm_bwd_bidirectional_gate_grads(
     c_all: torch.Tensor,
     w_ch: torch.Tensor | None = None,
     cell: str = "lstm",
-    into: torch.Tensor | None = None,
+    overwrite_gates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The sequential part of a bidirectional layer's backward, both directions in one persistent launch.
 
@@ -72,15 +73,17 @@ def lstm_bwd_bidirectional_gate_grads(
     or None when half the SMs cannot hold a direction's tiles, the kernel does not fit the device or the
     driver refuses the cooperative launch (nothing ran: the caller runs the directions one by one).
     ``w_ch`` (2, 3H): the directions' peephole weights. ``cell`` "gru": a GRU layer (``w_hh`` (2, 3H, H),
-    ``c_all`` its fp32 h, ``grad_c_n`` zeros; grad_c0 None, as ``lstm_bwd_gate_grads``). ``into``: where dG
-    goes, as for a stack; it may be ``gates`` itself.
+    ``c_all`` its fp32 h, ``grad_c_n`` zeros; grad_c0 None, as ``lstm_bwd_gate_grads``). ``overwrite_gates``: dG
+    takes the gates' place, as for a stack.
     """
     return _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_hh, lengths, gates, c_all, directions=2,
-                               what="the bidirectional backward kernel", w_ch=w_ch, cell=cell, into=into)
+                               what="the bidirectional backward kernel", w_ch=w_ch, cell=cell,
+                               overwrite_gates=overwrite_gates)
 
 
 def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths, gates, c_all, *, layers=1,
-                        directions=1, what, tiling=None, w_ch=None, cell="lstm", dropout=None, into=None):
+                        directions=1, what, tiling=None, w_ch=None, cell="lstm", dropout=None,
+                        overwrite_gates=False):
     """The chain kernel over a leading axis of ``layers`` (a stack, ``LAYERS``) or ``directions`` (both
     directions of a layer, ``DIRECTIONS``), in one persistent launch; None where it cannot run."""
     groups, T, B, four_h = gates.shape
@@ -100,7 +103,9 @@ def _whole_module_chain(grad_out, grad_h_n, grad_c_n, w_hh, w_ih_above, lengths,
         except ValueError:
             return None
         options = bwd_launch_options(H, block_b, block_h, w_hh.element_size(), whole_module=True)
-    grad_gates = into if into is not None else torch.empty(groups, T, B, four_h, dtype=dtype, device=device)
+    grad_gates = gates_as_dg(gates, overwrite_gates)
+    if grad_gates is None:
+        grad_gates = torch.empty(groups, T, B, four_h, dtype=dtype, device=device)
     dh = grad_h_n.to(torch.float32, copy=True).contiguous()
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()
     counters = torch.zeros(groups + 1, dtype=torch.int32, device=device)  # a barrier counter per group, the flag

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from triton_lstm.kernels import lstm_fwd_persistent as persistent
-from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads
+from triton_lstm.kernels.lstm_bwd import gates_as_dg, lstm_bwd_gate_grads
 from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional
 from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack
 from triton_lstm.kernels.weight_grads import weight_and_input_grads
@@ -192,7 +192,7 @@ def lstmp_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, gates, h_all, c
     m_all = cell_outputs(gates, c_all)
     grad_gates, _, grad_c0 = lstm_bwd_gate_grads(grad_m.contiguous(), grad_m_n, grad_c_n,
                                                  merged_recurrent_weight(w_hh, w_hr), lengths, [(0, gates, c_all)],
-                                                 schedule, into=gates if overwrite_gates and gates.is_contiguous() else None)
+                                                 schedule, into=gates_as_dg(gates, overwrite_gates))
     grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates, x, h_all[:-1], w_ih)
     grad_w_hr, grad_h0 = projection_grads(grad_out, grad_h_n, grad_gates, w_hh, w_hr, m_all, lengths)
     dtype = x.dtype
