@@ -17,17 +17,17 @@ from triton_lstm import bidirectional as bidirectional_module
 from triton_lstm import ops, stack
 from triton_lstm.ops import run_lstm_layer
 
-# Small under the interpreter; on a GPU large enough that one gate-sized buffer (T·B·4H) outweighs the
-# allocator's rounding of the small tensors (512-byte blocks).
+# Small under the interpreter; on a GPU large enough that one gate-sized buffer (T·B·4H) outweighs
+# ROUNDING, the room left for the allocator's rounding of the small tensors a step allocates (512-byte
+# blocks; the CPU count is exact).
 T, B = (128, 32) if KERNEL_DEVICE == "cuda" else (24, 8)
 I, H = 16, 16
-# Room for the allocator's rounding of the small tensors a step allocates (a GPU only: the CPU count is exact).
 ROUNDING = 64 * 512 if KERNEL_DEVICE == "cuda" else 0
 
 
-def _peak_and_kept(run, device: str = KERNEL_DEVICE):
+def _peak_and_kept(run):
     """(peak bytes above the start while ``run()`` executes, bytes still held after it), and its result."""
-    if device == "cuda":
+    if KERNEL_DEVICE == "cuda":
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
