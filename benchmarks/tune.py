@@ -56,7 +56,7 @@ from triton_lstm.kernels import lstm_fwd_persistent as fwd  # noqa: E402
 from triton_lstm.kernels.backward_plans import bwd_launch_options, plan_bwd  # noqa: E402
 from triton_lstm.kernels import lstm_bwd  # noqa: E402
 from triton_lstm.kernels.lstm_bwd import lstm_bwd_gate_grads  # noqa: E402
-from triton_lstm.kernels.lstm_fwd import lstm_fwd  # noqa: E402
+from triton_lstm.kernels.lstm_fwd import lstm_fwd, projection_for_forward  # noqa: E402
 from triton_lstm.kernels.lstm_fwd_fused_input import lstm_fwd_fused_input  # noqa: E402
 from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack  # noqa: E402
 from triton_lstm.reference import input_projection  # noqa: E402
@@ -269,7 +269,8 @@ def tune_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", variants=(), de
         if plan is plans[0] and plan.reason == "default":
             # The same kernel as a no_grad call runs it (SAVE = 0: no per-step gates or c); the sweep times
             # the training forward's.
-            inference = lambda: fwd.lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan, save=False, b_hn=b_hn)  # noqa: E731
+            dense = projected[..., :gates * H].contiguous()  # (an inference forward reads it dense)
+            inference = lambda: fwd.lstm_fwd_persistent_strict(dense, h0, c0, w_hh, plan, save=False, b_hn=b_hn)  # noqa: E731
             inference_us, inference_status = _timed_if_right(inference, expected, tol, T)
             _report(rows, "fwd" if cell == "lstm" else "fwd gru", dtype, T, B, I, H, label + " inference",
                     inference_status, inference_us, f"{cudnn_us:.4g}")
@@ -299,24 +300,26 @@ def _resident_twin(plans, H, element_size, shared):
 
 def _gate_inputs(x, gates, H, dtype, variants, stack: bool):
     """Layer 0's gate inputs for the candidates to run on, and what a plan with ``fused_input`` needs:
-    ``(projected, w_ih, bias, projection_us, variants)``, with layer 0's W_ih (gates·H, I) and bias. Where
-    ``variants`` asks for ``fused_input`` and it applies (16-bit; I == H in a ``stack``), ``projected`` is
-    x·W_ih⁰ᵀ + b⁰, that projection GEMM's µs per step is timed and printed; else ``projected`` is random,
-    the GEMM is not timed (0.0) and ``fused_input`` is dropped from the returned ``variants``."""
+    ``(projected, w_ih, bias, projection_us, variants)``, with layer 0's W_ih (gates·H, I) and bias.
+    ``projected`` is laid out for a training forward (``lstm_fwd.in_gate_layout``: rows 4H wide, a GRU's
+    in the first 3H columns). Where ``variants`` asks for ``fused_input`` and it applies (16-bit; I == H in
+    a ``stack``), ``projected`` is x·W_ih⁰ᵀ + b⁰, that projection GEMM's µs per step is timed and printed;
+    else ``projected`` is random, the GEMM is not timed (0.0) and ``fused_input`` is dropped from the
+    returned ``variants``."""
     T, B, I = x.shape
     w_ih = (torch.randn(gates * H, I, device=x.device) * I**-0.5).to(dtype)
     bias = (torch.randn(gates * H, device=x.device) * 0.1).to(dtype)
     if "fused_input" not in variants:
-        return torch.randn(T, B, gates * H, device=x.device, dtype=dtype), w_ih, bias, 0.0, variants
+        return torch.randn(T, B, 4 * H, device=x.device, dtype=dtype), w_ih, bias, 0.0, variants
     if (stack and I != H) or dtype == torch.float32:
         print(f"  fused input left out: it runs in 16-bit, in a stack where I == H (here I = {I}, H = {H}, {dtype})",
               flush=True)
-        return (torch.randn(T, B, gates * H, device=x.device, dtype=dtype), w_ih, bias, 0.0,
+        return (torch.randn(T, B, 4 * H, device=x.device, dtype=dtype), w_ih, bias, 0.0,
                 [name for name in variants if name != "fused_input"])
     projection = lambda: input_projection(x, w_ih, bias, None)  # noqa: E731
     projection_us = _bench(projection) * 1e3 / T
     print(f"  projection GEMM x·W_ihᵀ + b (what fused input does in the kernel): {projection_us:.2f} us/step", flush=True)
-    return projection().contiguous(), w_ih, bias, projection_us, variants
+    return projection_for_forward(x, w_ih, bias, H, True), w_ih, bias, projection_us, variants
 
 
 @contextlib.contextmanager
@@ -487,7 +490,7 @@ def tune_bidirectional_forward(T, B, I, H, dtype, budget_s, rows, cell="lstm", v
     torch.manual_seed(0)
     gates = 3 if cell == "gru" else 4
     x = torch.randn(T, B, I, device=device, dtype=dtype)
-    projected = torch.randn(T, B, 2 * gates * H, device=device, dtype=dtype)
+    projected = torch.randn(2, T, B, 4 * H, device=device, dtype=dtype)  # step-ordered, in gate layout
     w_hh = (torch.randn(2, gates * H, H, device=device) * H**-0.5).to(dtype)
     h0 = torch.randn(2, B, H, device=device, dtype=dtype)
     c0 = torch.randn(2, B, H, device=device, dtype=dtype) if cell == "lstm" else h0

@@ -122,7 +122,7 @@ def test_each_kernel_path_against_float64(path, lengths):
     else:  # B = 3 rows in blocks of 2? tl.dot needs 16: two batch blocks need B > 16
         x, w_ih, w_hh, bias, h0, c0, lengths = _layer(T, 20, I, H, None if lengths is None else [6, 2, 5] + [4] * 17)
         plan = ForwardPlan(True, path, True, 16, 16, 16, 1, 1)
-    projected = torch.cat([x @ w_ih[d].T + bias[d] for d in range(2)], -1).contiguous()
+    projected = bidirectional_module.projections_in_step_order(x, w_ih, bias, lengths, H, True)
     out, h_all, c_all, gates = lstm_fwd_bidirectional(projected, h0, c0, torch.stack(w_hh), lengths, plan)
     expected_out, expected = _expected(x, w_ih, w_hh, bias, h0, c0, lengths)
     if lengths is not None:

@@ -118,6 +118,22 @@ def _model_and_input(name: str, layers: int, bidirectional: bool, dtype: torch.d
 
 
 @pytest.mark.parametrize("name, layers, bidirectional", CONFIGURATIONS, ids=lambda v: str(v))
+def test_training_forward_holds_no_projection_beside_the_gates(name, layers, bidirectional):
+    """What a module's training forward holds beyond what it keeps is less than half a gate buffer: every
+    layer's input projection lies where its gates go — a GRU's (3H wide) in the first 3H columns of its
+    gate rows, a bidirectional layer's per direction in the order its recurrence runs (the reverse
+    direction's formed from x reversed, ``bidirectional.projections_in_step_order``), a stack's layer 0's
+    in its gates. Before, a GRU layer held its projection (T·B·3H) and a bidirectional layer both
+    directions' (T·B·8H, in time order) next to the gates while the kernel ran."""
+    dtype = STACK_DTYPE
+    model, x, _ = _model_and_input(name, layers, bidirectional, dtype)
+    model(x)  # (cuBLAS's workspace, as above)
+    peak, kept, _ = _peak_and_kept(lambda: model(x))
+    transient = peak - kept
+    assert transient < _gate_bytes(dtype) / 2 + ROUNDING, f"{transient} bytes beyond what the forward keeps"
+
+
+@pytest.mark.parametrize("name, layers, bidirectional", CONFIGURATIONS, ids=lambda v: str(v))
 def test_backward_writes_the_gate_gradients_over_the_gates(name, layers, bidirectional):
     """The backward allocates no buffer for dG: what it adds at its peak is the input gradient and the
     weight gradients, and for a bidirectional layer the reverse direction's input reversed and its input

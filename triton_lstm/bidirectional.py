@@ -28,7 +28,7 @@ from triton_lstm.ops import (
     run_without_autocast,
     uses_kernels,
 )
-from triton_lstm.reference import accumulate_dtype, input_projection
+from triton_lstm.reference import accumulate_dtype, input_projection, projection_bias
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
@@ -56,6 +56,25 @@ def reverse_index(lengths: Tensor, T: int) -> Tensor:
     steps = torch.arange(T, device=lengths.device)[:, None]
     reversed_steps = lengths[None, :] - 1 - steps
     return torch.where(reversed_steps >= 0, reversed_steps, steps)
+
+
+def projections_in_step_order(x: Tensor, w_ih: list[Tensor], biases: list[Tensor | None], lengths: Tensor | None,
+                              H: int, save: bool) -> Tensor:
+    """Both directions' input projections x·W_ihᵀ + bias (``biases``: what each direction's adds, or None),
+    (2, T, B, ·), as the bidirectional kernel reads them (``lstm_fwd_bidirectional``): each in the order its
+    recurrence runs — the reverse direction's formed from x reversed within each sequence — and laid out
+    as the forward kernels read a projection (``in_gate_layout``): in a training forward (``save``) in the
+    directions' gate buffer (2, T, B, 4H), for the gates to take over. Two GEMMs rather than one over both
+    directions' weights: no (T, B, 8H) projection in time order beside the gates, only x reversed
+    (T·B·I) while the second runs."""
+    T, B = x.shape[0], x.shape[1]
+    width = 4 * H if save else w_ih[0].shape[0]
+    projected = x.new_empty(2, T, B, width)
+    index = None if lengths is None else reverse_index(lengths.to(x.device, torch.int64), T)
+    for direction in range(2):
+        layer_x = x if direction == 0 else reverse_time(x, index)
+        input_projection(layer_x, w_ih[direction], biases[direction], None, out=projected[direction])
+    return projected
 
 
 def _valid_steps(lengths: Tensor | None, T: int, device) -> Tensor | None:
@@ -132,8 +151,8 @@ def bidirectional_fwd(
     plan = plan_bidirectional_for(x, w_hh[0].shape[0] // 4)
     with kernel_device(x):
         if plan.persistent:
-            bias = (torch.cat(b_ih), torch.cat(b_hh)) if b_ih else (None, None)
-            projected = input_projection(x, torch.cat(w_ih), *bias).contiguous()  # one GEMM, both directions
+            biases = [projection_bias(b_ih[d], b_hh[d]) if b_ih else None for d in range(2)]
+            projected = projections_in_step_order(x, w_ih, biases, lengths, c0.shape[-1], bool(save))
             if w_hr:
                 # A projection: the same launch in m_t (kernels/lstm_projection.py).
                 outputs = unless_refused(lambda: lstmp_fwd_bidirectional(
@@ -142,7 +161,7 @@ def bidirectional_fwd(
             else:
                 outputs = unless_refused(lambda: lstm_fwd_bidirectional(
                     projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), lengths, plan, bool(save),
-                    None if w_ch is None else w_ch.contiguous()))
+                    None if w_ch is None else w_ch.contiguous(), reuse_projected=True))
             if outputs is not None:
                 return outputs
         return _one_by_one(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save, kernels=True, w_ch=w_ch)

@@ -17,6 +17,7 @@ from triton_lstm.bidirectional import (
     each_direction_backward,
     in_step_order,
     one_direction_at_a_time,
+    projections_in_step_order,
 )
 from triton_lstm.gru_ops import run_gru_layer
 from triton_lstm.ops import (
@@ -28,7 +29,7 @@ from triton_lstm.ops import (
     run_without_autocast,
     uses_kernels,
 )
-from triton_lstm.reference import accumulate_dtype, gru_projection_bias, input_projection
+from triton_lstm.reference import accumulate_dtype, gru_projection_bias
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
@@ -70,12 +71,12 @@ def gru_bidirectional_fwd(
     plan = plan_bidirectional_for(x, w_hh[0].shape[1], gates=3)
     with kernel_device(x):
         if plan.persistent:
-            bias = torch.cat([gru_projection_bias(b_ih[d], b_hh[d]) for d in range(2)]) if b_ih else None
-            projected = input_projection(x, torch.cat(w_ih), bias, None).contiguous()  # one GEMM, both directions
+            biases = [gru_projection_bias(b_ih[d], b_hh[d]) if b_ih else None for d in range(2)]
+            projected = projections_in_step_order(x, w_ih, biases, lengths, h0.shape[-1], bool(save))
             b_hn = torch.stack([hidden_bias_n(b_hh[d] if b_hh else None, w_hh[d]) for d in range(2)])
             outputs = unless_refused(lambda: lstm_fwd_bidirectional(projected, h0.contiguous(), h0.contiguous(),
                                                                     torch.stack(w_hh), lengths, plan, bool(save),
-                                                                    b_hn=b_hn))
+                                                                    b_hn=b_hn, reuse_projected=True))
             if outputs is not None:
                 return outputs
         return _one_by_one(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels=True)

@@ -23,7 +23,7 @@ from triton_lstm.ops import (
     run_without_autocast,
     uses_kernels,
 )
-from triton_lstm.reference import accumulate_dtype, gru_projection_bias, input_projection
+from triton_lstm.reference import accumulate_dtype, gru_projection_bias
 from triton_lstm.stack import (
     _split_weights,
     dropout_masks,
@@ -37,7 +37,7 @@ if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
     from triton_lstm.kernels.gru import hidden_bias_n
     from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_stack_gate_grads
-    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for
+    from triton_lstm.kernels.lstm_fwd_stack import lstm_fwd_stack, plan_stack_for, projection_in_gates
     from triton_lstm.kernels.weight_grads import gru_weight_and_input_grads
 
 
@@ -82,12 +82,14 @@ def gru_stack_fwd(
             if outputs is not None:
                 return outputs
             plan = dataclasses.replace(plan, fused_input=False)
-        projected = input_projection(x, w_ih[0], None if bias is None else bias[0], None).contiguous()
+        # Layer 0's projection where its gates go (no separate T·B·3H buffer while the launch runs).
+        projected, buffers = projection_in_gates(x, w_ih[0], None if bias is None else bias[0], h0, h0, bool(save))
         bias_above = None if bias is None else bias[1:]
         with kernel_device(x):
             outputs = unless_refused(lambda: lstm_fwd_stack(projected, h0.contiguous(), h0.contiguous(),
                                                             torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
-                                                            lengths, plan, bool(save), b_hn=b_hn, dropout=dropout))
+                                                            lengths, plan, bool(save), b_hn=b_hn, dropout=dropout,
+                                                            outputs=buffers))
         if outputs is not None:
             return outputs
     with kernel_device(x):  # no plan, or it did not run: the layers one by one

@@ -26,19 +26,22 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                      out: Tensor | None = None) -> Tensor:
-    """x·W_ihᵀ + b_ih + b_hh for all time steps at once: (T, B, I) -> (T, B, 4H), in x's dtype (``b_hh``
-    None with ``b_ih`` given: b_ih alone); written into ``out`` (contiguous (T, B, 4H)) where given.
+    """x·W_ihᵀ + b_ih + b_hh for all time steps at once: (T, B, I) -> (T, B, N) for W_ih (N, I), in x's
+    dtype (``b_hh`` None with ``b_ih`` given: b_ih alone). With ``out`` (contiguous (T, B, ≥ N), a gate
+    buffer the forward kernels read it from: ``lstm_fwd.in_gate_layout``) written into its first N columns,
+    and ``out`` returned.
 
-    One GEMM with the bias in its epilogue (addmm), not a GEMM and then a pass over T·B·4H to add it."""
+    One GEMM with the bias in its epilogue (addmm), not a GEMM and then a pass over T·B·N to add it; into
+    ``out``'s rows in place (their stride is the GEMM's leading dimension: no copy)."""
     T, B, I = x.shape
     rows = x.reshape(T * B, I)
     bias = projection_bias(b_ih, b_hh)
-    out_rows = None if out is None else out.view(T * B, w_ih.shape[0])
+    out_rows = None if out is None else out.view(T * B, out.shape[-1])[:, :w_ih.shape[0]]
     if bias is None:
         projected = torch.matmul(rows, w_ih.t(), out=out_rows)
     else:
         projected = torch.addmm(bias, rows, w_ih.t(), out=out_rows)
-    return projected.reshape(T, B, w_ih.shape[0])
+    return projected.reshape(T, B, w_ih.shape[0]) if out is None else out
 
 
 def projection_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:

@@ -315,11 +315,17 @@ def split_interleaved_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, G
 
 
 @triton.jit
-def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.constexpr, GATES: tl.constexpr):
+def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.constexpr, GATES: tl.constexpr,
+                     SAVE: tl.constexpr):
     """This tile's slice of the input projection at ``step`` (x_t·W_ihᵀ + biases), per gate, in fp32.
     It does not depend on h, so the persistent kernel loads step t+1's before it waits at the barrier.
-    ``GATES`` = 3: a GRU's (T, B, 3H) projection (r, z, n), the fourth value zero."""
-    x_ptrs = projected_ptr + step * B * GATES * H + rows[:, None] * (GATES * H) + offs_h[None, :]
+    ``GATES`` = 3: a GRU's projection (r, z, n), the fourth value zero.
+
+    Its rows: in a training forward (``SAVE``) the gate buffer's, 4H wide, which the kernel overwrites
+    with the gates (a GRU's 3H-wide projection in their first 3H columns: ``lstm_fwd.in_gate_layout``);
+    in an inference forward, which keeps no gates, GATES·H wide."""
+    width: tl.constexpr = 4 * H if SAVE else GATES * H
+    x_ptrs = projected_ptr + step * B * width + rows[:, None] * width + offs_h[None, :]
     return load_gates(x_ptrs, mask_bh, H, GATES)
 
 

@@ -22,11 +22,12 @@ from triton_lstm.kernels.common import (
     load_own_state,
     recurrent_product_streamed,
 )
+from triton_lstm.reference import input_projection
 
 
 @triton.jit(do_not_specialize=["t", "B"])
 def _lstm_step_fwd_kernel(
-    projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype
+    projected_ptr,  # x·W_ihᵀ + biases (T, B, ·), input dtype, its rows as common.load_gate_inputs reads them
     w_hh_ptr,  # (4H, H)
     h_ptr,  # (T+1, B, H)
     c_ptr,  # (T+1, B, H), fp32
@@ -44,7 +45,7 @@ def _lstm_step_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PEEPHOLE: tl.constexpr = False,
-    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (cells.cell_update)
+    CELL: tl.constexpr = "lstm",  # "gru": projected r, z, n, w_hh (3H, K), c_all its fp32 h (cells.cell_update)
 ):
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -60,7 +61,7 @@ def _lstm_step_fwd_kernel(
     acc_i, acc_f, acc_g, acc_o = recurrent_product_streamed(
         h_prev_ptr, w_hh_ptr, rows, mask_b, offs_h, mask_h, H, K, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, GATES
     )
-    x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES)
+    x_i, x_f, x_g, x_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES, SAVE)
     h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS, SAVE)
     h, _ = cell_update(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, c_ptr, gates_ptr, lengths_ptr,
@@ -91,27 +92,58 @@ def fp32_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def in_gate_layout(projected: torch.Tensor, H: int, gates: int, save: bool,
+                   reuse_projected: bool = False) -> tuple[torch.Tensor, bool]:
+    """``projected`` (…, T, B, ·) as the forward kernels read it (``common.load_gate_inputs``), and whether
+    the gates may take its place (``reuse_projected``, or a copy made here: ours alone). In a training
+    forward (``save``) in rows of the gate buffer, 4H wide, which the gates then overwrite; in an inference
+    forward dense, ``gates``·H wide (``gates`` 3: a GRU's r, z, n). An LSTM's projection is both. A GRU's
+    given 3H wide to a training forward is copied into the first 3H columns of a new gate buffer (for
+    callers that build their own: ``projection_for_forward`` writes it there in the first place); given in a
+    gate buffer to an inference forward, its 3H columns are copied out. Contiguous either way."""
+    width = 4 * H if save else gates * H
+    if projected.shape[-1] == width:
+        laid_out = projected.contiguous()
+    elif save:
+        laid_out = projected.new_empty(*projected.shape[:-1], width)
+        laid_out[..., :projected.shape[-1]] = projected
+    else:
+        laid_out = projected[..., :width].contiguous()
+    return laid_out, reuse_projected or laid_out.data_ptr() != projected.data_ptr()
+
+
+def projection_for_forward(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | None, H: int,
+                           save: bool) -> torch.Tensor:
+    """x·W_ihᵀ + ``bias`` (T, B, I → gates·H, ``reference.input_projection``) laid out for the forward
+    kernels (``in_gate_layout``): in a training forward written straight into a new gate buffer (T, B, 4H)
+    for the gates to take over (``allocate_forward_outputs``'s ``reuse_projected``), else dense."""
+    into = x.new_empty(x.shape[0], x.shape[1], 4 * H) if save else None
+    return input_projection(x, w_ih, bias, None, out=into).contiguous()
+
+
 def allocate_forward_outputs(projected: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, K: int, save: bool = True,
                              reuse_projected: bool = False):
-    """``(h_all, c_all, gates)`` for a forward over ``projected`` (T, B, ·), with h0 and c0 in place at
-    step 0 and everything else left for the kernel to write (layout in ``triton_lstm.reference``).
-    Without ``save`` (an inference forward) c_all has two slots used in turn and gates no steps. With
-    ``h0``/``c0`` of shape (G, B, ·) (a stack's layers, a bidirectional layer's directions) every output
-    gets that leading axis of G.
+    """``(h_all, c_all, gates)`` for a forward over ``projected`` ((…, T, B, ·): a layer's input projection,
+    or x), with h0 and c0 in place at step 0 and everything else left for the kernel to write (layout in
+    ``triton_lstm.reference``). Without ``save`` (an inference forward) c_all has two slots used in turn
+    and gates no steps. With ``h0``/``c0`` of shape (G, B, ·) (a stack's layers, a bidirectional layer's
+    directions) every output gets that leading axis of G.
 
     ``reuse_projected``: the gates may take the place of ``projected``, which the caller needs no more
     (each program reads its own tile of step t's projection before it writes the same tile of the gates,
-    and no program reads another's): T·B·4H elements fewer at the forward's peak. Only where the two agree
-    in shape: an LSTM's 4H-wide projection (a GRU's is 3H wide), contiguous, with no group axis."""
-    T, B = projected.shape[:2]
+    and no program reads another's): T·B·4H elements fewer at the forward's peak, per layer or direction.
+    Only where ``projected`` is the gates' shape, contiguous: an input projection in gate layout
+    (``in_gate_layout``) of one layer, or of both directions of a bidirectional one."""
+    T, B = projected.shape[-3], projected.shape[-2]
     H = c0.shape[-1]
     groups = tuple(h0.shape[:-2])
     h_all = torch.empty(*groups, T + 1, B, K, dtype=projected.dtype, device=projected.device)
     c_all = torch.empty(*groups, T + 1 if save else 2, B, H, dtype=torch.float32, device=projected.device)
-    if reuse_projected and save and not groups and projected.shape[-1] == 4 * H and projected.is_contiguous():
+    shape = (*groups, T if save else 0, B, 4 * H)
+    if reuse_projected and save and projected.shape == shape and projected.is_contiguous():
         gates = projected
     else:
-        gates = torch.empty(*groups, T if save else 0, B, 4 * H, dtype=projected.dtype, device=projected.device)
+        gates = torch.empty(shape, dtype=projected.dtype, device=projected.device)
     h_all[..., 0, :, :] = h0
     c_all[..., 0, :, :] = c0
     return h_all, c_all, gates
@@ -145,16 +177,18 @@ def lstm_fwd(
 
     All tensors are contiguous and on one device; ``lengths`` is int32 on that device. ``outputs``:
     buffers from ``allocate_forward_outputs`` to fill (a persistent launch that fell back hands over its
-    own), else new ones. Without ``save``: an inference forward (see ``finished_outputs``). ``w_ch`` (3H,):
-    peephole weights. ``b_hn`` (H,): a GRU (``kernels/gru.py``): ``projected`` is
-    (T, B, 3H), ``w_hh`` (3H, H), ``c0`` and ``c_all`` its state in fp32. ``reuse_projected``: the
-    gates may overwrite ``projected`` (``allocate_forward_outputs``).
+    own, ``projected`` then laid out already), else new ones. Without ``save``: an inference forward (see
+    ``finished_outputs``). ``w_ch`` (3H,): peephole weights. ``b_hn`` (H,): a GRU (``kernels/gru.py``):
+    ``projected`` is (T, B, 3H) or in gate layout (``in_gate_layout``), ``w_hh`` (3H, H), ``c0`` and
+    ``c_all`` its state in fp32. ``reuse_projected``: the gates may overwrite ``projected``
+    (``allocate_forward_outputs``).
     """
     T, B = projected.shape[:2]
     H = c0.shape[-1]
     K = w_hh.shape[1]
     dtype = projected.dtype
     if outputs is None:
+        projected, reuse_projected = in_gate_layout(projected, H, w_hh.shape[0] // H, save, reuse_projected)
         outputs = allocate_forward_outputs(projected, h0, c0, K, save, reuse_projected)
     h_all, c_all, gates = outputs
     block_b, block_h, block_k, exact_fp32 = step_blocks(B, H, K, projected.element_size(), fp32_tensor_cores(projected.device))

@@ -23,8 +23,7 @@ import torch
 from triton_lstm.kernels import lstm_fwd_persistent as persistent
 from triton_lstm.kernels.common import unless_refused
 from triton_lstm.kernels.forward_plans import ForwardPlan
-from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs
-from triton_lstm.reference import input_projection
+from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, projection_for_forward
 
 
 # Fused launches that did not fit the device (OutOfResources when loaded, or a cooperative grid the driver
@@ -107,7 +106,7 @@ def lstm_fwd_from_input(
         if outputs is not None:
             return tuple(output[0] for output in outputs)
         plan = dataclasses.replace(plan, fused_input=False)
-    projected = input_projection(x, w_ih, bias, None).contiguous()
-    # The projection is ours alone: an LSTM's gates can take its place.
+    projected = projection_for_forward(x, w_ih, bias, c0.shape[-1], save)
+    # The projection is ours alone: the gates can take its place.
     return persistent.lstm_fwd_persistent(projected, h0, c0, w_hh, lengths, plan, save, w_ch, b_hn,
                                           reuse_projected=True)

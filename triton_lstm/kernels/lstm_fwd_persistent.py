@@ -78,7 +78,13 @@ from triton_lstm.kernels.forward_plans import (
     persistent_disabled,
     plan_persistent_fwd,
 )
-from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores, lstm_fwd
+from triton_lstm.kernels.lstm_fwd import (
+    allocate_forward_outputs,
+    finished_outputs,
+    fp32_tensor_cores,
+    in_gate_layout,
+    lstm_fwd,
+)
 from triton_lstm.kernels.persistent_tiles import (
     cell_step,
     gate_inputs,
@@ -92,7 +98,7 @@ from triton_lstm.kernels.stack_layer import stack_layer
 
 @triton.jit(do_not_specialize=["T", "B", "grid_b"])
 def _lstm_persistent_fwd_kernel(
-    projected_ptr,  # (T, B, 4H): x·W_ihᵀ + biases, input dtype; FUSED_INPUT: x itself, (T, B, I)
+    projected_ptr,  # x·W_ihᵀ + biases (T, B, ·), input dtype, as persistent_tiles.gate_inputs reads it; FUSED_INPUT: x itself, (T, B, I)
     w_hh_ptr,  # (4H, K), K == H (no projection on this path)
     h_ptr,  # (T+1, B, K), h0 already at step 0 (per layer or direction, stacked, for a stack or both directions)
     c_ptr,  # (T+1, B, H) fp32, c0 already at step 0 (two slots without SAVE); stacked likewise
@@ -129,7 +135,7 @@ def _lstm_persistent_fwd_kernel(
     HAS_BIAS: tl.constexpr = False,  # LAYERS > 1: bias_ptr holds the biases of layers 1, 2, …
     DIRECTIONS: tl.constexpr = 1,  # 2: both directions of a bidirectional layer, the grid's third axis
     PEEPHOLE: tl.constexpr = False,  # i, f see w_ci ⊙ c_{t-1}, w_cf ⊙ c_{t-1}; o sees w_co ⊙ c_t
-    CELL: tl.constexpr = "lstm",  # "gru": projected (T, B, 3H), w_hh (3H, K), c_all its fp32 h (cells.cell_update)
+    CELL: tl.constexpr = "lstm",  # "gru": projected r, z, n, w_hh (3H, K), c_all its fp32 h (cells.cell_update)
     GATE_BIT: tl.constexpr = 0,  # > 0: one dot for the four gates (common.interleaved_gate_rows)
     INPUT_AHEAD: tl.constexpr = False,  # stack_layer (LAYERS > 1 or FUSED_INPUT), one tile per program: the next input product before the barrier wait
     FUSED_INPUT: tl.constexpr = False,  # layer 0's input product formed in the kernel from x (stack_layer, any LAYERS)
@@ -195,7 +201,8 @@ def _lstm_persistent_fwd_kernel(
         h_own, c_own = load_own_state(h_ptr, c_ptr, 0, B, rows, offs_h, mask_bh, H, K, True, SAVE)
         first = tl.full((), 0, tl.int64)  # T >= 1 here
         times = time_rows(first, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-        x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H, DIRECTIONS, GATES)
+        x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, first, times, direction, T, B, rows, offs_h, mask_bh, H,
+                                          DIRECTIONS, GATES, SAVE)
         for t in range(T):
             # int64: T·B·4H can pass 2³¹ elements.
             step = tl.full((), t, tl.int64)
@@ -216,8 +223,8 @@ def _lstm_persistent_fwd_kernel(
             # (The last step reloads its own inputs rather than read past the end.)
             next_step = tl.minimum(step + 1, T - 1)
             times = time_rows(next_step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-            x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H,
-                                              DIRECTIONS, GATES)
+            x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, next_step, times, direction, T, B, rows, offs_h, mask_bh,
+                                              H, DIRECTIONS, GATES, SAVE)
             # h_{t+1} of this batch group is complete once all GRID_H programs of the group have arrived.
             if not failed:
                 failed = grid_barrier(counter_ptr, (t + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
@@ -313,6 +320,8 @@ def lstm_fwd_persistent(
         plan = plan_for(projected, w_hh)
         if plan.fused_input:  # the projection is given: the plan's schedule on it
             plan = dataclasses.replace(plan, fused_input=False)
+    H = c0.shape[-1]
+    projected, reuse_projected = in_gate_layout(projected, H, w_hh.shape[0] // H, save, reuse_projected)
     if not plan.persistent or projected.numel() == 0:
         return lstm_fwd(projected, h0, c0, w_hh, lengths, save=save, w_ch=w_ch, b_hn=b_hn,
                         reuse_projected=reuse_projected)
@@ -339,7 +348,9 @@ def lstm_fwd_persistent_strict(projected, h0, c0, w_hh, plan: ForwardPlan, lengt
     """Runs exactly ``plan`` (persistent, no projection), without fallbacks: raises ``OutOfResources`` when
     it does not fit and the driver's RuntimeError when the cooperative launch is refused (before anything
     ran, in both cases). For ``lstm_fwd_persistent`` and the tuning sweep (``benchmarks/tune.py``)."""
-    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save)
+    H = c0.shape[-1]
+    projected, ours = in_gate_layout(projected, H, w_hh.shape[0] // H, save)
+    outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[1], save, ours)
     launch_persistent(plan, projected, w_hh, *outputs, lengths, save, b_hn=b_hn)
     return finished_outputs(outputs, save)
 
@@ -356,7 +367,7 @@ def launch_persistent(plan, projected, w_hh, h_all, c_all, gates, lengths, save=
     scale)`` (``stack_layer``); ``initial``: a stack's (layers - 1, B, 4H) fp32 step-0 terms of the layers
     above 0 (``lstm_projection.py``). Raises OutOfResources or
     the driver's refusal of the cooperative launch before anything ran."""
-    T, B = projected.shape[:2]
+    T, B = h_all.shape[-3] - 1, h_all.shape[-2]
     H, K = c_all.shape[-1], w_hh.shape[-1]
     if plan.fused_input and (directions > 1 or w_ih is None or w_ih.shape[0] != layers or initial is not None):
         raise ValueError("a plan with fused_input takes x and every layer's W_ih, and no initial terms "

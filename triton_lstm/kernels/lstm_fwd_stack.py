@@ -36,7 +36,7 @@ from triton_lstm.kernels.forward_plans import (
     plan_stack_fwd,
     stack_disabled,
 )
-from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores
+from triton_lstm.kernels.lstm_fwd import allocate_forward_outputs, finished_outputs, fp32_tensor_cores, in_gate_layout
 from triton_lstm.kernels.lstm_fwd_persistent import launch_persistent
 from triton_lstm.reference import input_projection
 
@@ -59,10 +59,11 @@ def plan_stack_for(x: torch.Tensor, H: int, layers: int, peephole: bool = False,
 def projection_in_gates(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | None, h0: torch.Tensor,
                         c0: torch.Tensor, save: bool = True):
     """``(projected, outputs)`` for ``lstm_fwd_stack``: the stack's buffers (``allocate_forward_outputs``),
-    and layer 0's input projection x·W_ihᵀ + ``bias`` written where layer 0's gates go. Layer 0's programs
-    read their own tile of step t's projection before they write the same tile of its gates, as a single
-    layer's do (``allocate_forward_outputs``'s ``reuse_projected``): the forward holds no T·B·4H projection
-    of its own. Without ``save`` (no gates kept) the projection is a buffer of its own."""
+    and layer 0's input projection x·W_ihᵀ + ``bias`` written where layer 0's gates go (``in_gate_layout``;
+    a GRU stack's 3H-wide one in their first 3H columns). Layer 0's programs read their own tile of step t's
+    projection before they write the same tile of its gates, as a single layer's do
+    (``allocate_forward_outputs``'s ``reuse_projected``): the forward holds no projection of its own.
+    Without ``save`` (no gates kept) the projection is a dense buffer of its own."""
     outputs = allocate_forward_outputs(x, h0, c0, h0.shape[-1], save)  # (K = H: no projection)
     into = outputs[2][0] if save else None
     return input_projection(x, w_ih, bias, None, out=into).contiguous(), outputs
@@ -105,7 +106,8 @@ def lstm_fwd_stack(
     if projected.device.type != "cuda" and plan.num_programs != 1:
         raise ValueError(f"under the interpreter a stack plan must have one program, got {plan.num_programs}")
     if outputs is None:
-        outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[-1], save)
+        projected, ours = in_gate_layout(projected, c0.shape[-1], w_hh.shape[-2] // c0.shape[-1], save)
+        outputs = allocate_forward_outputs(projected, h0, c0, w_hh.shape[-1], save, ours)
     if dropout is not None:  # the dropped copies the layers above read, (L - 1, T, B, H): dropped after the launch
         mask, scale = dropout
         dropout = (mask, torch.empty(mask.shape, dtype=projected.dtype, device=projected.device), scale)

@@ -96,18 +96,19 @@ def lstmp_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save: bool = Tru
 
 def lstmp_fwd_bidirectional(projected, h0, c0, w_hh, w_hr, lengths, plan, save: bool = True):
     """Both directions of a layer with projections in one launch (``lstm_fwd_bidirectional`` in m_t):
-    ``projected`` (T, B, 8H) as there, ``h0`` (2, B, P), ``c0`` (2, B, H), ``w_hh`` (2, 4H, P), ``w_hr``
-    (2, P, H). Returns ``(out (T, B, 2P), h_all (2, T + 1, B, P), c_all, gates)`` as ``lstm_fwd_bidirectional``
-    does; raises as it does before anything ran (``projected`` then holds the h0 terms)."""
-    T, B = projected.shape[:2]
+    ``projected`` (2, T, B, 4H) as there (the gates take its place), ``h0`` (2, B, P), ``c0`` (2, B, H),
+    ``w_hh`` (2, 4H, P), ``w_hr`` (2, P, H). Returns ``(out (T, B, 2P), h_all (2, T + 1, B, P), c_all, gates)``
+    as ``lstm_fwd_bidirectional`` does; raises as it does before anything ran (``projected`` then holds the
+    h0 terms)."""
+    T, B = projected.shape[1:3]
     H = w_hr.shape[-1]
     for direction in range(2):
-        # The reverse direction's first step is each sequence's last element.
-        add_initial_state(projected, slice(4 * H * direction, 4 * H * (direction + 1)), h0[direction], w_hh[direction],
-                          first_steps(lengths, T, B, projected.device, reverse=direction == 1))
+        # Step-ordered: each direction's first step is step 0.
+        add_initial_state(projected[direction], slice(None), h0[direction], w_hh[direction],
+                          first_steps(lengths, T, B, projected.device))
     out_m, m_all, c_all, gates = lstm_fwd_bidirectional(projected, h0.new_zeros(2, B, H), c0,
                                                         merged_recurrent_weight(w_hh, w_hr).contiguous(), lengths, plan,
-                                                        save)
+                                                        save, reuse_projected=True)
     # out_m is zero past each sequence's end, and so is its projection.
     out = torch.cat([torch.matmul(out_m[..., d * H:(d + 1) * H], w_hr[d].t()) for d in range(2)], dim=2)
     h_all = torch.stack([project(m_all[d], h0[d], w_hr[d], lengths) for d in range(2)])

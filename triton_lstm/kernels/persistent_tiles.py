@@ -129,7 +129,8 @@ def cell_step(acc_i, acc_f, acc_g, acc_o, projected_ptr, h_ptr, c_ptr, gates_ptr
     GATES: tl.constexpr = 3 if CELL == "gru" else 4
     mask_bh = mask_b[:, None] & mask_h[None, :]
     times = time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS, DIRECTIONS)
-    x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H, DIRECTIONS, GATES)
+    x_i, x_f, x_g, x_o = gate_inputs(projected_ptr, step, times, direction, T, B, rows, offs_h, mask_bh, H, DIRECTIONS,
+                                      GATES, SAVE)
     h_prev, c_prev = load_own_state(h_ptr, c_ptr, step, B, rows, offs_h, mask_bh, H, K, HAS_LENGTHS, SAVE)
     update_and_store_h(
         acc_i, acc_f, acc_g, acc_o, x_i, x_f, x_g, x_o, h_prev, c_prev, h_ptr, c_ptr, gates_ptr, lengths_ptr,
@@ -154,16 +155,18 @@ def time_rows(step, direction, T, lengths_ptr, offs_b, mask_b, HAS_LENGTHS: tl.c
 
 
 @triton.jit
-def gate_inputs(projected_ptr, times, direction, B, rows, offs_h, mask_bh, H: tl.constexpr, DIRECTIONS: tl.constexpr,
-                 GATES: tl.constexpr):
-    """This tile's input projection at ``times`` (``time_rows``), per gate, in fp32 (``load_gate_inputs``).
-    A bidirectional layer's projection holds both directions, (T, B, 2·GATES·H), direction d at columns
-    GATES·H·d."""
+def gate_inputs(projected_ptr, step, times, direction, T, B, rows, offs_h, mask_bh, H: tl.constexpr,
+                DIRECTIONS: tl.constexpr, GATES: tl.constexpr, SAVE: tl.constexpr):
+    """This tile's input projection at ``step``, per gate, in fp32 (``load_gate_inputs``, rows as there).
+    A bidirectional layer's holds each direction's in the order its recurrence runs, (2, T, B, ·) like its
+    gates (``bidirectional.projections_in_step_order``): the reverse direction's step s is time
+    ``times`` = len_b - 1 - s of its sequence, and nothing is read once a row is past its length."""
     if DIRECTIONS == 1:
-        return load_gate_inputs(projected_ptr, times, B, rows, offs_h, mask_bh, H, GATES)
+        return load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES, SAVE)
     else:
-        x_ptrs = (projected_ptr + (times[:, None] * B + rows[:, None]) * (2 * GATES * H)
-                  + direction.to(tl.int64) * GATES * H + offs_h[None, :])
+        width: tl.constexpr = 4 * H if SAVE else GATES * H
+        x_ptrs = (projected_ptr + direction.to(tl.int64) * T * B * width + (step * B + rows[:, None]) * width
+                  + offs_h[None, :])
         return load_gates(x_ptrs, mask_bh & (times >= 0)[:, None], H, GATES)
 
 

@@ -122,7 +122,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                 failed = wait_for(counter_ptr - grid_b, GRID_H, failed_ptr, SPIN_LIMIT)
         acc_i, acc_f, acc_g, acc_o = _stack_input_product(
             forms_input, first, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
-            offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+            offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
             initial_layer, HAS_INITIAL,  # step 0's: the only one with the initial terms
         )
         for t in range(T):
@@ -142,7 +142,7 @@ def stack_layer(layer, projected_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_ptr, c_ptr
                     failed = wait_for(counter_ptr - grid_b, (next_step + 1) * GRID_H, failed_ptr, SPIN_LIMIT)
             acc_i, acc_f, acc_g, acc_o = _stack_input_product(
                 forms_input, next_step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows, mask_b,
-                offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+                offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
                 initial_layer, False,
             )
             if not failed:
@@ -222,7 +222,7 @@ def _stack_tiles_step(t, layer, failed, counter_ptr, failed_ptr, grid_b, pid_b, 
             mask_h = offs_h < H
             acc_i, acc_f, acc_g, acc_o = _stack_input_product(
                 forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
-                mask_b, offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
+                mask_b, offs_k_in, offs_h, mask_h, H, IN_K, HAS_BIAS, SAVE, DOT_PRECISION, BLOCK_K, RESIDENT, GATES, GATE_BIT,
                 initial_layer, ADD_INITIAL,
             )
             _stack_step(
@@ -256,7 +256,7 @@ def _stack_one_tile_step(t, layer, failed, counter_ptr, failed_ptr, grid_b, form
     ONE_LOOP: tl.constexpr = GATE_BIT > 0
     acc_i, acc_f, acc_g, acc_o = _stack_input_product(
         forms_input, step, projected_ptr, h_below, w_ih_layer, 0, 0, 0, 0, bias_layer, B, rows, mask_b, 0, offs_h,
-        mask_h, H, IN_K, HAS_BIAS, DOT_PRECISION, BLOCK_K, False, GATES, GATE_BIT, initial_layer, ADD_INITIAL,
+        mask_h, H, IN_K, HAS_BIAS, SAVE, DOT_PRECISION, BLOCK_K, False, GATES, GATE_BIT, initial_layer, ADD_INITIAL,
         ONE_LOOP,
     )
     h_own, c_own = _stack_step(
@@ -273,7 +273,7 @@ def _stack_one_tile_step(t, layer, failed, counter_ptr, failed_ptr, grid_b, form
 @triton.jit
 def _stack_input_product(forms_input, step, projected_ptr, h_below, w_ih_layer, ih_i, ih_f, ih_g, ih_o, bias_layer, B, rows,
                          mask_b, offs_k, offs_h, mask_h, H: tl.constexpr, IN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
+                         SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, GATES: tl.constexpr,
                          GATE_BIT: tl.constexpr, initial_layer, ADD_INITIAL: tl.constexpr,
                          ONE_LOOP: tl.constexpr = False):
     """A stack layer's gate inputs at ``step`` for one tile, in fp32: unless ``forms_input`` (layer 0)
@@ -310,7 +310,7 @@ def _stack_input_product(forms_input, step, projected_ptr, h_below, w_ih_layer, 
             )
     else:
         mask_bh = mask_b[:, None] & mask_h[None, :]
-        acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES)
+        acc_i, acc_f, acc_g, acc_o = load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H, GATES, SAVE)
     return acc_i, acc_f, acc_g, acc_o
 
 
