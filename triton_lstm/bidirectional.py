@@ -41,7 +41,7 @@ if HAS_TRITON:
         merged_recurrent_weight,
         projection_grads,
     )
-    from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
+    from triton_lstm.kernels.weight_grads import input_gradient, peephole_weight_grads, weight_and_input_grads
 
 
 def reverse_time(x: Tensor, reverse_index: Tensor | None) -> Tensor:
@@ -300,11 +300,12 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
         grad_h0 = torch.empty(2, *h_all.shape[-2:], dtype=torch.float32, device=x.device)
     grad_x, grad_weights = None, []
     for direction in range(2):
+        # The input gradient first, then x in step order for W_ih's: one T·B·I buffer at a time beside grad_x.
+        grad_x = add_in_time_order(grad_x, input_gradient(grad_gates[direction], w_ih[direction]), direction, index)
         layer_x, h_prev = in_step_order(x, h_all, direction, index)
-        direction_grad_x, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates[direction], layer_x,
-                                                                                   h_prev, w_ih[direction])
-        del layer_x  # (the reverse direction's reversed x: not held while its gradient is reversed back)
-        grad_x = add_in_time_order(grad_x, direction_grad_x, direction, index)
+        _, grad_w_ih, grad_w_hh, grad_bias = weight_and_input_grads(grad_gates[direction], layer_x, h_prev,
+                                                                    w_ih[direction], input_grad=False)
+        del layer_x
         grad_weights += [grad_w_ih, grad_w_hh.to(w_hh[direction].dtype)]
         if has_bias:
             grad_weights += [grad_bias, grad_bias.clone()]  # each bias owns its gradient tensor
@@ -326,19 +327,26 @@ def _fused_backward(x, lengths, index, h_all, c_all, gates, w_ih, w_hh, has_bias
 
 def in_step_order(x: Tensor, h_all: Tensor, direction: int, index: Tensor | None) -> tuple[Tensor, Tensor]:
     """A direction's input in the order its chain ran, and its h_0 … h_{T-1} (step-indexed, stacked per
-    direction), for the GEMMs against its step-indexed dG: the reverse direction's x reversed within each
-    sequence (T·B·I), rather than its dG (T·B·4H) and h put in time order. Rows past a sequence's end
-    stay where they are and meet dG = 0. The input gradient these GEMMs give is step-ordered too
+    direction), for the weight GEMMs against its step-indexed dG: the reverse direction's x reversed within
+    each sequence (T·B·I), rather than its dG (T·B·4H) and h put in time order. Rows past a sequence's end
+    stay where they are and meet dG = 0. The input gradient these rows give is step-ordered too
     (``add_in_time_order``)."""
     return (x if direction == 0 else reverse_time(x, index)), h_all[direction, :-1]
 
 
 def add_in_time_order(grad_x: Tensor | None, direction_grad_x: Tensor, direction: int, index: Tensor | None) -> Tensor:
     """The input gradient summed over the directions so far: ``grad_x`` (None before the first) plus this
-    direction's step-ordered one (``in_step_order``) in time order (``reverse_time`` is its own inverse)."""
-    if direction == 1:
-        direction_grad_x = reverse_time(direction_grad_x, index)
-    return direction_grad_x if grad_x is None else grad_x.add_(direction_grad_x)
+    direction's step-ordered one (``in_step_order``) in time order, added row by row where each row belongs
+    (``index_add_``: no reversed copy; each row of ``grad_x`` receives one, so the sum is deterministic)."""
+    if grad_x is None:
+        return direction_grad_x if direction == 0 else reverse_time(direction_grad_x, index)
+    if direction == 0:
+        return grad_x.add_(direction_grad_x)
+    T, B, width = grad_x.shape
+    steps = index if index is not None else torch.arange(T - 1, -1, -1, device=grad_x.device)[:, None].expand(T, B)
+    rows = (steps * B + torch.arange(B, device=grad_x.device)).reshape(T * B)  # reverse_time is its own inverse
+    grad_x.view(T * B, width).index_add_(0, rows, direction_grad_x.reshape(T * B, width))
+    return grad_x
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n):

@@ -36,7 +36,7 @@ if HAS_TRITON:
     from triton_lstm.kernels.gru import hidden_bias_n
     from triton_lstm.kernels.lstm_bwd_whole_module import lstm_bwd_bidirectional_gate_grads
     from triton_lstm.kernels.lstm_fwd_bidirectional import lstm_fwd_bidirectional, plan_bidirectional_for
-    from triton_lstm.kernels.weight_grads import gru_weight_and_input_grads
+    from triton_lstm.kernels.weight_grads import gru_weight_and_input_grads, input_gradient
 
 
 def _one_by_one(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save, kernels: bool):
@@ -147,11 +147,12 @@ def _fused_backward(x, lengths, index, h_all, state_all, gates, w_ih, w_hh, has_
     grad_gates, grad_h0, _ = chain
     grad_x, grad_weights = None, []
     for direction in range(2):
+        # The input gradient first, then x in step order for W_ih's: one T·B·I buffer at a time beside grad_x.
+        grad_x = add_in_time_order(grad_x, input_gradient(grad_gates[direction], w_ih[direction]), direction, index)
         layer_x, h_prev = in_step_order(x, h_all, direction, index)
-        direction_grad_x, *weight_grads = gru_weight_and_input_grads(grad_gates[direction], layer_x, h_prev,
-                                                                     w_ih[direction], w_hh[direction])
-        del layer_x  # (the reverse direction's reversed x: not held while its gradient is reversed back)
-        grad_x = add_in_time_order(grad_x, direction_grad_x, direction, index)
+        _, *weight_grads = gru_weight_and_input_grads(grad_gates[direction], layer_x, h_prev, w_ih[direction],
+                                                      w_hh[direction], input_grad=False)
+        del layer_x
         grad_weights += weight_grads if has_bias else weight_grads[:2]
     return (grad_x, grad_h0.to(x.dtype), *grad_weights)
 

@@ -12,6 +12,13 @@ import triton.language as tl
 from triton_lstm.reference import accumulate_dtype
 
 
+def input_gradient(grad_gates: torch.Tensor, w_ih: torch.Tensor) -> torch.Tensor:
+    """The gradient of a layer's input, dG·W_ih over all T·B rows: (T, B, I) from dG (T, B, 4H) and W_ih
+    (N, I), whose rows meet dG's first N columns (a GRU's x side: dR, dZ, dN; a strided view, no copy)."""
+    T, B, four_h = grad_gates.shape
+    return torch.matmul(grad_gates.reshape(T * B, four_h)[:, :w_ih.shape[0]], w_ih).reshape(T, B, -1)
+
+
 def weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: torch.Tensor, w_ih: torch.Tensor,
                            input_grad: bool = True):
     """grad_x, grad_W_ih, grad_W_hh and the bias gradient from dG (T, B, 4H), as GEMMs over all T·B rows.
@@ -22,7 +29,7 @@ def weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev: to
     """
     T, B, four_h = grad_gates.shape
     rows = grad_gates.reshape(T * B, four_h)
-    grad_x = torch.matmul(rows, w_ih).reshape(T, B, -1) if input_grad else None
+    grad_x = input_gradient(grad_gates, w_ih) if input_grad else None
     grad_w_ih = torch.matmul(rows.t(), x.reshape(T * B, -1))
     grad_w_hh = torch.matmul(rows.t(), h_prev.reshape(T * B, -1))
     grad_bias = rows.sum(0, dtype=accumulate_dtype(rows.dtype)).to(w_ih.dtype)
@@ -40,7 +47,7 @@ def gru_weight_and_input_grads(grad_gates: torch.Tensor, x: torch.Tensor, h_prev
     rows = grad_gates.reshape(T * B, four_h)
     input_side = rows[:, : 3 * H]  # (dR, dZ, dN): a strided view, read in place by the GEMMs
     h_prev = h_prev.reshape(T * B, H)
-    grad_x = torch.matmul(input_side, w_ih).reshape(T, B, -1) if input_grad else None
+    grad_x = input_gradient(grad_gates, w_ih) if input_grad else None
     grad_w_ih = torch.matmul(input_side.t(), x.reshape(T * B, -1))
     # h's side is (dR, dZ, dN ⊙ r): two GEMMs over the column blocks, no copy of dG.
     grad_w_hh = torch.cat((torch.matmul(rows[:, : 2 * H].t(), h_prev), torch.matmul(rows[:, 3 * H:].t(), h_prev)))
