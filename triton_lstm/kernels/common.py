@@ -325,7 +325,7 @@ def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.conste
     with the gates (a GRU's 3H-wide projection in their first 3H columns: ``lstm_fwd.in_gate_layout``);
     in an inference forward, which keeps no gates, GATES·H wide."""
     width: tl.constexpr = 4 * H if SAVE else GATES * H
-    x_ptrs = projected_ptr + step * B * width + rows[:, None] * width + offs_h[None, :]
+    x_ptrs = projected_ptr + (step * B + rows[:, None]) * width + offs_h[None, :]
     return load_gates(x_ptrs, mask_bh, H, GATES)
 
 
