@@ -30,7 +30,7 @@ from triton_lstm.ops import (
     run_without_autocast,
     uses_kernels,
 )
-from triton_lstm.reference import accumulate_dtype, input_projection
+from triton_lstm.reference import accumulate_dtype
 
 if HAS_TRITON:
     from triton_lstm.kernels.common import unless_refused
@@ -172,11 +172,13 @@ def stack_fwd(
             plan = dataclasses.replace(plan, fused_input=False)
         bias_above = None if bias is None else bias[1:]
         if w_hr:
-            # Projections: the same launch in m_t on merged weights (kernels/lstm_projection.py).
-            projected = input_projection(x, w_ih[0], None if bias is None else bias[0], None).contiguous()
+            # Projections: the same launch in m_t on merged weights (kernels/lstm_projection.py), from
+            # m_{-1} = 0; layer 0's projection where its gates go, as below.
+            projected, buffers = projection_in_gates(x, w_ih[0], None if bias is None else bias[0],
+                                                     c0.new_zeros(c0.shape), c0, bool(save))
             launch = lambda: lstmp_fwd_stack(  # noqa: E731
                 projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
-                torch.stack(w_hr), lengths, plan, bool(save))
+                torch.stack(w_hr), lengths, plan, bool(save), outputs=buffers)
         else:
             # Layer 0's projection where its gates go (no separate T·B·4H buffer while the launch runs).
             projected, buffers = projection_in_gates(x, w_ih[0], None if bias is None else bias[0], h0, c0, bool(save))

@@ -3,8 +3,10 @@ in the forward, ``cells.gru_step_grads`` in the backward chain).
 
 What the GRU changes, and what it keeps:
 
-- Three gates (r, z, n): the input projection is (T, B, 3H) and W_hh (3H, H); the products skip the
-  fourth gate. b_hn cannot be folded into the projection (the reset gate multiplies it): the cell reads it.
+- Three gates (r, z, n): the input projection is (T, B, 3H) — in a training forward the first 3H
+  columns of the gate rows the kernel then overwrites (``lstm_fwd.in_gate_layout``) — and W_hh (3H, H);
+  the products skip the fourth gate. b_hn cannot be folded into the projection (the reset gate
+  multiplies it): the cell reads it.
 - The state is h alone; the drivers' fp32 cell-state buffer holds h in fp32 (``state_all``), so the
   update and the backward run on h at full precision while the recurrent product reads h in the input
   dtype, as the LSTM's does.
@@ -38,8 +40,9 @@ def hidden_bias_n(b_hh: torch.Tensor | None, w_hh: torch.Tensor) -> torch.Tensor
 
 def gru_fwd(projected: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, b_hn: torch.Tensor,
             lengths: torch.Tensor | None, save: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs the GRU recurrence over ``projected`` (T, B, 3H, ``reference.gru_input_projection``); returns
-    ``(h_all, state_all, gates)`` (layout in ``triton_lstm.reference``): persistent where the planner
+    """Runs the GRU recurrence over ``projected`` (T, B, 3H, ``reference.gru_input_projection``, or in gate
+    layout: ``lstm_fwd.in_gate_layout``); returns ``(h_all, state_all, gates)`` (layout in
+    ``triton_lstm.reference``): persistent where the planner
     allows, else one launch per step, as ``lstm_fwd_persistent``. Without ``save`` an inference forward:
     state_all (1, B, H) holding h_T in fp32 and no gates. Tensors contiguous, ``lengths`` int32."""
     return lstm_fwd_persistent(projected, h0, h0, w_hh, lengths, save=save, b_hn=b_hn)

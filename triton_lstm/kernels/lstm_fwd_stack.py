@@ -86,10 +86,11 @@ def lstm_fwd_stack(
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs ``plan`` (from ``plan_stack_fwd``, persistent) over a stack of L layers; ``w_ch`` (L, 3H): the
-    layers' peephole weights; ``b_hn`` (L, H): a GRU stack's (``projected`` (T, B, 3H), ``w_hh``, ``w_ih_above``
+    layers' peephole weights; ``b_hn`` (L, H): a GRU stack's (``projected`` 3H wide, ``w_hh``, ``w_ih_above``
     (·, 3H, H), ``bias_above`` (L - 1, 3H: b_ih + (b_hr, b_hz, 0)), ``c0`` its h0, c_all its fp32 h).
 
-    ``projected`` (T, B, 4H): layer 0's input projection with its biases; ``h0``, ``c0`` (L, B, H);
+    ``projected`` (T, B, 4H): layer 0's input projection with its biases (laid out by ``in_gate_layout``
+    unless it is given with ``outputs``); ``h0``, ``c0`` (L, B, H);
     ``w_hh`` (L, 4H, H); ``w_ih_above`` (L - 1, 4H, H) and ``bias_above`` (L - 1, 4H, b_ih + b_hh, or None):
     the layers above 0. All contiguous, on one device, in the input dtype; ``lengths`` int32 or None.
     Returns ``(h_all, c_all, gates)`` of shapes (L, T + 1, B, H), (L, T + 1, B, H) fp32 and (L, T, B, 4H);

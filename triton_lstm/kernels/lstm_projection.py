@@ -115,13 +115,16 @@ def lstmp_fwd_bidirectional(projected, h0, c0, w_hh, w_hr, lengths, plan, save: 
     return out, h_all, c_all, gates
 
 
-def lstmp_fwd_stack(projected, h0, c0, w_hh, w_ih_above, bias_above, w_hr, lengths, plan, save: bool = True):
+def lstmp_fwd_stack(projected, h0, c0, w_hh, w_ih_above, bias_above, w_hr, lengths, plan, save: bool = True,
+                    outputs=None):
     """A stack of L layers with projections in one launch (``lstm_fwd_stack`` in m_t): ``projected`` layer 0's
     input projection (T, B, 4H), ``h0`` (L, B, P), ``c0`` (L, B, H), ``w_hh`` (L, 4H, P), ``w_ih_above``
-    (L - 1, 4H, P) and ``bias_above`` as there, ``w_hr`` (L, P, H). Layer l > 0 reads the layer below's
-    h_t = m_t·W_hr^{l-1}ᵀ through the merged input weight W_ih^l·W_hr^{l-1}, and its h0 enters as a step-0
-    term (``initial``). Returns ``(h_all (L, T + 1, B, P), c_all, gates)``; raises as ``lstm_fwd_stack``
-    does, before anything ran. No dropout: a mask on h does not carry over to m."""
+    (L - 1, 4H, P) and ``bias_above`` as there, ``w_hr`` (L, P, H); ``outputs`` the recurrence's buffers
+    in m (``lstm_fwd_stack.projection_in_gates`` with h0 zeros (L, B, H): ``projected`` then in layer 0's
+    gates), else new ones. Layer l > 0 reads the layer below's h_t = m_t·W_hr^{l-1}ᵀ through the merged
+    input weight W_ih^l·W_hr^{l-1}, and its h0 enters as a step-0 term (``initial``). Returns
+    ``(h_all (L, T + 1, B, P), c_all, gates)``; raises as ``lstm_fwd_stack`` does, before anything ran. No
+    dropout: a mask on h does not carry over to m."""
     T, B = projected.shape[:2]
     layers, H = w_hh.shape[0], w_hr.shape[-1]
     acc = accumulate_dtype(projected.dtype)
@@ -129,7 +132,8 @@ def lstmp_fwd_stack(projected, h0, c0, w_hh, w_ih_above, bias_above, w_hr, lengt
     initial = torch.matmul(h0[1:].to(acc), w_hh[1:].to(acc).transpose(1, 2)).contiguous()
     m_all, c_all, gates = lstm_fwd_stack(
         projected, h0.new_zeros(layers, B, H), c0, merged_recurrent_weight(w_hh, w_hr).contiguous(),
-        merged_recurrent_weight(w_ih_above, w_hr[:-1]).contiguous(), bias_above, lengths, plan, save, initial=initial)
+        merged_recurrent_weight(w_ih_above, w_hr[:-1]).contiguous(), bias_above, lengths, plan, save, initial=initial,
+        outputs=outputs)
     h_all = torch.stack([project(m_all[layer], h0[layer], w_hr[layer], lengths) for layer in range(layers)])
     return h_all, c_all, gates
 
