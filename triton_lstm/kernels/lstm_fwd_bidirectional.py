@@ -2,12 +2,12 @@
 
 Why: run one after the other, the two directions of a layer cost two sequences of T step latencies, each
 on the SMs one direction's grid occupies, and the reverse direction's output needs flipping back (a
-gather within each sequence's length) and concatenating. Here the grid's third axis
-is the direction: both recurrences run at once, each on its half of the SMs with its own barrier
-counters, and the reverse direction walks time backwards in the kernel — step s is time len_b - 1 - s: it
-writes its h there, into its half of the layer's (T, B, 2H) output. Its input projection comes in step
-order (formed from x reversed within each sequence), so that its gates, step-indexed too, can take the
-projection's place as a one-direction layer's do.
+gather within each sequence's length) and concatenating. Here the grid's third axis is the direction:
+both recurrences run at once, each on its half of the SMs with its own barrier counters, and the reverse
+direction walks time backwards in the kernel — step s is time len_b - 1 - s: it writes its h there, into
+its half of the layer's (T, B, 2H) output. Its input projection comes in step order (formed from x
+reversed within each sequence), so that its gates, step-indexed too, can take the projection's place as a
+one-direction layer's do.
 
 The kernel is the persistent forward's (``lstm_fwd_persistent.py``) with ``DIRECTIONS = 2``; each
 direction runs the single-layer plan for half the SMs (resident or streamed, one tile per program or
@@ -65,12 +65,12 @@ def lstm_fwd_bidirectional(
 
     ``projected`` (2, T, B, ·): each direction's x·W_ihᵀ + biases in the order its recurrence runs (the
     reverse direction's step s at time len_b - 1 - s of its sequence) and laid out as ``in_gate_layout``
-    says (``bidirectional.projections_in_step_order``). ``reuse_projected``: the gates may take its place
-    (``allocate_forward_outputs``). ``h0``,
-    ``c0`` (2, B, H); ``w_hh`` (2, 4H, H); all contiguous, on one device; ``lengths`` int32 or None. Returns
-    ``(out, h_all, c_all, gates)``: the layer's output (T, B, 2H) in time order (zero past each sequence's
-    length), and per direction, step-indexed, (2, T + 1, B, H), (2, T + 1, B, H) fp32 and (2, T, B, 4H);
-    without ``save`` c_all is (2, 1, B, H), c_T of each direction, and gates (2, 0, B, 4H).
+    says (``bidirectional.projections_in_step_order``); ``reuse_projected``: the gates may take its place
+    (``allocate_forward_outputs``). ``h0``, ``c0`` (2, B, H); ``w_hh`` (2, 4H, H); all contiguous, on one
+    device; ``lengths`` int32 or None. Returns ``(out, h_all, c_all, gates)``: the layer's output
+    (T, B, 2H) in time order (zero past each sequence's length), and per direction, step-indexed,
+    (2, T + 1, B, H), (2, T + 1, B, H) fp32 and (2, T, B, 4H); without ``save`` c_all is (2, 1, B, H),
+    c_T of each direction, and gates (2, 0, B, 4H).
 
     Raises ``OutOfResources`` or the driver's RuntimeError for a refused cooperative launch before
     anything ran (the caller then runs the directions one after the other).
