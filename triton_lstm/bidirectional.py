@@ -343,8 +343,9 @@ def add_in_time_order(grad_x: Tensor | None, direction_grad_x: Tensor, direction
     if direction == 0:
         return grad_x.add_(direction_grad_x)
     T, B, width = grad_x.shape
-    steps = index if index is not None else torch.arange(T - 1, -1, -1, device=grad_x.device)[:, None].expand(T, B)
-    rows = (steps * B + torch.arange(B, device=grad_x.device)).reshape(T * B)  # reverse_time is its own inverse
+    if index is None:  # every sequence T long
+        index = reverse_index(torch.full((B,), T, device=grad_x.device), T)
+    rows = (index * B + torch.arange(B, device=grad_x.device)).reshape(T * B)  # reverse_time is its own inverse
     grad_x.view(T * B, width).index_add_(0, rows, direction_grad_x.reshape(T * B, width))
     return grad_x
 
