@@ -325,7 +325,14 @@ def load_gate_inputs(projected_ptr, step, B, rows, offs_h, mask_bh, H: tl.conste
     with the gates (a GRU's 3H-wide projection in their first 3H columns: ``lstm_fwd.in_gate_layout``);
     in an inference forward, which keeps no gates, GATES·H wide."""
     width: tl.constexpr = 4 * H if SAVE else GATES * H
-    x_ptrs = projected_ptr + (step * B + rows[:, None]) * width + offs_h[None, :]
+    # Two spellings of one offset, because ptxas allocates registers differently for them: as a sum of
+    # products the GRU's streamed gate-dot plans that loop over hidden blocks spill 40 bytes at 168
+    # registers (Triton 3.9, H = 2048), as one product the LSTM's stacked peephole plans spill 40 bytes
+    # (Triton 3.4, H = 2048); each cell takes the one that builds clean (benchmarks/compile_check.py).
+    if GATES == 4:
+        x_ptrs = projected_ptr + step * B * width + rows[:, None] * width + offs_h[None, :]
+    else:
+        x_ptrs = projected_ptr + (step * B + rows[:, None]) * width + offs_h[None, :]
     return load_gates(x_ptrs, mask_bh, H, GATES)
 
 
