@@ -44,7 +44,7 @@ if HAS_TRITON:
         merged_recurrent_weight,
         projection_grads,
     )
-    from triton_lstm.kernels.weight_grads import peephole_weight_grads, weight_and_input_grads
+    from triton_lstm.kernels.weight_grads import input_gradient, peephole_weight_grads, weight_and_input_grads
 
 
 def stack_plan(x: Tensor, hidden_size: int, num_layers: int, peephole: bool = False, dropout: bool = False,
@@ -171,17 +171,16 @@ def stack_fwd(
         if plan.fused_input:  # not taken above (dropout, projections) or refused: the plain stacked kernel
             plan = dataclasses.replace(plan, fused_input=False)
         bias_above = None if bias is None else bias[1:]
+        # Layer 0's projection where its gates go (no separate T·B·4H buffer while the launch runs); with
+        # projections the recurrence runs in m from m_{-1} = 0.
+        projected, buffers = projection_in_gates(x, w_ih[0], None if bias is None else bias[0],
+                                                 c0.new_zeros(c0.shape) if w_hr else h0, c0, bool(save))
         if w_hr:
-            # Projections: the same launch in m_t on merged weights (kernels/lstm_projection.py), from
-            # m_{-1} = 0; layer 0's projection where its gates go, as below.
-            projected, buffers = projection_in_gates(x, w_ih[0], None if bias is None else bias[0],
-                                                     c0.new_zeros(c0.shape), c0, bool(save))
+            # Projections: the same launch in m_t on merged weights (kernels/lstm_projection.py).
             launch = lambda: lstmp_fwd_stack(  # noqa: E731
                 projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
                 torch.stack(w_hr), lengths, plan, bool(save), outputs=buffers)
         else:
-            # Layer 0's projection where its gates go (no separate T·B·4H buffer while the launch runs).
-            projected, buffers = projection_in_gates(x, w_ih[0], None if bias is None else bias[0], h0, c0, bool(save))
             launch = lambda: lstm_fwd_stack(  # noqa: E731
                 projected, h0.contiguous(), c0.contiguous(), torch.stack(w_hh), torch.stack(w_ih[1:]), bias_above,
                 lengths, plan, bool(save), None if w_ch is None else w_ch.contiguous(), dropout=dropout,
@@ -315,7 +314,7 @@ def _stacked_backward(x, lengths, h_all, c_all, gates, w_ih, w_hh, has_bias, gra
             # The gradient of this layer's output h: the top's given, a lower layer's through the input
             # product of the layer above.
             top = layer == len(w_hh) - 1
-            layer_grad_out = grad_out if top else torch.matmul(grad_gates[layer + 1], w_ih[layer + 1])
+            layer_grad_out = grad_out if top else input_gradient(grad_gates[layer + 1], w_ih[layer + 1])
             grad_w_hr, grad_h0[layer] = projection_grads(layer_grad_out, grad_h_n[layer], grad_gates[layer], w_hh[layer],
                                                          w_hr[layer], m_all[layer], lengths)
             grad_weights.append(grad_w_hr)
